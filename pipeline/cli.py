@@ -1,0 +1,182 @@
+"""The `sae-pipe` command line: thin commands over the library.
+
+Results go to stdout (the last line is the path or JSON a script wants); progress and messages go
+to stderr. A user error prints one message and exits non-zero, without a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Any
+
+import typer
+
+from pipeline.errors import UserError
+from pipeline.progress import console
+
+app = typer.Typer(name="sae-pipe", no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
+                  help="Extract LLM activations once, then fit, evaluate and interpret many SAEs from the cache.")
+cache_app = typer.Typer(no_args_is_help=True, help="Inspect and check activation caches.")
+app.add_typer(cache_app, name="cache")
+
+# Options shared by several commands, defined once.
+ParamsOpt = Annotated[str | None, typer.Option("--params", help="Read defaults from this params.yaml (options given "
+                                                                 "on the command line win).")]
+CacheRootOpt = Annotated[str | None, typer.Option("--cache-root", help="Root folder (or fsspec URL) of the cache "
+                                                                       "[default: cache].")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N [default: auto].")]
+BatchOpt = Annotated[int | None, typer.Option("--batch-size", help="Batch size (sequences for the LLM, tokens "
+                                                                   "for SAE training).")]
+MaxTokensOpt = Annotated[int | None, typer.Option("--max-tokens", help="Token budget.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout (its last line).")]
+CachePathArg = Annotated[str, typer.Argument(help="A cache folder (cache/activations/<key>) or URL.")]
+
+
+def _params(path: str | None) -> dict[str, Any] | None:
+    from pipeline.params import load_params
+
+    return load_params(path) if path else None
+
+
+@app.command()
+def extract(
+    model: Annotated[str | None, typer.Option("--model", help="smollm2-135m, a .gguf file, a model folder or a hub id.")] = None,
+    dataset: Annotated[str | None, typer.Option("--dataset", help="builtin, a hub dataset id "
+                                                                  "(Skylion007/openwebtext) or a local file/folder.")] = None,
+    split: Annotated[str | None, typer.Option("--split", help="Dataset split [default: train].")] = None,
+    text_column: Annotated[str | None, typer.Option("--text-column", help="Column with the text [default: text].")] = None,
+    layers: Annotated[str | None, typer.Option("--layers", help="6 | 3,7,11 | 3:11 | all | route.")] = None,
+    ctx_len: Annotated[int | None, typer.Option("--ctx-len", help="Tokens per packed sequence.")] = None,
+    max_tokens: MaxTokensOpt = None,
+    batch_size: BatchOpt = None,
+    normalize: Annotated[str | None, typer.Option("--normalize", help="standardize | scale | none.")] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="Stored dtype: float16 | float32.")] = None,
+    backend: Annotated[str | None, typer.Option("--backend", help="zarr | memmap.")] = None,
+    heldout: Annotated[float | None, typer.Option("--heldout", help="Share of sequences held out [default: 0.05].")] = None,
+    shard_mb: Annotated[float | None, typer.Option("--shard-mb", help="Target shard size in MiB.")] = None,
+    cache_root: CacheRootOpt = None,
+    device: DeviceOpt = None,
+    compute_dtype: Annotated[str | None, typer.Option("--compute-dtype", help="auto | float32 | bfloat16.")] = None,
+    revision: Annotated[str | None, typer.Option("--revision", help="Hub revision of the model.")] = None,
+    trust_remote_code: Annotated[bool | None, typer.Option("--trust-remote-code", help="Run model code from "
+                                                                                     "the hub.")] = None,
+    params: ParamsOpt = None,
+) -> None:
+    """Run the LLM once and cache normalized hidden states; prints the cache folder last."""
+    overrides = {k: v for k, v in locals().items() if k != "params"}
+    from pipeline.extract import ExtractConfig
+    from pipeline.extract import extract as run_extract
+    from pipeline.params import build_config
+
+    cfg = build_config(ExtractConfig, _params(params), "extract", overrides, shared=("model", "data"))
+    typer.echo(run_extract(cfg).url)
+
+
+@app.command()
+def fit(
+    cache: Annotated[str | None, typer.Option("--cache", help="Cache folder from `sae-pipe extract`.")] = None,
+    arch: Annotated[str | None, typer.Option("--arch", help="topk | route.")] = None,
+    layer: Annotated[int | None, typer.Option("--layer", help="TopK: the model layer to train on.")] = None,
+    route_layers: Annotated[str | None, typer.Option("--route-layers", help="RouteSAE: layers to route over.")] = None,
+    latents: Annotated[int | None, typer.Option("--latents", help="Dictionary size.")] = None,
+    expansion: Annotated[int | None, typer.Option("--expansion", help="Latents per input dim (if no --latents).")] = None,
+    k: Annotated[int | None, typer.Option("--k", help="Active latents per token.")] = None,
+    routing: Annotated[str | None, typer.Option("--routing", help="RouteSAE: hard | soft.")] = None,
+    aggregate: Annotated[str | None, typer.Option("--aggregate", help="RouteSAE router input: sum | mean.")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate.")] = None,
+    optimizer: Annotated[str | None, typer.Option("--optimizer", help="adam | signum.")] = None,
+    schedule: Annotated[str | None, typer.Option("--schedule", help="warmup-decay | constant.")] = None,
+    batch_size: BatchOpt = None,
+    max_tokens: MaxTokensOpt = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", help="Passes over the training split.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Weight initialization seed.")] = None,
+    data_seed: Annotated[int | None, typer.Option("--data-seed", help="Shuffling seed (shared by a sweep).")] = None,
+    precision: Annotated[str | None, typer.Option("--precision", help="Encoder GEMM: auto | float32 | bfloat16.")] = None,
+    sweep: Annotated[list[str] | None, typer.Option("--sweep", help="key=v1,v2 (repeatable): train every "
+                                                                   "combination from one read.")] = None,
+    out: Annotated[str | None, typer.Option("--out", help="Folder for run folders [default: cache/saes].")] = None,
+    resume: Annotated[bool | None, typer.Option("--resume", help="Continue unfinished runs with the same settings.")] = None,
+    overwrite: Annotated[bool | None, typer.Option("--overwrite", help="Retrain runs that already finished.")] = None,
+    cache_root: CacheRootOpt = None,
+    device: DeviceOpt = None,
+    params: ParamsOpt = None,
+) -> None:
+    """Train TopK / RouteSAE SAEs on a cache (a sweep from one read); prints one run folder per line."""
+    overrides = {k: v for k, v in locals().items() if k != "params"}
+    from pipeline.fit import FitConfig, parse_sweep
+    from pipeline.fit import fit as run_fit
+    from pipeline.params import build_config
+
+    overrides["sweep"] = parse_sweep(sweep) if sweep else None
+    cfg = build_config(FitConfig, _params(params), "fit", overrides)
+    for folder in run_fit(cfg):
+        typer.echo(folder.url)
+
+
+@cache_app.command("list")
+def cache_list(cache_root: CacheRootOpt = None, as_json: JsonOpt = False) -> None:
+    """List the caches under <cache-root>/activations."""
+    from rich.table import Table
+
+    from pipeline.catalog import list_caches
+
+    caches = list_caches(cache_root or "cache")
+    if as_json:
+        typer.echo(json.dumps(caches))
+        return
+    table = Table("key", "status", "model", "layers", "rows", "MiB", "backend")
+    for c in caches:
+        table.add_row(c["key"], c["status"], str(c.get("model", "")), str(c.get("layers", "")),
+                      f"{c['rows']:,}" if c.get("rows") else "-",
+                      f"{c['bytes'] / 2**20:,.1f}" if c.get("bytes") else "-", str(c.get("backend", "")))
+    console.print(table)
+
+
+@cache_app.command("info")
+def cache_info(path: CachePathArg, as_json: JsonOpt = False) -> None:
+    """Show a cache's spec, row counts, disk use and sampled per-token statistics."""
+    from pipeline.catalog import summarize
+    from pipeline.store import ActivationCache
+
+    info = summarize(ActivationCache.open(path))
+    if as_json:
+        typer.echo(json.dumps(info))
+        return
+    console.print_json(json.dumps(info))
+
+
+@cache_app.command("verify")
+def cache_verify(path: CachePathArg) -> None:
+    """Re-read every shard and compare checksums; exits non-zero on any mismatch."""
+    from pipeline.errors import CorruptError
+    from pipeline.store import ActivationCache
+
+    cache = ActivationCache.open(path)
+    problems = cache.verify()
+    if problems:
+        raise CorruptError(f"cache {cache.folder.url}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+    typer.echo(f"ok: {len(cache.shards)} shard(s), {cache.rows('train') + cache.rows('heldout'):,} rows verified")
+
+
+def main() -> None:
+    """Console entry point: user errors become one red line and a non-zero exit code."""
+    try:
+        app(standalone_mode=False)
+    except UserError as err:
+        console.print(f"[bold red]error:[/] {err}", markup=True, highlight=False, soft_wrap=True)
+        sys.exit(err.exit_code)
+    except typer.Abort:
+        console.print("aborted")
+        sys.exit(130)
+    except Exception as err:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(err, click.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

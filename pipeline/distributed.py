@@ -1,0 +1,54 @@
+"""torchrun support: rank and world size from the environment, a process group when needed."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among torchrun's processes (rank 0 of 1 when run alone)."""
+
+    rank: int = 0  # global rank
+    world: int = 1  # number of processes
+    local_rank: int = 0  # rank on this machine (selects the GPU)
+
+    @classmethod
+    def from_env(cls) -> Ranks:
+        """Read RANK/WORLD_SIZE/LOCAL_RANK (set by torchrun) and join the process group."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return cls()
+        if not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend)
+            if torch.cuda.is_available():
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        """Wait for every rank (no-op alone)."""
+        if self.world > 1:
+            dist.barrier()
+
+    def device_name(self, name: str) -> str:
+        """Under torchrun, ``auto``/``cuda`` means this rank's own GPU."""
+        if self.world > 1 and name in ("auto", "cuda") and torch.cuda.is_available():
+            return f"cuda:{self.local_rank}"
+        return name
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel: gradients are averaged across ranks before each optimizer step."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)

@@ -1,0 +1,72 @@
+"""Forward hooks on transformer blocks: capture the residual stream, or replace it.
+
+Layer ``L`` is the input of block ``L``, read with a forward *pre*-hook, so the same hook point
+serves capture (extract) and splicing (evaluate). Hooks are always removed in ``finally``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class StopForward(Exception):
+    """Raised inside the last needed block's pre-hook: the blocks above it never run."""
+
+
+def _hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@contextmanager
+def capture(blocks: nn.ModuleList, layers: list[int], stop: bool = True) -> Iterator[dict[int, torch.Tensor]]:
+    """Record the input of each block in ``layers``; with ``stop``, end the forward after the last."""
+    captured: dict[int, torch.Tensor] = {}
+    last = max(layers)
+
+    def make_hook(layer: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            captured[layer] = _hidden(args, kwargs)
+            if stop and layer == last:
+                raise StopForward
+
+        return hook
+
+    handles = [blocks[layer].register_forward_pre_hook(make_hook(layer), with_kwargs=True) for layer in layers]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def run_to_layers(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor,
+                  layers: list[int]) -> dict[int, torch.Tensor]:
+    """Residual streams ``{layer: (B, T, D)}`` from one forward that stops after the last layer."""
+    with capture(blocks, layers) as captured:
+        try:
+            model.base_model(input_ids=input_ids, use_cache=False)  # no LM head: base model only
+        except StopForward:
+            pass
+    return captured
+
+
+@contextmanager
+def replace_input(block: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Feed ``fn(h)`` to ``block`` instead of its input ``h`` while the context is open."""
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+        new = fn(_hidden(args, kwargs))
+        if args:
+            return (new, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": new}
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -1,0 +1,128 @@
+"""Sparse building blocks of TopK training, as autograd functions.
+
+The dense work is one GEMM (``x @ W_enc.T``); everything after the top-k selection touches only
+``k`` latents per token. Gradients never form a dense (tokens x latents) matrix:
+
+* encoder weight grad ``S^T @ x`` and decoder weight grad ``S_v^T @ g`` are CSR sparse matmuls;
+* per-latent dot products ``<a_b, W[idx_bj]>`` use torch's embedding-bag kernel for
+  per-sample-weight gradients, so no (tokens, k, D) gather is materialized;
+* the decoder is ``embedding_bag`` (a weighted sum of k decoder rows per token).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+
+GROUP = 8  # two-stage top-k: group maxima over GROUP strided columns, then exact top-k inside
+
+
+def use_low_precision(device: torch.device, precision: str) -> bool:
+    """Whether the encoder GEMM runs in bf16: CUDA with bf16, or a CPU with AMX / AVX512-BF16."""
+    if precision == "float32":
+        return False
+    if precision == "bfloat16":
+        return True
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # torch.cpu's capability queries
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+def topk_indices(pre: Tensor, k: int) -> Tensor:
+    """Indices (B, k) of the k largest entries per row, exact up to ties.
+
+    Two stages: the max over ``GROUP`` strided columns (a vectorized elementwise max), the top-k
+    of those group maxima, then the top-k among the k*GROUP candidates. Every true top-k entry
+    lies in one of the k best groups, so the result equals ``pre.topk(k)``.
+    """
+    rows, width = pre.shape
+    if width % GROUP or width < 4 * k * GROUP or pre.device.type != "cpu":
+        return pre.topk(k, dim=-1, sorted=False).indices
+    stride = width // GROUP
+    group_max = pre.view(rows, GROUP, stride).amax(dim=1)  # (B, N/G): group m = columns {m + g*stride}
+    best = group_max.topk(k, dim=-1, sorted=False).indices  # (B, k)
+    offsets = torch.arange(GROUP, device=pre.device) * stride  # (G,)
+    candidates = (best[..., None] + offsets).view(rows, k * GROUP)  # (B, k*G)
+    chosen = pre.gather(1, candidates).topk(k, dim=-1, sorted=False).indices  # (B, k)
+    return candidates.gather(1, chosen)
+
+
+def rowwise_dot(a: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
+    """out[b, j] = <a[b], weight[idx[b, j]]>, shape (B, k), without a (B, k, D) gather."""
+    rows, k = idx.shape
+    flat = idx.reshape(-1)
+    offsets = torch.arange(0, rows * k, k, device=idx.device)
+    bags = torch.arange(rows, device=idx.device).repeat_interleave(k)
+    return torch.ops.aten._embedding_bag_per_sample_weights_backward(  # noqa: SLF001 - fused CPU/CUDA kernel
+        a.contiguous(), weight, flat, offsets, bags, 0, -1).view(rows, k)
+
+
+def sparse_t_matmul(idx: Tensor, values: Tensor, n_rows: int, dense: Tensor) -> Tensor:
+    """S^T @ dense, where S (B, n_rows) has ``values[b, j]`` at column ``idx[b, j]``: shape (n_rows, D)."""
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat)
+    counts = torch.bincount(flat, minlength=n_rows)
+    crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=idx.device)
+    crow[1:] = counts.cumsum(0)
+    cols = torch.div(order, idx.shape[1], rounding_mode="floor")  # the token (row of dense) of each entry
+    matrix = torch.sparse_csr_tensor(crow, cols, values.reshape(-1)[order].to(dense.dtype), (n_rows, dense.shape[0]),
+                                     check_invariants=False)
+    return matrix @ dense
+
+
+class TopKEncode(torch.autograd.Function):
+    """(x, W_enc, b_enc, b_dec) -> ReLU'd top-k pre-activations and their latent indices.
+
+    The selection may use a bf16 GEMM; the returned values are recomputed exactly in float32.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int,  # noqa: ANN401
+                low_precision: bool) -> tuple[Tensor, Tensor]:
+        centered = x - b_dec  # (B, D)
+        if low_precision:
+            low = torch.bfloat16
+            pre = torch.addmm(b_enc.to(low), centered.to(low), w_enc.to(low).t())  # (B, N)
+        else:
+            pre = torch.addmm(b_enc, centered, w_enc.t())  # (B, N)
+        idx = topk_indices(pre, k)  # (B, k)
+        del pre
+        vals = (rowwise_dot(centered, w_enc, idx) + b_enc[idx]).relu_()  # (B, k) exact float32
+        ctx.save_for_backward(centered, w_enc, idx, vals)
+        ctx.mark_non_differentiable(idx)
+        return vals, idx
+
+    @staticmethod
+    def backward(ctx: Any, grad_vals: Tensor, _grad_idx: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN401
+        centered, w_enc, idx, vals = ctx.saved_tensors
+        grad_pre = grad_vals * (vals > 0)  # (B, k) through the ReLU
+        grad_w = sparse_t_matmul(idx, grad_pre, w_enc.shape[0], centered)  # (N, D)
+        grad_b_enc = torch.zeros(w_enc.shape[0], dtype=grad_pre.dtype, device=idx.device)
+        grad_b_enc.index_add_(0, idx.reshape(-1), grad_pre.reshape(-1))  # (N,)
+        grad_x = F.embedding_bag(idx, w_enc, per_sample_weights=grad_pre, mode="sum") \
+            if ctx.needs_input_grad[0] else None  # (B, D), needed when x depends on a router
+        grad_b_dec = -(grad_b_enc @ w_enc) if ctx.needs_input_grad[3] else None  # x - b_dec feeds every latent
+        return grad_x, grad_w, grad_b_enc, grad_b_dec, None, None
+
+
+class SparseDecode(torch.autograd.Function):
+    """(vals, idx, W_dec) -> sum_j vals[b, j] * W_dec[idx[b, j]], shape (B, D)."""
+
+    @staticmethod
+    def forward(ctx: Any, vals: Tensor, idx: Tensor, w_dec: Tensor) -> Tensor:  # noqa: ANN401
+        ctx.save_for_backward(vals, idx, w_dec)
+        return F.embedding_bag(idx, w_dec, per_sample_weights=vals, mode="sum")
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, Tensor | None]:  # noqa: ANN401
+        vals, idx, w_dec = ctx.saved_tensors
+        grad_vals = rowwise_dot(grad_out, w_dec, idx) if ctx.needs_input_grad[0] else None
+        grad_w = sparse_t_matmul(idx, vals, w_dec.shape[0], grad_out) if ctx.needs_input_grad[2] else None
+        return grad_vals, None, grad_w

@@ -1,0 +1,61 @@
+"""Optimizers and the learning-rate schedule of SAE training."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.errors import UserError
+
+OPTIMIZERS = ("adam", "signum")
+SCHEDULES = ("warmup-decay", "constant")
+
+
+class Signum(torch.optim.Optimizer):
+    """SignSGD with momentum: m = beta m + (1 - beta) g;  p -= lr sign(m)."""
+
+    def __init__(self, params: Iterable[Tensor], lr: float, momentum: float = 0.9) -> None:
+        super().__init__(params, {"lr": lr, "momentum": momentum})
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:  # noqa: ARG002 - torch's signature
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            buffers = [self.state[p].setdefault("momentum", torch.zeros_like(p)) for p in params]
+            grads = [p.grad for p in params]
+            torch._foreach_lerp_(buffers, grads, 1 - group["momentum"])  # noqa: SLF001 - fused foreach op
+            signs = torch._foreach_sign(buffers)  # noqa: SLF001
+            torch._foreach_add_(params, signs, alpha=-group["lr"])  # noqa: SLF001
+
+
+def make_optimizer(name: str, model: nn.Module, lr: float, betas: tuple[float, float],
+                   device: torch.device) -> torch.optim.Optimizer:
+    """Adam (fused kernel on CPU and CUDA) or Signum."""
+    if name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr, betas=betas, fused=device.type in ("cpu", "cuda"))
+    if name == "signum":
+        return Signum(model.parameters(), lr=lr, momentum=betas[0])
+    raise UserError(f"unknown optimizer {name!r}; use one of {', '.join(OPTIMIZERS)}.")
+
+
+def lr_factor(step: int, total: int, schedule: str, warmup: float = 0.05, decay: float = 0.2) -> float:
+    """Multiplier of the base lr at ``step`` (0-based) of ``total``.
+
+    ``warmup-decay`` (the RouteSAE schedule): linear warmup over the first 5 % of steps, constant,
+    then linear decay to zero over the last 20 %. ``constant``: the same warmup, then constant.
+    """
+    if schedule not in SCHEDULES:
+        raise UserError(f"unknown lr schedule {schedule!r}; use one of {', '.join(SCHEDULES)}.")
+    warm = int(total * warmup)
+    if step < warm:
+        return (step + 1) / warm
+    if schedule == "constant":
+        return 1.0
+    decay_start = total - int(total * decay)
+    if step < decay_start:
+        return 1.0
+    return max(total - step, 0) / max(total - decay_start, 1)

@@ -1,0 +1,180 @@
+"""Two storage backends behind one interface, and the reader every later stage uses.
+
+A shard folder holds the same logical arrays in both backends (``D`` = hidden size, ``L`` =
+cached layers, ``n`` = rows of the split):
+
+    train/act, heldout/act        (L, n, D)  float16 (or float32), layer-major so that one
+                                             layer is one contiguous block
+    */token, */doc                (n,)       int32 token id, document id
+    */pos                         (n,)       uint16 position in the packed sequence
+    heldout/seq                   (n,)       int32 row of heldout/sequences it comes from
+    heldout/sequences, heldout/sequence_docs  (h, T) int32 tokens / document ids of held-out sequences
+    heldout/sequence_index        (h,)       int32 global index of each held-out sequence
+
+``memmap`` writes each array as ``<name>.npy``; ``zarr`` writes a zarr v3 group whose ``act``
+arrays use the sharding codec (one object per shard, one inner chunk per layer).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Protocol
+
+import numpy as np
+
+from pipeline.errors import CorruptError, UserError
+from pipeline.files import Folder
+from pipeline.manifest import read_manifest, shard_name
+
+BACKENDS = ("zarr", "memmap")
+STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+class Backend(Protocol):
+    """Writes and reads the named arrays of one shard folder."""
+
+    def write(self, folder: Folder, arrays: dict[str, np.ndarray]) -> None: ...
+
+    def read(self, folder: Folder, name: str, first: Any = slice(None)) -> np.ndarray: ...
+
+
+class MemmapBackend:
+    """Plain ``.npy`` files, read through ``np.load(mmap_mode='r')``: zero-copy, local disk only."""
+
+    def write(self, folder: Folder, arrays: dict[str, np.ndarray]) -> None:
+        root = folder.local()
+        for name, array in arrays.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            np.save(root / f"{name}.npy", np.ascontiguousarray(array), allow_pickle=False)
+
+    def read(self, folder: Folder, name: str, first: Any = slice(None)) -> np.ndarray:
+        array = np.load(folder.local() / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+        return np.asarray(array[first])
+
+
+class ZarrBackend:
+    """A zarr v3 group per shard, on a local disk or any fsspec URL."""
+
+    def write(self, folder: Folder, arrays: dict[str, np.ndarray]) -> None:
+        import zarr
+
+        group = zarr.open_group(self._store(folder, read_only=False), mode="w")
+        for name, array in arrays.items():
+            rows = max(array.shape[-2] if array.ndim == 3 else array.shape[0], 1)
+            if array.ndim == 3:  # (L, n, D): one shard object, one chunk per layer
+                chunks, shards = (1, rows, array.shape[2]), (array.shape[0], rows, array.shape[2])
+            else:
+                chunks, shards = (rows, *array.shape[1:]), None
+            group.create_array(name, shape=array.shape, dtype=array.dtype, chunks=chunks, shards=shards,
+                               compressors=None, fill_value=0)[...] = array
+
+    def read(self, folder: Folder, name: str, first: Any = slice(None)) -> np.ndarray:
+        import zarr
+
+        return np.asarray(zarr.open_array(self._store(folder, read_only=True), path=name, mode="r")[first])
+
+    @staticmethod
+    def _store(folder: Folder, read_only: bool):  # noqa: ANN205 - a zarr Store
+        from zarr.storage import FsspecStore, LocalStore
+
+        if folder.is_local:
+            return LocalStore(folder.root, read_only=read_only)
+        return FsspecStore.from_url(folder.url, read_only=read_only)
+
+
+def get_backend(name: str) -> Backend:
+    if name == "zarr":
+        return ZarrBackend()
+    if name == "memmap":
+        return MemmapBackend()
+    raise UserError(f"unknown backend {name!r}; use one of {', '.join(BACKENDS)}.")
+
+
+def array_checksums(arrays: dict[str, np.ndarray]) -> dict[str, str]:
+    """sha256 of raw C-order bytes, per layer for ``act`` arrays (``train/act[0]``...), so a reader can
+    check exactly the layers it reads. The values do not depend on the backend."""
+    sums = {}
+    for name, array in arrays.items():
+        parts = [(f"{name}[{i}]", array[i]) for i in range(len(array))] if array.ndim == 3 else [(name, array)]
+        for key, part in parts:
+            sums[key] = hashlib.sha256(np.ascontiguousarray(part).data).hexdigest()
+    return sums
+
+
+def _parse_checksum_key(key: str) -> tuple[str, Any]:
+    """``train/act[1]`` -> (``train/act``, 1); ``train/token`` -> (``train/token``, all)."""
+    if key.endswith("]"):
+        name, _, index = key[:-1].partition("[")
+        return name, int(index)
+    return key, slice(None)
+
+
+class ActivationCache:
+    """Read access to a complete cache: manifest facts and per-shard arrays."""
+
+    def __init__(self, folder: Folder, manifest: dict[str, Any]) -> None:
+        self.folder = folder
+        self.manifest = manifest
+        self.backend = get_backend(manifest["spec"]["backend"])
+
+    @classmethod
+    def open(cls, where: str | Folder) -> ActivationCache:
+        folder = where if isinstance(where, Folder) else Folder.at(where)
+        return cls(folder, read_manifest(folder))
+
+    @property
+    def key(self) -> str:
+        return str(self.manifest["key"])
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.manifest["spec"]["layers"])
+
+    @property
+    def d_model(self) -> int:
+        return int(self.manifest["d_model"])
+
+    @property
+    def shards(self) -> list[dict[str, Any]]:
+        return list(self.manifest["shards"])
+
+    def rows(self, split: str) -> int:
+        return int(self.manifest["rows"][split])
+
+    def layer_index(self, layer: int) -> int:
+        """Position of a model layer in the cache's layer axis."""
+        if layer not in self.layers:
+            raise UserError(f"layer {layer} is not in cache {self.key}; it holds layers {self.layers}.")
+        return self.layers.index(layer)
+
+    def read(self, shard: int, name: str, first: Any = slice(None)) -> np.ndarray:
+        """Array ``name`` (e.g. ``train/act``) of one shard; ``first`` indexes its first axis."""
+        return self.backend.read(self.folder.child("shards", shard_name(shard)), name, first)
+
+    def verify(self, only: list[str] | None = None) -> list[str]:
+        """Re-read arrays (all, or the checksum keys in ``only``) and compare with the manifest's
+        checksums; one line per problem."""
+        problems = []
+        for record in self.shards:
+            for key, expected in record["checksums"].items():
+                if only is not None and key not in only:
+                    continue
+                name, index = _parse_checksum_key(key)
+                where = f"shard {shard_name(record['index'])} {key}"
+                try:
+                    data = np.ascontiguousarray(self.read(record["index"], name, index))
+                except Exception as err:  # noqa: BLE001 - any read failure is a finding, not a crash
+                    problems.append(f"{where}: unreadable ({type(err).__name__}: {str(err)[:120]})")
+                    continue
+                if hashlib.sha256(data.data).hexdigest() != expected:
+                    problems.append(f"{where}: checksum mismatch")
+        return problems
+
+    def require_valid(self, only: list[str] | None = None) -> None:
+        """Raise :class:`CorruptError` naming every bad array, deleting nothing."""
+        problems = self.verify(only)
+        if problems:
+            raise CorruptError(f"cache {self.folder.url} fails its checksums:\n  " + "\n  ".join(problems)
+                               + f"\nNothing was deleted. `sae-pipe cache repair {self.folder.url}` drops the bad "
+                               "shards; re-running the same extract command then rewrites just those.")
+

@@ -1,0 +1,114 @@
+"""The shuffled, prefetched stream of training rows that feeds SAE training.
+
+Each epoch visits the shards in a random order. Shards are read whole (large sequential reads)
+into a mixing pool of rows; the pool is shuffled and half of it is served as batches while the
+next shards refill it, so every batch mixes rows from several shards and every row is served
+exactly once per epoch. A background thread does all reading and shuffling ahead of the trainer.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.store import ActivationCache
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """What to read and in which order."""
+
+    layers: list[int]  # model layers to serve, in this order along axis 1
+    batch_size: int  # rows per batch
+    seed: int = 0  # shard order and row shuffling
+    pool_mb: float = 1024.0  # size of the mixing pool
+    prefetch: int = 4  # batches prepared ahead
+    rank: int = 0  # this process reads shards rank, rank + world, ...
+    world: int = 1
+
+
+class ActivationStream:
+    """Iterates over fixed-size batches (B, L, D) of training rows, epoch after epoch."""
+
+    def __init__(self, cache: ActivationCache, spec: StreamSpec) -> None:
+        self.cache, self.spec = cache, spec
+        self.layer_pos = [cache.layer_index(layer) for layer in spec.layers]
+        self.shard_rows = {r["index"]: int(r["rows"]["train"]) for r in cache.shards if r["rows"]["train"] > 0}
+        self.shards = sorted(self.shard_rows)[spec.rank::spec.world]
+        self.rows = sum(self.shard_rows[i] for i in self.shards)
+        row_bytes = len(self.layer_pos) * cache.d_model * np.dtype(cache.manifest["spec"]["dtype"]).itemsize
+        largest = max(self.shard_rows.values(), default=1)
+        self.pool_rows = max(int(spec.pool_mb * 2**20) // row_bytes, 2 * largest, 2 * spec.batch_size)
+
+    def batches(self, epochs: int, skip: int = 0) -> Iterator[np.ndarray]:
+        """Batches of ``epochs`` passes; the first ``skip`` batches are dropped (to resume)."""
+        out: queue.Queue[np.ndarray | BaseException | None] = queue.Queue(self.spec.prefetch)
+        stop = threading.Event()
+        thread = threading.Thread(target=self._produce, args=(epochs, skip, out, stop), daemon=True,
+                                  name="activation-stream")
+        thread.start()
+        try:
+            while (item := out.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while thread.is_alive():  # unblock the producer if it waits on a full queue
+                try:
+                    out.get_nowait()
+                except queue.Empty:
+                    thread.join(0.01)
+
+    def _produce(self, epochs: int, skip: int, out: queue.Queue, stop: threading.Event) -> None:
+        try:
+            served = 0
+            for batch in self._batches(epochs):
+                if stop.is_set():
+                    return
+                if served >= skip:
+                    out.put(batch)
+                served += 1
+            out.put(None)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the consumer
+            out.put(err)
+
+    def _batches(self, epochs: int) -> Iterator[np.ndarray]:
+        """Deterministic for a given seed: same shard order, same shuffles, same batches."""
+        rng = np.random.default_rng(self.spec.seed)
+        size = self.spec.batch_size
+        pool = np.empty((self.pool_rows, len(self.layer_pos), self.cache.d_model), dtype=self.cache.manifest["spec"]["dtype"])
+        filled = 0
+        for _ in range(epochs):
+            order = rng.permutation(self.shards)
+            for position, shard in enumerate(order):
+                block = self._read(shard)  # (n, L, D)
+                pool[filled:filled + len(block)] = block
+                filled += len(block)
+                last = position == len(order) - 1
+                if filled + self._next_rows(order, position) > self.pool_rows or last:
+                    serve = filled if last else filled // 2
+                    filled = yield from self._serve(pool, filled, serve - serve % size, rng)
+        # rows short of a full batch at an epoch's end open the next epoch; after the last, they are dropped
+
+    def _serve(self, pool: np.ndarray, filled: int, serve: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+        """Yield ``serve`` random rows of the pool as batches; compact the rest to the front."""
+        perm = rng.permutation(filled)
+        size = self.spec.batch_size
+        for start in range(0, serve, size):
+            yield pool[np.sort(perm[start:start + size])]  # sorted gathers read memory in order
+        keep = np.sort(perm[serve:])
+        pool[:len(keep)] = pool[keep]
+        return len(keep)
+
+    def _next_rows(self, order: np.ndarray, position: int) -> int:
+        return self.shard_rows[int(order[position + 1])] if position + 1 < len(order) else 0
+
+    def _read(self, shard: int) -> np.ndarray:
+        """Training rows of one shard for the requested layers, as (n, L, D)."""
+        layers = [self.cache.read(shard, "train/act", pos) for pos in self.layer_pos]  # each (n, D)
+        return np.stack(layers, axis=1)
