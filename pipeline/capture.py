@@ -39,8 +39,10 @@ class Capturer:
     @torch.inference_mode()
     def shard_arrays(self, plan: ShardPlan, progress: Progress | None = None) -> dict[str, np.ndarray]:
         """All arrays of one shard (see pipeline.store for the layout)."""
-        parts: dict[str, list[list[np.ndarray]]] = {"train": [[] for _ in self.layers],
-                                                      "heldout": [[] for _ in self.layers]}
+        parts: dict[str, list[list[np.ndarray]]] = {
+            "train": [[] for _ in self.layers],
+            "heldout": [[] for _ in self.layers],
+        }
         for start in range(0, len(plan.tokens), self.batch_size):
             stop = start + self.batch_size
             ids = torch.from_numpy(plan.tokens[start:stop]).to(self.device)  # (B, T)
@@ -53,8 +55,9 @@ class Capturer:
                 parts["heldout"][i].append(x[keep & held].cpu().numpy())
             if progress is not None:
                 progress.advance(0, int(keep.sum()))
-        arrays = {f"{split}/act": np.stack([np.concatenate(p) for p in layer_parts])
-                  for split, layer_parts in parts.items()}  # (L, n, D) each
+        arrays = {
+            f"{split}/act": np.stack([np.concatenate(p) for p in layer_parts]) for split, layer_parts in parts.items()
+        }  # (L, n, D) each
         return {**arrays, **row_metadata(plan)}
 
 

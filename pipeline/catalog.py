@@ -28,10 +28,19 @@ def list_caches(cache_root: str) -> list[dict[str, Any]]:
             found.append({"key": name, "status": f"unreadable: {err}"})
             continue
         spec = manifest["spec"]
-        found.append({"key": name, "status": manifest["status"], "model": spec["model"]["name"],
-                      "dataset": spec["corpus"]["dataset"], "layers": spec["layers"],
-                      "rows": manifest.get("rows", {}).get("total"), "bytes": manifest.get("bytes"),
-                      "backend": spec["backend"], "path": folder.url})
+        found.append(
+            {
+                "key": name,
+                "status": manifest["status"],
+                "model": spec["model"]["name"],
+                "dataset": spec["corpus"]["dataset"],
+                "layers": spec["layers"],
+                "rows": manifest.get("rows", {}).get("total"),
+                "bytes": manifest.get("bytes"),
+                "backend": spec["backend"],
+                "path": folder.url,
+            }
+        )
     return found
 
 
@@ -64,9 +73,13 @@ def sample_stats(cache: ActivationCache) -> dict[str, dict[str, float]]:
     for i, layer in enumerate(cache.layers):
         x = cache.read(shard, "train/act", i)[:STATS_ROWS].astype(np.float32)  # (N, D)
         token_mean, token_std = x.mean(axis=1), x.std(axis=1, ddof=1)
-        stats[str(layer)] = {"rows": int(len(x)), "token_mean_avg": float(token_mean.mean()),
-                             "token_mean_absmax": float(np.abs(token_mean).max()),
-                             "token_std_avg": float(token_std.mean()), "token_std_min": float(token_std.min()),
-                             "token_std_max": float(token_std.max()),
-                             "norm_avg": float(np.linalg.norm(x, axis=1).mean())}
+        stats[str(layer)] = {
+            "rows": int(len(x)),
+            "token_mean_avg": float(token_mean.mean()),
+            "token_mean_absmax": float(np.abs(token_mean).max()),
+            "token_std_avg": float(token_std.mean()),
+            "token_std_min": float(token_std.min()),
+            "token_std_max": float(token_std.max()),
+            "norm_avg": float(np.linalg.norm(x, axis=1).mean()),
+        }
     return stats

@@ -52,14 +52,17 @@ def save_weights(folder: Folder, model: nn.Module, name: str = "sae.safetensors"
     folder.rename(tmp.name, name)
 
 
-def load_sae(where: str | Folder, device: torch.device | str = "cpu",
-             need_complete: bool = True) -> tuple[TopKSAE | RouteSAE, dict[str, Any]]:
+def load_sae(
+    where: str | Folder, device: torch.device | str = "cpu", need_complete: bool = True
+) -> tuple[TopKSAE | RouteSAE, dict[str, Any]]:
     """Rebuild a trained SAE and return it with its cfg.json."""
     folder = where if isinstance(where, Folder) else Folder.at(where)
     cfg = read_cfg(folder)
     if need_complete and cfg.get("status") != "complete":
-        raise UserError(f"run {folder.url} has not finished training (status {cfg.get('status')!r}); "
-                        "re-run `sae-pipe fit` with --resume to finish it.")
+        raise UserError(
+            f"run {folder.url} has not finished training (status {cfg.get('status')!r}); "
+            "re-run `sae-pipe fit` with --resume to finish it."
+        )
     if not folder.exists("sae.safetensors"):
         raise UserError(f"run {folder.url} has no sae.safetensors; re-run `sae-pipe fit` for it.")
     model = build_sae(SaeConfig(**cfg["sae"]), device=device)
@@ -107,8 +110,9 @@ def load_state(folder: Folder, model: nn.Module, device: torch.device) -> Traini
         tensors = load_file(str(folder.local() / name / "state.safetensors"), device=str(device))
         meta = json.loads((folder.local() / name / "state.json").read_text())
     except (OSError, ValueError) as err:
-        raise CorruptError(f"training state {folder.url}/{name} cannot be read ({err}); delete the run "
-                           "folder to train from scratch.") from None
+        raise CorruptError(
+            f"training state {folder.url}/{name} cannot be read ({err}); delete the run folder to train from scratch."
+        ) from None
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     optimizer = _unflatten_optimizer(tensors, meta["optimizer"])
     return TrainingState(meta["step"], optimizer, tensors["since_fired"], meta["log_rows"])

@@ -118,8 +118,10 @@ def _local_files(where: str) -> list[Path] | None:
             raise UserError(f"folder {where} holds no {', '.join(LOCAL_FORMATS)} files.")
         return files
     if where.startswith((".", "/", "~")) or where.count("/") > 1 or path.suffix in LOCAL_FORMATS:
-        raise UserError(f"dataset {where!r} does not exist: give a local file or folder, a hub id "
-                        f"like Skylion007/openwebtext, or {BUILTIN!r}.")
+        raise UserError(
+            f"dataset {where!r} does not exist: give a local file or folder, a hub id "
+            f"like Skylion007/openwebtext, or {BUILTIN!r}."
+        )
     return None
 
 
@@ -130,22 +132,27 @@ def _open_dataset(spec: CorpusSpec):  # noqa: ANN202 - a datasets.IterableDatase
     files = _local_files(spec.dataset)
     try:
         if files is None:
-            return datasets.load_dataset(spec.dataset, name=spec.config, split=spec.split,
-                                         revision=spec.revision, streaming=True)
+            return datasets.load_dataset(
+                spec.dataset, name=spec.config, split=spec.split, revision=spec.revision, streaming=True
+            )
         kinds = {LOCAL_FORMATS[f.suffix] for f in files}
         if len(kinds) > 1:
-            raise UserError(f"{spec.dataset} mixes file types ({', '.join(sorted(kinds))}); "
-                            "point at a folder of one type.")
+            raise UserError(
+                f"{spec.dataset} mixes file types ({', '.join(sorted(kinds))}); point at a folder of one type."
+            )
         kind = kinds.pop()
         extra = {"sample_by": "document"} if kind == "text" else {}  # one .txt file = one document
-        return datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train",
-                                     streaming=True, **extra)
+        return datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train", streaming=True, **extra)
     except (FileNotFoundError, ValueError, ConnectionError) as err:
-        raise UserError(f"cannot open dataset {spec.dataset!r} (split {spec.split!r}): "
-                        f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+        raise UserError(
+            f"cannot open dataset {spec.dataset!r} (split {spec.split!r}): "
+            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        ) from None
 
 
 def _check_column(spec: CorpusSpec, columns: list[str]) -> None:
     if spec.text_column not in columns:
-        raise UserError(f"dataset {spec.dataset!r} has no column {spec.text_column!r}; its columns are "
-                        f"{', '.join(columns)}. Pass --text-column with one of them.")
+        raise UserError(
+            f"dataset {spec.dataset!r} has no column {spec.text_column!r}; its columns are "
+            f"{', '.join(columns)}. Pass --text-column with one of them."
+        )

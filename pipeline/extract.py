@@ -16,6 +16,7 @@ import numpy as np
 from rich.progress import Progress
 
 from pipeline.capture import Capturer
+from pipeline.console import Stopwatch, progress_bar, say
 from pipeline.corpus import CorpusSpec, fingerprint_corpus, iter_documents
 from pipeline.device import dtype_name, resolve_device, resolve_dtype
 from pipeline.distributed import Ranks
@@ -24,10 +25,17 @@ from pipeline.files import Folder, Memo
 from pipeline.layers import parse_layers
 from pipeline.locks import exclusive
 from pipeline.manifest import cache_key, finish_manifest, new_manifest, read_manifest
-from pipeline.model import ModelSource, find_blocks, fingerprint_model, load_model, load_tokenizer, model_shape, resolve_model
+from pipeline.model import (
+    ModelSource,
+    find_blocks,
+    fingerprint_model,
+    load_model,
+    load_tokenizer,
+    model_shape,
+    resolve_model,
+)
 from pipeline.normalize import Normalizer
 from pipeline.packing import PackSpec, ShardPlan, pack, plan_shards, token_stream
-from pipeline.progress import Stopwatch, progress_bar, say
 from pipeline.store import BACKENDS, STORE_DTYPES, get_backend
 from pipeline.writer import ShardWriter, committed_shards
 
@@ -85,13 +93,23 @@ def prepare(cfg: ExtractConfig) -> Prepared:
     itemsize = np.dtype(STORE_DTYPES[cfg.dtype]).itemsize
     seq_bytes = cfg.ctx_len * len(layers) * d_model * itemsize
     spec = {
-        "model": {"name": source.name, "kind": source.kind, "file": source.gguf_file, "revision": source.revision,
-                  **model_id},
+        "model": {
+            "name": source.name,
+            "kind": source.kind,
+            "file": source.gguf_file,
+            "revision": source.revision,
+            **model_id,
+        },
         "compute_dtype": dtype_name(resolve_dtype(cfg.compute_dtype, device)),
         "corpus": {**asdict(corpus), **fingerprint_corpus(corpus, memo)},
-        "packing": PACKING, "ctx_len": cfg.ctx_len, "layers": layers,
-        "normalize": {"method": cfg.normalize, "eps": Normalizer().eps}, "dtype": cfg.dtype,
-        "backend": cfg.backend, "max_rows": cfg.max_tokens, "heldout": cfg.heldout,
+        "packing": PACKING,
+        "ctx_len": cfg.ctx_len,
+        "layers": layers,
+        "normalize": {"method": cfg.normalize, "eps": Normalizer().eps},
+        "dtype": cfg.dtype,
+        "backend": cfg.backend,
+        "max_rows": cfg.max_tokens,
+        "heldout": cfg.heldout,
         "seqs_per_shard": max(1, int(cfg.shard_mb * 2**20) // seq_bytes),
     }
     facts = {"n_layers_model": n_layers, "d_model": d_model}
@@ -134,8 +152,10 @@ def _finished(prep: Prepared) -> bool:
         return False
     manifest = read_manifest(prep.folder, need_complete=False)
     if manifest["spec"] != prep.spec:
-        raise UserError(f"{prep.folder.url} holds a cache with a different spec under the same key; move it "
-                        "away (it may have been edited by hand) and re-run.")
+        raise UserError(
+            f"{prep.folder.url} holds a cache with a different spec under the same key; move it "
+            "away (it may have been edited by hand) and re-run."
+        )
     return manifest["status"] == "complete"
 
 
@@ -151,8 +171,10 @@ def _run(prep: Prepared, ranks: Ranks) -> None:
     plans = plan_shards(sequences, list(tokenizer.all_special_ids), pack_spec)
     first = next(plans, None)
     if first is None or first.keep.sum() == 0:
-        raise UserError(f"corpus {cfg.dataset!r} yields no rows: it is empty or shorter than one "
-                        f"--ctx-len {cfg.ctx_len} sequence. Use a bigger corpus or a smaller --ctx-len.")
+        raise UserError(
+            f"corpus {cfg.dataset!r} yields no rows: it is empty or shorter than one "
+            f"--ctx-len {cfg.ctx_len} sequence. Use a bigger corpus or a smaller --ctx-len."
+        )
     worker = _Worker(prep, ranks, first)
     clock = Stopwatch()
     with progress_bar("extract", cfg.max_tokens or None) as bar:
@@ -174,8 +196,9 @@ class _Worker:
         cfg = prep.cfg
         device = resolve_device(ranks.device_name(cfg.device))
         model = load_model(prep.source, device, resolve_dtype(cfg.compute_dtype, device), cfg.trust_remote_code)
-        self.capturer = Capturer(model, find_blocks(model), prep.spec["layers"], Normalizer(cfg.normalize),
-                                 cfg.dtype, cfg.batch_size, device)
+        self.capturer = Capturer(
+            model, find_blocks(model), prep.spec["layers"], Normalizer(cfg.normalize), cfg.dtype, cfg.batch_size, device
+        )
         self.folder = prep.folder
         if ranks.is_main and not prep.folder.exists("manifest.json"):
             self.capturer.normalizer.fit_scales(self.capturer.raw_sample(first))
@@ -188,9 +211,12 @@ class _Worker:
 
     def submit(self, plan: ShardPlan, bar: Progress) -> None:
         arrays = self.capturer.shard_arrays(plan, bar)
-        record = {"first_seq": plan.first_seq, "n_seqs": len(plan.tokens),
-                  "rows": {"train": plan.rows(heldout=False), "heldout": plan.rows(heldout=True)},
-                  "skipped_special": plan.skipped}
+        record = {
+            "first_seq": plan.first_seq,
+            "n_seqs": len(plan.tokens),
+            "rows": {"train": plan.rows(heldout=False), "heldout": plan.rows(heldout=True)},
+            "skipped_special": plan.skipped,
+        }
         self.writer.submit(plan.index, arrays, record)
 
     def close(self) -> None:
@@ -212,14 +238,18 @@ def _check_disk(prep: Prepared, done: dict[int, dict[str, Any]]) -> None:
         return
     left = max(cfg.max_tokens - sum(r["rows"]["train"] + r["rows"]["heldout"] for r in done.values()), 0)
     need = int(left * per_row * 1.02)
-    say(f"extracting {prep.folder.name}: {cfg.max_tokens:,} rows x {len(prep.spec['layers'])} layer(s) x "
-        f"{prep.facts['d_model']} ({cfg.dtype}) = about {need / 2**20:,.1f} MiB still to write")
+    say(
+        f"extracting {prep.folder.name}: {cfg.max_tokens:,} rows x {len(prep.spec['layers'])} layer(s) x "
+        f"{prep.facts['d_model']} ({cfg.dtype}) = about {need / 2**20:,.1f} MiB still to write"
+    )
     if prep.folder.is_local:
         free = shutil.disk_usage(prep.folder.local()).free
         if need > free:
-            raise UserError(f"not enough disk space for this cache: about {need / 2**30:.2f} GiB needed, "
-                            f"{free / 2**30:.2f} GiB free at {prep.folder.url}. Free space, lower --max-tokens "
-                            "or pick another --cache-root.")
+            raise UserError(
+                f"not enough disk space for this cache: about {need / 2**30:.2f} GiB needed, "
+                f"{free / 2**30:.2f} GiB free at {prep.folder.url}. Free space, lower --max-tokens "
+                "or pick another --cache-root."
+            )
 
 
 def _finish(prep: Prepared, manifest: dict[str, Any], records: list[dict[str, Any]], seconds: float) -> None:
@@ -228,5 +258,12 @@ def _finish(prep: Prepared, manifest: dict[str, Any], records: list[dict[str, An
     if exhausted and prep.cfg.max_tokens:
         say(f"[yellow]the corpus ran out after {rows:,} of {prep.cfg.max_tokens:,} requested rows[/]")
     prep.folder.write_json(finish_manifest(manifest, records, exhausted), "manifest.json")
-    prep.folder.write_json({"seconds": round(seconds, 2), "rows": rows, "device": str(resolve_device(prep.cfg.device)),
-                            "rows_per_second": round(rows / max(seconds, 1e-9), 1)}, "extract_log.json")
+    prep.folder.write_json(
+        {
+            "seconds": round(seconds, 2),
+            "rows": rows,
+            "device": str(resolve_device(prep.cfg.device)),
+            "rows_per_second": round(rows / max(seconds, 1e-9), 1),
+        },
+        "extract_log.json",
+    )

@@ -41,8 +41,10 @@ class Folder:
         try:
             fs, root = fsspec.core.url_to_fs(text)
         except (ImportError, ValueError) as err:
-            raise UserError(f"cannot open {text}: {err}. Install the fsspec backend it needs "
-                            "(s3fs for s3://, gcsfs for gs://, adlfs for az://).") from None
+            raise UserError(
+                f"cannot open {text}: {err}. Install the fsspec backend it needs "
+                "(s3fs for s3://, gcsfs for gs://, adlfs for az://)."
+            ) from None
         return cls(fs, root.rstrip("/"))
 
     @property

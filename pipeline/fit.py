@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from pipeline.checkpoint import read_cfg, save_weights, write_cfg
+from pipeline.console import Stopwatch, progress_bar, say
 from pipeline.device import resolve_device
 from pipeline.distributed import Ranks, wrap_ddp
 from pipeline.errors import UserError
@@ -24,15 +25,37 @@ from pipeline.kernels import use_low_precision
 from pipeline.layers import parse_layers, route_range
 from pipeline.locks import exclusive
 from pipeline.optim import OPTIMIZERS, SCHEDULES
-from pipeline.progress import Stopwatch, progress_bar, say
 from pipeline.sae import SaeConfig
 from pipeline.store import ActivationCache
 from pipeline.stream import ActivationStream, StreamSpec
-from pipeline.train import (Member, MemberSettings, checkpoint, flush_log, init_pre_bias, make_member, member_input,
-                            summary, to_device, train_step)
+from pipeline.train import (
+    Member,
+    MemberSettings,
+    checkpoint,
+    flush_log,
+    init_pre_bias,
+    make_member,
+    member_input,
+    summary,
+    to_device,
+    train_step,
+)
 
-SWEEPABLE = ("k", "latents", "expansion", "lr", "optimizer", "seed", "layer", "routing", "aggregate",
-             "k_aux", "aux_alpha", "dead_tokens", "schedule")
+SWEEPABLE = (
+    "k",
+    "latents",
+    "expansion",
+    "lr",
+    "optimizer",
+    "seed",
+    "layer",
+    "routing",
+    "aggregate",
+    "k_aux",
+    "aux_alpha",
+    "dead_tokens",
+    "schedule",
+)
 
 
 @dataclass
@@ -137,15 +160,46 @@ def plan_run(cfg: FitConfig, cache: ActivationCache) -> RunPlan:
     sae = SaeConfig(cfg.arch, d_in, n_latents, cfg.k, layers, cfg.routing, cfg.aggregate)
     _check_settings(cfg)
     spec = cache.manifest["spec"]
-    training = {k: v for k, v in dataclasses.asdict(cfg).items()
-                if k not in ("cache", "sweep", "out", "cache_root", "resume", "overwrite", "device", "log_every",
-                             "checkpoint_every", "pool_mb", "verify", "layer", "route_layers", "latents",
-                             "expansion", "arch", "k", "routing", "aggregate")}
+    training = {
+        k: v
+        for k, v in dataclasses.asdict(cfg).items()
+        if k
+        not in (
+            "cache",
+            "sweep",
+            "out",
+            "cache_root",
+            "resume",
+            "overwrite",
+            "device",
+            "log_every",
+            "checkpoint_every",
+            "pool_mb",
+            "verify",
+            "layer",
+            "route_layers",
+            "latents",
+            "expansion",
+            "arch",
+            "k",
+            "routing",
+            "aggregate",
+        )
+    }
     training["k_aux"] = cfg.k_aux or d_in // 2
-    record = {"sae": sae.to_dict(), "training": training,
-              "cache": {"key": cache.key, "path": cache.folder.url, "model": spec["model"], "layers": cache.layers,
-                        "normalization": cache.manifest["normalization"], "ctx_len": spec["ctx_len"],
-                        "layer_convention": cache.manifest["layer_convention"]}}
+    record = {
+        "sae": sae.to_dict(),
+        "training": training,
+        "cache": {
+            "key": cache.key,
+            "path": cache.folder.url,
+            "model": spec["model"],
+            "layers": cache.layers,
+            "normalization": cache.manifest["normalization"],
+            "ctx_len": spec["ctx_len"],
+            "layer_convention": cache.manifest["layer_convention"],
+        },
+    }
     digest = hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:8]
     span = f"L{layers[0]}" if len(layers) == 1 else f"L{layers[0]}-{layers[-1]}"
     name = f"{cache.key.split('-L')[0]}-{cfg.arch}-{span}-n{n_latents}-k{cfg.k}-{digest}"
@@ -160,8 +214,10 @@ def _layers(cfg: FitConfig, cache: ActivationCache) -> list[int]:
     held = cache.layers
     if cfg.arch == "route":
         if len(held) < 2:
-            raise UserError(f"RouteSAE needs a multi-layer cache; {cache.key} holds only layer {held}. "
-                            "Extract with --layers route (or several layers).")
+            raise UserError(
+                f"RouteSAE needs a multi-layer cache; {cache.key} holds only layer {held}. "
+                "Extract with --layers route (or several layers)."
+            )
         if cfg.route_layers:
             layers = parse_layers(cfg.route_layers, cache.manifest["n_layers_model"])
         else:
@@ -205,8 +261,10 @@ def _needs_training(plan: RunPlan) -> bool:
         say(f"already trained, kept: {folder.url} (pass --overwrite to train it again)")
         return False
     if status != "complete" and not cfg.resume and not cfg.overwrite:
-        raise UserError(f"run {folder.url} exists but did not finish; pass --resume to continue it "
-                        "or --overwrite to start it again.")
+        raise UserError(
+            f"run {folder.url} exists but did not finish; pass --resume to continue it "
+            "or --overwrite to start it again."
+        )
     if cfg.overwrite:
         folder.remove()
     return True
@@ -224,13 +282,19 @@ def _nothing_to_resume(plan: RunPlan) -> str:
             continue
         mine = {**plan.record["sae"], **plan.record["training"]}
         theirs = {**other["sae"], **other["training"]}
-        diff = [f"{k}: saved {theirs.get(k)!r}, now {v!r}" for k, v in mine.items()
-                if json.dumps(theirs.get(k), default=str) != json.dumps(v, default=str)]
+        diff = [
+            f"{k}: saved {theirs.get(k)!r}, now {v!r}"
+            for k, v in mine.items()
+            if json.dumps(theirs.get(k), default=str) != json.dumps(v, default=str)
+        ]
         lines.append(f"  {name}: " + "; ".join(diff))
     if not lines:
         return f"--resume: there is no unfinished run to continue under {root.url}."
-    return ("--resume: the settings differ from every unfinished run, so none can be continued:\n"
-            + "\n".join(lines) + "\nRun with the saved settings, or drop --resume to start a new run.")
+    return (
+        "--resume: the settings differ from every unfinished run, so none can be continued:\n"
+        + "\n".join(lines)
+        + "\nRun with the saved settings, or drop --resume to start a new run."
+    )
 
 
 def _total_steps(cfg: FitConfig, stream: ActivationStream) -> tuple[int, int]:
@@ -239,13 +303,17 @@ def _total_steps(cfg: FitConfig, stream: ActivationStream) -> tuple[int, int]:
     budget = stream.rows * epochs
     if cfg.max_tokens:
         if cfg.max_tokens > budget and not cfg.epochs:
-            say(f"the training split has {stream.rows:,} rows, fewer than --max-tokens {cfg.max_tokens:,}: "
-                "training one epoch (pass --epochs N to repeat the data)")
+            say(
+                f"the training split has {stream.rows:,} rows, fewer than --max-tokens {cfg.max_tokens:,}: "
+                "training one epoch (pass --epochs N to repeat the data)"
+            )
         budget = min(budget, cfg.max_tokens)
     steps = budget // cfg.batch_size
     if steps < 1:
-        raise UserError(f"the training split has {stream.rows:,} rows, less than one batch of {cfg.batch_size}; "
-                        "lower --batch-size or extract more tokens.")
+        raise UserError(
+            f"the training split has {stream.rows:,} rows, less than one batch of {cfg.batch_size}; "
+            "lower --batch-size or extract more tokens."
+        )
     return epochs, steps
 
 
@@ -254,8 +322,9 @@ def _train(plans: list[RunPlan], cache: ActivationCache, cfg: FitConfig, ranks: 
     layers = sorted({layer for p in plans for layer in p.sae.layers})
     if cfg.verify:
         _verify(cache, layers)
-    stream = ActivationStream(cache, StreamSpec(layers, cfg.batch_size, cfg.data_seed, cfg.pool_mb,
-                                                rank=ranks.rank, world=ranks.world))
+    stream = ActivationStream(
+        cache, StreamSpec(layers, cfg.batch_size, cfg.data_seed, cfg.pool_mb, rank=ranks.rank, world=ranks.world)
+    )
     epochs, steps = _total_steps(cfg, stream)
     device = resolve_device(ranks.device_name(cfg.device))
     members = []
@@ -272,9 +341,17 @@ def _train(plans: list[RunPlan], cache: ActivationCache, cfg: FitConfig, ranks: 
 
 def _member(plan: RunPlan, layers: list[int], device: torch.device, ranks: Ranks) -> Member:
     training = plan.record["training"]
-    settings = MemberSettings(training["lr"], training["optimizer"], tuple(training["betas"]), training["schedule"],
-                              training["seed"], training["dead_tokens"], training["k_aux"], training["aux_alpha"],
-                              use_low_precision(device, plan.cfg.precision))
+    settings = MemberSettings(
+        training["lr"],
+        training["optimizer"],
+        tuple(training["betas"]),
+        training["schedule"],
+        training["seed"],
+        training["dead_tokens"],
+        training["k_aux"],
+        training["aux_alpha"],
+        use_low_precision(device, plan.cfg.precision),
+    )
     member = make_member(plan.folder, plan.sae, settings, [layers.index(x) for x in plan.sae.layers], device)
     if ranks.world > 1:
         member.model = wrap_ddp(member.model, device)
@@ -289,8 +366,9 @@ def _verify(cache: ActivationCache, layers: list[int]) -> None:
     cache.require_valid(only=wanted)
 
 
-def _loop(members: list[Member], stream: ActivationStream, epochs: int, steps: int, cfg: FitConfig,
-          ranks: Ranks) -> None:
+def _loop(
+    members: list[Member], stream: ActivationStream, epochs: int, steps: int, cfg: FitConfig, ranks: Ranks
+) -> None:
     """Feed every batch to every member that has not seen it yet; log and checkpoint as configured."""
     start = min(m.step for m in members)
     device = next(members[0].model.parameters()).device
@@ -310,12 +388,17 @@ def _loop(members: list[Member], stream: ActivationStream, epochs: int, steps: i
                 metrics = train_step(member, view, steps)
                 if member.step % cfg.log_every == 0 or member.step == steps:
                     rate = (member.step - window[0]) * cfg.batch_size / max(clock.seconds - window[1], 1e-9)
-                    member.pending_log.append({"step": member.step, "tokens": member.step * cfg.batch_size * ranks.world,
-                                               **{k: round(v, 6) for k, v in metrics.items()}, "tokens_per_s": round(rate, 1)})
+                    member.pending_log.append(
+                        {
+                            "step": member.step,
+                            "tokens": member.step * cfg.batch_size * ranks.world,
+                            **{k: round(v, 6) for k, v in metrics.items()},
+                            "tokens_per_s": round(rate, 1),
+                        }
+                    )
             if (step + 1) % cfg.log_every == 0:
                 window = (step + 1, clock.seconds)
-            bar.update(0, advance=cfg.batch_size,
-                       status=f"nmse {metrics['nmse']:.3f} L0 {metrics['l0']:.0f}")
+            bar.update(0, advance=cfg.batch_size, status=f"nmse {metrics['nmse']:.3f} L0 {metrics['l0']:.0f}")
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps and ranks.is_main:
                 for member in members:
                     checkpoint(member)
@@ -327,8 +410,7 @@ def _finish(plan: RunPlan, member: Member, steps: int) -> None:
     model = member.model.module if hasattr(member.model, "module") else member.model
     save_weights(plan.folder, model)
     last = _last_log(plan.folder)
-    write_cfg(plan.folder, {"status": "complete", **plan.record, "steps": steps,
-                            "result": {**summary(member), **last}})
+    write_cfg(plan.folder, {"status": "complete", **plan.record, "steps": steps, "result": {**summary(member), **last}})
     plan.folder.remove("state.json")
     for name in plan.folder.list():
         if name.startswith("state-"):

@@ -44,8 +44,9 @@ def capture(blocks: nn.ModuleList, layers: list[int], stop: bool = True) -> Iter
             handle.remove()
 
 
-def run_to_layers(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor,
-                  layers: list[int]) -> dict[int, torch.Tensor]:
+def run_to_layers(
+    model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, layers: list[int]
+) -> dict[int, torch.Tensor]:
     """Residual streams ``{layer: (B, T, D)}`` from one forward that stops after the last layer."""
     with capture(blocks, layers) as captured:
         try:

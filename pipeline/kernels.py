@@ -61,7 +61,8 @@ def rowwise_dot(a: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
     offsets = torch.arange(0, rows * k, k, device=idx.device)
     bags = torch.arange(rows, device=idx.device).repeat_interleave(k)
     return torch.ops.aten._embedding_bag_per_sample_weights_backward(  # noqa: SLF001 - fused CPU/CUDA kernel
-        a.contiguous(), weight, flat, offsets, bags, 0, -1).view(rows, k)
+        a.contiguous(), weight, flat, offsets, bags, 0, -1
+    ).view(rows, k)
 
 
 def sparse_t_matmul(idx: Tensor, values: Tensor, n_rows: int, dense: Tensor) -> Tensor:
@@ -72,8 +73,9 @@ def sparse_t_matmul(idx: Tensor, values: Tensor, n_rows: int, dense: Tensor) -> 
     crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=idx.device)
     crow[1:] = counts.cumsum(0)
     cols = torch.div(order, idx.shape[1], rounding_mode="floor")  # the token (row of dense) of each entry
-    matrix = torch.sparse_csr_tensor(crow, cols, values.reshape(-1)[order].to(dense.dtype), (n_rows, dense.shape[0]),
-                                     check_invariants=False)
+    matrix = torch.sparse_csr_tensor(
+        crow, cols, values.reshape(-1)[order].to(dense.dtype), (n_rows, dense.shape[0]), check_invariants=False
+    )
     return matrix @ dense
 
 
@@ -84,8 +86,15 @@ class TopKEncode(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, w_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int,  # noqa: ANN401
-                low_precision: bool) -> tuple[Tensor, Tensor]:
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        w_enc: Tensor,
+        b_enc: Tensor,
+        b_dec: Tensor,
+        k: int,  # noqa: ANN401
+        low_precision: bool,
+    ) -> tuple[Tensor, Tensor]:
         centered = x - b_dec  # (B, D)
         if low_precision:
             low = torch.bfloat16
@@ -106,8 +115,9 @@ class TopKEncode(torch.autograd.Function):
         grad_w = sparse_t_matmul(idx, grad_pre, w_enc.shape[0], centered)  # (N, D)
         grad_b_enc = torch.zeros(w_enc.shape[0], dtype=grad_pre.dtype, device=idx.device)
         grad_b_enc.index_add_(0, idx.reshape(-1), grad_pre.reshape(-1))  # (N,)
-        grad_x = F.embedding_bag(idx, w_enc, per_sample_weights=grad_pre, mode="sum") \
-            if ctx.needs_input_grad[0] else None  # (B, D), needed when x depends on a router
+        grad_x = (
+            F.embedding_bag(idx, w_enc, per_sample_weights=grad_pre, mode="sum") if ctx.needs_input_grad[0] else None
+        )  # (B, D), needed when x depends on a router
         grad_b_dec = -(grad_b_enc @ w_enc) if ctx.needs_input_grad[3] else None  # x - b_dec feeds every latent
         return grad_x, grad_w, grad_b_enc, grad_b_dec, None, None
 

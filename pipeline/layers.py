@@ -44,6 +44,4 @@ def _as_int(text: str, spec: object) -> int:
     try:
         return int(text.strip())
     except ValueError:
-        raise UserError(
-            f"cannot read layer spec {spec!r}: use 6, 3,7,11, 3:11 (inclusive), all or route."
-        ) from None
+        raise UserError(f"cannot read layer spec {spec!r}: use 6, 3,7,11, 3:11 (inclusive), all or route.") from None

@@ -7,8 +7,8 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from pipeline.console import say
 from pipeline.files import Folder
-from pipeline.progress import say
 
 
 @contextmanager

@@ -16,8 +16,10 @@ from pipeline.files import Folder
 
 FORMAT = "sae-pipe/activations"
 FORMAT_VERSION = 1
-LAYER_CONVENTION = ("layer L = residual stream entering block L = Hugging Face hidden_states[L] "
-                    "(0 = embeddings) = SAELens blocks.L.hook_resid_pre")
+LAYER_CONVENTION = (
+    "layer L = residual stream entering block L = Hugging Face hidden_states[L] "
+    "(0 = embeddings) = SAELens blocks.L.hook_resid_pre"
+)
 SPLITS = ("train", "heldout")
 
 
@@ -41,15 +43,19 @@ def check_format(data: dict[str, Any], where: str, kind: str = FORMAT, version: 
         raise CorruptError(f"{where} is not a {kind} file (format={data.get('format')!r}).")
     found = data.get("format_version")
     if not isinstance(found, int) or found > version:
-        raise UserError(f"{where} has format version {found}, this sae-pipe reads up to {version}; "
-                        "upgrade sae-pipe (pip install -U sae-pipe) or re-create the file.")
+        raise UserError(
+            f"{where} has format version {found}, this sae-pipe reads up to {version}; "
+            "upgrade sae-pipe (pip install -U sae-pipe) or re-create the file."
+        )
 
 
 def read_manifest(folder: Folder, need_complete: bool = True) -> dict[str, Any]:
     """The manifest of a cache folder, checked for format and (optionally) completeness."""
     if not folder.exists("manifest.json"):
-        raise UserError(f"{folder.url} is not an activation cache (no manifest.json); run "
-                        "`sae-pipe extract` or `sae-pipe cache list` to find one.")
+        raise UserError(
+            f"{folder.url} is not an activation cache (no manifest.json); run "
+            "`sae-pipe extract` or `sae-pipe cache list` to find one."
+        )
     try:
         manifest = folder.read_json("manifest.json")
     except ValueError as err:
@@ -57,26 +63,37 @@ def read_manifest(folder: Folder, need_complete: bool = True) -> dict[str, Any]:
     check_format(manifest, f"{folder.url}/manifest.json")
     if need_complete and manifest.get("status") != "complete":
         done = len([n for n in folder.list("shards") if n.endswith(".json")])
-        raise IncompleteError(f"cache {folder.url} is incomplete ({done} shard(s) written): re-run the same "
-                              "`sae-pipe extract` command to resume it.")
+        raise IncompleteError(
+            f"cache {folder.url} is incomplete ({done} shard(s) written): re-run the same "
+            "`sae-pipe extract` command to resume it."
+        )
     return manifest
 
 
 def new_manifest(key: str, spec: dict[str, Any], facts: dict[str, Any]) -> dict[str, Any]:
     """The in-progress manifest written before the first shard."""
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, "key": key, "status": "in_progress",
-            "layer_convention": LAYER_CONVENTION, "spec": spec, **facts}
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "key": key,
+        "status": "in_progress",
+        "layer_convention": LAYER_CONVENTION,
+        "spec": spec,
+        **facts,
+    }
 
 
-def finish_manifest(manifest: dict[str, Any], records: list[dict[str, Any]],
-                    exhausted: bool) -> dict[str, Any]:
+def finish_manifest(manifest: dict[str, Any], records: list[dict[str, Any]], exhausted: bool) -> dict[str, Any]:
     """The complete manifest: totals and per-shard records, in shard order."""
     records = sorted(records, key=lambda r: r["index"])
     rows = {split: sum(r["rows"][split] for r in records) for split in SPLITS}
-    return {**manifest, "status": "complete",
-            "rows": {**rows, "total": rows["train"] + rows["heldout"]},
-            "sequences": sum(r["n_seqs"] for r in records),
-            "skipped_special_positions": sum(r["skipped_special"] for r in records),
-            "corpus_exhausted": exhausted,
-            "bytes": sum(r["bytes"] for r in records),
-            "shards": records}
+    return {
+        **manifest,
+        "status": "complete",
+        "rows": {**rows, "total": rows["train"] + rows["heldout"]},
+        "sequences": sum(r["n_seqs"] for r in records),
+        "skipped_special_positions": sum(r["skipped_special"] for r in records),
+        "corpus_exhausted": exhausted,
+        "bytes": sum(r["bytes"] for r in records),
+        "shards": records,
+    }

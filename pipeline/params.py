@@ -13,8 +13,13 @@ from pipeline.errors import UserError
 T = TypeVar("T")
 
 # params.yaml key -> config field, for the shared sections
-MODEL_KEYS = {"name": "model", "revision": "revision", "device": "device", "dtype": "compute_dtype",
-              "trust_remote_code": "trust_remote_code"}
+MODEL_KEYS = {
+    "name": "model",
+    "revision": "revision",
+    "device": "device",
+    "dtype": "compute_dtype",
+    "trust_remote_code": "trust_remote_code",
+}
 DATA_KEYS = {"dataset": "dataset", "split": "split", "text_column": "text_column", "config": "dataset_config"}
 
 
@@ -32,8 +37,9 @@ def load_params(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def section_values(params: dict[str, Any], section: str, keys: dict[str, str] | None,
-                   fields: set[str]) -> dict[str, Any]:
+def section_values(
+    params: dict[str, Any], section: str, keys: dict[str, str] | None, fields: set[str]
+) -> dict[str, Any]:
     """Values of one section renamed to config fields; unknown keys are errors (typos)."""
     values = params.get(section) or {}
     if not isinstance(values, dict):
@@ -41,13 +47,16 @@ def section_values(params: dict[str, Any], section: str, keys: dict[str, str] | 
     known = keys if keys is not None else {f: f for f in fields}
     unknown = sorted(set(values) - set(known))
     if unknown:
-        raise UserError(f"params section [{section}] has unknown key(s) {', '.join(unknown)}; "
-                        f"known keys: {', '.join(sorted(known))}.")
+        raise UserError(
+            f"params section [{section}] has unknown key(s) {', '.join(unknown)}; "
+            f"known keys: {', '.join(sorted(known))}."
+        )
     return {known[k]: v for k, v in values.items() if known[k] in fields}
 
 
-def build_config(cls: type[T], params: dict[str, Any] | None, stage: str, overrides: dict[str, Any],
-                 shared: tuple[str, ...] = ()) -> T:
+def build_config(
+    cls: type[T], params: dict[str, Any] | None, stage: str, overrides: dict[str, Any], shared: tuple[str, ...] = ()
+) -> T:
     """Dataclass defaults < params.yaml (shared sections, then the stage's) < command-line options."""
     fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     values: dict[str, Any] = {}

@@ -16,12 +16,13 @@ from pipeline.sae import Latents, SaeConfig, SaeOutput, TopKSAE
 class RouteSAE(nn.Module):
     """A layer router plus a shared TopK SAE."""
 
-    def __init__(self, cfg: SaeConfig, generator: torch.Generator | None = None,
-                 device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, cfg: SaeConfig, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.sae = TopKSAE(cfg, generator, device)
-        bound = cfg.d_in ** -0.5
+        bound = cfg.d_in**-0.5
         router = (torch.rand(len(cfg.layers), cfg.d_in, generator=generator) * 2 - 1) * bound  # (L, D)
         self.router = nn.Linear(cfg.d_in, len(cfg.layers), bias=False, device=device)
         with torch.no_grad():
@@ -37,16 +38,18 @@ class RouteSAE(nn.Module):
         rows = torch.arange(len(xs), device=xs.device)
         return weights, xs[rows, choice] * weights[rows, choice][:, None], choice
 
-    def encode(self, x: Tensor, k: int | None = None, theta: float | None = None,
-               low_precision: bool = False) -> Latents:
+    def encode(
+        self, x: Tensor, k: int | None = None, theta: float | None = None, low_precision: bool = False
+    ) -> Latents:
         """Encode an already routed input (B, D)."""
         return self.sae.encode(x, k, theta, low_precision)
 
     def decode(self, latents: Latents) -> Tensor:
         return self.sae.decode(latents)
 
-    def forward(self, xs: Tensor, k: int | None = None, theta: float | None = None,
-                low_precision: bool = False) -> SaeOutput:
+    def forward(
+        self, xs: Tensor, k: int | None = None, theta: float | None = None, low_precision: bool = False
+    ) -> SaeOutput:
         weights, x, choice = self.route(xs)
         latents = self.sae.encode(x, k, theta, low_precision)
         return SaeOutput(x, self.sae.decode(latents), latents, weights, choice)
@@ -58,7 +61,8 @@ class RouteSAE(nn.Module):
         self.sae.remove_parallel_grad()
 
 
-def build_sae(cfg: SaeConfig, generator: torch.Generator | None = None,
-              device: torch.device | str = "cpu") -> TopKSAE | RouteSAE:
+def build_sae(
+    cfg: SaeConfig, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+) -> TopKSAE | RouteSAE:
     """The module for ``cfg.arch``."""
     return RouteSAE(cfg, generator, device) if cfg.arch == "route" else TopKSAE(cfg, generator, device)

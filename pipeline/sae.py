@@ -65,19 +65,21 @@ class SaeOutput(NamedTuple):
 class TopKSAE(nn.Module):
     """Encoder, decoder and biases of one TopK SAE."""
 
-    def __init__(self, cfg: SaeConfig, generator: torch.Generator | None = None,
-                 device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, cfg: SaeConfig, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+    ) -> None:
         super().__init__()
         self.cfg = cfg
-        bound = cfg.d_in ** -0.5
+        bound = cfg.d_in**-0.5
         w_enc = (torch.rand(cfg.n_latents, cfg.d_in, generator=generator) * 2 - 1) * bound  # (N, D)
         self.W_enc = nn.Parameter(w_enc.to(device))
         self.b_enc = nn.Parameter(torch.zeros(cfg.n_latents, device=device))
         self.W_dec = nn.Parameter((w_enc / w_enc.norm(dim=1, keepdim=True)).to(device))  # tied init, unit rows
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, device=device))
 
-    def encode(self, x: Tensor, k: int | None = None, theta: float | None = None,
-               low_precision: bool = False) -> Latents:
+    def encode(
+        self, x: Tensor, k: int | None = None, theta: float | None = None, low_precision: bool = False
+    ) -> Latents:
         """Top-k latents of ``x`` (B, D); with ``theta``, every latent whose activation exceeds it."""
         if theta is not None:
             pre = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc.t()).relu()  # (B, N)
@@ -92,8 +94,9 @@ class TopKSAE(nn.Module):
         """Reconstruction (B, D) from a sparse code."""
         return SparseDecode.apply(latents.acts, latents.indices, self.W_dec) + self.b_dec
 
-    def forward(self, x: Tensor, k: int | None = None, theta: float | None = None,
-                low_precision: bool = False) -> SaeOutput:
+    def forward(
+        self, x: Tensor, k: int | None = None, theta: float | None = None, low_precision: bool = False
+    ) -> SaeOutput:
         latents = self.encode(x, k, theta, low_precision)
         return SaeOutput(x, self.decode(latents), latents, None, None)
 

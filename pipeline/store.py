@@ -18,6 +18,7 @@ arrays use the sharding codec (one object per shard, one inner chunk per layer).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import numpy as np
@@ -65,8 +66,9 @@ class ZarrBackend:
                 chunks, shards = (1, rows, array.shape[2]), (array.shape[0], rows, array.shape[2])
             else:
                 chunks, shards = (rows, *array.shape[1:]), None
-            group.create_array(name, shape=array.shape, dtype=array.dtype, chunks=chunks, shards=shards,
-                               compressors=None, fill_value=0)[...] = array
+            group.create_array(
+                name, shape=array.shape, dtype=array.dtype, chunks=chunks, shards=shards, compressors=None, fill_value=0
+            )[...] = array
 
     def read(self, folder: Folder, name: str, first: Any = slice(None)) -> np.ndarray:
         import zarr
@@ -151,6 +153,37 @@ class ActivationCache:
         """Array ``name`` (e.g. ``train/act``) of one shard; ``first`` indexes its first axis."""
         return self.backend.read(self.folder.child("shards", shard_name(shard)), name, first)
 
+    def heldout_rows(self, layers: list[int], max_rows: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+        """Held-out rows shard by shard as (shard, (n, L, D)) for ``layers``, at most ``max_rows`` (0 = all)."""
+        left = max_rows or self.rows("heldout")
+        positions = [self.layer_index(layer) for layer in layers]
+        for record in self.shards:
+            n = min(record["rows"]["heldout"], left)
+            if n <= 0:
+                continue
+            yield record["index"], np.stack([self.read(record["index"], "heldout/act", p)[:n] for p in positions], 1)
+            left -= n
+
+    def heldout_sequences(self, max_tokens: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Held-out sequences (S, T) and the mask (S, T) of their stored positions, covering at least
+        ``max_tokens`` stored positions (0 = all held-out sequences)."""
+        tokens, masks, covered = [], [], 0
+        for record in self.shards:
+            if record["rows"]["heldout"] == 0:
+                continue
+            seqs = self.read(record["index"], "heldout/sequences")
+            mask = np.zeros(seqs.shape, dtype=bool)
+            mask[self.read(record["index"], "heldout/seq"), self.read(record["index"], "heldout/pos")] = True
+            for seq, seq_mask in zip(seqs, mask):
+                if max_tokens and covered >= max_tokens:
+                    return np.stack(tokens), np.stack(masks)
+                tokens.append(seq)
+                masks.append(seq_mask)
+                covered += int(seq_mask.sum())
+        if not tokens:
+            raise UserError(f"cache {self.key} has no held-out sequences; extract it with --heldout > 0.")
+        return np.stack(tokens), np.stack(masks)
+
     def verify(self, only: list[str] | None = None) -> list[str]:
         """Re-read arrays (all, or the checksum keys in ``only``) and compare with the manifest's
         checksums; one line per problem."""
@@ -174,7 +207,9 @@ class ActivationCache:
         """Raise :class:`CorruptError` naming every bad array, deleting nothing."""
         problems = self.verify(only)
         if problems:
-            raise CorruptError(f"cache {self.folder.url} fails its checksums:\n  " + "\n  ".join(problems)
-                               + f"\nNothing was deleted. `sae-pipe cache repair {self.folder.url}` drops the bad "
-                               "shards; re-running the same extract command then rewrites just those.")
-
+            raise CorruptError(
+                f"cache {self.folder.url} fails its checksums:\n  "
+                + "\n  ".join(problems)
+                + f"\nNothing was deleted. `sae-pipe cache repair {self.folder.url}` drops the bad "
+                "shards; re-running the same extract command then rewrites just those."
+            )

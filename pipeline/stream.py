@@ -38,7 +38,7 @@ class ActivationStream:
         self.cache, self.spec = cache, spec
         self.layer_pos = [cache.layer_index(layer) for layer in spec.layers]
         self.shard_rows = {r["index"]: int(r["rows"]["train"]) for r in cache.shards if r["rows"]["train"] > 0}
-        self.shards = sorted(self.shard_rows)[spec.rank::spec.world]
+        self.shards = sorted(self.shard_rows)[spec.rank :: spec.world]
         self.rows = sum(self.shard_rows[i] for i in self.shards)
         row_bytes = len(self.layer_pos) * cache.d_model * np.dtype(cache.manifest["spec"]["dtype"]).itemsize
         largest = max(self.shard_rows.values(), default=1)
@@ -48,8 +48,9 @@ class ActivationStream:
         """Batches of ``epochs`` passes; the first ``skip`` batches are dropped (to resume)."""
         out: queue.Queue[np.ndarray | BaseException | None] = queue.Queue(self.spec.prefetch)
         stop = threading.Event()
-        thread = threading.Thread(target=self._produce, args=(epochs, skip, out, stop), daemon=True,
-                                  name="activation-stream")
+        thread = threading.Thread(
+            target=self._produce, args=(epochs, skip, out, stop), daemon=True, name="activation-stream"
+        )
         thread.start()
         try:
             while (item := out.get()) is not None:
@@ -81,13 +82,15 @@ class ActivationStream:
         """Deterministic for a given seed: same shard order, same shuffles, same batches."""
         rng = np.random.default_rng(self.spec.seed)
         size = self.spec.batch_size
-        pool = np.empty((self.pool_rows, len(self.layer_pos), self.cache.d_model), dtype=self.cache.manifest["spec"]["dtype"])
+        pool = np.empty(
+            (self.pool_rows, len(self.layer_pos), self.cache.d_model), dtype=self.cache.manifest["spec"]["dtype"]
+        )
         filled = 0
         for _ in range(epochs):
             order = rng.permutation(self.shards)
             for position, shard in enumerate(order):
                 block = self._read(shard)  # (n, L, D)
-                pool[filled:filled + len(block)] = block
+                pool[filled : filled + len(block)] = block
                 filled += len(block)
                 last = position == len(order) - 1
                 if filled + self._next_rows(order, position) > self.pool_rows or last:
@@ -100,9 +103,9 @@ class ActivationStream:
         perm = rng.permutation(filled)
         size = self.spec.batch_size
         for start in range(0, serve, size):
-            yield pool[np.sort(perm[start:start + size])]  # sorted gathers read memory in order
+            yield pool[np.sort(perm[start : start + size])]  # sorted gathers read memory in order
         keep = np.sort(perm[serve:])
-        pool[:len(keep)] = pool[keep]
+        pool[: len(keep)] = pool[keep]
         return len(keep)
 
     def _next_rows(self, order: np.ndarray, position: int) -> int:

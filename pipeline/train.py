@@ -57,14 +57,22 @@ class Member:
     pending_log: list[dict[str, float]] = field(default_factory=list)
 
 
-def make_member(folder: Folder, sae_cfg: SaeConfig, settings: MemberSettings, layer_pos: list[int],
-                device: torch.device) -> Member:
+def make_member(
+    folder: Folder, sae_cfg: SaeConfig, settings: MemberSettings, layer_pos: list[int], device: torch.device
+) -> Member:
     """A freshly initialized member (seeded), or the member restored from its training state."""
     generator = torch.Generator().manual_seed(settings.seed)
     model = build_sae(sae_cfg, generator).to(device).train()
     optimizer = make_optimizer(settings.optimizer, model, settings.lr, settings.betas, device)
-    member = Member(folder, sae_cfg, settings, layer_pos, model, optimizer,
-                    torch.zeros(sae_cfg.n_latents, dtype=torch.int64, device=device))
+    member = Member(
+        folder,
+        sae_cfg,
+        settings,
+        layer_pos,
+        model,
+        optimizer,
+        torch.zeros(sae_cfg.n_latents, dtype=torch.int64, device=device),
+    )
     state = load_state(folder, model, device)
     if state is not None:
         optimizer.load_state_dict(state.optimizer)
@@ -108,8 +116,14 @@ def train_step(member: Member, x: Tensor, total_steps: int) -> dict[str, float]:
         centered = out.x - out.x.mean(dim=0)
         fvu = err.pow(2).sum() / centered.pow(2).sum().clamp_min(1e-12)
         l0 = (out.latents.acts > 0).sum(dim=1).float().mean()
-    return {"nmse": float(nmse.detach()), "fvu": float(fvu), "l0": float(l0), "aux_loss": float(aux.detach()),
-            "dead_share": float(dead.float().mean()), "lr": member.optimizer.param_groups[0]["lr"]}
+    return {
+        "nmse": float(nmse.detach()),
+        "fvu": float(fvu),
+        "l0": float(l0),
+        "aux_loss": float(aux.detach()),
+        "dead_share": float(dead.float().mean()),
+        "lr": member.optimizer.param_groups[0]["lr"],
+    }
 
 
 def _aux_loss(member: Member, out: SaeOutput, dead: Tensor) -> Tensor:
@@ -120,8 +134,14 @@ def _aux_loss(member: Member, out: SaeOutput, dead: Tensor) -> Tensor:
     if k_aux < 1:
         return torch.zeros((), device=out.x.device)
     residual = (out.x - out.x_hat).detach()  # (B, D)
-    acts, local = TopKEncode.apply(out.x.detach(), sae.W_enc[dead_ids], sae.b_enc[dead_ids], sae.b_dec.detach(),
-                                   k_aux, member.settings.low_precision)
+    acts, local = TopKEncode.apply(
+        out.x.detach(),
+        sae.W_enc[dead_ids],
+        sae.b_enc[dead_ids],
+        sae.b_dec.detach(),
+        k_aux,
+        member.settings.low_precision,
+    )
     guess = SparseDecode.apply(acts, local, sae.W_dec[dead_ids])  # (B, D)
     return (guess - residual).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
 
@@ -135,8 +155,11 @@ def _update_dead(member: Member, out: SaeOutput, tokens: int) -> None:
 def checkpoint(member: Member) -> None:
     """Flush the log, then save weights, optimizer and counters as the member's resumable state."""
     flush_log(member)
-    save_state(member.folder, member.model, TrainingState(member.step, member.optimizer.state_dict(),
-                                                         member.since_fired, member.log_rows))
+    save_state(
+        member.folder,
+        member.model,
+        TrainingState(member.step, member.optimizer.state_dict(), member.since_fired, member.log_rows),
+    )
 
 
 def flush_log(member: Member) -> None:
@@ -174,4 +197,7 @@ def to_device(batch: np.ndarray, device: torch.device) -> Tensor:
 
 def summary(member: Member) -> dict[str, Any]:
     """Final numbers of a member for its cfg.json."""
-    return {"steps": member.step, "dead_share": float((member.since_fired >= member.settings.dead_tokens).float().mean())}
+    return {
+        "steps": member.step,
+        "dead_share": float((member.since_fired >= member.settings.dead_tokens).float().mean()),
+    }

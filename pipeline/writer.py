@@ -33,8 +33,9 @@ def committed_shards(folder: Folder) -> dict[int, dict[str, Any]]:
     return records
 
 
-def commit_shard(folder: Folder, backend: Backend, index: int, arrays: dict[str, np.ndarray],
-                 record: dict[str, Any]) -> dict[str, Any]:
+def commit_shard(
+    folder: Folder, backend: Backend, index: int, arrays: dict[str, np.ndarray], record: dict[str, Any]
+) -> dict[str, Any]:
     """Write one shard so that it appears whole or not at all; return its record."""
     name = shard_name(index)
     shards = folder.child("shards")
@@ -92,6 +93,8 @@ class ShardWriter:
         if err is None:
             return
         if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-            raise UserError(f"the disk holding {self.folder.url} is full ({err.strerror}). Every shard written "
-                            "so far is kept: free some space and re-run the same command to resume.") from None
+            raise UserError(
+                f"the disk holding {self.folder.url} is full ({err.strerror}). Every shard written "
+                "so far is kept: free some space and re-run the same command to resume."
+            ) from None
         raise err

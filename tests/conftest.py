@@ -29,8 +29,9 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(builtin_documents()[:300], trainer)
     folder = tmp_path_factory.mktemp("tokenizer")
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(folder)
@@ -50,9 +51,18 @@ def tiny_llama(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         eos_token_id=0, bos_token_id=0, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=0,
+        bos_token_id=0,
+        pad_token_id=0,
+    )
     return _save_model(LlamaForCausalLM(config), tokenizer_dir, tmp_path_factory.mktemp("tiny-llama"))
 
 
@@ -62,8 +72,9 @@ def tiny_gpt2(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(1)
-    config = GPT2Config(vocab_size=VOCAB, n_embd=48, n_layer=4, n_head=4, n_positions=512,
-                        eos_token_id=0, bos_token_id=0)
+    config = GPT2Config(
+        vocab_size=VOCAB, n_embd=48, n_layer=4, n_head=4, n_positions=512, eos_token_id=0, bos_token_id=0
+    )
     return _save_model(GPT2LMHeadModel(config), tokenizer_dir, tmp_path_factory.mktemp("tiny-gpt2"))
 
 
@@ -73,6 +84,7 @@ def jsonl_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from pipeline.corpus import builtin_documents
 
     path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
-    path.write_text("".join(json.dumps({"text": doc, "id": i}) + "\n"
-                            for i, doc in enumerate(builtin_documents()[100:220])))
+    path.write_text(
+        "".join(json.dumps({"text": doc, "id": i}) + "\n" for i, doc in enumerate(builtin_documents()[100:220]))
+    )
     return path

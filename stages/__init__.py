@@ -1,0 +1,1 @@
+"""DVC stages: one thin module per stage, reading params.yaml and calling the pipeline library."""

@@ -1,0 +1,25 @@
+"""DVC stage `evaluate`: params [evaluate] + cache/fit.json -> cache/evaluate/ and the metrics cache/evaluate.json."""
+
+from __future__ import annotations
+
+from pipeline.compare import write_comparison
+from pipeline.console import guarded
+from pipeline.evaluate import EvaluateConfig, evaluate
+from pipeline.files import Folder
+from pipeline.params import build_config, load_params
+from pipeline.receipts import read_receipt, write_receipt
+
+PARAMS = "params.yaml"
+
+
+def main() -> None:
+    runs = [run["path"] for run in read_receipt("fit")["runs"]]
+    cfg = build_config(EvaluateConfig, load_params(PARAMS), "evaluate", {"runs": runs})
+    results = evaluate(cfg)
+    write_comparison(results, Folder.at(cfg.cache_root).child("evaluate"))
+    keep = ("nmse", "l0", "kl_per_token", "kl_zero_per_token", "ce_recovered")  # the headline numbers
+    write_receipt("evaluate", {"runs": {r["run"]: {k: r[k] for k in keep if k in r} for r in results}}, cfg.cache_root)
+
+
+if __name__ == "__main__":
+    guarded(main)

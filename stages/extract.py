@@ -1,0 +1,31 @@
+"""DVC stage `extract`: params [model, data, extract] -> cache/activations/<key>/ and cache/extract.json."""
+
+from __future__ import annotations
+
+from pipeline.console import guarded
+from pipeline.extract import ExtractConfig, extract
+from pipeline.params import build_config, load_params
+from pipeline.receipts import file_digest, portable, write_receipt
+from pipeline.store import ActivationCache
+
+PARAMS = "params.yaml"
+
+
+def main() -> None:
+    cfg = build_config(ExtractConfig, load_params(PARAMS), "extract", {}, shared=("model", "data"))
+    cache = ActivationCache.open(extract(cfg))
+    manifest = cache.folder.local() / "manifest.json"
+    write_receipt(
+        "extract",
+        {
+            "cache": portable(cache.folder.url),
+            "key": cache.key,
+            "rows": cache.manifest["rows"],
+            "manifest_sha256": file_digest(manifest),
+        },
+        cfg.cache_root,
+    )
+
+
+if __name__ == "__main__":
+    guarded(main)

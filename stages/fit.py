@@ -1,0 +1,43 @@
+"""DVC stage `fit`: params [fit] + cache/extract.json -> cache/saes/<run>/, cache/plots/fit/, cache/fit.json.
+
+Runs owned by the pipeline are retrained whenever DVC re-runs this stage (overwrite), and their
+training curves are copied to cache/plots/fit/ for `dvc plots show`.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from pipeline.console import guarded
+from pipeline.fit import FitConfig, fit
+from pipeline.params import build_config, load_params
+from pipeline.receipts import file_digest, portable, read_receipt, write_receipt
+
+PARAMS = "params.yaml"
+
+
+def main() -> None:
+    receipt = read_receipt("extract")
+    cfg = build_config(FitConfig, load_params(PARAMS), "fit", {"cache": receipt["cache"], "overwrite": True})
+    runs = fit(cfg)
+    plots = Path(cfg.cache_root) / "plots" / "fit"
+    shutil.rmtree(plots, ignore_errors=True)
+    plots.mkdir(parents=True)
+    for run in runs:
+        shutil.copyfile(run.local() / "log.csv", plots / f"{run.name}.csv")
+    write_receipt(
+        "fit",
+        {
+            "cache_key": receipt["key"],
+            "runs": [
+                {"name": r.name, "path": portable(r.url), "sae_sha256": file_digest(r.local() / "sae.safetensors")}
+                for r in runs
+            ],
+        },
+        cfg.cache_root,
+    )
+
+
+if __name__ == "__main__":
+    guarded(main)

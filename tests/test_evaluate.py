@@ -1,0 +1,197 @@
+"""Evaluate on a tiny random Llama: identity and zero SAEs, an independent KL, hooks, RouteSAE splicing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from pipeline.checkpoint import save_weights
+from pipeline.compare import find_runs
+from pipeline.errors import UserError
+from pipeline.evaluate import EvaluateConfig, evaluate
+from pipeline.extract import ExtractConfig, extract
+from pipeline.files import Folder
+from pipeline.fit import FitConfig, fit
+from pipeline.hooks import replace_input
+from pipeline.model import find_blocks
+from pipeline.normalize import Normalizer
+from pipeline.route import RouteSAE
+from pipeline.sae import SaeConfig, TopKSAE
+from pipeline.splice import route_edits
+from pipeline.store import ActivationCache
+
+
+def make_cache(model_dir: Path, root: Path, normalize: str) -> str:
+    cfg = ExtractConfig(
+        model=str(model_dir),
+        layers="1,2",
+        ctx_len=32,
+        max_tokens=2400,
+        batch_size=8,
+        heldout=0.25,
+        normalize=normalize,
+        cache_root=str(root),
+        device="cpu",
+        shard_mb=0.1,
+    )
+    return extract(cfg).url
+
+
+@pytest.fixture(scope="module")
+def caches(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("eval-cache")
+    return {"standardize": make_cache(tiny_llama, root, "standardize"), "none": make_cache(tiny_llama, root, "none")}
+
+
+def train(cache: str, root: Path, **kw: object) -> Folder:
+    base = {
+        "cache": cache,
+        "layer": 1,
+        "latents": 128,
+        "k": 64,
+        "batch_size": 256,
+        "max_tokens": 1024,
+        "out": str(root),
+        "device": "cpu",
+        "precision": "float32",
+    }
+    return fit(FitConfig(**{**base, **kw}))[0]  # type: ignore[arg-type]
+
+
+def set_weights(run: Folder, w_enc: torch.Tensor, w_dec: torch.Tensor) -> None:
+    sae = TopKSAE(SaeConfig("topk", w_enc.shape[1], w_enc.shape[0], 64, [1]))
+    with torch.no_grad():
+        sae.W_enc.copy_(w_enc)
+        sae.W_dec.copy_(w_dec)
+    save_weights(run, sae)
+
+
+def identity(d: int) -> torch.Tensor:
+    """[I; -I]: with ReLU and k = d, x = relu(x) - relu(-x) is reconstructed exactly."""
+    eye = torch.eye(d)
+    return torch.cat([eye, -eye])
+
+
+def run_eval(runs: list[Folder], root: Path, **kw: object) -> list[dict]:
+    cfg = EvaluateConfig(runs=[r.url for r in runs], batch_size=4, device="cpu", cache_root=str(root), **kw)
+    return evaluate(cfg)  # type: ignore[arg-type]
+
+
+def test_identity_sae_costs_nothing(caches: dict[str, str], tmp_path: Path) -> None:
+    run = train(caches["standardize"], tmp_path / "saes")
+    set_weights(run, identity(64), identity(64))
+    (m,) = run_eval([run], tmp_path)
+    assert m["nmse"] < 1e-10 and m["kl_per_token"] < 1e-5
+    assert abs(m["ce_recovered"] - 1) < 1e-3 and abs(m["ce_spliced"] - m["ce_clean"]) < 1e-4
+    assert m["ce_zero"] != m["ce_clean"]  # zeroing the stream changes a random model's predictions
+    saved = json.loads((tmp_path / "evaluate" / run.name / "metrics.json").read_text())
+    assert saved["kl_per_token"] == m["kl_per_token"] and "kl_paper_scale" in saved["definitions"]
+
+
+def test_zero_reconstruction_equals_zero_ablation(caches: dict[str, str], tmp_path: Path) -> None:
+    run = train(caches["none"], tmp_path / "saes")
+    set_weights(run, identity(64), torch.zeros(128, 64))
+    (m,) = run_eval([run], tmp_path)
+    assert abs(m["ce_spliced"] - m["ce_zero"]) < 1e-5 and abs(m["ce_recovered"]) < 1e-4
+
+
+def test_kl_matches_an_independent_computation(caches: dict[str, str], tiny_llama: Path, tmp_path: Path) -> None:
+    run = train(caches["standardize"], tmp_path / "saes", k=8, max_tokens=2048)
+    (m,) = run_eval([run], tmp_path)
+    cache = ActivationCache.open(caches["standardize"])
+    tokens, mask = (torch.from_numpy(a) for a in cache.heldout_sequences())
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    from pipeline.checkpoint import load_sae
+
+    sae, _ = load_sae(run.url)
+
+    def hook(module: torch.nn.Module, args: tuple) -> tuple:
+        h = args[0].clone()
+        x = h[mask.bool()]
+        mean, std = x.mean(-1, keepdim=True), x.std(-1, keepdim=True) + 1e-6
+        h[mask.bool()] = sae((x - mean) / std).x_hat * std + mean
+        return (h, *args[1:])
+
+    with torch.no_grad():
+        clean = model(tokens.long()).logits
+        handle = model.model.layers[1].register_forward_pre_hook(hook)
+        try:
+            spliced = model(tokens.long()).logits
+        finally:
+            handle.remove()
+    kl = F.kl_div(F.log_softmax(spliced, -1), F.log_softmax(clean, -1), log_target=True, reduction="none").sum(-1)
+    assert m["kl_per_token"] == pytest.approx(float(kl[mask.bool()].mean()), rel=1e-3, abs=1e-6)
+    assert m["kl_paper_scale"] == pytest.approx(float(kl[mask.bool()].sum() / len(tokens)), rel=1e-3)
+
+
+def test_hooks_are_removed_even_after_an_error(tiny_llama: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    ids = torch.randint(1, 500, (2, 16))
+    with torch.no_grad():
+        before = model(ids).logits
+    block = find_blocks(model)[2]
+
+    def broken(h: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"), replace_input(block, broken), torch.no_grad():
+        model(ids)
+    assert not block._forward_pre_hooks
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before, atol=0, rtol=0)
+
+
+def test_route_splice_touches_only_the_routed_layer() -> None:
+    torch.manual_seed(0)
+    sae = RouteSAE(SaeConfig("route", 16, 64, 4, [1, 2, 3]))
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[0, 0] = False
+    choice = torch.randint(0, 3, (2, 5))
+    edits = route_edits(sae, Normalizer("standardize"), mask, choice, torch.rand(2, 5) + 0.5, None, None)
+    for i, layer in enumerate([1, 2, 3]):
+        h = torch.randn(2, 5, 16)
+        changed = (edits[layer](h) != h).any(-1)
+        assert torch.equal(changed, mask & (choice == i))
+
+
+def test_route_run_evaluates(caches: dict[str, str], tmp_path: Path) -> None:
+    run = train(caches["standardize"], tmp_path / "saes", arch="route", layer=None, k=8)
+    (m,) = run_eval([run], tmp_path)
+    assert set(m["routing_shares"]) == {"1", "2"} and abs(sum(m["routing_shares"].values()) - 1) < 1e-6
+    assert m["kl_per_token"] > 0 and m["tokens_spliced"] > 0
+
+
+def test_all_writes_table_and_plots(caches: dict[str, str], tmp_path: Path) -> None:
+    from pipeline.compare import write_comparison
+
+    for k in (4, 8, 16):
+        train(caches["standardize"], tmp_path / "saes", k=k)
+    runs = [Folder.at(r) for r in find_runs(str(tmp_path / "saes"))]
+    assert len(runs) == 3
+    results = run_eval(runs, tmp_path, metrics=["nmse", "kl"])
+    written = write_comparison(results, Folder.at(tmp_path / "evaluate"))
+    for name in ("comparison.csv", "comparison.md", "l0_vs_nmse.png", "l0_vs_kl.png"):
+        assert (tmp_path / "evaluate" / name).stat().st_size > 0
+    assert len(written) == 4
+    assert (tmp_path / "evaluate" / "comparison.csv").read_text().count("\n") == 4
+
+
+def test_bad_inputs(caches: dict[str, str], tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="not an SAE run folder"):
+        run_eval([Folder.at(tmp_path)], tmp_path)
+    run = train(caches["standardize"], tmp_path / "saes")
+    with pytest.raises(UserError, match="held-out tokens"):
+        run_eval([run], tmp_path, max_tokens=10**7)
+    cfg = json.loads((Path(run.url) / "cfg.json").read_text())
+    cfg["cache"]["normalization"]["method"] = "none"
+    (Path(run.url) / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="normalization"):
+        run_eval([run], tmp_path)
+    (Path(run.url) / "sae.safetensors").unlink()
+    with pytest.raises(UserError, match="no sae.safetensors"):
+        run_eval([run], tmp_path)

@@ -1,0 +1,217 @@
+"""Interpret on a tiny model: tables against a dense brute force, the explainer against a stand-in
+server on loopback (retries, answer cache, malformed answers, failures), and the HTML report."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.checkpoint import load_sae
+from pipeline.errors import UserError
+from pipeline.explain import parse_answer
+from pipeline.extract import ExtractConfig, extract
+from pipeline.fit import FitConfig, fit
+from pipeline.interpret import InterpretConfig, interpret
+from pipeline.store import ActivationCache
+from tests.standin_openai import Script, standin_server
+
+KEY = "sk-test-SECRET-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def run(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    root = tmp_path_factory.mktemp("interp")
+    corpus = root / "docs.jsonl"
+    from pipeline.corpus import builtin_documents
+
+    docs = [{"text": d} for d in builtin_documents()[300:360]]
+    docs.insert(3, {"text": "Watch out: <script>alert('owned')</script> is not markup here. " * 20})
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    cache = extract(
+        ExtractConfig(
+            model=str(tiny_llama),
+            dataset=str(corpus),
+            layers="2",
+            ctx_len=64,
+            max_tokens=6000,
+            heldout=0.3,
+            cache_root=str(root),
+            device="cpu",
+        )
+    )
+    cfg = FitConfig(
+        cache=cache.url,
+        latents=128,
+        k=8,
+        batch_size=256,
+        out=str(root / "saes"),
+        device="cpu",
+        precision="float32",
+        epochs=2,
+    )
+    return fit(cfg)[0].url
+
+
+def icfg(run: str, out: Path, **kw: object) -> InterpretConfig:
+    base = {
+        "run": run,
+        "out": str(out),
+        "cache_root": str(out.parent),
+        "device": "cpu",
+        "features": 6,
+        "top": 5,
+        "concurrency": 2,
+        "max_retries": 3,
+    }
+    return InterpretConfig(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def test_tables_match_a_dense_brute_force(run: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    summary = interpret(icfg(run, tmp_path / "out", explainer="none"))
+    features = pq.read_table(tmp_path / "out" / "features.parquet").to_pandas()
+    examples = pq.read_table(tmp_path / "out" / "examples.parquet").to_pandas()
+    sae, cfg = load_sae(run)
+    cache = ActivationCache.open(cfg["cache"]["path"])
+    rows = np.concatenate([r[:, 0] for _, r in cache.heldout_rows([2])])
+    with torch.no_grad():
+        latents = sae.encode(torch.from_numpy(rows).float())
+    dense = torch.zeros(len(rows), 128).scatter(1, latents.indices, latents.acts).numpy()  # (R, N)
+    assert summary["tokens_scanned"] == len(rows)
+    np.testing.assert_array_equal(features["count"].to_numpy(), (dense > 0).sum(0))
+    for latent in np.flatnonzero((dense > 0).sum(0) >= 3)[:20]:
+        values = np.sort(dense[:, latent][dense[:, latent] > 0])[::-1]
+        top = examples[(examples.latent == latent) & (examples.kind == "top")].sort_values("rank")
+        np.testing.assert_allclose(top.activation.to_numpy(), values[: len(top)], rtol=1e-5)
+        np.testing.assert_allclose(top.activation.to_numpy(), dense[top.row.to_numpy(), latent], rtol=1e-5)
+        row = features.iloc[latent]
+        assert row.max_act == pytest.approx(values[0], rel=1e-5)
+        for q in (10, 50, 90):
+            assert row[f"q{q:02d}"] == pytest.approx(np.quantile(values, q / 100), rel=1e-4)
+        quiet = examples[(examples.latent == latent) & (examples.kind == "random")]
+        assert (dense[quiet.row.to_numpy(), latent] == 0).all()
+
+
+def test_explainer_with_retries_cache_and_malformed(
+    run: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    answers = [
+        '{"category": "high-level", "score": 5, "explanation": "Lists."}',
+        "I cannot tell, sorry.",
+        "Feature category: Low-level\nScore: 3\nExplanation: punctuation",
+    ]
+    script = Script(failures=[429, 500], answers=answers)
+    with standin_server(script) as url:
+        monkeypatch.setenv("OPENAI_API_KEY", KEY)
+        monkeypatch.setenv("OPENAI_BASE_URL", url)
+        first = interpret(icfg(run, tmp_path / "out"))
+        sent = script.requests
+        second = interpret(icfg(run, tmp_path / "out"))
+    assert sent == 6 + 2 and script.requests == sent  # 2 retried failures; the re-run sent nothing
+    assert first["explained"] == 4 and first["malformed"] == 2 and first["requests_sent"] == 6
+    assert second["from_cache"] == 6 and second["requests_sent"] == 0 and second["cost_usd"] == 0
+    assert first["prompt_tokens"] == 600 and first["cost_usd"] == pytest.approx(600 * 2.5e-6 + 120 * 1e-5)
+    table = pq.read_table(tmp_path / "out" / "explanations.parquet").to_pandas()
+    assert set(table.status) == {"cached", "malformed"} and len(table) == 6
+    _assert_key_nowhere(tmp_path, capsys)
+
+
+def test_failing_api_keeps_answers_and_reports_missing(
+    run: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    script = Script(always_fail=503)
+    with standin_server(script) as url:
+        monkeypatch.setenv("OPENAI_API_KEY", KEY)
+        monkeypatch.setenv("OPENAI_BASE_URL", url)
+        summary = interpret(icfg(run, tmp_path / "out", concurrency=1, max_retries=1))
+    assert summary["failed"] == 3 and summary["not_sent"] == 3  # stopped after 3 failed features
+    assert script.requests == 3 * 2  # each failed feature: 1 try + 1 retry
+    assert "explainer stopped" in capsys.readouterr().err
+    assert (tmp_path / "out" / "report.html").exists() and (tmp_path / "out" / "features.parquet").exists()
+
+
+def test_bad_key_is_one_clear_line(
+    run: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    script = Script(always_fail=401)
+    with standin_server(script) as url:
+        monkeypatch.setenv("OPENAI_API_KEY", KEY)
+        monkeypatch.setenv("OPENAI_BASE_URL", url)
+        summary = interpret(icfg(run, tmp_path / "out", concurrency=1))
+    assert summary["failed"] == 1 and summary["not_sent"] == 5 and script.requests == 1
+    assert "refused the key" in capsys.readouterr().err
+    _assert_key_nowhere(tmp_path, capsys)
+
+
+def test_without_key_tables_and_report_are_built(
+    run: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    summary = interpret(icfg(run, tmp_path / "out"))
+    assert summary["explanations"] == "skipped"
+    assert "OPENAI_API_KEY is not set" in capsys.readouterr().err
+    assert {p.name for p in (tmp_path / "out").iterdir()} >= {
+        "features.parquet",
+        "examples.parquet",
+        "report.html",
+        "summary.json",
+    }
+
+
+def test_report_escapes_corpus_text_and_renders(run: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    interpret(icfg(run, tmp_path / "out", report_features=12, random_examples=20))
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "<script" not in html and "&lt;script&gt;" in html
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (.ci/run installs it)")
+    flags = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
+    page = (tmp_path / "out" / "report.html").as_uri()
+    dom = subprocess.run([*flags, "--dump-dom", page], capture_output=True, text=True, timeout=120).stdout
+    assert dom.count('class="feature"') >= 10 and "<mark>" in dom and "&lt;script&gt;" in dom
+    shot = tmp_path / "shot.png"
+    subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1200,2400", page], capture_output=True, timeout=120)
+    import matplotlib.image
+
+    pixels = (matplotlib.image.imread(shot)[..., :3] * 255).round()
+    highlight = np.abs(pixels - np.array([0xFF, 0xD5, 0x4F])).sum(-1) < 30  # <mark> background
+    assert highlight.sum() > 50
+
+
+def test_parse_answer() -> None:
+    assert parse_answer('{"category": "Low-level", "score": 4, "explanation": "x"}')["category"] == "low-level"
+    assert parse_answer("Feature category: High-level\nScore: 2\nExplanation: y")["score"] == 2
+    assert parse_answer('{"category": "mid-level", "score": 4}') is None
+    assert parse_answer("no idea") is None
+
+
+def test_bad_inputs(run: str, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="not an SAE run folder"):
+        interpret(icfg(str(tmp_path), tmp_path / "out"))
+    with pytest.raises(UserError, match="unknown explainer"):
+        interpret(icfg(run, tmp_path / "out", explainer="claude"))
+
+
+def _assert_key_nowhere(root: Path, capsys: pytest.CaptureFixture) -> None:
+    captured = capsys.readouterr()
+    assert KEY not in captured.out + captured.err
+    for path in root.rglob("*"):
+        if path.is_file():
+            assert KEY.encode() not in path.read_bytes(), path
