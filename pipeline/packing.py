@@ -7,6 +7,7 @@ forward pass, identical across runs, resumes and ranks.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -87,8 +88,15 @@ def pack(docs: Iterable[np.ndarray], ctx_len: int) -> Iterator[tuple[np.ndarray,
 
 
 def is_heldout(seq_index: int, share: float) -> bool:
-    """Spread held-out sequences evenly: sequence i is held out when floor((i+1)s) > floor(i s)."""
-    return int((seq_index + 1) * share) > int(seq_index * share)
+    """Spread held-out sequences evenly, starting with the first: with share 0.05, sequences 0, 20, 40...
+
+    Sequence i is held out when floor((i + o + 1) s) > floor((i + o) s), o = ceil(1/s) - 1, so even a
+    cache of one sequence has a held-out split.
+    """
+    if share <= 0:
+        return False
+    offset = math.ceil(1 / share) - 1
+    return int((seq_index + offset + 1) * share) > int((seq_index + offset) * share)
 
 
 def plan_shards(

@@ -13,6 +13,7 @@ os.environ.setdefault("SAE_PIPE_QUIET", "1")  # no progress bars in test logs
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")
 torch.set_num_threads(2)
 
 VOCAB = 512

@@ -1,0 +1,51 @@
+"""Every command shown in the README exists with the options it uses."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import typer
+
+from pipeline.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_commands() -> list[list[str]]:
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
+    lines = [line.split("#")[0].strip() for block in blocks for line in block.splitlines()]
+    return [shlex.split(line) for line in lines if line]
+
+
+def test_readme_has_commands() -> None:
+    words = {cmd[0] for cmd in readme_commands()}
+    assert {"make", "sae-pipe", "export"} <= words
+
+
+def test_sae_pipe_commands_and_options_exist() -> None:
+    root = typer.main.get_command(app)
+    checked = 0
+    for words in readme_commands():
+        if words[0] != "sae-pipe":
+            continue
+        command = root
+        args = words[1:]
+        while hasattr(command, "commands"):  # a group: descend into the named subcommand
+            assert args and args[0] in command.commands, f"unknown command in README: {' '.join(words)}"
+            command, args = command.commands[args[0]], args[1:]
+        options = {opt for param in command.params for opt in getattr(param, "opts", [])}
+        for arg in args:
+            if arg.startswith("--"):
+                assert arg.split("=")[0] in options, f"{arg} is not an option of: {' '.join(words)}"
+        checked += 1
+    assert checked >= 10
+
+
+def test_make_targets_exist() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    for words in readme_commands():
+        if words[0] == "make":
+            assert re.search(rf"^{words[1]}:", makefile, re.MULTILINE), words
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
