@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import sys
+
 import torch
 
 from pipeline.errors import UserError
@@ -35,3 +38,26 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def dtype_name(dtype: torch.dtype) -> str:
     """The short name of a torch dtype, as used in specs and configs."""
     return str(dtype).removeprefix("torch.")
+
+
+_MALLOC_TUNED = False
+
+
+def keep_freed_memory() -> None:
+    """Keep freed memory in the process heap instead of returning it to the OS (glibc, Linux).
+
+    glibc serves blocks above 32 MiB with mmap and unmaps them on free, so every training step's
+    large temporaries (B x N pre-activations, N x D gradients) pay page faults again; on a 2-core
+    CPU that is ~15 % of a TopK step. Disabling mmap and trimming makes freed blocks reusable.
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc (musl, ...): nothing to tune
+    m_trim_threshold, m_mmap_max = -1, -4  # mallopt parameter ids from <malloc.h>
+    libc.mallopt(m_mmap_max, 0)
+    libc.mallopt(m_trim_threshold, 1 << 30)
+    _MALLOC_TUNED = True

@@ -17,7 +17,7 @@ import torch
 
 from pipeline.checkpoint import read_cfg, save_weights, write_cfg
 from pipeline.console import Stopwatch, progress_bar, say
-from pipeline.device import resolve_device
+from pipeline.device import keep_freed_memory, resolve_device
 from pipeline.distributed import Ranks, wrap_ddp
 from pipeline.errors import UserError
 from pipeline.files import Folder
@@ -327,6 +327,8 @@ def _train(plans: list[RunPlan], cache: ActivationCache, cfg: FitConfig, ranks: 
     )
     epochs, steps = _total_steps(cfg, stream)
     device = resolve_device(ranks.device_name(cfg.device))
+    if device.type == "cpu":
+        keep_freed_memory()
     members = []
     for plan in plans:
         plan.folder.makedirs()

@@ -57,8 +57,10 @@ class RouteSAE(nn.Module):
     def normalize_decoder(self) -> None:
         self.sae.normalize_decoder()
 
-    def remove_parallel_grad(self) -> None:
-        self.sae.remove_parallel_grad()
+
+def core_sae(model: TopKSAE | RouteSAE) -> TopKSAE:
+    """The TopK SAE inside a model: the model itself, or a RouteSAE's shared SAE."""
+    return model.sae if isinstance(model, RouteSAE) else model
 
 
 def build_sae(

@@ -76,6 +76,7 @@ class TopKSAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(cfg.n_latents, device=device))
         self.W_dec = nn.Parameter((w_enc / w_enc.norm(dim=1, keepdim=True)).to(device))  # tied init, unit rows
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, device=device))
+        self.tangent_decoder_grad = False  # training sets it: W_dec gradients stay tangent to unit rows
 
     def encode(
         self, x: Tensor, k: int | None = None, theta: float | None = None, low_precision: bool = False
@@ -92,7 +93,7 @@ class TopKSAE(nn.Module):
 
     def decode(self, latents: Latents) -> Tensor:
         """Reconstruction (B, D) from a sparse code."""
-        return SparseDecode.apply(latents.acts, latents.indices, self.W_dec) + self.b_dec
+        return SparseDecode.apply(latents.acts, latents.indices, self.W_dec, self.tangent_decoder_grad) + self.b_dec
 
     def forward(
         self, x: Tensor, k: int | None = None, theta: float | None = None, low_precision: bool = False
@@ -104,10 +105,3 @@ class TopKSAE(nn.Module):
     def normalize_decoder(self) -> None:
         """Rescale decoder rows to unit norm."""
         self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
-
-    @torch.no_grad()
-    def remove_parallel_grad(self) -> None:
-        """Drop the gradient component along each decoder row, so a step cannot change its norm."""
-        if self.W_dec.grad is not None:
-            parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)  # (N, 1)
-            self.W_dec.grad -= parallel * self.W_dec

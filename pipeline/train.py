@@ -20,7 +20,7 @@ from pipeline.checkpoint import TrainingState, load_state, save_state
 from pipeline.files import Folder
 from pipeline.kernels import SparseDecode, TopKEncode
 from pipeline.optim import lr_factor, make_optimizer
-from pipeline.route import build_sae
+from pipeline.route import build_sae, core_sae
 from pipeline.sae import SaeConfig, SaeOutput
 
 LOG_FIELDS = ["step", "tokens", "nmse", "fvu", "l0", "dead_share", "aux_loss", "lr", "tokens_per_s"]
@@ -63,6 +63,7 @@ def make_member(
     """A freshly initialized member (seeded), or the member restored from its training state."""
     generator = torch.Generator().manual_seed(settings.seed)
     model = build_sae(sae_cfg, generator).to(device).train()
+    core_sae(model).tangent_decoder_grad = True
     optimizer = make_optimizer(settings.optimizer, model, settings.lr, settings.betas, device)
     member = Member(
         folder,
@@ -90,7 +91,7 @@ def member_input(member: Member, batch: Tensor) -> Tensor:
 
 def init_pre_bias(member: Member, x: Tensor) -> None:
     """Set b_dec to the data mean of the first batch (the geometric center of the inputs)."""
-    sae = member.model.sae if member.sae_cfg.arch == "route" else member.model
+    sae = core_sae(member.model)
     with torch.no_grad():
         sae.b_dec.copy_((x.mean(dim=1) if x.ndim == 3 else x).mean(dim=0))
 
@@ -99,12 +100,12 @@ def train_step(member: Member, x: Tensor, total_steps: int) -> dict[str, float]:
     """One optimizer step on batch ``x``; returns its metrics."""
     s = member.settings
     out: SaeOutput = member.model(x, low_precision=s.low_precision)
-    err = out.x_hat - out.x  # (B, D)
-    nmse = (err.pow(2).sum(-1) / out.x.pow(2).sum(-1).clamp_min(1e-12)).mean()
+    err_sq = torch.linalg.vector_norm(out.x_hat - out.x, dim=-1).square()  # (B,)
+    x_sq = torch.linalg.vector_norm(out.x, dim=-1).square()  # (B,)
+    nmse = (err_sq / x_sq.clamp_min(1e-12)).mean()
     dead = member.since_fired >= s.dead_tokens  # (N,)
     aux = _aux_loss(member, out, dead) if bool(dead.any()) and s.aux_alpha > 0 else torch.zeros((), device=x.device)
     (nmse + s.aux_alpha * aux).backward()
-    member.model.remove_parallel_grad()
     for group in member.optimizer.param_groups:
         group["lr"] = s.lr * lr_factor(member.step, total_steps, s.schedule)
     member.optimizer.step()
@@ -112,9 +113,9 @@ def train_step(member: Member, x: Tensor, total_steps: int) -> dict[str, float]:
     member.model.normalize_decoder()
     _update_dead(member, out, len(x))
     member.step += 1
-    with torch.no_grad():
-        centered = out.x - out.x.mean(dim=0)
-        fvu = err.pow(2).sum() / centered.pow(2).sum().clamp_min(1e-12)
+    with torch.no_grad():  # sum ||x - mean||^2 = sum ||x||^2 - B ||mean||^2: no centered copy
+        variance = x_sq.sum() - len(x) * out.x.mean(dim=0).square().sum()
+        fvu = err_sq.sum() / variance.clamp_min(1e-12)
         l0 = (out.latents.acts > 0).sum(dim=1).float().mean()
     return {
         "nmse": float(nmse.detach()),
@@ -128,7 +129,7 @@ def train_step(member: Member, x: Tensor, total_steps: int) -> dict[str, float]:
 
 def _aux_loss(member: Member, out: SaeOutput, dead: Tensor) -> Tensor:
     """AuxK: the top dead latents reconstruct what the live ones missed (a normalized MSE)."""
-    sae = member.model.sae if member.sae_cfg.arch == "route" else member.model
+    sae = core_sae(member.model)
     dead_ids = dead.nonzero().squeeze(1)  # (n_dead,)
     k_aux = min(member.settings.k_aux, len(dead_ids) - 1)
     if k_aux < 1:
@@ -142,7 +143,7 @@ def _aux_loss(member: Member, out: SaeOutput, dead: Tensor) -> Tensor:
         k_aux,
         member.settings.low_precision,
     )
-    guess = SparseDecode.apply(acts, local, sae.W_dec[dead_ids])  # (B, D)
+    guess = SparseDecode.apply(acts, local, sae.W_dec[dead_ids], True)  # (B, D)
     return (guess - residual).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
 
 

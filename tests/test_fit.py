@@ -132,6 +132,20 @@ def test_topk_gradients_match_a_dense_reference() -> None:
         torch.testing.assert_close(sparse[name], param.grad, msg=name)
 
 
+def test_tangent_decoder_gradient_drops_the_radial_component() -> None:
+    torch.manual_seed(1)
+    model = TopKSAE(SaeConfig("topk", 16, 64, 4, [0]))
+    x = torch.randn(20, 16)
+    ((model(x).x_hat - x) ** 2).sum().backward()
+    full = model.W_dec.grad.clone()
+    model.zero_grad()
+    model.tangent_decoder_grad = True
+    ((model(x).x_hat - x) ** 2).sum().backward()
+    radial = (full * model.W_dec).sum(1, keepdim=True) * model.W_dec  # rows have unit norm
+    torch.testing.assert_close(model.W_dec.grad, full - radial)
+    assert (model.W_dec.grad * model.W_dec).sum(1).abs().max() < 1e-5
+
+
 def test_route_fit_on_multilayer_cache(tmp_path: Path) -> None:
     folder = synthetic_cache(tmp_path, [1500, 1500], layers=(1, 2, 3), d=16)
     (run,) = fit(run_cfg(folder.url, tmp_path, arch="route", layer=None, latents=64, max_tokens=2048))
