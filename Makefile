@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test clean-venv
+.PHONY: setup demo test bench clean-venv
 
 setup: $(STAMP)
 
@@ -31,3 +31,14 @@ test: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Side-by-side benchmarks (not part of the tests): peers live in their own venv.
+BENCH_VENV ?= .bench-venv
+bench: setup $(BENCH_VENV)/.installed
+	$(BIN)/python -m benchmarks.run
+
+$(BENCH_VENV)/.installed: benchmarks/peers/requirements.txt
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet $(TORCH_SPEC)
+	$(BENCH_VENV)/bin/pip install --quiet -r benchmarks/peers/requirements.txt
+	touch $(BENCH_VENV)/.installed

@@ -24,7 +24,7 @@ from pipeline.files import Folder
 from pipeline.kernels import use_low_precision
 from pipeline.layers import parse_layers, route_range
 from pipeline.locks import exclusive
-from pipeline.optim import OPTIMIZERS, SCHEDULES
+from pipeline.optim import OPTIMIZERS, SCHEDULES, auto_lr
 from pipeline.sae import SaeConfig
 from pipeline.store import ActivationCache
 from pipeline.stream import ActivationStream, StreamSpec
@@ -41,6 +41,9 @@ from pipeline.train import (
     train_step,
 )
 
+# FitConfig fields that shape the training itself (cfg.json's `training` block and the run's hash)
+TRAINING_KEYS = ("lr", "optimizer", "betas", "schedule", "batch_size", "max_tokens", "epochs", "seed", "data_seed",
+                 "dead_tokens", "k_aux", "aux_alpha", "precision")
 SWEEPABLE = (
     "k",
     "latents",
@@ -71,7 +74,7 @@ class FitConfig:
     k: int = 32  # active latents per token
     routing: str = "hard"  # route: hard | soft
     aggregate: str = "sum"  # route: sum | mean of the routed layers as router input
-    lr: float = 5e-4  # peak learning rate
+    lr: float = 0.0  # peak learning rate (0 = auto: scaled by 1/sqrt(latents / 16384), see optim.auto_lr)
     optimizer: str = "adam"  # adam | signum
     betas: tuple[float, float] = (0.9, 0.999)  # Adam betas (signum: betas[0] is the momentum)
     schedule: str = "warmup-decay"  # warmup-decay (5 % warmup, decay over the last 20 %) | constant
@@ -160,32 +163,8 @@ def plan_run(cfg: FitConfig, cache: ActivationCache) -> RunPlan:
     sae = SaeConfig(cfg.arch, d_in, n_latents, cfg.k, layers, cfg.routing, cfg.aggregate)
     _check_settings(cfg)
     spec = cache.manifest["spec"]
-    training = {
-        k: v
-        for k, v in dataclasses.asdict(cfg).items()
-        if k
-        not in (
-            "cache",
-            "sweep",
-            "out",
-            "cache_root",
-            "resume",
-            "overwrite",
-            "device",
-            "log_every",
-            "checkpoint_every",
-            "pool_mb",
-            "verify",
-            "layer",
-            "route_layers",
-            "latents",
-            "expansion",
-            "arch",
-            "k",
-            "routing",
-            "aggregate",
-        )
-    }
+    training = {key: getattr(cfg, key) for key in TRAINING_KEYS}
+    training["lr"] = cfg.lr or auto_lr(cfg.optimizer, n_latents)
     training["k_aux"] = cfg.k_aux or d_in // 2
     record = {
         "sae": sae.to_dict(),
@@ -239,8 +218,8 @@ def _check_settings(cfg: FitConfig) -> None:
         raise UserError(f"unknown optimizer {cfg.optimizer!r}; use one of {', '.join(OPTIMIZERS)}.")
     if cfg.schedule not in SCHEDULES:
         raise UserError(f"unknown lr schedule {cfg.schedule!r}; use one of {', '.join(SCHEDULES)}.")
-    if cfg.batch_size < 1 or cfg.max_tokens < 0 or cfg.epochs < 0 or cfg.lr <= 0:
-        raise UserError("--batch-size and --lr must be positive, --max-tokens and --epochs >= 0.")
+    if cfg.batch_size < 1 or cfg.max_tokens < 0 or cfg.epochs < 0 or cfg.lr < 0:
+        raise UserError("--batch-size must be positive, --lr (0 = auto), --max-tokens and --epochs >= 0.")
 
 
 def _check_shared(plans: list[RunPlan]) -> None:
@@ -380,7 +359,7 @@ def _loop(
         for step, batch in enumerate(stream.batches(epochs, skip=start), start=start):
             if step >= steps:
                 break
-            x = to_device(batch, device)  # (B, L, D)
+            x = to_device(batch, device)  # (L, B, D)
             for member in members:
                 if member.step > step:
                     continue  # resumed ahead of the others

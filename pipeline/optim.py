@@ -32,6 +32,16 @@ class Signum(torch.optim.Optimizer):
             torch._foreach_add_(params, signs, alpha=-group["lr"])  # noqa: SLF001
 
 
+def auto_lr(optimizer: str, n_latents: int) -> float:
+    """Default peak lr: 4e-3 (Adam) or 5e-3 (Signum) at 16384 latents, times sqrt(16384 / latents).
+
+    Measured on SmolLM2-135M layer 12 (standardized, batch 4096): Adam at 4e-3 beat 5e-4 ... 2e-3 and
+    8e-3 on held-out FVU after 25, 100 and 200 steps at 16384 latents; at 4096 latents 8e-3 was best.
+    """
+    base = 4e-3 if optimizer == "adam" else 5e-3
+    return base * (16384 / n_latents) ** 0.5
+
+
 def make_optimizer(
     name: str, model: nn.Module, lr: float, betas: tuple[float, float], device: torch.device
 ) -> torch.optim.Optimizer:

@@ -38,6 +38,8 @@ class Backend(Protocol):
 
     def read(self, folder: Folder, name: str, first: Any = slice(None)) -> np.ndarray: ...
 
+    def read_into(self, folder: Folder, name: str, first: Any, out: np.ndarray) -> None: ...
+
 
 class MemmapBackend:
     """Plain ``.npy`` files, read through ``np.load(mmap_mode='r')``: zero-copy, local disk only."""
@@ -49,12 +51,21 @@ class MemmapBackend:
             np.save(root / f"{name}.npy", np.ascontiguousarray(array), allow_pickle=False)
 
     def read(self, folder: Folder, name: str, first: Any = slice(None)) -> np.ndarray:
-        array = np.load(folder.local() / f"{name}.npy", mmap_mode="r", allow_pickle=False)
-        return np.asarray(array[first])
+        return np.array(self._map(folder, name)[first])
+
+    def read_into(self, folder: Folder, name: str, first: Any, out: np.ndarray) -> None:
+        np.copyto(out, self._map(folder, name)[first])
+
+    @staticmethod
+    def _map(folder: Folder, name: str) -> np.ndarray:
+        return np.load(folder.local() / f"{name}.npy", mmap_mode="r", allow_pickle=False)
 
 
 class ZarrBackend:
     """A zarr v3 group per shard, on a local disk or any fsspec URL."""
+
+    def __init__(self) -> None:
+        self._open: dict[tuple[str, str], Any] = {}  # opening an array costs ~0.1 s; reading it again does not
 
     def write(self, folder: Folder, arrays: dict[str, np.ndarray]) -> None:
         import zarr
@@ -73,7 +84,22 @@ class ZarrBackend:
     def read(self, folder: Folder, name: str, first: Any = slice(None)) -> np.ndarray:
         import zarr
 
-        return np.asarray(zarr.open_array(self._store(folder, read_only=True), path=name, mode="r")[first])
+        return np.asarray(self._array(folder, name)[first])
+
+    def read_into(self, folder: Folder, name: str, first: Any, out: np.ndarray) -> None:
+        """Decode straight into ``out`` (a fresh output array costs page faults on every read)."""
+        from zarr.core.buffer import default_buffer_prototype
+
+        target = default_buffer_prototype().nd_buffer.from_numpy_array(out)
+        self._array(folder, name).get_basic_selection(first, out=target)
+
+    def _array(self, folder: Folder, name: str) -> Any:
+        import zarr
+
+        key = (folder.url, name)
+        if key not in self._open:
+            self._open[key] = zarr.open_array(self._store(folder, read_only=True), path=name, mode="r")
+        return self._open[key]
 
     @staticmethod
     def _store(folder: Folder, read_only: bool):  # noqa: ANN205 - a zarr Store
@@ -152,6 +178,10 @@ class ActivationCache:
     def read(self, shard: int, name: str, first: Any = slice(None)) -> np.ndarray:
         """Array ``name`` (e.g. ``train/act``) of one shard; ``first`` indexes its first axis."""
         return self.backend.read(self.folder.child("shards", shard_name(shard)), name, first)
+
+    def read_into(self, shard: int, name: str, first: Any, out: np.ndarray) -> None:
+        """Like :meth:`read`, into a preallocated array of the right shape and dtype."""
+        self.backend.read_into(self.folder.child("shards", shard_name(shard)), name, first, out)
 
     def heldout_rows(self, layers: list[int], max_rows: int = 0) -> Iterator[tuple[int, np.ndarray]]:
         """Held-out rows shard by shard as (shard, (n, L, D)) for ``layers``, at most ``max_rows`` (0 = all)."""

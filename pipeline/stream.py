@@ -32,7 +32,10 @@ class StreamSpec:
 
 
 class ActivationStream:
-    """Iterates over fixed-size batches (B, L, D) of training rows, epoch after epoch."""
+    """Iterates over fixed-size batches (L, B, D) of training rows, epoch after epoch.
+
+    Batches are layer-major like the cache: ``batch[i]`` is one layer's (B, D) block, contiguous.
+    """
 
     def __init__(self, cache: ActivationCache, spec: StreamSpec) -> None:
         self.cache, self.spec = cache, spec
@@ -42,7 +45,9 @@ class ActivationStream:
         self.rows = sum(self.shard_rows[i] for i in self.shards)
         row_bytes = len(self.layer_pos) * cache.d_model * np.dtype(cache.manifest["spec"]["dtype"]).itemsize
         largest = max(self.shard_rows.values(), default=1)
-        self.pool_rows = max(int(spec.pool_mb * 2**20) // row_bytes, 2 * largest, 2 * spec.batch_size)
+        wanted = max(int(spec.pool_mb * 2**20) // row_bytes, 2 * largest, 2 * spec.batch_size)
+        self.pool_rows = min(wanted, self.rows + spec.batch_size)  # never more than the data needs
+        self._pool: np.ndarray | None = None  # allocated once: first-touch page faults cost as much as reading
 
     def batches(self, epochs: int, skip: int = 0) -> Iterator[np.ndarray]:
         """Batches of ``epochs`` passes; the first ``skip`` batches are dropped (to resume)."""
@@ -82,16 +87,15 @@ class ActivationStream:
         """Deterministic for a given seed: same shard order, same shuffles, same batches."""
         rng = np.random.default_rng(self.spec.seed)
         size = self.spec.batch_size
-        pool = np.empty(
-            (self.pool_rows, len(self.layer_pos), self.cache.d_model), dtype=self.cache.manifest["spec"]["dtype"]
-        )
+        if self._pool is None:
+            dtype = self.cache.manifest["spec"]["dtype"]
+            self._pool = np.empty((len(self.layer_pos), self.pool_rows, self.cache.d_model), dtype=dtype)
+        pool = self._pool  # (L, rows, D)
         filled = 0
         for _ in range(epochs):
             order = rng.permutation(self.shards)
             for position, shard in enumerate(order):
-                block = self._read(shard)  # (n, L, D)
-                pool[filled : filled + len(block)] = block
-                filled += len(block)
+                filled += self._read_into(pool, filled, int(shard))
                 last = position == len(order) - 1
                 if filled + self._next_rows(order, position) > self.pool_rows or last:
                     serve = filled if last else filled // 2
@@ -103,15 +107,17 @@ class ActivationStream:
         perm = rng.permutation(filled)
         size = self.spec.batch_size
         for start in range(0, serve, size):
-            yield pool[np.sort(perm[start : start + size])]  # sorted gathers read memory in order
+            yield pool[:, np.sort(perm[start : start + size])]  # (L, B, D); sorted gathers read memory in order
         keep = np.sort(perm[serve:])
-        pool[: len(keep)] = pool[keep]
+        pool[:, : len(keep)] = pool[:, keep]
         return len(keep)
 
     def _next_rows(self, order: np.ndarray, position: int) -> int:
         return self.shard_rows[int(order[position + 1])] if position + 1 < len(order) else 0
 
-    def _read(self, shard: int) -> np.ndarray:
-        """Training rows of one shard for the requested layers, as (n, L, D)."""
-        layers = [self.cache.read(shard, "train/act", pos) for pos in self.layer_pos]  # each (n, D)
-        return np.stack(layers, axis=1)
+    def _read_into(self, pool: np.ndarray, start: int, shard: int) -> int:
+        """Read one shard's training rows of the requested layers straight into the pool; return their count."""
+        rows = self.shard_rows[shard]
+        for i, pos in enumerate(self.layer_pos):
+            self.cache.read_into(shard, "train/act", pos, pool[i, start : start + rows])  # (n, D), contiguous
+        return rows

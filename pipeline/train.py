@@ -83,10 +83,10 @@ def make_member(
 
 
 def member_input(member: Member, batch: Tensor) -> Tensor:
-    """The member's view of a batch (B, L, D): (B, D) for TopK, (B, L', D) for RouteSAE."""
+    """The member's view of a layer-major batch (L, B, D): (B, D) for TopK, (B, L', D) for RouteSAE."""
     if member.sae_cfg.arch == "route":
-        return batch[:, member.layer_pos]
-    return batch[:, member.layer_pos[0]]
+        return batch[member.layer_pos].transpose(0, 1)
+    return batch[member.layer_pos[0]]
 
 
 def init_pre_bias(member: Member, x: Tensor) -> None:

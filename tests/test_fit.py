@@ -66,7 +66,7 @@ def test_decoder_rows_stay_unit_norm_every_step(cache: str, tmp_path: Path) -> N
     )
     stream = ActivationStream(ActivationCache.open(cache), StreamSpec([0], 128, pool_mb=1))
     for step, batch in enumerate(stream.batches(1)):
-        train_step(member, torch.from_numpy(batch[:, 0]).float(), 100)
+        train_step(member, torch.from_numpy(batch[0]).float(), 100)
         norms = member.model.W_dec.norm(dim=1)
         assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
         if step == 30:
@@ -80,7 +80,7 @@ def test_stream_serves_each_training_row_once_and_never_heldout(tmp_path: Path) 
     train = {tuple(r) for s in cache.shards for r in cache.read(s["index"], "train/act", 0)}
     held = {tuple(r) for s in cache.shards for r in cache.read(s["index"], "heldout/act", 0)}
     stream = ActivationStream(cache, StreamSpec([0], 100, seed=3, pool_mb=0.01))
-    served = [tuple(r) for b in stream.batches(1) for r in b[:, 0]]
+    served = [tuple(r) for b in stream.batches(1) for r in b[0]]
     assert len(served) == 2100 and len(set(served)) == len(served)
     assert set(served) <= train and not set(served) & held
     first = next(iter(stream.batches(1)))
@@ -90,7 +90,7 @@ def test_stream_serves_each_training_row_once_and_never_heldout(tmp_path: Path) 
         s["index"]
         for s in cache.shards
         for r in cache.read(s["index"], "train/act", 0)
-        if tuple(r) in {tuple(x) for x in first[:, 0]}
+        if tuple(r) in {tuple(x) for x in first[0]}
     }
     assert len(shards_in_first) > 1  # batches mix shards
 

@@ -1,0 +1,1 @@
+"""Side-by-side performance harness: `python -m benchmarks.run` writes benchmarks/RESULTS.md."""

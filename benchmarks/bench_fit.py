@@ -1,0 +1,90 @@
+"""fit: one TopK training step of sae-pipe vs sparsify and SAELens on the same real activations."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH_PYTHON = ROOT / ".bench-venv" / "bin" / "python"
+
+
+def _result(cmd: list[str]) -> dict[str, Any]:
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        raise SystemExit(f"benchmark step failed: {' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    return json.loads(line[len("RESULT ") :])
+
+
+def commands(data: Path, heldout: Path, steps: int) -> dict[str, list[str]]:
+    """The command of each contender; the peers run in the separate .bench-venv."""
+    common = [
+        "--data",
+        str(data),
+        "--heldout",
+        str(heldout),
+        "--num-latents",
+        "16384",
+        "--k",
+        "32",
+        "--batch-size",
+        "4096",
+        "--steps",
+        str(steps),
+        "--warmup",
+        "5",
+    ]
+    ours = [sys.executable, "-m", "benchmarks.fit_steps", *common]
+    peers = [str(BENCH_PYTHON), "benchmarks/peers/peer_steps.py", *common]
+    out = {"sae-pipe bf16": [*ours, "--precision", "bfloat16"], "sae-pipe fp32": [*ours, "--precision", "float32"]}
+    if BENCH_PYTHON.exists():
+        out["sparsify 1.3.3"] = [*peers, "--child", "sparsify"]
+        out["SAELens 6.54.12"] = [*peers, "--child", "saelens"]
+    return out
+
+
+def bench_fit(data: Path, heldout: Path, steps: int, repeats: int) -> dict[str, dict[str, Any]]:
+    """Median tokens/s over repeats (alternating contenders, a fresh process each), FVU, peak memory."""
+    cmds = commands(data, heldout, steps)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in cmds}
+    for _ in range(repeats):
+        for name, cmd in cmds.items():
+            runs[name].append(_result(cmd))
+            print(f"  fit {name}: {runs[name][-1]['tokens_per_s_median']:,.0f} tok/s", file=sys.stderr)
+    table = {}
+    for name, results in runs.items():
+        speeds = [r["tokens_per_s_median"] for r in results]
+        table[name] = {
+            "tokens_per_s": statistics.median(speeds),
+            "min": min(speeds),
+            "max": max(speeds),
+            "fvu_heldout": statistics.median(r["fvu_heldout"] for r in results),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
+            "cpu_util": statistics.median(r["cpu_util_median"] for r in results),
+        }
+    return table
+
+
+def gemm_limits(d: int = 576, n: int = 16384, batch: int = 4096, repeats: int = 9) -> dict[str, float]:
+    """Tokens/s if a step cost nothing but the dense encoder GEMM (bias folded in), per precision."""
+    import time
+
+    import torch
+
+    torch.set_num_threads(2)
+    limits = {}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        x, w = torch.randn(batch, d + 1, dtype=dtype), torch.randn(n, d + 1, dtype=dtype)
+        out = torch.empty(batch, n, dtype=dtype)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.mm(x, w.t(), out=out)
+            times.append(time.perf_counter() - start)
+        limits[name] = batch / statistics.median(times[2:])
+    return limits

@@ -1,0 +1,98 @@
+"""sae-pipe's TopK training step timed like benchmarks/peers/peer_steps.py times the peers.
+
+Runs in the project's venv, one process per measurement (peak RSS is per process):
+
+    python -m benchmarks.fit_steps --data train.npy --heldout held.npy --precision bfloat16
+
+Each step is exactly what `sae-pipe fit` does per batch (pipeline.train.train_step: forward, NormMSE
+loss, backward with sparse kernels, Adam, decoder renormalization, dead-latent counters), with the
+default settings (auto lr, warmup-decay over the timed run). Prints one line `RESULT {json}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from pipeline.device import keep_freed_memory
+from pipeline.files import Folder
+from pipeline.kernels import use_low_precision
+from pipeline.optim import auto_lr
+from pipeline.sae import SaeConfig
+from pipeline.train import MemberSettings, init_pre_bias, make_member, train_step
+
+
+def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    x = x.double()
+    return float((x - x_hat.double()).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+
+
+def run(args: argparse.Namespace) -> dict[str, object]:
+    torch.set_num_threads(2)
+    keep_freed_memory()
+    data = torch.from_numpy(np.load(args.data).astype(np.float32))  # (R, D)
+    low = use_low_precision(torch.device("cpu"), args.precision)
+    settings = MemberSettings(
+        auto_lr("adam", args.num_latents),
+        "adam",
+        (0.9, 0.999),
+        "warmup-decay",
+        0,
+        10**9,
+        data.shape[1] // 2,
+        1 / 32,
+        low,
+    )
+    cfg = SaeConfig("topk", data.shape[1], args.num_latents, args.k, [0])
+    member = make_member(Folder.at(args.scratch), cfg, settings, [0], torch.device("cpu"))
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
+    times, cpu, curve = [], [], []
+    for step in range(args.steps):
+        batch = data[order[(torch.arange(args.batch_size) + step * args.batch_size) % len(data)]]
+        if step == 0:
+            init_pre_bias(member, batch)
+        t0, c0 = time.perf_counter(), time.process_time()
+        metrics = train_step(member, batch, args.steps)
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+        curve.append(metrics["fvu"])
+    timed = times[args.warmup :]
+    result = {
+        "library": "sae-pipe",
+        "precision": "bfloat16" if low else "float32",
+        "tokens_per_s_median": args.batch_size / statistics.median(timed),
+        "step_s_all": times,
+        "cpu_util_median": statistics.median(c / w for c, w in zip(cpu[args.warmup :], timed)),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "fvu_curve": curve,
+        "lr": settings.lr,
+    }
+    if args.heldout:
+        held = torch.from_numpy(np.load(args.heldout).astype(np.float32))
+        with torch.no_grad():
+            result["fvu_heldout"] = fvu(held, member.model.eval()(held).x_hat)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--heldout", default=None)
+    parser.add_argument("--num-latents", type=int, default=16384)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--scratch", default="/tmp/sae-pipe-bench-run")
+    print("RESULT " + json.dumps(run(parser.parse_args())), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Run every benchmark and prepend the results to benchmarks/RESULTS.md (older runs stay below).
+
+    make bench                      # sets up .bench-venv with the peers, then runs this
+    python -m benchmarks.run --repeats 3
+
+Medians over repeats (contenders alternate, each in a fresh process where memory is measured),
+min-max beside them, ratios against the targets of the benchmarks issue. Never run inside tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.bench_extract import bench_extract
+from benchmarks.bench_fit import bench_fit, gemm_limits
+from benchmarks.bench_io import bench_disk, bench_reader, bench_sweep
+from benchmarks.report import prepend
+from pipeline.extract import ExtractConfig, extract
+from pipeline.params import build_config, load_params
+from pipeline.store import ActivationCache
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+LAYER = 12
+
+
+def caches() -> tuple[ActivationCache, list[ActivationCache]]:
+    """The demo cache (params.yaml: SmolLM2 layer 12, whole built-in corpus) and two 2-layer caches."""
+    demo = build_config(ExtractConfig, load_params(ROOT / "params.yaml"), "extract", {}, shared=("model", "data"))
+    main = ActivationCache.open(extract(demo))
+    small = [
+        ActivationCache.open(extract(ExtractConfig(layers="3,12", max_tokens=20_000, backend=backend)))
+        for backend in ("zarr", "memmap")
+    ]
+    return main, [main, *small]
+
+
+def arrays(cache: ActivationCache, scratch: Path) -> tuple[Path, Path]:
+    """Training rows (shuffled) and 8192 held-out rows of the layer, as float16 .npy files."""
+    pos = cache.layer_index(LAYER)
+    train = np.concatenate([cache.read(r["index"], "train/act", pos) for r in cache.shards])
+    np.random.default_rng(0).shuffle(train)
+    held = np.concatenate([rows[:, 0] for _, rows in cache.heldout_rows([LAYER], 8192)])
+    np.save(scratch / "train.npy", train)
+    np.save(scratch / "held.npy", held)
+    return scratch / "train.npy", scratch / "held.npy"
+
+
+def machine() -> dict[str, str]:
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    flags = Path("/proc/cpuinfo").read_text()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    return {
+        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "commit": commit.stdout.strip() or "?",
+        "cpu": f"{cpu}, {torch.get_num_threads()} threads" + (", AMX" if "amx_bf16" in flags else ""),
+        "versions": f"python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--fit-steps", type=int, default=50)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    main_cache, disk_caches = caches()
+    results: dict[str, Any] = {"machine": machine()}
+    with tempfile.TemporaryDirectory() as scratch:
+        data, held = arrays(main_cache, Path(scratch))
+        results["fit"] = bench_fit(data, held, args.fit_steps, args.repeats)
+    results["gemm_limits"] = gemm_limits()
+    results["extract"] = bench_extract(args.repeats)
+    results["reader"] = bench_reader(main_cache, LAYER, args.repeats)
+    results["sweep"] = bench_sweep(main_cache, LAYER, 400_000)
+    results["disk"] = bench_disk(disk_caches)
+    prepend(RESULTS, results, " ".join(["python -m benchmarks.run", *sys.argv[1:]]))
+    print(RESULTS.read_text().split("\n## ")[1][:4000])
+
+
+if __name__ == "__main__":
+    main()
