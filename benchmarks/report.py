@@ -69,7 +69,11 @@ def extract_section(extract: dict[str, Any]) -> list[str]:
     ]
 
 
-def io_section(reader: dict[str, Any], sweep: dict[str, Any], fit: dict[str, Any]) -> list[str]:
+def _describe(row: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in row["settings"].items())
+
+
+def io_section(reader: dict[str, Any], sweep: list[dict[str, Any]], fit: dict[str, Any]) -> list[str]:
     raw, stream = reader["raw sequential read"], reader["shuffled stream"]
     consume = fit["sae-pipe bf16"]["tokens_per_s"]
     mb = reader["bytes_per_row"] / 2**20
@@ -87,9 +91,12 @@ def io_section(reader: dict[str, Any], sweep: dict[str, Any], fit: dict[str, Any
         f"{stream['rows_per_s'] / consume:.1f}x; target >= 20x: {_ok(stream['rows_per_s'] >= 20 * consume)}",
         f"- stream vs raw read: {stream['rows_per_s'] / raw['rows_per_s']:.2f}x; target >= 0.5x: "
         f"{_ok(stream['rows_per_s'] >= 0.5 * raw['rows_per_s'])}",
-        f"- 4 SAEs (1024 latents, k=16, {sweep['tokens_each']:,} tokens each): one read "
-        f"{sweep['4-member sweep s']:.1f} s vs 4 separate fits {sweep['4 separate fits s']:.1f} s = "
-        f"{sweep['ratio']:.2f}x; target <= 0.5x: {_ok(sweep['ratio'] <= 0.5)}",
+        *[
+            f"- 4 SAEs ({_describe(row)}, {row['tokens_each']:,} tokens each, {row['layers_read']} layer(s) read): "
+            f"one read {row['4-member sweep s']:.1f} s vs 4 separate fits {row['4 separate fits s']:.1f} s = "
+            f"{row['ratio']:.2f}x; target <= 0.5x: {_ok(row['ratio'] <= 0.5)}"
+            for row in sweep
+        ],
     ]
 
 

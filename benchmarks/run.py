@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from benchmarks.bench_extract import bench_extract
 from benchmarks.bench_fit import bench_fit, gemm_limits
 from benchmarks.bench_io import bench_disk, bench_reader, bench_sweep
 from benchmarks.report import prepend
+from pipeline.device import keep_freed_memory
 from pipeline.extract import ExtractConfig, extract
 from pipeline.params import build_config, load_params
 from pipeline.store import ActivationCache
@@ -80,8 +82,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--fit-steps", type=int, default=50)
     args = parser.parse_args()
+    os.environ.setdefault("TQDM_DISABLE", "1")  # no GGUF de-quantization bars in the log
     torch.set_num_threads(2)
-    main_cache, disk_caches = caches()
+    keep_freed_memory()  # as `sae-pipe fit` does on CPU
+    main_cache, route_cache, disk_caches = caches()
     results: dict[str, Any] = {"machine": machine()}
     with tempfile.TemporaryDirectory() as scratch:
         data, held = arrays(main_cache, Path(scratch))
@@ -89,7 +93,10 @@ def main() -> None:
     results["gemm_limits"] = gemm_limits()
     results["extract"] = bench_extract(args.repeats)
     results["reader"] = bench_reader(main_cache, LAYER, args.repeats)
-    results["sweep"] = bench_sweep(main_cache, LAYER, 400_000)
+    results["sweep"] = [
+        bench_sweep(main_cache, 400_000, layer=LAYER, latents=1024, k=16),
+        bench_sweep(route_cache, 94_000, arch="route", latents=1024, k=16),
+    ]
     results["disk"] = bench_disk(disk_caches)
     prepend(RESULTS, results, " ".join(["python -m benchmarks.run", *sys.argv[1:]]))
     print(RESULTS.read_text().split("\n## ")[1][:4000])

@@ -8,7 +8,7 @@ import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.files import Folder
-from pipeline.manifest import read_manifest
+from pipeline.manifest import read_manifest, shard_name
 from pipeline.store import ActivationCache
 
 STATS_ROWS = 4096  # rows sampled per layer for the mean/std check
@@ -83,3 +83,18 @@ def sample_stats(cache: ActivationCache) -> dict[str, dict[str, float]]:
             "norm_avg": float(np.linalg.norm(x, axis=1).mean()),
         }
     return stats
+
+
+def repair_cache(where: str) -> list[int]:
+    """Mark a cache unfinished and delete only its bad shards, so that extract rewrites exactly those."""
+    cache = ActivationCache.open(where)
+    bad = sorted({problem.shard for problem in cache.verify()})
+    if not bad:
+        return []
+    final = ("rows", "sequences", "skipped_special_positions", "corpus_exhausted", "bytes", "shards")
+    unfinished = {k: v for k, v in cache.manifest.items() if k not in final} | {"status": "in_progress"}
+    cache.folder.write_json(unfinished, "manifest.json")  # first: a kill below leaves a resumable cache
+    for index in bad:
+        cache.folder.child("shards").remove(f"{shard_name(index)}.json")
+        cache.folder.child("shards").remove(shard_name(index))
+    return bad

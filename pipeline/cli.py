@@ -88,7 +88,12 @@ def extract(
     from pipeline.params import build_config
 
     cfg = build_config(ExtractConfig, _params(params), "extract", overrides, shared=("model", "data"))
-    typer.echo(run_extract(cfg).url)
+    from pipeline.distributed import Ranks
+
+    ranks = Ranks.from_env()
+    folder = run_extract(cfg, ranks)
+    if ranks.is_main:  # under torchrun, one line from rank 0
+        typer.echo(folder.url)
 
 
 @app.command()
@@ -129,14 +134,20 @@ def fit(
 ) -> None:
     """Train TopK / RouteSAE SAEs on a cache (a sweep from one read); prints one run folder per line."""
     overrides = {k: v for k, v in locals().items() if k != "params"}
-    from pipeline.fit import FitConfig, parse_sweep
+    from pipeline.fit import FitConfig
     from pipeline.fit import fit as run_fit
     from pipeline.params import build_config
+    from pipeline.runplan import parse_sweep
 
     overrides["sweep"] = parse_sweep(sweep) if sweep else None
     cfg = build_config(FitConfig, _params(params), "fit", overrides)
-    for folder in run_fit(cfg):
-        typer.echo(folder.url)
+    from pipeline.distributed import Ranks
+
+    ranks = Ranks.from_env()
+    folders = run_fit(cfg, ranks)
+    if ranks.is_main:
+        for folder in folders:
+            typer.echo(folder.url)
 
 
 @app.command()
@@ -268,15 +279,27 @@ def cache_info(path: CachePathArg, as_json: JsonOpt = False) -> None:
 
 @cache_app.command("verify")
 def cache_verify(path: CachePathArg) -> None:
-    """Re-read every shard and compare checksums; exits non-zero on any mismatch."""
-    from pipeline.errors import CorruptError
+    """Re-read every shard and compare checksums; exits non-zero and names every bad array on a mismatch."""
     from pipeline.store import ActivationCache
 
     cache = ActivationCache.open(path)
-    problems = cache.verify()
-    if problems:
-        raise CorruptError(f"cache {cache.folder.url}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+    cache.require_valid()
     typer.echo(f"ok: {len(cache.shards)} shard(s), {cache.rows('train') + cache.rows('heldout'):,} rows verified")
+
+
+@cache_app.command("repair")
+def cache_repair(path: CachePathArg) -> None:
+    """Drop the shards that fail their checksums; the same extract command then rewrites just those."""
+    from pipeline.catalog import repair_cache
+
+    dropped = repair_cache(path)
+    if not dropped:
+        typer.echo("nothing to repair: every shard verifies")
+        return
+    typer.echo(
+        f"dropped shard(s) {', '.join(map(str, dropped))}; re-run the extract command that made this "
+        "cache to rewrite them"
+    )
 
 
 def _run_app() -> None:

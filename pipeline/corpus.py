@@ -54,6 +54,11 @@ def iter_documents(spec: CorpusSpec) -> Iterator[str]:
             yield text
 
 
+def check_corpus(spec: CorpusSpec) -> None:
+    """Open the corpus and look at its first document, so that a wrong path or column fails early."""
+    next(iter_documents(spec), None)
+
+
 def fingerprint_corpus(spec: CorpusSpec, memo: Memo | None = None) -> dict[str, str]:
     """What identifies the texts: a content hash for local and built-in data, the commit on the hub."""
     if spec.dataset == BUILTIN:

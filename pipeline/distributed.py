@@ -52,3 +52,38 @@ def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    """Number of processes training together (1 outside torchrun)."""
+    return dist.get_world_size() if _active() else 1
+
+
+def average_(tensor: torch.Tensor) -> torch.Tensor:
+    """Replace ``tensor`` by its mean over ranks, in place (no-op alone)."""
+    if _active():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor /= dist.get_world_size()
+    return tensor
+
+
+def any_(flags: torch.Tensor) -> torch.Tensor:
+    """Elementwise OR of a boolean tensor over ranks (no-op alone)."""
+    if not _active():
+        return flags
+    counts = flags.to(torch.int32)
+    dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+    return counts.bool()
+
+
+def smallest(value: int) -> int:
+    """The minimum of ``value`` over ranks (every rank must run the same number of steps)."""
+    if not _active():
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())

@@ -17,14 +17,14 @@ from rich.progress import Progress
 
 from pipeline.capture import Capturer
 from pipeline.console import Stopwatch, progress_bar, say
-from pipeline.corpus import CorpusSpec, fingerprint_corpus, iter_documents
+from pipeline.corpus import CorpusSpec, check_corpus, fingerprint_corpus, iter_documents
 from pipeline.device import dtype_name, resolve_device, resolve_dtype
 from pipeline.distributed import Ranks
 from pipeline.errors import UserError
 from pipeline.files import Folder, Memo
 from pipeline.layers import parse_layers
 from pipeline.locks import exclusive
-from pipeline.manifest import cache_key, finish_manifest, new_manifest, read_manifest
+from pipeline.manifest import cache_key, finish_manifest, new_manifest, read_manifest, shard_records
 from pipeline.model import (
     ModelSource,
     find_blocks,
@@ -140,6 +140,7 @@ def extract(cfg: ExtractConfig, ranks: Ranks | None = None) -> Folder:
     if _finished(prep):
         say(f"cache hit: {prep.folder.url}")
         return prep.folder
+    check_corpus(prep.corpus)  # a wrong column fails before any folder is made
     prep.folder.makedirs("shards")
     with exclusive(prep.folder, "extract", enabled=ranks.world == 1):
         if not _finished(prep):
@@ -162,7 +163,7 @@ def _finished(prep: Prepared) -> bool:
 def _run(prep: Prepared, ranks: Ranks) -> None:
     """Extract every shard this rank owns that is not written yet, then finish the manifest."""
     folder, cfg = prep.folder, prep.cfg
-    done = committed_shards(folder) if ranks.is_main else _records(folder)
+    done = committed_shards(folder) if ranks.is_main else shard_records(folder)
     ranks.barrier()  # rank 0 has cleaned up stray shard folders before anyone writes
     _check_disk(prep, done)
     tokenizer = load_tokenizer(prep.source, cfg.trust_remote_code)
@@ -186,7 +187,8 @@ def _run(prep: Prepared, ranks: Ranks) -> None:
     worker.close()
     ranks.barrier()
     if ranks.is_main:
-        _finish(prep, worker.manifest, list(_records(folder).values()), clock.seconds)
+        _finish(prep, worker.manifest, list(shard_records(folder).values()), clock.seconds)
+    ranks.barrier()  # no rank returns before the manifest is complete
 
 
 class _Worker:
@@ -221,11 +223,6 @@ class _Worker:
 
     def close(self) -> None:
         self.writer.close()
-
-
-def _records(folder: Folder) -> dict[int, dict[str, Any]]:
-    shards = folder.child("shards")
-    return {int(n[:-5]): shards.read_json(n) for n in shards.list() if n.endswith(".json") and n[:-5].isdigit()}
 
 
 def _check_disk(prep: Prepared, done: dict[int, dict[str, Any]]) -> None:

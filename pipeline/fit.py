@@ -1,31 +1,24 @@
 """Stage two: train TopK SAEs and RouteSAEs from a cache, a whole sweep from one read.
 
-Each run is a folder ``<out>/<name>`` whose name comes from its settings (and a hash of all of
-them), holding cfg.json, sae.safetensors, log.csv and, while training, a resumable state.
+Each run ends as a folder holding cfg.json, sae.safetensors and log.csv (plus a resumable state
+while it trains); :mod:`pipeline.runplan` decides the runs and their folders.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import itertools
-import json
-from dataclasses import dataclass, field
-from typing import Any
+from contextlib import ExitStack
 
 import torch
 
-from pipeline.checkpoint import read_cfg, save_weights, write_cfg
+from pipeline.checkpoint import save_weights, write_cfg
 from pipeline.console import Stopwatch, progress_bar, say
 from pipeline.device import keep_freed_memory, resolve_device
-from pipeline.distributed import Ranks, wrap_ddp
+from pipeline.distributed import Ranks, smallest, wrap_ddp
 from pipeline.errors import UserError
 from pipeline.files import Folder
 from pipeline.kernels import use_low_precision
-from pipeline.layers import parse_layers, route_range
 from pipeline.locks import exclusive
-from pipeline.optim import OPTIMIZERS, SCHEDULES, auto_lr
-from pipeline.sae import SaeConfig
+from pipeline.runplan import FitConfig, RunPlan, check_shared, expand_sweep, needs_training, plan_run
 from pipeline.store import ActivationCache
 from pipeline.stream import ActivationStream, StreamSpec
 from pipeline.train import (
@@ -41,83 +34,18 @@ from pipeline.train import (
     train_step,
 )
 
-# FitConfig fields that shape the training itself (cfg.json's `training` block and the run's hash)
-TRAINING_KEYS = ("lr", "optimizer", "betas", "schedule", "batch_size", "max_tokens", "epochs", "seed", "data_seed",
-                 "dead_tokens", "k_aux", "aux_alpha", "precision")
-SWEEPABLE = (
-    "k",
-    "latents",
-    "expansion",
-    "lr",
-    "optimizer",
-    "seed",
-    "layer",
-    "routing",
-    "aggregate",
-    "k_aux",
-    "aux_alpha",
-    "dead_tokens",
-    "schedule",
-)
-
-
-@dataclass
-class FitConfig:
-    """Everything `sae-pipe fit` needs; every field also lives in params.yaml's fit section."""
-
-    cache: str = ""  # cache folder or URL (the DVC stage passes the one extract made)
-    arch: str = "topk"  # topk | route
-    layer: int | None = None  # topk: model layer to train on (default: the cache's only layer)
-    route_layers: str = ""  # route: layers to route over (default: n/4..3n/4 within the cache)
-    latents: int = 0  # dictionary size (0 = expansion x hidden size)
-    expansion: int = 8  # latents per input dimension, when latents = 0
-    k: int = 32  # active latents per token
-    routing: str = "hard"  # route: hard | soft
-    aggregate: str = "sum"  # route: sum | mean of the routed layers as router input
-    lr: float = 0.0  # peak learning rate (0 = auto: scaled by 1/sqrt(latents / 16384), see optim.auto_lr)
-    optimizer: str = "adam"  # adam | signum
-    betas: tuple[float, float] = (0.9, 0.999)  # Adam betas (signum: betas[0] is the momentum)
-    schedule: str = "warmup-decay"  # warmup-decay (5 % warmup, decay over the last 20 %) | constant
-    batch_size: int = 4096  # tokens per step
-    max_tokens: int = 0  # training tokens (0 = the whole training split, `epochs` times)
-    epochs: int = 0  # passes over the training split (0 = one; a larger budget needs --epochs)
-    seed: int = 0  # weight initialization
-    data_seed: int = 0  # shard order and shuffling (shared by all members of a sweep)
-    dead_tokens: int = 1_000_000  # a latent idle this many tokens is dead (AuxK revives it)
-    k_aux: int = 0  # AuxK latents (0 = hidden size / 2)
-    aux_alpha: float = 1 / 32  # AuxK loss weight
-    precision: str = "auto"  # encoder GEMM: auto (bf16 where the hardware has it) | float32 | bfloat16
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    log_every: int = 10  # steps between log.csv rows
-    checkpoint_every: int = 100  # steps between resumable states
-    pool_mb: float = 1024.0  # shuffle pool size
-    verify: bool = True  # check the cache's checksums for the data read before training
-    sweep: dict[str, list[Any]] = field(default_factory=dict)  # setting -> values; every combination is trained
-    out: str = ""  # folder for run folders (default <cache_root>/saes)
-    cache_root: str = "cache"  # root of activations/ and saes/
-    resume: bool = False  # continue incomplete runs with identical settings
-    overwrite: bool = False  # retrain runs that already finished
-
-
-@dataclass
-class RunPlan:
-    """One member of the sweep: its settings, architecture and folder."""
-
-    cfg: FitConfig
-    sae: SaeConfig
-    folder: Folder
-    record: dict[str, Any]  # what goes into cfg.json
-
 
 def fit(cfg: FitConfig, ranks: Ranks | None = None) -> list[Folder]:
     """Train every run of ``cfg`` (one, or a sweep) from one pass over the cache; return run folders."""
     ranks = ranks or Ranks.from_env()
     cache = open_cache(cfg)
     plans = [plan_run(member, cache) for member in expand_sweep(cfg)]
-    _check_shared(plans)
-    todo = [p for p in plans if _needs_training(p)]
-    if todo:
-        with exclusive(Folder.at(_out_root(cfg)).child(todo[0].folder.name), "fit", enabled=ranks.world == 1):
+    check_shared(plans)
+    with ExitStack() as locks:  # a second process for the same run waits, then finds it trained
+        for plan in sorted(plans, key=lambda p: p.folder.name):
+            locks.enter_context(exclusive(plan.folder, "fit", enabled=ranks.world == 1))
+        todo = [p for p in plans if needs_training(p)]
+        if todo:
             _train(todo, cache, cfg, ranks)
     return [p.folder for p in plans]
 
@@ -128,166 +56,22 @@ def open_cache(cfg: FitConfig) -> ActivationCache:
     return ActivationCache.open(cfg.cache)
 
 
-def expand_sweep(cfg: FitConfig) -> list[FitConfig]:
-    """One config per combination of the sweep values (the config itself when there is no sweep)."""
-    unknown = sorted(set(cfg.sweep) - set(SWEEPABLE))
-    if unknown:
-        raise UserError(f"cannot sweep {', '.join(unknown)}; sweepable settings: {', '.join(SWEEPABLE)}.")
-    keys = list(cfg.sweep)
-    combos = itertools.product(*(cfg.sweep[k] for k in keys))
-    return [dataclasses.replace(cfg, sweep={}, **dict(zip(keys, values))) for values in combos]
+def _total_steps(cfg: FitConfig, stream: ActivationStream, world: int) -> tuple[int, int]:
+    """(epochs, steps) for the token budget; a budget beyond the data trains one epoch unless asked.
 
-
-def parse_sweep(items: list[str]) -> dict[str, list[Any]]:
-    """``["k=32,64", "lr=1e-3"]`` -> ``{"k": [32, 64], "lr": [0.001]}``, typed like FitConfig's fields."""
-    types = {f.name: f.type for f in dataclasses.fields(FitConfig)}
-    sweep: dict[str, list[Any]] = {}
-    for item in items:
-        key, sep, values = item.partition("=")
-        key = key.strip()
-        if not sep or key not in SWEEPABLE or not values.strip():
-            raise UserError(f"bad --sweep {item!r}: use key=v1,v2 with key one of {', '.join(SWEEPABLE)}.")
-        cast = float if "float" in str(types[key]) else int if "int" in str(types[key]) else str
-        try:
-            sweep[key] = [cast(v.strip()) for v in values.split(",")]
-        except ValueError:
-            raise UserError(f"bad --sweep {item!r}: values of {key} must be {cast.__name__}s.") from None
-    return sweep
-
-
-def plan_run(cfg: FitConfig, cache: ActivationCache) -> RunPlan:
-    """Resolve layers and sizes, check them against the cache, and name the run folder."""
-    layers = _layers(cfg, cache)
-    d_in = cache.d_model
-    n_latents = cfg.latents or cfg.expansion * d_in
-    sae = SaeConfig(cfg.arch, d_in, n_latents, cfg.k, layers, cfg.routing, cfg.aggregate)
-    _check_settings(cfg)
-    spec = cache.manifest["spec"]
-    training = {key: getattr(cfg, key) for key in TRAINING_KEYS}
-    training["lr"] = cfg.lr or auto_lr(cfg.optimizer, n_latents)
-    training["k_aux"] = cfg.k_aux or d_in // 2
-    record = {
-        "sae": sae.to_dict(),
-        "training": training,
-        "cache": {
-            "key": cache.key,
-            "path": cache.folder.url,
-            "model": spec["model"],
-            "layers": cache.layers,
-            "normalization": cache.manifest["normalization"],
-            "ctx_len": spec["ctx_len"],
-            "layer_convention": cache.manifest["layer_convention"],
-        },
-    }
-    digest = hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    span = f"L{layers[0]}" if len(layers) == 1 else f"L{layers[0]}-{layers[-1]}"
-    name = f"{cache.key.split('-L')[0]}-{cfg.arch}-{span}-n{n_latents}-k{cfg.k}-{digest}"
-    return RunPlan(cfg, sae, Folder.at(_out_root(cfg)).child(name), record)
-
-
-def _out_root(cfg: FitConfig) -> str:
-    return cfg.out or str(Folder.at(cfg.cache_root).child("saes").url)
-
-
-def _layers(cfg: FitConfig, cache: ActivationCache) -> list[int]:
-    held = cache.layers
-    if cfg.arch == "route":
-        if len(held) < 2:
-            raise UserError(
-                f"RouteSAE needs a multi-layer cache; {cache.key} holds only layer {held}. "
-                "Extract with --layers route (or several layers)."
-            )
-        if cfg.route_layers:
-            layers = parse_layers(cfg.route_layers, cache.manifest["n_layers_model"])
-        else:
-            wanted = set(route_range(cache.manifest["n_layers_model"])) & set(held)
-            layers = sorted(wanted) if len(wanted) >= 2 else held
-        for layer in layers:
-            cache.layer_index(layer)  # names the cache's layers when one is missing
-        return layers
-    if cfg.layer is None:
-        if len(held) > 1:
-            raise UserError(f"cache {cache.key} holds layers {held}: pass --layer with one of them.")
-        return held
-    cache.layer_index(cfg.layer)
-    return [cfg.layer]
-
-
-def _check_settings(cfg: FitConfig) -> None:
-    if cfg.optimizer not in OPTIMIZERS:
-        raise UserError(f"unknown optimizer {cfg.optimizer!r}; use one of {', '.join(OPTIMIZERS)}.")
-    if cfg.schedule not in SCHEDULES:
-        raise UserError(f"unknown lr schedule {cfg.schedule!r}; use one of {', '.join(SCHEDULES)}.")
-    if cfg.batch_size < 1 or cfg.max_tokens < 0 or cfg.epochs < 0 or cfg.lr < 0:
-        raise UserError("--batch-size must be positive, --lr (0 = auto), --max-tokens and --epochs >= 0.")
-
-
-def _check_shared(plans: list[RunPlan]) -> None:
-    names = [p.folder.name for p in plans]
-    if len(set(names)) != len(names):
-        raise UserError("the sweep lists the same setting twice; remove the duplicate values.")
-
-
-def _needs_training(plan: RunPlan) -> bool:
-    """False for a finished run (kept, unless --overwrite); errors for an unfinished one without --resume."""
-    folder, cfg = plan.folder, plan.cfg
-    if not folder.exists("cfg.json"):
-        if cfg.resume:
-            raise UserError(_nothing_to_resume(plan))
-        return True
-    status = read_cfg(folder).get("status")
-    if status == "complete" and not cfg.overwrite:
-        say(f"already trained, kept: {folder.url} (pass --overwrite to train it again)")
-        return False
-    if status != "complete" and not cfg.resume and not cfg.overwrite:
-        raise UserError(
-            f"run {folder.url} exists but did not finish; pass --resume to continue it "
-            "or --overwrite to start it again."
-        )
-    if cfg.overwrite:
-        folder.remove()
-    return True
-
-
-def _nothing_to_resume(plan: RunPlan) -> str:
-    """Explain a --resume that matches no unfinished run, naming the settings that differ."""
-    root = Folder.at(_out_root(plan.cfg))
-    lines = []
-    for name in root.list():
-        if name.startswith(".") or not root.child(name).exists("cfg.json"):
-            continue
-        other = read_cfg(root.child(name))
-        if other.get("status") == "complete" or other.get("cache", {}).get("key") != plan.record["cache"]["key"]:
-            continue
-        mine = {**plan.record["sae"], **plan.record["training"]}
-        theirs = {**other["sae"], **other["training"]}
-        diff = [
-            f"{k}: saved {theirs.get(k)!r}, now {v!r}"
-            for k, v in mine.items()
-            if json.dumps(theirs.get(k), default=str) != json.dumps(v, default=str)
-        ]
-        lines.append(f"  {name}: " + "; ".join(diff))
-    if not lines:
-        return f"--resume: there is no unfinished run to continue under {root.url}."
-    return (
-        "--resume: the settings differ from every unfinished run, so none can be continued:\n"
-        + "\n".join(lines)
-        + "\nRun with the saved settings, or drop --resume to start a new run."
-    )
-
-
-def _total_steps(cfg: FitConfig, stream: ActivationStream) -> tuple[int, int]:
-    """(epochs, steps) for the token budget; a budget beyond the data trains one epoch unless asked."""
+    Under torchrun each rank streams its own shards and the budget is shared: a step trains on
+    ``batch_size x world`` tokens.
+    """
     epochs = cfg.epochs or 1
     budget = stream.rows * epochs
     if cfg.max_tokens:
-        if cfg.max_tokens > budget and not cfg.epochs:
+        if cfg.max_tokens > budget * world and not cfg.epochs:
             say(
                 f"the training split has {stream.rows:,} rows, fewer than --max-tokens {cfg.max_tokens:,}: "
                 "training one epoch (pass --epochs N to repeat the data)"
             )
-        budget = min(budget, cfg.max_tokens)
-    steps = budget // cfg.batch_size
+        budget = min(budget, cfg.max_tokens // world)
+    steps = smallest(budget // cfg.batch_size)  # under torchrun every rank runs the same number of steps
     if steps < 1:
         raise UserError(
             f"the training split has {stream.rows:,} rows, less than one batch of {cfg.batch_size}; "
@@ -304,7 +88,7 @@ def _train(plans: list[RunPlan], cache: ActivationCache, cfg: FitConfig, ranks: 
     stream = ActivationStream(
         cache, StreamSpec(layers, cfg.batch_size, cfg.data_seed, cfg.pool_mb, rank=ranks.rank, world=ranks.world)
     )
-    epochs, steps = _total_steps(cfg, stream)
+    epochs, steps = _total_steps(cfg, stream, ranks.world)
     device = resolve_device(ranks.device_name(cfg.device))
     if device.type == "cpu":
         keep_freed_memory()
@@ -321,21 +105,10 @@ def _train(plans: list[RunPlan], cache: ActivationCache, cfg: FitConfig, ranks: 
 
 
 def _member(plan: RunPlan, layers: list[int], device: torch.device, ranks: Ranks) -> Member:
-    training = plan.record["training"]
-    settings = MemberSettings(
-        training["lr"],
-        training["optimizer"],
-        tuple(training["betas"]),
-        training["schedule"],
-        training["seed"],
-        training["dead_tokens"],
-        training["k_aux"],
-        training["aux_alpha"],
-        use_low_precision(device, plan.cfg.precision),
-    )
+    settings = MemberSettings.from_record(plan.record["training"], use_low_precision(device, plan.cfg.precision))
     member = make_member(plan.folder, plan.sae, settings, [layers.index(x) for x in plan.sae.layers], device)
     if ranks.world > 1:
-        member.model = wrap_ddp(member.model, device)
+        member.net = wrap_ddp(member.model, device)
     if member.step:
         say(f"resuming {plan.folder.name} at step {member.step:,}")
     return member
@@ -367,7 +140,7 @@ def _loop(
                 if member.step == 0:
                     init_pre_bias(member, view)
                 metrics = train_step(member, view, steps)
-                if member.step % cfg.log_every == 0 or member.step == steps:
+                if ranks.is_main and (member.step % cfg.log_every == 0 or member.step == steps):
                     rate = (member.step - window[0]) * cfg.batch_size / max(clock.seconds - window[1], 1e-9)
                     member.pending_log.append(
                         {
@@ -388,8 +161,7 @@ def _loop(
 def _finish(plan: RunPlan, member: Member, steps: int) -> None:
     """Write final weights and a complete cfg.json; drop the resumable state."""
     flush_log(member)
-    model = member.model.module if hasattr(member.model, "module") else member.model
-    save_weights(plan.folder, model)
+    save_weights(plan.folder, member.model)
     last = _last_log(plan.folder)
     write_cfg(plan.folder, {"status": "complete", **plan.record, "steps": steps, "result": {**summary(member), **last}})
     plan.folder.remove("state.json")

@@ -70,6 +70,12 @@ def read_manifest(folder: Folder, need_complete: bool = True) -> dict[str, Any]:
     return manifest
 
 
+def shard_records(folder: Folder) -> dict[int, dict[str, Any]]:
+    """The records (``shards/NNNNNN.json``) of the shards written so far, by shard index."""
+    shards = folder.child("shards")
+    return {int(n[:-5]): shards.read_json(n) for n in shards.list() if n.endswith(".json") and n[:-5].isdigit()}
+
+
 def new_manifest(key: str, spec: dict[str, Any], facts: dict[str, Any]) -> dict[str, Any]:
     """The in-progress manifest written before the first shard."""
     return {

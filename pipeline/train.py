@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.checkpoint import TrainingState, load_state, save_state
+from pipeline.distributed import any_, average_, world_size
 from pipeline.files import Folder
 from pipeline.kernels import SparseDecode, TopKEncode
 from pipeline.optim import lr_factor, make_optimizer
@@ -40,6 +41,21 @@ class MemberSettings:
     aux_alpha: float  # weight of the AuxK loss
     low_precision: bool  # bf16 encoder GEMM
 
+    @classmethod
+    def from_record(cls, training: dict[str, Any], low_precision: bool) -> MemberSettings:
+        """From the ``training`` block of a run's cfg.json."""
+        return cls(
+            lr=training["lr"],
+            optimizer=training["optimizer"],
+            betas=tuple(training["betas"]),
+            schedule=training["schedule"],
+            seed=training["seed"],
+            dead_tokens=training["dead_tokens"],
+            k_aux=training["k_aux"],
+            aux_alpha=training["aux_alpha"],
+            low_precision=low_precision,
+        )
+
 
 @dataclass
 class Member:
@@ -49,9 +65,10 @@ class Member:
     sae_cfg: SaeConfig
     settings: MemberSettings
     layer_pos: list[int]  # its layers' positions on the stream's layer axis
-    model: nn.Module
+    model: nn.Module  # the SAE itself
     optimizer: torch.optim.Optimizer
     since_fired: Tensor  # (N,) tokens since each latent last fired
+    net: nn.Module | None = None  # what runs the forward: the model, or its DistributedDataParallel wrapper
     step: int = 0
     log_rows: int = 0
     pending_log: list[dict[str, float]] = field(default_factory=list)
@@ -92,14 +109,14 @@ def member_input(member: Member, batch: Tensor) -> Tensor:
 def init_pre_bias(member: Member, x: Tensor) -> None:
     """Set b_dec to the data mean of the first batch (the geometric center of the inputs)."""
     sae = core_sae(member.model)
-    with torch.no_grad():
-        sae.b_dec.copy_((x.mean(dim=1) if x.ndim == 3 else x).mean(dim=0))
+    with torch.no_grad():  # the same on every rank: the mean of the ranks' first batches
+        sae.b_dec.copy_(average_((x.mean(dim=1) if x.ndim == 3 else x).mean(dim=0)))
 
 
 def train_step(member: Member, x: Tensor, total_steps: int) -> dict[str, float]:
     """One optimizer step on batch ``x``; returns its metrics."""
     s = member.settings
-    out: SaeOutput = member.model(x, low_precision=s.low_precision)
+    out: SaeOutput = (member.net or member.model)(x, low_precision=s.low_precision)
     err_sq = torch.linalg.vector_norm(out.x_hat - out.x, dim=-1).square()  # (B,)
     x_sq = torch.linalg.vector_norm(out.x, dim=-1).square()  # (B,)
     nmse = (err_sq / x_sq.clamp_min(1e-12)).mean()
@@ -148,9 +165,10 @@ def _aux_loss(member: Member, out: SaeOutput, dead: Tensor) -> Tensor:
 
 
 def _update_dead(member: Member, out: SaeOutput, tokens: int) -> None:
-    fired = out.latents.indices[out.latents.acts > 0]
-    member.since_fired += tokens
-    member.since_fired[fired] = 0
+    fired = torch.zeros_like(member.since_fired, dtype=torch.bool)
+    fired[out.latents.indices[out.latents.acts > 0]] = True
+    member.since_fired += tokens * world_size()
+    member.since_fired[any_(fired)] = 0  # counters stay identical across ranks
 
 
 def checkpoint(member: Member) -> None:

@@ -16,16 +16,20 @@ import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.files import Folder
-from pipeline.manifest import shard_name
+from pipeline.manifest import shard_name, shard_records
 from pipeline.store import Backend, array_checksums
 
 _DONE = None
 
 
 def committed_shards(folder: Folder) -> dict[int, dict[str, Any]]:
-    """Records of the shards already written; stray uncommitted shard folders are removed."""
+    """Records of the shards already written; stray uncommitted shard folders and half-written
+    JSON files (a kill between writing and renaming them) are removed."""
+    for name in folder.list():
+        if name.endswith(".tmp"):
+            folder.remove(name)
     shards = folder.child("shards")
-    records = {int(n[:-5]): shards.read_json(n) for n in shards.list() if n.endswith(".json") and n[:-5].isdigit()}
+    records = shard_records(folder)
     for name in shards.list():
         stem = name.removesuffix(".json")
         if not name.endswith(".json") and (not stem.isdigit() or int(stem) not in records):

@@ -104,3 +104,12 @@ def _shard(
     arrays["heldout/sequence_docs"] = np.full((n_seqs, ctx_len), index, dtype=np.int32)
     arrays["heldout/sequence_index"] = np.arange(n_seqs, dtype=np.int32)
     return arrays
+
+
+def tree_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file's bytes, except the timing log (seconds and rates differ between runs by nature)."""
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != "extract_log.json"
+    }

@@ -78,3 +78,12 @@ def standin_server(script: Script) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextmanager
+def standin_env(script: Script, monkeypatch: object, key: str) -> Iterator[None]:
+    """Serve ``script`` and point the official client at it (OPENAI_BASE_URL, OPENAI_API_KEY)."""
+    with standin_server(script) as url:
+        monkeypatch.setenv("OPENAI_API_KEY", key)  # type: ignore[attr-defined]
+        monkeypatch.setenv("OPENAI_BASE_URL", url)  # type: ignore[attr-defined]
+        yield

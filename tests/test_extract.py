@@ -17,6 +17,7 @@ from pipeline.extract import ExtractConfig, extract, prepare
 from pipeline.normalize import Normalizer
 from pipeline.packing import PackSpec, pack, plan_shards, token_stream
 from pipeline.store import ActivationCache
+from tests.helpers import tree_bytes
 
 
 def config(model_dir: Path, root: Path, **kw: object) -> ExtractConfig:
@@ -124,15 +125,6 @@ def test_other_model_or_corpus_gives_a_new_key(
     assert len(keys) == 3
 
 
-def _tree_bytes(folder: Path) -> dict[str, bytes]:
-    """Every file's bytes, except the timing log (seconds and rates differ between runs by nature)."""
-    return {
-        str(p.relative_to(folder)): p.read_bytes()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != "extract_log.json"
-    }
-
-
 @pytest.mark.parametrize("backend", ["zarr", "memmap"])
 def test_interrupted_run_resumes_to_identical_bytes(
     tiny_llama: Path, tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch
@@ -156,7 +148,7 @@ def test_interrupted_run_resumes_to_identical_bytes(
     with pytest.raises(UserError, match="incomplete"):
         ActivationCache.open(partial)
     resumed = extract(config(tiny_llama, tmp_path / "b", backend=backend)).local()
-    assert _tree_bytes(resumed) == _tree_bytes(whole)
+    assert tree_bytes(resumed) == tree_bytes(whole)
 
 
 def test_layer_specs(tiny_llama: Path, tmp_path: Path) -> None:

@@ -11,8 +11,9 @@ from safetensors.torch import load_file
 
 from pipeline import fit as fit_module
 from pipeline.errors import UserError
-from pipeline.fit import FitConfig, fit, parse_sweep
+from pipeline.fit import FitConfig, fit
 from pipeline.route import RouteSAE
+from pipeline.runplan import parse_sweep
 from pipeline.sae import SaeConfig, TopKSAE
 from pipeline.store import ActivationCache
 from pipeline.stream import ActivationStream, StreamSpec

@@ -20,7 +20,7 @@ from pipeline.extract import ExtractConfig, extract
 from pipeline.fit import FitConfig, fit
 from pipeline.interpret import InterpretConfig, interpret
 from pipeline.store import ActivationCache
-from tests.standin_openai import Script, standin_server
+from tests.standin_openai import Script, standin_env
 
 KEY = "sk-test-SECRET-0123456789abcdef"
 
@@ -108,9 +108,7 @@ def test_explainer_with_retries_cache_and_malformed(
         "Feature category: Low-level\nScore: 3\nExplanation: punctuation",
     ]
     script = Script(failures=[429, 500], answers=answers)
-    with standin_server(script) as url:
-        monkeypatch.setenv("OPENAI_API_KEY", KEY)
-        monkeypatch.setenv("OPENAI_BASE_URL", url)
+    with standin_env(script, monkeypatch, KEY):
         first = interpret(icfg(run, tmp_path / "out"))
         sent = script.requests
         second = interpret(icfg(run, tmp_path / "out"))
@@ -127,9 +125,7 @@ def test_failing_api_keeps_answers_and_reports_missing(
     run: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     script = Script(always_fail=503)
-    with standin_server(script) as url:
-        monkeypatch.setenv("OPENAI_API_KEY", KEY)
-        monkeypatch.setenv("OPENAI_BASE_URL", url)
+    with standin_env(script, monkeypatch, KEY):
         summary = interpret(icfg(run, tmp_path / "out", concurrency=1, max_retries=1))
     assert summary["failed"] == 3 and summary["not_sent"] == 3  # stopped after 3 failed features
     assert script.requests == 3 * 2  # each failed feature: 1 try + 1 retry
@@ -141,9 +137,7 @@ def test_bad_key_is_one_clear_line(
     run: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     script = Script(always_fail=401)
-    with standin_server(script) as url:
-        monkeypatch.setenv("OPENAI_API_KEY", KEY)
-        monkeypatch.setenv("OPENAI_BASE_URL", url)
+    with standin_env(script, monkeypatch, KEY):
         summary = interpret(icfg(run, tmp_path / "out", concurrency=1))
     assert summary["failed"] == 1 and summary["not_sent"] == 5 and script.requests == 1
     assert "refused the key" in capsys.readouterr().err

@@ -1,0 +1,138 @@
+"""Every user error the CLI can meet: one clear message, the documented exit code, no traceback.
+
+The table below is the source of truth; the README's "When something is wrong" table must list every
+message in it (checked at the end).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.extract import ExtractConfig, extract
+from pipeline.fit import FitConfig, fit
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (name, argv with {placeholders}, exit code, message fragment as written in the README table)
+CASES = [
+    ("unknown model", "extract --model nope/x/y", 2, "is neither a model folder, a .gguf file, a built-in"),
+    ("missing .gguf", "extract --model missing.gguf", 2, "does not exist; give an existing .gguf file"),
+    (
+        "layer out of range",
+        "extract --model {tiny} --layers 9",
+        2,
+        "out of range for a 4-block model; valid layers are 0..3",
+    ),
+    ("bad layer spec", "extract --model {tiny} --layers x", 2, "cannot read layer spec"),
+    ("unknown backend", "extract --backend hdf5", 2, "unknown backend 'hdf5'"),
+    ("unknown normalization", "extract --normalize l2", 2, "unknown normalization 'l2'"),
+    ("bad ctx-len", "extract --ctx-len 1", 2, "--ctx-len 1 is out of range"),
+    ("no GPU", "extract --device cuda", 2, "asked for a GPU, but torch sees none"),
+    (
+        "missing dataset",
+        "extract --model {tiny} --layers 1 --dataset /no/such.jsonl",
+        2,
+        "does not exist: give a local file or folder",
+    ),
+    (
+        "missing text column",
+        "extract --model {tiny} --layers 1 --dataset {jsonl} --text-column body",
+        2,
+        "has no column 'body'; its columns are",
+    ),
+    ("corpus too small", "extract --model {tiny} --layers 1 --dataset {small} --ctx-len 64", 2, "yields no rows"),
+    ("missing params file", "extract --params {tmp}/none.yaml", 2, "does not exist"),
+    ("typo in params", "extract --params {badparams}", 2, "has unknown key(s) layer"),
+    ("not a cache", "cache info {tmp}", 2, "is not an activation cache (no manifest.json)"),
+    ("corrupt cache", "cache verify {corrupt}", 4, "fails its checksums"),
+    ("fit without cache", "fit", 2, "no cache given: pass --cache"),
+    ("incomplete cache", "fit --cache {incomplete}", 3, "is incomplete"),
+    ("layer not cached", "fit --cache {cache} --layer 2", 2, "is not in cache"),
+    ("route on one layer", "fit --cache {cache} --arch route", 2, "RouteSAE needs a multi-layer cache"),
+    ("k too large", "fit --cache {cache} --k 300 --latents 256", 2, "must be between 1 and the number of latents"),
+    ("bad sweep", "fit --cache {cache} --sweep batch_size=1,2", 2, "bad --sweep"),
+    (
+        "resume, nothing to resume",
+        "fit --cache {cache} --latents 128 --k 4 --out {tmp}/none --resume",
+        2,
+        "no unfinished run to continue",
+    ),
+    ("not a run", "evaluate {tmp}", 2, "is not an SAE run folder (no cfg.json)"),
+    ("unknown metric", "evaluate {run} --metrics mse", 2, "unknown metric(s)"),
+    ("budget beyond held-out", "evaluate {run} --max-tokens 100000000", 2, "held-out tokens of cache"),
+    ("unknown explainer", "interpret {run} --explainer claude", 2, "unknown explainer 'claude'"),
+    ("unknown export format", "export {run} --format onnx --out {tmp}/x", 2, "unknown export format 'onnx'"),
+    ("export RouteSAE", "export {route} --format saelens --out {tmp}/y", 2, "RouteSAEs cannot be exported"),
+    ("export into a full folder", "export {run} --format sparsify --out {full}", 2, "exists and is not empty"),
+]
+
+
+@pytest.fixture(scope="module")
+def places(tiny_llama: Path, jsonl_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    tmp = tmp_path_factory.mktemp("bad")
+    base = {"model": str(tiny_llama), "ctx_len": 32, "max_tokens": 1200, "cache_root": str(tmp), "device": "cpu"}
+    cache = extract(ExtractConfig(**base, layers="1", backend="memmap"))
+    multi = extract(ExtractConfig(**base, layers="1,3"))
+    out = str(tmp / "saes")
+    run = fit(FitConfig(cache=cache.url, latents=128, k=4, batch_size=256, out=out, device="cpu"))[0]
+    route = fit(FitConfig(cache=multi.url, arch="route", latents=128, k=4, batch_size=256, out=out, device="cpu"))[0]
+    corrupt = tmp / "corrupt"
+    shutil.copytree(cache.local(), corrupt)
+    act = corrupt / "shards" / "000000" / "train" / "act.npy"
+    act.write_bytes(act.read_bytes()[:-16])
+    incomplete = tmp / "incomplete"
+    shutil.copytree(cache.local(), incomplete)
+    manifest = json.loads((incomplete / "manifest.json").read_text())
+    (incomplete / "manifest.json").write_text(json.dumps({**manifest, "status": "in_progress"}))
+    (tmp / "small.txt").write_text("Too short.")
+    (tmp / "bad.yaml").write_text("extract:\n  layer: 3\n")
+    (tmp / "full").mkdir()
+    (tmp / "full" / "mine.txt").write_text("keep me")
+    return {
+        "tiny": str(tiny_llama),
+        "jsonl": str(jsonl_corpus),
+        "small": str(tmp / "small.txt"),
+        "badparams": str(tmp / "bad.yaml"),
+        "tmp": str(tmp),
+        "cache": cache.url,
+        "corrupt": str(corrupt),
+        "incomplete": str(incomplete),
+        "run": run.url,
+        "route": route.url,
+        "full": str(tmp / "full"),
+    }
+
+
+@pytest.mark.parametrize("name, argv, code, message", CASES, ids=[c[0] for c in CASES])
+def test_user_error(
+    name: str,
+    argv: str,
+    code: int,
+    message: str,
+    places: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    monkeypatch.setattr(sys, "argv", ["sae-pipe", *argv.format(**places).split()])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err
+    flat = " ".join(err.split())
+    assert exit_info.value.code == code, err
+    assert flat.count("error:") == 1 and message in flat.split("error:", 1)[1], err
+    assert "Traceback" not in err and "╭" not in err
+
+
+def test_readme_lists_every_error() -> None:
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    table = readme.split("When something is wrong", 1)[1]
+    for name, _, code, message in CASES:
+        row = re.search(rf"\| {re.escape(name)} \|[^|]*\| {code} \|[^|]*{re.escape(message)}", table)
+        assert row, f"README table lacks: {name} / exit {code} / {message}"
