@@ -24,6 +24,7 @@ demo: setup
 	@[ -d .dvc ] || $(BIN)/dvc init --quiet $$(git rev-parse --git-dir >/dev/null 2>&1 || echo --no-scm)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 	@$(BIN)/dvc metrics show
+	@cat cache/evaluate/comparison.md
 	@echo "Feature reports: $$(ls cache/interpret/*/report.html 2>/dev/null | tr '\n' ' ')"
 
 test: setup

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from rich.progress import Progress
 from torch import nn
 
+from pipeline.console import Bar
 from pipeline.hooks import run_to_layers
 from pipeline.normalize import Normalizer
 from pipeline.packing import ShardPlan
@@ -37,7 +37,7 @@ class Capturer:
         return {layer: h[keep].float() for layer, h in hidden.items()}
 
     @torch.inference_mode()
-    def shard_arrays(self, plan: ShardPlan, progress: Progress | None = None) -> dict[str, np.ndarray]:
+    def shard_arrays(self, plan: ShardPlan, progress: Bar | None = None) -> dict[str, np.ndarray]:
         """All arrays of one shard (see pipeline.store for the layout)."""
         parts: dict[str, list[list[np.ndarray]]] = {
             "train": [[] for _ in self.layers],

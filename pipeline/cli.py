@@ -7,8 +7,13 @@ to stderr. A user error prints one message and exits non-zero, without a traceba
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Annotated, Any
+
+# This process reports progress itself; tqdm bars of libraries (GGUF de-quantization) stay quiet.
+# tqdm reads this when first imported (`import torch` does), so it is set before anything heavy.
+os.environ.setdefault("TQDM_DISABLE", "1")
 
 import click
 import typer

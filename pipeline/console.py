@@ -7,6 +7,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Protocol
 
 from rich.console import Console
 from rich.markup import escape
@@ -32,10 +33,51 @@ def say(message: str) -> None:
     console.print(message)
 
 
+class Bar(Protocol):
+    """What long loops report to: a rich Progress (task 0), or a LogProgress in non-terminal logs."""
+
+    def advance(self, task: int, advance: float) -> None: ...
+
+    def update(self, task: int, *, advance: float = 0, status: str = "") -> None: ...
+
+
+class LogProgress:
+    """Progress for logs (DVC, CI, nohup): a plain line every ``interval`` seconds and one at the end."""
+
+    def __init__(self, description: str, total: float | None, unit: str, interval: float = 30.0) -> None:
+        self.description, self.total, self.unit, self.interval = description, total, unit, interval
+        self.done, self.status = 0.0, ""
+        self.clock, self.last = Stopwatch(), 0.0
+
+    def advance(self, task: int, advance: float) -> None:
+        self.update(task, advance=advance)
+
+    def update(self, task: int, *, advance: float = 0, status: str = "") -> None:
+        self.done += advance
+        self.status = status or self.status
+        if self.clock.seconds - self.last >= self.interval:
+            self.line()
+
+    def line(self) -> None:
+        self.last = self.clock.seconds
+        total = f" / {self.total:,.0f}" if self.total else ""
+        rate = self.done / max(self.last, 1e-9)
+        console.print(
+            f"{self.description}: {self.done:,.0f}{total} {self.unit}, {rate:,.0f} {self.unit}/s, "
+            f"{self.last:,.0f} s {self.status}".rstrip()
+        )
+
+
 @contextmanager
-def progress_bar(description: str, total: float | None, unit: str = "tok") -> Iterator[Progress]:
-    """A rich progress bar with rate and ETA; task id 0 is the bar. Silent when SAE_PIPE_QUIET=1."""
-    disable = os.environ.get("SAE_PIPE_QUIET") == "1"
+def progress_bar(description: str, total: float | None, unit: str = "tok") -> Iterator[Bar]:
+    """A rich progress bar with rate and ETA (task id 0), or plain periodic lines when stderr is not a
+    terminal; silent when SAE_PIPE_QUIET=1."""
+    if os.environ.get("SAE_PIPE_QUIET") == "1" or not console.is_terminal:
+        log = LogProgress(description, total, unit)
+        yield log
+        if os.environ.get("SAE_PIPE_QUIET") != "1":
+            log.line()
+        return
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -45,8 +87,7 @@ def progress_bar(description: str, total: float | None, unit: str = "tok") -> It
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,
-        disable=disable,
-        refresh_per_second=2 if sys.stderr.isatty() else 0.2,
+        refresh_per_second=2,
     )
     with progress:
         progress.add_task(description, total=total, unit=unit, status="")
@@ -66,7 +107,6 @@ class Stopwatch:
 
 def guarded(entry: Callable[[], object]) -> None:
     """Run ``entry``; a user error becomes one red line on stderr and a non-zero exit code."""
-    os.environ.setdefault("TQDM_DISABLE", "1")  # our rich bars report progress; library tqdm bars stay quiet
     try:
         entry()
     except UserError as err:

@@ -13,10 +13,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from rich.progress import Progress
 
 from pipeline.capture import Capturer
-from pipeline.console import Stopwatch, progress_bar, say
+from pipeline.console import Bar, Stopwatch, progress_bar, say
 from pipeline.corpus import CorpusSpec, check_corpus, fingerprint_corpus, iter_documents
 from pipeline.device import dtype_name, resolve_device, resolve_dtype
 from pipeline.distributed import Ranks
@@ -211,7 +210,7 @@ class _Worker:
         self.capturer.normalizer = Normalizer.from_dict(self.manifest["normalization"])
         self.writer = ShardWriter(prep.folder, get_backend(cfg.backend))
 
-    def submit(self, plan: ShardPlan, bar: Progress) -> None:
+    def submit(self, plan: ShardPlan, bar: Bar) -> None:
         arrays = self.capturer.shard_arrays(plan, bar)
         record = {
             "first_seq": plan.first_seq,

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from pipeline.console import Bar
 from pipeline.contexts import HeldoutIndex, decode_windows
 from pipeline.store import ActivationCache
 
@@ -49,7 +50,7 @@ def collect(
     batch: int,
     k: int | None,
     theta: float | None,
-    progress: object | None = None,
+    progress: Bar | None = None,
 ) -> Activations:
     """Encode held-out rows batch by batch, keeping only active (latent, activation, row) triples."""
     device = next(sae.parameters()).device
@@ -68,7 +69,7 @@ def collect(
                 parts["layer"].append(out.layer_choice[:, None].expand_as(fired)[fired].cpu().numpy().astype(np.int16))
             base += len(x)
             if progress is not None:
-                progress.advance(0, len(x))  # type: ignore[attr-defined]
+                progress.advance(0, len(x))
     return _group(parts, base, int(sae.cfg.n_latents))
 
 
