@@ -17,7 +17,7 @@ STATS_ROWS = 4096  # rows sampled per layer for the mean/std check
 def list_caches(cache_root: str) -> list[dict[str, Any]]:
     """One summary line per folder under ``<cache_root>/activations`` (incomplete ones included)."""
     root = Folder.at(cache_root).child("activations")
-    found = []
+    found: list[dict[str, Any]] = []
     for name in root.list():
         folder = root.child(name)
         if name.startswith(".") or not folder.exists("manifest.json"):

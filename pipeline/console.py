@@ -7,7 +7,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Protocol
+from typing import Any, Protocol
 
 from rich.console import Console
 from rich.markup import escape
@@ -36,9 +36,9 @@ def say(message: str) -> None:
 class Bar(Protocol):
     """What long loops report to: a rich Progress (task 0), or a LogProgress in non-terminal logs."""
 
-    def advance(self, task: int, advance: float) -> None: ...
+    def advance(self, task_id: Any, advance: float = 1) -> None: ...
 
-    def update(self, task: int, *, advance: float = 0, status: str = "") -> None: ...
+    def update(self, task_id: Any, *, advance: float | None = None, **fields: Any) -> None: ...
 
 
 class LogProgress:
@@ -49,12 +49,12 @@ class LogProgress:
         self.done, self.status = 0.0, ""
         self.clock, self.last = Stopwatch(), 0.0
 
-    def advance(self, task: int, advance: float) -> None:
-        self.update(task, advance=advance)
+    def advance(self, task_id: Any, advance: float = 1) -> None:
+        self.update(task_id, advance=advance)
 
-    def update(self, task: int, *, advance: float = 0, status: str = "") -> None:
-        self.done += advance
-        self.status = status or self.status
+    def update(self, task_id: Any, *, advance: float | None = None, **fields: Any) -> None:
+        self.done += advance or 0
+        self.status = str(fields.get("status") or self.status)
         if self.clock.seconds - self.last >= self.interval:
             self.line()
 

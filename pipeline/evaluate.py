@@ -18,6 +18,7 @@ from pipeline.errors import UserError
 from pipeline.files import Folder
 from pipeline.metrics import DEFINITIONS, ce_per_position, ce_recovered, kl_per_position, reconstruction_sums
 from pipeline.model import find_blocks, fingerprint_model, load_model, resolve_model
+from pipeline.route import RouteSAE
 from pipeline.runs import Subject, load_subject
 from pipeline.splice import logits_with, route_choice, route_edits, topk_edits, zero_edits
 from pipeline.store import ActivationCache
@@ -183,7 +184,7 @@ def _batch(
     shared["kl_positions"] += int(mask.sum())
     shared["ce_positions"] += int(targets.sum())
     first = group[0]
-    if first.is_route:
+    if isinstance(first.sae, RouteSAE):  # RouteSAEs are evaluated alone: the routing is theirs
         choice, weight = route_choice(model, blocks, first.sae, first.normalizer, tokens)
         zero = zero_edits(first.layers, [mask & (choice == i) for i in range(len(first.layers))])
     else:
@@ -192,7 +193,7 @@ def _batch(
     shared["ce_zero"] += float(ce_per_position(zeroed, tokens)[targets].sum())
     shared["kl_zero"] += float(kl_per_position(clean, zeroed)[mask].sum())
     for s in group:
-        if s.is_route:
+        if isinstance(s.sae, RouteSAE):
             edits = route_edits(s.sae, s.normalizer, mask, choice, weight, cfg.infer_k, cfg.theta)
         else:
             edits = topk_edits(s.sae, s.normalizer, s.layers[0], mask, cfg.infer_k, cfg.theta)

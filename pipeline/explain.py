@@ -87,14 +87,13 @@ def parse_answer(text: str) -> dict[str, Any] | None:
         except ValueError:
             data = {}
     if not data:
-        category = re.search(r"category\W*(low-level|high-level|undiscernible)", text, re.IGNORECASE)
-        score = re.search(r"score\W*([1-5])", text, re.IGNORECASE)
-        explanation = re.search(r"explanation\W*(.+)", text, re.IGNORECASE)
-        data = {
-            "category": category and category.group(1),
-            "score": score and score.group(1),
-            "explanation": explanation and explanation.group(1),
+        patterns = {
+            "category": r"category\W*(low-level|high-level|undiscernible)",
+            "score": r"score\W*([1-5])",
+            "explanation": r"explanation\W*(.+)",
         }
+        found = {key: re.search(pattern, text, re.IGNORECASE) for key, pattern in patterns.items()}
+        data = {key: m.group(1) for key, m in found.items() if m}
     category = str(data.get("category") or "").strip().lower()
     try:
         score = int(str(data.get("score")).strip())

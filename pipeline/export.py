@@ -33,7 +33,7 @@ def export_run(run: str, fmt: str, out: str) -> Folder:
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}.")
     model, cfg = load_sae(run)
-    if cfg["sae"]["arch"] != "topk":
+    if not isinstance(model, TopKSAE):
         raise UserError("RouteSAEs cannot be exported: neither SAELens nor sparsify represents the layer router.")
     tensors, method = _folded(model, cfg)
     layer = cfg["sae"]["layers"][0]

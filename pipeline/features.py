@@ -15,6 +15,8 @@ import torch
 
 from pipeline.console import Bar
 from pipeline.contexts import HeldoutIndex, decode_windows
+from pipeline.route import RouteSAE
+from pipeline.sae import TopKSAE
 from pipeline.store import ActivationCache
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
@@ -42,7 +44,7 @@ class Activations:
 
 @torch.no_grad()
 def collect(
-    sae: torch.nn.Module,
+    sae: TopKSAE | RouteSAE,
     layers: list[int],
     route: bool,
     cache: ActivationCache,
@@ -131,6 +133,8 @@ def _histograms(acts: Activations, maxima: np.ndarray) -> np.ndarray:
 
 
 def _top_layers(acts: Activations, layers: list[int]) -> np.ndarray:
+    """The routed layer each latent fires at most often (-1 if it never fires)."""
+    assert acts.layer is not None, "only RouteSAE activations carry a routed layer"
     counts = np.zeros((len(acts.counts), len(layers)), dtype=np.int64)
     np.add.at(counts, (acts.latent, acts.layer), 1)
     return np.where(counts.sum(1) > 0, np.asarray(layers)[counts.argmax(1)], -1)

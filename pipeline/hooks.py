@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -50,7 +50,8 @@ def run_to_layers(
     """Residual streams ``{layer: (B, T, D)}`` from one forward that stops after the last layer."""
     with capture(blocks, layers) as captured:
         try:
-            model.base_model(input_ids=input_ids, use_cache=False)  # no LM head: base model only
+            base = cast(nn.Module, model.base_model)  # no LM head: the base model only
+            base(input_ids=input_ids, use_cache=False)
         except StopForward:
             pass
     return captured

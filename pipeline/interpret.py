@@ -194,8 +194,9 @@ def _eligible(features: pa.Table, cfg: InterpretConfig) -> list[int]:
         ok &= features["protocol_passes"].to_numpy(zero_copy_only=False)
     candidates = np.flatnonzero(ok)
     rng = np.random.default_rng(cfg.seed)
-    picked = rng.choice(candidates, min(cfg.features, len(candidates)), replace=False) if len(candidates) else []
-    return sorted(int(x) for x in picked)
+    if not len(candidates):
+        return []
+    return sorted(int(x) for x in rng.choice(candidates, min(cfg.features, len(candidates)), replace=False))
 
 
 def _shown(features: pa.Table, explained: dict[int, dict[str, Any]], limit: int) -> list[int]:

@@ -17,6 +17,8 @@ Spliced into the LLM (logits over held-out sequences):
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -35,7 +37,7 @@ DEFINITIONS = {
 }
 
 
-def reconstruction_sums(x: Tensor, x_hat: Tensor) -> dict[str, float]:
+def reconstruction_sums(x: Tensor, x_hat: Tensor) -> dict[str, Any]:
     """Additive pieces of nmse and fvu for a batch (B, D), so they can be summed over batches."""
     err = (x - x_hat).pow(2).sum(-1)  # (B,)
     return {
@@ -44,7 +46,7 @@ def reconstruction_sums(x: Tensor, x_hat: Tensor) -> dict[str, float]:
         "x_sum": x.sum(0).double(),
         "x2_sum": float(x.pow(2).sum()),
         "rows": len(x),
-    }  # type: ignore[dict-item]
+    }
 
 
 def kl_per_position(clean_logits: Tensor, other_logits: Tensor) -> Tensor:

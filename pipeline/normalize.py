@@ -8,6 +8,7 @@ estimated once, so that E||x'|| = sqrt(d). ``none``: stored as computed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -34,8 +35,8 @@ class Normalizer:
         return {"method": self.method, "eps": self.eps, "scales": {str(k): v for k, v in self.scales.items()}}
 
     @classmethod
-    def from_dict(cls, data: dict[str, object]) -> Normalizer:
-        return cls(str(data["method"]), float(data.get("eps", EPS)), dict(data.get("scales", {})))  # type: ignore[arg-type]
+    def from_dict(cls, data: dict[str, Any]) -> Normalizer:
+        return cls(str(data["method"]), float(data.get("eps", EPS)), dict(data.get("scales", {})))
 
     def fit_scales(self, samples: dict[int, torch.Tensor]) -> None:
         """Estimate the `scale` factors from ``{layer: (N, D)}`` samples of raw activations."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +20,11 @@ class Signum(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr, "momentum": momentum})
 
     @torch.no_grad()
-    def step(self, closure: None = None) -> None:  # noqa: ARG002 - torch's signature
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -30,6 +34,7 @@ class Signum(torch.optim.Optimizer):
             torch._foreach_lerp_(buffers, grads, 1 - group["momentum"])  # noqa: SLF001 - fused foreach op
             signs = torch._foreach_sign(buffers)  # noqa: SLF001
             torch._foreach_add_(params, signs, alpha=-group["lr"])  # noqa: SLF001
+        return loss
 
 
 def auto_lr(optimizer: str, n_latents: int) -> float:

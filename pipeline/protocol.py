@@ -34,7 +34,8 @@ def apply_protocol(
     for latent in range(len(acts.counts)):
         group = acts.group(latent)
         strong = np.flatnonzero(acts.act[group] > s.threshold) + group.start
-        kept, per_type = [], {}
+        kept: list[int] = []
+        per_type: dict[str, int] = {}
         for i in strong:  # strongest first, so the first per_token of each token type are its best
             key = token_text[int(row_tokens[acts.row[i]])].strip().lower()
             if per_type.get(key, 0) < s.per_token:

@@ -11,6 +11,8 @@ from pipeline.checkpoint import load_sae
 from pipeline.errors import UserError
 from pipeline.files import Folder
 from pipeline.normalize import Normalizer
+from pipeline.route import RouteSAE
+from pipeline.sae import TopKSAE
 from pipeline.store import ActivationCache
 
 
@@ -19,7 +21,7 @@ class Subject:
     """One run being evaluated: its SAE, cfg.json and the cache it was trained on."""
 
     folder: Folder
-    sae: torch.nn.Module
+    sae: TopKSAE | RouteSAE
     cfg: dict[str, Any]
     cache: ActivationCache
     normalizer: Normalizer

@@ -52,7 +52,11 @@ def topk_edits(
 
 def zero_edits(layers: list[int], masks: list[Tensor]) -> dict[int, Edit]:
     """Zero the residual stream at each layer's masked positions."""
-    return {layer: (lambda h, m=m: _replace(h, m, torch.zeros_like(h[m]))) for layer, m in zip(layers, masks)}
+
+    def zeroing(mask: Tensor) -> Edit:
+        return lambda h: _replace(h, mask, torch.zeros_like(h[mask]))
+
+    return {layer: zeroing(mask) for layer, mask in zip(layers, masks)}
 
 
 @torch.no_grad()

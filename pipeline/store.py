@@ -237,7 +237,9 @@ class ActivationCache:
     def heldout_sequences(self, max_tokens: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Held-out sequences (S, T) and the mask (S, T) of their stored positions, covering at least
         ``max_tokens`` stored positions (0 = all held-out sequences)."""
-        tokens, masks, covered = [], [], 0
+        tokens: list[np.ndarray] = []
+        masks: list[np.ndarray] = []
+        covered = 0
         for record in self.shards:
             if record["rows"]["heldout"] == 0:
                 continue

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,7 +102,9 @@ class ActivationStream:
                     filled = yield from self._serve(pool, filled, serve - serve % size, rng)
         # rows short of a full batch at an epoch's end open the next epoch; after the last, they are dropped
 
-    def _serve(self, pool: np.ndarray, filled: int, serve: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    def _serve(
+        self, pool: np.ndarray, filled: int, serve: int, rng: np.random.Generator
+    ) -> Generator[np.ndarray, None, int]:
         """Yield ``serve`` random rows of the pool as batches; compact the rest to the front."""
         perm = rng.permutation(filled)
         size = self.spec.batch_size

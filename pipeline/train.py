@@ -21,8 +21,8 @@ from pipeline.distributed import any_, average_, world_size
 from pipeline.files import Folder
 from pipeline.kernels import SparseDecode, TopKEncode
 from pipeline.optim import lr_factor, make_optimizer
-from pipeline.route import build_sae, core_sae
-from pipeline.sae import SaeConfig, SaeOutput
+from pipeline.route import RouteSAE, build_sae, core_sae
+from pipeline.sae import SaeConfig, SaeOutput, TopKSAE
 
 LOG_FIELDS = ["step", "tokens", "nmse", "fvu", "l0", "dead_share", "aux_loss", "lr", "tokens_per_s"]
 
@@ -65,7 +65,7 @@ class Member:
     sae_cfg: SaeConfig
     settings: MemberSettings
     layer_pos: list[int]  # its layers' positions on the stream's layer axis
-    model: nn.Module  # the SAE itself
+    model: TopKSAE | RouteSAE  # the SAE itself
     optimizer: torch.optim.Optimizer
     since_fired: Tensor  # (N,) tokens since each latent last fired
     net: nn.Module | None = None  # what runs the forward: the model, or its DistributedDataParallel wrapper
