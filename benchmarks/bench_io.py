@@ -16,37 +16,46 @@ from pipeline.store import ActivationCache
 from pipeline.stream import ActivationStream, StreamSpec
 
 
-def bench_reader(cache: ActivationCache, layer: int, repeats: int) -> dict[str, Any]:
-    """Rows/s of the shuffled, prefetched stream (steady state) vs a sequential read of the same files."""
-    files = [path for r in cache.shards for path in _act_files(cache, r["index"])]  # one-layer cache: same bytes
-    buffer = bytearray(max(p.stat().st_size for p in files))
+def bench_reader(cache: ActivationCache, layer: int, repeats: int, label: str) -> dict[str, Any]:
+    """Rows/s of the shuffled, prefetched stream (steady state) vs a sequential read of the same bytes."""
+    spans = [_layer_bytes(cache, r["index"], cache.layer_index(layer)) for r in cache.shards]
+    buffer = bytearray(max(length for _, _, length in spans))
     reader = ActivationStream(cache, StreamSpec([layer], 4096))
     sum(batch.shape[1] for batch in reader.batches(1))  # warm-up pass: opens arrays, faults the pool in
     raw, stream = [], []
     for _ in range(repeats):
         start = time.perf_counter()
-        for path in files:
+        for path, offset, length in spans:
             with open(path, "rb", buffering=0) as f:
-                f.readinto(buffer)
+                f.seek(offset)
+                f.readinto(memoryview(buffer)[:length])
         raw.append(cache.rows("train") / (time.perf_counter() - start))
         start = time.perf_counter()
         served = sum(batch.shape[1] for batch in reader.batches(1))  # batches are (L, B, D)
         stream.append(served / (time.perf_counter() - start))
     print(
-        f"  reader: raw {statistics.median(raw):,.0f} rows/s, stream {statistics.median(stream):,.0f}", file=sys.stderr
+        f"  reader {label}: raw {statistics.median(raw):,.0f} rows/s, stream {statistics.median(stream):,.0f}",
+        file=sys.stderr,
     )
     return {
+        "label": label,
         "raw sequential read": _stats(raw),
         "shuffled stream": _stats(stream),
         "bytes_per_row": cache.d_model * np.dtype(cache.manifest["spec"]["dtype"]).itemsize,
     }
 
 
-def _act_files(cache: ActivationCache, shard: int) -> list[Path]:
-    """The files holding a shard's training activations: one .npy (memmap) or the zarr shard object."""
+def _layer_bytes(cache: ActivationCache, shard: int, position: int) -> tuple[Path, int, int]:
+    """(file, offset, length) of one layer's training activations in a shard; for zarr the whole shard
+    object (this harness reads zarr on one-layer caches, where that is exactly the layer)."""
     root = cache.folder.local() / "shards" / f"{shard:06d}" / "train" / "act"
     npy = root.with_suffix(".npy")
-    return [npy] if npy.exists() else [p for p in (root / "c").rglob("*") if p.is_file()]
+    if npy.exists():
+        mapped = np.load(npy, mmap_mode="r", allow_pickle=False)  # (L, n, D)
+        layer_bytes = mapped[0].nbytes
+        return npy, int(mapped.offset) + position * layer_bytes, layer_bytes
+    (path,) = [p for p in (root / "c").rglob("*") if p.is_file()]
+    return path, 0, path.stat().st_size
 
 
 def bench_sweep(cache: ActivationCache, tokens: int, **settings: Any) -> dict[str, Any]:

@@ -9,9 +9,12 @@ min-max beside them, ratios against the targets of the benchmarks issue. Never r
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # no GGUF de-quantization bars in the log (before torch loads tqdm)
+
 import argparse
 import datetime
-import os
 import platform
 import subprocess
 import sys
@@ -36,15 +39,17 @@ RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 LAYER = 12
 
 
-def caches() -> tuple[ActivationCache, list[ActivationCache]]:
-    """The demo cache (params.yaml: SmolLM2 layer 12, whole built-in corpus) and two 2-layer caches."""
+def caches() -> tuple[ActivationCache, ActivationCache, list[ActivationCache]]:
+    """The demo cache (params.yaml: SmolLM2 layer 12, whole built-in corpus), a 16-layer RouteSAE cache of
+    100k tokens, and two 2-layer caches of 20k tokens (the extract issue's example)."""
     demo = build_config(ExtractConfig, load_params(ROOT / "params.yaml"), "extract", {}, shared=("model", "data"))
     main = ActivationCache.open(extract(demo))
+    route = ActivationCache.open(extract(ExtractConfig(layers="route", max_tokens=100_000, shard_mb=256)))
     small = [
         ActivationCache.open(extract(ExtractConfig(layers="3,12", max_tokens=20_000, backend=backend)))
         for backend in ("zarr", "memmap")
     ]
-    return main, [main, *small]
+    return main, route, [main, route, *small]
 
 
 def arrays(cache: ActivationCache, scratch: Path) -> tuple[Path, Path]:
@@ -82,7 +87,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--fit-steps", type=int, default=50)
     args = parser.parse_args()
-    os.environ.setdefault("TQDM_DISABLE", "1")  # no GGUF de-quantization bars in the log
     torch.set_num_threads(2)
     keep_freed_memory()  # as `sae-pipe fit` does on CPU
     main_cache, route_cache, disk_caches = caches()
@@ -92,7 +96,11 @@ def main() -> None:
         results["fit"] = bench_fit(data, held, args.fit_steps, args.repeats)
     results["gemm_limits"] = gemm_limits()
     results["extract"] = bench_extract(args.repeats)
-    results["reader"] = bench_reader(main_cache, LAYER, args.repeats)
+    memmap = next(c for c in disk_caches if c.manifest["spec"]["backend"] == "memmap")
+    results["reader"] = [
+        bench_reader(main_cache, LAYER, args.repeats, "zarr, 423k tokens, 1 layer"),
+        bench_reader(memmap, LAYER, args.repeats, "memmap, 20k tokens, layer 12 of 2"),
+    ]
     results["sweep"] = [
         bench_sweep(main_cache, 400_000, layer=LAYER, latents=1024, k=16),
         bench_sweep(route_cache, 94_000, arch="route", latents=1024, k=16),

@@ -1,5 +1,5 @@
-"""`dvc repro` end to end in a copy of the repo (real SmolLM2, a few thousand tokens), then a change of
-fit.k re-runs fit, evaluate and interpret but not extract."""
+"""`dvc repro` end to end in a git copy of the repo (real SmolLM2, a few thousand tokens), then
+`dvc exp run -S fit.k=... -S fit.sweep=...` re-runs fit, evaluate and interpret but not extract."""
 
 from __future__ import annotations
 
@@ -32,10 +32,17 @@ def dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "dvc"), *args], cwd=repo, env=ENV, capture_output=True, text=True, timeout=900)
 
 
-def repro(repo: Path) -> str:
-    result = dvc(repo, "repro")
+def ok(result: subprocess.CompletedProcess) -> str:
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout + result.stderr
+
+
+def git(repo: Path, *args: str) -> None:
+    ok(
+        subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, capture_output=True, text=True
+        )
+    )
 
 
 def test_repro_then_reuse_extract(tmp_path: Path) -> None:
@@ -43,13 +50,18 @@ def test_repro_then_reuse_extract(tmp_path: Path) -> None:
     repo.mkdir()
     for name in ("pipeline", "stages"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "dvc.yaml", repo)
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copy(ROOT / name, repo)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for section, values in SMALL.items():
         params[section].update(values)
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    assert dvc(repo, "init", "--no-scm", "-q").returncode == 0
-    first = repro(repo)
+    git(repo, "init", "-q")
+    ok(dvc(repo, "init", "-q"))
+    ok(dvc(repo, "config", "core.analytics", "false"))
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "a copy of the project")
+    first = ok(dvc(repo, "repro"))
     for stage in ("extract", "fit", "evaluate", "interpret"):
         assert f"Running stage '{stage}'" in first
     manifest = next((repo / "cache" / "activations").glob("*/manifest.json"))
@@ -59,13 +71,15 @@ def test_repro_then_reuse_extract(tmp_path: Path) -> None:
     assert 0 < result["ce_recovered"] <= 1.0 and result["kl_per_token"] < result["kl_zero_per_token"]
     assert list((repo / "cache" / "interpret").glob("*/report.html"))
 
-    params["fit"]["k"] = 32  # what `dvc exp run -S fit.k=32` would set
-    (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    second = repro(repo)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "first reproduction")
+    # the README's two `dvc exp run -S` forms at once: a new k, and a sweep grid trained from one read
+    second = ok(dvc(repo, "exp", "run", "-S", "fit.k=32", "-S", "fit.sweep={k:[16,32]}"))
     assert "Running stage 'extract'" not in second and "didn't change, skipping" in second
     for stage in ("fit", "evaluate", "interpret"):
         assert f"Running stage '{stage}'" in second
     assert manifest.stat().st_mtime_ns == stamp
-    (run,) = json.loads((repo / "cache" / "fit.json").read_text())["runs"]
-    assert "-k32-" in run["name"]
+    runs = json.loads((repo / "cache" / "fit.json").read_text())["runs"]
+    assert sorted(run["name"].split("-k")[1][:2] for run in runs) == ["16", "32"]
+    assert len(json.loads((repo / "cache" / "evaluate.json").read_text())["runs"]) == 2
     assert json.loads(dvc(repo, "status", "--json").stdout or "{}") == {}
