@@ -131,28 +131,58 @@ def _local_files(where: str) -> list[Path] | None:
 
 
 def _open_dataset(spec: CorpusSpec):  # noqa: ANN202 - a datasets.IterableDataset
+    """A streaming dataset: local files, a hub dataset already in the local HF cache, or the hub."""
     import datasets
 
     datasets.logging.set_verbosity_error()
     files = _local_files(spec.dataset)
+    if files is None:
+        files = _cached_hub_files(spec)
     try:
         if files is None:
             return datasets.load_dataset(
                 spec.dataset, name=spec.config, split=spec.split, revision=spec.revision, streaming=True
             )
-        kinds = {LOCAL_FORMATS[f.suffix] for f in files}
-        if len(kinds) > 1:
-            raise UserError(
-                f"{spec.dataset} mixes file types ({', '.join(sorted(kinds))}); point at a folder of one type."
-            )
-        kind = kinds.pop()
-        extra = {"sample_by": "document"} if kind == "text" else {}  # one .txt file = one document
-        return datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train", streaming=True, **extra)
+        return _load_files(spec, files)
     except (FileNotFoundError, ValueError, ConnectionError) as err:
         raise UserError(
             f"cannot open dataset {spec.dataset!r} (split {spec.split!r}): "
             f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
         ) from None
+
+
+def _load_files(spec: CorpusSpec, files: list[Path]):  # noqa: ANN202 - a datasets.IterableDataset
+    import datasets
+
+    kinds = {LOCAL_FORMATS[f.suffix] for f in files}
+    if len(kinds) > 1:
+        raise UserError(f"{spec.dataset} mixes file types ({', '.join(sorted(kinds))}); point at a folder of one type.")
+    kind = kinds.pop()
+    extra = {"sample_by": "document"} if kind == "text" else {}  # one .txt file = one document
+    return datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train", streaming=True, **extra)
+
+
+def _cached_hub_files(spec: CorpusSpec) -> list[Path] | None:
+    """The split's data files of a hub dataset already in the local HF cache, when the hub is off
+    (HF_HUB_OFFLINE=1); None otherwise, and then the hub is asked (streaming)."""
+    from huggingface_hub import constants, snapshot_download
+
+    if not constants.HF_HUB_OFFLINE or spec.config:
+        return None
+    try:
+        folder = Path(
+            snapshot_download(spec.dataset, repo_type="dataset", revision=spec.revision, local_files_only=True)
+        )
+    except Exception:  # noqa: BLE001 - not in the cache: load_dataset below says so in its own words
+        return None
+    files = sorted(p for p in folder.rglob("*") if p.suffix in LOCAL_FORMATS and p.is_file())
+    chosen = [p for p in files if spec.split in p.relative_to(folder).as_posix()]
+    if not chosen:
+        raise UserError(
+            f"the cached hub dataset {spec.dataset!r} has no files for split {spec.split!r}; it has: "
+            + ", ".join(p.relative_to(folder).as_posix() for p in files[:10])
+        )
+    return chosen
 
 
 def _check_column(spec: CorpusSpec, columns: list[str]) -> None:

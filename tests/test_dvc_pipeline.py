@@ -74,7 +74,7 @@ def test_repro_then_reuse_extract(tmp_path: Path) -> None:
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "first reproduction")
     # the README's two `dvc exp run -S` forms at once: a new k, and a sweep grid trained from one read
-    second = ok(dvc(repo, "exp", "run", "-S", "fit.k=32", "-S", "fit.sweep={k:[16,32]}"))
+    second = ok(dvc(repo, "exp", "run", "-S", "fit.k=32", "-S", "+fit.sweep.k=[16,32]"))
     assert "Running stage 'extract'" not in second and "didn't change, skipping" in second
     for stage in ("fit", "evaluate", "interpret"):
         assert f"Running stage '{stage}'" in second
