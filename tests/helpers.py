@@ -113,3 +113,11 @@ def tree_bytes(folder: Path) -> dict[str, bytes]:
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.name != "extract_log.json"
     }
+
+
+def tiny_extract_args(model_dir: Path, root: Path, backend: str = "zarr") -> list[str]:
+    """`sae-pipe extract` arguments for a small multi-shard cache of a tiny model (1500 rows, layers 1 and 3)."""
+    return [
+        "extract", "--model", str(model_dir), "--layers", "1,3", "--ctx-len", "32", "--max-tokens", "1500",
+        "--batch-size", "4", "--shard-mb", "0.02", "--cache-root", str(root), "--device", "cpu", "--backend", backend,
+    ]  # fmt: skip

@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.extract import ExtractConfig, extract
 from pipeline.store import ActivationCache
-from tests.helpers import synthetic_cache, tree_bytes
+from tests.helpers import synthetic_cache, tiny_extract_args, tree_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -26,31 +26,9 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
     return proc
 
 
-def extract_args(model_dir: Path, root: Path) -> list[str]:
-    return [
-        "extract",
-        "--model",
-        str(model_dir),
-        "--layers",
-        "1,3",
-        "--ctx-len",
-        "32",
-        "--max-tokens",
-        "1500",
-        "--batch-size",
-        "4",
-        "--shard-mb",
-        "0.02",
-        "--cache-root",
-        str(root),
-        "--device",
-        "cpu",
-    ]
-
-
 def test_two_process_extraction_equals_one(tiny_llama: Path, tmp_path: Path) -> None:
     single = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *extract_args(tiny_llama, tmp_path / "one")],
+        [sys.executable, "-m", "pipeline.cli", *tiny_extract_args(tiny_llama, tmp_path / "one")],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -59,7 +37,7 @@ def test_two_process_extraction_equals_one(tiny_llama: Path, tmp_path: Path) -> 
     assert single.returncode == 0, single.stderr
     one = Path(single.stdout.strip().splitlines()[-1])
     two = Path(
-        torchrun("-m", "pipeline.cli", *extract_args(tiny_llama, tmp_path / "two")).stdout.strip().splitlines()[-1]
+        torchrun("-m", "pipeline.cli", *tiny_extract_args(tiny_llama, tmp_path / "two")).stdout.strip().splitlines()[-1]
     )
     assert one.name == two.name
     a, b = ActivationCache.open(str(one)), ActivationCache.open(str(two))

@@ -21,33 +21,9 @@ from pipeline.errors import UserError
 from pipeline.extract import ExtractConfig, extract
 from pipeline.fit import FitConfig, fit
 from pipeline.store import ActivationCache
-from tests.helpers import synthetic_cache, tree_bytes
+from tests.helpers import synthetic_cache, tiny_extract_args, tree_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cli_args(model_dir: Path, root: Path, backend: str = "zarr") -> list[str]:
-    return [
-        "extract",
-        "--model",
-        str(model_dir),
-        "--layers",
-        "1,3",
-        "--ctx-len",
-        "32",
-        "--max-tokens",
-        "1500",
-        "--batch-size",
-        "4",
-        "--shard-mb",
-        "0.02",
-        "--cache-root",
-        str(root),
-        "--device",
-        "cpu",
-        "--backend",
-        backend,
-    ]
 
 
 def run(*args: str, kill: tuple[str, int] | None = None, check: bool = True) -> subprocess.CompletedProcess:
@@ -62,13 +38,16 @@ def run(*args: str, kill: tuple[str, int] | None = None, check: bool = True) -> 
     return proc
 
 
+def last_line(proc: subprocess.CompletedProcess) -> Path:
+    """The path a command printed last (extract prints its cache folder last)."""
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Uninterrupted caches to compare against, one per backend."""
     root = tmp_path_factory.mktemp("ref")
-    return {
-        b: Path(run(*cli_args(tiny_llama, root / b, b)).stdout.strip().splitlines()[-1]) for b in ("zarr", "memmap")
-    }
+    return {b: last_line(run(*tiny_extract_args(tiny_llama, root / b, b))) for b in ("zarr", "memmap")}
 
 
 @pytest.mark.parametrize(
@@ -78,12 +57,12 @@ def reference(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
 def test_kill_during_extract_then_rerun_is_byte_identical(
     tiny_llama: Path, tmp_path: Path, reference: dict, point: str, count: int, backend: str
 ) -> None:
-    killed = run(*cli_args(tiny_llama, tmp_path, backend), kill=(point, count))
+    killed = run(*tiny_extract_args(tiny_llama, tmp_path, backend), kill=(point, count))
     assert killed.returncode == -9, killed.stderr
     partial = next(p for p in (tmp_path / "activations").iterdir() if not p.name.startswith("."))
     with pytest.raises(UserError, match="incomplete"):
         ActivationCache.open(partial)  # no reader ever sees a partial cache
-    resumed = Path(run(*cli_args(tiny_llama, tmp_path, backend)).stdout.strip().splitlines()[-1])
+    resumed = last_line(run(*tiny_extract_args(tiny_llama, tmp_path, backend)))
     assert tree_bytes(resumed) == tree_bytes(reference[backend])
     assert not [p for p in (resumed / "shards").iterdir() if p.name.startswith(".")]  # no temporary leftovers
 
@@ -133,7 +112,7 @@ def _params(root: Path, every: int) -> Path:
 
 
 def test_corruption_is_named_by_verify_and_fit_and_repaired(tiny_llama: Path, tmp_path: Path) -> None:
-    folder = Path(run(*cli_args(tiny_llama, tmp_path, "memmap")).stdout.strip().splitlines()[-1])
+    folder = last_line(run(*tiny_extract_args(tiny_llama, tmp_path, "memmap")))
     flipped = folder / "shards" / "000001" / "train" / "act.npy"
     data = bytearray(flipped.read_bytes())
     data[300] ^= 0x01
@@ -152,7 +131,7 @@ def test_corruption_is_named_by_verify_and_fit_and_repaired(tiny_llama: Path, tm
     )
     assert flipped.exists() and truncated.exists()  # nothing deleted
     assert run("cache", "repair", str(folder)).stdout.startswith("dropped shard(s) 1, 2")
-    run(*cli_args(tiny_llama, tmp_path, "memmap"))
+    run(*tiny_extract_args(tiny_llama, tmp_path, "memmap"))
     assert run("cache", "verify", str(folder)).stdout.startswith("ok")
 
 
@@ -176,7 +155,7 @@ def test_two_fits_read_one_cache_at_once(tmp_path: Path) -> None:
 
 
 def test_two_extracts_of_one_key_never_corrupt_it(tiny_llama: Path, tmp_path: Path, reference: dict) -> None:
-    args = [sys.executable, "-m", "pipeline.cli", *cli_args(tiny_llama, tmp_path, "zarr")]
+    args = [sys.executable, "-m", "pipeline.cli", *tiny_extract_args(tiny_llama, tmp_path, "zarr")]
     procs = [
         subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
     ]
