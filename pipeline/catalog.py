@@ -44,8 +44,8 @@ def list_caches(cache_root: str) -> list[dict[str, Any]]:
     return found
 
 
-def summarize(cache: ActivationCache, with_stats: bool = True) -> dict[str, Any]:
-    """The manifest's facts without per-shard detail, plus disk use and (optionally) sample statistics."""
+def summarize(cache: ActivationCache) -> dict[str, Any]:
+    """The manifest's facts without per-shard detail, plus disk use and sample statistics."""
     manifest = cache.manifest
     rows = manifest["rows"]
     layers = cache.layers
@@ -59,8 +59,7 @@ def summarize(cache: ActivationCache, with_stats: bool = True) -> dict[str, Any]
         "activation_bytes": data_bytes,
         "overhead_share": manifest["bytes"] / max(data_bytes, 1) - 1,
     }
-    if with_stats:
-        info["sample_stats"] = sample_stats(cache)
+    info["sample_stats"] = sample_stats(cache)
     return info
 
 

@@ -52,13 +52,11 @@ def save_weights(folder: Folder, model: nn.Module, name: str = "sae.safetensors"
     folder.rename(tmp.name, name)
 
 
-def load_sae(
-    where: str | Folder, device: torch.device | str = "cpu", need_complete: bool = True
-) -> tuple[TopKSAE | RouteSAE, dict[str, Any]]:
+def load_sae(where: str | Folder, device: torch.device | str = "cpu") -> tuple[TopKSAE | RouteSAE, dict[str, Any]]:
     """Rebuild a trained SAE and return it with its cfg.json."""
     folder = where if isinstance(where, Folder) else Folder.at(where)
     cfg = read_cfg(folder)
-    if need_complete and cfg.get("status") != "complete":
+    if cfg.get("status") != "complete":
         raise UserError(
             f"run {folder.url} has not finished training (status {cfg.get('status')!r}); "
             "re-run `sae-pipe fit` with --resume to finish it."
@@ -96,22 +94,31 @@ def save_state(folder: Folder, model: nn.Module, state: TrainingState) -> None:
     folder.remove(name)
     folder.rename(tmp.name, name)
     folder.write_json({"state": name, "step": state.step}, "state.json")
-    for old in folder.list():
-        if old.startswith("state-") and old != name:
-            folder.remove(old)
+    drop_state(folder, keep=name)
+
+
+def drop_state(folder: Folder, keep: str | None = None) -> None:
+    """Remove resumable states other than ``keep`` (all, with the pointer, when None) and any half-written
+    temporary files a kill left behind."""
+    for name in folder.list():
+        stale = name.startswith(("state-", ".state-")) or name.endswith(".tmp")
+        if stale and name != keep:
+            folder.remove(name)
+    if keep is None:
+        folder.remove("state.json")
 
 
 def load_state(folder: Folder, model: nn.Module, device: torch.device) -> TrainingState | None:
     """Restore weights and return the training state, or None when the run has none."""
     if not folder.exists("state.json"):
         return None
-    name = folder.read_json("state.json")["state"]
     try:
+        name = folder.read_json("state.json")["state"]
         tensors = load_file(str(folder.local() / name / "state.safetensors"), device=str(device))
         meta = json.loads((folder.local() / name / "state.json").read_text())
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, KeyError, TypeError) as err:
         raise CorruptError(
-            f"training state {folder.url}/{name} cannot be read ({err}); delete the run folder to train from scratch."
+            f"training state in {folder.url} cannot be read ({err!r}); delete the run folder to train from scratch."
         ) from None
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     optimizer = _unflatten_optimizer(tensors, meta["optimizer"])

@@ -40,8 +40,11 @@ CacheRootOpt = Annotated[
 ]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N [default: auto].")]
 BatchOpt = Annotated[
-    int | None, typer.Option("--batch-size", help="Batch size (sequences for the LLM, tokens for SAE training).")
+    int | None,
+    typer.Option("--batch-size", help="Batch size (sequences for the LLM, tokens for the SAE in fit and interpret)."),
 ]
+InferKOpt = Annotated[int | None, typer.Option("--infer-k", help="Encode with this k instead of the trained one.")]
+ThetaOpt = Annotated[float | None, typer.Option("--theta", help="Encode with an activation threshold, not top-k.")]
 MaxTokensOpt = Annotated[int | None, typer.Option("--max-tokens", help="Token budget.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout (its last line).")]
 CachePathArg = Annotated[str, typer.Argument(help="A cache folder (cache/activations/<key>) or URL.")]
@@ -167,8 +170,8 @@ def evaluate(
     max_tokens: MaxTokensOpt = None,
     batch_size: BatchOpt = None,
     metrics: Annotated[str | None, typer.Option("--metrics", help="Comma list of nmse, kl, ce.")] = None,
-    infer_k: Annotated[int | None, typer.Option("--infer-k", help="Encode with this k.")] = None,
-    theta: Annotated[float | None, typer.Option("--theta", help="Encode with an activation threshold.")] = None,
+    infer_k: InferKOpt = None,
+    theta: ThetaOpt = None,
     device: DeviceOpt = None,
     out: Annotated[str | None, typer.Option("--out", help="Folder for metrics [default: cache/evaluate].")] = None,
     cache_root: CacheRootOpt = None,
@@ -206,6 +209,9 @@ def evaluate(
 def interpret(
     run: Annotated[str, typer.Argument(help="A run folder printed by `sae-pipe fit`.")],
     max_tokens: MaxTokensOpt = None,
+    batch_size: BatchOpt = None,
+    infer_k: InferKOpt = None,
+    theta: ThetaOpt = None,
     top: Annotated[int | None, typer.Option("--top", help="Top-activating examples per latent.")] = None,
     window: Annotated[int | None, typer.Option("--window", help="Context tokens before the activating token.")] = None,
     features: Annotated[

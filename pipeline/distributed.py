@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,14 @@ class Ranks:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def share(self, value: T) -> T:
+        """Rank 0's ``value`` on every rank (any picklable object; no-op alone)."""
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def barrier(self) -> None:
         """Wait for every rank (no-op alone)."""
@@ -84,6 +95,7 @@ def smallest(value: int) -> int:
     """The minimum of ``value`` over ranks (every rank must run the same number of steps)."""
     if not _active():
         return value
-    tensor = torch.tensor([value], dtype=torch.int64)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)  # NCCL reduces CUDA tensors only
     dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
     return int(tensor.item())

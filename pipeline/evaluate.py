@@ -7,6 +7,7 @@ layer share one clean and one zeroed forward per batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,22 +52,30 @@ def evaluate(cfg: EvaluateConfig) -> list[dict[str, Any]]:
             if unknown
             else "no run to evaluate: pass a run folder (or --all DIR)."
         )
+    if cfg.batch_size < 1 or cfg.max_tokens < 0:
+        raise UserError("--batch-size must be at least 1 and --max-tokens not negative (0 = all held-out tokens).")
     device = resolve_device(cfg.device)
     subjects = [load_subject(run, device) for run in cfg.runs]
     for subject in subjects:
+        subject.check_infer_k(cfg.infer_k)
         subject.result = fast_metrics(subject, cfg)
     if {"kl", "ce"} & set(cfg.metrics):
-        for group in _groups(subjects):
-            spliced_metrics(group, cfg, device)
+        for same_cache in _group_by(subjects, lambda s: (s.cache.key,)):
+            model, blocks = _load_llm(same_cache[0].cache, device)  # once per cache, not once per layer
+            for group in _group_by(same_cache, _forward_key):
+                spliced_metrics(group, cfg, model, blocks)
     return [write_metrics(s, cfg) for s in subjects]
 
 
-def _groups(subjects: list[Subject]) -> list[list[Subject]]:
-    """Runs that can share clean/zeroed forwards: same cache, same single layer (RouteSAEs alone)."""
+def _forward_key(s: Subject) -> tuple[str, ...]:
+    """Runs that can share clean/zeroed forwards: same single layer (a RouteSAE routes alone)."""
+    return ("route", s.folder.name) if s.is_route else (str(s.layers[0]),)
+
+
+def _group_by(subjects: list[Subject], key: Callable[[Subject], tuple[str, ...]]) -> list[list[Subject]]:
     groups: dict[tuple[str, ...], list[Subject]] = {}
     for s in subjects:
-        key = (s.cache.key, "route", s.folder.name) if s.is_route else (s.cache.key, str(s.layers[0]))
-        groups.setdefault(key, []).append(s)
+        groups.setdefault(key(s), []).append(s)
     return list(groups.values())
 
 
@@ -74,6 +83,11 @@ def _groups(subjects: list[Subject]) -> list[list[Subject]]:
 def fast_metrics(s: Subject, cfg: EvaluateConfig) -> dict[str, Any]:
     """nmse, fvu, l0, dead share (and routing shares) over held-out rows of the cache."""
     available = s.cache.rows("heldout")
+    if available == 0:
+        raise UserError(
+            f"cache {s.cache.key} has no held-out tokens to evaluate on; re-extract it with "
+            "--heldout above 0 (the default holds out 5 % of sequences)."
+        )
     if cfg.max_tokens > available:
         raise UserError(
             f"--max-tokens {cfg.max_tokens:,} is more than the {available:,} held-out tokens of cache "
@@ -128,11 +142,12 @@ def _load_llm(cache: ActivationCache, device: torch.device) -> tuple[torch.nn.Mo
 
 
 @torch.no_grad()
-def spliced_metrics(group: list[Subject], cfg: EvaluateConfig, device: torch.device) -> None:
+def spliced_metrics(
+    group: list[Subject], cfg: EvaluateConfig, model: torch.nn.Module, blocks: torch.nn.ModuleList
+) -> None:
     """KL and CE with each run spliced in; clean and zeroed forwards are shared by the group."""
-    cache = group[0].cache
-    tokens_np, mask_np = cache.heldout_sequences(cfg.max_tokens)
-    model, blocks = _load_llm(cache, device)
+    tokens_np, mask_np = group[0].cache.heldout_sequences(cfg.max_tokens)
+    device = next(model.parameters()).device
     sums = {id(s): {"kl": 0.0, "ce_spliced": 0.0} for s in group}
     shared = {
         "ce_clean": 0.0,

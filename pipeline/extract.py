@@ -85,7 +85,12 @@ def prepare(cfg: ExtractConfig) -> Prepared:
     memo = Memo(root.local() / ".memo.json") if root.is_local else None  # remote roots: recompute hashes
     source = resolve_model(cfg.model, cfg.revision)
     model_id = fingerprint_model(source, memo)
-    n_layers, d_model = model_shape(source, model_id, memo, cfg.trust_remote_code)
+    n_layers, d_model, max_positions = model_shape(source, model_id, memo, cfg.trust_remote_code)
+    if max_positions is not None and cfg.ctx_len > max_positions:
+        raise UserError(
+            f"--ctx-len {cfg.ctx_len} is longer than the {max_positions} positions model {source.name!r} "
+            "was built for; use --ctx-len of at most that."
+        )
     layers = parse_layers(cfg.layers, n_layers)
     corpus = CorpusSpec(cfg.dataset, cfg.split, cfg.text_column, cfg.dataset_config)
     device = resolve_device(cfg.device)
@@ -177,12 +182,16 @@ def _run(prep: Prepared, ranks: Ranks) -> None:
         )
     worker = _Worker(prep, ranks, first)
     clock = Stopwatch()
-    with progress_bar("extract", cfg.max_tokens or None) as bar:
-        for plan in itertools.chain([first], plans):
-            if plan.index in done:
-                bar.advance(0, int(plan.keep.sum()))
-            elif plan.index % ranks.world == ranks.rank:
-                worker.submit(plan, bar)
+    try:
+        with progress_bar("extract", cfg.max_tokens or None) as bar:
+            for plan in itertools.chain([first], plans):
+                if plan.index in done:
+                    bar.advance(0, int(plan.keep.sum()))
+                elif plan.index % ranks.world == ranks.rank:
+                    worker.submit(plan, bar)
+    except BaseException:
+        worker.close(raise_errors=False)  # keep every finished shard; report the first error
+        raise
     worker.close()
     ranks.barrier()
     if ranks.is_main:
@@ -220,8 +229,8 @@ class _Worker:
         }
         self.writer.submit(plan.index, arrays, record)
 
-    def close(self) -> None:
-        self.writer.close()
+    def close(self, raise_errors: bool = True) -> None:
+        self.writer.close(raise_errors)
 
 
 def _check_disk(prep: Prepared, done: dict[int, dict[str, Any]]) -> None:

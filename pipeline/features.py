@@ -163,7 +163,7 @@ def _inactive_rows(active: np.ndarray, n_rows: int, wanted: int, rng: np.random.
     if n_rows - len(active) <= 0:
         return []
     candidates = rng.choice(n_rows, min(n_rows, wanted * 4 + len(active) // 10 + 8), replace=False)
-    return [int(r) for r in np.setdiff1d(candidates, active, assume_unique=False)[:wanted]]
+    return [int(r) for r in candidates[~np.isin(candidates, active)][:wanted]]  # random order, not sorted
 
 
 def examples_table(

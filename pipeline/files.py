@@ -157,7 +157,3 @@ def sha256_file(path: str | Path, memo: Memo | None = None) -> str:
     if memo is not None:
         memo.set(stamp, digest.hexdigest())
     return digest.hexdigest()
-
-
-def sha256_bytes(data: bytes | memoryview) -> str:
-    return hashlib.sha256(data).hexdigest()

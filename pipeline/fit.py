@@ -10,7 +10,7 @@ from contextlib import ExitStack
 
 import torch
 
-from pipeline.checkpoint import save_weights, write_cfg
+from pipeline.checkpoint import drop_state, save_weights, write_cfg
 from pipeline.console import Stopwatch, progress_bar, say
 from pipeline.device import keep_freed_memory, resolve_device
 from pipeline.distributed import Ranks, smallest, wrap_ddp
@@ -44,10 +44,26 @@ def fit(cfg: FitConfig, ranks: Ranks | None = None) -> list[Folder]:
     with ExitStack() as locks:  # a second process for the same run waits, then finds it trained
         for plan in sorted(plans, key=lambda p: p.folder.name):
             locks.enter_context(exclusive(plan.folder, "fit", enabled=ranks.world == 1))
-        todo = [p for p in plans if needs_training(p)]
+        todo = _todo(plans, ranks)
         if todo:
             _train(todo, cache, cfg, ranks)
+    ranks.barrier()  # under torchrun no rank returns before rank 0 has written the runs
     return [p.folder for p in plans]
+
+
+def _todo(plans: list[RunPlan], ranks: Ranks) -> list[RunPlan]:
+    """The runs that need training, decided (and cleared for --overwrite) by rank 0 alone."""
+    names: list[str] = []
+    error: str | None = None
+    if ranks.is_main:
+        try:
+            names = [p.folder.name for p in plans if needs_training(p)]
+        except UserError as err:
+            error = str(err)
+    names, error = ranks.share((names, error))
+    if error is not None:
+        raise UserError(error)
+    return [p for p in plans if p.folder.name in names]
 
 
 def open_cache(cfg: FitConfig) -> ActivationCache:
@@ -140,7 +156,8 @@ def _loop(
                 if member.step == 0:
                     init_pre_bias(member, view)
                 metrics = train_step(member, view, steps)
-                if ranks.is_main and (member.step % cfg.log_every == 0 or member.step == steps):
+                logged = (cfg.log_every and member.step % cfg.log_every == 0) or member.step == steps
+                if ranks.is_main and logged:
                     rate = (member.step - window[0]) * cfg.batch_size / max(clock.seconds - window[1], 1e-9)
                     member.pending_log.append(
                         {
@@ -150,10 +167,10 @@ def _loop(
                             "tokens_per_s": round(rate, 1),
                         }
                     )
-            if (step + 1) % cfg.log_every == 0:
+            if cfg.log_every and (step + 1) % cfg.log_every == 0:
                 window = (step + 1, clock.seconds)
             bar.update(0, advance=cfg.batch_size, status=f"nmse {metrics['nmse']:.3f} L0 {metrics['l0']:.0f}")
-            if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps and ranks.is_main:
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps and ranks.is_main:
                 for member in members:
                     checkpoint(member)
 
@@ -164,10 +181,7 @@ def _finish(plan: RunPlan, member: Member, steps: int) -> None:
     save_weights(plan.folder, member.model)
     last = _last_log(plan.folder)
     write_cfg(plan.folder, {"status": "complete", **plan.record, "steps": steps, "result": {**summary(member), **last}})
-    plan.folder.remove("state.json")
-    for name in plan.folder.list():
-        if name.startswith("state-"):
-            plan.folder.remove(name)
+    drop_state(plan.folder)
     say(f"trained {plan.folder.name}: " + ", ".join(f"{k} {v}" for k, v in last.items() if k in ("nmse", "fvu", "l0")))
 
 

@@ -23,15 +23,15 @@ def _hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
 
 
 @contextmanager
-def capture(blocks: nn.ModuleList, layers: list[int], stop: bool = True) -> Iterator[dict[int, torch.Tensor]]:
-    """Record the input of each block in ``layers``; with ``stop``, end the forward after the last."""
+def capture(blocks: nn.ModuleList, layers: list[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """Record the input of each block in ``layers`` and end the forward at the last of them."""
     captured: dict[int, torch.Tensor] = {}
     last = max(layers)
 
     def make_hook(layer: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             captured[layer] = _hidden(args, kwargs)
-            if stop and layer == last:
+            if layer == last:
                 raise StopForward
 
         return hook

@@ -73,8 +73,11 @@ def interpret(cfg: InterpretConfig) -> dict[str, Any]:
         raise UserError(f"unknown explainer {cfg.explainer!r}; use one of {', '.join(EXPLAINERS)}.")
     if not cfg.run:
         raise UserError("no run given: pass a run folder printed by `sae-pipe fit`.")
+    if cfg.batch_size < 1 or cfg.max_tokens < 0:
+        raise UserError("--batch-size must be at least 1 and --max-tokens not negative (0 = all held-out tokens).")
     clock = Stopwatch()
     subject = load_subject(cfg.run, resolve_device(cfg.device), cfg.cache or None)
+    subject.check_infer_k(cfg.infer_k)
     out = Folder.at(cfg.out) if cfg.out else Folder.at(cfg.cache_root).child("interpret", subject.folder.name)
     out.makedirs()
     tables, scanned = build_tables(subject, cfg)
@@ -88,10 +91,10 @@ def interpret(cfg: InterpretConfig) -> dict[str, Any]:
         "examples": tables["examples"].num_rows,
     }
     records = _explain(tables, cfg, out)
-    summary.update(summarize(records, cfg.model) if records else {"explanations": "skipped"})
+    summary.update({"explanations": "skipped"} if records is None else summarize(records, cfg.model))
     summary["seconds"] = round(clock.seconds, 1)
     out.write_json(summary, "summary.json")
-    explained = {r["latent"]: r for r in records if r.get("category")}
+    explained = {r["latent"]: r for r in records or [] if r.get("category")}
     html = render_report(
         f"Features of {subject.folder.name}",
         summary,
@@ -135,17 +138,21 @@ def build_tables(s: Subject, cfg: InterpretConfig) -> tuple[dict[str, pa.Table],
     }, acts.n_rows
 
 
-def _explain(tables: dict[str, pa.Table], cfg: InterpretConfig, out: Folder) -> list[dict[str, Any]]:
-    """Explain a seeded sample of eligible latents; an empty list when explanations are skipped."""
+def _explain(tables: dict[str, pa.Table], cfg: InterpretConfig, out: Folder) -> list[dict[str, Any]] | None:
+    """Explain a seeded sample of eligible latents: their records ([] when none is eligible), None when
+    explanations are skipped."""
     if cfg.explainer == "none":
         say("explanations skipped (--explainer none)")
-        return []
+        return None
     latents = _eligible(tables["features"], cfg)
     if not api_key_present():
         say(
             f"explanations skipped: OPENAI_API_KEY is not set. Set it (and OPENAI_BASE_URL for another "
             f"OpenAI-compatible server) and re-run to explain {len(latents)} features; tables and report are written."
         )
+        return None
+    if not latents:
+        say(f"[yellow]no latent fired at least {cfg.min_count} times (--min-count); nothing to explain.[/]")
         return []
     settings = ExplainerSettings(model=cfg.model, concurrency=cfg.concurrency, max_retries=cfg.max_retries)
     explainer = Explainer(settings, AnswerCache(Folder.at(cfg.cache_root).child("interpret", ".answers")))

@@ -11,6 +11,7 @@ The dense work is one GEMM (``x @ W_enc.T``); everything after the top-k selecti
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -35,15 +36,20 @@ def use_low_precision(device: torch.device, precision: str) -> bool:
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
 
 
-_WORKSPACE: dict[tuple[str, tuple[int, ...], torch.dtype, torch.device], Tensor] = {}
+_WORKSPACE: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
 
 
 def workspace(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A reusable scratch tensor: large temporaries allocated fresh every step cost page faults on CPU."""
-    key = (name, shape, dtype, device)
-    if key not in _WORKSPACE:
-        _WORKSPACE[key] = torch.empty(shape, dtype=dtype, device=device)
-    return _WORKSPACE[key]
+    """A reusable scratch tensor: large temporaries allocated fresh every step cost page faults on CPU.
+
+    One buffer per name, grown to the largest shape asked for, so changing shapes (AuxK over a varying
+    number of dead latents, short last batches) reuse it instead of piling up buffers.
+    """
+    size = math.prod(shape)
+    key = (name, dtype, device)
+    if key not in _WORKSPACE or _WORKSPACE[key].numel() < size:
+        _WORKSPACE[key] = torch.empty(size, dtype=dtype, device=device)
+    return _WORKSPACE[key][:size].view(shape)
 
 
 def encoder_preacts(centered: Tensor, w_enc: Tensor, b_enc: Tensor, low_precision: bool) -> Tensor:

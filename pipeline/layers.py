@@ -9,6 +9,11 @@ from __future__ import annotations
 from pipeline.errors import UserError
 
 
+def layer_span(layers: list[int]) -> str:
+    """Short name of a sorted layer list for folder names: ``L12``, or ``L3-12x2`` (first, last, count)."""
+    return f"L{layers[0]}" if len(layers) == 1 else f"L{layers[0]}-{layers[-1]}x{len(layers)}"
+
+
 def route_range(n_layers: int) -> list[int]:
     """The RouteSAE layer range: n/4 .. 3n/4 inclusive (as in the RouteSAE code)."""
     return list(range(n_layers // 4, n_layers * 3 // 4 + 1))

@@ -13,6 +13,7 @@ from typing import Any
 
 from pipeline.errors import CorruptError, IncompleteError, UserError
 from pipeline.files import Folder
+from pipeline.layers import layer_span
 
 FORMAT = "sae-pipe/activations"
 FORMAT_VERSION = 1
@@ -28,9 +29,7 @@ def cache_key(spec: dict[str, Any]) -> str:
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     model = str(spec["model"]["name"]).rsplit("/", 1)[-1].removesuffix(".gguf").lower()
     model = "".join(c if c.isalnum() or c in "-._" else "-" for c in model)[:40]
-    layers = spec["layers"]
-    span = f"L{layers[0]}" if len(layers) == 1 else f"L{layers[0]}-{layers[-1]}x{len(layers)}"
-    return f"{model}-{span}-{digest}"
+    return f"{model}-{layer_span(spec['layers'])}-{digest}"
 
 
 def shard_name(index: int) -> str:

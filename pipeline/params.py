@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -59,11 +61,45 @@ def build_config(
 ) -> T:
     """Dataclass defaults < params.yaml (shared sections, then the stage's) < command-line options."""
     fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    values: dict[str, Any] = {}
+    values: dict[str, tuple[Any, str]] = {}  # field -> (value, where it came from)
     if params is not None:
         mapping = {"model": MODEL_KEYS, "data": DATA_KEYS}
         for section in shared:
-            values.update(section_values(params, section, mapping[section], fields))
-        values.update(section_values(params, stage, None, fields))
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return cls(**values)
+            values.update(
+                {k: (v, section) for k, v in section_values(params, section, mapping[section], fields).items()}
+            )
+        values.update({k: (v, stage) for k, v in section_values(params, stage, None, fields).items()})
+    values.update({k: (v, "command line") for k, v in overrides.items() if v is not None})
+    hints = typing.get_type_hints(cls)
+    return cls(**{name: coerce(value, hints[name], f"{name} ({where})") for name, (value, where) in values.items()})
+
+
+def coerce(value: Any, hint: Any, what: str) -> Any:
+    """``value`` as the type the config field declares (YAML reads ``4e-3`` as a string, ``12`` as an int)."""
+    options = [h for h in typing.get_args(hint) if h is not type(None)] if type(hint) is types.UnionType else [hint]
+    if value is None and len(options) < len(typing.get_args(hint) or [hint]):
+        return None
+    target = options[0]
+    origin = typing.get_origin(target) or target
+    try:
+        if target is bool:
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if target in (int, float):
+            number = float(value) if isinstance(value, str) else value
+            if isinstance(number, bool) or not isinstance(number, (int, float)):
+                raise ValueError
+            if target is int and number != int(number):
+                raise ValueError
+            return target(number)
+        if target is str:
+            return str(value)
+        if origin is tuple:
+            return tuple(float(v) for v in value)
+        if not isinstance(value, origin):
+            raise ValueError
+        return value
+    except (TypeError, ValueError):
+        name = getattr(target, "__name__", str(target))
+        raise UserError(f"{what}: {value!r} is not a valid {name}.") from None

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,8 +19,9 @@ from pipeline.checkpoint import read_cfg
 from pipeline.console import say
 from pipeline.errors import UserError
 from pipeline.files import Folder
-from pipeline.layers import parse_layers, route_range
+from pipeline.layers import layer_span, parse_layers, route_range
 from pipeline.optim import OPTIMIZERS, SCHEDULES, auto_lr
+from pipeline.params import coerce
 from pipeline.sae import SaeConfig
 from pipeline.store import ActivationCache
 
@@ -83,8 +85,8 @@ class FitConfig:
     aux_alpha: float = 1 / 32  # AuxK loss weight
     precision: str = "auto"  # encoder GEMM: auto (bf16 where the hardware has it) | float32 | bfloat16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    log_every: int = 10  # steps between log.csv rows
-    checkpoint_every: int = 100  # steps between resumable states
+    log_every: int = 10  # steps between log.csv rows (0 = the last step only)
+    checkpoint_every: int = 100  # steps between resumable states (0 = none)
     pool_mb: float = 1024.0  # shuffle pool size
     verify: bool = True  # check the cache's checksums for the data read before training
     sweep: dict[str, list[Any]] = field(default_factory=dict)  # setting -> values; every combination is trained
@@ -109,25 +111,24 @@ def expand_sweep(cfg: FitConfig) -> list[FitConfig]:
     unknown = sorted(set(cfg.sweep) - set(SWEEPABLE))
     if unknown:
         raise UserError(f"cannot sweep {', '.join(unknown)}; sweepable settings: {', '.join(SWEEPABLE)}.")
-    keys = list(cfg.sweep)
-    combos = itertools.product(*(cfg.sweep[k] for k in keys))
-    return [dataclasses.replace(cfg, sweep={}, **dict(zip(keys, values))) for values in combos]
+    hints = typing.get_type_hints(FitConfig)
+    grid = {
+        key: [coerce(v, hints[key], f"sweep {key}") for v in (values if isinstance(values, list) else [values])]
+        for key, values in cfg.sweep.items()
+    }
+    combos = itertools.product(*grid.values())
+    return [dataclasses.replace(cfg, sweep={}, **dict(zip(grid, values))) for values in combos]
 
 
-def parse_sweep(items: list[str]) -> dict[str, list[Any]]:
-    """``["k=32,64", "lr=1e-3"]`` -> ``{"k": [32, 64], "lr": [0.001]}``, typed like FitConfig's fields."""
-    types = {f.name: f.type for f in dataclasses.fields(FitConfig)}
-    sweep: dict[str, list[Any]] = {}
+def parse_sweep(items: list[str]) -> dict[str, list[str]]:
+    """``["k=32,64", "lr=1e-3"]`` -> ``{"k": ["32", "64"], "lr": ["1e-3"]}`` (typed by :func:`expand_sweep`)."""
+    sweep: dict[str, list[str]] = {}
     for item in items:
         key, sep, values = item.partition("=")
         key = key.strip()
         if not sep or key not in SWEEPABLE or not values.strip():
             raise UserError(f"bad --sweep {item!r}: use key=v1,v2 with key one of {', '.join(SWEEPABLE)}.")
-        cast = float if "float" in str(types[key]) else int if "int" in str(types[key]) else str
-        try:
-            sweep[key] = [cast(v.strip()) for v in values.split(",")]
-        except ValueError:
-            raise UserError(f"bad --sweep {item!r}: values of {key} must be {cast.__name__}s.") from None
+        sweep[key] = [v.strip() for v in values.split(",")]
     return sweep
 
 
@@ -155,9 +156,9 @@ def plan_run(cfg: FitConfig, cache: ActivationCache) -> RunPlan:
             "layer_convention": cache.manifest["layer_convention"],
         },
     }
-    digest = hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    span = f"L{layers[0]}" if len(layers) == 1 else f"L{layers[0]}-{layers[-1]}"
-    name = f"{cache.key.split('-L')[0]}-{cfg.arch}-{span}-n{n_latents}-k{cfg.k}-{digest}"
+    hashed = {**record, "cache": {k: v for k, v in record["cache"].items() if k != "path"}}  # the key names it
+    digest = hashlib.sha256(json.dumps(hashed, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    name = f"{cache.key.split('-L')[0]}-{cfg.arch}-{layer_span(layers)}-n{n_latents}-k{cfg.k}-{digest}"
     return RunPlan(cfg, sae, Folder.at(out_root(cfg)).child(name), record)
 
 
@@ -194,8 +195,11 @@ def _check_settings(cfg: FitConfig) -> None:
         raise UserError(f"unknown optimizer {cfg.optimizer!r}; use one of {', '.join(OPTIMIZERS)}.")
     if cfg.schedule not in SCHEDULES:
         raise UserError(f"unknown lr schedule {cfg.schedule!r}; use one of {', '.join(SCHEDULES)}.")
-    if cfg.batch_size < 1 or cfg.max_tokens < 0 or cfg.epochs < 0 or cfg.lr < 0:
-        raise UserError("--batch-size must be positive, --lr (0 = auto), --max-tokens and --epochs >= 0.")
+    if min(cfg.max_tokens, cfg.epochs, cfg.lr, cfg.log_every, cfg.checkpoint_every) < 0 or cfg.batch_size < 1:
+        raise UserError(
+            "--batch-size must be positive; --lr (0 = auto), --max-tokens, --epochs, log_every and "
+            "checkpoint_every must be >= 0."
+        )
 
 
 def check_shared(plans: list[RunPlan]) -> None:

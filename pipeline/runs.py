@@ -35,6 +35,12 @@ class Subject:
     def is_route(self) -> bool:
         return self.cfg["sae"]["arch"] == "route"
 
+    def check_infer_k(self, infer_k: int | None) -> None:
+        """An inference-time k must pick some but not all latents of the SAE."""
+        n_latents = self.cfg["sae"]["n_latents"]
+        if infer_k is not None and not 0 < infer_k < n_latents:
+            raise UserError(f"--infer-k {infer_k} must be between 1 and {n_latents - 1} for {self.folder.url}.")
+
 
 def load_subject(run: str, device: torch.device, cache_path: str | None = None) -> Subject:
     """Load a run and the cache named in its cfg.json (or ``cache_path``), refusing mismatches."""

@@ -63,12 +63,16 @@ def zero_edits(layers: list[int], masks: list[Tensor]) -> dict[int, Edit]:
 def route_choice(
     model: nn.Module, blocks: nn.ModuleList, sae: RouteSAE, normalizer: Normalizer, tokens: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """Per token, the routed layer's position in ``sae.cfg.layers`` and its weight, from a clean forward."""
+    """Per token, the routed layer's position in ``sae.cfg.layers`` and its weight, from a clean forward.
+
+    The top layer is picked for soft-routing RouteSAEs too: splicing needs one layer per token (the
+    RouteSAE code evaluates soft-trained models with hard routing in the same way).
+    """
     layers = sae.cfg.layers
     hidden = run_to_layers(model, blocks, tokens, layers)
     xs = torch.stack([normalizer.normalize(hidden[layer], layer)[0] for layer in layers], dim=2)  # (B, T, L, D)
-    weights, _, choice = sae.route(xs.flatten(0, 1))
-    assert choice is not None
+    weights = sae.route(xs.flatten(0, 1))[0]  # (B*T, L)
+    choice = weights.argmax(dim=-1)
     rows = torch.arange(len(choice), device=choice.device)
     return choice.view(tokens.shape), weights[rows, choice].view(tokens.shape)
 

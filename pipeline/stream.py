@@ -2,8 +2,9 @@
 
 Each epoch visits the shards in a random order. Shards are read whole (large sequential reads)
 into a mixing pool of rows; the pool is shuffled and half of it is served as batches while the
-next shards refill it, so every batch mixes rows from several shards and every row is served
-exactly once per epoch. A background thread does all reading and shuffling ahead of the trainer.
+next shards refill it, so every batch mixes rows from several shards. Every row is served once per
+epoch, except the few short of a full batch at an epoch's end: they open the next epoch (and are
+dropped after the last). A background thread does all reading and shuffling ahead of the trainer.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pipeline.store import ActivationCache
 class StreamSpec:
     """What to read and in which order."""
 
-    layers: list[int]  # model layers to serve, in this order along axis 1
+    layers: list[int]  # model layers to serve, in this order along axis 0 of each (L, B, D) batch
     batch_size: int  # rows per batch
     seed: int = 0  # shard order and row shuffling
     pool_mb: float = 1024.0  # size of the mixing pool
@@ -45,7 +46,7 @@ class ActivationStream:
         self.rows = sum(self.shard_rows[i] for i in self.shards)
         row_bytes = len(self.layer_pos) * cache.d_model * np.dtype(cache.manifest["spec"]["dtype"]).itemsize
         largest = max(self.shard_rows.values(), default=1)
-        wanted = max(int(spec.pool_mb * 2**20) // row_bytes, 2 * largest, 2 * spec.batch_size)
+        wanted = max(int(spec.pool_mb * 2**20) // row_bytes, 2 * (largest + spec.batch_size))  # room to refill
         self.pool_rows = min(wanted, self.rows + spec.batch_size)  # never more than the data needs
         self._pool: np.ndarray | None = None  # allocated once: first-touch page faults cost as much as reading
 
@@ -93,14 +94,12 @@ class ActivationStream:
         pool = self._pool  # (L, rows, D)
         filled = 0
         for _ in range(epochs):
-            order = rng.permutation(self.shards)
-            for position, shard in enumerate(order):
+            for shard in rng.permutation(self.shards):
+                while filled + self.shard_rows[int(shard)] > self.pool_rows:  # make room: serve half the pool
+                    half = max(filled // 2 - (filled // 2) % size, size)
+                    filled = yield from self._serve(pool, filled, half, rng)
                 filled += self._read_into(pool, filled, int(shard))
-                last = position == len(order) - 1
-                if filled + self._next_rows(order, position) > self.pool_rows or last:
-                    serve = filled if last else filled // 2
-                    filled = yield from self._serve(pool, filled, serve - serve % size, rng)
-        # rows short of a full batch at an epoch's end open the next epoch; after the last, they are dropped
+            filled = yield from self._serve(pool, filled, filled - filled % size, rng)  # the epoch's end
 
     def _serve(
         self, pool: np.ndarray, filled: int, serve: int, rng: np.random.Generator
@@ -113,9 +112,6 @@ class ActivationStream:
         keep = np.sort(perm[serve:])
         pool[:, : len(keep)] = pool[:, keep]
         return len(keep)
-
-    def _next_rows(self, order: np.ndarray, position: int) -> int:
-        return self.shard_rows[int(order[position + 1])] if position + 1 < len(order) else 0
 
     def _read_into(self, pool: np.ndarray, start: int, shard: int) -> int:
         """Read one shard's training rows of the requested layers straight into the pool; return their count."""

@@ -139,7 +139,7 @@ def train_step(member: Member, x: Tensor, total_steps: int) -> dict[str, float]:
         "fvu": float(fvu),
         "l0": float(l0),
         "aux_loss": float(aux.detach()),
-        "dead_share": float(dead.float().mean()),
+        "dead_share": float(dead.float().mean()),  # idle >= dead_tokens (evaluate's: never active on held-out)
         "lr": member.optimizer.param_groups[0]["lr"],
     }
 

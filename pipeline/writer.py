@@ -61,10 +61,11 @@ def commit_shard(
 class ShardWriter:
     """Commits shards from a bounded queue in one background thread; errors surface in the caller."""
 
-    def __init__(self, folder: Folder, backend: Backend, depth: int = 1) -> None:
+    def __init__(self, folder: Folder, backend: Backend) -> None:
         self.folder, self.backend = folder, backend
         self.records: list[dict[str, Any]] = []
-        self._queue: queue.Queue[tuple[int, dict[str, np.ndarray], dict[str, Any]] | None] = queue.Queue(depth)
+        # one shard waits while one is written: at most two shards' arrays in memory besides the forward's
+        self._queue: queue.Queue[tuple[int, dict[str, np.ndarray], dict[str, Any]] | None] = queue.Queue(1)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
         self._thread.start()
@@ -74,11 +75,16 @@ class ShardWriter:
         self._raise()
         self._queue.put((index, arrays, record))
 
-    def close(self) -> list[dict[str, Any]]:
-        """Wait for every queued shard; return the records written by this writer."""
+    def close(self, raise_errors: bool = True) -> list[dict[str, Any]]:
+        """Wait for every queued shard and end the thread; return the records written by this writer.
+
+        On the caller's error path (``raise_errors=False``) the shards already handed over are still
+        committed, and a writer error does not mask the caller's own exception.
+        """
         self._queue.put(_DONE)
         self._thread.join()
-        self._raise()
+        if raise_errors:
+            self._raise()
         return self.records
 
     def _run(self) -> None:

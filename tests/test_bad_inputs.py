@@ -34,6 +34,12 @@ CASES = [
     ("unknown backend", "extract --backend hdf5", 2, "unknown backend 'hdf5'"),
     ("unknown normalization", "extract --normalize l2", 2, "unknown normalization 'l2'"),
     ("bad ctx-len", "extract --ctx-len 1", 2, "--ctx-len 1 is out of range"),
+    (
+        "ctx-len beyond the model",
+        "extract --model {tiny} --layers 1 --ctx-len 1024",
+        2,
+        "is longer than the 512 positions model",
+    ),
     ("no GPU", "extract --device cuda", 2, "asked for a GPU, but torch sees none"),
     (
         "missing dataset",
@@ -67,6 +73,9 @@ CASES = [
     ("not a run", "evaluate {tmp}", 2, "is not an SAE run folder (no cfg.json)"),
     ("unknown metric", "evaluate {run} --metrics mse", 2, "unknown metric(s)"),
     ("budget beyond held-out", "evaluate {run} --max-tokens 100000000", 2, "held-out tokens of cache"),
+    ("nothing held out", "evaluate {unheld} --metrics nmse", 2, "has no held-out tokens to evaluate on"),
+    ("infer-k too large", "evaluate {run} --infer-k 128", 2, "--infer-k 128 must be between 1 and 127"),
+    ("bad batch size", "interpret {run} --batch-size 0", 2, "--batch-size must be at least 1"),
     ("unknown explainer", "interpret {run} --explainer claude", 2, "unknown explainer 'claude'"),
     ("unknown export format", "export {run} --format onnx --out {tmp}/x", 2, "unknown export format 'onnx'"),
     ("export RouteSAE", "export {route} --format saelens --out {tmp}/y", 2, "RouteSAEs cannot be exported"),
@@ -83,6 +92,8 @@ def places(tiny_llama: Path, jsonl_corpus: Path, tmp_path_factory: pytest.TempPa
     out = str(tmp / "saes")
     run = fit(FitConfig(cache=cache.url, latents=128, k=4, batch_size=256, out=out, device="cpu"))[0]
     route = fit(FitConfig(cache=multi.url, arch="route", latents=128, k=4, batch_size=256, out=out, device="cpu"))[0]
+    unheld_cache = extract(ExtractConfig(**base, layers="1", heldout=0.0))
+    unheld = fit(FitConfig(cache=unheld_cache.url, latents=128, k=4, batch_size=256, out=out, device="cpu"))[0]
     corrupt = tmp / "corrupt"
     shutil.copytree(cache.local(), corrupt)
     act = corrupt / "shards" / "000000" / "train" / "act.npy"
@@ -106,6 +117,7 @@ def places(tiny_llama: Path, jsonl_corpus: Path, tmp_path_factory: pytest.TempPa
         "incomplete": str(incomplete),
         "run": run.url,
         "route": route.url,
+        "unheld": unheld.url,
         "full": str(tmp / "full"),
     }
 

@@ -166,6 +166,27 @@ def test_route_run_evaluates(caches: dict[str, str], tmp_path: Path) -> None:
     assert m["kl_per_token"] > 0 and m["tokens_spliced"] > 0
 
 
+def test_runs_on_one_cache_load_the_llm_once_and_match_solo(
+    caches: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pipeline.evaluate as evaluate_module
+
+    runs = [
+        train(caches["standardize"], tmp_path / "saes", layer=1, k=8),
+        train(caches["standardize"], tmp_path / "saes", layer=2, k=8),
+        train(caches["standardize"], tmp_path / "saes", arch="route", layer=None, k=8),
+    ]
+    solo = [run_eval([run], tmp_path / "solo")[0] for run in runs]
+    loads = []
+    real = evaluate_module._load_llm
+    monkeypatch.setattr(evaluate_module, "_load_llm", lambda *a: loads.append(1) or real(*a))
+    together = run_eval(runs, tmp_path / "together")
+    assert len(loads) == 1
+    for alone, shared in zip(solo, together):
+        for key in ("nmse", "kl_per_token", "ce_clean", "ce_zero", "ce_spliced"):
+            assert shared[key] == pytest.approx(alone[key], rel=1e-6, abs=1e-9), key
+
+
 def test_all_writes_table_and_plots(caches: dict[str, str], tmp_path: Path) -> None:
     from pipeline.compare import write_comparison
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from pipeline import fit as fit_module
 from pipeline.errors import UserError
 from pipeline.fit import FitConfig, fit
 from pipeline.route import RouteSAE
-from pipeline.runplan import parse_sweep
+from pipeline.runplan import expand_sweep, parse_sweep
 from pipeline.sae import SaeConfig, TopKSAE
 from pipeline.store import ActivationCache
 from pipeline.stream import ActivationStream, StreamSpec
@@ -73,6 +74,16 @@ def test_decoder_rows_stay_unit_norm_every_step(cache: str, tmp_path: Path) -> N
         if step == 30:
             break
     assert float((member.since_fired >= 50).float().mean()) >= 0  # dead counters are maintained
+
+
+@pytest.mark.parametrize("shards, batch", [([768, 768, 768], 400), ([100, 900, 50, 900], 128)])
+def test_small_pool_never_overflows(tmp_path: Path, shards: list[int], batch: int) -> None:
+    cache = ActivationCache.open(synthetic_cache(tmp_path, shards, layers=(0, 1), d=8))
+    stream = ActivationStream(cache, StreamSpec([0, 1], batch, pool_mb=0.0001))  # the smallest pool allowed
+    counts = Counter(tuple(r) for b in stream.batches(2) for r in b[0])
+    assert sum(counts.values()) == (2 * sum(shards)) // batch * batch  # every whole batch of two epochs
+    assert max(counts.values()) <= 2  # no row twice per epoch
+    assert sum(c == 2 for c in counts.values()) >= sum(shards) - 2 * batch  # only the remainders miss out
 
 
 def test_stream_serves_each_training_row_once_and_never_heldout(tmp_path: Path) -> None:
@@ -205,14 +216,15 @@ def test_resume_with_other_settings_is_refused(cache: str, tmp_path: Path, monke
         fit(run_cfg(cache, tmp_path, max_tokens=4096, lr=1e-3, resume=True))
 
 
-def test_parse_sweep() -> None:
-    assert parse_sweep(["k=32,64", "lr=1e-3", "optimizer=adam,signum"]) == {
-        "k": [32, 64],
-        "lr": [0.001],
-        "optimizer": ["adam", "signum"],
-    }
+def test_sweeps_from_the_cli_and_from_params_are_typed() -> None:
+    cli = FitConfig(sweep=parse_sweep(["k=32,64", "lr=1e-3", "optimizer=adam,signum"]))
+    members = expand_sweep(cli)
+    assert len(members) == 4 and {(m.k, m.lr, m.optimizer) for m in members} >= {(32, 0.001, "adam")}
+    assert [m.k for m in expand_sweep(FitConfig(sweep={"k": 16}))] == [16]  # a scalar is a one-value sweep
     with pytest.raises(UserError, match="key one of k, latents"):
         parse_sweep(["batch_size=1,2"])
+    with pytest.raises(UserError, match="sweep k: 'x' is not a valid int"):
+        expand_sweep(FitConfig(sweep={"k": ["x"]}))
 
 
 @pytest.mark.parametrize(

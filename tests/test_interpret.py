@@ -144,6 +144,16 @@ def test_bad_key_is_one_clear_line(
     _assert_key_nowhere(tmp_path, capsys)
 
 
+def test_nothing_eligible_sends_nothing_and_says_so(
+    run: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    script = Script(answers=['{"category": "high-level", "score": 5, "explanation": "Lists."}'])
+    with standin_env(script, monkeypatch, KEY):
+        summary = interpret(icfg(run, tmp_path / "out", min_count=10**9))
+    assert script.requests == 0 and summary["features_asked"] == 0 and "explanations" not in summary
+    assert "nothing to explain" in capsys.readouterr().err
+
+
 def test_without_key_tables_and_report_are_built(
     run: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:

@@ -60,9 +60,15 @@ def check_sparsify(root: Path) -> None:
         "minimal": {"d_in": D_IN, "num_latents": N_LAT, "k": K},
         # Exactly what SparseCoder.save_to_disk writes.
         "full": {
-            "activation": "topk", "expansion_factor": 32, "normalize_decoder": True,
-            "num_latents": N_LAT, "k": K, "multi_topk": False, "skip_connection": False,
-            "transcode": False, "d_in": D_IN,
+            "activation": "topk",
+            "expansion_factor": 32,
+            "normalize_decoder": True,
+            "num_latents": N_LAT,
+            "k": K,
+            "multi_topk": False,
+            "skip_connection": False,
+            "transcode": False,
+            "d_in": D_IN,
         },
     }
     x = torch.randn(8, D_IN, generator=g)
@@ -74,8 +80,10 @@ def check_sparsify(root: Path) -> None:
         with torch.no_grad():
             out = sae(x)
         err = (out.sae_out - ref).abs().max().item()
-        print(f"[sparsify/{name}] loaded {type(sae).__name__} d_in={sae.d_in} "
-              f"num_latents={sae.num_latents} k={sae.cfg.k}; max|out-ref|={err:.2e}")
+        print(
+            f"[sparsify/{name}] loaded {type(sae).__name__} d_in={sae.d_in} "
+            f"num_latents={sae.num_latents} k={sae.cfg.k}; max|out-ref|={err:.2e}"
+        )
         assert err < 1e-5, err
         assert torch.equal(sae.W_dec.data, w_dec), "W_dec changed on load"
         print("cfg.json:", json.dumps(cfg))
@@ -88,8 +96,10 @@ def check_sparsify(root: Path) -> None:
         s = SAE.load_from_disk(root / "sparsify_full" / "layers.6", converter=sparsify_disk_loader)
         with torch.no_grad():
             out = s(x.to(s.dtype)).float()
-        print(f"[sae_lens<-sparsify] loaded {type(s).__name__} dtype={s.dtype} "
-              f"W_dec={tuple(s.W_dec.shape)} max|out-ref|={(out - ref).abs().max().item():.2e}")
+        print(
+            f"[sae_lens<-sparsify] loaded {type(s).__name__} dtype={s.dtype} "
+            f"W_dec={tuple(s.W_dec.shape)} max|out-ref|={(out - ref).abs().max().item():.2e}"
+        )
     except Exception as e:  # noqa: BLE001 -- we only report
         print(f"[sae_lens<-sparsify] FAILED: {type(e).__name__}: {str(e)[:300]}")
 
@@ -123,31 +133,87 @@ def check_saelens(root: Path) -> None:
             out = out * sd + mu
         return out
 
-    meta = {"sae_lens_version": "6.54.12", "dtype": "float32", "model_name": "gpt2", "hook_name": "blocks.6.hook_resid_post"}
+    meta = {
+        "sae_lens_version": "6.54.12",
+        "dtype": "float32",
+        "model_name": "gpt2",
+        "hook_name": "blocks.6.hook_resid_post",
+    }
     variants = {
         # Minimal post-6.0 config. "dtype" is REQUIRED on disk (the disk loader reads
         # cfg_dict["dtype"] before dataclass defaults apply); "device" is filled in by
         # load_from_disk(device="cpu"). Other defaults: apply_b_dec_to_input True,
         # normalize_activations "none", rescale_acts_by_decoder_norm False (inference cfg).
-        "minimal": ({"architecture": "topk", "d_in": D_IN, "d_sae": N_LAT, "k": K,
-                     "dtype": "float32", "metadata": meta}, {}),
-        "no_dtype": ({"architecture": "topk", "d_in": D_IN, "d_sae": N_LAT, "k": K,
-                      "metadata": meta}, {}),
-        "explicit": ({"architecture": "topk", "d_in": D_IN, "d_sae": N_LAT, "k": K,
-                      "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
-                      "normalize_activations": "none", "reshape_activations": "none",
-                      "rescale_acts_by_decoder_norm": False, "metadata": meta}, {}),
-        "rescale": ({"architecture": "topk", "d_in": D_IN, "d_sae": N_LAT, "k": K,
-                     "dtype": "float32", "rescale_acts_by_decoder_norm": True, "metadata": meta}, {"rescale": True}),
-        "layer_norm": ({"architecture": "topk", "d_in": D_IN, "d_sae": N_LAT, "k": K,
-                        "dtype": "float32", "normalize_activations": "layer_norm", "metadata": meta},
-                       {"layer_norm": True}),
-        "no_b_dec_in": ({"architecture": "topk", "d_in": D_IN, "d_sae": N_LAT, "k": K,
-                         "dtype": "float32", "apply_b_dec_to_input": False, "metadata": meta},
-                        {"apply_b_dec": False}),
+        "minimal": (
+            {"architecture": "topk", "d_in": D_IN, "d_sae": N_LAT, "k": K, "dtype": "float32", "metadata": meta},
+            {},
+        ),
+        "no_dtype": ({"architecture": "topk", "d_in": D_IN, "d_sae": N_LAT, "k": K, "metadata": meta}, {}),
+        "explicit": (
+            {
+                "architecture": "topk",
+                "d_in": D_IN,
+                "d_sae": N_LAT,
+                "k": K,
+                "dtype": "float32",
+                "device": "cpu",
+                "apply_b_dec_to_input": True,
+                "normalize_activations": "none",
+                "reshape_activations": "none",
+                "rescale_acts_by_decoder_norm": False,
+                "metadata": meta,
+            },
+            {},
+        ),
+        "rescale": (
+            {
+                "architecture": "topk",
+                "d_in": D_IN,
+                "d_sae": N_LAT,
+                "k": K,
+                "dtype": "float32",
+                "rescale_acts_by_decoder_norm": True,
+                "metadata": meta,
+            },
+            {"rescale": True},
+        ),
+        "layer_norm": (
+            {
+                "architecture": "topk",
+                "d_in": D_IN,
+                "d_sae": N_LAT,
+                "k": K,
+                "dtype": "float32",
+                "normalize_activations": "layer_norm",
+                "metadata": meta,
+            },
+            {"layer_norm": True},
+        ),
+        "no_b_dec_in": (
+            {
+                "architecture": "topk",
+                "d_in": D_IN,
+                "d_sae": N_LAT,
+                "k": K,
+                "dtype": "float32",
+                "apply_b_dec_to_input": False,
+                "metadata": meta,
+            },
+            {"apply_b_dec": False},
+        ),
         # No version anywhere -> handle_pre_6_0_config() path (legacy flat keys).
-        "legacy_no_version": ({"architecture": "topk", "d_in": D_IN, "d_sae": N_LAT, "k": K,
-                               "dtype": "float32", "model_name": "gpt2", "hook_name": "blocks.6.hook_resid_post"}, {}),
+        "legacy_no_version": (
+            {
+                "architecture": "topk",
+                "d_in": D_IN,
+                "d_sae": N_LAT,
+                "k": K,
+                "dtype": "float32",
+                "model_name": "gpt2",
+                "hook_name": "blocks.6.hook_resid_post",
+            },
+            {},
+        ),
     }
     for name, (cfg, kw) in variants.items():
         folder = root / f"saelens_{name}"
@@ -160,9 +226,11 @@ def check_saelens(root: Path) -> None:
         with torch.no_grad():
             out = s(x)
         err = (out - ref_fn(x, **kw)).abs().max().item()
-        print(f"[sae_lens/{name}] loaded {type(s).__name__} k={s.cfg.k} "
-              f"norm={s.cfg.normalize_activations} rescale={s.cfg.rescale_acts_by_decoder_norm} "
-              f"hook={s.cfg.metadata.hook_name}; max|out-ref|={err:.2e}")
+        print(
+            f"[sae_lens/{name}] loaded {type(s).__name__} k={s.cfg.k} "
+            f"norm={s.cfg.normalize_activations} rescale={s.cfg.rescale_acts_by_decoder_norm} "
+            f"hook={s.cfg.metadata.hook_name}; max|out-ref|={err:.2e}"
+        )
         assert err < 1e-4, (name, err)
         print("cfg.json:", json.dumps(cfg))
 

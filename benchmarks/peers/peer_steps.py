@@ -83,9 +83,16 @@ def _fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     return float((x - x_hat.double()).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
 
 
-def _summary(name: str, step_s: list[float], cpu_s: list[float], fvu: list[float],
-             batch_size: int, warmup: int, rss_before: float,
-             extra: dict[str, Any]) -> dict[str, Any]:
+def _summary(
+    name: str,
+    step_s: list[float],
+    cpu_s: list[float],
+    fvu: list[float],
+    batch_size: int,
+    warmup: int,
+    rss_before: float,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
     timed = step_s[warmup:] if len(step_s) > warmup else step_s
     timed_cpu = cpu_s[warmup:] if len(cpu_s) > warmup else cpu_s
     med = statistics.median(timed)
@@ -113,8 +120,9 @@ def _summary(name: str, step_s: list[float], cpu_s: list[float], fvu: list[float
 
 
 # --------------------------------------------------------------------------- sparsify
-def sparsify_steps(x: torch.Tensor, d_in: int, num_latents: int, k: int,
-                   batch_size: int, steps: int, warmup: int, seed: int = 0) -> dict[str, Any]:
+def sparsify_steps(
+    x: torch.Tensor, d_in: int, num_latents: int, k: int, batch_size: int, steps: int, warmup: int, seed: int = 0
+) -> dict[str, Any]:
     """Replay sparsify 1.3.3 ``Trainer.fit`` per-step work (loss_fn="fvu", defaults)."""
     torch.set_num_threads(2)
     import sparsify
@@ -166,14 +174,11 @@ def sparsify_steps(x: torch.Tensor, d_in: int, num_latents: int, k: int,
                 sae.b_dec.data = outputs.mean(0).to(sae.dtype)
             if sae.cfg.normalize_decoder and not tcfg.sae.transcode:
                 sae.set_decoder_norm_to_unit_norm()
-            dead_mask = (num_tokens_since_fired > tcfg.dead_feature_threshold
-                         if tcfg.auxk_alpha > 0 else None)
+            dead_mask = num_tokens_since_fired > tcfg.dead_feature_threshold if tcfg.auxk_alpha > 0 else None
             total_variance = (outputs - outputs.mean(0)).pow(2).sum()
             fvu_step = 0.0
-            for in_chunk, out_chunk in zip(inputs.chunk(tcfg.micro_acc_steps),
-                                           outputs.chunk(tcfg.micro_acc_steps)):
-                out = sae(x=in_chunk, y=out_chunk, dead_mask=dead_mask,
-                          total_variance=total_variance)
+            for in_chunk, out_chunk in zip(inputs.chunk(tcfg.micro_acc_steps), outputs.chunk(tcfg.micro_acc_steps)):
+                out = sae(x=in_chunk, y=out_chunk, dead_mask=dead_mask, total_variance=total_variance)
                 did_fire[out.latent_indices.flatten()] = True
                 fvu_step += float(out.fvu.detach() / denom)  # the trainer's avg_fvu sync
                 loss = out.fvu + tcfg.auxk_alpha * out.auxk_loss + out.multi_topk_fvu / 8
@@ -198,18 +203,28 @@ def sparsify_steps(x: torch.Tensor, d_in: int, num_latents: int, k: int,
 
     opt.eval()  # schedule-free: evaluate (and save, as sparsify does) at the averaged weights
     _LAST_MODEL[:] = [lambda h: sae(h).sae_out]
-    return _summary("sparsify", step_s, cpu_s, fvu_curve, batch_size, warmup, rss_before, {
-        "version": getattr(sparsify, "__version__", "1.3.3"),
-        "optimizer": f"ScheduleFreeWrapper(SignSGD(lr={lr:.3g}), momentum=0.95)",
-        "decoder_impl": decoder_impl.__name__,
-        "num_latents": sae.num_latents,
-        "k": sae.cfg.k,
-    })
+    return _summary(
+        "sparsify",
+        step_s,
+        cpu_s,
+        fvu_curve,
+        batch_size,
+        warmup,
+        rss_before,
+        {
+            "version": getattr(sparsify, "__version__", "1.3.3"),
+            "optimizer": f"ScheduleFreeWrapper(SignSGD(lr={lr:.3g}), momentum=0.95)",
+            "decoder_impl": decoder_impl.__name__,
+            "num_latents": sae.num_latents,
+            "k": sae.cfg.k,
+        },
+    )
 
 
 # --------------------------------------------------------------------------- SAELens
-def saelens_steps(x: torch.Tensor, d_in: int, num_latents: int, k: int,
-                  batch_size: int, steps: int, warmup: int, seed: int = 0) -> dict[str, Any]:
+def saelens_steps(
+    x: torch.Tensor, d_in: int, num_latents: int, k: int, batch_size: int, steps: int, warmup: int, seed: int = 0
+) -> dict[str, Any]:
     """SAELens 6.54.12 TopKTrainingSAE driven by its own SAETrainer.step() (defaults)."""
     torch.set_num_threads(2)
     warnings.filterwarnings("ignore")
@@ -221,12 +236,15 @@ def saelens_steps(x: torch.Tensor, d_in: int, num_latents: int, k: int,
     assert x.ndim == 2 and x.shape[1] == d_in
     x = x.float().contiguous()
     torch.manual_seed(seed)
-    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=num_latents, k=k,
-                                                dtype="float32", device="cpu"))
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=num_latents, k=k, dtype="float32", device="cpu"))
     lr = 3e-4  # LanguageModelSAERunnerConfig default; lr_end defaults to lr / 10 there
-    tcfg = SAETrainerConfig(total_training_samples=steps * batch_size,
-                            train_batch_size_samples=batch_size, device="cpu",
-                            lr=lr, lr_end=lr / 10)
+    tcfg = SAETrainerConfig(
+        total_training_samples=steps * batch_size,
+        train_batch_size_samples=batch_size,
+        device="cpu",
+        lr=lr,
+        lr_end=lr / 10,
+    )
     trainer = SAETrainer(cfg=tcfg, sae=sae, data_provider=iter(()))
     sae.to("cpu")  # what SAETrainer.fit does first
 
@@ -248,20 +266,30 @@ def saelens_steps(x: torch.Tensor, d_in: int, num_latents: int, k: int,
             fvu_curve.append(_fvu(out.sae_in, out.sae_out.detach()))
 
     _LAST_MODEL[:] = [lambda h: sae(h)]
-    return _summary("sae_lens", step_s, cpu_s, fvu_curve, batch_size, warmup, rss_before, {
-        "version": sae_lens.__version__,
-        "optimizer": f"Adam(lr={lr}, betas=({tcfg.adam_beta1}, {tcfg.adam_beta2})) "
-                     "+ clip_grad_norm_(1.0), constant LR",
-        "losses_last_step": {n: float(v) for n, v in out.losses.items()},
-        "rescale_acts_by_decoder_norm": sae.cfg.rescale_acts_by_decoder_norm,
-        "num_latents": sae.cfg.d_sae,
-        "k": sae.cfg.k,
-    })
+    return _summary(
+        "sae_lens",
+        step_s,
+        cpu_s,
+        fvu_curve,
+        batch_size,
+        warmup,
+        rss_before,
+        {
+            "version": sae_lens.__version__,
+            "optimizer": f"Adam(lr={lr}, betas=({tcfg.adam_beta1}, {tcfg.adam_beta2})) "
+            "+ clip_grad_norm_(1.0), constant LR",
+            "losses_last_step": {n: float(v) for n, v in out.losses.items()},
+            "rescale_acts_by_decoder_norm": sae.cfg.rescale_acts_by_decoder_norm,
+            "num_latents": sae.cfg.d_sae,
+            "k": sae.cfg.k,
+        },
+    )
 
 
 # --------------------------------------------------------------------------- demo data
-def make_dataset(rows: int = 60_000, d: int = 576, rank: int = 64, noise: float = 0.3,
-                 seed: int = 1234) -> torch.Tensor:
+def make_dataset(
+    rows: int = 60_000, d: int = 576, rank: int = 64, noise: float = 0.3, seed: int = 1234
+) -> torch.Tensor:
     """Gaussian stand-in for LLM activations: rank-`rank` signal + isotropic noise."""
     g = torch.Generator().manual_seed(seed)
     basis = torch.randn(rank, d, generator=g) / rank**0.5
@@ -298,12 +326,15 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--only", choices=["sparsify", "saelens"], default=None)
-    p.add_argument("--repeats", type=int, default=1,
-                   help="run the libraries alternately this many times (fresh process each) "
-                        "and keep each library's fastest run; the machine is shared, so "
-                        "wall-clock numbers are noisy")
-    p.add_argument("--child", choices=["sparsify", "saelens"], default=None,
-                   help=argparse.SUPPRESS)
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run the libraries alternately this many times (fresh process each) "
+        "and keep each library's fastest run; the machine is shared, so "
+        "wall-clock numbers are noisy",
+    )
+    p.add_argument("--child", choices=["sparsify", "saelens"], default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
 
     if args.child:
@@ -316,9 +347,20 @@ def main() -> None:
     runs: dict[str, list[dict[str, Any]]] = {}
     libs = [args.only] if args.only else ["sparsify", "saelens"]
     for which in [w for _ in range(args.repeats) for w in libs]:
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", which,
-               *sum(([f"--{k.replace('_', '-')}", str(v)] for k, v in vars(args).items()
-                     if k not in ("only", "child", "repeats") and v is not None), [])]
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--child",
+            which,
+            *sum(
+                (
+                    [f"--{k.replace('_', '-')}", str(v)]
+                    for k, v in vars(args).items()
+                    if k not in ("only", "child", "repeats") and v is not None
+                ),
+                [],
+            ),
+        ]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - t0
@@ -326,11 +368,13 @@ def main() -> None:
         if proc.returncode != 0 or line is None:
             sys.stderr.write(proc.stdout + proc.stderr)
             raise SystemExit(f"{which} run failed (rc={proc.returncode})")
-        res = json.loads(line[len("RESULT "):])
+        res = json.loads(line[len("RESULT ") :])
         res["process_wall_s"] = wall
         runs.setdefault(which, []).append(res)
-        print(f"{which}: {res['tokens_per_s_median']:.0f} tok/s "
-              f"(cpu_util {res['cpu_util_median']:.2f}, {wall:.0f}s)", file=sys.stderr)
+        print(
+            f"{which}: {res['tokens_per_s_median']:.0f} tok/s (cpu_util {res['cpu_util_median']:.2f}, {wall:.0f}s)",
+            file=sys.stderr,
+        )
     results = {}
     for which, rs in runs.items():
         best = dict(max(rs, key=lambda r: r["tokens_per_s_median"]))
