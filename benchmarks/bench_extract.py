@@ -22,8 +22,9 @@ def _bare(model: torch.nn.Module, batches: list[torch.Tensor], head: bool) -> fl
     """Tokens/s of the plain forward (with or without the LM head) over the batches."""
     start = time.perf_counter()
     with torch.inference_mode():
+        run = model if head else model.get_submodule(str(model.base_model_prefix))  # the decoder without the LM head
         for ids in batches:
-            (model if head else model.base_model)(input_ids=ids, use_cache=False)
+            run(input_ids=ids, use_cache=False)
     return sum(b.numel() for b in batches) / (time.perf_counter() - start)
 
 

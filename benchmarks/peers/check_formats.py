@@ -20,6 +20,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -54,7 +55,7 @@ def check_sparsify(root: Path) -> None:
     b_dec = torch.randn(D_IN, generator=g) * 0.1
     tensors = {"encoder.weight": enc_w, "encoder.bias": enc_b, "W_dec": w_dec, "b_dec": b_dec}
 
-    variants = {
+    variants: dict[str, dict[str, Any]] = {
         # Minimal: everything except d_in has a dataclass default (expansion_factor=32,
         # activation="topk", normalize_decoder=True, ...). num_latents overrides expansion.
         "minimal": {"d_in": D_IN, "num_latents": N_LAT, "k": K},

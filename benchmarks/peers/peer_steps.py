@@ -48,6 +48,7 @@ import statistics
 import sys
 import time
 import warnings
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -83,16 +84,18 @@ def _fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     return float((x - x_hat.double()).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
 
 
-def _summary(
-    name: str,
-    step_s: list[float],
-    cpu_s: list[float],
-    fvu: list[float],
-    batch_size: int,
-    warmup: int,
-    rss_before: float,
-    extra: dict[str, Any],
-) -> dict[str, Any]:
+@dataclass
+class StepLog:
+    """What a peer's loop records per step; RSS is taken when the log is made, before the first step."""
+
+    step_s: list[float] = field(default_factory=list)  # wall seconds
+    cpu_s: list[float] = field(default_factory=list)  # process CPU seconds (all threads)
+    fvu: list[float] = field(default_factory=list)  # training-batch FVU
+    rss_before: float = field(default_factory=_current_rss_mb)  # MiB
+
+
+def _summary(name: str, log: StepLog, batch_size: int, warmup: int, extra: dict[str, Any]) -> dict[str, Any]:
+    step_s, cpu_s, fvu = log.step_s, log.cpu_s, log.fvu
     timed = step_s[warmup:] if len(step_s) > warmup else step_s
     timed_cpu = cpu_s[warmup:] if len(cpu_s) > warmup else cpu_s
     med = statistics.median(timed)
@@ -107,7 +110,7 @@ def _summary(
         "cpu_util_median": statistics.median(c / w for c, w in zip(timed_cpu, timed)),
         "loadavg_after": open("/proc/loadavg").read().split()[:3],
         "peak_rss_mb": _rss_mb(),
-        "rss_before_steps_mb": rss_before,
+        "rss_before_steps_mb": log.rss_before,
         "fvu_final": fvu[-1],
         "fvu_curve": fvu,
         "batch_size": batch_size,
@@ -155,10 +158,7 @@ def sparsify_steps(
     torch.set_float32_matmul_precision("high")
 
     order = _batches(x.shape[0], batch_size, steps, seed)
-    step_s: list[float] = []
-    cpu_s: list[float] = []
-    fvu_curve: list[float] = []
-    rss_before = _current_rss_mb()
+    log = StepLog()
     try:
         for step in range(steps):
             batch = x[order[step]]  # data loading is outside the timed region
@@ -195,9 +195,9 @@ def sparsify_steps(
                 num_tokens_since_fired[did_fire] = 0
                 did_fire.zero_()
 
-            step_s.append(time.perf_counter() - t0)
-            cpu_s.append(time.process_time() - c0)
-            fvu_curve.append(fvu_step)
+            log.step_s.append(time.perf_counter() - t0)
+            log.cpu_s.append(time.process_time() - c0)
+            log.fvu.append(fvu_step)
     finally:
         torch.set_float32_matmul_precision(prev_prec)
 
@@ -205,12 +205,9 @@ def sparsify_steps(
     _LAST_MODEL[:] = [lambda h: sae(h).sae_out]
     return _summary(
         "sparsify",
-        step_s,
-        cpu_s,
-        fvu_curve,
+        log,
         batch_size,
         warmup,
-        rss_before,
         {
             "version": getattr(sparsify, "__version__", "1.3.3"),
             "optimizer": f"ScheduleFreeWrapper(SignSGD(lr={lr:.3g}), momentum=0.95)",
@@ -249,10 +246,7 @@ def saelens_steps(
     sae.to("cpu")  # what SAETrainer.fit does first
 
     order = _batches(x.shape[0], batch_size, steps, seed)
-    step_s: list[float] = []
-    cpu_s: list[float] = []
-    fvu_curve: list[float] = []
-    rss_before = _current_rss_mb()
+    log = StepLog()
     for step in range(steps):
         batch = x[order[step]]
         t0, c0 = time.perf_counter(), time.process_time()
@@ -260,20 +254,17 @@ def saelens_steps(
         trainer.maybe_reset_sparsity()
         out = trainer.step(batch)
         trainer.n_training_steps += 1
-        step_s.append(time.perf_counter() - t0)
-        cpu_s.append(time.process_time() - c0)
+        log.step_s.append(time.perf_counter() - t0)
+        log.cpu_s.append(time.process_time() - c0)
         with torch.no_grad():  # outside the timed region: SAELens only does this on log steps
-            fvu_curve.append(_fvu(out.sae_in, out.sae_out.detach()))
+            log.fvu.append(_fvu(out.sae_in, out.sae_out.detach()))
 
     _LAST_MODEL[:] = [lambda h: sae(h)]
     return _summary(
         "sae_lens",
-        step_s,
-        cpu_s,
-        fvu_curve,
+        log,
         batch_size,
         warmup,
-        rss_before,
         {
             "version": sae_lens.__version__,
             "optimizer": f"Adam(lr={lr}, betas=({tcfg.adam_beta1}, {tcfg.adam_beta2})) "
