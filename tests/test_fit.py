@@ -11,12 +11,12 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline import fit as fit_module
-from pipeline.errors import UserError
+from pipeline.errors import CorruptError, UserError
 from pipeline.fit import FitConfig, fit
 from pipeline.route import RouteSAE
 from pipeline.runplan import expand_sweep, parse_sweep
 from pipeline.sae import SaeConfig, TopKSAE
-from pipeline.store import ActivationCache
+from pipeline.store import ActivationCache, read_span
 from pipeline.stream import ActivationStream, StreamSpec
 from pipeline.train import MemberSettings, make_member, train_step
 from tests.helpers import synthetic_cache
@@ -84,6 +84,41 @@ def test_small_pool_never_overflows(tmp_path: Path, shards: list[int], batch: in
     assert sum(counts.values()) == (2 * sum(shards)) // batch * batch  # every whole batch of two epochs
     assert max(counts.values()) <= 2  # no row twice per epoch
     assert sum(c == 2 for c in counts.values()) >= sum(shards) - 2 * batch  # only the remainders miss out
+
+
+@pytest.mark.parametrize("backend", ["zarr", "memmap"])
+def test_direct_layer_reads_equal_the_library_decode(
+    tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import zarr
+
+    cache = ActivationCache.open(synthetic_cache(tmp_path, [300, 200], layers=(0, 3, 5), backend=backend))
+    names = [
+        (r["index"], f"{split}/act", pos) for r in cache.shards for split in ("train", "heldout") for pos in range(3)
+    ]
+    expected = [cache.read(*name) for name in names]  # zarr's own decode / the .npy memory map
+    monkeypatch.setattr(zarr.Array, "get_basic_selection", lambda *a, **k: pytest.fail("zarr decoded a plain layer"))
+    for name, want in zip(names, expected, strict=True):
+        out = np.full_like(want, np.nan)
+        cache.read_into(*name, out)
+        np.testing.assert_array_equal(out, want)
+
+
+def test_a_damaged_shard_index_is_not_read_directly(tmp_path: Path) -> None:
+    cache = ActivationCache.open(synthetic_cache(tmp_path, [300], layers=(0, 3, 5), backend="zarr"))
+    (shard_file,) = Path(cache.folder.root).rglob("train/act/c/0/0/0")
+    damaged = bytearray(shard_file.read_bytes())
+    damaged[-1] ^= 1  # the index checksum
+    shard_file.write_bytes(bytes(damaged))
+    with pytest.raises(ValueError, match="checksum"):  # zarr reads it instead, and says what is wrong
+        cache.read_into(0, "train/act", 1, np.empty((300, 32), np.float16))
+
+
+def test_a_short_file_is_reported_not_read_as_zeros(tmp_path: Path) -> None:
+    path = tmp_path / "short.bin"
+    path.write_bytes(b"\x00" * 100)
+    with pytest.raises(CorruptError, match="ends 28 bytes early"):
+        read_span(path, 36, np.empty(92, np.uint8))
 
 
 def test_stream_serves_each_training_row_once_and_never_heldout(tmp_path: Path) -> None:
