@@ -102,7 +102,10 @@ def make_member(
 def member_input(member: Member, batch: Tensor) -> Tensor:
     """The member's view of a layer-major batch (L, B, D): (B, D) for TopK, (B, L', D) for RouteSAE."""
     if member.sae_cfg.arch == "route":
-        return batch[member.layer_pos].transpose(0, 1)
+        pos = member.layer_pos
+        if pos == list(range(pos[0], pos[0] + len(pos))):  # consecutive layers: a view, not a 16-layer copy
+            return batch[pos[0] : pos[0] + len(pos)].transpose(0, 1)
+        return batch[pos].transpose(0, 1)
     return batch[member.layer_pos[0]]
 
 
