@@ -171,13 +171,15 @@ def _chunk_spans(array: Any, folder: Folder) -> ChunkSpans | None:
     path = Path(folder.root) / array.path / array.metadata.encode_chunk_key((0,) * array.ndim)
     n_chunks = math.prod(s // c for s, c in zip(array.shape, sharding.chunk_shape, strict=True))
     size = path.stat().st_size
+    if size < 16 * n_chunks + 4:
+        return None  # let zarr read it and report what is wrong
     with open(path, "rb") as f:
         f.seek(size - 16 * n_chunks - 4)
         tail = f.read()
     if google_crc32c.value(tail[:-4]) != int.from_bytes(tail[-4:], "little"):
-        return None  # let zarr read it and report what is wrong
+        return None
     index = np.frombuffer(tail[:-4], "<u8").reshape(n_chunks, 2)  # (chunks, [offset, nbytes])
-    if (index[:, 0] + index[:, 1] > size).any():  # also catches empty chunks (both 2**64 - 1)
+    if (index > size).any() or (index[:, 0] + index[:, 1] > size).any():  # empty chunks are 2**64 - 1
         return None
     return ChunkSpans(path, [int(o) for o in index[:, 0]], [int(n) for n in index[:, 1]])
 

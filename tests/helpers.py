@@ -1,4 +1,4 @@
-"""Test helpers: a synthetic activation cache with a known sparse dictionary behind it."""
+"""Test helpers: a synthetic activation cache with a known sparse dictionary behind it, a tiny extraction."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.extract import ExtractConfig
 from pipeline.files import Folder
 from pipeline.manifest import cache_key, finish_manifest, new_manifest
 from pipeline.store import get_backend
@@ -115,9 +116,17 @@ def tree_bytes(folder: Path) -> dict[str, bytes]:
     }
 
 
+TINY_EXTRACT = {"layers": "1,3", "ctx_len": 32, "max_tokens": 1500, "batch_size": 4, "shard_mb": 0.02, "device": "cpu"}
+
+
+def tiny_extract_config(model_dir: Path, root: Path, **changes: object) -> ExtractConfig:
+    """A small multi-shard extraction of a tiny model (1500 rows, layers 1 and 3), with ``changes``."""
+    return ExtractConfig(**{**TINY_EXTRACT, "model": str(model_dir), "cache_root": str(root), **changes})
+
+
 def tiny_extract_args(model_dir: Path, root: Path, backend: str = "zarr") -> list[str]:
-    """`sae-pipe extract` arguments for a small multi-shard cache of a tiny model (1500 rows, layers 1 and 3)."""
-    return [
-        "extract", "--model", str(model_dir), "--layers", "1,3", "--ctx-len", "32", "--max-tokens", "1500",
-        "--batch-size", "4", "--shard-mb", "0.02", "--cache-root", str(root), "--device", "cpu", "--backend", backend,
-    ]  # fmt: skip
+    """The same extraction as `sae-pipe extract` arguments."""
+    argv = ["extract", "--model", str(model_dir), "--cache-root", str(root), "--backend", backend]
+    for key, value in TINY_EXTRACT.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    return argv

@@ -14,7 +14,7 @@ from pipeline.checkpoint import save_weights
 from pipeline.compare import find_runs
 from pipeline.errors import UserError
 from pipeline.evaluate import EvaluateConfig, evaluate
-from pipeline.extract import ExtractConfig, extract
+from pipeline.extract import extract
 from pipeline.files import Folder
 from pipeline.fit import FitConfig, fit
 from pipeline.hooks import replace_input
@@ -24,20 +24,12 @@ from pipeline.route import RouteSAE
 from pipeline.sae import SaeConfig, TopKSAE
 from pipeline.splice import route_edits
 from pipeline.store import ActivationCache
+from tests.helpers import tiny_extract_config
 
 
 def make_cache(model_dir: Path, root: Path, normalize: str) -> str:
-    cfg = ExtractConfig(
-        model=str(model_dir),
-        layers="1,2",
-        ctx_len=32,
-        max_tokens=2400,
-        batch_size=8,
-        heldout=0.25,
-        normalize=normalize,
-        cache_root=str(root),
-        device="cpu",
-        shard_mb=0.1,
+    cfg = tiny_extract_config(
+        model_dir, root, layers="1,2", max_tokens=2400, batch_size=8, heldout=0.25, normalize=normalize, shard_mb=0.1
     )
     return extract(cfg).url
 

@@ -21,7 +21,7 @@ from pipeline.errors import UserError
 from pipeline.extract import ExtractConfig, extract
 from pipeline.fit import FitConfig, fit
 from pipeline.store import ActivationCache
-from tests.helpers import synthetic_cache, tiny_extract_args, tree_bytes
+from tests.helpers import synthetic_cache, tiny_extract_args, tiny_extract_config, tree_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -169,16 +169,7 @@ def test_not_enough_disk_is_refused_up_front(tiny_llama: Path, tmp_path: Path, m
     monkeypatch.setattr(extract_module.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10**6, 10**6, 1000))
     monkeypatch.setattr(extract_module, "load_model", lambda *a, **k: pytest.fail("model loaded before the check"))
     with pytest.raises(UserError, match="not enough disk space"):
-        extract(
-            ExtractConfig(
-                model=str(tiny_llama),
-                layers="1",
-                ctx_len=32,
-                max_tokens=100_000,
-                cache_root=str(tmp_path),
-                device="cpu",
-            )
-        )
+        extract(tiny_extract_config(tiny_llama, tmp_path, layers="1", max_tokens=100_000))
 
 
 def test_disk_full_mid_write_leaves_a_resumable_cache(
@@ -194,17 +185,7 @@ def test_disk_full_mid_write_leaves_a_resumable_cache(
         real(self, folder, arrays)
 
     monkeypatch.setattr(store.MemmapBackend, "write", full_disk)
-    cfg = ExtractConfig(
-        model=str(tiny_llama),
-        layers="1,3",
-        ctx_len=32,
-        max_tokens=1500,
-        batch_size=4,
-        shard_mb=0.02,
-        cache_root=str(tmp_path),
-        device="cpu",
-        backend="memmap",
-    )
+    cfg = tiny_extract_config(tiny_llama, tmp_path, backend="memmap")
     with pytest.raises(UserError, match="is full .* re-run the same command to resume"):
         extract(cfg)
     monkeypatch.setattr(store.MemmapBackend, "write", real)
