@@ -112,9 +112,11 @@ class ActivationStream:
         for start in range(0, serve, size):
             yield pool[:, np.sort(perm[start : start + size])]  # (L, B, D); sorted gathers read memory in order
         keep = filled - serve
-        # Only kept rows behind the front part move, into the served rows' slots inside it: a quarter of
-        # the pool per refill instead of all kept rows twice (gather, then write back).
-        holes, movers = np.sort(perm[:serve][perm[:serve] < keep]), np.sort(perm[serve:][perm[serve:] >= keep])
+        # Only kept rows behind the front part move, into the served rows' slots inside it, a slice at a
+        # time: a quarter of the pool per refill and a 16 MiB temporary, where gathering all kept rows
+        # at once would allocate half the pool again.
+        served, kept = perm[:serve], perm[serve:]
+        holes, movers = np.sort(served[served < keep]), np.sort(kept[kept >= keep])
         step = max(1, MOVE_BYTES // (pool.shape[0] * pool.shape[2] * pool.itemsize))  # bounds the temporary copy
         for start in range(0, len(holes), step):
             pool[:, holes[start : start + step]] = pool[:, movers[start : start + step]]
