@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
-from pipeline.corpus import builtin_documents
-from pipeline.extract import ExtractConfig, extract
-from pipeline.model import load_model, load_tokenizer, resolve_model
-from pipeline.packing import pack, token_stream
+from pipeline.extract.corpus import builtin_documents
+from pipeline.extract.packing import pack, token_stream
+from pipeline.extract.stage import ExtractConfig, extract
+from pipeline.llm.model import load_model, load_tokenizer, resolve_model
 
 SEQS, CTX, BATCH = 64, 256, 8  # 16,384 tokens per measurement
 

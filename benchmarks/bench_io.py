@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.fit import FitConfig, fit
-from pipeline.store import ActivationCache
-from pipeline.stream import ActivationStream, StreamSpec
+from pipeline.cache.reader import ActivationCache
+from pipeline.cache.stream import ActivationStream, StreamSpec
+from pipeline.fit.stage import FitConfig, fit
 
 STEADY_ROWS = 400_000  # rows per reader measurement: the stream's start-up is not what a trainer waits on
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.checkpoint import load_sae
-from pipeline.store import ActivationCache
+from pipeline.cache.reader import ActivationCache
+from pipeline.sae.checkpoint import load_sae
 
 
 def main(run: str, out: Path) -> None:

@@ -4,7 +4,7 @@ Runs in the project's venv, one process per measurement (peak RSS is per process
 
     python -m benchmarks.fit_steps --data train.npy --heldout held.npy --precision bfloat16
 
-Each step is exactly what `sae-pipe fit` does per batch (pipeline.train.train_step: forward, NormMSE
+Each step is exactly what `sae-pipe fit` does per batch (pipeline.fit.train.train_step: forward, NormMSE
 loss, backward with sparse kernels, Adam, decoder renormalization, dead-latent counters), with the
 default settings (auto lr, warmup-decay over the timed run). Prints one line `RESULT {json}`.
 """
@@ -20,12 +20,12 @@ import time
 import numpy as np
 import torch
 
-from pipeline.device import keep_freed_memory
-from pipeline.files import Folder
-from pipeline.kernels import use_low_precision
-from pipeline.optim import auto_lr
-from pipeline.sae import SaeConfig
-from pipeline.train import MemberSettings, init_pre_bias, make_member, train_step
+from pipeline.fit.optim import auto_lr
+from pipeline.fit.train import MemberSettings, init_pre_bias, make_member, train_step
+from pipeline.infra.device import keep_freed_memory
+from pipeline.infra.files import Folder
+from pipeline.sae.kernels import use_low_precision
+from pipeline.sae.topk import SaeConfig
 
 
 def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:

@@ -29,10 +29,10 @@ from benchmarks.bench_extract import bench_extract
 from benchmarks.bench_fit import bench_fit, gemm_limits
 from benchmarks.bench_io import bench_disk, bench_reader, bench_sweep
 from benchmarks.report import prepend
-from pipeline.device import keep_freed_memory
-from pipeline.extract import ExtractConfig, extract
-from pipeline.params import build_config, load_params
-from pipeline.store import ActivationCache
+from pipeline.cache.reader import ActivationCache
+from pipeline.extract.stage import ExtractConfig, extract
+from pipeline.infra.device import keep_freed_memory
+from pipeline.infra.params import build_config, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"

@@ -18,7 +18,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import click
 import typer
 
-from pipeline.console import console, guarded
+from pipeline.infra.console import console, guarded
 
 app = typer.Typer(
     name="sae-pipe",
@@ -51,7 +51,7 @@ CachePathArg = Annotated[str, typer.Argument(help="A cache folder (cache/activat
 
 
 def _params(path: str | None) -> dict[str, Any] | None:
-    from pipeline.params import load_params
+    from pipeline.infra.params import load_params
 
     return load_params(path) if path else None
 
@@ -91,12 +91,12 @@ def extract(
 ) -> None:
     """Run the LLM once and cache normalized hidden states; prints the cache folder last."""
     overrides = {k: v for k, v in locals().items() if k != "params"}
-    from pipeline.extract import ExtractConfig
-    from pipeline.extract import extract as run_extract
-    from pipeline.params import build_config
+    from pipeline.extract.stage import ExtractConfig
+    from pipeline.extract.stage import extract as run_extract
+    from pipeline.infra.params import build_config
 
     cfg = build_config(ExtractConfig, _params(params), "extract", overrides, shared=("model", "data"))
-    from pipeline.distributed import Ranks
+    from pipeline.infra.distributed import Ranks
 
     ranks = Ranks.from_env()
     folder = run_extract(cfg, ranks)
@@ -142,14 +142,14 @@ def fit(
 ) -> None:
     """Train TopK / RouteSAE SAEs on a cache (a sweep from one read); prints one run folder per line."""
     overrides = {k: v for k, v in locals().items() if k != "params"}
-    from pipeline.fit import FitConfig
-    from pipeline.fit import fit as run_fit
-    from pipeline.params import build_config
-    from pipeline.runplan import parse_sweep
+    from pipeline.fit.plan import parse_sweep
+    from pipeline.fit.stage import FitConfig
+    from pipeline.fit.stage import fit as run_fit
+    from pipeline.infra.params import build_config
 
     overrides["sweep"] = parse_sweep(sweep) if sweep else None
     cfg = build_config(FitConfig, _params(params), "fit", overrides)
-    from pipeline.distributed import Ranks
+    from pipeline.infra.distributed import Ranks
 
     ranks = Ranks.from_env()
     folders = run_fit(cfg, ranks)
@@ -180,11 +180,11 @@ def evaluate(
 ) -> None:
     """Reconstruction metrics on held-out tokens, and KL / CE with the SAE spliced into the LLM."""
     overrides = {k: v for k, v in locals().items() if k not in ("params", "all_in", "as_json", "runs")}
-    from pipeline.compare import find_runs, write_comparison
-    from pipeline.evaluate import EvaluateConfig
-    from pipeline.evaluate import evaluate as run_evaluate
-    from pipeline.files import Folder
-    from pipeline.params import build_config
+    from pipeline.evaluate.compare import find_runs, write_comparison
+    from pipeline.evaluate.stage import EvaluateConfig
+    from pipeline.evaluate.stage import evaluate as run_evaluate
+    from pipeline.infra.files import Folder
+    from pipeline.infra.params import build_config
 
     overrides["metrics"] = metrics.split(",") if metrics else None
     overrides["runs"] = (runs or []) + (find_runs(all_in) if all_in else [])
@@ -230,9 +230,9 @@ def interpret(
 ) -> None:
     """Feature tables (parquet), GPT-4o explanations and an HTML report for one run; prints the output folder."""
     overrides = {k: v for k, v in locals().items() if k != "params"}
-    from pipeline.interpret import InterpretConfig
-    from pipeline.interpret import interpret as run_interpret
-    from pipeline.params import build_config
+    from pipeline.infra.params import build_config
+    from pipeline.interpret.stage import InterpretConfig
+    from pipeline.interpret.stage import interpret as run_interpret
 
     cfg = build_config(InterpretConfig, _params(params), "interpret", overrides)
     typer.echo(run_interpret(cfg)["out"])
@@ -245,7 +245,7 @@ def export(
     out: Annotated[str, typer.Option("--out", help="New folder to write (must not exist or be empty).")],
 ) -> None:
     """Write a run in the layout SAELens or sparsify loads; prints the folder to load from."""
-    from pipeline.export import export_run
+    from pipeline.sae.export import export_run
 
     typer.echo(export_run(run, fmt, out).url)
 
@@ -255,7 +255,7 @@ def cache_list(cache_root: CacheRootOpt = None, as_json: JsonOpt = False) -> Non
     """List the caches under <cache-root>/activations."""
     from rich.table import Table
 
-    from pipeline.catalog import list_caches
+    from pipeline.cache.catalog import list_caches
 
     caches = list_caches(cache_root or "cache")
     if as_json:
@@ -278,8 +278,8 @@ def cache_list(cache_root: CacheRootOpt = None, as_json: JsonOpt = False) -> Non
 @cache_app.command("info")
 def cache_info(path: CachePathArg, as_json: JsonOpt = False) -> None:
     """Show a cache's spec, row counts, disk use and sampled per-token statistics."""
-    from pipeline.catalog import summarize
-    from pipeline.store import ActivationCache
+    from pipeline.cache.catalog import summarize
+    from pipeline.cache.reader import ActivationCache
 
     info = summarize(ActivationCache.open(path))
     if as_json:
@@ -291,7 +291,7 @@ def cache_info(path: CachePathArg, as_json: JsonOpt = False) -> None:
 @cache_app.command("verify")
 def cache_verify(path: CachePathArg) -> None:
     """Re-read every shard and compare checksums; exits non-zero and names every bad array on a mismatch."""
-    from pipeline.store import ActivationCache
+    from pipeline.cache.reader import ActivationCache
 
     cache = ActivationCache.open(path)
     cache.require_valid()
@@ -301,7 +301,7 @@ def cache_verify(path: CachePathArg) -> None:
 @cache_app.command("repair")
 def cache_repair(path: CachePathArg) -> None:
     """Drop the shards that fail their checksums; the same extract command then rewrites just those."""
-    from pipeline.catalog import repair_cache
+    from pipeline.cache.catalog import repair_cache
 
     dropped = repair_cache(path)
     if not dropped:

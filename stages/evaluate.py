@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from pipeline.compare import write_comparison
-from pipeline.console import guarded
-from pipeline.evaluate import EvaluateConfig, evaluate
-from pipeline.files import Folder
-from pipeline.params import build_config, load_params
-from pipeline.receipts import read_receipt, write_receipt
+from pipeline.evaluate.compare import write_comparison
+from pipeline.evaluate.stage import EvaluateConfig, evaluate
+from pipeline.infra.console import guarded
+from pipeline.infra.files import Folder
+from pipeline.infra.params import build_config, load_params
+from pipeline.infra.receipts import read_receipt, write_receipt
 
 PARAMS = "params.yaml"
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from pipeline.console import guarded
-from pipeline.extract import ExtractConfig, extract
-from pipeline.params import build_config, load_params
-from pipeline.receipts import file_digest, portable, write_receipt
-from pipeline.store import ActivationCache
+from pipeline.cache.reader import ActivationCache
+from pipeline.extract.stage import ExtractConfig, extract
+from pipeline.infra.console import guarded
+from pipeline.infra.params import build_config, load_params
+from pipeline.infra.receipts import file_digest, portable, write_receipt
 
 PARAMS = "params.yaml"
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from pipeline.console import guarded
-from pipeline.fit import FitConfig, fit
-from pipeline.params import build_config, load_params
-from pipeline.receipts import file_digest, portable, read_receipt, write_receipt
+from pipeline.fit.stage import FitConfig, fit
+from pipeline.infra.console import guarded
+from pipeline.infra.params import build_config, load_params
+from pipeline.infra.receipts import file_digest, portable, read_receipt, write_receipt
 
 PARAMS = "params.yaml"
 

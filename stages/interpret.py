@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from pipeline.console import guarded
-from pipeline.interpret import InterpretConfig, interpret
-from pipeline.params import build_config, load_params
-from pipeline.receipts import read_receipt, write_receipt
+from pipeline.infra.console import guarded
+from pipeline.infra.params import build_config, load_params
+from pipeline.infra.receipts import read_receipt, write_receipt
+from pipeline.interpret.stage import InterpretConfig, interpret
 
 PARAMS = "params.yaml"
 

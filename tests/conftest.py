@@ -25,7 +25,7 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from pipeline.corpus import builtin_documents
+    from pipeline.extract.corpus import builtin_documents
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -82,7 +82,7 @@ def tiny_gpt2(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 @pytest.fixture(scope="session")
 def jsonl_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A local .jsonl corpus of 120 built-in documents under the column `text`."""
-    from pipeline.corpus import builtin_documents
+    from pipeline.extract.corpus import builtin_documents
 
     path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
     path.write_text(

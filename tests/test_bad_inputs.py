@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main
-from pipeline.extract import ExtractConfig, extract
-from pipeline.fit import FitConfig, fit
+from pipeline.extract.stage import ExtractConfig, extract
+from pipeline.fit.stage import FitConfig, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.extract import ExtractConfig, extract
-from pipeline.store import ActivationCache
-from tests.helpers import synthetic_cache, tiny_extract_args, tree_bytes
+from pipeline.cache.reader import ActivationCache
+from pipeline.extract.stage import ExtractConfig, extract
+from tests.support.caches import synthetic_cache, tiny_extract_args, tree_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -57,7 +57,7 @@ def test_two_process_extraction_equals_one(tiny_llama: Path, tmp_path: Path) -> 
 
 def test_ddp_fit_keeps_ranks_identical(tmp_path: Path) -> None:
     cache = synthetic_cache(tmp_path, [1600, 1600, 1600, 1600], d=16)
-    torchrun("-m", "tests.ddp_check", cache.url, str(tmp_path / "out"))
+    torchrun("-m", "tests.support.ddp_check", cache.url, str(tmp_path / "out"))
     ranks = [json.loads((tmp_path / "out" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] == ranks[1] and ranks[0]["steps"] == [25, 25]  # 6400 tokens / (128 x 2 ranks)
     runs = sorted((tmp_path / "out" / "saes").glob("*/cfg.json"))

@@ -2,51 +2,39 @@
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pipeline.evaluate import EvaluateConfig
-from pipeline.extract import ExtractConfig
-from pipeline.fit import FitConfig
-from pipeline.interpret import InterpretConfig
-from pipeline.params import build_config, load_params
+from pipeline.evaluate.stage import EvaluateConfig
+from pipeline.extract.stage import ExtractConfig
+from pipeline.fit.stage import FitConfig
+from pipeline.infra.params import build_config, load_params
+from pipeline.interpret.stage import InterpretConfig
+from tests.support.imports import package_of, reachable
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 
-def imported_files(module: str) -> set[str]:
-    """Project files a module imports, transitively (module level and inside functions)."""
-    seen: set[str] = set()
-    todo = [module]
-    while todo:
-        name = todo.pop()
-        path = ROOT / (name.replace(".", "/") + ".py")
-        if name in seen or not path.exists():
-            continue
-        seen.add(name)
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("pipeline", "stages"):
-                todo.append(node.module)
-                todo += [f"{node.module}.{alias.name}" for alias in node.names]
-            elif isinstance(node, ast.Import):
-                todo += [a.name for a in node.names if a.name.split(".")[0] in ("pipeline", "stages")]
-    return {name.replace(".", "/") + ".py" for name in seen if name != "pipeline"}
+def imported_code(stage: str) -> set[str]:
+    """The stage module and the pipeline/ packages it reaches through its imports, as dvc paths."""
+    packages = {package_of(m) for m in reachable(f"stages.{stage}") if m.startswith("pipeline.")}
+    return {f"stages/{stage}.py"} | {f"pipeline/{p}" for p in packages if p != "pipeline"}
 
 
 @pytest.mark.parametrize("stage", ["extract", "fit", "evaluate", "interpret"])
 def test_code_deps_are_exactly_the_imports(stage: str) -> None:
-    declared = {d for d in STAGES[stage]["deps"] if d.endswith(".py")}
-    assert declared == imported_files(f"stages.{stage}")
+    declared = {d for d in STAGES[stage]["deps"] if d.startswith(("pipeline", "stages"))}
+    assert declared == imported_code(stage)
     assert STAGES[stage]["cmd"] == f"python -m stages.{stage}"
 
 
 def test_explainer_edits_never_rerun_extraction() -> None:
-    assert "pipeline/explain.py" not in STAGES["extract"]["deps"]
-    assert "pipeline/explain.py" in STAGES["interpret"]["deps"]
+    assert "pipeline/interpret" not in STAGES["extract"]["deps"]
+    assert "pipeline/interpret" in STAGES["interpret"]["deps"]
+    assert "pipeline.interpret.explain" in reachable("stages.interpret")
 
 
 def test_params_are_tracked_and_valid() -> None:

@@ -10,21 +10,21 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from pipeline.checkpoint import save_weights
-from pipeline.compare import find_runs
-from pipeline.errors import UserError
-from pipeline.evaluate import EvaluateConfig, evaluate
-from pipeline.extract import extract
-from pipeline.files import Folder
-from pipeline.fit import FitConfig, fit
-from pipeline.hooks import replace_input
-from pipeline.model import find_blocks
-from pipeline.normalize import Normalizer
-from pipeline.route import RouteSAE
-from pipeline.sae import SaeConfig, TopKSAE
-from pipeline.splice import route_edits
-from pipeline.store import ActivationCache
-from tests.helpers import tiny_extract_config
+from pipeline.cache.normalize import Normalizer
+from pipeline.cache.reader import ActivationCache
+from pipeline.evaluate.compare import find_runs
+from pipeline.evaluate.splice import route_edits
+from pipeline.evaluate.stage import EvaluateConfig, evaluate
+from pipeline.extract.stage import extract
+from pipeline.fit.stage import FitConfig, fit
+from pipeline.infra.errors import UserError
+from pipeline.infra.files import Folder
+from pipeline.llm.hooks import replace_input
+from pipeline.llm.model import find_blocks
+from pipeline.sae.checkpoint import save_weights
+from pipeline.sae.route import RouteSAE
+from pipeline.sae.topk import SaeConfig, TopKSAE
+from tests.support.caches import tiny_extract_config
 
 
 def make_cache(model_dir: Path, root: Path, normalize: str) -> str:
@@ -98,7 +98,7 @@ def test_kl_matches_an_independent_computation(caches: dict[str, str], tiny_llam
     cache = ActivationCache.open(caches["standardize"])
     tokens, mask = (torch.from_numpy(a) for a in cache.heldout_sequences())
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
-    from pipeline.checkpoint import load_sae
+    from pipeline.sae.checkpoint import load_sae
 
     sae, _ = load_sae(run.url)
 
@@ -161,7 +161,7 @@ def test_route_run_evaluates(caches: dict[str, str], tmp_path: Path) -> None:
 def test_runs_on_one_cache_load_the_llm_once_and_match_solo(
     caches: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import pipeline.evaluate as evaluate_module
+    import pipeline.evaluate.stage as evaluate_module
 
     runs = [
         train(caches["standardize"], tmp_path / "saes", layer=1, k=8),
@@ -180,7 +180,7 @@ def test_runs_on_one_cache_load_the_llm_once_and_match_solo(
 
 
 def test_all_writes_table_and_plots(caches: dict[str, str], tmp_path: Path) -> None:
-    from pipeline.compare import write_comparison
+    from pipeline.evaluate.compare import write_comparison
 
     for k in (4, 8, 16):
         train(caches["standardize"], tmp_path / "saes", k=k)

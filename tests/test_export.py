@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.checkpoint import load_sae
-from pipeline.errors import UserError
-from pipeline.export import export_run, load_export
-from pipeline.fit import FitConfig, fit
-from tests.helpers import synthetic_cache
+from pipeline.fit.stage import FitConfig, fit
+from pipeline.infra.errors import UserError
+from pipeline.sae.checkpoint import load_sae
+from pipeline.sae.export import export_run, load_export
+from tests.support.caches import synthetic_cache
 
 
 def trained(tmp_path: Path, method: str, arch: str = "topk") -> str:

@@ -11,13 +11,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline import extract as extract_module
 from pipeline import writer
-from pipeline.corpus import CorpusSpec, iter_documents
-from pipeline.errors import UserError
-from pipeline.extract import ExtractConfig, extract, prepare
-from pipeline.normalize import Normalizer
-from pipeline.packing import PackSpec, pack, plan_shards, token_stream
-from pipeline.store import ActivationCache
-from tests.helpers import tree_bytes
+from pipeline.cache.normalize import Normalizer
+from pipeline.cache.reader import ActivationCache
+from pipeline.extract.corpus import CorpusSpec, iter_documents
+from pipeline.extract.packing import PackSpec, pack, plan_shards, token_stream
+from pipeline.extract.stage import ExtractConfig, extract, prepare
+from pipeline.infra.errors import UserError
+from tests.support.caches import tree_bytes
 
 
 def config(model_dir: Path, root: Path, **kw: object) -> ExtractConfig:

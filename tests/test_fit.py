@@ -11,15 +11,16 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline import fit as fit_module
-from pipeline.errors import CorruptError, UserError
-from pipeline.fit import FitConfig, fit
-from pipeline.route import RouteSAE
-from pipeline.runplan import expand_sweep, parse_sweep
-from pipeline.sae import SaeConfig, TopKSAE
-from pipeline.store import ActivationCache, read_span
-from pipeline.stream import ActivationStream, StreamSpec
-from pipeline.train import MemberSettings, make_member, train_step
-from tests.helpers import synthetic_cache
+from pipeline.cache.backends import read_span
+from pipeline.cache.reader import ActivationCache
+from pipeline.cache.stream import ActivationStream, StreamSpec
+from pipeline.fit.plan import expand_sweep, parse_sweep
+from pipeline.fit.stage import FitConfig, fit
+from pipeline.fit.train import MemberSettings, make_member, train_step
+from pipeline.infra.errors import CorruptError, UserError
+from pipeline.sae.route import RouteSAE
+from pipeline.sae.topk import SaeConfig, TopKSAE
+from tests.support.caches import synthetic_cache
 
 
 def run_cfg(cache_dir: Path | str, root: Path, **kw: object) -> FitConfig:
@@ -60,7 +61,7 @@ def test_loss_falls_and_fvu_ends_low(cache: str, tmp_path: Path) -> None:
 
 
 def test_decoder_rows_stay_unit_norm_every_step(cache: str, tmp_path: Path) -> None:
-    from pipeline.files import Folder
+    from pipeline.infra.files import Folder
 
     settings = MemberSettings(1e-2, "adam", (0.9, 0.999), "constant", 0, 50, 16, 1 / 32, False)
     member = make_member(

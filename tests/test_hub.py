@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.corpus import builtin_documents
+from pipeline.extract.corpus import builtin_documents
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_SHA = "0123456789abcdef0123456789abcdef01234567"

@@ -13,14 +13,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.checkpoint import load_sae
-from pipeline.errors import UserError
-from pipeline.explain import parse_answer
-from pipeline.extract import ExtractConfig, extract
-from pipeline.fit import FitConfig, fit
-from pipeline.interpret import InterpretConfig, interpret
-from pipeline.store import ActivationCache
-from tests.standin_openai import Script, standin_env
+from pipeline.cache.reader import ActivationCache
+from pipeline.extract.stage import ExtractConfig, extract
+from pipeline.fit.stage import FitConfig, fit
+from pipeline.infra.errors import UserError
+from pipeline.interpret.explain import parse_answer
+from pipeline.interpret.stage import InterpretConfig, interpret
+from pipeline.sae.checkpoint import load_sae
+from tests.support.standin_openai import Script, standin_env
 
 KEY = "sk-test-SECRET-0123456789abcdef"
 
@@ -29,7 +29,7 @@ KEY = "sk-test-SECRET-0123456789abcdef"
 def run(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     root = tmp_path_factory.mktemp("interp")
     corpus = root / "docs.jsonl"
-    from pipeline.corpus import builtin_documents
+    from pipeline.extract.corpus import builtin_documents
 
     docs = [{"text": d} for d in builtin_documents()[300:360]]
     docs.insert(3, {"text": "Watch out: <script>alert('owned')</script> is not markup here. " * 20})

@@ -11,10 +11,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from pipeline.cache.normalize import Normalizer
+from pipeline.cache.reader import ActivationCache
 from pipeline.cli import app
-from pipeline.model import find_blocks, load_model, load_tokenizer, resolve_model
-from pipeline.normalize import Normalizer
-from pipeline.store import ActivationCache
+from pipeline.llm.model import find_blocks, load_model, load_tokenizer, resolve_model
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()

@@ -17,18 +17,18 @@ from safetensors.torch import load_file
 
 from pipeline import extract as extract_module
 from pipeline import store
-from pipeline.errors import UserError
-from pipeline.extract import ExtractConfig, extract
-from pipeline.fit import FitConfig, fit
-from pipeline.store import ActivationCache
-from tests.helpers import synthetic_cache, tiny_extract_args, tiny_extract_config, tree_bytes
+from pipeline.cache.reader import ActivationCache
+from pipeline.extract.stage import ExtractConfig, extract
+from pipeline.fit.stage import FitConfig, fit
+from pipeline.infra.errors import UserError
+from tests.support.caches import synthetic_cache, tiny_extract_args, tiny_extract_config, tree_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*args: str, kill: tuple[str, int] | None = None, check: bool = True) -> subprocess.CompletedProcess:
     """`sae-pipe ARGS` in a fresh process, optionally killed with SIGKILL at a kill point."""
-    prefix = ["-m", "tests.killpoint", kill[0], str(kill[1]), "--"] if kill else ["-m", "pipeline.cli"]
+    prefix = ["-m", "tests.support.killpoint", kill[0], str(kill[1]), "--"] if kill else ["-m", "pipeline.cli"]
     env = {**os.environ, "SAE_PIPE_QUIET": "1"}
     proc = subprocess.run(
         [sys.executable, *prefix, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
@@ -207,7 +207,7 @@ def test_newer_format_versions_are_refused(tmp_path: Path) -> None:
     )
     cfg = run_dir.read_json("cfg.json")
     run_dir.write_json({**cfg, "format_version": 2}, "cfg.json")
-    from pipeline.checkpoint import load_sae
+    from pipeline.sae.checkpoint import load_sae
 
     with pytest.raises(UserError, match="format version 2"):
         load_sae(run_dir)

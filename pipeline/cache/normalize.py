@@ -1,0 +1,69 @@
+"""Per-token normalization applied before storing, and undone when splicing back into the model.
+
+``standardize`` (default, the RouteSAE recipe): x' = (x - mean(x)) / (std(x) + eps) over the hidden
+dimension, with the Bessel-corrected std as in the RouteSAE code. ``scale``: one factor per layer,
+estimated once, so that E||x'|| = sqrt(d). ``none``: stored as computed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from pipeline.infra.errors import UserError
+
+METHODS = ("standardize", "scale", "none")
+EPS = 1e-6
+
+
+@dataclass
+class Normalizer:
+    """A normalization method and its constants (recorded in the manifest and every cfg.json)."""
+
+    method: str = "standardize"  # standardize | scale | none
+    eps: float = EPS  # added to the per-token std
+    scales: dict[int, float] = field(default_factory=dict)  # layer -> factor, for `scale`
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise UserError(f"unknown normalization {self.method!r}; use one of {', '.join(METHODS)}.")
+        self.scales = {int(k): float(v) for k, v in self.scales.items()}
+
+    def to_dict(self) -> dict[str, object]:
+        return {"method": self.method, "eps": self.eps, "scales": {str(k): v for k, v in self.scales.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Normalizer:
+        return cls(str(data["method"]), float(data.get("eps", EPS)), dict(data.get("scales", {})))
+
+    def fit_scales(self, samples: dict[int, torch.Tensor]) -> None:
+        """Estimate the `scale` factors from ``{layer: (N, D)}`` samples of raw activations."""
+        if self.method == "scale":
+            for layer, x in samples.items():
+                mean_norm = x.float().norm(dim=-1).mean().item()
+                self.scales[layer] = (x.shape[-1] ** 0.5) / max(mean_norm, 1e-12)
+
+    def normalize(self, x: torch.Tensor, layer: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """(x', stats): x' in float32, stats to undo it with :meth:`denormalize`."""
+        x = x.float()  # (..., D)
+        if self.method == "standardize":
+            mean = x.mean(dim=-1, keepdim=True)  # (..., 1)
+            std = x.std(dim=-1, keepdim=True) + self.eps  # (..., 1)
+            return (x - mean) / std, (mean, std)
+        if self.method == "scale":
+            factor = torch.tensor(1.0 / self._scale(layer), device=x.device)
+            return x / factor, (torch.zeros((), device=x.device), factor)
+        one = torch.ones((), device=x.device)
+        return x, (torch.zeros((), device=x.device), one)
+
+    def denormalize(self, x: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Map a reconstruction in normalized space back to the model's space."""
+        mean, std = stats
+        return x * std + mean
+
+    def _scale(self, layer: int) -> float:
+        if layer not in self.scales:
+            raise UserError(f"no `scale` normalization factor for layer {layer}; the cache has {sorted(self.scales)}.")
+        return self.scales[layer]

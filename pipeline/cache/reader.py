@@ -1,0 +1,145 @@
+"""The reader every later stage uses: a complete cache's manifest facts, its shards' arrays, its
+held-out rows and sequences, and checksum verification. Writing lives in :mod:`pipeline.cache.writer`
+over :mod:`pipeline.cache.backends`."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from pipeline.cache.backends import get_backend
+from pipeline.cache.manifest import read_manifest, shard_name
+from pipeline.infra.errors import CorruptError, UserError
+from pipeline.infra.files import Folder
+
+
+class Problem(NamedTuple):
+    """One array of one shard that does not read back as written."""
+
+    shard: int
+    array: str  # checksum key, e.g. train/act[1]
+    what: str  # "checksum mismatch" or "unreadable (...)"
+
+    def __str__(self) -> str:
+        return f"shard {shard_name(self.shard)} {self.array}: {self.what}"
+
+
+def _parse_checksum_key(key: str) -> tuple[str, Any]:
+    """``train/act[1]`` -> (``train/act``, 1); ``train/token`` -> (``train/token``, all)."""
+    if key.endswith("]"):
+        name, _, index = key[:-1].partition("[")
+        return name, int(index)
+    return key, slice(None)
+
+
+class ActivationCache:
+    """Read access to a complete cache: manifest facts and per-shard arrays."""
+
+    def __init__(self, folder: Folder, manifest: dict[str, Any]) -> None:
+        self.folder = folder
+        self.manifest = manifest
+        self.backend = get_backend(manifest["spec"]["backend"])
+
+    @classmethod
+    def open(cls, where: str | Folder) -> ActivationCache:
+        folder = where if isinstance(where, Folder) else Folder.at(where)
+        return cls(folder, read_manifest(folder))
+
+    @property
+    def key(self) -> str:
+        return str(self.manifest["key"])
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.manifest["spec"]["layers"])
+
+    @property
+    def d_model(self) -> int:
+        return int(self.manifest["d_model"])
+
+    @property
+    def shards(self) -> list[dict[str, Any]]:
+        return list(self.manifest["shards"])
+
+    def rows(self, split: str) -> int:
+        return int(self.manifest["rows"][split])
+
+    def layer_index(self, layer: int) -> int:
+        """Position of a model layer in the cache's layer axis."""
+        if layer not in self.layers:
+            raise UserError(f"layer {layer} is not in cache {self.key}; it holds layers {self.layers}.")
+        return self.layers.index(layer)
+
+    def read(self, shard: int, name: str, first: Any = slice(None)) -> np.ndarray:
+        """Array ``name`` (e.g. ``train/act``) of one shard; ``first`` indexes its first axis."""
+        return self.backend.read(self.folder.child("shards", shard_name(shard)), name, first)
+
+    def read_into(self, shard: int, name: str, first: Any, out: np.ndarray) -> None:
+        """Like :meth:`read`, into a preallocated array of the right shape and dtype."""
+        self.backend.read_into(self.folder.child("shards", shard_name(shard)), name, first, out)
+
+    def heldout_rows(self, layers: list[int], max_rows: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+        """Held-out rows shard by shard as (shard, (n, L, D)) for ``layers``, at most ``max_rows`` (0 = all)."""
+        left = max_rows or self.rows("heldout")
+        positions = [self.layer_index(layer) for layer in layers]
+        for record in self.shards:
+            n = min(record["rows"]["heldout"], left)
+            if n <= 0:
+                continue
+            yield record["index"], np.stack([self.read(record["index"], "heldout/act", p)[:n] for p in positions], 1)
+            left -= n
+
+    def heldout_sequences(self, max_tokens: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Held-out sequences (S, T) and the mask (S, T) of their stored positions, covering at least
+        ``max_tokens`` stored positions (0 = all held-out sequences)."""
+        tokens: list[np.ndarray] = []
+        masks: list[np.ndarray] = []
+        covered = 0
+        for record in self.shards:
+            if record["rows"]["heldout"] == 0:
+                continue
+            seqs = self.read(record["index"], "heldout/sequences")
+            mask = np.zeros(seqs.shape, dtype=bool)
+            mask[self.read(record["index"], "heldout/seq"), self.read(record["index"], "heldout/pos")] = True
+            for seq, seq_mask in zip(seqs, mask):
+                if max_tokens and covered >= max_tokens:
+                    return np.stack(tokens), np.stack(masks)
+                tokens.append(seq)
+                masks.append(seq_mask)
+                covered += int(seq_mask.sum())
+        if not tokens:
+            raise UserError(f"cache {self.key} has no held-out sequences; extract it with --heldout > 0.")
+        return np.stack(tokens), np.stack(masks)
+
+    def verify(self, only: list[str] | None = None) -> list[Problem]:
+        """Re-read arrays (all, or the checksum keys in ``only``) and compare with the manifest's checksums."""
+        problems = []
+        for record in self.shards:
+            for key, expected in record["checksums"].items():
+                if only is not None and key not in only:
+                    continue
+                name, index = _parse_checksum_key(key)
+                try:
+                    data = np.ascontiguousarray(self.read(record["index"], name, index))
+                except Exception as err:  # noqa: BLE001 - any read failure is a finding, not a crash
+                    problems.append(
+                        Problem(record["index"], key, f"unreadable ({type(err).__name__}: {str(err)[:120]})")
+                    )
+                    continue
+                if hashlib.sha256(data.data).hexdigest() != expected:
+                    problems.append(Problem(record["index"], key, "checksum mismatch"))
+        return problems
+
+    def require_valid(self, only: list[str] | None = None) -> None:
+        """Raise :class:`CorruptError` naming every bad array, deleting nothing."""
+        problems = self.verify(only)
+        if problems:
+            raise CorruptError(
+                f"cache {self.folder.url} fails its checksums:\n  "
+                + "\n  ".join(map(str, problems))
+                + f"\nNothing was deleted. `sae-pipe cache repair {self.folder.url}` drops the bad "
+                "shards; re-running the same extract command then rewrites just those."
+            )

@@ -1,0 +1,130 @@
+"""The shuffled, prefetched stream of training rows that feeds SAE training.
+
+Each epoch visits the shards in a random order. Shards are read whole (large sequential reads)
+into a mixing pool of rows; the pool is shuffled and half of it is served as batches while the
+next shards refill it, so every batch mixes rows from several shards. Every row is served once per
+epoch, except the few short of a full batch at an epoch's end: they open the next epoch (and are
+dropped after the last). A background thread does all reading and shuffling ahead of the trainer.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.cache.reader import ActivationCache
+
+MOVE_BYTES = 16 * 2**20  # rows moved per copy when the pool is compacted
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """What to read and in which order."""
+
+    layers: list[int]  # model layers to serve, in this order along axis 0 of each (L, B, D) batch
+    batch_size: int  # rows per batch
+    seed: int = 0  # shard order and row shuffling
+    pool_mb: float = 1024.0  # size of the mixing pool
+    prefetch: int = 4  # batches prepared ahead
+    rank: int = 0  # this process reads shards rank, rank + world, ...
+    world: int = 1
+
+
+class ActivationStream:
+    """Iterates over fixed-size batches (L, B, D) of training rows, epoch after epoch.
+
+    Batches are layer-major like the cache: ``batch[i]`` is one layer's (B, D) block, contiguous.
+    """
+
+    def __init__(self, cache: ActivationCache, spec: StreamSpec) -> None:
+        self.cache, self.spec = cache, spec
+        self.layer_pos = [cache.layer_index(layer) for layer in spec.layers]
+        self.shard_rows = {r["index"]: int(r["rows"]["train"]) for r in cache.shards if r["rows"]["train"] > 0}
+        self.shards = sorted(self.shard_rows)[spec.rank :: spec.world]
+        self.rows = sum(self.shard_rows[i] for i in self.shards)
+        row_bytes = len(self.layer_pos) * cache.d_model * np.dtype(cache.manifest["spec"]["dtype"]).itemsize
+        largest = max(self.shard_rows.values(), default=1)
+        wanted = max(int(spec.pool_mb * 2**20) // row_bytes, 2 * (largest + spec.batch_size))  # room to refill
+        self.pool_rows = min(wanted, self.rows + spec.batch_size)  # never more than the data needs
+        self._pool: np.ndarray | None = None  # allocated once: first-touch page faults cost as much as reading
+
+    def batches(self, epochs: int, skip: int = 0) -> Iterator[np.ndarray]:
+        """Batches of ``epochs`` passes; the first ``skip`` batches are dropped (to resume)."""
+        out: queue.Queue[np.ndarray | BaseException | None] = queue.Queue(self.spec.prefetch)
+        stop = threading.Event()
+        thread = threading.Thread(
+            target=self._produce, args=(epochs, skip, out, stop), daemon=True, name="activation-stream"
+        )
+        thread.start()
+        try:
+            while (item := out.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while thread.is_alive():  # unblock the producer if it waits on a full queue
+                try:
+                    out.get_nowait()
+                except queue.Empty:
+                    thread.join(0.01)
+
+    def _produce(self, epochs: int, skip: int, out: queue.Queue, stop: threading.Event) -> None:
+        try:
+            served = 0
+            for batch in self._batches(epochs):
+                if stop.is_set():
+                    return
+                if served >= skip:
+                    out.put(batch)
+                served += 1
+            out.put(None)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the consumer
+            out.put(err)
+
+    def _batches(self, epochs: int) -> Iterator[np.ndarray]:
+        """Deterministic for a given seed: same shard order, same shuffles, same batches."""
+        rng = np.random.default_rng(self.spec.seed)
+        size = self.spec.batch_size
+        if self._pool is None:
+            dtype = self.cache.manifest["spec"]["dtype"]
+            self._pool = np.empty((len(self.layer_pos), self.pool_rows, self.cache.d_model), dtype=dtype)
+        pool = self._pool  # (L, rows, D)
+        filled = 0
+        for _ in range(epochs):
+            for shard in rng.permutation(self.shards):
+                while filled + self.shard_rows[int(shard)] > self.pool_rows:  # make room: serve half the pool
+                    half = max(filled // 2 - (filled // 2) % size, size)
+                    filled = yield from self._serve(pool, filled, half, rng)
+                filled += self._read_into(pool, filled, int(shard))
+            filled = yield from self._serve(pool, filled, filled - filled % size, rng)  # the epoch's end
+
+    def _serve(
+        self, pool: np.ndarray, filled: int, serve: int, rng: np.random.Generator
+    ) -> Generator[np.ndarray, None, int]:
+        """Yield ``serve`` random rows of the pool as batches; move the rest to the front."""
+        perm = rng.permutation(filled)
+        size = self.spec.batch_size
+        for start in range(0, serve, size):
+            yield pool[:, np.sort(perm[start : start + size])]  # (L, B, D); sorted gathers read memory in order
+        keep = filled - serve
+        # Only kept rows behind the front part move, into the served rows' slots inside it, a slice at a
+        # time: a quarter of the pool per refill and a 16 MiB temporary, where gathering all kept rows
+        # at once would allocate half the pool again.
+        served, kept = perm[:serve], perm[serve:]
+        holes, movers = np.sort(served[served < keep]), np.sort(kept[kept >= keep])
+        step = max(1, MOVE_BYTES // (pool.shape[0] * pool.shape[2] * pool.itemsize))  # bounds the temporary copy
+        for start in range(0, len(holes), step):
+            pool[:, holes[start : start + step]] = pool[:, movers[start : start + step]]
+        return keep
+
+    def _read_into(self, pool: np.ndarray, start: int, shard: int) -> int:
+        """Read one shard's training rows of the requested layers straight into the pool; return their count."""
+        rows = self.shard_rows[shard]
+        for i, pos in enumerate(self.layer_pos):
+            self.cache.read_into(shard, "train/act", pos, pool[i, start : start + rows])  # (n, D), contiguous
+        return rows

@@ -1,0 +1,103 @@
+"""Splicing an SAE into the LLM: replace the residual stream at its layer with the reconstruction.
+
+The live activation is normalized exactly as the cache was (per-token statistics for
+``standardize``, the cache's factor for ``scale``), encoded, decoded and de-normalized. Only real
+(non-special) positions are replaced, the positions the SAE was trained on. For a hard-routing
+RouteSAE, the router (run on the clean activations) picks one layer per token, and the token is
+replaced at that layer only, with the routing weight undone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import ExitStack
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.cache.normalize import Normalizer
+from pipeline.llm.hooks import replace_input, run_to_layers
+from pipeline.sae.route import RouteSAE
+from pipeline.sae.topk import TopKSAE
+
+Edit = Callable[[Tensor], Tensor]  # (B, T, D) hidden state -> replacement
+
+
+def logits_with(model: nn.Module, blocks: nn.ModuleList, tokens: Tensor, edits: dict[int, Edit]) -> Tensor:
+    """Logits (B, T, V) of a forward in which block L's input h becomes ``edits[L](h)``."""
+    with ExitStack() as stack:
+        for layer, edit in edits.items():
+            stack.enter_context(replace_input(blocks[layer], edit))
+        return model(input_ids=tokens, use_cache=False).logits
+
+
+def _replace(h: Tensor, where: Tensor, values: Tensor) -> Tensor:
+    out = h.clone()
+    out[where] = values.to(h.dtype)
+    return out
+
+
+def topk_edits(
+    sae: TopKSAE, normalizer: Normalizer, layer: int, mask: Tensor, k: int | None, theta: float | None
+) -> dict[int, Edit]:
+    """Replace real positions (``mask``, (B, T)) at ``layer`` with the SAE reconstruction."""
+
+    def edit(h: Tensor) -> Tensor:
+        x, stats = normalizer.normalize(h[mask], layer)  # (M, D)
+        x_hat = sae(x, k=k, theta=theta).x_hat
+        return _replace(h, mask, normalizer.denormalize(x_hat, stats))
+
+    return {layer: edit}
+
+
+def zero_edits(layers: list[int], masks: list[Tensor]) -> dict[int, Edit]:
+    """Zero the residual stream at each layer's masked positions."""
+
+    def zeroing(mask: Tensor) -> Edit:
+        return lambda h: _replace(h, mask, torch.zeros_like(h[mask]))
+
+    return {layer: zeroing(mask) for layer, mask in zip(layers, masks)}
+
+
+@torch.no_grad()
+def route_choice(
+    model: nn.Module, blocks: nn.ModuleList, sae: RouteSAE, normalizer: Normalizer, tokens: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Per token, the routed layer's position in ``sae.cfg.layers`` and its weight, from a clean forward.
+
+    The top layer is picked for soft-routing RouteSAEs too: splicing needs one layer per token (the
+    RouteSAE code evaluates soft-trained models with hard routing in the same way).
+    """
+    layers = sae.cfg.layers
+    hidden = run_to_layers(model, blocks, tokens, layers)
+    xs = torch.stack([normalizer.normalize(hidden[layer], layer)[0] for layer in layers], dim=2)  # (B, T, L, D)
+    weights = sae.route(xs.flatten(0, 1))[0]  # (B*T, L)
+    choice = weights.argmax(dim=-1)
+    rows = torch.arange(len(choice), device=choice.device)
+    return choice.view(tokens.shape), weights[rows, choice].view(tokens.shape)
+
+
+def route_edits(
+    sae: RouteSAE,
+    normalizer: Normalizer,
+    mask: Tensor,
+    choice: Tensor,
+    weight: Tensor,
+    k: int | None,
+    theta: float | None,
+) -> dict[int, Edit]:
+    """At each routed layer, replace the real positions routed there; other positions stay clean."""
+    edits: dict[int, Edit] = {}
+    for i, layer in enumerate(sae.cfg.layers):
+        here = mask & (choice == i)  # (B, T)
+
+        def edit(h: Tensor, here: Tensor = here, layer: int = layer) -> Tensor:
+            if not bool(here.any()):
+                return h
+            x, stats = normalizer.normalize(h[here], layer)  # (M, D)
+            w = weight[here][:, None]  # (M, 1)
+            x_hat = sae.decode(sae.encode(x * w, k=k, theta=theta)) / w
+            return _replace(h, here, normalizer.denormalize(x_hat, stats))
+
+        edits[layer] = edit
+    return edits

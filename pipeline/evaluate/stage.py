@@ -1,0 +1,240 @@
+"""`sae-pipe evaluate`: reconstruction metrics on held-out rows, and the SAE's cost to the model.
+
+Fast metrics read only the cache. Spliced metrics re-run the LLM on held-out sequences three ways
+(clean, SAE spliced in, residual stream zeroed) and compare logits; several runs at the same
+layer share one clean and one zeroed forward per batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from pipeline.cache.reader import ActivationCache
+from pipeline.evaluate.metrics import DEFINITIONS, ce_per_position, ce_recovered, kl_per_position, reconstruction_sums
+from pipeline.evaluate.splice import logits_with, route_choice, route_edits, topk_edits, zero_edits
+from pipeline.infra.console import progress_bar, say
+from pipeline.infra.device import resolve_device, resolve_dtype
+from pipeline.infra.errors import UserError
+from pipeline.infra.files import Folder
+from pipeline.llm.model import find_blocks, fingerprint_model, load_model, resolve_model
+from pipeline.sae.route import RouteSAE
+from pipeline.sae.subject import Subject, load_subject
+
+METRICS = ("nmse", "kl", "ce")
+FAST_BATCH = 4096  # held-out rows per SAE forward
+
+
+@dataclass
+class EvaluateConfig:
+    """Everything `sae-pipe evaluate` needs; every field also lives in params.yaml's evaluate section."""
+
+    runs: list[str] = field(default_factory=list)  # run folders to evaluate
+    max_tokens: int = 0  # held-out tokens to use (0 = all the held-out split has)
+    batch_size: int = 4  # sequences per LLM forward
+    metrics: list[str] = field(default_factory=lambda: list(METRICS))  # nmse (cache only), kl, ce (LLM)
+    infer_k: int | None = None  # encode with this k instead of the trained one
+    theta: float | None = None  # encode with a threshold instead of top-k
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    out: str = ""  # where metrics go (default <cache_root>/evaluate/<run>/metrics.json)
+    cache_root: str = "cache"  # root of evaluate/
+
+
+def evaluate(cfg: EvaluateConfig) -> list[dict[str, Any]]:
+    """Evaluate every run in ``cfg.runs``; write and return one metrics dict per run."""
+    unknown = sorted(set(cfg.metrics) - set(METRICS))
+    if unknown or not cfg.runs:
+        raise UserError(
+            f"unknown metric(s) {unknown}; choose from {', '.join(METRICS)}."
+            if unknown
+            else "no run to evaluate: pass a run folder (or --all DIR)."
+        )
+    if cfg.batch_size < 1 or cfg.max_tokens < 0:
+        raise UserError("--batch-size must be at least 1 and --max-tokens not negative (0 = all held-out tokens).")
+    device = resolve_device(cfg.device)
+    subjects = [load_subject(run, device) for run in cfg.runs]
+    for subject in subjects:
+        subject.check_infer_k(cfg.infer_k)
+        subject.result = fast_metrics(subject, cfg)
+    if {"kl", "ce"} & set(cfg.metrics):
+        for same_cache in _group_by(subjects, lambda s: (s.cache.key,)):
+            model, blocks = _load_llm(same_cache[0].cache, device)  # once per cache, not once per layer
+            for group in _group_by(same_cache, _forward_key):
+                spliced_metrics(group, cfg, model, blocks)
+    return [write_metrics(s, cfg) for s in subjects]
+
+
+def _forward_key(s: Subject) -> tuple[str, ...]:
+    """Runs that can share clean/zeroed forwards: same single layer (a RouteSAE routes alone)."""
+    return ("route", s.folder.name) if s.is_route else (str(s.layers[0]),)
+
+
+def _group_by(subjects: list[Subject], key: Callable[[Subject], tuple[str, ...]]) -> list[list[Subject]]:
+    groups: dict[tuple[str, ...], list[Subject]] = {}
+    for s in subjects:
+        groups.setdefault(key(s), []).append(s)
+    return list(groups.values())
+
+
+@torch.no_grad()
+def fast_metrics(s: Subject, cfg: EvaluateConfig) -> dict[str, Any]:
+    """nmse, fvu, l0, dead share (and routing shares) over held-out rows of the cache."""
+    available = s.cache.rows("heldout")
+    if available == 0:
+        raise UserError(
+            f"cache {s.cache.key} has no held-out tokens to evaluate on; re-extract it with "
+            "--heldout above 0 (the default holds out 5 % of sequences)."
+        )
+    if cfg.max_tokens > available:
+        raise UserError(
+            f"--max-tokens {cfg.max_tokens:,} is more than the {available:,} held-out tokens of cache "
+            f"{s.cache.key}; lower it (0 uses them all) or extract more tokens."
+        )
+    device = next(s.sae.parameters()).device
+    n_latents = s.cfg["sae"]["n_latents"]
+    active = torch.zeros(n_latents, dtype=torch.bool, device=device)
+    routes = torch.zeros(len(s.layers), dtype=torch.float64, device=device)
+    totals: dict[str, Any] = {"nmse_sum": 0.0, "err_sum": 0.0, "x_sum": 0.0, "x2_sum": 0.0, "rows": 0, "l0_sum": 0.0}
+    for _, rows in s.cache.heldout_rows(s.layers, cfg.max_tokens):
+        for start in range(0, len(rows), FAST_BATCH):
+            x = torch.from_numpy(rows[start : start + FAST_BATCH]).to(device=device, dtype=torch.float32)  # (b, L, D)
+            out = s.sae(x if s.is_route else x[:, 0], k=cfg.infer_k, theta=cfg.theta)
+            for key, value in reconstruction_sums(out.x, out.x_hat).items():
+                totals[key] = totals[key] + value
+            fired = out.latents.acts > 0  # (b, k)
+            totals["l0_sum"] += float(fired.sum())
+            active[out.latents.indices[fired]] = True
+            if out.layer_choice is not None:
+                routes += torch.bincount(out.layer_choice, minlength=len(s.layers)).double()
+            elif out.layer_weights is not None:
+                routes += out.layer_weights.sum(0).double()
+    n = totals["rows"]
+    variance = totals["x2_sum"] - float((totals["x_sum"] ** 2).sum()) / n
+    result: dict[str, Any] = {
+        "nmse": totals["nmse_sum"] / n,
+        "fvu": totals["err_sum"] / max(variance, 1e-12),
+        "l0": totals["l0_sum"] / n,
+        "dead_share": 1 - float(active.float().mean()),
+        "tokens_reconstructed": n,
+    }
+    if s.is_route:
+        shares = (routes / routes.sum()).tolist()
+        result["routing_shares"] = {str(layer): share for layer, share in zip(s.layers, shares)}
+    return result
+
+
+def _load_llm(cache: ActivationCache, device: torch.device) -> tuple[torch.nn.Module, torch.nn.ModuleList]:
+    """The model the cache was extracted from, checked by fingerprint."""
+    spec = cache.manifest["spec"]["model"]
+    source = resolve_model(spec["name"], spec.get("revision"))
+    expected = {k: v for k, v in spec.items() if k in ("sha256", "commit")}
+    found = fingerprint_model(source)
+    if found != expected:
+        raise UserError(
+            f"the model at {spec['name']!r} is not the one cache {cache.key} was extracted from "
+            f"(fingerprint {found} != {expected}); the SAE would be spliced into another model."
+        )
+    model = load_model(source, device, resolve_dtype("auto", device))
+    return model, find_blocks(model)
+
+
+@torch.no_grad()
+def spliced_metrics(
+    group: list[Subject], cfg: EvaluateConfig, model: torch.nn.Module, blocks: torch.nn.ModuleList
+) -> None:
+    """KL and CE with each run spliced in; clean and zeroed forwards are shared by the group."""
+    tokens_np, mask_np = group[0].cache.heldout_sequences(cfg.max_tokens)
+    device = next(model.parameters()).device
+    sums = {id(s): {"kl": 0.0, "ce_spliced": 0.0} for s in group}
+    shared = {
+        "ce_clean": 0.0,
+        "ce_zero": 0.0,
+        "kl_zero": 0.0,
+        "kl_positions": 0,
+        "ce_positions": 0,
+        "sequences": len(tokens_np),
+    }
+    with progress_bar("evaluate", int(mask_np.sum()), unit="tok") as bar:
+        for start in range(0, len(tokens_np), cfg.batch_size):
+            tokens = torch.from_numpy(tokens_np[start : start + cfg.batch_size]).long().to(device)  # (B, T)
+            mask = torch.from_numpy(mask_np[start : start + cfg.batch_size]).to(device)  # (B, T)
+            _batch(group, model, blocks, tokens, mask, cfg, sums, shared)
+            bar.advance(0, int(mask.sum()))
+    for s in group:
+        ce = {
+            "ce_clean": shared["ce_clean"] / shared["ce_positions"],
+            "ce_zero": shared["ce_zero"] / shared["ce_positions"],
+            "ce_spliced": sums[id(s)]["ce_spliced"] / shared["ce_positions"],
+        }
+        s.result.update(
+            {
+                "kl_per_token": sums[id(s)]["kl"] / shared["kl_positions"],
+                "kl_paper_scale": sums[id(s)]["kl"] / shared["sequences"],
+                "kl_zero_per_token": shared["kl_zero"] / shared["kl_positions"],
+                **ce,
+                "ce_recovered": ce_recovered(ce["ce_clean"], ce["ce_spliced"], ce["ce_zero"]),
+                "tokens_spliced": shared["kl_positions"],
+                "sequences": shared["sequences"],
+            }
+        )
+
+
+def _batch(
+    group: list[Subject],
+    model: torch.nn.Module,
+    blocks: torch.nn.ModuleList,
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: EvaluateConfig,
+    sums: dict[int, dict[str, float]],
+    shared: dict[str, Any],
+) -> None:
+    """One batch of held-out sequences: clean, zeroed and every run's spliced forward."""
+    targets = mask[:, :-1] & mask[:, 1:]  # predict a real token from a real token
+    clean = logits_with(model, blocks, tokens, {})
+    shared["ce_clean"] += float(ce_per_position(clean, tokens)[targets].sum())
+    shared["kl_positions"] += int(mask.sum())
+    shared["ce_positions"] += int(targets.sum())
+    first = group[0]
+    if isinstance(first.sae, RouteSAE):  # RouteSAEs are evaluated alone: the routing is theirs
+        choice, weight = route_choice(model, blocks, first.sae, first.normalizer, tokens)
+        zero = zero_edits(first.layers, [mask & (choice == i) for i in range(len(first.layers))])
+    else:
+        zero = zero_edits(first.layers, [mask])
+    zeroed = logits_with(model, blocks, tokens, zero)
+    shared["ce_zero"] += float(ce_per_position(zeroed, tokens)[targets].sum())
+    shared["kl_zero"] += float(kl_per_position(clean, zeroed)[mask].sum())
+    for s in group:
+        if isinstance(s.sae, RouteSAE):
+            edits = route_edits(s.sae, s.normalizer, mask, choice, weight, cfg.infer_k, cfg.theta)
+        else:
+            edits = topk_edits(s.sae, s.normalizer, s.layers[0], mask, cfg.infer_k, cfg.theta)
+        spliced = logits_with(model, blocks, tokens, edits)
+        sums[id(s)]["kl"] += float(kl_per_position(clean, spliced)[mask].sum())
+        sums[id(s)]["ce_spliced"] += float(ce_per_position(spliced, tokens)[targets].sum())
+
+
+def write_metrics(s: Subject, cfg: EvaluateConfig) -> dict[str, Any]:
+    """metrics.json beside the run: ``<out or cache_root/evaluate>/<run>/metrics.json``."""
+    metrics = {
+        "format": "sae-pipe/metrics",
+        "format_version": 1,
+        "run": s.folder.name,
+        "run_path": s.folder.url,
+        "cache_key": s.cache.key,
+        "arch": s.cfg["sae"]["arch"],
+        "layers": s.layers,
+        "n_latents": s.cfg["sae"]["n_latents"],
+        "k": s.cfg["sae"]["k"],
+        "settings": {"infer_k": cfg.infer_k, "theta": cfg.theta, "max_tokens": cfg.max_tokens},
+        **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in s.result.items()},
+        "definitions": {k: v for k, v in DEFINITIONS.items() if k in s.result},
+    }
+    root = Folder.at(cfg.out) if cfg.out else Folder.at(cfg.cache_root).child("evaluate")
+    root.child(s.folder.name).write_json(metrics, "metrics.json")
+    shown = {k: metrics[k] for k in ("nmse", "l0", "kl_per_token", "ce_recovered") if k in metrics}
+    say(f"evaluated {s.folder.name}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+    return metrics

@@ -1,0 +1,194 @@
+"""Stage two: train TopK SAEs and RouteSAEs from a cache, a whole sweep from one read.
+
+Each run ends as a folder holding cfg.json, sae.safetensors and log.csv (plus a resumable state
+while it trains); :mod:`pipeline.fit.plan` decides the runs and their folders.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+
+import torch
+
+from pipeline.cache.reader import ActivationCache
+from pipeline.cache.stream import ActivationStream, StreamSpec
+from pipeline.fit.plan import FitConfig, RunPlan, check_shared, expand_sweep, needs_training, plan_run
+from pipeline.fit.train import (
+    Member,
+    MemberSettings,
+    checkpoint,
+    flush_log,
+    init_pre_bias,
+    make_member,
+    member_input,
+    summary,
+    to_device,
+    train_step,
+)
+from pipeline.infra.console import Stopwatch, progress_bar, say
+from pipeline.infra.device import keep_freed_memory, resolve_device
+from pipeline.infra.distributed import Ranks, smallest, wrap_ddp
+from pipeline.infra.errors import UserError
+from pipeline.infra.files import Folder
+from pipeline.infra.locks import exclusive
+from pipeline.sae.checkpoint import drop_state, save_weights, write_cfg
+from pipeline.sae.kernels import use_low_precision
+
+
+def fit(cfg: FitConfig, ranks: Ranks | None = None) -> list[Folder]:
+    """Train every run of ``cfg`` (one, or a sweep) from one pass over the cache; return run folders."""
+    ranks = ranks or Ranks.from_env()
+    cache = open_cache(cfg)
+    plans = [plan_run(member, cache) for member in expand_sweep(cfg)]
+    check_shared(plans)
+    with ExitStack() as locks:  # a second process for the same run waits, then finds it trained
+        for plan in sorted(plans, key=lambda p: p.folder.name):
+            locks.enter_context(exclusive(plan.folder, "fit", enabled=ranks.world == 1))
+        todo = _todo(plans, ranks)
+        if todo:
+            _train(todo, cache, cfg, ranks)
+    ranks.barrier()  # under torchrun no rank returns before rank 0 has written the runs
+    return [p.folder for p in plans]
+
+
+def _todo(plans: list[RunPlan], ranks: Ranks) -> list[RunPlan]:
+    """The runs that need training, decided (and cleared for --overwrite) by rank 0 alone."""
+    names: list[str] = []
+    error: str | None = None
+    if ranks.is_main:
+        try:
+            names = [p.folder.name for p in plans if needs_training(p)]
+        except UserError as err:
+            error = str(err)
+    names, error = ranks.share((names, error))
+    if error is not None:
+        raise UserError(error)
+    return [p for p in plans if p.folder.name in names]
+
+
+def open_cache(cfg: FitConfig) -> ActivationCache:
+    if not cfg.cache:
+        raise UserError("no cache given: pass --cache PATH (from `sae-pipe extract` or `sae-pipe cache list`).")
+    return ActivationCache.open(cfg.cache)
+
+
+def _total_steps(cfg: FitConfig, stream: ActivationStream, world: int) -> tuple[int, int]:
+    """(epochs, steps) for the token budget; a budget beyond the data trains one epoch unless asked.
+
+    Under torchrun each rank streams its own shards and the budget is shared: a step trains on
+    ``batch_size x world`` tokens.
+    """
+    epochs = cfg.epochs or 1
+    budget = stream.rows * epochs
+    if cfg.max_tokens:
+        if cfg.max_tokens > budget * world and not cfg.epochs:
+            say(
+                f"the training split has {stream.rows:,} rows, fewer than --max-tokens {cfg.max_tokens:,}: "
+                "training one epoch (pass --epochs N to repeat the data)"
+            )
+        budget = min(budget, cfg.max_tokens // world)
+    steps = smallest(budget // cfg.batch_size)  # under torchrun every rank runs the same number of steps
+    if steps < 1:
+        raise UserError(
+            f"the training split has {stream.rows:,} rows, less than one batch of {cfg.batch_size}; "
+            "lower --batch-size or extract more tokens."
+        )
+    return epochs, steps
+
+
+def _train(plans: list[RunPlan], cache: ActivationCache, cfg: FitConfig, ranks: Ranks) -> None:
+    """Build the stream and the members, then run the shared loop."""
+    layers = sorted({layer for p in plans for layer in p.sae.layers})
+    if cfg.verify:
+        _verify(cache, layers)
+    stream = ActivationStream(
+        cache, StreamSpec(layers, cfg.batch_size, cfg.data_seed, cfg.pool_mb, rank=ranks.rank, world=ranks.world)
+    )
+    epochs, steps = _total_steps(cfg, stream, ranks.world)
+    device = resolve_device(ranks.device_name(cfg.device))
+    if device.type == "cpu":
+        keep_freed_memory()
+    members = []
+    for plan in plans:
+        plan.folder.makedirs()
+        if ranks.is_main and not plan.folder.exists("cfg.json"):
+            write_cfg(plan.folder, {"status": "training", **plan.record, "steps": steps})
+        members.append(_member(plan, layers, device, ranks))
+    _loop(members, stream, epochs, steps, cfg, ranks)
+    if ranks.is_main:
+        for plan, member in zip(plans, members):
+            _finish(plan, member, steps)
+
+
+def _member(plan: RunPlan, layers: list[int], device: torch.device, ranks: Ranks) -> Member:
+    settings = MemberSettings.from_record(plan.record["training"], use_low_precision(device, plan.cfg.precision))
+    member = make_member(plan.folder, plan.sae, settings, [layers.index(x) for x in plan.sae.layers], device)
+    if ranks.world > 1:
+        member.net = wrap_ddp(member.model, device)
+    if member.step:
+        say(f"resuming {plan.folder.name} at step {member.step:,}")
+    return member
+
+
+def _verify(cache: ActivationCache, layers: list[int]) -> None:
+    """Refuse a cache whose training data fails its checksums (the same message as `cache verify`)."""
+    wanted = [f"train/act[{cache.layer_index(layer)}]" for layer in layers]
+    cache.require_valid(only=wanted)
+
+
+def _loop(
+    members: list[Member], stream: ActivationStream, epochs: int, steps: int, cfg: FitConfig, ranks: Ranks
+) -> None:
+    """Feed every batch to every member that has not seen it yet; log and checkpoint as configured."""
+    start = min(m.step for m in members)
+    device = next(members[0].model.parameters()).device
+    clock, window = Stopwatch(), (start, 0.0)
+    with progress_bar("fit", steps * cfg.batch_size) as bar:
+        bar.advance(0, start * cfg.batch_size)
+        for step, batch in enumerate(stream.batches(epochs, skip=start), start=start):
+            if step >= steps:
+                break
+            x = to_device(batch, device)  # (L, B, D)
+            for member in members:
+                if member.step > step:
+                    continue  # resumed ahead of the others
+                view = member_input(member, x)
+                if member.step == 0:
+                    init_pre_bias(member, view)
+                metrics = train_step(member, view, steps)
+                logged = (cfg.log_every and member.step % cfg.log_every == 0) or member.step == steps
+                if ranks.is_main and logged:
+                    rate = (member.step - window[0]) * cfg.batch_size / max(clock.seconds - window[1], 1e-9)
+                    member.pending_log.append(
+                        {
+                            "step": member.step,
+                            "tokens": member.step * cfg.batch_size * ranks.world,
+                            **{k: round(v, 6) for k, v in metrics.items()},
+                            "tokens_per_s": round(rate, 1),
+                        }
+                    )
+            if cfg.log_every and (step + 1) % cfg.log_every == 0:
+                window = (step + 1, clock.seconds)
+            bar.update(0, advance=cfg.batch_size, status=f"nmse {metrics['nmse']:.3f} L0 {metrics['l0']:.0f}")
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps and ranks.is_main:
+                for member in members:
+                    checkpoint(member)
+
+
+def _finish(plan: RunPlan, member: Member, steps: int) -> None:
+    """Write final weights and a complete cfg.json; drop the resumable state."""
+    flush_log(member)
+    save_weights(plan.folder, member.model)
+    last = _last_log(plan.folder)
+    write_cfg(plan.folder, {"status": "complete", **plan.record, "steps": steps, "result": {**summary(member), **last}})
+    drop_state(plan.folder)
+    say(f"trained {plan.folder.name}: " + ", ".join(f"{k} {v}" for k, v in last.items() if k in ("nmse", "fvu", "l0")))
+
+
+def _last_log(folder: Folder) -> dict[str, float]:
+    path = folder.local() / "log.csv"
+    if not path.exists():
+        return {}
+    lines = path.read_text().splitlines()
+    header, last = lines[0].split(","), lines[-1].split(",")
+    return {k: float(v) for k, v in zip(header, last)} if len(lines) > 1 else {}

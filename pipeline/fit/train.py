@@ -1,0 +1,225 @@
+"""Training many SAEs from one pass over the stream: each batch feeds every member in turn.
+
+A member is one SAE with its own optimizer, schedule and dead-latent counters. Members never
+interact, so a member trained in a sweep ends with the same weights as the same setting trained
+alone; they share only the batches.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from pipeline.fit.optim import lr_factor, make_optimizer
+from pipeline.infra.distributed import any_, average_, world_size
+from pipeline.infra.files import Folder
+from pipeline.sae.checkpoint import TrainingState, load_state, save_state
+from pipeline.sae.kernels import SparseDecode, TopKEncode
+from pipeline.sae.route import RouteSAE, build_sae, core_sae
+from pipeline.sae.topk import SaeConfig, SaeOutput, TopKSAE
+
+LOG_FIELDS = ["step", "tokens", "nmse", "fvu", "l0", "dead_share", "aux_loss", "lr", "tokens_per_s"]
+
+
+@dataclass
+class MemberSettings:
+    """Training settings of one SAE (the ``training`` block of its cfg.json)."""
+
+    lr: float  # peak learning rate
+    optimizer: str  # adam | signum
+    betas: tuple[float, float]  # Adam betas (signum uses betas[0] as momentum)
+    schedule: str  # warmup-decay | constant
+    seed: int  # weight initialization
+    dead_tokens: int  # a latent not fired for this many tokens counts as dead
+    k_aux: int  # latents used by the AuxK loss on dead latents
+    aux_alpha: float  # weight of the AuxK loss
+    low_precision: bool  # bf16 encoder GEMM
+
+    @classmethod
+    def from_record(cls, training: dict[str, Any], low_precision: bool) -> MemberSettings:
+        """From the ``training`` block of a run's cfg.json."""
+        return cls(
+            lr=training["lr"],
+            optimizer=training["optimizer"],
+            betas=tuple(training["betas"]),
+            schedule=training["schedule"],
+            seed=training["seed"],
+            dead_tokens=training["dead_tokens"],
+            k_aux=training["k_aux"],
+            aux_alpha=training["aux_alpha"],
+            low_precision=low_precision,
+        )
+
+
+@dataclass
+class Member:
+    """One SAE being trained, with everything that is its own."""
+
+    folder: Folder
+    sae_cfg: SaeConfig
+    settings: MemberSettings
+    layer_pos: list[int]  # its layers' positions on the stream's layer axis
+    model: TopKSAE | RouteSAE  # the SAE itself
+    optimizer: torch.optim.Optimizer
+    since_fired: Tensor  # (N,) tokens since each latent last fired
+    net: nn.Module | None = None  # what runs the forward: the model, or its DistributedDataParallel wrapper
+    step: int = 0
+    log_rows: int = 0
+    pending_log: list[dict[str, float]] = field(default_factory=list)
+
+
+def make_member(
+    folder: Folder, sae_cfg: SaeConfig, settings: MemberSettings, layer_pos: list[int], device: torch.device
+) -> Member:
+    """A freshly initialized member (seeded), or the member restored from its training state."""
+    generator = torch.Generator().manual_seed(settings.seed)
+    model = build_sae(sae_cfg, generator).to(device).train()
+    core_sae(model).tangent_decoder_grad = True
+    optimizer = make_optimizer(settings.optimizer, model, settings.lr, settings.betas, device)
+    member = Member(
+        folder,
+        sae_cfg,
+        settings,
+        layer_pos,
+        model,
+        optimizer,
+        torch.zeros(sae_cfg.n_latents, dtype=torch.int64, device=device),
+    )
+    state = load_state(folder, model, device)
+    if state is not None:
+        optimizer.load_state_dict(state.optimizer)
+        member.since_fired, member.step, member.log_rows = state.since_fired.to(device), state.step, state.log_rows
+        _truncate_log(folder, state.log_rows)
+    return member
+
+
+def member_input(member: Member, batch: Tensor) -> Tensor:
+    """The member's view of a layer-major batch (L, B, D): (B, D) for TopK, (B, L', D) for RouteSAE."""
+    if member.sae_cfg.arch == "route":
+        pos = member.layer_pos
+        if pos == list(range(pos[0], pos[0] + len(pos))):  # consecutive layers: a view, not a 16-layer copy
+            return batch[pos[0] : pos[0] + len(pos)].transpose(0, 1)
+        return batch[pos].transpose(0, 1)
+    return batch[member.layer_pos[0]]
+
+
+def init_pre_bias(member: Member, x: Tensor) -> None:
+    """Set b_dec to the data mean of the first batch (the geometric center of the inputs)."""
+    sae = core_sae(member.model)
+    with torch.no_grad():  # the same on every rank: the mean of the ranks' first batches
+        sae.b_dec.copy_(average_((x.mean(dim=1) if x.ndim == 3 else x).mean(dim=0)))
+
+
+def train_step(member: Member, x: Tensor, total_steps: int) -> dict[str, float]:
+    """One optimizer step on batch ``x``; returns its metrics."""
+    s = member.settings
+    out: SaeOutput = (member.net or member.model)(x, low_precision=s.low_precision)
+    err_sq = torch.linalg.vector_norm(out.x_hat - out.x, dim=-1).square()  # (B,)
+    x_sq = torch.linalg.vector_norm(out.x, dim=-1).square()  # (B,)
+    nmse = (err_sq / x_sq.clamp_min(1e-12)).mean()
+    dead = member.since_fired >= s.dead_tokens  # (N,)
+    aux = _aux_loss(member, out, dead) if bool(dead.any()) and s.aux_alpha > 0 else torch.zeros((), device=x.device)
+    (nmse + s.aux_alpha * aux).backward()
+    for group in member.optimizer.param_groups:
+        group["lr"] = s.lr * lr_factor(member.step, total_steps, s.schedule)
+    member.optimizer.step()
+    member.optimizer.zero_grad(set_to_none=True)
+    member.model.normalize_decoder()
+    _update_dead(member, out, len(x))
+    member.step += 1
+    with torch.no_grad():  # sum ||x - mean||^2 = sum ||x||^2 - B ||mean||^2: no centered copy
+        variance = x_sq.sum() - len(x) * out.x.mean(dim=0).square().sum()
+        fvu = err_sq.sum() / variance.clamp_min(1e-12)
+        l0 = (out.latents.acts > 0).sum(dim=1).float().mean()
+    return {
+        "nmse": float(nmse.detach()),
+        "fvu": float(fvu),
+        "l0": float(l0),
+        "aux_loss": float(aux.detach()),
+        "dead_share": float(dead.float().mean()),  # idle >= dead_tokens (evaluate's: never active on held-out)
+        "lr": member.optimizer.param_groups[0]["lr"],
+    }
+
+
+def _aux_loss(member: Member, out: SaeOutput, dead: Tensor) -> Tensor:
+    """AuxK: the top dead latents reconstruct what the live ones missed (a normalized MSE)."""
+    sae = core_sae(member.model)
+    dead_ids = dead.nonzero().squeeze(1)  # (n_dead,)
+    k_aux = min(member.settings.k_aux, len(dead_ids) - 1)
+    if k_aux < 1:
+        return torch.zeros((), device=out.x.device)
+    residual = (out.x - out.x_hat).detach()  # (B, D)
+    acts, local = TopKEncode.apply(
+        out.x.detach(),
+        sae.W_enc[dead_ids],
+        sae.b_enc[dead_ids],
+        sae.b_dec.detach(),
+        k_aux,
+        member.settings.low_precision,
+    )
+    guess = SparseDecode.apply(acts, local, sae.W_dec[dead_ids], True)  # (B, D)
+    return (guess - residual).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
+
+
+def _update_dead(member: Member, out: SaeOutput, tokens: int) -> None:
+    fired = torch.zeros_like(member.since_fired, dtype=torch.bool)
+    fired[out.latents.indices[out.latents.acts > 0]] = True
+    member.since_fired += tokens * world_size()
+    member.since_fired[any_(fired)] = 0  # counters stay identical across ranks
+
+
+def checkpoint(member: Member) -> None:
+    """Flush the log, then save weights, optimizer and counters as the member's resumable state."""
+    flush_log(member)
+    save_state(
+        member.folder,
+        member.model,
+        TrainingState(member.step, member.optimizer.state_dict(), member.since_fired, member.log_rows),
+    )
+
+
+def flush_log(member: Member) -> None:
+    """Append pending log rows to log.csv (with a header the first time)."""
+    if not member.pending_log:
+        return
+    path = member.folder.local() / "log.csv"
+    new = not path.exists() or member.log_rows == 0
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, LOG_FIELDS, extrasaction="ignore")
+    if new:
+        writer.writeheader()
+    writer.writerows(member.pending_log)
+    with open(path, "w" if new else "a", encoding="utf-8") as f:
+        f.write(buffer.getvalue())
+    member.log_rows += len(member.pending_log)
+    member.pending_log.clear()
+
+
+def _truncate_log(folder: Folder, rows: int) -> None:
+    """Keep the header and the first ``rows`` rows: steps after the last checkpoint are logged again."""
+    path = folder.local() / "log.csv"
+    if path.exists():
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        path.write_text("".join(lines[: rows + 1]), encoding="utf-8")
+
+
+def to_device(batch: np.ndarray, device: torch.device) -> Tensor:
+    """A stored batch (float16) as float32 on the training device."""
+    tensor = torch.from_numpy(batch)
+    if device.type == "cuda":
+        tensor = tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device=device, dtype=torch.float32)
+
+
+def summary(member: Member) -> dict[str, Any]:
+    """Final numbers of a member for its cfg.json."""
+    return {
+        "steps": member.step,
+        "dead_share": float((member.since_fired >= member.settings.dead_tokens).float().mean()),
+    }

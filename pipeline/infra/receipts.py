@@ -1,0 +1,36 @@
+"""Small JSON receipts that DVC stages hand to each other (``cache/<stage>.json``).
+
+A receipt names what a stage produced (the cache, the run folders) with content digests, so a
+downstream stage depends on exactly those results and not on everything else under ``cache/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+from pipeline.infra.errors import UserError
+from pipeline.infra.files import Folder
+
+
+def portable(path: str) -> str:
+    """A path relative to the working directory when it lies below it (receipts stay relocatable)."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
+
+
+def file_digest(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def write_receipt(stage: str, data: dict[str, Any], cache_root: str = "cache") -> None:
+    Folder.at(cache_root).write_json({"stage": stage, **data}, f"{stage}.json")
+
+
+def read_receipt(stage: str, cache_root: str = "cache") -> dict[str, Any]:
+    root = Folder.at(cache_root)
+    if not root.exists(f"{stage}.json"):
+        raise UserError(f"{cache_root}/{stage}.json is missing: run the `{stage}` stage first (dvc repro {stage}).")
+    return root.read_json(f"{stage}.json")

@@ -1,0 +1,194 @@
+"""Feature-activation tables, built by streaming the SAE's top-k codes over held-out rows.
+
+Only the (latent, activation, row) triples of active latents are kept, never a dense
+tokens x latents matrix; sorted by latent and activation they give every per-latent statistic,
+the top examples and quantile-stratified samples (delphi-style) with vectorized numpy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline.cache.contexts import HeldoutIndex, decode_windows
+from pipeline.cache.reader import ActivationCache
+from pipeline.infra.console import Bar
+from pipeline.sae.route import RouteSAE
+from pipeline.sae.topk import TopKSAE
+
+QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
+HIST_BINS = 20
+
+
+@dataclass
+class Activations:
+    """Every activation of every latent on the scanned rows, grouped by latent, strongest first."""
+
+    latent: np.ndarray  # (M,) int32
+    act: np.ndarray  # (M,) float32
+    row: np.ndarray  # (M,) int64 held-out row
+    layer: np.ndarray | None  # (M,) int16 routed layer position (RouteSAE hard routing), else None
+    starts: np.ndarray  # (N + 1,) offsets of each latent's group
+    n_rows: int  # rows scanned
+
+    def group(self, latent: int) -> slice:
+        return slice(int(self.starts[latent]), int(self.starts[latent + 1]))
+
+    @property
+    def counts(self) -> np.ndarray:
+        return np.diff(self.starts)
+
+
+@torch.no_grad()
+def collect(
+    sae: TopKSAE | RouteSAE,
+    layers: list[int],
+    route: bool,
+    cache: ActivationCache,
+    max_rows: int,
+    batch: int,
+    k: int | None,
+    theta: float | None,
+    progress: Bar | None = None,
+) -> Activations:
+    """Encode held-out rows batch by batch, keeping only active (latent, activation, row) triples."""
+    device = next(sae.parameters()).device
+    parts: dict[str, list[np.ndarray]] = {"latent": [], "act": [], "row": [], "layer": []}
+    base = 0
+    for _, rows in cache.heldout_rows(layers, max_rows):
+        for start in range(0, len(rows), batch):
+            x = torch.from_numpy(rows[start : start + batch]).to(device=device, dtype=torch.float32)  # (b, L, D)
+            out = sae(x if route else x[:, 0], k=k, theta=theta)
+            fired = out.latents.acts > 0  # (b, k)
+            row_ids = torch.arange(base, base + len(x), device=device)[:, None].expand_as(fired)
+            parts["latent"].append(out.latents.indices[fired].cpu().numpy().astype(np.int32))
+            parts["act"].append(out.latents.acts[fired].cpu().numpy().astype(np.float32))
+            parts["row"].append(row_ids[fired].cpu().numpy())
+            if out.layer_choice is not None:
+                parts["layer"].append(out.layer_choice[:, None].expand_as(fired)[fired].cpu().numpy().astype(np.int16))
+            base += len(x)
+            if progress is not None:
+                progress.advance(0, len(x))
+    return _group(parts, base, int(sae.cfg.n_latents))
+
+
+def _group(parts: dict[str, list[np.ndarray]], n_rows: int, n_latents: int) -> Activations:
+    latent = np.concatenate(parts["latent"]) if parts["latent"] else np.zeros(0, np.int32)
+    act = np.concatenate(parts["act"]) if parts["act"] else np.zeros(0, np.float32)
+    row = np.concatenate(parts["row"]) if parts["row"] else np.zeros(0, np.int64)
+    order = np.lexsort((-act, latent))  # by latent, then strongest activation first
+    layer = np.concatenate(parts["layer"])[order] if parts["layer"] else None
+    starts = np.searchsorted(latent[order], np.arange(n_latents + 1))
+    return Activations(latent[order], act[order], row[order], layer, starts, n_rows)
+
+
+def feature_table(acts: Activations, layers: list[int] | None = None) -> pa.Table:
+    """One row per latent: count, frequency, mean/max activation, quantiles, a histogram."""
+    counts = acts.counts
+    n = len(counts)
+    sums = np.bincount(acts.latent, weights=acts.act, minlength=n)
+    maxima = np.zeros(n)
+    active = counts > 0
+    maxima[active] = acts.act[acts.starts[:-1][active]]  # each group starts with its strongest activation
+    columns = {
+        "latent": np.arange(n, dtype=np.int32),
+        "count": counts.astype(np.int64),
+        "frequency": counts / max(acts.n_rows, 1),
+        "mean_act": sums / np.maximum(counts, 1),
+        "max_act": maxima,
+    }
+    for q in QUANTILES:
+        columns[f"q{int(q * 100):02d}"] = _quantile(acts, q)
+    table = pa.table(columns)
+    table = table.append_column("hist", pa.array(list(_histograms(acts, maxima)), type=pa.list_(pa.int32())))
+    if acts.layer is not None and layers is not None:
+        table = table.append_column("top_layer", pa.array(_top_layers(acts, layers), type=pa.int32()))
+    return table
+
+
+def _quantile(acts: Activations, q: float) -> np.ndarray:
+    """Per-latent quantile with numpy's linear interpolation, on groups sorted in descending order."""
+    counts = acts.counts
+    out = np.zeros(len(counts))
+    has = counts > 0
+    position = q * (counts[has] - 1)  # index in ascending order
+    lo, hi = np.floor(position).astype(np.int64), np.ceil(position).astype(np.int64)
+    last = acts.starts[:-1][has] + counts[has] - 1  # the group's smallest activation
+    low_value, high_value = acts.act[last - lo], acts.act[last - hi]  # ascending index i sits at last - i
+    out[has] = low_value + (high_value - low_value) * (position - lo)
+    return out
+
+
+def _histograms(acts: Activations, maxima: np.ndarray) -> np.ndarray:
+    """(N, HIST_BINS) counts of each latent's activations over (0, its max]."""
+    hist = np.zeros((len(maxima), HIST_BINS), dtype=np.int32)
+    if len(acts.act):
+        scale = maxima[acts.latent]
+        bins = np.minimum((acts.act / np.maximum(scale, 1e-12) * HIST_BINS).astype(np.int64), HIST_BINS - 1)
+        np.add.at(hist, (acts.latent, bins), 1)
+    return hist
+
+
+def _top_layers(acts: Activations, layers: list[int]) -> np.ndarray:
+    """The routed layer each latent fires at most often (-1 if it never fires)."""
+    assert acts.layer is not None, "only RouteSAE activations carry a routed layer"
+    counts = np.zeros((len(acts.counts), len(layers)), dtype=np.int64)
+    np.add.at(counts, (acts.latent, acts.layer), 1)
+    return np.where(counts.sum(1) > 0, np.asarray(layers)[counts.argmax(1)], -1)
+
+
+def select_examples(
+    acts: Activations, top: int, quantile_bins: int, per_bin: int, random: int, rng: np.random.Generator
+) -> list[tuple[int, str, int, float, int]]:
+    """(latent, kind, rank, activation, row) for every active latent: top, quantile-sampled, random."""
+    chosen: list[tuple[int, str, int, float, int]] = []
+    for latent in np.flatnonzero(acts.counts):
+        group = acts.group(int(latent))
+        rows, values = acts.row[group], acts.act[group]
+        chosen += [(int(latent), "top", i, float(values[i]), int(rows[i])) for i in range(min(top, len(rows)))]
+        for b, part in enumerate(np.array_split(np.arange(len(rows)), quantile_bins)):
+            for i in rng.choice(part, min(per_bin, len(part)), replace=False) if len(part) else []:
+                chosen.append((int(latent), f"q{b}", int(i), float(values[i]), int(rows[i])))
+        chosen += [
+            (int(latent), "random", i, 0.0, r) for i, r in enumerate(_inactive_rows(rows, acts.n_rows, random, rng))
+        ]
+    return chosen
+
+
+def _inactive_rows(active: np.ndarray, n_rows: int, wanted: int, rng: np.random.Generator) -> list[int]:
+    """Up to ``wanted`` distinct random rows where the latent is not active."""
+    if n_rows - len(active) <= 0:
+        return []
+    candidates = rng.choice(n_rows, min(n_rows, wanted * 4 + len(active) // 10 + 8), replace=False)
+    return [int(r) for r in candidates[~np.isin(candidates, active)][:wanted]]  # random order, not sorted
+
+
+def examples_table(
+    chosen: list[tuple[int, str, int, float, int]],
+    index: HeldoutIndex,
+    tokenizer,  # noqa: ANN001
+    before: int,
+    after: int,
+) -> pa.Table:
+    """The selected examples with their token, document, position and decoded context."""
+    rows = np.asarray([c[4] for c in chosen], dtype=np.int64)
+    unique, inverse = np.unique(rows, return_inverse=True)
+    texts = decode_windows(tokenizer, [index.window(int(r), before, after) for r in unique])
+    return pa.table(
+        {
+            "latent": pa.array([c[0] for c in chosen], pa.int32()),
+            "kind": [c[1] for c in chosen],
+            "rank": pa.array([c[2] for c in chosen], pa.int32()),
+            "activation": pa.array([c[3] for c in chosen], pa.float32()),
+            "row": rows,
+            "token_id": index.token[rows].astype(np.int32),
+            "doc": index.doc[rows].astype(np.int32),
+            "pos": index.pos[rows].astype(np.int32),
+            "prefix": [texts[i][0] for i in inverse],
+            "token": [texts[i][1] for i in inverse],
+            "suffix": [texts[i][2] for i in inverse],
+        }
+    )

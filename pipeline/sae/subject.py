@@ -1,0 +1,61 @@
+"""A trained run together with the cache it was trained on, checked to belong together."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from pipeline.cache.normalize import Normalizer
+from pipeline.cache.reader import ActivationCache
+from pipeline.infra.errors import UserError
+from pipeline.infra.files import Folder
+from pipeline.sae.checkpoint import load_sae
+from pipeline.sae.route import RouteSAE
+from pipeline.sae.topk import TopKSAE
+
+
+@dataclass
+class Subject:
+    """One run being evaluated: its SAE, cfg.json and the cache it was trained on."""
+
+    folder: Folder
+    sae: TopKSAE | RouteSAE
+    cfg: dict[str, Any]
+    cache: ActivationCache
+    normalizer: Normalizer
+    result: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.cfg["sae"]["layers"])
+
+    @property
+    def is_route(self) -> bool:
+        return self.cfg["sae"]["arch"] == "route"
+
+    def check_infer_k(self, infer_k: int | None) -> None:
+        """An inference-time k must pick some but not all latents of the SAE."""
+        n_latents = self.cfg["sae"]["n_latents"]
+        if infer_k is not None and not 0 < infer_k < n_latents:
+            raise UserError(f"--infer-k {infer_k} must be between 1 and {n_latents - 1} for {self.folder.url}.")
+
+
+def load_subject(run: str, device: torch.device, cache_path: str | None = None) -> Subject:
+    """Load a run and the cache named in its cfg.json (or ``cache_path``), refusing mismatches."""
+    sae, cfg = load_sae(run, device)
+    cache = ActivationCache.open(cache_path or cfg["cache"]["path"])
+    if cache.key != cfg["cache"]["key"]:
+        raise UserError(
+            f"run {run} was trained on cache {cfg['cache']['key']}, but {cache_path or cfg['cache']['path']} "
+            f"holds {cache.key}; use the cache the SAE was trained on (or re-train on this one)."
+        )
+    if cache.manifest["normalization"] != cfg["cache"]["normalization"]:
+        raise UserError(
+            f"run {run} was trained with normalization {cfg['cache']['normalization']}, the cache "
+            f"now has {cache.manifest['normalization']}; the SAE cannot be evaluated on it."
+        )
+    for layer in cfg["sae"]["layers"]:
+        cache.layer_index(layer)
+    return Subject(Folder.at(run), sae, cfg, cache, Normalizer.from_dict(cache.manifest["normalization"]))

@@ -1,0 +1,48 @@
+"""Run under torchrun by test_distributed: a DDP fit, then each rank writes a hash of its final weights.
+
+torchrun --nproc_per_node 2 -m tests.support.ddp_check CACHE OUT
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+from pipeline import fit as fit_module
+from pipeline.fit.stage import FitConfig, fit
+from pipeline.infra.distributed import Ranks
+
+real_loop = fit_module._loop
+
+
+def recording_loop(members: list, *args: object, **kwargs: object) -> None:
+    real_loop(members, *args, **kwargs)
+    ranks = Ranks.from_env()
+    digests = {
+        m.folder.name: hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in m.model.parameters())).hexdigest()
+        for m in members
+    }
+    (Path(sys.argv[2]) / f"rank{ranks.rank}.json").write_text(
+        json.dumps({"steps": [m.step for m in members], "weights": digests})
+    )
+
+
+if __name__ == "__main__":
+    fit_module._loop = recording_loop
+    Path(sys.argv[2]).mkdir(parents=True, exist_ok=True)
+    fit(
+        FitConfig(
+            cache=sys.argv[1],
+            layer=0,
+            latents=64,
+            k=4,
+            batch_size=128,
+            max_tokens=6400,
+            device="cpu",
+            precision="float32",
+            out=str(Path(sys.argv[2]) / "saes"),
+            sweep={"k": [4, 8]},
+        )
+    )
