@@ -10,9 +10,10 @@ from typing import Any
 
 import torch
 
+from pipeline.extract.config import ExtractConfig
 from pipeline.extract.corpus import builtin_documents
 from pipeline.extract.packing import pack, token_stream
-from pipeline.extract.stage import ExtractConfig, extract
+from pipeline.extract.stage import extract
 from pipeline.llm.model import load_model, load_tokenizer, resolve_model
 
 SEQS, CTX, BATCH = 64, 256, 8  # 16,384 tokens per measurement

@@ -13,7 +13,8 @@ import numpy as np
 
 from pipeline.cache.reader import ActivationCache
 from pipeline.cache.stream import ActivationStream, StreamSpec
-from pipeline.fit.stage import FitConfig, fit
+from pipeline.fit.config import FitConfig
+from pipeline.fit.stage import fit
 
 STEADY_ROWS = 400_000  # rows per reader measurement: the stream's start-up is not what a trainer waits on
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from pipeline.cache.reader import ActivationCache
-from pipeline.sae.checkpoint import load_sae
+from pipeline.sae.folder import load_sae
 
 
 def main(run: str, out: Path) -> None:

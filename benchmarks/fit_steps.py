@@ -20,8 +20,9 @@ import time
 import numpy as np
 import torch
 
+from pipeline.fit.config import FitConfig, Training
 from pipeline.fit.optim import auto_lr
-from pipeline.fit.train import MemberSettings, init_pre_bias, make_member, train_step
+from pipeline.fit.train import init_pre_bias, make_member, train_step
 from pipeline.infra.device import keep_freed_memory
 from pipeline.infra.files import Folder
 from pipeline.sae.kernels import use_low_precision
@@ -38,19 +39,10 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     keep_freed_memory()
     data = torch.from_numpy(np.load(args.data).astype(np.float32))  # (R, D)
     low = use_low_precision(torch.device("cpu"), args.precision)
-    settings = MemberSettings(
-        auto_lr("adam", args.num_latents),
-        "adam",
-        (0.9, 0.999),
-        "warmup-decay",
-        0,
-        10**9,
-        data.shape[1] // 2,
-        1 / 32,
-        low,
-    )
+    lr, k_aux = auto_lr("adam", args.num_latents), data.shape[1] // 2
+    settings = Training.of(FitConfig(), lr=lr, k_aux=k_aux, dead_tokens=10**9)
     cfg = SaeConfig("topk", data.shape[1], args.num_latents, args.k, [0])
-    member = make_member(Folder.at(args.scratch), cfg, settings, [0], torch.device("cpu"))
+    member = make_member(Folder.at(args.scratch), cfg, settings, low, [0], torch.device("cpu"))
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
     times, cpu, curve = [], [], []
     for step in range(args.steps):

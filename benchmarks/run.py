@@ -30,7 +30,8 @@ from benchmarks.bench_fit import bench_fit, gemm_limits
 from benchmarks.bench_io import bench_disk, bench_reader, bench_sweep
 from benchmarks.report import prepend
 from pipeline.cache.reader import ActivationCache
-from pipeline.extract.stage import ExtractConfig, extract
+from pipeline.extract.config import ExtractConfig
+from pipeline.extract.stage import extract
 from pipeline.infra.device import keep_freed_memory
 from pipeline.infra.params import build_config, load_params
 

@@ -18,7 +18,12 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import click
 import typer
 
+from pipeline.evaluate.config import EvaluateConfig
+from pipeline.extract.config import ExtractConfig
+from pipeline.fit.config import FitConfig
 from pipeline.infra.console import console, guarded
+from pipeline.infra.params import doc
+from pipeline.interpret.config import InterpretConfig
 
 app = typer.Typer(
     name="sae-pipe",
@@ -29,6 +34,12 @@ app = typer.Typer(
 )
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect and check activation caches.")
 app.add_typer(cache_app, name="cache")
+
+
+def opt(cls: type, name: str, *decls: str) -> Any:
+    """The option of config field ``name``: its help is the field's doc, written once in the config."""
+    return typer.Option(*(decls or (f"--{name.replace('_', '-')}",)), help=doc(cls, name))
+
 
 # Options shared by several commands, defined once.
 ParamsOpt = Annotated[
@@ -58,40 +69,28 @@ def _params(path: str | None) -> dict[str, Any] | None:
 
 @app.command()
 def extract(
-    model: Annotated[
-        str | None, typer.Option("--model", help="smollm2-135m, a .gguf file, a model folder or a hub id.")
-    ] = None,
-    dataset: Annotated[
-        str | None,
-        typer.Option("--dataset", help="builtin, a hub dataset id (Skylion007/openwebtext) or a local file/folder."),
-    ] = None,
-    split: Annotated[str | None, typer.Option("--split", help="Dataset split [default: train].")] = None,
-    text_column: Annotated[
-        str | None, typer.Option("--text-column", help="Column with the text [default: text].")
-    ] = None,
-    layers: Annotated[str | None, typer.Option("--layers", help="6 | 3,7,11 | 3:11 | all | route.")] = None,
-    ctx_len: Annotated[int | None, typer.Option("--ctx-len", help="Tokens per packed sequence.")] = None,
-    max_tokens: MaxTokensOpt = None,
-    batch_size: BatchOpt = None,
-    normalize: Annotated[str | None, typer.Option("--normalize", help="standardize | scale | none.")] = None,
-    dtype: Annotated[str | None, typer.Option("--dtype", help="Stored dtype: float16 | float32.")] = None,
-    backend: Annotated[str | None, typer.Option("--backend", help="zarr | memmap.")] = None,
-    heldout: Annotated[
-        float | None, typer.Option("--heldout", help="Share of sequences held out [default: 0.05].")
-    ] = None,
-    shard_mb: Annotated[float | None, typer.Option("--shard-mb", help="Target shard size in MiB.")] = None,
-    cache_root: CacheRootOpt = None,
-    device: DeviceOpt = None,
-    compute_dtype: Annotated[str | None, typer.Option("--compute-dtype", help="auto | float32 | bfloat16.")] = None,
-    revision: Annotated[str | None, typer.Option("--revision", help="Hub revision of the model.")] = None,
-    trust_remote_code: Annotated[
-        bool | None, typer.Option("--trust-remote-code", help="Run model code from the hub.")
-    ] = None,
+    model: Annotated[str | None, opt(ExtractConfig, "model")] = None,
+    dataset: Annotated[str | None, opt(ExtractConfig, "dataset")] = None,
+    split: Annotated[str | None, opt(ExtractConfig, "split")] = None,
+    text_column: Annotated[str | None, opt(ExtractConfig, "text_column")] = None,
+    layers: Annotated[str | None, opt(ExtractConfig, "layers")] = None,
+    ctx_len: Annotated[int | None, opt(ExtractConfig, "ctx_len")] = None,
+    max_tokens: Annotated[int | None, opt(ExtractConfig, "max_tokens")] = None,
+    batch_size: Annotated[int | None, opt(ExtractConfig, "batch_size")] = None,
+    normalize: Annotated[str | None, opt(ExtractConfig, "normalize")] = None,
+    dtype: Annotated[str | None, opt(ExtractConfig, "dtype")] = None,
+    backend: Annotated[str | None, opt(ExtractConfig, "backend")] = None,
+    heldout: Annotated[float | None, opt(ExtractConfig, "heldout")] = None,
+    shard_mb: Annotated[float | None, opt(ExtractConfig, "shard_mb")] = None,
+    cache_root: Annotated[str | None, opt(ExtractConfig, "cache_root")] = None,
+    device: Annotated[str | None, opt(ExtractConfig, "device")] = None,
+    compute_dtype: Annotated[str | None, opt(ExtractConfig, "compute_dtype")] = None,
+    revision: Annotated[str | None, opt(ExtractConfig, "revision")] = None,
+    trust_remote_code: Annotated[bool | None, opt(ExtractConfig, "trust_remote_code")] = None,
     params: ParamsOpt = None,
 ) -> None:
     """Run the LLM once and cache normalized hidden states; prints the cache folder last."""
     overrides = {k: v for k, v in locals().items() if k != "params"}
-    from pipeline.extract.stage import ExtractConfig
     from pipeline.extract.stage import extract as run_extract
     from pipeline.infra.params import build_config
 
@@ -106,44 +105,37 @@ def extract(
 
 @app.command()
 def fit(
-    cache: Annotated[str | None, typer.Option("--cache", help="Cache folder from `sae-pipe extract`.")] = None,
-    arch: Annotated[str | None, typer.Option("--arch", help="topk | route.")] = None,
-    layer: Annotated[int | None, typer.Option("--layer", help="TopK: the model layer to train on.")] = None,
-    route_layers: Annotated[str | None, typer.Option("--route-layers", help="RouteSAE: layers to route over.")] = None,
-    latents: Annotated[int | None, typer.Option("--latents", help="Dictionary size.")] = None,
-    expansion: Annotated[
-        int | None, typer.Option("--expansion", help="Latents per input dim (if no --latents).")
-    ] = None,
-    k: Annotated[int | None, typer.Option("--k", help="Active latents per token.")] = None,
-    routing: Annotated[str | None, typer.Option("--routing", help="RouteSAE: hard | soft.")] = None,
-    aggregate: Annotated[str | None, typer.Option("--aggregate", help="RouteSAE router input: sum | mean.")] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate.")] = None,
-    optimizer: Annotated[str | None, typer.Option("--optimizer", help="adam | signum.")] = None,
-    schedule: Annotated[str | None, typer.Option("--schedule", help="warmup-decay | constant.")] = None,
-    batch_size: BatchOpt = None,
-    max_tokens: MaxTokensOpt = None,
-    epochs: Annotated[int | None, typer.Option("--epochs", help="Passes over the training split.")] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Weight initialization seed.")] = None,
-    data_seed: Annotated[int | None, typer.Option("--data-seed", help="Shuffling seed (shared by a sweep).")] = None,
-    precision: Annotated[
-        str | None, typer.Option("--precision", help="Encoder GEMM: auto | float32 | bfloat16.")
-    ] = None,
-    sweep: Annotated[
-        list[str] | None, typer.Option("--sweep", help="key=v1,v2 (repeatable): train every combination from one read.")
-    ] = None,
-    out: Annotated[str | None, typer.Option("--out", help="Folder for run folders [default: cache/saes].")] = None,
-    resume: Annotated[
-        bool | None, typer.Option("--resume", help="Continue unfinished runs with the same settings.")
-    ] = None,
-    overwrite: Annotated[bool | None, typer.Option("--overwrite", help="Retrain runs that already finished.")] = None,
-    cache_root: CacheRootOpt = None,
-    device: DeviceOpt = None,
+    cache: Annotated[str | None, opt(FitConfig, "cache")] = None,
+    arch: Annotated[str | None, opt(FitConfig, "arch")] = None,
+    layer: Annotated[int | None, opt(FitConfig, "layer")] = None,
+    route_layers: Annotated[str | None, opt(FitConfig, "route_layers")] = None,
+    latents: Annotated[int | None, opt(FitConfig, "latents")] = None,
+    expansion: Annotated[int | None, opt(FitConfig, "expansion")] = None,
+    k: Annotated[int | None, opt(FitConfig, "k")] = None,
+    routing: Annotated[str | None, opt(FitConfig, "routing")] = None,
+    aggregate: Annotated[str | None, opt(FitConfig, "aggregate")] = None,
+    lr: Annotated[float | None, opt(FitConfig, "lr")] = None,
+    optimizer: Annotated[str | None, opt(FitConfig, "optimizer")] = None,
+    schedule: Annotated[str | None, opt(FitConfig, "schedule")] = None,
+    batch_size: Annotated[int | None, opt(FitConfig, "batch_size")] = None,
+    max_tokens: Annotated[int | None, opt(FitConfig, "max_tokens")] = None,
+    epochs: Annotated[int | None, opt(FitConfig, "epochs")] = None,
+    seed: Annotated[int | None, opt(FitConfig, "seed")] = None,
+    data_seed: Annotated[int | None, opt(FitConfig, "data_seed")] = None,
+    precision: Annotated[str | None, opt(FitConfig, "precision")] = None,
+    dead_tokens: Annotated[int | None, opt(FitConfig, "dead_tokens")] = None,
+    route_balance: Annotated[float | None, opt(FitConfig, "route_balance")] = None,
+    sweep: Annotated[list[str] | None, opt(FitConfig, "sweep")] = None,
+    out: Annotated[str | None, opt(FitConfig, "out")] = None,
+    resume: Annotated[bool | None, opt(FitConfig, "resume")] = None,
+    overwrite: Annotated[bool | None, opt(FitConfig, "overwrite")] = None,
+    cache_root: Annotated[str | None, opt(FitConfig, "cache_root")] = None,
+    device: Annotated[str | None, opt(FitConfig, "device")] = None,
     params: ParamsOpt = None,
 ) -> None:
     """Train TopK / RouteSAE SAEs on a cache (a sweep from one read); prints one run folder per line."""
     overrides = {k: v for k, v in locals().items() if k != "params"}
     from pipeline.fit.plan import parse_sweep
-    from pipeline.fit.stage import FitConfig
     from pipeline.fit.stage import fit as run_fit
     from pipeline.infra.params import build_config
 
@@ -167,21 +159,21 @@ def evaluate(
             "--all", help="Evaluate every finished run in this folder and write a comparison table and plots."
         ),
     ] = None,
-    max_tokens: MaxTokensOpt = None,
-    batch_size: BatchOpt = None,
-    metrics: Annotated[str | None, typer.Option("--metrics", help="Comma list of nmse, kl, ce.")] = None,
-    infer_k: InferKOpt = None,
-    theta: ThetaOpt = None,
-    device: DeviceOpt = None,
-    out: Annotated[str | None, typer.Option("--out", help="Folder for metrics [default: cache/evaluate].")] = None,
-    cache_root: CacheRootOpt = None,
+    max_tokens: Annotated[int | None, opt(EvaluateConfig, "max_tokens")] = None,
+    batch_size: Annotated[int | None, opt(EvaluateConfig, "batch_size")] = None,
+    metrics: Annotated[str | None, opt(EvaluateConfig, "metrics")] = None,
+    infer_k: Annotated[int | None, opt(EvaluateConfig, "infer_k")] = None,
+    theta: Annotated[float | None, opt(EvaluateConfig, "theta")] = None,
+    splice: Annotated[str | None, opt(EvaluateConfig, "splice")] = None,
+    device: Annotated[str | None, opt(EvaluateConfig, "device")] = None,
+    out: Annotated[str | None, opt(EvaluateConfig, "out")] = None,
+    cache_root: Annotated[str | None, opt(EvaluateConfig, "cache_root")] = None,
     as_json: JsonOpt = False,
     params: ParamsOpt = None,
 ) -> None:
     """Reconstruction metrics on held-out tokens, and KL / CE with the SAE spliced into the LLM."""
     overrides = {k: v for k, v in locals().items() if k not in ("params", "all_in", "as_json", "runs")}
-    from pipeline.evaluate.compare import find_runs, write_comparison
-    from pipeline.evaluate.stage import EvaluateConfig
+    from pipeline.evaluate.compare import find_runs, one_line, write_comparison
     from pipeline.evaluate.stage import evaluate as run_evaluate
     from pipeline.infra.files import Folder
     from pipeline.infra.params import build_config
@@ -195,43 +187,34 @@ def evaluate(
         for path in write_comparison(results, root):
             console.print(f"wrote {path}")
     typer.echo(
-        json.dumps(results[0] if len(results) == 1 else results)
-        if as_json
-        else "\n".join(
-            f"{r['run']}: nmse {r['nmse']:.4f} l0 {r['l0']:.1f}"
-            + (f" kl {r['kl_per_token']:.4f} ce_recovered {r['ce_recovered']:.3f}" if "kl_per_token" in r else "")
-            for r in results
-        )
+        json.dumps(results[0] if len(results) == 1 else results) if as_json else "\n".join(map(one_line, results))
     )
 
 
 @app.command()
 def interpret(
     run: Annotated[str, typer.Argument(help="A run folder printed by `sae-pipe fit`.")],
-    max_tokens: MaxTokensOpt = None,
-    batch_size: BatchOpt = None,
-    infer_k: InferKOpt = None,
-    theta: ThetaOpt = None,
-    top: Annotated[int | None, typer.Option("--top", help="Top-activating examples per latent.")] = None,
-    window: Annotated[int | None, typer.Option("--window", help="Context tokens before the activating token.")] = None,
-    features: Annotated[
-        int | None, typer.Option("--features", help="Latents to explain (sampled with --seed).")
-    ] = None,
-    explainer: Annotated[str | None, typer.Option("--explainer", help="openai | none.")] = None,
-    model: Annotated[str | None, typer.Option("--model", help="Explainer model [default: gpt-4o].")] = None,
-    concurrency: Annotated[int | None, typer.Option("--concurrency", help="Explainer requests in flight.")] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Seed of the feature sample.")] = None,
-    protocol: Annotated[bool | None, typer.Option("--protocol", help="Apply the RouteSAE context filter.")] = None,
-    cache: Annotated[str | None, typer.Option("--cache", help="Cache to read (must be the run's own).")] = None,
-    device: DeviceOpt = None,
-    out: Annotated[str | None, typer.Option("--out", help="Output folder [default: cache/interpret/<run>].")] = None,
-    cache_root: CacheRootOpt = None,
+    max_tokens: Annotated[int | None, opt(InterpretConfig, "max_tokens")] = None,
+    batch_size: Annotated[int | None, opt(InterpretConfig, "batch_size")] = None,
+    infer_k: Annotated[int | None, opt(InterpretConfig, "infer_k")] = None,
+    theta: Annotated[float | None, opt(InterpretConfig, "theta")] = None,
+    top: Annotated[int | None, opt(InterpretConfig, "top")] = None,
+    window: Annotated[int | None, opt(InterpretConfig, "window")] = None,
+    features: Annotated[int | None, opt(InterpretConfig, "features")] = None,
+    explainer: Annotated[str | None, opt(InterpretConfig, "explainer")] = None,
+    model: Annotated[str | None, opt(InterpretConfig, "model")] = None,
+    concurrency: Annotated[int | None, opt(InterpretConfig, "concurrency")] = None,
+    seed: Annotated[int | None, opt(InterpretConfig, "seed")] = None,
+    protocol: Annotated[bool | None, opt(InterpretConfig, "protocol")] = None,
+    cache: Annotated[str | None, opt(InterpretConfig, "cache")] = None,
+    device: Annotated[str | None, opt(InterpretConfig, "device")] = None,
+    out: Annotated[str | None, opt(InterpretConfig, "out")] = None,
+    cache_root: Annotated[str | None, opt(InterpretConfig, "cache_root")] = None,
     params: ParamsOpt = None,
 ) -> None:
     """Feature tables (parquet), GPT-4o explanations and an HTML report for one run; prints the output folder."""
     overrides = {k: v for k, v in locals().items() if k != "params"}
     from pipeline.infra.params import build_config
-    from pipeline.interpret.stage import InterpretConfig
     from pipeline.interpret.stage import interpret as run_interpret
 
     cfg = build_config(InterpretConfig, _params(params), "interpret", overrides)
@@ -255,23 +238,15 @@ def cache_list(cache_root: CacheRootOpt = None, as_json: JsonOpt = False) -> Non
     """List the caches under <cache-root>/activations."""
     from rich.table import Table
 
-    from pipeline.cache.catalog import list_caches
+    from pipeline.cache.catalog import catalog_rows, list_caches
 
     caches = list_caches(cache_root or "cache")
     if as_json:
         typer.echo(json.dumps(caches))
         return
     table = Table("key", "status", "model", "layers", "rows", "MiB", "backend")
-    for c in caches:
-        table.add_row(
-            c["key"],
-            c["status"],
-            str(c.get("model", "")),
-            str(c.get("layers", "")),
-            f"{c['rows']:,}" if c.get("rows") else "-",
-            f"{c['bytes'] / 2**20:,.1f}" if c.get("bytes") else "-",
-            str(c.get("backend", "")),
-        )
+    for row in catalog_rows(caches):
+        table.add_row(*row)
     console.print(table)
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from pipeline.evaluate.compare import write_comparison
-from pipeline.evaluate.stage import EvaluateConfig, evaluate
+from pipeline.evaluate.config import EvaluateConfig
+from pipeline.evaluate.stage import evaluate
 from pipeline.infra.console import guarded
 from pipeline.infra.files import Folder
 from pipeline.infra.params import build_config, load_params

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from pipeline.cache.reader import ActivationCache
-from pipeline.extract.stage import ExtractConfig, extract
+from pipeline.extract.config import ExtractConfig
+from pipeline.extract.stage import extract
 from pipeline.infra.console import guarded
 from pipeline.infra.params import build_config, load_params
 from pipeline.infra.receipts import file_digest, portable, write_receipt

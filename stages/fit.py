@@ -9,7 +9,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from pipeline.fit.stage import FitConfig, fit
+from pipeline.fit.config import FitConfig
+from pipeline.fit.stage import fit
 from pipeline.infra.console import guarded
 from pipeline.infra.params import build_config, load_params
 from pipeline.infra.receipts import file_digest, portable, read_receipt, write_receipt

@@ -7,7 +7,8 @@ import dataclasses
 from pipeline.infra.console import guarded
 from pipeline.infra.params import build_config, load_params
 from pipeline.infra.receipts import read_receipt, write_receipt
-from pipeline.interpret.stage import InterpretConfig, interpret
+from pipeline.interpret.config import InterpretConfig
+from pipeline.interpret.stage import interpret
 
 PARAMS = "params.yaml"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,22 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 torch.set_num_threads(2)
 
 VOCAB = 512
+CHECKOUT_CACHE = Path(__file__).resolve().parents[1] / "cache"
+
+
+def _tree(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file and folder under ``folder`` with its size and mtime (cheap even for a big cache)."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_cache_untouched() -> Iterator[None]:
+    """The suite never writes into the checkout's own cache/ (it holds a user's `make demo` results)."""
+    before = _tree(CHECKOUT_CACHE) if CHECKOUT_CACHE.exists() else {}
+    yield
+    after = _tree(CHECKOUT_CACHE) if CHECKOUT_CACHE.exists() else {}
+    changed = sorted(set(before) ^ set(after) | {k for k in before.keys() & after.keys() if before[k] != after[k]})
+    assert not changed, f"the tests changed the checkout's cache/: {changed[:10]}"
 
 
 @pytest.fixture(scope="session")

@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main
-from pipeline.extract.stage import ExtractConfig, extract
-from pipeline.fit.stage import FitConfig, fit
+from pipeline.extract.config import ExtractConfig
+from pipeline.extract.stage import extract
+from pipeline.fit.config import FitConfig
+from pipeline.fit.stage import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,6 +64,7 @@ CASES = [
     ("incomplete cache", "fit --cache {incomplete}", 3, "is incomplete"),
     ("layer not cached", "fit --cache {cache} --layer 2", 2, "is not in cache"),
     ("route on one layer", "fit --cache {cache} --arch route", 2, "RouteSAE needs a multi-layer cache"),
+    ("routed layers not cached", "fit --cache {edges} --arch route", 2, "(n/4..3n/4) by default, but cache"),
     ("k too large", "fit --cache {cache} --k 300 --latents 256", 2, "must be between 1 and the number of latents"),
     ("bad sweep", "fit --cache {cache} --sweep batch_size=1,2", 2, "bad --sweep"),
     (
@@ -75,6 +78,8 @@ CASES = [
     ("budget beyond held-out", "evaluate {run} --max-tokens 100000000", 2, "held-out tokens of cache"),
     ("nothing held out", "evaluate {unheld} --metrics nmse", 2, "has no held-out tokens to evaluate on"),
     ("infer-k too large", "evaluate {run} --infer-k 128", 2, "--infer-k 128 must be between 1 and 127"),
+    ("KL of a soft-routed run", "evaluate {soft}", 2, "uses soft routing: its reconstruction mixes layers"),
+    ("unknown splice", "evaluate {run} --splice exact", 2, "unknown --splice 'exact'"),
     ("bad batch size", "interpret {run} --batch-size 0", 2, "--batch-size must be at least 1"),
     ("unknown explainer", "interpret {run} --explainer claude", 2, "unknown explainer 'claude'"),
     ("unknown export format", "export {run} --format onnx --out {tmp}/x", 2, "unknown export format 'onnx'"),
@@ -92,6 +97,8 @@ def places(tiny_llama: Path, jsonl_corpus: Path, tmp_path_factory: pytest.TempPa
     out = str(tmp / "saes")
     run = fit(FitConfig(cache=cache.url, latents=128, k=4, batch_size=256, out=out, device="cpu"))[0]
     route = fit(FitConfig(cache=multi.url, arch="route", latents=128, k=4, batch_size=256, out=out, device="cpu"))[0]
+    soft = fit(FitConfig(cache=multi.url, arch="route", routing="soft", latents=128, k=4, batch_size=256, out=out))[0]
+    edges = extract(ExtractConfig(**base, layers="0,3", max_tokens=300))  # one layer of the 1..3 route range
     unheld_cache = extract(ExtractConfig(**base, layers="1", heldout=0.0))
     unheld = fit(FitConfig(cache=unheld_cache.url, latents=128, k=4, batch_size=256, out=out, device="cpu"))[0]
     corrupt = tmp / "corrupt"
@@ -117,6 +124,8 @@ def places(tiny_llama: Path, jsonl_corpus: Path, tmp_path_factory: pytest.TempPa
         "incomplete": str(incomplete),
         "run": run.url,
         "route": route.url,
+        "soft": soft.url,
+        "edges": edges.url,
         "unheld": unheld.url,
         "full": str(tmp / "full"),
     }
@@ -132,6 +141,7 @@ def test_user_error(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture,
 ) -> None:
+    monkeypatch.chdir(places["tmp"])  # commands without --cache-root write under ./cache: not the checkout's
     monkeypatch.setattr(sys, "argv", ["sae-pipe", *argv.format(**places).split()])
     with pytest.raises(SystemExit) as exit_info:
         main()

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from pipeline.cache.reader import ActivationCache
-from pipeline.extract.stage import ExtractConfig, extract
+from pipeline.extract.config import ExtractConfig
+from pipeline.extract.stage import extract
 from tests.support.caches import synthetic_cache, tiny_extract_args, tree_bytes
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.evaluate.stage import EvaluateConfig
-from pipeline.extract.stage import ExtractConfig
-from pipeline.fit.stage import FitConfig
+from pipeline.evaluate.config import EvaluateConfig
+from pipeline.extract.config import ExtractConfig
+from pipeline.fit.config import FitConfig
 from pipeline.infra.params import build_config, load_params
-from pipeline.interpret.stage import InterpretConfig
+from pipeline.interpret.config import InterpretConfig
 from tests.support.imports import package_of, reachable
 
 ROOT = Path(__file__).resolve().parents[1]

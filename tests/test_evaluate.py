@@ -13,15 +13,17 @@ from transformers import AutoModelForCausalLM
 from pipeline.cache.normalize import Normalizer
 from pipeline.cache.reader import ActivationCache
 from pipeline.evaluate.compare import find_runs
+from pipeline.evaluate.config import EvaluateConfig
 from pipeline.evaluate.splice import route_edits
-from pipeline.evaluate.stage import EvaluateConfig, evaluate
+from pipeline.evaluate.stage import evaluate
 from pipeline.extract.stage import extract
-from pipeline.fit.stage import FitConfig, fit
+from pipeline.fit.config import FitConfig
+from pipeline.fit.stage import fit
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
 from pipeline.llm.hooks import replace_input
 from pipeline.llm.model import find_blocks
-from pipeline.sae.checkpoint import save_weights
+from pipeline.sae.folder import save_weights
 from pipeline.sae.route import RouteSAE
 from pipeline.sae.topk import SaeConfig, TopKSAE
 from tests.support.caches import tiny_extract_config
@@ -98,7 +100,7 @@ def test_kl_matches_an_independent_computation(caches: dict[str, str], tiny_llam
     cache = ActivationCache.open(caches["standardize"])
     tokens, mask = (torch.from_numpy(a) for a in cache.heldout_sequences())
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
-    from pipeline.sae.checkpoint import load_sae
+    from pipeline.sae.folder import load_sae
 
     sae, _ = load_sae(run.url)
 
@@ -208,3 +210,27 @@ def test_bad_inputs(caches: dict[str, str], tmp_path: Path) -> None:
     (Path(run.url) / "sae.safetensors").unlink()
     with pytest.raises(UserError, match="no sae.safetensors"):
         run_eval([run], tmp_path)
+
+
+def test_paper_splice_keeps_the_routing_weight() -> None:
+    """--splice paper puts x_hat in as it is; scaled divides it by the token's routing weight."""
+    torch.manual_seed(1)
+    sae = RouteSAE(SaeConfig("route", 16, 64, 4, [1, 2]))
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    choice = torch.randint(0, 2, (2, 5))
+    weight = torch.rand(2, 5) * 0.5 + 0.5
+    none = Normalizer("none")
+    scaled = route_edits(sae, none, mask, choice, weight, None, None, undo_weight=True)
+    paper = route_edits(sae, none, mask, choice, weight, None, None, undo_weight=False)
+    h = torch.randn(2, 5, 16)
+    for i, layer in enumerate([1, 2]):
+        here = choice == i
+        torch.testing.assert_close(paper[layer](h)[here], scaled[layer](h)[here] * weight[here][:, None])
+
+
+def test_soft_routing_is_not_spliced(caches: dict[str, str], tmp_path: Path) -> None:
+    run = train(caches["standardize"], tmp_path / "saes", arch="route", layer=None, k=8, routing="soft")
+    with pytest.raises(UserError, match="soft routing: its reconstruction mixes layers"):
+        run_eval([run], tmp_path)
+    (m,) = run_eval([run], tmp_path, metrics=["nmse"])
+    assert "kl_per_token" not in m and abs(sum(m["routing_shares"].values()) - 1) < 1e-6

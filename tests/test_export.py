@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.fit.stage import FitConfig, fit
+from pipeline.fit.config import FitConfig
+from pipeline.fit.stage import fit
 from pipeline.infra.errors import UserError
-from pipeline.sae.checkpoint import load_sae
 from pipeline.sae.export import export_run, load_export
+from pipeline.sae.folder import load_sae
 from tests.support.caches import synthetic_cache
 
 

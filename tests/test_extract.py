@@ -9,13 +9,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline import extract as extract_module
-from pipeline import writer
+from pipeline.cache import writer
 from pipeline.cache.normalize import Normalizer
 from pipeline.cache.reader import ActivationCache
+from pipeline.extract import stage as extract_module
+from pipeline.extract.config import ExtractConfig
 from pipeline.extract.corpus import CorpusSpec, iter_documents
 from pipeline.extract.packing import PackSpec, pack, plan_shards, token_stream
-from pipeline.extract.stage import ExtractConfig, extract, prepare
+from pipeline.extract.stage import extract, prepare
 from pipeline.infra.errors import UserError
 from tests.support.caches import tree_bytes
 
@@ -90,8 +91,13 @@ def test_repeat_is_a_cache_hit_without_loading_the_model(
     tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     first = extract(config(tiny_llama, tmp_path))
+    outputs = tmp_path / "activations"  # the extract stage's DVC output
+    before = {str(p.relative_to(outputs)): p.read_bytes() for p in sorted(outputs.rglob("*")) if p.is_file()}
     monkeypatch.setattr(extract_module, "load_model", lambda *a, **k: pytest.fail("model loaded on a hit"))
     assert extract(config(tiny_llama, tmp_path)).url == first.url
+    after = {str(p.relative_to(outputs)): p.read_bytes() for p in sorted(outputs.rglob("*")) if p.is_file()}
+    assert after == before  # a hit changes no output byte
+    assert [p.name for p in outputs.iterdir()] == [first.name]  # no lock files or strays beside the cache
 
 
 @pytest.mark.parametrize(
@@ -193,6 +199,7 @@ def test_corpus_too_small_for_one_row(tiny_llama: Path, tmp_path: Path) -> None:
     tiny.write_text("Only a few words.")
     with pytest.raises(UserError, match="yields no rows"):
         extract(config(tiny_llama, tmp_path, dataset=str(tiny), ctx_len=64))
+    assert list((tmp_path / "activations").iterdir()) == []  # bad input leaves no empty cache folder behind
 
 
 def test_folder_with_another_spec_is_refused(tiny_llama: Path, tmp_path: Path) -> None:

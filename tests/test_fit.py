@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -10,17 +9,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import fit as fit_module
-from pipeline.cache.backends import read_span
 from pipeline.cache.reader import ActivationCache
 from pipeline.cache.stream import ActivationStream, StreamSpec
+from pipeline.fit import stage as fit_module
+from pipeline.fit.config import FitConfig, Training
 from pipeline.fit.plan import expand_sweep, parse_sweep
-from pipeline.fit.stage import FitConfig, fit
-from pipeline.fit.train import MemberSettings, make_member, train_step
-from pipeline.infra.errors import CorruptError, UserError
-from pipeline.sae.route import RouteSAE
-from pipeline.sae.topk import SaeConfig, TopKSAE
+from pipeline.fit.stage import fit
+from pipeline.fit.train import make_member, train_step
+from pipeline.infra.errors import UserError
+from pipeline.sae.topk import SaeConfig
 from tests.support.caches import synthetic_cache
+
+CPU = torch.device("cpu")
 
 
 def run_cfg(cache_dir: Path | str, root: Path, **kw: object) -> FitConfig:
@@ -63,9 +63,9 @@ def test_loss_falls_and_fvu_ends_low(cache: str, tmp_path: Path) -> None:
 def test_decoder_rows_stay_unit_norm_every_step(cache: str, tmp_path: Path) -> None:
     from pipeline.infra.files import Folder
 
-    settings = MemberSettings(1e-2, "adam", (0.9, 0.999), "constant", 0, 50, 16, 1 / 32, False)
+    settings = Training.of(FitConfig(lr=1e-2, schedule="constant", dead_tokens=50, k_aux=16))
     member = make_member(
-        Folder.at(tmp_path / "m"), SaeConfig("topk", 32, 128, 4, [0]), settings, [0], torch.device("cpu")
+        Folder.at(tmp_path / "m"), SaeConfig("topk", 32, 128, 4, [0]), settings, False, [0], torch.device("cpu")
     )
     stream = ActivationStream(ActivationCache.open(cache), StreamSpec([0], 128, pool_mb=1))
     for step, batch in enumerate(stream.batches(1)):
@@ -74,124 +74,6 @@ def test_decoder_rows_stay_unit_norm_every_step(cache: str, tmp_path: Path) -> N
         assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
         if step == 30:
             break
-    assert float((member.since_fired >= 50).float().mean()) >= 0  # dead counters are maintained
-
-
-@pytest.mark.parametrize("shards, batch", [([768, 768, 768], 400), ([100, 900, 50, 900], 128)])
-def test_small_pool_never_overflows(tmp_path: Path, shards: list[int], batch: int) -> None:
-    cache = ActivationCache.open(synthetic_cache(tmp_path, shards, layers=(0, 1), d=8))
-    stream = ActivationStream(cache, StreamSpec([0, 1], batch, pool_mb=0.0001))  # the smallest pool allowed
-    counts = Counter(tuple(r) for b in stream.batches(2) for r in b[0])
-    assert sum(counts.values()) == (2 * sum(shards)) // batch * batch  # every whole batch of two epochs
-    assert max(counts.values()) <= 2  # no row twice per epoch
-    assert sum(c == 2 for c in counts.values()) >= sum(shards) - 2 * batch  # only the remainders miss out
-
-
-@pytest.mark.parametrize("backend", ["zarr", "memmap"])
-def test_direct_layer_reads_equal_the_library_decode(
-    tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import zarr
-
-    cache = ActivationCache.open(synthetic_cache(tmp_path, [300, 200], layers=(0, 3, 5), backend=backend))
-    names = [
-        (r["index"], f"{split}/act", pos) for r in cache.shards for split in ("train", "heldout") for pos in range(3)
-    ]
-    expected = [cache.read(*name) for name in names]  # zarr's own decode / the .npy memory map
-    monkeypatch.setattr(zarr.Array, "get_basic_selection", lambda *a, **k: pytest.fail("zarr decoded a plain layer"))
-    for name, want in zip(names, expected, strict=True):
-        out = np.full_like(want, np.nan)
-        cache.read_into(*name, out)
-        np.testing.assert_array_equal(out, want)
-
-
-def test_a_damaged_shard_index_is_not_read_directly(tmp_path: Path) -> None:
-    cache = ActivationCache.open(synthetic_cache(tmp_path, [300], layers=(0, 3, 5), backend="zarr"))
-    (shard_file,) = Path(cache.folder.root).rglob("train/act/c/0/0/0")
-    damaged = bytearray(shard_file.read_bytes())
-    damaged[-1] ^= 1  # the index checksum
-    shard_file.write_bytes(bytes(damaged))
-    with pytest.raises(ValueError, match="checksum"):  # zarr reads it instead, and says what is wrong
-        cache.read_into(0, "train/act", 1, np.empty((300, 32), np.float16))
-
-
-def test_a_short_file_is_reported_not_read_as_zeros(tmp_path: Path) -> None:
-    path = tmp_path / "short.bin"
-    path.write_bytes(b"\x00" * 100)
-    with pytest.raises(CorruptError, match="ends 28 bytes early"):
-        read_span(path, 36, np.empty(92, np.uint8))
-
-
-def test_stream_serves_each_training_row_once_and_never_heldout(tmp_path: Path) -> None:
-    folder = synthetic_cache(tmp_path, [700, 900, 500], layers=(0,), d=8)
-    cache = ActivationCache.open(folder)
-    train = {tuple(r) for s in cache.shards for r in cache.read(s["index"], "train/act", 0)}
-    held = {tuple(r) for s in cache.shards for r in cache.read(s["index"], "heldout/act", 0)}
-    stream = ActivationStream(cache, StreamSpec([0], 100, seed=3, pool_mb=0.01))
-    served = [tuple(r) for b in stream.batches(1) for r in b[0]]
-    assert len(served) == 2100 and len(set(served)) == len(served)
-    assert set(served) <= train and not set(served) & held
-    first = next(iter(stream.batches(1)))
-    again = next(iter(ActivationStream(cache, StreamSpec([0], 100, seed=3, pool_mb=0.01)).batches(1)))
-    np.testing.assert_array_equal(first, again)  # reproducible with a seed
-    shards_in_first = {
-        s["index"]
-        for s in cache.shards
-        for r in cache.read(s["index"], "train/act", 0)
-        if tuple(r) in {tuple(x) for x in first[0]}
-    }
-    assert len(shards_in_first) > 1  # batches mix shards
-
-
-@pytest.mark.parametrize("routing", ["hard", "soft"])
-@pytest.mark.parametrize("aggregate", ["sum", "mean"])
-def test_routesae_shapes_and_gradients(routing: str, aggregate: str) -> None:
-    torch.manual_seed(0)
-    model = RouteSAE(SaeConfig("route", 16, 64, 4, [2, 3, 4], routing, aggregate))
-    xs = torch.randn(10, 3, 16)
-    out = model(xs)
-    assert out.x.shape == out.x_hat.shape == (10, 16)
-    assert out.layer_weights.shape == (10, 3) and torch.allclose(out.layer_weights.sum(-1), torch.ones(10))
-    assert (out.layer_choice is None) == (routing == "soft")
-    if routing == "hard":
-        rows = torch.arange(10)
-        expected = xs[rows, out.layer_choice] * out.layer_weights[rows, out.layer_choice][:, None]
-        torch.testing.assert_close(out.x, expected)
-    ((out.x_hat - out.x) ** 2).sum().backward()
-    assert model.router.weight.grad is not None and model.router.weight.grad.abs().sum() > 0
-    assert model.sae.W_enc.grad is not None and model.sae.W_dec.grad is not None
-
-
-def test_topk_gradients_match_a_dense_reference() -> None:
-    torch.manual_seed(0)
-    model = TopKSAE(SaeConfig("topk", 16, 64, 4, [0])).double()
-    with torch.no_grad():
-        model.b_dec.normal_()
-        model.b_enc.normal_()
-    x = torch.randn(20, 16, dtype=torch.double)
-    ((model(x).x_hat - x) ** 2).sum().backward()
-    sparse = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    pre = torch.relu((x - model.b_dec) @ model.W_enc.T + model.b_enc)
-    vals, idx = pre.topk(4)
-    x_hat = torch.zeros_like(pre).scatter(1, idx, vals) @ model.W_dec + model.b_dec
-    ((x_hat - x) ** 2).sum().backward()
-    for name, param in model.named_parameters():
-        torch.testing.assert_close(sparse[name], param.grad, msg=name)
-
-
-def test_tangent_decoder_gradient_drops_the_radial_component() -> None:
-    torch.manual_seed(1)
-    model = TopKSAE(SaeConfig("topk", 16, 64, 4, [0]))
-    x = torch.randn(20, 16)
-    ((model(x).x_hat - x) ** 2).sum().backward()
-    full = model.W_dec.grad.clone()
-    model.zero_grad()
-    model.tangent_decoder_grad = True
-    ((model(x).x_hat - x) ** 2).sum().backward()
-    radial = (full * model.W_dec).sum(1, keepdim=True) * model.W_dec  # rows have unit norm
-    torch.testing.assert_close(model.W_dec.grad, full - radial)
-    assert (model.W_dec.grad * model.W_dec).sum(1).abs().max() < 1e-5
 
 
 def test_route_fit_on_multilayer_cache(tmp_path: Path) -> None:
@@ -296,3 +178,87 @@ def test_corrupt_cache_is_refused(cache: str, tmp_path: Path) -> None:
     assert shard.exists()
     (run,) = fit(run_cfg(cache, tmp_path, layer=1, max_tokens=512))  # layer 1 is intact and still usable
     assert run.read_json("cfg.json")["status"] == "complete"
+
+
+def test_lr_schedule_warms_up_holds_and_decays() -> None:
+    from pipeline.fit.optim import lr_factor
+
+    assert [lr_factor(s, 100, "warmup-decay") for s in (0, 4, 5, 50, 79)] == [0.2, 1.0, 1.0, 1.0, 1.0]
+    assert [lr_factor(s, 100, "warmup-decay") for s in (80, 90, 99)] == [1.0, 0.5, 0.05]
+    assert [lr_factor(s, 100, "constant") for s in (0, 90, 99)] == [0.2, 1.0, 1.0]
+
+
+def test_signum_steps_by_the_sign_of_its_momentum() -> None:
+    from pipeline.fit.optim import Signum
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = Signum([p], lr=0.1, momentum=0.5)
+    for grad in ([1.0, -2.0, 0.0], [-3.0, 1.0, 0.0]):  # momentum: (0.5, -1, 0) then (-1.25, 0, 0)
+        p.grad = torch.tensor(grad)
+        opt.step()
+    torch.testing.assert_close(p.detach(), torch.tensor([0.0, 0.1, 0.0]))
+
+
+def test_pre_bias_starts_at_the_mean_for_topk_and_at_zero_for_route(tmp_path: Path) -> None:
+    from pipeline.fit.train import init_pre_bias
+    from pipeline.infra.files import Folder
+
+    x = torch.randn(64, 3, 8) + 2.0
+    settings = Training.of(FitConfig(lr=1e-3), dead_tokens=1000, k_aux=4)
+    topk = make_member(Folder.at(tmp_path / "a"), SaeConfig("topk", 8, 32, 2, [0]), settings, False, [0], CPU)
+    init_pre_bias(topk, x[:, 0])
+    torch.testing.assert_close(topk.model.b_dec.detach(), x[:, 0].mean(0))
+    route_cfg = SaeConfig("route", 8, 32, 2, [1, 2, 3])
+    route = make_member(Folder.at(tmp_path / "b"), route_cfg, settings, False, [0, 1, 2], CPU)
+    init_pre_bias(route, x)
+    assert route.model.sae.b_dec.abs().max() == 0
+
+
+def test_auxk_revives_latents_that_never_fire(tmp_path: Path) -> None:
+    """Half the latents start too weak to make the top k; AuxK (with a threshold inside the run) revives them."""
+    from pipeline.infra.files import Folder
+
+    data = torch.from_numpy(
+        np.load(synthetic_cache(tmp_path, [4096], layers=(0,)).local() / "shards/000000/train/act.npy")[0]
+    ).float()
+
+    def alive_after(aux_alpha: float) -> float:
+        settings = Training.of(FitConfig(lr=3e-3, aux_alpha=aux_alpha), dead_tokens=512, k_aux=16)
+        member = make_member(
+            Folder.at(tmp_path / str(aux_alpha)), SaeConfig("topk", 32, 128, 4, [0]), settings, False, [0], CPU
+        )
+        with torch.no_grad():
+            member.model.b_enc[64:] = -0.4  # these latents never make the top k on their own
+        for step in range(60):
+            train_step(member, data[(step % 16) * 256 : (step % 16 + 1) * 256], 60)
+        fired = member.model.encode(data).indices.unique()
+        return float((fired >= 64).sum()) / 64
+
+    assert alive_after(0.0) < 0.3  # measured: 0.19 of them ever fire without AuxK
+    assert alive_after(1 / 32) > 0.9  # and all of them with it
+
+
+def test_dead_threshold_scales_with_the_run() -> None:
+    from pipeline.fit.plan import auto_dead_tokens
+
+    assert auto_dead_tokens(FitConfig(epochs=2), 400_000) == 50_000  # the floor
+    assert auto_dead_tokens(FitConfig(epochs=2), 4_000_000) == 400_000
+    assert auto_dead_tokens(FitConfig(max_tokens=2_000_000), 40_000_000) == 100_000
+
+
+def test_route_log_records_shares_and_entropy(tmp_path: Path) -> None:
+    folder = synthetic_cache(tmp_path, [1500, 1500], layers=(1, 2, 3), d=16)
+    (run,) = fit(run_cfg(folder.url, tmp_path, arch="route", layer=None, latents=64, max_tokens=2048))
+    log = np.genfromtxt(f"{run.url}/log.csv", delimiter=",", names=True)
+    shares = np.stack([log["share_L1"], log["share_L2"], log["share_L3"]], axis=1)  # (rows, 3)
+    np.testing.assert_allclose(shares.sum(1), 1.0, atol=1e-5)
+    entropy = -(shares * np.log(np.clip(shares, 1e-12, None))).sum(1)
+    np.testing.assert_allclose(log["route_entropy"], entropy, atol=1e-5)
+
+
+def test_too_few_routed_layers_are_refused(tmp_path: Path) -> None:
+    folder = synthetic_cache(tmp_path, [500], layers=(0, 7), d=16)  # an 8-layer model routes over 2..6
+    with pytest.raises(UserError, match=r"routes over layers 2\.\.6 .* holds \[0, 7\]"):
+        fit(run_cfg(folder.url, tmp_path, arch="route", layer=None))
+    (run,) = fit(run_cfg(folder.url, tmp_path, arch="route", layer=None, route_layers="0,7", max_tokens=512))
+    assert run.read_json("cfg.json")["sae"]["layers"] == [0, 7]

@@ -14,12 +14,15 @@ import pytest
 import torch
 
 from pipeline.cache.reader import ActivationCache
-from pipeline.extract.stage import ExtractConfig, extract
-from pipeline.fit.stage import FitConfig, fit
+from pipeline.extract.config import ExtractConfig
+from pipeline.extract.stage import extract
+from pipeline.fit.config import FitConfig
+from pipeline.fit.stage import fit
 from pipeline.infra.errors import UserError
+from pipeline.interpret.config import InterpretConfig
 from pipeline.interpret.explain import parse_answer
-from pipeline.interpret.stage import InterpretConfig, interpret
-from pipeline.sae.checkpoint import load_sae
+from pipeline.interpret.stage import interpret
+from pipeline.sae.folder import load_sae
 from tests.support.standin_openai import Script, standin_env
 
 KEY = "sk-test-SECRET-0123456789abcdef"
@@ -219,3 +222,34 @@ def _assert_key_nowhere(root: Path, capsys: pytest.CaptureFixture) -> None:
     for path in root.rglob("*"):
         if path.is_file():
             assert KEY.encode() not in path.read_bytes(), path
+
+
+def test_route_tables_report_unscaled_activations_and_layers(tmp_path: Path) -> None:
+    """A hard-routed RouteSAE encodes w * x; its tables hold a / w and the layer each row went to."""
+    import numpy as np
+    import torch
+
+    from pipeline.cache.reader import ActivationCache
+    from pipeline.interpret.features import collect
+    from pipeline.sae.route import RouteSAE
+    from pipeline.sae.topk import SaeConfig
+    from tests.support.caches import synthetic_cache
+
+    cache = ActivationCache.open(synthetic_cache(tmp_path, [64], layers=(1, 2, 3), d=16, heldout_rows=40))
+    torch.manual_seed(0)
+    sae = RouteSAE(SaeConfig("route", 16, 64, 4, [1, 2, 3]))
+    acts = collect(sae, [1, 2, 3], True, cache, 0, 16, None, None)
+    xs = torch.from_numpy(np.concatenate([a for _, a in cache.heldout_rows([1, 2, 3])])).float()  # (R, L, D)
+    with torch.no_grad():
+        logits = xs.sum(1) @ sae.router.weight.T  # (R, L), by hand
+        w = logits.softmax(-1)
+        choice = w.argmax(-1)
+        rows = torch.arange(len(xs))
+        wx = xs[rows, choice] * w[rows, choice][:, None]
+        pre = torch.relu((wx - sae.sae.b_dec) @ sae.sae.W_enc.T + sae.sae.b_enc)  # (R, N) dense
+        top = pre.topk(4)
+        dense = torch.zeros_like(pre).scatter(1, top.indices, top.values) / w[rows, choice][:, None]
+    np.testing.assert_array_equal(acts.row_layer, choice.numpy())
+    got = np.zeros(dense.shape, np.float32)
+    got[acts.row, acts.latent] = acts.act
+    np.testing.assert_allclose(got, dense.numpy(), rtol=1e-4, atol=1e-5)

@@ -15,11 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import extract as extract_module
-from pipeline import store
+from pipeline.cache import backends as store
 from pipeline.cache.reader import ActivationCache
-from pipeline.extract.stage import ExtractConfig, extract
-from pipeline.fit.stage import FitConfig, fit
+from pipeline.extract import stage as extract_module
+from pipeline.extract.config import ExtractConfig
+from pipeline.extract.stage import extract
+from pipeline.fit.config import FitConfig
+from pipeline.fit.stage import fit
 from pipeline.infra.errors import UserError
 from tests.support.caches import synthetic_cache, tiny_extract_args, tiny_extract_config, tree_bytes
 
@@ -207,7 +209,7 @@ def test_newer_format_versions_are_refused(tmp_path: Path) -> None:
     )
     cfg = run_dir.read_json("cfg.json")
     run_dir.write_json({**cfg, "format_version": 2}, "cfg.json")
-    from pipeline.sae.checkpoint import load_sae
+    from pipeline.sae.folder import load_sae
 
     with pytest.raises(UserError, match="format version 2"):
         load_sae(run_dir)

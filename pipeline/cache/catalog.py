@@ -97,3 +97,19 @@ def repair_cache(where: str) -> list[int]:
         cache.folder.child("shards").remove(f"{shard_name(index)}.json")
         cache.folder.child("shards").remove(shard_name(index))
     return bad
+
+
+def catalog_rows(caches: list[dict[str, Any]]) -> list[tuple[str, ...]]:
+    """`sae-pipe cache list` table cells: key, status, model, layers, rows, MiB, backend."""
+    return [
+        (
+            c["key"],
+            c["status"],
+            str(c.get("model", "")),
+            str(c.get("layers", "")),
+            f"{c['rows']:,}" if c.get("rows") else "-",
+            f"{c['bytes'] / 2**20:,.1f}" if c.get("bytes") else "-",
+            str(c.get("backend", "")),
+        )
+        for c in caches
+    ]

@@ -18,6 +18,8 @@ COLUMNS = [
     "nmse",
     "fvu",
     "dead_share",
+    "dense_latents",
+    "top_route_share",
     "kl_per_token",
     "kl_paper_scale",
     "ce_clean",
@@ -86,3 +88,11 @@ def _plot(results: list[dict[str, Any]], metric: str, out: Folder) -> str:
     plt.close(fig)
     out.write_bytes(buffer.getvalue(), name)
     return name
+
+
+def one_line(result: dict[str, Any]) -> str:
+    """A run's headline numbers on one line (what `sae-pipe evaluate` prints without --json)."""
+    line = f"{result['run']}: nmse {result['nmse']:.4f} l0 {result['l0']:.1f}"
+    if "kl_per_token" in result:
+        line += f" kl {result['kl_per_token']:.4f} ce_recovered {result['ce_recovered']:.3f}"
+    return line

@@ -1,10 +1,13 @@
-"""Metric definitions, one each, shared by fit logs, evaluate and the README.
+"""Metric definitions, one each, as written into metrics.json and the README (nmse and fvu are
+computed by :mod:`pipeline.sae.quality`, shared with the training log).
 
 Reconstruction (normalized space, over held-out tokens):
   nmse         mean over tokens of ||x - x_hat||^2 / ||x||^2            (the RouteSAE NormMSE)
   fvu          sum ||x - x_hat||^2 / sum ||x - mean(x)||^2              (fraction of variance unexplained)
   l0           mean number of active (non-zero) latents per token
   dead_share   share of latents never active on the evaluated tokens
+  dense_latents  number of latents active on more than 10 % of the evaluated tokens
+  live_latents   number of latents active on more than 0.01 % of them (features found)
 Spliced into the LLM (logits over held-out sequences):
   kl_per_token    mean over real (non-special) positions of KL(p_clean || p_spliced), in nats
   kl_paper_scale  sum of that KL over real positions / number of sequences (the RouteSAE paper's
@@ -17,8 +20,6 @@ Spliced into the LLM (logits over held-out sequences):
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -27,6 +28,9 @@ DEFINITIONS = {
     "fvu": "sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 (normalized space)",
     "l0": "mean number of active latents per token",
     "dead_share": "share of latents never active on the evaluated tokens",
+    "dense_latents": "number of latents active on more than 10 % of the evaluated tokens",
+    "live_latents": "number of latents active on more than 0.01 % of the evaluated tokens",
+    "top_route_share": "RouteSAE: the largest share of tokens routed to one layer (1 = collapsed onto one layer)",
     "kl_per_token": "mean over real positions of KL(p_clean || p_spliced), nats",
     "kl_paper_scale": "sum over real positions of KL(p_clean || p_spliced) / number of sequences (RouteSAE paper)",
     "kl_zero_per_token": "mean over real positions of KL(p_clean || p_zeroed), nats",
@@ -35,18 +39,6 @@ DEFINITIONS = {
     "ce_zero": "mean next-token cross-entropy with the layer's residual stream zeroed, nats",
     "ce_recovered": "(ce_zero - ce_spliced) / (ce_zero - ce_clean)",
 }
-
-
-def reconstruction_sums(x: Tensor, x_hat: Tensor) -> dict[str, Any]:
-    """Additive pieces of nmse and fvu for a batch (B, D), so they can be summed over batches."""
-    err = (x - x_hat).pow(2).sum(-1)  # (B,)
-    return {
-        "nmse_sum": float((err / x.pow(2).sum(-1).clamp_min(1e-12)).sum()),
-        "err_sum": float(err.sum()),
-        "x_sum": x.sum(0).double(),
-        "x2_sum": float(x.pow(2).sum()),
-        "rows": len(x),
-    }
 
 
 def kl_per_position(clean_logits: Tensor, other_logits: Tensor) -> Tensor:

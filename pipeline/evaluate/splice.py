@@ -4,7 +4,7 @@ The live activation is normalized exactly as the cache was (per-token statistics
 ``standardize``, the cache's factor for ``scale``), encoded, decoded and de-normalized. Only real
 (non-special) positions are replaced, the positions the SAE was trained on. For a hard-routing
 RouteSAE, the router (run on the clean activations) picks one layer per token, and the token is
-replaced at that layer only, with the routing weight undone.
+replaced at that layer only, with the routing weight undone (or not: ``--splice paper``).
 """
 
 from __future__ import annotations
@@ -63,11 +63,8 @@ def zero_edits(layers: list[int], masks: list[Tensor]) -> dict[int, Edit]:
 def route_choice(
     model: nn.Module, blocks: nn.ModuleList, sae: RouteSAE, normalizer: Normalizer, tokens: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """Per token, the routed layer's position in ``sae.cfg.layers`` and its weight, from a clean forward.
-
-    The top layer is picked for soft-routing RouteSAEs too: splicing needs one layer per token (the
-    RouteSAE code evaluates soft-trained models with hard routing in the same way).
-    """
+    """Per token, the routed layer's position in ``sae.cfg.layers`` and its weight, from a clean forward
+    (hard routing only: `evaluate` refuses KL / CE for soft-routed runs)."""
     layers = sae.cfg.layers
     hidden = run_to_layers(model, blocks, tokens, layers)
     xs = torch.stack([normalizer.normalize(hidden[layer], layer)[0] for layer in layers], dim=2)  # (B, T, L, D)
@@ -85,8 +82,15 @@ def route_edits(
     weight: Tensor,
     k: int | None,
     theta: float | None,
+    undo_weight: bool = True,
 ) -> dict[int, Edit]:
-    """At each routed layer, replace the real positions routed there; other positions stay clean."""
+    """At each routed layer, replace the real positions routed there; other positions stay clean.
+
+    The SAE reconstructs ``w * x`` (w = the routing weight). ``undo_weight`` splices ``x_hat / w``, an
+    activation on the model's own scale (`--splice scaled`, our default); without it ``x_hat`` goes in
+    as it is, as the RouteSAE reference does (`--splice paper`: KL comparable with the paper's, but it
+    also measures the damage of shrinking the residual stream by w).
+    """
     edits: dict[int, Edit] = {}
     for i, layer in enumerate(sae.cfg.layers):
         here = mask & (choice == i)  # (B, T)
@@ -96,7 +100,9 @@ def route_edits(
                 return h
             x, stats = normalizer.normalize(h[here], layer)  # (M, D)
             w = weight[here][:, None]  # (M, 1)
-            x_hat = sae.decode(sae.encode(x * w, k=k, theta=theta)) / w
+            x_hat = sae.decode(sae.encode(x * w, k=k, theta=theta))
+            if undo_weight:
+                x_hat = x_hat / w
             return _replace(h, here, normalizer.denormalize(x_hat, stats))
 
         edits[layer] = edit

@@ -8,39 +8,26 @@ layer share one clean and one zeroed forward per batch.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from pipeline.cache.reader import ActivationCache
-from pipeline.evaluate.metrics import DEFINITIONS, ce_per_position, ce_recovered, kl_per_position, reconstruction_sums
+from pipeline.evaluate.config import METRICS, SPLICES, EvaluateConfig
+from pipeline.evaluate.metrics import DEFINITIONS, ce_per_position, ce_recovered, kl_per_position
 from pipeline.evaluate.splice import logits_with, route_choice, route_edits, topk_edits, zero_edits
 from pipeline.infra.console import progress_bar, say
 from pipeline.infra.device import resolve_device, resolve_dtype
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
 from pipeline.llm.model import find_blocks, fingerprint_model, load_model, resolve_model
+from pipeline.sae.quality import Reconstruction
 from pipeline.sae.route import RouteSAE
 from pipeline.sae.subject import Subject, load_subject
 
-METRICS = ("nmse", "kl", "ce")
 FAST_BATCH = 4096  # held-out rows per SAE forward
-
-
-@dataclass
-class EvaluateConfig:
-    """Everything `sae-pipe evaluate` needs; every field also lives in params.yaml's evaluate section."""
-
-    runs: list[str] = field(default_factory=list)  # run folders to evaluate
-    max_tokens: int = 0  # held-out tokens to use (0 = all the held-out split has)
-    batch_size: int = 4  # sequences per LLM forward
-    metrics: list[str] = field(default_factory=lambda: list(METRICS))  # nmse (cache only), kl, ce (LLM)
-    infer_k: int | None = None  # encode with this k instead of the trained one
-    theta: float | None = None  # encode with a threshold instead of top-k
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    out: str = ""  # where metrics go (default <cache_root>/evaluate/<run>/metrics.json)
-    cache_root: str = "cache"  # root of evaluate/
+DENSE = 0.1  # a latent firing on more than this share of tokens counts as dense
+LIVE = 1e-4  # one firing on more than this share counts as a live feature (the RouteSAE count of features)
 
 
 def evaluate(cfg: EvaluateConfig) -> list[dict[str, Any]]:
@@ -52,12 +39,15 @@ def evaluate(cfg: EvaluateConfig) -> list[dict[str, Any]]:
             if unknown
             else "no run to evaluate: pass a run folder (or --all DIR)."
         )
+    if cfg.splice not in SPLICES:
+        raise UserError(f"unknown --splice {cfg.splice!r}; use one of {', '.join(SPLICES)}.")
     if cfg.batch_size < 1 or cfg.max_tokens < 0:
         raise UserError("--batch-size must be at least 1 and --max-tokens not negative (0 = all held-out tokens).")
     device = resolve_device(cfg.device)
     subjects = [load_subject(run, device) for run in cfg.runs]
     for subject in subjects:
         subject.check_infer_k(cfg.infer_k)
+        _check_spliceable(subject, cfg)
         subject.result = fast_metrics(subject, cfg)
     if {"kl", "ce"} & set(cfg.metrics):
         for same_cache in _group_by(subjects, lambda s: (s.cache.key,)):
@@ -65,6 +55,17 @@ def evaluate(cfg: EvaluateConfig) -> list[dict[str, Any]]:
             for group in _group_by(same_cache, _forward_key):
                 spliced_metrics(group, cfg, model, blocks)
     return [write_metrics(s, cfg) for s in subjects]
+
+
+def _check_spliceable(s: Subject, cfg: EvaluateConfig) -> None:
+    """A soft-routed RouteSAE reconstructs a mix of layers, which no single layer of the model can take
+    back, so KL / CE would measure something it was not trained on: refuse them (the reference does too)."""
+    if s.is_route and s.sae.cfg.routing == "soft" and {"kl", "ce"} & set(cfg.metrics):
+        raise UserError(
+            f"run {s.folder.name} uses soft routing: its reconstruction mixes layers and cannot be spliced "
+            "into one layer, so KL / CE are not defined for it. Evaluate it with --metrics nmse, or train "
+            "with --routing hard."
+        )
 
 
 def _forward_key(s: Subject) -> tuple[str, ...]:
@@ -95,34 +96,35 @@ def fast_metrics(s: Subject, cfg: EvaluateConfig) -> dict[str, Any]:
         )
     device = next(s.sae.parameters()).device
     n_latents = s.cfg["sae"]["n_latents"]
-    active = torch.zeros(n_latents, dtype=torch.bool, device=device)
+    fires = torch.zeros(n_latents, dtype=torch.int64, device=device)  # (N,) tokens each latent fired on
     routes = torch.zeros(len(s.layers), dtype=torch.float64, device=device)
-    totals: dict[str, Any] = {"nmse_sum": 0.0, "err_sum": 0.0, "x_sum": 0.0, "x2_sum": 0.0, "rows": 0, "l0_sum": 0.0}
+    quality, l0_sum = Reconstruction(), 0.0
     for _, rows in s.cache.heldout_rows(s.layers, cfg.max_tokens):
         for start in range(0, len(rows), FAST_BATCH):
             x = torch.from_numpy(rows[start : start + FAST_BATCH]).to(device=device, dtype=torch.float32)  # (b, L, D)
             out = s.sae(x if s.is_route else x[:, 0], k=cfg.infer_k, theta=cfg.theta)
-            for key, value in reconstruction_sums(out.x, out.x_hat).items():
-                totals[key] = totals[key] + value
+            quality.add(out.x, out.x_hat)
             fired = out.latents.acts > 0  # (b, k)
-            totals["l0_sum"] += float(fired.sum())
-            active[out.latents.indices[fired]] = True
+            l0_sum += float(fired.sum())
+            fires += torch.bincount(out.latents.indices[fired], minlength=n_latents)
             if out.layer_choice is not None:
                 routes += torch.bincount(out.layer_choice, minlength=len(s.layers)).double()
             elif out.layer_weights is not None:
                 routes += out.layer_weights.sum(0).double()
-    n = totals["rows"]
-    variance = totals["x2_sum"] - float((totals["x_sum"] ** 2).sum()) / n
+    n = quality.rows
     result: dict[str, Any] = {
-        "nmse": totals["nmse_sum"] / n,
-        "fvu": totals["err_sum"] / max(variance, 1e-12),
-        "l0": totals["l0_sum"] / n,
-        "dead_share": 1 - float(active.float().mean()),
+        "nmse": quality.nmse,
+        "fvu": quality.fvu,
+        "l0": l0_sum / n,
+        "dead_share": float((fires == 0).float().mean()),
+        "dense_latents": int((fires > DENSE * n).sum()),
+        "live_latents": int((fires > LIVE * n).sum()),
         "tokens_reconstructed": n,
     }
     if s.is_route:
         shares = (routes / routes.sum()).tolist()
         result["routing_shares"] = {str(layer): share for layer, share in zip(s.layers, shares)}
+        result["top_route_share"] = max(shares)  # 1.0: the router collapsed onto one layer
     return result
 
 
@@ -209,7 +211,8 @@ def _batch(
     shared["kl_zero"] += float(kl_per_position(clean, zeroed)[mask].sum())
     for s in group:
         if isinstance(s.sae, RouteSAE):
-            edits = route_edits(s.sae, s.normalizer, mask, choice, weight, cfg.infer_k, cfg.theta)
+            undo = cfg.splice == "scaled"
+            edits = route_edits(s.sae, s.normalizer, mask, choice, weight, cfg.infer_k, cfg.theta, undo)
         else:
             edits = topk_edits(s.sae, s.normalizer, s.layers[0], mask, cfg.infer_k, cfg.theta)
         spliced = logits_with(model, blocks, tokens, edits)
@@ -229,7 +232,7 @@ def write_metrics(s: Subject, cfg: EvaluateConfig) -> dict[str, Any]:
         "layers": s.layers,
         "n_latents": s.cfg["sae"]["n_latents"],
         "k": s.cfg["sae"]["k"],
-        "settings": {"infer_k": cfg.infer_k, "theta": cfg.theta, "max_tokens": cfg.max_tokens},
+        "settings": {"infer_k": cfg.infer_k, "theta": cfg.theta, "max_tokens": cfg.max_tokens, "splice": cfg.splice},
         **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in s.result.items()},
         "definitions": {k: v for k, v in DEFINITIONS.items() if k in s.result},
     }

@@ -13,16 +13,18 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from pipeline.cache.backends import BACKENDS, STORE_DTYPES, get_backend
 from pipeline.cache.manifest import cache_key, finish_manifest, new_manifest, read_manifest, shard_records
 from pipeline.cache.normalize import Normalizer
 from pipeline.cache.writer import ShardWriter, committed_shards
 from pipeline.extract.capture import Capturer
+from pipeline.extract.config import ExtractConfig
 from pipeline.extract.corpus import CorpusSpec, check_corpus, fingerprint_corpus, iter_documents
 from pipeline.extract.packing import PackSpec, ShardPlan, pack, plan_shards, token_stream
 from pipeline.infra.console import Bar, Stopwatch, progress_bar, say
-from pipeline.infra.device import dtype_name, resolve_device, resolve_dtype
+from pipeline.infra.device import dtype_name, resolve_dtype
 from pipeline.infra.distributed import Ranks
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder, Memo
@@ -42,31 +44,6 @@ PACKING = "eos-joined, split_special_tokens, tail dropped, special positions not
 
 
 @dataclass
-class ExtractConfig:
-    """Everything `sae-pipe extract` needs; every field also lives in params.yaml."""
-
-    model: str = "smollm2-135m"  # built-in alias, .gguf file, model folder or hub id
-    revision: str | None = None  # hub revision of the model
-    dataset: str = "builtin"  # "builtin", a hub dataset id or a local file/folder
-    split: str = "train"  # dataset split
-    text_column: str = "text"  # column with the document text
-    dataset_config: str | None = None  # hub dataset configuration name
-    layers: str = "12"  # 6 | 3,7,11 | 3:11 | all | route
-    ctx_len: int = 256  # tokens per packed sequence
-    max_tokens: int = 20_000  # stored rows in total (0 = the whole corpus)
-    batch_size: int = 8  # sequences per forward pass
-    normalize: str = "standardize"  # standardize | scale | none
-    dtype: str = "float16"  # stored dtype: float16 | float32
-    backend: str = "zarr"  # zarr | memmap
-    heldout: float = 0.05  # share of sequences held out from training
-    shard_mb: float = 256.0  # target size of one shard
-    cache_root: str = "cache"  # activations go to <cache_root>/activations/<key>
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    compute_dtype: str = "auto"  # model precision: auto (bf16 on GPU, float32 on CPU) | float32 | bfloat16
-    trust_remote_code: bool = False  # allow model code from the hub (off unless you trust it)
-
-
-@dataclass
 class Prepared:
     """The resolved request: where the cache lives and what it must contain (no model loaded)."""
 
@@ -76,9 +53,10 @@ class Prepared:
     spec: dict[str, Any]
     facts: dict[str, Any]
     folder: Folder
+    device: torch.device  # where the model runs (this rank's GPU under torchrun)
 
 
-def prepare(cfg: ExtractConfig) -> Prepared:
+def prepare(cfg: ExtractConfig, ranks: Ranks | None = None) -> Prepared:
     """Resolve model and corpus, fingerprint them and derive the cache key, all without a forward."""
     _check_config(cfg)
     root = Folder.at(cfg.cache_root)
@@ -93,7 +71,7 @@ def prepare(cfg: ExtractConfig) -> Prepared:
         )
     layers = parse_layers(cfg.layers, n_layers)
     corpus = CorpusSpec(cfg.dataset, cfg.split, cfg.text_column, cfg.dataset_config)
-    device = resolve_device(cfg.device)
+    device = (ranks or Ranks()).device(cfg.device)
     itemsize = np.dtype(STORE_DTYPES[cfg.dtype]).itemsize
     seq_bytes = cfg.ctx_len * len(layers) * d_model * itemsize
     spec = {
@@ -118,7 +96,7 @@ def prepare(cfg: ExtractConfig) -> Prepared:
     }
     facts = {"n_layers_model": n_layers, "d_model": d_model}
     folder = Folder.at(cfg.cache_root).child("activations", cache_key(spec))
-    return Prepared(cfg, source, corpus, spec, facts, folder)
+    return Prepared(cfg, source, corpus, spec, facts, folder, device)
 
 
 def _check_config(cfg: ExtractConfig) -> None:
@@ -140,7 +118,7 @@ def _check_config(cfg: ExtractConfig) -> None:
 def extract(cfg: ExtractConfig, ranks: Ranks | None = None) -> Folder:
     """Return the folder of a complete cache for ``cfg``, extracting (or resuming) it if needed."""
     ranks = ranks or Ranks.from_env()
-    prep = prepare(cfg)
+    prep = prepare(cfg, ranks)
     if _finished(prep):
         say(f"cache hit: {prep.folder.url}")
         return prep.folder
@@ -148,7 +126,13 @@ def extract(cfg: ExtractConfig, ranks: Ranks | None = None) -> Folder:
     prep.folder.makedirs("shards")
     with exclusive(prep.folder, "extract", enabled=ranks.world == 1):
         if not _finished(prep):
-            _run(prep, ranks)
+            fresh = not prep.folder.exists("manifest.json")
+            try:
+                _run(prep, ranks)
+            except UserError:
+                if fresh and ranks.is_main and not prep.folder.exists("manifest.json"):
+                    prep.folder.remove()  # no manifest means no shard yet: bad input leaves nothing behind
+                raise
     return prep.folder
 
 
@@ -204,7 +188,7 @@ class _Worker:
 
     def __init__(self, prep: Prepared, ranks: Ranks, first: ShardPlan) -> None:
         cfg = prep.cfg
-        device = resolve_device(ranks.device_name(cfg.device))
+        device = prep.device
         model = load_model(prep.source, device, resolve_dtype(cfg.compute_dtype, device), cfg.trust_remote_code)
         self.capturer = Capturer(
             model, find_blocks(model), prep.spec["layers"], Normalizer(cfg.normalize), cfg.dtype, cfg.batch_size, device
@@ -267,7 +251,7 @@ def _finish(prep: Prepared, manifest: dict[str, Any], records: list[dict[str, An
         {
             "seconds": round(seconds, 2),
             "rows": rows,
-            "device": str(resolve_device(prep.cfg.device)),
+            "device": str(prep.device),
             "rows_per_second": round(rows / max(seconds, 1e-9), 1),
         },
         "extract_log.json",

@@ -7,11 +7,6 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from pipeline.infra.errors import UserError
-
-OPTIMIZERS = ("adam", "signum")
-SCHEDULES = ("warmup-decay", "constant")
-
 
 class Signum(torch.optim.Optimizer):
     """SignSGD with momentum: m = beta m + (1 - beta) g;  p -= lr sign(m)."""
@@ -51,11 +46,9 @@ def make_optimizer(
     name: str, model: nn.Module, lr: float, betas: tuple[float, float], device: torch.device
 ) -> torch.optim.Optimizer:
     """Adam (fused kernel on CPU and CUDA) or Signum."""
-    if name == "adam":
-        return torch.optim.Adam(model.parameters(), lr=lr, betas=betas, fused=device.type in ("cpu", "cuda"))
-    if name == "signum":
+    if name == "signum":  # names are checked once, by fit.config.Training
         return Signum(model.parameters(), lr=lr, momentum=betas[0])
-    raise UserError(f"unknown optimizer {name!r}; use one of {', '.join(OPTIMIZERS)}.")
+    return torch.optim.Adam(model.parameters(), lr=lr, betas=betas, fused=device.type in ("cpu", "cuda"))
 
 
 WARMUP_SHARE = 0.05  # of all steps, linear warmup from ~0
@@ -68,8 +61,6 @@ def lr_factor(step: int, total: int, schedule: str) -> float:
     ``warmup-decay`` (the RouteSAE schedule): linear warmup over the first 5 % of steps, constant,
     then linear decay to zero over the last 20 %. ``constant``: the same warmup, then constant.
     """
-    if schedule not in SCHEDULES:
-        raise UserError(f"unknown lr schedule {schedule!r}; use one of {', '.join(SCHEDULES)}.")
     warm = int(total * WARMUP_SHARE)
     if step < warm:
         return (step + 1) / warm

@@ -12,88 +12,19 @@ import hashlib
 import itertools
 import json
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pipeline.cache.reader import ActivationCache
-from pipeline.fit.optim import OPTIMIZERS, SCHEDULES, auto_lr
+from pipeline.fit.config import SWEEPABLE, FitConfig, Training
+from pipeline.fit.optim import auto_lr
 from pipeline.infra.console import say
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
 from pipeline.infra.params import coerce
 from pipeline.llm.layers import layer_span, parse_layers, route_range
-from pipeline.sae.checkpoint import read_cfg
+from pipeline.sae.folder import read_cfg
 from pipeline.sae.topk import SaeConfig
-
-# FitConfig fields that shape the training itself (cfg.json's `training` block and the run's hash)
-TRAINING_KEYS = (
-    "lr",
-    "optimizer",
-    "betas",
-    "schedule",
-    "batch_size",
-    "max_tokens",
-    "epochs",
-    "seed",
-    "data_seed",
-    "dead_tokens",
-    "k_aux",
-    "aux_alpha",
-    "precision",
-)
-SWEEPABLE = (
-    "k",
-    "latents",
-    "expansion",
-    "lr",
-    "optimizer",
-    "seed",
-    "layer",
-    "routing",
-    "aggregate",
-    "k_aux",
-    "aux_alpha",
-    "dead_tokens",
-    "schedule",
-)
-
-
-@dataclass
-class FitConfig:
-    """Everything `sae-pipe fit` needs; every field also lives in params.yaml's fit section."""
-
-    cache: str = ""  # cache folder or URL (the DVC stage passes the one extract made)
-    arch: str = "topk"  # topk | route
-    layer: int | None = None  # topk: model layer to train on (default: the cache's only layer)
-    route_layers: str = ""  # route: layers to route over (default: n/4..3n/4 within the cache)
-    latents: int = 0  # dictionary size (0 = expansion x hidden size)
-    expansion: int = 8  # latents per input dimension, when latents = 0
-    k: int = 32  # active latents per token
-    routing: str = "hard"  # route: hard | soft
-    aggregate: str = "sum"  # route: sum | mean of the routed layers as router input
-    lr: float = 0.0  # peak learning rate (0 = auto: scaled by 1/sqrt(latents / 16384), see optim.auto_lr)
-    optimizer: str = "adam"  # adam | signum
-    betas: tuple[float, float] = (0.9, 0.999)  # Adam betas (signum: betas[0] is the momentum)
-    schedule: str = "warmup-decay"  # warmup-decay (5 % warmup, decay over the last 20 %) | constant
-    batch_size: int = 4096  # tokens per step
-    max_tokens: int = 0  # training tokens (0 = the whole training split, `epochs` times)
-    epochs: int = 0  # passes over the training split (0 = one; a larger budget needs --epochs)
-    seed: int = 0  # weight initialization
-    data_seed: int = 0  # shard order and shuffling (shared by all members of a sweep)
-    dead_tokens: int = 1_000_000  # a latent idle this many tokens is dead (AuxK revives it)
-    k_aux: int = 0  # AuxK latents (0 = hidden size / 2)
-    aux_alpha: float = 1 / 32  # AuxK loss weight
-    precision: str = "auto"  # encoder GEMM: auto (bf16 where the hardware has it) | float32 | bfloat16
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    log_every: int = 10  # steps between log.csv rows (0 = the last step only)
-    checkpoint_every: int = 100  # steps between resumable states (0 = none)
-    pool_mb: float = 1024.0  # shuffle pool size
-    verify: bool = True  # check the cache's checksums for the data read before training
-    sweep: dict[str, list[Any]] = field(default_factory=dict)  # setting -> values; every combination is trained
-    out: str = ""  # folder for run folders (default <cache_root>/saes)
-    cache_root: str = "cache"  # root of activations/ and saes/
-    resume: bool = False  # continue incomplete runs with identical settings
-    overwrite: bool = False  # retrain runs that already finished
 
 
 @dataclass
@@ -102,6 +33,7 @@ class RunPlan:
 
     cfg: FitConfig
     sae: SaeConfig
+    training: Training
     folder: Folder
     record: dict[str, Any]  # what goes into cfg.json
 
@@ -138,14 +70,18 @@ def plan_run(cfg: FitConfig, cache: ActivationCache) -> RunPlan:
     d_in = cache.d_model
     n_latents = cfg.latents or cfg.expansion * d_in
     sae = SaeConfig(cfg.arch, d_in, n_latents, cfg.k, layers, cfg.routing, cfg.aggregate)
-    _check_settings(cfg)
+    if min(cfg.log_every, cfg.checkpoint_every) < 0:
+        raise UserError("log_every and checkpoint_every must be >= 0.")
     spec = cache.manifest["spec"]
-    training = {key: getattr(cfg, key) for key in TRAINING_KEYS}
-    training["lr"] = cfg.lr or auto_lr(cfg.optimizer, n_latents)
-    training["k_aux"] = cfg.k_aux or d_in // 2
+    training = Training.of(
+        cfg,
+        lr=cfg.lr or auto_lr(cfg.optimizer, n_latents),
+        k_aux=cfg.k_aux or d_in // 2,
+        dead_tokens=cfg.dead_tokens or auto_dead_tokens(cfg, cache.rows("train")),
+    )
     record = {
         "sae": sae.to_dict(),
-        "training": training,
+        "training": dataclasses.asdict(training),
         "cache": {
             "key": cache.key,
             "path": cache.folder.url,
@@ -159,7 +95,19 @@ def plan_run(cfg: FitConfig, cache: ActivationCache) -> RunPlan:
     hashed = {**record, "cache": {k: v for k, v in record["cache"].items() if k != "path"}}  # the key names it
     digest = hashlib.sha256(json.dumps(hashed, sort_keys=True, default=str).encode()).hexdigest()[:8]
     name = f"{cache.key.split('-L')[0]}-{cfg.arch}-{layer_span(layers)}-n{n_latents}-k{cfg.k}-{digest}"
-    return RunPlan(cfg, sae, Folder.at(out_root(cfg)).child(name), record)
+    return RunPlan(cfg, sae, training, Folder.at(out_root(cfg)).child(name), record)
+
+
+def auto_dead_tokens(cfg: FitConfig, rows: int) -> int:
+    """1/20 of the run's planned tokens, at least 50,000: AuxK must engage within the run, also a short one.
+
+    A fixed threshold (sparsify: 10M tokens) never fires in a run shorter than itself; on the demo run
+    (0.8M tokens) the old 1M default left 16 % of latents dead with AuxK idle (benchmarks/RESULTS.md).
+    """
+    planned = rows * (cfg.epochs or 1)
+    if cfg.max_tokens:
+        planned = min(planned, cfg.max_tokens)
+    return max(planned // 20, 50_000)
 
 
 def out_root(cfg: FitConfig) -> str:
@@ -177,8 +125,14 @@ def _layers(cfg: FitConfig, cache: ActivationCache) -> list[int]:
         if cfg.route_layers:
             layers = parse_layers(cfg.route_layers, cache.manifest["n_layers_model"])
         else:
-            wanted = set(route_range(cache.manifest["n_layers_model"])) & set(held)
-            layers = sorted(wanted) if len(wanted) >= 2 else held
+            wanted = route_range(cache.manifest["n_layers_model"])
+            layers = sorted(set(wanted) & set(held))
+            if len(layers) < 2:
+                raise UserError(
+                    f"RouteSAE routes over layers {wanted[0]}..{wanted[-1]} (n/4..3n/4) by default, but cache "
+                    f"{cache.key} holds {held}: extract with --layers route, or pass --route-layers with "
+                    "two or more cached layers."
+                )
         for layer in layers:
             cache.layer_index(layer)  # names the cache's layers when one is missing
         return layers
@@ -188,18 +142,6 @@ def _layers(cfg: FitConfig, cache: ActivationCache) -> list[int]:
         return held
     cache.layer_index(cfg.layer)
     return [cfg.layer]
-
-
-def _check_settings(cfg: FitConfig) -> None:
-    if cfg.optimizer not in OPTIMIZERS:
-        raise UserError(f"unknown optimizer {cfg.optimizer!r}; use one of {', '.join(OPTIMIZERS)}.")
-    if cfg.schedule not in SCHEDULES:
-        raise UserError(f"unknown lr schedule {cfg.schedule!r}; use one of {', '.join(SCHEDULES)}.")
-    if min(cfg.max_tokens, cfg.epochs, cfg.lr, cfg.log_every, cfg.checkpoint_every) < 0 or cfg.batch_size < 1:
-        raise UserError(
-            "--batch-size must be positive; --lr (0 = auto), --max-tokens, --epochs, log_every and "
-            "checkpoint_every must be >= 0."
-        )
 
 
 def check_shared(plans: list[RunPlan]) -> None:

@@ -12,10 +12,11 @@ import torch
 
 from pipeline.cache.reader import ActivationCache
 from pipeline.cache.stream import ActivationStream, StreamSpec
-from pipeline.fit.plan import FitConfig, RunPlan, check_shared, expand_sweep, needs_training, plan_run
+from pipeline.fit.config import FitConfig
+from pipeline.fit.plan import RunPlan, check_shared, expand_sweep, needs_training, plan_run
+from pipeline.fit.state import drop_state
 from pipeline.fit.train import (
     Member,
-    MemberSettings,
     checkpoint,
     flush_log,
     init_pre_bias,
@@ -26,12 +27,12 @@ from pipeline.fit.train import (
     train_step,
 )
 from pipeline.infra.console import Stopwatch, progress_bar, say
-from pipeline.infra.device import keep_freed_memory, resolve_device
-from pipeline.infra.distributed import Ranks, smallest, wrap_ddp
+from pipeline.infra.device import keep_freed_memory
+from pipeline.infra.distributed import Ranks, wrap_ddp
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
 from pipeline.infra.locks import exclusive
-from pipeline.sae.checkpoint import drop_state, save_weights, write_cfg
+from pipeline.sae.folder import save_weights, write_cfg
 from pipeline.sae.kernels import use_low_precision
 
 
@@ -72,7 +73,7 @@ def open_cache(cfg: FitConfig) -> ActivationCache:
     return ActivationCache.open(cfg.cache)
 
 
-def _total_steps(cfg: FitConfig, stream: ActivationStream, world: int) -> tuple[int, int]:
+def _total_steps(cfg: FitConfig, stream: ActivationStream, ranks: Ranks) -> tuple[int, int]:
     """(epochs, steps) for the token budget; a budget beyond the data trains one epoch unless asked.
 
     Under torchrun each rank streams its own shards and the budget is shared: a step trains on
@@ -81,13 +82,13 @@ def _total_steps(cfg: FitConfig, stream: ActivationStream, world: int) -> tuple[
     epochs = cfg.epochs or 1
     budget = stream.rows * epochs
     if cfg.max_tokens:
-        if cfg.max_tokens > budget * world and not cfg.epochs:
+        if cfg.max_tokens > budget * ranks.world and not cfg.epochs:
             say(
                 f"the training split has {stream.rows:,} rows, fewer than --max-tokens {cfg.max_tokens:,}: "
                 "training one epoch (pass --epochs N to repeat the data)"
             )
-        budget = min(budget, cfg.max_tokens // world)
-    steps = smallest(budget // cfg.batch_size)  # under torchrun every rank runs the same number of steps
+        budget = min(budget, cfg.max_tokens // ranks.world)
+    steps = ranks.smallest(budget // cfg.batch_size)  # under torchrun every rank runs the same number of steps
     if steps < 1:
         raise UserError(
             f"the training split has {stream.rows:,} rows, less than one batch of {cfg.batch_size}; "
@@ -104,8 +105,8 @@ def _train(plans: list[RunPlan], cache: ActivationCache, cfg: FitConfig, ranks: 
     stream = ActivationStream(
         cache, StreamSpec(layers, cfg.batch_size, cfg.data_seed, cfg.pool_mb, rank=ranks.rank, world=ranks.world)
     )
-    epochs, steps = _total_steps(cfg, stream, ranks.world)
-    device = resolve_device(ranks.device_name(cfg.device))
+    epochs, steps = _total_steps(cfg, stream, ranks)
+    device = ranks.device(cfg.device)
     if device.type == "cpu":
         keep_freed_memory()
     members = []
@@ -121,8 +122,11 @@ def _train(plans: list[RunPlan], cache: ActivationCache, cfg: FitConfig, ranks: 
 
 
 def _member(plan: RunPlan, layers: list[int], device: torch.device, ranks: Ranks) -> Member:
-    settings = MemberSettings.from_record(plan.record["training"], use_low_precision(device, plan.cfg.precision))
-    member = make_member(plan.folder, plan.sae, settings, [layers.index(x) for x in plan.sae.layers], device)
+    low_precision = use_low_precision(device, plan.training.precision)
+    member = make_member(
+        plan.folder, plan.sae, plan.training, low_precision, [layers.index(x) for x in plan.sae.layers], device
+    )
+    member.ranks = ranks
     if ranks.world > 1:
         member.net = wrap_ddp(member.model, device)
     if member.step:

@@ -16,45 +16,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from pipeline.fit.config import Training
 from pipeline.fit.optim import lr_factor, make_optimizer
-from pipeline.infra.distributed import any_, average_, world_size
+from pipeline.fit.state import TrainingState, load_state, save_state
+from pipeline.infra.distributed import Ranks
 from pipeline.infra.files import Folder
-from pipeline.sae.checkpoint import TrainingState, load_state, save_state
 from pipeline.sae.kernels import SparseDecode, TopKEncode
+from pipeline.sae.quality import Reconstruction
 from pipeline.sae.route import RouteSAE, build_sae, core_sae
 from pipeline.sae.topk import SaeConfig, SaeOutput, TopKSAE
 
 LOG_FIELDS = ["step", "tokens", "nmse", "fvu", "l0", "dead_share", "aux_loss", "lr", "tokens_per_s"]
-
-
-@dataclass
-class MemberSettings:
-    """Training settings of one SAE (the ``training`` block of its cfg.json)."""
-
-    lr: float  # peak learning rate
-    optimizer: str  # adam | signum
-    betas: tuple[float, float]  # Adam betas (signum uses betas[0] as momentum)
-    schedule: str  # warmup-decay | constant
-    seed: int  # weight initialization
-    dead_tokens: int  # a latent not fired for this many tokens counts as dead
-    k_aux: int  # latents used by the AuxK loss on dead latents
-    aux_alpha: float  # weight of the AuxK loss
-    low_precision: bool  # bf16 encoder GEMM
-
-    @classmethod
-    def from_record(cls, training: dict[str, Any], low_precision: bool) -> MemberSettings:
-        """From the ``training`` block of a run's cfg.json."""
-        return cls(
-            lr=training["lr"],
-            optimizer=training["optimizer"],
-            betas=tuple(training["betas"]),
-            schedule=training["schedule"],
-            seed=training["seed"],
-            dead_tokens=training["dead_tokens"],
-            k_aux=training["k_aux"],
-            aux_alpha=training["aux_alpha"],
-            low_precision=low_precision,
-        )
 
 
 @dataclass
@@ -63,11 +35,13 @@ class Member:
 
     folder: Folder
     sae_cfg: SaeConfig
-    settings: MemberSettings
+    settings: Training  # resolved and validated once, by fit.plan
+    low_precision: bool  # bf16 encoder GEMM
     layer_pos: list[int]  # its layers' positions on the stream's layer axis
     model: TopKSAE | RouteSAE  # the SAE itself
     optimizer: torch.optim.Optimizer
     since_fired: Tensor  # (N,) tokens since each latent last fired
+    ranks: Ranks = field(default_factory=Ranks)  # the processes training it together (torchrun)
     net: nn.Module | None = None  # what runs the forward: the model, or its DistributedDataParallel wrapper
     step: int = 0
     log_rows: int = 0
@@ -75,7 +49,12 @@ class Member:
 
 
 def make_member(
-    folder: Folder, sae_cfg: SaeConfig, settings: MemberSettings, layer_pos: list[int], device: torch.device
+    folder: Folder,
+    sae_cfg: SaeConfig,
+    settings: Training,
+    low_precision: bool,
+    layer_pos: list[int],
+    device: torch.device,
 ) -> Member:
     """A freshly initialized member (seeded), or the member restored from its training state."""
     generator = torch.Generator().manual_seed(settings.seed)
@@ -86,6 +65,7 @@ def make_member(
         folder,
         sae_cfg,
         settings,
+        low_precision,
         layer_pos,
         model,
         optimizer,
@@ -110,22 +90,31 @@ def member_input(member: Member, batch: Tensor) -> Tensor:
 
 
 def init_pre_bias(member: Member, x: Tensor) -> None:
-    """Set b_dec to the data mean of the first batch (the geometric center of the inputs)."""
+    """TopK: set b_dec to the data mean of the first batch (the geometric center of the inputs).
+
+    RouteSAE keeps b_dec at zero, as the reference does: its input is ``w * x``, whose mean depends on
+    the router, and a start at the unrouted mean pulls the router to one layer (issue 14: the top
+    layer's share went 0.39 -> 0.95 with the mean, 0.39 -> 0.81 with zeros).
+    """
+    if member.sae_cfg.arch == "route":
+        return
     sae = core_sae(member.model)
     with torch.no_grad():  # the same on every rank: the mean of the ranks' first batches
-        sae.b_dec.copy_(average_((x.mean(dim=1) if x.ndim == 3 else x).mean(dim=0)))
+        sae.b_dec.copy_(member.ranks.average_((x.mean(dim=1) if x.ndim == 3 else x).mean(dim=0)))
 
 
 def train_step(member: Member, x: Tensor, total_steps: int) -> dict[str, float]:
     """One optimizer step on batch ``x``; returns its metrics."""
     s = member.settings
-    out: SaeOutput = (member.net or member.model)(x, low_precision=s.low_precision)
-    err_sq = torch.linalg.vector_norm(out.x_hat - out.x, dim=-1).square()  # (B,)
-    x_sq = torch.linalg.vector_norm(out.x, dim=-1).square()  # (B,)
-    nmse = (err_sq / x_sq.clamp_min(1e-12)).mean()
+    out: SaeOutput = (member.net or member.model)(x, low_precision=member.low_precision)
+    quality = Reconstruction()
+    nmse = quality.add(out.x, out.x_hat)
     dead = member.since_fired >= s.dead_tokens  # (N,)
     aux = _aux_loss(member, out, dead) if bool(dead.any()) and s.aux_alpha > 0 else torch.zeros((), device=x.device)
-    (nmse + s.aux_alpha * aux).backward()
+    loss = nmse + s.aux_alpha * aux
+    if s.route_balance > 0 and out.layer_weights is not None:
+        loss = loss + s.route_balance * balance_loss(out.layer_weights)
+    loss.backward()
     for group in member.optimizer.param_groups:
         group["lr"] = s.lr * lr_factor(member.step, total_steps, s.schedule)
     member.optimizer.step()
@@ -133,18 +122,43 @@ def train_step(member: Member, x: Tensor, total_steps: int) -> dict[str, float]:
     member.model.normalize_decoder()
     _update_dead(member, out, len(x))
     member.step += 1
-    with torch.no_grad():  # sum ||x - mean||^2 = sum ||x||^2 - B ||mean||^2: no centered copy
-        variance = x_sq.sum() - len(x) * out.x.mean(dim=0).square().sum()
-        fvu = err_sq.sum() / variance.clamp_min(1e-12)
+    with torch.no_grad():
         l0 = (out.latents.acts > 0).sum(dim=1).float().mean()
     return {
-        "nmse": float(nmse.detach()),
-        "fvu": float(fvu),
+        "nmse": quality.nmse,
+        "fvu": quality.fvu,
         "l0": float(l0),
         "aux_loss": float(aux.detach()),
-        "dead_share": float(dead.float().mean()),  # idle >= dead_tokens (evaluate's: never active on held-out)
+        "dead_share": float(dead.float().mean()),  # never active in the last dead_tokens tokens
         "lr": member.optimizer.param_groups[0]["lr"],
+        **_routing(member, out),
     }
+
+
+def _routing(member: Member, out: SaeOutput) -> dict[str, float]:
+    """RouteSAE: the batch's share of tokens per routed layer (hard) or mean weight (soft), and the
+    entropy of the router's mean distribution in nats (log L = uniform, 0 = one layer takes all)."""
+    if out.layer_weights is None:
+        return {}
+    with torch.no_grad():
+        if out.layer_choice is not None:
+            shares = torch.bincount(out.layer_choice, minlength=out.layer_weights.shape[1]).double()  # (L,)
+            shares /= shares.sum()
+        else:
+            shares = out.layer_weights.double().mean(0)  # (L,)
+        entropy = float(-(shares * shares.clamp_min(1e-12).log()).sum())
+    return {
+        "route_entropy": entropy,
+        **{f"share_L{layer}": float(s) for layer, s in zip(member.sae_cfg.layers, shares)},
+    }
+
+
+def balance_loss(weights: Tensor) -> Tensor:
+    """L * sum_l p_l^2 over the batch's mean routing probabilities p (B, L) -> (L,): 1 when the router
+    spreads tokens evenly, L when it sends all of them to one layer. Not in the RouteSAE paper: an
+    opt-in guard against router collapse (`--route-balance`, weight 0 by default)."""
+    mean = weights.mean(0)  # (L,)
+    return len(mean) * mean.square().sum()
 
 
 def _aux_loss(member: Member, out: SaeOutput, dead: Tensor) -> Tensor:
@@ -161,7 +175,7 @@ def _aux_loss(member: Member, out: SaeOutput, dead: Tensor) -> Tensor:
         sae.b_enc[dead_ids],
         sae.b_dec.detach(),
         k_aux,
-        member.settings.low_precision,
+        member.low_precision,
     )
     guess = SparseDecode.apply(acts, local, sae.W_dec[dead_ids], True)  # (B, D)
     return (guess - residual).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
@@ -170,8 +184,8 @@ def _aux_loss(member: Member, out: SaeOutput, dead: Tensor) -> Tensor:
 def _update_dead(member: Member, out: SaeOutput, tokens: int) -> None:
     fired = torch.zeros_like(member.since_fired, dtype=torch.bool)
     fired[out.latents.indices[out.latents.acts > 0]] = True
-    member.since_fired += tokens * world_size()
-    member.since_fired[any_(fired)] = 0  # counters stay identical across ranks
+    member.since_fired += tokens * member.ranks.world
+    member.since_fired[member.ranks.any_(fired)] = 0  # counters stay identical across ranks
 
 
 def checkpoint(member: Member) -> None:
@@ -184,6 +198,13 @@ def checkpoint(member: Member) -> None:
     )
 
 
+def log_fields(sae_cfg: SaeConfig) -> list[str]:
+    """log.csv columns: LOG_FIELDS, plus the router's entropy and per-layer shares for a RouteSAE."""
+    if sae_cfg.arch != "route":
+        return LOG_FIELDS
+    return [*LOG_FIELDS, "route_entropy", *(f"share_L{layer}" for layer in sae_cfg.layers)]
+
+
 def flush_log(member: Member) -> None:
     """Append pending log rows to log.csv (with a header the first time)."""
     if not member.pending_log:
@@ -191,7 +212,7 @@ def flush_log(member: Member) -> None:
     path = member.folder.local() / "log.csv"
     new = not path.exists() or member.log_rows == 0
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, LOG_FIELDS, extrasaction="ignore")
+    writer = csv.DictWriter(buffer, log_fields(member.sae_cfg), extrasaction="ignore")
     if new:
         writer.writeheader()
     writer.writerows(member.pending_log)

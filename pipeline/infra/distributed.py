@@ -9,6 +9,8 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
+from pipeline.infra.device import resolve_device
+
 T = TypeVar("T")
 
 
@@ -50,11 +52,35 @@ class Ranks:
         if self.world > 1:
             dist.barrier()
 
-    def device_name(self, name: str) -> str:
-        """Under torchrun, ``auto``/``cuda`` means this rank's own GPU."""
+    def device(self, name: str) -> torch.device:
+        """The device for ``--device name``; under torchrun, ``auto``/``cuda`` means this rank's own GPU."""
         if self.world > 1 and name in ("auto", "cuda") and torch.cuda.is_available():
-            return f"cuda:{self.local_rank}"
-        return name
+            name = f"cuda:{self.local_rank}"
+        return resolve_device(name)
+
+    def average_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Replace ``tensor`` by its mean over ranks, in place (no-op alone)."""
+        if self.world > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            tensor /= self.world
+        return tensor
+
+    def any_(self, flags: torch.Tensor) -> torch.Tensor:
+        """Elementwise OR of a boolean tensor over ranks (no-op alone)."""
+        if self.world == 1:
+            return flags
+        counts = flags.to(torch.int32)
+        dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+        return counts.bool()
+
+    def smallest(self, value: int) -> int:
+        """The minimum of ``value`` over ranks (every rank must run the same number of steps)."""
+        if self.world == 1:
+            return value
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        tensor = torch.tensor([value], dtype=torch.int64, device=device)  # NCCL reduces CUDA tensors only
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+        return int(tensor.item())
 
 
 def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -63,39 +89,3 @@ def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)
-
-
-def _active() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def world_size() -> int:
-    """Number of processes training together (1 outside torchrun)."""
-    return dist.get_world_size() if _active() else 1
-
-
-def average_(tensor: torch.Tensor) -> torch.Tensor:
-    """Replace ``tensor`` by its mean over ranks, in place (no-op alone)."""
-    if _active():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        tensor /= dist.get_world_size()
-    return tensor
-
-
-def any_(flags: torch.Tensor) -> torch.Tensor:
-    """Elementwise OR of a boolean tensor over ranks (no-op alone)."""
-    if not _active():
-        return flags
-    counts = flags.to(torch.int32)
-    dist.all_reduce(counts, op=dist.ReduceOp.MAX)
-    return counts.bool()
-
-
-def smallest(value: int) -> int:
-    """The minimum of ``value`` over ranks (every rank must run the same number of steps)."""
-    if not _active():
-        return value
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    tensor = torch.tensor([value], dtype=torch.int64, device=device)  # NCCL reduces CUDA tensors only
-    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
-    return int(tensor.item())

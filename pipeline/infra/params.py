@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,6 +24,20 @@ MODEL_KEYS = {
     "trust_remote_code": "trust_remote_code",
 }
 DATA_KEYS = {"dataset": "dataset", "split": "split", "text_column": "text_column", "config": "dataset_config"}
+
+
+def setting(default: Any = dataclasses.MISSING, doc: str = "", factory: Callable[[], Any] | None = None) -> Any:
+    """A config field with its one-line doc: the one place it is written, read by the CLI's --help and
+    checked against the comment beside the key in params.yaml (tests/test_params.py)."""
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata={"doc": doc})
+    return dataclasses.field(default=default, metadata={"doc": doc})
+
+
+def doc(cls: type, name: str) -> str:
+    """The doc of field ``name`` of config dataclass ``cls``."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return str(fields[name].metadata["doc"])
 
 
 def load_params(path: str | Path) -> dict[str, Any]:

@@ -33,6 +33,7 @@ class Activations:
     layer: np.ndarray | None  # (M,) int16 routed layer position (RouteSAE hard routing), else None
     starts: np.ndarray  # (N + 1,) offsets of each latent's group
     n_rows: int  # rows scanned
+    row_layer: np.ndarray | None = None  # (n_rows,) int16 routed layer position of every row (hard routing)
 
     def group(self, latent: int) -> slice:
         return slice(int(self.starts[latent]), int(self.starts[latent + 1]))
@@ -56,19 +57,23 @@ def collect(
 ) -> Activations:
     """Encode held-out rows batch by batch, keeping only active (latent, activation, row) triples."""
     device = next(sae.parameters()).device
-    parts: dict[str, list[np.ndarray]] = {"latent": [], "act": [], "row": [], "layer": []}
+    parts: dict[str, list[np.ndarray]] = {"latent": [], "act": [], "row": [], "layer": [], "row_layer": []}
     base = 0
     for _, rows in cache.heldout_rows(layers, max_rows):
         for start in range(0, len(rows), batch):
             x = torch.from_numpy(rows[start : start + batch]).to(device=device, dtype=torch.float32)  # (b, L, D)
             out = sae(x if route else x[:, 0], k=k, theta=theta)
             fired = out.latents.acts > 0  # (b, k)
+            acts = out.latents.acts  # (b, k)
             row_ids = torch.arange(base, base + len(x), device=device)[:, None].expand_as(fired)
-            parts["latent"].append(out.latents.indices[fired].cpu().numpy().astype(np.int32))
-            parts["act"].append(out.latents.acts[fired].cpu().numpy().astype(np.float32))
-            parts["row"].append(row_ids[fired].cpu().numpy())
-            if out.layer_choice is not None:
+            if out.layer_choice is not None:  # hard routing: the SAE saw w * x; report the coefficient of x
+                weight = out.layer_weights.gather(1, out.layer_choice[:, None])  # (b, 1)
+                acts = acts / weight
                 parts["layer"].append(out.layer_choice[:, None].expand_as(fired)[fired].cpu().numpy().astype(np.int16))
+                parts["row_layer"].append(out.layer_choice.cpu().numpy().astype(np.int16))
+            parts["latent"].append(out.latents.indices[fired].cpu().numpy().astype(np.int32))
+            parts["act"].append(acts[fired].cpu().numpy().astype(np.float32))
+            parts["row"].append(row_ids[fired].cpu().numpy())
             base += len(x)
             if progress is not None:
                 progress.advance(0, len(x))
@@ -82,7 +87,8 @@ def _group(parts: dict[str, list[np.ndarray]], n_rows: int, n_latents: int) -> A
     order = np.lexsort((-act, latent))  # by latent, then strongest activation first
     layer = np.concatenate(parts["layer"])[order] if parts["layer"] else None
     starts = np.searchsorted(latent[order], np.arange(n_latents + 1))
-    return Activations(latent[order], act[order], row[order], layer, starts, n_rows)
+    row_layer = np.concatenate(parts["row_layer"]) if parts["row_layer"] else None
+    return Activations(latent[order], act[order], row[order], layer, starts, n_rows, row_layer)
 
 
 def feature_table(acts: Activations, layers: list[int] | None = None) -> pa.Table:
@@ -172,12 +178,14 @@ def examples_table(
     tokenizer,  # noqa: ANN001
     before: int,
     after: int,
+    layer: np.ndarray | None = None,
 ) -> pa.Table:
-    """The selected examples with their token, document, position and decoded context."""
+    """The selected examples with their token, document, position and decoded context; with ``layer``
+    ((rows,) model layer per held-out row, RouteSAE), the layer each example was routed to."""
     rows = np.asarray([c[4] for c in chosen], dtype=np.int64)
     unique, inverse = np.unique(rows, return_inverse=True)
     texts = decode_windows(tokenizer, [index.window(int(r), before, after) for r in unique])
-    return pa.table(
+    table = pa.table(
         {
             "latent": pa.array([c[0] for c in chosen], pa.int32()),
             "kind": [c[1] for c in chosen],
@@ -192,3 +200,4 @@ def examples_table(
             "suffix": [texts[i][2] for i in inverse],
         }
     )
+    return table if layer is None else table.append_column("layer", pa.array(layer[rows], pa.int32()))

@@ -5,7 +5,10 @@ Outputs (``<cache_root>/interpret/<run>/``):
                         q10..q99 (activation quantiles), hist (20-bin histogram over (0, max_act]),
                         top_layer (RouteSAE), protocol_passes / protocol_reason (with --protocol)
   examples.parquet      per latent: kind (top | q0..qN quantile bins | random non-activating), rank,
-                        activation, row, token_id, doc, pos, prefix / token / suffix (decoded context)
+                        activation, row, token_id, doc, pos, prefix / token / suffix (decoded context),
+                        layer (hard-routed RouteSAE: the layer the token was routed to)
+For a hard-routed RouteSAE, activations are those of the unscaled input: the SAE encodes w * x (w = the
+routing weight), and a / w is the coefficient of the feature in the reconstruction of x itself.
   explanations.parquet  per explained latent: status, category, score, explanation, answer, tokens
   summary.json          counts per category, mean score, interpretable count, tokens and cost
   report.html           the page to look at
@@ -13,7 +16,6 @@ Outputs (``<cache_root>/interpret/<run>/``):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,45 +28,15 @@ from pipeline.infra.console import Stopwatch, progress_bar, say
 from pipeline.infra.device import resolve_device
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
+from pipeline.interpret.config import InterpretConfig
 from pipeline.interpret.explain import AnswerCache, Explainer, ExplainerSettings, api_key_present, summarize
-from pipeline.interpret.features import collect, examples_table, feature_table, select_examples
+from pipeline.interpret.features import Activations, collect, examples_table, feature_table, select_examples
 from pipeline.interpret.protocol import ProtocolSettings, apply_protocol
 from pipeline.interpret.report import render_report
 from pipeline.llm.model import load_tokenizer, resolve_model
 from pipeline.sae.subject import Subject, load_subject
 
 EXPLAINERS = ("openai", "none")
-
-
-@dataclass
-class InterpretConfig:
-    """Everything `sae-pipe interpret` needs; every field also lives in params.yaml's interpret section."""
-
-    run: str = ""  # run folder
-    cache: str = ""  # cache to read (default: the one in the run's cfg.json; must be that one)
-    max_tokens: int = 100_000  # held-out tokens to scan (0 = all)
-    batch_size: int = 4096  # rows per SAE forward
-    top: int = 10  # top-activating examples per latent
-    quantile_bins: int = 5  # activation-quantile bins to sample examples from
-    per_bin: int = 2  # examples sampled per bin
-    random_examples: int = 5  # random non-activating examples per latent
-    window: int = 24  # context tokens before the activating token
-    after: int = 4  # context tokens after it
-    features: int = 50  # latents sent to the explainer (sampled with `seed`)
-    min_count: int = 5  # a latent needs this many activations to be explained
-    report_features: int = 100  # latents with a section in the report
-    explainer: str = "openai"  # openai | none
-    model: str = "gpt-4o"  # explainer model
-    concurrency: int = 4  # explainer requests in flight
-    max_retries: int = 4  # per request (429, 5xx, timeouts), with backoff
-    seed: int = 0  # feature sampling
-    protocol: bool = False  # apply the RouteSAE paper's context filter before explaining
-    threshold: float = 10.0  # protocol: minimum activation
-    infer_k: int | None = None  # encode with this k
-    theta: float | None = None  # encode with a threshold
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    out: str = ""  # output folder (default <cache_root>/interpret/<run>)
-    cache_root: str = "cache"  # root of interpret/
 
 
 def interpret(cfg: InterpretConfig) -> dict[str, Any]:
@@ -134,8 +106,13 @@ def build_tables(s: Subject, cfg: InterpretConfig) -> tuple[dict[str, pa.Table],
         ]
     return {
         "features": features,
-        "examples": examples_table(chosen, index, tokenizer, cfg.window, cfg.after),
+        "examples": examples_table(chosen, index, tokenizer, cfg.window, cfg.after, _row_layers(acts, s.layers)),
     }, acts.n_rows
+
+
+def _row_layers(acts: Activations, layers: list[int]) -> np.ndarray | None:
+    """The model layer each scanned row was routed to (hard-routed RouteSAE), else None."""
+    return None if acts.row_layer is None else np.asarray(layers)[acts.row_layer]
 
 
 def _explain(tables: dict[str, pa.Table], cfg: InterpretConfig, out: Folder) -> list[dict[str, Any]] | None:

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
-from pipeline.sae.checkpoint import load_sae
+from pipeline.sae.folder import load_sae
 from pipeline.sae.topk import SaeConfig, TopKSAE
 
 FORMATS = ("saelens", "sparsify")

@@ -11,7 +11,7 @@ from pipeline.cache.normalize import Normalizer
 from pipeline.cache.reader import ActivationCache
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
-from pipeline.sae.checkpoint import load_sae
+from pipeline.sae.folder import load_sae
 from pipeline.sae.route import RouteSAE
 from pipeline.sae.topk import TopKSAE
 

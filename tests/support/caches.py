@@ -9,7 +9,7 @@ import numpy as np
 from pipeline.cache.backends import get_backend
 from pipeline.cache.manifest import cache_key, finish_manifest, new_manifest
 from pipeline.cache.writer import commit_shard
-from pipeline.extract.stage import ExtractConfig
+from pipeline.extract.config import ExtractConfig
 from pipeline.infra.files import Folder
 
 

@@ -10,8 +10,9 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline import fit as fit_module
-from pipeline.fit.stage import FitConfig, fit
+from pipeline.fit import stage as fit_module
+from pipeline.fit.config import FitConfig
+from pipeline.fit.stage import fit
 from pipeline.infra.distributed import Ranks
 
 real_loop = fit_module._loop

@@ -39,7 +39,9 @@ def _on_call(owner: Any, name: str, count: int, before: Callable[..., None] | No
 
 
 def arm(point: str, count: int) -> None:
-    from pipeline import capture, fit, store
+    from pipeline.cache import backends as store
+    from pipeline.extract import capture
+    from pipeline.fit import stage as fit
 
     if point == "forward":
         _on_call(capture, "run_to_layers", count)
@@ -51,7 +53,7 @@ def arm(point: str, count: int) -> None:
         for backend in (store.ZarrBackend, store.MemmapBackend):
             _on_call(backend, "write", count, half)
     elif point == "manifest":
-        from pipeline import files
+        from pipeline.infra import files
 
         real_replace = files.os.replace
         seen = {"n": 0}

@@ -1,0 +1,125 @@
+"""The default training recipe, measured: learning rate x dead-latent threshold x dictionary size on the
+demo cache (SmolLM2 layer 12), each setting evaluated over every held-out row.
+
+    python -m benchmarks.recipe                                  # the grid below, 2 epochs, 2 data seeds
+    python -m benchmarks.recipe --latents 4096 --lr 0,2e-3 --dead 0,1000000 --data-seeds 0 --write
+
+Each dictionary size is one `sae-pipe fit` sweep (every lr x threshold member from one read), then
+`sae-pipe evaluate --metrics nmse --max-tokens 0`. lr 0 and dead 0 are the automatic defaults. With
+``--write`` the table is added to benchmarks/RESULTS.md. Never run inside the tests.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import argparse
+import datetime
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.evaluate.config import EvaluateConfig
+from pipeline.evaluate.stage import evaluate
+from pipeline.extract.config import ExtractConfig
+from pipeline.extract.stage import extract
+from pipeline.fit.config import FitConfig
+from pipeline.fit.stage import fit
+from pipeline.infra.params import build_config, load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+
+
+def run_grid(cache: str, latents: int, args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
+    """One sweep per data seed (lr x dead threshold), every member evaluated on all held-out rows."""
+    rows = []
+    for data_seed in args.data_seeds:
+        cfg = FitConfig(
+            cache=cache,
+            layer=12,
+            latents=latents,
+            k=args.k,
+            epochs=args.epochs,
+            data_seed=data_seed,
+            out=str(out),
+            sweep={"lr": args.lr, "dead_tokens": args.dead},
+        )
+        runs = fit(cfg)
+        results = evaluate(EvaluateConfig(runs=[r.url for r in runs], metrics=["nmse"], max_tokens=0, out=str(out)))
+        for run, result in zip(runs, results, strict=True):
+            training = run.read_json("cfg.json")["training"]
+            rows.append({"latents": latents, "data_seed": data_seed, **training, **result})
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown: one line per (latents, lr, threshold), mean over data seeds with the spread."""
+    groups: dict[tuple[int, float, int], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["latents"], row["lr"], row["dead_tokens"]), []).append(row)
+    lines = [
+        "| latents | lr | dead threshold (tokens) | FVU | dead share | latents on > 10 % of tokens | seeds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (latents, lr, dead), group in sorted(groups.items()):
+        fvu = [g["fvu"] for g in group]
+        dead_share = [g["dead_share"] for g in group]
+        dense = [g["dense_latents"] for g in group]
+        lines.append(
+            f"| {latents} | {lr:.2g} | {dead:,} | {_spread(fvu, '.4f')} | {_spread(dead_share, '.2%')} "
+            f"| {_spread(dense, '.0f')} | {len(group)} |"
+        )
+    return lines
+
+
+def _spread(values: list[float], fmt: str) -> str:
+    mean = statistics.mean(values)
+    if len(values) == 1:
+        return format(mean, fmt)
+    return f"{format(mean, fmt)} ({format(min(values), fmt)}-{format(max(values), fmt)})"
+
+
+def write(lines: list[str], command: str) -> None:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    section = [f"## {stamp} - commit {commit.stdout.strip()} - default recipe", "", f"`{command}`", "", *lines, ""]
+    text = RESULTS.read_text()
+    head, sep, rest = text.partition("\n## ")
+    RESULTS.write_text(head.rstrip() + "\n\n" + "\n".join(section) + ("\n## " + rest if sep else ""))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--latents", type=lambda s: [int(v) for v in s.split(",")], default=[1024, 4096, 16384])
+    parser.add_argument("--lr", type=lambda s: [float(v) for v in s.split(",")], default=[0.0, 2e-3, 8e-3])
+    parser.add_argument("--dead", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1_000_000])
+    parser.add_argument("--data-seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1])
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--cache-root", default="cache")
+    parser.add_argument("--write", action="store_true", help="add the table to benchmarks/RESULTS.md")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    params = load_params(ROOT / "params.yaml")
+    demo = build_config(ExtractConfig, params, "extract", {"cache_root": args.cache_root}, shared=("model", "data"))
+    cache = extract(demo).url
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for latents in args.latents:
+            rows += run_grid(cache, latents, args, Path(scratch) / f"n{latents}")
+    lines = table(rows)
+    print("\n".join(lines))
+    if args.write:
+        write(lines, " ".join(["python -m benchmarks.recipe", *sys.argv[1:]]))
+
+
+if __name__ == "__main__":
+    main()

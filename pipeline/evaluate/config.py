@@ -1,0 +1,30 @@
+"""The settings of `sae-pipe evaluate` (params.yaml: evaluate), one doc per field."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.infra.params import setting
+
+METRICS = ("nmse", "kl", "ce")
+SPLICES = ("scaled", "paper")
+
+
+@dataclass
+class EvaluateConfig:
+    """Everything `sae-pipe evaluate` needs; every field also lives in params.yaml's evaluate section."""
+
+    runs: list[str] = setting(doc="run folders to evaluate", factory=list)
+    max_tokens: int = setting(0, "held-out tokens to use (0 = all the held-out split has)")
+    batch_size: int = setting(4, "sequences per LLM forward")
+    metrics: list[str] = setting(
+        doc="comma list of nmse (cache only), kl, ce (need the LLM)", factory=lambda: list(METRICS)
+    )
+    infer_k: int | None = setting(None, "encode with this k instead of the trained one")
+    theta: float | None = setting(None, "encode with a threshold instead of top-k")
+    splice: str = setting(
+        "scaled", "RouteSAE: scaled (splice x_hat / w, the activation's own scale) | paper (x_hat as the reference)"
+    )
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N")
+    out: str = setting("", "where metrics go (default <cache_root>/evaluate/<run>/metrics.json)")
+    cache_root: str = setting("cache", "root of evaluate/")

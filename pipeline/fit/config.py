@@ -1,0 +1,111 @@
+"""The settings of `sae-pipe fit` (params.yaml: fit), one doc per field, and the training block each
+run is built from: resolved (auto lr, k_aux) and validated once, carried unchanged to the training
+loop and written to cfg.json from the same object."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.infra.errors import UserError
+from pipeline.infra.params import setting
+
+OPTIMIZERS = ("adam", "signum")
+SCHEDULES = ("warmup-decay", "constant")
+SWEEPABLE = (
+    "k",
+    "latents",
+    "expansion",
+    "lr",
+    "optimizer",
+    "seed",
+    "layer",
+    "routing",
+    "aggregate",
+    "k_aux",
+    "aux_alpha",
+    "route_balance",
+    "dead_tokens",
+    "schedule",
+)
+
+
+@dataclass
+class FitConfig:
+    """Everything `sae-pipe fit` needs; every field also lives in params.yaml's fit section."""
+
+    cache: str = setting("", "cache folder or URL (the DVC stage passes the one extract made)")
+    arch: str = setting("topk", "topk | route")
+    layer: int | None = setting(None, "topk: model layer to train on (default: the cache's only layer)")
+    route_layers: str = setting("", "route: layers to route over (default: n/4..3n/4 within the cache)")
+    latents: int = setting(0, "dictionary size (0 = expansion x hidden size)")
+    expansion: int = setting(8, "latents per input dimension, when latents = 0")
+    k: int = setting(32, "active latents per token")
+    routing: str = setting("hard", "route: hard | soft")
+    aggregate: str = setting("sum", "route: sum | mean of the routed layers as router input")
+    lr: float = setting(0.0, "peak learning rate (0 = auto: scaled by 1/sqrt(latents / 16384), see optim.auto_lr)")
+    optimizer: str = setting("adam", "adam | signum")
+    betas: tuple[float, float] = setting((0.9, 0.999), "Adam betas (signum: betas[0] is the momentum)")
+    schedule: str = setting("warmup-decay", "warmup-decay (5 % warmup, decay over the last 20 %) | constant")
+    batch_size: int = setting(4096, "tokens per step")
+    max_tokens: int = setting(0, "training tokens (0 = the whole training split, `epochs` times)")
+    epochs: int = setting(0, "passes over the training split (0 = one; a larger budget needs --epochs)")
+    seed: int = setting(0, "weight initialization")
+    data_seed: int = setting(0, "shard order and shuffling (shared by all members of a sweep)")
+    dead_tokens: int = setting(
+        0, "a latent idle this many tokens is dead and AuxK revives it (0 = auto: 1/20 of the run, >= 50,000)"
+    )
+    k_aux: int = setting(0, "AuxK latents (0 = hidden size / 2)")
+    aux_alpha: float = setting(1 / 32, "AuxK loss weight")
+    route_balance: float = setting(
+        0.0, "route: weight of a load-balancing loss on the router (not in the paper; 0 = off)"
+    )
+    precision: str = setting("auto", "encoder GEMM: auto (bf16 where the hardware has it) | float32 | bfloat16")
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N")
+    log_every: int = setting(10, "steps between log.csv rows (0 = the last step only)")
+    checkpoint_every: int = setting(100, "steps between resumable states (0 = none)")
+    pool_mb: float = setting(1024.0, "shuffle pool size")
+    verify: bool = setting(True, "check the cache's checksums for the data read before training")
+    sweep: dict[str, list[Any]] = setting(
+        doc="key=v1,v2 (repeatable; in params.yaml a mapping): train every combination from one read", factory=dict
+    )
+    out: str = setting("", "folder for run folders (default <cache_root>/saes)")
+    cache_root: str = setting("cache", "root of activations/ and saes/")
+    resume: bool = setting(False, "continue incomplete runs with identical settings")
+    overwrite: bool = setting(False, "retrain runs that already finished")
+
+
+@dataclass(frozen=True)
+class Training:
+    """How one run is trained: the FitConfig fields that shape its weights, with the automatic values
+    resolved. cfg.json's ``training`` block and the run's folder hash are this object."""
+
+    lr: float  # peak learning rate
+    optimizer: str  # adam | signum
+    betas: tuple[float, float]  # Adam betas (signum: betas[0] is the momentum)
+    schedule: str  # warmup-decay | constant
+    batch_size: int  # tokens per step
+    max_tokens: int  # training tokens (0 = the whole split, `epochs` times)
+    epochs: int  # passes over the training split
+    seed: int  # weight initialization
+    data_seed: int  # shard order and shuffling
+    dead_tokens: int  # a latent idle this many tokens is dead
+    k_aux: int  # AuxK latents
+    aux_alpha: float  # AuxK loss weight
+    route_balance: float  # weight of the router's load-balancing loss
+    precision: str  # encoder GEMM precision
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"unknown optimizer {self.optimizer!r}; use one of {', '.join(OPTIMIZERS)}.")
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"unknown lr schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}.")
+        if min(self.max_tokens, self.epochs, self.lr, self.route_balance) < 0 or self.batch_size < 1:
+            raise UserError("--batch-size must be positive; --lr (0 = auto), --max-tokens and --epochs must be >= 0.")
+
+    @classmethod
+    def of(cls, cfg: FitConfig, **resolved: Any) -> Training:
+        """The training block of ``cfg``, with ``resolved`` values (lr, k_aux) in place of the automatic ones."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        return cls(**{name: resolved.get(name, getattr(cfg, name)) for name in names})

@@ -1,0 +1,68 @@
+"""params.yaml documents each key with the same sentence as the config field behind it (one source)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from pipeline.evaluate.config import EvaluateConfig
+from pipeline.extract.config import ExtractConfig
+from pipeline.fit.config import FitConfig
+from pipeline.infra.params import DATA_KEYS, MODEL_KEYS, doc
+from pipeline.interpret.config import InterpretConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = {
+    "model": (ExtractConfig, MODEL_KEYS),
+    "data": (ExtractConfig, DATA_KEYS),
+    "extract": (ExtractConfig, None),
+    "fit": (FitConfig, None),
+    "evaluate": (EvaluateConfig, None),
+    "interpret": (InterpretConfig, None),
+}
+
+
+def commented_keys(text: str) -> dict[tuple[str, str], str]:
+    """(section, key) -> the comment after the key's value, for every key of params.yaml."""
+    found, section = {}, ""
+    for line in text.splitlines():
+        top = re.match(r"^(\w+):\s*(#.*)?$", line)
+        if top:
+            section = top.group(1)
+            continue
+        key = re.match(r"^  (\w+):.*?(?:  # (.*))?$", line)
+        if key:
+            found[(section, key.group(1))] = key.group(2) or ""
+    return found
+
+
+def mismatches(text: str) -> list[str]:
+    bad = []
+    for (section, key), comment in commented_keys(text).items():
+        cls, mapping = SECTIONS[section]
+        expected = doc(cls, mapping[key] if mapping else key)
+        if comment != expected:
+            bad.append(f"{section}.{key}: {comment!r} != {expected!r}")
+    return bad
+
+
+def test_every_key_carries_its_field_doc() -> None:
+    text = (ROOT / "params.yaml").read_text()
+    assert len(commented_keys(text)) > 30
+    assert mismatches(text) == []
+
+
+def test_a_stale_comment_is_caught() -> None:
+    text = (ROOT / "params.yaml").read_text()
+    stale = re.sub(r"(\n  k: \d+\s+# ).*", r"\1active latents (old wording)", text)
+    assert stale != text
+    assert mismatches(stale) == ["fit.k: 'active latents (old wording)' != 'active latents per token'"]
+
+
+@pytest.mark.parametrize("cls", [ExtractConfig, FitConfig, EvaluateConfig, InterpretConfig])
+def test_every_field_has_a_doc(cls: type) -> None:
+    import dataclasses
+
+    assert all(f.metadata.get("doc") for f in dataclasses.fields(cls))
