@@ -37,6 +37,8 @@ clean-venv:
 BENCH_VENV ?= .bench-venv
 bench: setup $(BENCH_VENV)/.installed
 	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m benchmarks.recipe --write
+	$(BIN)/python -m benchmarks.routesae --write
 
 $(BENCH_VENV)/.installed: benchmarks/peers/requirements.txt
 	$(PYTHON) -m venv $(BENCH_VENV)

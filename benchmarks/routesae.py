@@ -66,7 +66,8 @@ def runs(cache: str, args: argparse.Namespace, out: Path) -> dict[str, str]:
     route = {**base, "arch": "route", "route_layers": "7:22"}
     found["RouteSAE, reference start (default)"] = fit(FitConfig(**route))[0].url  # type: ignore[arg-type]
     with old_start():
-        found["RouteSAE, old mean start"] = fit(FitConfig(**route, out=str(out / "old")))[0].url  # type: ignore[arg-type]
+        old = FitConfig(**{**route, "out": str(out / "old")})  # type: ignore[arg-type]
+        found["RouteSAE, old mean start"] = fit(old)[0].url
     balanced = fit(FitConfig(**route, route_balance=args.balance))[0]  # type: ignore[arg-type]
     found[f"RouteSAE + balance loss {args.balance:g}"] = balanced.url
     return found
@@ -96,11 +97,13 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--balance", type=float, default=0.05, help="weight of the balance-loss variant")
     parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument("--extract-tokens", type=int, default=0, help="cache size (0 = the whole built-in corpus)")
     parser.add_argument("--cache-root", default="cache")
     parser.add_argument("--write", action="store_true", help="add the table to benchmarks/RESULTS.md")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    cache = extract(ExtractConfig(layers="7:22", max_tokens=0, shard_mb=256, cache_root=args.cache_root))
+    spec = ExtractConfig(layers="7:22", max_tokens=args.extract_tokens, shard_mb=256, cache_root=args.cache_root)
+    cache = extract(spec)
     args.rows = int(cache.read_json("manifest.json")["rows"]["train"])
     with tempfile.TemporaryDirectory() as scratch:
         found = runs(cache.url, args, Path(scratch))

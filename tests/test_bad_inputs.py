@@ -98,7 +98,7 @@ def places(tiny_llama: Path, jsonl_corpus: Path, tmp_path_factory: pytest.TempPa
     run = fit(FitConfig(cache=cache.url, latents=128, k=4, batch_size=256, out=out, device="cpu"))[0]
     route = fit(FitConfig(cache=multi.url, arch="route", latents=128, k=4, batch_size=256, out=out, device="cpu"))[0]
     soft = fit(FitConfig(cache=multi.url, arch="route", routing="soft", latents=128, k=4, batch_size=256, out=out))[0]
-    edges = extract(ExtractConfig(**base, layers="0,3", max_tokens=300))  # one layer of the 1..3 route range
+    edges = extract(ExtractConfig(**{**base, "max_tokens": 300}, layers="0,3"))  # one layer of the 1..3 route range
     unheld_cache = extract(ExtractConfig(**base, layers="1", heldout=0.0))
     unheld = fit(FitConfig(cache=unheld_cache.url, latents=128, k=4, batch_size=256, out=out, device="cpu"))[0]
     corrupt = tmp / "corrupt"

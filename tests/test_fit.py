@@ -192,11 +192,11 @@ def test_signum_steps_by_the_sign_of_its_momentum() -> None:
     from pipeline.fit.optim import Signum
 
     p = torch.nn.Parameter(torch.zeros(3))
-    opt = Signum([p], lr=0.1, momentum=0.5)
-    for grad in ([1.0, -2.0, 0.0], [-3.0, 1.0, 0.0]):  # momentum: (0.5, -1, 0) then (-1.25, 0, 0)
+    opt = Signum([p], lr=0.1, momentum=0.8)
+    for grad in ([1.0, -2.0, 0.0], [-3.0, 1.0, 0.0]):  # momentum: (0.2, -0.4, 0) then (-0.44, -0.12, 0)
         p.grad = torch.tensor(grad)
         opt.step()
-    torch.testing.assert_close(p.detach(), torch.tensor([0.0, 0.1, 0.0]))
+    torch.testing.assert_close(p.detach(), torch.tensor([0.0, 0.2, 0.0]))
 
 
 def test_pre_bias_starts_at_the_mean_for_topk_and_at_zero_for_route(tmp_path: Path) -> None:
@@ -257,8 +257,18 @@ def test_route_log_records_shares_and_entropy(tmp_path: Path) -> None:
 
 
 def test_too_few_routed_layers_are_refused(tmp_path: Path) -> None:
-    folder = synthetic_cache(tmp_path, [500], layers=(0, 7), d=16)  # an 8-layer model routes over 2..6
-    with pytest.raises(UserError, match=r"routes over layers 2\.\.6 .* holds \[0, 7\]"):
+    folder = synthetic_cache(tmp_path, [500], layers=(0, 3, 7), d=16)  # an 8-layer model routes over 2..6
+    with pytest.raises(UserError, match=r"routes over layers 2\.\.6 .* holds \[0, 3, 7\]"):
         fit(run_cfg(folder.url, tmp_path, arch="route", layer=None))
     (run,) = fit(run_cfg(folder.url, tmp_path, arch="route", layer=None, route_layers="0,7", max_tokens=512))
     assert run.read_json("cfg.json")["sae"]["layers"] == [0, 7]
+
+
+def test_balance_loss_is_one_when_even_and_pulls_towards_even() -> None:
+    from pipeline.fit.train import balance_loss
+
+    assert float(balance_loss(torch.full((8, 4), 0.25))) == pytest.approx(1.0)
+    assert float(balance_loss(torch.eye(4)[[2] * 8])) == pytest.approx(4.0)  # every token to one layer
+    weights = torch.tensor([[0.7, 0.2, 0.1]] * 5, requires_grad=True)
+    balance_loss(weights).backward()
+    assert weights.grad[0, 0] > weights.grad[0, 1] > weights.grad[0, 2]  # descent moves mass off the top layer
