@@ -18,12 +18,14 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import click
 import typer
 
+from pipeline.cli_cache import JsonOpt, cache_app
 from pipeline.evaluate.config import EvaluateConfig
 from pipeline.extract.config import ExtractConfig
 from pipeline.fit.config import FitConfig
 from pipeline.infra.console import console, guarded
 from pipeline.infra.params import doc
 from pipeline.interpret.config import InterpretConfig
+from pipeline.steer.config import SteerConfig
 
 app = typer.Typer(
     name="sae-pipe",
@@ -32,7 +34,6 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     help="Extract LLM activations once, then fit, evaluate and interpret many SAEs from the cache.",
 )
-cache_app = typer.Typer(no_args_is_help=True, help="Inspect and check activation caches.")
 app.add_typer(cache_app, name="cache")
 
 
@@ -46,19 +47,6 @@ ParamsOpt = Annotated[
     str | None,
     typer.Option("--params", help="Read defaults from this params.yaml (options given on the command line win)."),
 ]
-CacheRootOpt = Annotated[
-    str | None, typer.Option("--cache-root", help="Root folder (or fsspec URL) of the cache [default: cache].")
-]
-DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N [default: auto].")]
-BatchOpt = Annotated[
-    int | None,
-    typer.Option("--batch-size", help="Batch size (sequences for the LLM, tokens for the SAE in fit and interpret)."),
-]
-InferKOpt = Annotated[int | None, typer.Option("--infer-k", help="Encode with this k instead of the trained one.")]
-ThetaOpt = Annotated[float | None, typer.Option("--theta", help="Encode with an activation threshold, not top-k.")]
-MaxTokensOpt = Annotated[int | None, typer.Option("--max-tokens", help="Token budget.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout (its last line).")]
-CachePathArg = Annotated[str, typer.Argument(help="A cache folder (cache/activations/<key>) or URL.")]
 
 
 def _params(path: str | None) -> dict[str, Any] | None:
@@ -233,59 +221,34 @@ def export(
     typer.echo(export_run(run, fmt, out).url)
 
 
-@cache_app.command("list")
-def cache_list(cache_root: CacheRootOpt = None, as_json: JsonOpt = False) -> None:
-    """List the caches under <cache-root>/activations."""
-    from rich.table import Table
+@app.command()
+def steer(
+    run: Annotated[str, typer.Argument(help=doc(SteerConfig, "run"))],
+    feature: Annotated[list[str] | None, opt(SteerConfig, "features", "--feature")] = None,
+    prompt: Annotated[list[str] | None, opt(SteerConfig, "prompts", "--prompt")] = None,
+    prompts_file: Annotated[str | None, opt(SteerConfig, "prompts_file")] = None,
+    positions: Annotated[str | None, opt(SteerConfig, "positions")] = None,
+    mode: Annotated[str | None, opt(SteerConfig, "mode")] = None,
+    max_new_tokens: Annotated[int | None, opt(SteerConfig, "max_new_tokens")] = None,
+    sample: Annotated[bool | None, opt(SteerConfig, "sample")] = None,
+    temperature: Annotated[float | None, opt(SteerConfig, "temperature")] = None,
+    seed: Annotated[int | None, opt(SteerConfig, "seed")] = None,
+    feature_table: Annotated[str | None, opt(SteerConfig, "feature_table")] = None,
+    device: Annotated[str | None, opt(SteerConfig, "device")] = None,
+    cache_root: Annotated[str | None, opt(SteerConfig, "cache_root")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Generate with and without latent edits, side by side (with --json: one object per prompt)."""
+    overrides = {k: v for k, v in locals().items() if k not in ("as_json", "feature", "prompt")}
+    from pipeline.infra.params import build_config
+    from pipeline.steer.stage import steer as run_steer
 
-    from pipeline.cache.catalog import catalog_rows, list_caches
-
-    caches = list_caches(cache_root or "cache")
-    if as_json:
-        typer.echo(json.dumps(caches))
-        return
-    table = Table("key", "status", "model", "layers", "rows", "MiB", "backend")
-    for row in catalog_rows(caches):
-        table.add_row(*row)
-    console.print(table)
-
-
-@cache_app.command("info")
-def cache_info(path: CachePathArg, as_json: JsonOpt = False) -> None:
-    """Show a cache's spec, row counts, disk use and sampled per-token statistics."""
-    from pipeline.cache.catalog import summarize
-    from pipeline.cache.reader import ActivationCache
-
-    info = summarize(ActivationCache.open(path))
-    if as_json:
-        typer.echo(json.dumps(info))
-        return
-    console.print_json(json.dumps(info))
-
-
-@cache_app.command("verify")
-def cache_verify(path: CachePathArg) -> None:
-    """Re-read every shard and compare checksums; exits non-zero and names every bad array on a mismatch."""
-    from pipeline.cache.reader import ActivationCache
-
-    cache = ActivationCache.open(path)
-    cache.require_valid()
-    typer.echo(f"ok: {len(cache.shards)} shard(s), {cache.rows('train') + cache.rows('heldout'):,} rows verified")
-
-
-@cache_app.command("repair")
-def cache_repair(path: CachePathArg) -> None:
-    """Drop the shards that fail their checksums; the same extract command then rewrites just those."""
-    from pipeline.cache.catalog import repair_cache
-
-    dropped = repair_cache(path)
-    if not dropped:
-        typer.echo("nothing to repair: every shard verifies")
-        return
-    typer.echo(
-        f"dropped shard(s) {', '.join(map(str, dropped))}; re-run the extract command that made this "
-        "cache to rewrite them"
-    )
+    overrides.update(features=feature or None, prompts=prompt or None)
+    for record in run_steer(build_config(SteerConfig, None, "steer", overrides)):
+        if as_json:
+            typer.echo(json.dumps(record))
+        else:
+            typer.echo(f"prompt:   {record['prompt']}\nunedited: {record['unedited']}\nedited:   {record['edited']}\n")
 
 
 def _run_app() -> None:

@@ -21,6 +21,7 @@ ALLOWED = {
     "fit": STAGE_BASE,
     "evaluate": STAGE_BASE,
     "interpret": STAGE_BASE,
+    "steer": STAGE_BASE,
 }
 
 

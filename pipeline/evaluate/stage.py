@@ -12,18 +12,16 @@ from typing import Any
 
 import torch
 
-from pipeline.cache.reader import ActivationCache
 from pipeline.evaluate.config import METRICS, SPLICES, EvaluateConfig
 from pipeline.evaluate.metrics import DEFINITIONS, ce_per_position, ce_recovered, kl_per_position
 from pipeline.evaluate.splice import logits_with, route_choice, route_edits, topk_edits, zero_edits
 from pipeline.infra.console import progress_bar, say
-from pipeline.infra.device import resolve_device, resolve_dtype
+from pipeline.infra.device import resolve_device
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
-from pipeline.llm.model import find_blocks, fingerprint_model, load_model, resolve_model
 from pipeline.sae.quality import Reconstruction
 from pipeline.sae.route import RouteSAE
-from pipeline.sae.subject import Subject, load_subject
+from pipeline.sae.subject import Subject, load_llm, load_subject
 
 FAST_BATCH = 4096  # held-out rows per SAE forward
 DENSE = 0.1  # a latent firing on more than this share of tokens counts as dense
@@ -51,7 +49,7 @@ def evaluate(cfg: EvaluateConfig) -> list[dict[str, Any]]:
         subject.result = fast_metrics(subject, cfg)
     if {"kl", "ce"} & set(cfg.metrics):
         for same_cache in _group_by(subjects, lambda s: (s.cache.key,)):
-            model, blocks = _load_llm(same_cache[0].cache, device)  # once per cache, not once per layer
+            model, blocks = load_llm(same_cache[0].cache, device)  # once per cache, not once per layer
             for group in _group_by(same_cache, _forward_key):
                 spliced_metrics(group, cfg, model, blocks)
     return [write_metrics(s, cfg) for s in subjects]
@@ -126,21 +124,6 @@ def fast_metrics(s: Subject, cfg: EvaluateConfig) -> dict[str, Any]:
         result["routing_shares"] = {str(layer): share for layer, share in zip(s.layers, shares)}
         result["top_route_share"] = max(shares)  # 1.0: the router collapsed onto one layer
     return result
-
-
-def _load_llm(cache: ActivationCache, device: torch.device) -> tuple[torch.nn.Module, torch.nn.ModuleList]:
-    """The model the cache was extracted from, checked by fingerprint."""
-    spec = cache.manifest["spec"]["model"]
-    source = resolve_model(spec["name"], spec.get("revision"))
-    expected = {k: v for k, v in spec.items() if k in ("sha256", "commit")}
-    found = fingerprint_model(source)
-    if found != expected:
-        raise UserError(
-            f"the model at {spec['name']!r} is not the one cache {cache.key} was extracted from "
-            f"(fingerprint {found} != {expected}); the SAE would be spliced into another model."
-        )
-    model = load_model(source, device, resolve_dtype("auto", device))
-    return model, find_blocks(model)
 
 
 @torch.no_grad()

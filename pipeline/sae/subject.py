@@ -9,8 +9,10 @@ import torch
 
 from pipeline.cache.normalize import Normalizer
 from pipeline.cache.reader import ActivationCache
+from pipeline.infra.device import resolve_dtype
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
+from pipeline.llm.model import find_blocks, fingerprint_model, load_model, resolve_model
 from pipeline.sae.folder import load_sae
 from pipeline.sae.route import RouteSAE
 from pipeline.sae.topk import TopKSAE
@@ -59,3 +61,18 @@ def load_subject(run: str, device: torch.device, cache_path: str | None = None) 
     for layer in cfg["sae"]["layers"]:
         cache.layer_index(layer)
     return Subject(Folder.at(run), sae, cfg, cache, Normalizer.from_dict(cache.manifest["normalization"]))
+
+
+def load_llm(cache: ActivationCache, device: torch.device) -> tuple[torch.nn.Module, torch.nn.ModuleList]:
+    """The model the cache was extracted from, checked by fingerprint."""
+    spec = cache.manifest["spec"]["model"]
+    source = resolve_model(spec["name"], spec.get("revision"))
+    expected = {k: v for k, v in spec.items() if k in ("sha256", "commit")}
+    found = fingerprint_model(source)
+    if found != expected:
+        raise UserError(
+            f"the model at {spec['name']!r} is not the one cache {cache.key} was extracted from "
+            f"(fingerprint {found} != {expected}); the SAE would be spliced into another model."
+        )
+    model = load_model(source, device, resolve_dtype("auto", device))
+    return model, find_blocks(model)

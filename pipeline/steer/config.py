@@ -1,0 +1,28 @@
+"""The settings of `sae-pipe steer`, one doc per field."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.infra.params import setting
+
+
+@dataclass
+class SteerConfig:
+    """Everything `sae-pipe steer` needs."""
+
+    run: str = setting("", "a TopK run folder printed by `sae-pipe fit`")
+    features: list[str] = setting(
+        doc="LATENT=KIND:VALUE edits (scale | add | set | direction), repeatable", factory=list
+    )
+    prompts: list[str] = setting(doc="prompts to generate from (repeatable)", factory=list)
+    prompts_file: str = setting("", "a text file with one prompt per line")
+    positions: str = setting("all", "where edits apply: all | prompt | generated | last | comma-separated indices")
+    mode: str = setting("delta", "delta (add only the edited change) | replace (the edited reconstruction)")
+    max_new_tokens: int = setting(40, "tokens to generate per prompt")
+    sample: bool = setting(False, "sample (seeded) instead of greedy decoding")
+    temperature: float = setting(1.0, "sampling temperature (with --sample)")
+    seed: int = setting(0, "seed of the sampling, the same for the unedited and the edited generation")
+    feature_table: str = setting("", "features.parquet for direction strengths (default: the run's interpret table)")
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N")
+    cache_root: str = setting("cache", "root of interpret/ (where the feature table is looked up)")

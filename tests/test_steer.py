@@ -1,0 +1,174 @@
+"""Steering: edits inside the running model are exact (no-ops are no-ops), effective, and cleaned up."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pipeline.cache.normalize import Normalizer
+from pipeline.cli import app
+from pipeline.evaluate.splice import logits_with, topk_edits
+from pipeline.extract.stage import extract
+from pipeline.fit.config import FitConfig
+from pipeline.fit.stage import fit
+from pipeline.infra.errors import UserError
+from pipeline.sae.subject import load_llm, load_subject
+from pipeline.sae.topk import SaeConfig, TopKSAE
+from pipeline.steer.config import SteerConfig
+from pipeline.steer.edits import Edit, Positions, parse_edit
+from pipeline.steer.intervene import Target, edit_hidden, steering
+from pipeline.steer.stage import make_target, steer
+from tests.support.caches import tiny_extract_config
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def run(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    root = tmp_path_factory.mktemp("steer")
+    cache = extract(tiny_extract_config(tiny_llama, root, layers="1,2"))
+    cfg = FitConfig(cache=cache.url, layer=2, latents=128, k=8, batch_size=256, out=str(root / "saes"), device="cpu")
+    return fit(cfg)[0].url
+
+
+@pytest.fixture(scope="module")
+def loaded(run: str) -> tuple:
+    subject = load_subject(run, CPU)
+    model, blocks = load_llm(subject.cache, CPU)
+    tokens = torch.tensor([[5, 17, 33, 80, 120, 7, 64, 200, 11, 3]])  # (1, T) ids of the tiny vocabulary
+    return subject, model, blocks, tokens
+
+
+def logits(model: torch.nn.Module, blocks: torch.nn.ModuleList, tokens: torch.Tensor, target: Target, mode: str):
+    with steering(blocks, [target], mode, Positions(), tokens.shape[1]), torch.no_grad():
+        return model(input_ids=tokens).logits
+
+
+def target_for(subject, edits: list[Edit]) -> Target:  # noqa: ANN001
+    return Target(subject.sae, 2, subject.normalizer, edits)
+
+
+def test_scale_one_is_exactly_the_clean_model(loaded: tuple) -> None:
+    subject, model, blocks, tokens = loaded
+    with torch.no_grad():
+        clean = model(input_ids=tokens).logits
+    for latent in (0, 5, 77):
+        torch.testing.assert_close(
+            logits(model, blocks, tokens, target_for(subject, [Edit(latent, "scale", 1.0)]), "delta"),
+            clean,
+            atol=0,
+            rtol=0,
+        )
+
+
+def test_ablating_an_inactive_latent_changes_nothing_there() -> None:
+    torch.manual_seed(0)
+    sae = TopKSAE(SaeConfig("topk", 16, 64, 4, [0]))
+    h = torch.randn(6, 16)
+    code = sae.encode(Normalizer("standardize").normalize(h, 0)[0])
+    inactive = next(i for i in range(64) if not bool((code.indices[0] == i).any()))
+    out = edit_hidden(h, Target(sae, 0, Normalizer("standardize"), [Edit(inactive, "scale", 0.0)]), "delta")
+    fired = (code.indices == inactive) & (code.acts > 0)  # (6, k)
+    unchanged = ~fired.any(-1)
+    assert bool(unchanged[0])
+    torch.testing.assert_close(out[unchanged], h[unchanged], atol=0, rtol=0)
+
+
+def test_ablating_every_active_latent_removes_the_decoded_code() -> None:
+    """delta with scale 0 on all active latents = h - std * W_dec^T z (the SAE error and b_dec stay)."""
+    torch.manual_seed(1)
+    sae = TopKSAE(SaeConfig("topk", 16, 64, 4, [0]))
+    norm = Normalizer("standardize")
+    h = torch.randn(1, 16)
+    x, (mean, std) = norm.normalize(h, 0)
+    code = sae.encode(x)
+    edits = [Edit(int(i), "scale", 0.0) for i, a in zip(code.indices[0], code.acts[0]) if a > 0]
+    out = edit_hidden(h, Target(sae, 0, norm, edits), "delta")
+    decoded = (code.acts[0][:, None] * sae.W_dec[code.indices[0]]).sum(0)  # W_dec^T z, no bias
+    torch.testing.assert_close(out, h - std * decoded)
+
+
+def test_replace_without_edits_is_the_splice(loaded: tuple) -> None:
+    subject, model, blocks, tokens = loaded
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    with torch.no_grad():
+        spliced = logits_with(model, blocks, tokens, topk_edits(subject.sae, subject.normalizer, 2, mask, None, None))
+    torch.testing.assert_close(
+        logits(model, blocks, tokens, target_for(subject, [Edit(0, "scale", 1.0)]), "replace"), spliced
+    )
+
+
+@pytest.mark.parametrize("mode", ["delta", "replace"])
+def test_an_edit_changes_the_next_token_distribution(loaded: tuple, mode: str) -> None:
+    subject, model, blocks, tokens = loaded
+    with torch.no_grad():
+        before = torch.log_softmax(
+            logits(model, blocks, tokens, target_for(subject, [Edit(3, "add", 0.0)]), mode)[0, -1], -1
+        )
+        after = torch.log_softmax(
+            logits(model, blocks, tokens, target_for(subject, [Edit(3, "add", 20.0)]), mode)[0, -1], -1
+        )
+    kl = float((before.exp() * (before - after)).sum())
+    assert kl > 1e-3, kl
+
+
+def test_positions_limit_where_the_edit_lands(loaded: tuple) -> None:
+    subject, model, blocks, tokens = loaded
+    target = target_for(subject, [Edit(3, "add", 20.0)])
+    with torch.no_grad():
+        clean = model(input_ids=tokens).logits
+        with steering(blocks, [target], "delta", Positions("indices", (6,)), tokens.shape[1]):
+            edited = model(input_ids=tokens).logits
+    torch.testing.assert_close(edited[:, :6], clean[:, :6], atol=0, rtol=0)  # causal: nothing before 6 moves
+    assert not torch.allclose(edited[:, 6:], clean[:, 6:])
+
+
+def test_hooks_are_removed_after_an_exception(loaded: tuple) -> None:
+    subject, model, blocks, tokens = loaded
+    with pytest.raises(RuntimeError, match="boom"):
+        with steering(blocks, [target_for(subject, [Edit(3, "add", 20.0)])], "delta", Positions(), 10):
+            raise RuntimeError("boom")
+    assert all(len(b._forward_pre_hooks) == 0 for b in blocks)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("500=scale:0", "out of range; this SAE has 0..127"),
+        ("5=boost:2", "unknown edit kind 'boost'"),
+        ("5=scale:nan", "must be a finite number"),
+        ("5=add:inf", "must be a finite number"),
+        ("five", "cannot read --feature"),
+    ],
+)
+def test_bad_edits_are_one_clear_error(text: str, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        parse_edit(text, 128)
+
+
+def test_cli_generates_side_by_side_and_is_reproducible(run: str) -> None:
+    args = ["steer", run, "--feature", "3=add:30", "--prompt", "The function returns", "--max-new-tokens", "6"]
+    first = CliRunner().invoke(app, [*args, "--json", "--sample", "--seed", "4"])
+    again = CliRunner().invoke(app, [*args, "--json", "--sample", "--seed", "4"])
+    assert first.exit_code == 0, first.output
+    record = json.loads(first.stdout.strip().splitlines()[-1])
+    assert record["prompt"] == "The function returns" and record["edits"] == ["3=add:30"]
+    assert record["edited"] != record["unedited"]
+    assert first.stdout == again.stdout
+
+
+def test_prompt_longer_than_the_model_is_refused(run: str) -> None:
+    cfg = SteerConfig(run=run, features=["3=scale:0"], prompts=["word " * 600], device="cpu", max_new_tokens=4)
+    with pytest.raises(UserError, match="longer than the model's 512 positions"):
+        steer(cfg)
+
+
+def test_route_runs_are_refused_with_a_reason(tiny_llama: Path, tmp_path: Path) -> None:
+    cache = extract(tiny_extract_config(tiny_llama, tmp_path))
+    route = fit(FitConfig(cache=cache.url, arch="route", latents=128, k=8, batch_size=256, out=str(tmp_path / "s")))[0]
+    with pytest.raises(UserError, match="is a RouteSAE; steering supports TopK runs so far"):
+        make_target(load_subject(route.url, CPU), SteerConfig(features=["1=scale:0"]))
