@@ -172,8 +172,8 @@ def test_runs_on_one_cache_load_the_llm_once_and_match_solo(
     ]
     solo = [run_eval([run], tmp_path / "solo")[0] for run in runs]
     loads = []
-    real = evaluate_module._load_llm
-    monkeypatch.setattr(evaluate_module, "_load_llm", lambda *a: loads.append(1) or real(*a))
+    real = evaluate_module.load_llm
+    monkeypatch.setattr(evaluate_module, "load_llm", lambda *a: loads.append(1) or real(*a))
     together = run_eval(runs, tmp_path / "together")
     assert len(loads) == 1
     for alone, shared in zip(solo, together):
