@@ -92,9 +92,9 @@ def member_input(member: Member, batch: Tensor) -> Tensor:
 def init_pre_bias(member: Member, x: Tensor) -> None:
     """TopK: set b_dec to the data mean of the first batch (the geometric center of the inputs).
 
-    RouteSAE keeps b_dec at zero, as the reference does: its input is ``w * x``, whose mean depends on
-    the router, and a start at the unrouted mean pulls the router to one layer (issue 14: the top
-    layer's share went 0.39 -> 0.95 with the mean, 0.39 -> 0.81 with zeros).
+    RouteSAE keeps b_dec at zero, as the reference does: its input is ``w * x``, whose mean the router
+    moves. Neither start keeps the router from collapsing on SmolLM2 (benchmarks/RESULTS.md: zero start
+    99 % of tokens to one layer, mean start 54 %); `--route-balance` does, at a cost in NMSE.
     """
     if member.sae_cfg.arch == "route":
         return
