@@ -16,9 +16,7 @@ import os
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import argparse
-import datetime
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -26,6 +24,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.report import write_table
 from pipeline.evaluate.config import EvaluateConfig
 from pipeline.evaluate.stage import evaluate
 from pipeline.extract.config import ExtractConfig
@@ -87,15 +86,6 @@ def _spread(values: list[float], fmt: str) -> str:
     return f"{format(mean, fmt)} ({format(min(values), fmt)}-{format(max(values), fmt)})"
 
 
-def write(lines: list[str], command: str) -> None:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    section = [f"## {stamp} - commit {commit.stdout.strip()} - default recipe", "", f"`{command}`", "", *lines, ""]
-    text = RESULTS.read_text()
-    head, sep, rest = text.partition("\n## ")
-    RESULTS.write_text(head.rstrip() + "\n\n" + "\n".join(section) + ("\n## " + rest if sep else ""))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--latents", type=lambda s: [int(v) for v in s.split(",")], default=[1024, 4096, 16384])
@@ -118,7 +108,7 @@ def main() -> None:
     lines = table(rows)
     print("\n".join(lines))
     if args.write:
-        write(lines, " ".join(["python -m benchmarks.recipe", *sys.argv[1:]]))
+        write_table(RESULTS, "default training recipe", " ".join(["python -m benchmarks.recipe", *sys.argv[1:]]), lines)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import datetime
+import platform
+import subprocess
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 HEADER = """# Benchmark results
 
 Produced by `make bench` (`python -m benchmarks.run`); newest run first, older runs kept below so
@@ -165,5 +172,40 @@ def prepend(path: Path, results: dict[str, Any], command: str) -> None:
         *WHY,
         "",
     ]
+    insert_section(path, section)
+
+
+def write_table(path: Path, title: str, command: str, lines: list[str]) -> None:
+    """A dated section of ``lines`` (a markdown table and its notes) on top of RESULTS.md."""
+    m = machine()
+    head = [
+        f"## {m['date']} - commit {m['commit']} - {title}",
+        "",
+        f"{m['cpu']}; {m['versions']}. Command: `{command}`.",
+    ]
+    insert_section(path, [*head, "", *lines, ""])
+
+
+def insert_section(path: Path, section: list[str]) -> None:
+    """Put ``section`` first under the header; older runs stay below it."""
     old = path.read_text().split("\n## ", 1)[1] if path.exists() and "\n## " in path.read_text() else ""
     path.write_text(HEADER + "\n" + "\n".join(section) + ("\n## " + old if old else ""))
+
+
+def machine() -> dict[str, str]:
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    flags = Path("/proc/cpuinfo").read_text()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    return {
+        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "commit": commit.stdout.strip() or "?",
+        "cpu": f"{cpu}, {torch.get_num_threads()} threads" + (", AMX" if "amx_bf16" in flags else ""),
+        "versions": f"python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}",
+    }

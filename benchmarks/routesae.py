@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.recipe import write
+from benchmarks.recipe import RESULTS
+from benchmarks.report import write_table
 from pipeline.evaluate.config import EvaluateConfig
 from pipeline.evaluate.stage import evaluate
 from pipeline.extract.config import ExtractConfig
@@ -116,7 +117,8 @@ def main() -> None:
     table = lines(results)
     print("\n".join(table))
     if args.write:
-        write(table, " ".join(["python -m benchmarks.routesae", *sys.argv[1:]]))
+        command = " ".join(["python -m benchmarks.routesae", *sys.argv[1:]])
+        write_table(RESULTS, "RouteSAE against single-layer TopK", command, table)
 
 
 if __name__ == "__main__":

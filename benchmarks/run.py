@@ -14,9 +14,6 @@ import os
 os.environ.setdefault("TQDM_DISABLE", "1")  # no GGUF de-quantization bars in the log (before torch loads tqdm)
 
 import argparse
-import datetime
-import platform
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -28,7 +25,7 @@ import torch
 from benchmarks.bench_extract import bench_extract
 from benchmarks.bench_fit import bench_fit, gemm_limits
 from benchmarks.bench_io import bench_disk, bench_reader, bench_sweep
-from benchmarks.report import prepend
+from benchmarks.report import machine, prepend
 from pipeline.cache.reader import ActivationCache
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.stage import extract
@@ -72,25 +69,6 @@ def arrays(cache: ActivationCache, scratch: Path) -> tuple[Path, Path]:
     np.save(scratch / "train.npy", train)
     np.save(scratch / "held.npy", held)
     return scratch / "train.npy", scratch / "held.npy"
-
-
-def machine() -> dict[str, str]:
-    cpu = next(
-        (
-            ln.split(":", 1)[1].strip()
-            for ln in Path("/proc/cpuinfo").read_text().splitlines()
-            if ln.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    flags = Path("/proc/cpuinfo").read_text()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    return {
-        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-        "commit": commit.stdout.strip() or "?",
-        "cpu": f"{cpu}, {torch.get_num_threads()} threads" + (", AMX" if "amx_bf16" in flags else ""),
-        "versions": f"python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}",
-    }
 
 
 def main() -> None:

@@ -16,12 +16,16 @@ from torch import Tensor
 
 @dataclass
 class Reconstruction:
-    """Running sums of one SAE's reconstruction error over the rows seen so far."""
+    """Running sums of one SAE's reconstruction error over the rows seen so far.
 
-    nmse_sum: float = 0.0  # sum over rows of ||x - x_hat||^2 / ||x||^2
-    err_sum: float = 0.0  # sum over rows of ||x - x_hat||^2
-    x_sum: Tensor | None = None  # (D,) float64 sum of the rows
-    x2_sum: float = 0.0  # sum over rows of ||x||^2
+    The sums stay tensors on the SAE's device (float64), so adding a batch never waits for the device;
+    reading :attr:`nmse` or :attr:`fvu` does.
+    """
+
+    nmse_sum: Tensor | float = 0.0  # sum over rows of ||x - x_hat||^2 / ||x||^2
+    err_sum: Tensor | float = 0.0  # sum over rows of ||x - x_hat||^2
+    x_sum: Tensor | float = 0.0  # (D,) sum of the rows
+    x2_sum: Tensor | float = 0.0  # sum over rows of ||x||^2
     rows: int = 0
 
     def add(self, x: Tensor, x_hat: Tensor) -> Tensor:
@@ -30,22 +34,21 @@ class Reconstruction:
         x_sq = x.pow(2).sum(-1)  # (B,)
         nmse = err / x_sq.clamp_min(1e-12)  # (B,)
         with torch.no_grad():
-            row_sum = x.sum(0).double()  # (D,)
-            self.x_sum = row_sum if self.x_sum is None else self.x_sum + row_sum
-            self.nmse_sum += float(nmse.sum())
-            self.err_sum += float(err.sum())
-            self.x2_sum += float(x_sq.sum())
+            self.x_sum = self.x_sum + x.sum(0).double()
+            self.nmse_sum = self.nmse_sum + nmse.sum().double()
+            self.err_sum = self.err_sum + err.sum().double()
+            self.x2_sum = self.x2_sum + x_sq.sum().double()
             self.rows += len(x)
         return nmse.mean()
 
     @property
     def nmse(self) -> float:
-        return self.nmse_sum / max(self.rows, 1)
+        return float(self.nmse_sum) / max(self.rows, 1)
 
     @property
     def fvu(self) -> float:
         """sum ||x - mean||^2 = sum ||x||^2 - ||sum x||^2 / n, so no centered copy is made."""
-        if self.x_sum is None:
+        if self.rows == 0:
             return float("nan")
-        variance = self.x2_sum - float(self.x_sum.square().sum()) / self.rows
-        return self.err_sum / max(variance, 1e-12)
+        variance = float(self.x2_sum) - float(torch.as_tensor(self.x_sum).square().sum()) / self.rows
+        return float(self.err_sum) / max(variance, 1e-12)

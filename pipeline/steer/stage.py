@@ -72,8 +72,8 @@ def make_target(subject: Subject, cfg: SteerConfig) -> Target:
 
 def _max_activations(subject: Subject, cfg: SteerConfig) -> dict[int, float]:
     """latent -> max_act from the run's feature table, when one exists (direction edits scale by it)."""
-    path = cfg.feature_table or str(Folder.at(cfg.cache_root).child("interpret", subject.folder.name).url)
-    table = Path(path) if cfg.feature_table else Path(path) / "features.parquet"
+    default = Folder.at(cfg.cache_root).child("interpret", subject.folder.name).local() / "features.parquet"
+    table = Path(cfg.feature_table) if cfg.feature_table else default
     if not table.is_file():
         return {}
     data = pq.read_table(table, columns=["latent", "max_act"]).to_pydict()
