@@ -236,15 +236,33 @@ def steer(
     feature_table: Annotated[str | None, opt(SteerConfig, "feature_table")] = None,
     device: Annotated[str | None, opt(SteerConfig, "device")] = None,
     cache_root: Annotated[str | None, opt(SteerConfig, "cache_root")] = None,
+    evaluate: Annotated[bool | None, opt(SteerConfig, "evaluate")] = None,
+    out: Annotated[str | None, opt(SteerConfig, "out")] = None,
+    eval_feature: Annotated[list[int] | None, opt(SteerConfig, "eval_features", "--eval-feature")] = None,
+    n_features: Annotated[int | None, opt(SteerConfig, "n_features")] = None,
+    strength: Annotated[list[float] | None, opt(SteerConfig, "strengths", "--strength")] = None,
+    heldout_tokens: Annotated[int | None, opt(SteerConfig, "heldout_tokens")] = None,
+    batch_size: Annotated[int | None, opt(SteerConfig, "batch_size")] = None,
+    params: ParamsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Generate with and without latent edits, side by side (with --json: one object per prompt)."""
-    overrides = {k: v for k, v in locals().items() if k not in ("as_json", "feature", "prompt")}
+    """Generate with and without latent edits, side by side (with --json: one object per prompt).
+
+    With --evaluate: measure effect against cost for features x strengths; prints the output folder last."""
+    given = {k: v for k, v in locals().items() if k not in ("as_json", "params")}
+    renamed = {"feature": "features", "prompt": "prompts", "eval_feature": "eval_features", "strength": "strengths"}
+    overrides = {renamed.get(k, k): (v or None) if isinstance(v, list) else v for k, v in given.items()}
     from pipeline.infra.params import build_config
+
+    cfg = build_config(SteerConfig, _params(params), "steer", overrides)
+    if cfg.evaluate:
+        from pipeline.steer.evaluation import evaluate_steering
+
+        typer.echo(evaluate_steering(cfg).url)
+        return
     from pipeline.steer.stage import steer as run_steer
 
-    overrides.update(features=feature or None, prompts=prompt or None)
-    for record in run_steer(build_config(SteerConfig, None, "steer", overrides)):
+    for record in run_steer(cfg):
         if as_json:
             typer.echo(json.dumps(record))
         else:

@@ -86,6 +86,12 @@ CASES = [
     ("steer: unknown edit kind", "steer {run} --feature 5=boost:2 --prompt hi", 2, "unknown edit kind 'boost'"),
     ("steer: strength not finite", "steer {run} --feature 5=add:nan --prompt hi", 2, "must be a finite number"),
     ("steer: RouteSAE run", "steer {route} --feature 5=scale:0 --prompt hi", 2, "is a RouteSAE; steering supports"),
+    (
+        "steer: evaluated latent out of range",
+        "steer {run} --evaluate --eval-feature 500",
+        2,
+        "--eval-features [500] out of range",
+    ),
     ("unknown export format", "export {run} --format onnx --out {tmp}/x", 2, "unknown export format 'onnx'"),
     ("export RouteSAE", "export {route} --format saelens --out {tmp}/y", 2, "RouteSAEs cannot be exported"),
     ("export into a full folder", "export {run} --format sparsify --out {full}", 2, "exists and is not empty"),

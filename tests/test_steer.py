@@ -21,7 +21,7 @@ from pipeline.sae.topk import SaeConfig, TopKSAE
 from pipeline.steer.config import SteerConfig
 from pipeline.steer.edits import Edit, Positions, parse_edit
 from pipeline.steer.intervene import Target, edit_hidden, steering
-from pipeline.steer.stage import make_target, steer
+from pipeline.steer.stage import open_session, steer
 from tests.support.caches import tiny_extract_config
 
 CPU = torch.device("cpu")
@@ -171,4 +171,4 @@ def test_route_runs_are_refused_with_a_reason(tiny_llama: Path, tmp_path: Path) 
     cache = extract(tiny_extract_config(tiny_llama, tmp_path))
     route = fit(FitConfig(cache=cache.url, arch="route", latents=128, k=8, batch_size=256, out=str(tmp_path / "s")))[0]
     with pytest.raises(UserError, match="is a RouteSAE; steering supports TopK runs so far"):
-        make_target(load_subject(route.url, CPU), SteerConfig(features=["1=scale:0"]))
+        open_session(SteerConfig(run=route.url, features=["1=scale:0"], device="cpu"))

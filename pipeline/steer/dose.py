@@ -1,0 +1,116 @@
+"""Steering evaluation: for each feature and strength, what a `direction` edit achieves and what it costs.
+
+Effect, on generations from neutral prompts (the edit applied at every position):
+  activation     the feature's mean activation on the generated tokens, read back by the *clean*
+                 model and the SAE: does the steered text itself carry the feature?
+  logprob_gain   on held-out cache text, the mean gain in log-probability of the feature's 10 most
+                 promoted tokens (logit lens), steered minus unedited, nats
+Cost:
+  kl             on held-out cache text (no steering target there), the mean over real positions
+                 of KL(p_unedited || p_steered), nats
+  perplexity     the clean model's perplexity of the steered generations (fluency)
+Strength 0 is the unedited model: its row is the baseline of every column.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.infra.console import progress_bar
+from pipeline.llm.divergence import ce_per_position, kl_per_position
+from pipeline.llm.hooks import replace_input
+from pipeline.sae.subject import Subject
+from pipeline.sae.topk import TopKSAE
+from pipeline.steer.edits import Edit, Positions
+from pipeline.steer.generation import generate
+from pipeline.steer.intervene import Target, steering
+
+NEUTRAL_PROMPTS = ("I think that", "The most important thing is", "Once upon a time,")
+
+
+class Setting(NamedTuple):
+    """One point of the dose-response grid."""
+
+    feature: int  # latent id
+    strength: float  # direction strength, in units of the feature's largest activation
+
+
+@dataclass
+class Bench:
+    """What one evaluation loads once and reuses for every setting."""
+
+    subject: Subject
+    sae: TopKSAE  # the run's SAE
+    model: nn.Module
+    blocks: nn.ModuleList
+    tokenizer: Any  # the model's Hugging Face tokenizer
+    prompts: list[Tensor]  # (1, T) token ids of each neutral prompt
+    heldout: Tensor  # (S, T) held-out token ids
+    mask: Tensor  # (S, T) positions whose token is real text (stored in the cache)
+    promoted: dict[int, Tensor]  # latent -> (10,) its most promoted token ids
+    a_max: dict[int, float]  # latent -> largest activation in the feature table
+    mode: str  # delta | replace
+
+    def target(self, setting: Setting) -> Target:
+        edit = Edit(setting.feature, "direction", setting.strength)
+        return Target(self.sae, self.subject.layers[0], self.subject.normalizer, [edit], self.a_max)
+
+
+@torch.no_grad()
+def held_out_cost(bench: Bench, settings: list[Setting], batch_size: int) -> dict[Setting, tuple[float, float]]:
+    """setting -> (mean KL per real position, mean log-prob gain of the feature's promoted tokens)."""
+    sums = {s: [0.0, 0.0] for s in settings}
+    positions = 0
+    everywhere = Positions("all")
+    with progress_bar("steering cost (held-out text)", len(bench.heldout) * len(settings), "seq") as bar:
+        for start in range(0, len(bench.heldout), batch_size):
+            tokens = bench.heldout[start : start + batch_size]  # (B, T)
+            mask = bench.mask[start : start + batch_size]  # (B, T)
+            clean = bench.model(input_ids=tokens).logits.float().log_softmax(-1)  # (B, T, V)
+            positions += int(mask.sum())
+            for s in settings:
+                with steering(bench.blocks, [bench.target(s)], bench.mode, everywhere, tokens.shape[1]):
+                    steered = bench.model(input_ids=tokens).logits.float()  # (B, T, V)
+                sums[s][0] += float(kl_per_position(clean, steered)[mask].sum())
+                ids = bench.promoted[s.feature]
+                gain = steered.log_softmax(-1)[..., ids].logsumexp(-1) - clean[..., ids].logsumexp(-1)  # (B, T)
+                sums[s][1] += float(gain[mask].sum())
+            bar.advance(0, len(tokens) * len(settings))
+    return {s: (kl / max(positions, 1), gain / max(positions, 1)) for s, (kl, gain) in sums.items()}
+
+
+@torch.no_grad()
+def generation_effect(bench: Bench, setting: Setting, max_new_tokens: int) -> tuple[float, float, list[str]]:
+    """(mean feature activation on the generated tokens, clean perplexity of them, the generated texts)."""
+    target = bench.target(setting)
+    layer = target.layer
+    activation, nll, count, texts = 0.0, 0.0, 0, []
+    for ids in bench.prompts:
+        with steering(bench.blocks, [target], bench.mode, Positions("all"), ids.shape[1]):
+            full = generate(bench.model, ids, max_new_tokens, sample=False, temperature=1.0, seed=0)  # (1, T + n)
+        new = slice(ids.shape[1], full.shape[1])
+        texts.append(bench.tokenizer.decode(full[0, new], skip_special_tokens=True))
+        hidden, logits = reread(bench, full, layer)
+        x, _ = bench.subject.normalizer.normalize(hidden[0, new], layer)  # (n, D)
+        latents = target.sae.encode(x)
+        activation += float((latents.acts * (latents.indices == setting.feature)).sum())
+        nll += float(ce_per_position(logits, full)[0, ids.shape[1] - 1 :].sum())  # predicting the new tokens
+        count += full.shape[1] - ids.shape[1]
+    return activation / max(count, 1), float(torch.tensor(nll / max(count, 1)).exp()), texts
+
+
+def reread(bench: Bench, tokens: Tensor, layer: int) -> tuple[Tensor, Tensor]:
+    """The clean model's residual stream at ``layer`` (B, T, D) and its logits (B, T, V) for ``tokens``."""
+    seen: list[Tensor] = []
+
+    def record(h: Tensor) -> Tensor:
+        seen.append(h)
+        return h
+
+    with replace_input(bench.blocks[layer], record):
+        logits = bench.model(input_ids=tokens).logits
+    return seen[0], logits
