@@ -85,7 +85,7 @@ CASES = [
     ("steer: latent out of range", "steer {run} --feature 500=scale:0 --prompt hi", 2, "latent 500 is out of range"),
     ("steer: unknown edit kind", "steer {run} --feature 5=boost:2 --prompt hi", 2, "unknown edit kind 'boost'"),
     ("steer: strength not finite", "steer {run} --feature 5=add:nan --prompt hi", 2, "must be a finite number"),
-    ("steer: RouteSAE run", "steer {route} --feature 5=scale:0 --prompt hi", 2, "is a RouteSAE; steering supports"),
+    ("steer: soft-routed run", "steer {soft} --feature 5=scale:0 --prompt hi", 2, "uses soft routing: its code mixes"),
     (
         "steer: evaluated latent out of range",
         "steer {run} --evaluate --eval-feature 500",

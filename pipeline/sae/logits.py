@@ -101,12 +101,14 @@ def feature_output_scores(
     a_max: dict[int, float],
     normalizer: Normalizer,
     layer: int,
+    gain: float = 1.0,
 ) -> Tensor:
     """Output scores (F,) of ``latents``, each pushed by SCORE_PUSH x its largest activation at the last
-    token of SCORE_PROMPT; ``block`` is the block whose input is ``layer``."""
+    token of SCORE_PROMPT; ``block`` is the block whose input is ``layer``. ``gain`` multiplies the push
+    (1 / the routing weight for a RouteSAE, whose code lives in w * x)."""
     ids = torch.tensor(tokenizer(SCORE_PROMPT).input_ids, device=w_dec.device)  # (T,)
     chosen = torch.tensor(latents, device=w_dec.device)
     directions = w_dec[chosen]  # (F, D)
     promoted = logit_effects(directions, w_u, SCORE_TOKENS).top_ids  # (F, 20)
-    push = torch.tensor([SCORE_PUSH * a_max.get(i, 1.0) for i in latents], device=w_dec.device)  # (F,)
+    push = torch.tensor([gain * SCORE_PUSH * a_max.get(i, 1.0) for i in latents], device=w_dec.device)  # (F,)
     return output_scores(model, block, ids, directions, promoted, push, normalizer, layer)

@@ -14,7 +14,8 @@ from pipeline.infra.console import Stopwatch, say
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
 from pipeline.llm.unembed import unembedding
-from pipeline.sae.logits import feature_output_scores, logit_effects
+from pipeline.sae.logits import SCORE_PROMPT, feature_output_scores, logit_effects
+from pipeline.sae.routing import route_choice
 from pipeline.steer.config import SteerConfig
 from pipeline.steer.dose import NEUTRAL_PROMPTS, Bench, Setting, generation_effect, held_out_cost
 from pipeline.steer.generation import check_length
@@ -50,7 +51,7 @@ def evaluate_steering(cfg: SteerConfig) -> Folder:
         generations += [{**setting._asdict(), "prompt": p, "text": t} for p, t in zip(_prompts(cfg), texts)]
     summary = {
         "run": session.subject.folder.name,
-        "layer": session.subject.layers[0],
+        "layers": session.subject.layers,
         "mode": cfg.mode,
         "features": {str(f): {"output_score": s, "a_max": a_max.get(f, 1.0)} for f, s in scores.items()},
         "promoted": {str(f): session.tokenizer.convert_ids_to_tokens(bench.promoted[f].tolist()) for f in scores},
@@ -79,11 +80,10 @@ def choose_features(
         known = dict(zip(table["latent"].to_pylist(), table["output_score"].to_pylist()))
         scores = torch.tensor([float(known[i]) for i in candidates])
     else:
-        layer = session.subject.layers[0]
-        block = session.blocks[layer]
+        layer, gain = push_site(session)
         scores = feature_output_scores(
             session.model,
-            block,
+            session.blocks[layer],
             session.tokenizer,
             sae.W_dec,
             w_u,
@@ -91,10 +91,21 @@ def choose_features(
             a_max,
             session.subject.normalizer,
             layer,
+            gain,
         )
     order = scores.argsort(descending=True)
     keep = order if cfg.eval_features else order[: cfg.n_features]
     return {candidates[int(i)]: float(scores[i]) for i in keep}
+
+
+def push_site(session: Session) -> tuple[int, float]:
+    """(layer, gain) an output score pushes at: the run's layer, or for a RouteSAE the layer the score
+    prompt's last token is routed to, with 1 / its routing weight."""
+    if session.router is None:
+        return session.subject.layers[0], 1.0
+    ids = torch.tensor([session.tokenizer(SCORE_PROMPT).input_ids], device=session.device)  # (1, T)
+    choice, weight = route_choice(session.model, session.blocks, session.router, session.subject.normalizer, ids)
+    return session.router.cfg.layers[int(choice[0, -1])], 1 / float(weight[0, -1])
 
 
 def make_bench(
@@ -119,6 +130,7 @@ def make_bench(
         promoted={f: promoted[i] for i, f in enumerate(features)},
         a_max=a_max,
         mode=cfg.mode,
+        router=session.router,
     )
 
 

@@ -75,7 +75,7 @@ def render(summary: dict[str, Any], rows: list[dict[str, Any]], generations: lis
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>Steering {escape(summary['run'])}</title></head>"
         f"<body style='font:14px system-ui;max-width:72em;margin:2em auto'><h1>Steering {escape(summary['run'])}</h1>"
-        f"<p>Layer {summary['layer']}, mode {escape(summary['mode'])}, {summary['heldout_positions']:,} held-out "
+        f"<p>Layers {summary['layers']}, mode {escape(summary['mode'])}, {summary['heldout_positions']:,} held-out "
         f"positions for KL, {summary['max_new_tokens']} generated tokens per prompt.</p><ul>{features}</ul>"
         f"<img alt='dose-response' src='data:image/png;base64,{image}'>"
         f"<h2>Dose-response</h2><table border=1 cellpadding=3><tr>{head}</tr>{body}</table>"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -14,19 +15,21 @@ from pipeline.infra.device import resolve_device
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
 from pipeline.llm.model import load_tokenizer, resolve_model
+from pipeline.sae.route import RouteSAE, core_sae
 from pipeline.sae.subject import Subject, load_llm, load_subject
 from pipeline.sae.topk import TopKSAE
 from pipeline.steer.config import SteerConfig
 from pipeline.steer.edits import Positions, parse_edit
 from pipeline.steer.generation import check_length, generate
-from pipeline.steer.intervene import MODES, Target, steering
+from pipeline.steer.intervene import MODES, Target, routed_generate, steering
 
 
 class Session(NamedTuple):
     """A run, its model and tokenizer, loaded once per command."""
 
     subject: Subject
-    sae: TopKSAE  # the run's SAE (RouteSAE runs are refused so far)
+    sae: TopKSAE  # the run's SAE (a RouteSAE's shared SAE)
+    router: RouteSAE | None  # the RouteSAE itself, for routed runs
     model: nn.Module
     blocks: nn.ModuleList
     tokenizer: Any  # the model's Hugging Face tokenizer
@@ -34,23 +37,23 @@ class Session(NamedTuple):
 
 
 def open_session(cfg: SteerConfig) -> Session:
-    """Load the run (TopK only, so far), the model its cache came from and the tokenizer."""
+    """Load the run, the model its cache came from and the tokenizer."""
     if cfg.mode not in MODES:
         raise UserError(f"unknown --mode {cfg.mode!r}; use one of {', '.join(MODES)}.")
     if cfg.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1.")
     device = resolve_device(cfg.device)
     subject = load_subject(cfg.run, device)
-    sae = subject.sae
-    if subject.is_route or not isinstance(sae, TopKSAE):
+    router = subject.sae if isinstance(subject.sae, RouteSAE) else None
+    if router is not None and router.cfg.routing != "hard":
         raise UserError(
-            f"run {subject.folder.name} is a RouteSAE; steering supports TopK runs so far "
-            "(RouteSAE edits need each token's routed layer before the forward reaches it)."
+            f"run {subject.folder.name} uses soft routing: its code mixes layers, so an edit has no single "
+            "layer to land on; steer a hard-routed run (fit --routing hard, the default)."
         )
     model, blocks = load_llm(subject.cache, device)
     spec = subject.cache.manifest["spec"]["model"]
     tokenizer = load_tokenizer(resolve_model(spec["name"], spec.get("revision")))
-    return Session(subject, sae, model, blocks, tokenizer, device)
+    return Session(subject, core_sae(subject.sae), router, model, blocks, tokenizer, device)
 
 
 def steer(cfg: SteerConfig) -> list[dict[str, Any]]:
@@ -66,9 +69,15 @@ def steer(cfg: SteerConfig) -> list[dict[str, Any]]:
         ids = session.tokenizer(prompt, return_tensors="pt").input_ids.to(session.device)  # (1, T)
         check_length(session.model, ids.shape[1] + cfg.max_new_tokens)
         options = (cfg.max_new_tokens, cfg.sample, cfg.temperature, cfg.seed)
-        unedited = generate(session.model, ids, *options)
-        with steering(session.blocks, [target], cfg.mode, positions, ids.shape[1]):
-            edited = generate(session.model, ids, *options)
+        if session.router is not None:  # same loop both times, so the only difference is the edit
+            unedited = routed_generate(
+                session.model, session.blocks, replace(target, edits=[]), cfg.mode, positions, ids, options
+            )
+            edited = routed_generate(session.model, session.blocks, target, cfg.mode, positions, ids, options)
+        else:
+            unedited = generate(session.model, ids, *options)
+            with steering(session.blocks, [target], cfg.mode, positions, ids.shape[1]):
+                edited = generate(session.model, ids, *options)
         decode = session.tokenizer.decode
         records.append(
             {
@@ -78,7 +87,7 @@ def steer(cfg: SteerConfig) -> list[dict[str, Any]]:
                 "edits": [f"{e.latent}={e.kind}:{e.value:g}" for e in target.edits],
                 "mode": cfg.mode,
                 "positions": cfg.positions,
-                "layer": target.layer,
+                "layers": session.subject.layers,  # a RouteSAE edits each token at its routed layer
             }
         )
     return records
@@ -90,9 +99,8 @@ def make_target(session: Session, cfg: SteerConfig) -> Target:
         raise UserError("no edit: pass --feature LATENT=KIND:VALUE, e.g. --feature 1592=scale:0.")
     subject = session.subject
     edits = [parse_edit(text, session.sae.cfg.n_latents) for text in cfg.features]
-    return Target(
-        session.sae, subject.layers[0], subject.normalizer, edits, max_activations(feature_table(subject, cfg))
-    )
+    a_max = max_activations(feature_table(subject, cfg))
+    return Target(session.sae, subject.layers[0], subject.normalizer, edits, a_max, session.router)
 
 
 def feature_table(subject: Subject, cfg: SteerConfig) -> pa.Table | None:
