@@ -21,6 +21,7 @@ from pipeline.fit.stage import fit
 from pipeline.infra.errors import UserError
 from pipeline.interpret.config import InterpretConfig
 from pipeline.interpret.explain import parse_answer
+from pipeline.interpret.splits import scoring_rows
 from pipeline.interpret.stage import interpret
 from pipeline.sae.folder import load_sae
 from tests.support.standin_openai import Script, standin_env
@@ -89,10 +90,17 @@ def test_tables_match_a_dense_brute_force(run: str, tmp_path: Path, monkeypatch:
     dense = torch.zeros(len(rows), 128).scatter(1, latents.indices, latents.acts).numpy()  # (R, N)
     assert summary["tokens_scanned"] == len(rows)
     np.testing.assert_array_equal(features["count"].to_numpy(), (dense > 0).sum(0))
+    sequence = np.concatenate(  # each row's packed sequence, read from the cache's own arrays
+        [cache.read(s["index"], "heldout/sequence_index")[cache.read(s["index"], "heldout/seq")] for s in cache.shards]
+    )
+    train = ~scoring_rows(sequence, 0.5, 0)  # the explainer's side of the split (default test_share and seed)
+    np.testing.assert_array_equal(features["train_count"].to_numpy(), (dense[train] > 0).sum(0))
     for latent in np.flatnonzero((dense > 0).sum(0) >= 3)[:20]:
         values = np.sort(dense[:, latent][dense[:, latent] > 0])[::-1]
+        seen = np.sort(dense[train, latent][dense[train, latent] > 0])[::-1]
         top = examples[(examples.latent == latent) & (examples.kind == "top")].sort_values("rank")
-        np.testing.assert_allclose(top.activation.to_numpy(), values[: len(top)], rtol=1e-5)
+        assert set(top.split) <= {"train"} and train[top.row.to_numpy()].all()
+        np.testing.assert_allclose(top.activation.to_numpy(), seen[: len(top)], rtol=1e-5)
         np.testing.assert_allclose(top.activation.to_numpy(), dense[top.row.to_numpy(), latent], rtol=1e-5)
         row = features.iloc[latent]
         assert row.max_act == pytest.approx(values[0], rel=1e-5)

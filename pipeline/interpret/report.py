@@ -37,7 +37,8 @@ def render_report(
         for r in features.filter(pc.is_in(features["latent"], pa.array(shown, pa.int32()))).to_pylist()
     }
     by_latent: dict[int, list[dict[str, Any]]] = {}
-    for example in examples.filter(pc.is_in(examples["latent"], pa.array(shown, pa.int32()))).to_pylist():
+    mine = pc.and_(pc.is_in(examples["latent"], pa.array(shown, pa.int32())), pc.equal(examples["split"], "train"))
+    for example in examples.filter(mine).to_pylist():
         by_latent.setdefault(example["latent"], []).append(example)
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title>",
