@@ -20,7 +20,7 @@ def histogram(counts: list[int], low: str, high: str, width: int = 300, height: 
     return (
         f"<svg width='{width}' height='{height + 14}' role='img' aria-label='histogram'>{rects}"
         f"<text x='0' y='{height + 12}' font-size='10'>{escape(low)}</text>"
-        f"<text x='{width - 40}' y='{height + 12}' font-size='10'>{escape(high)}</text></svg>"
+        f"<text x='{width}' y='{height + 12}' font-size='10' text-anchor='end'>{escape(high)}</text></svg>"
     )
 
 

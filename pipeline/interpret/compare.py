@@ -30,7 +30,7 @@ def interpret_all(cfg: InterpretConfig, runs: list[str]) -> str:
 def score_columns(summaries: list[dict[str, Any]]) -> list[str]:
     """The scorers (and controls) that any run has scores of, in a fixed order."""
     names = [name for s in SCORERS for name in (s, f"{s}_shuffled")]
-    present = {name for summary in summaries if isinstance(summary.get("scores"), dict) for name in summary["scores"]}
+    present = {name for summary in summaries for name in _scores(summary)}
     return [name for name in names if name in present]
 
 
@@ -40,9 +40,8 @@ def write_comparison(summaries: list[dict[str, Any]], out: Folder) -> str:
     rows = []
     for summary in summaries:
         row = {key: summary.get(key) for key in HEAD}
-        scores = summary.get("scores") if isinstance(summary.get("scores"), dict) else {}
         for name in scorers:
-            entry = scores.get(name, {})
+            entry = _scores(summary).get(name, {})
             for suffix in ("", "_low", "_high"):
                 row[f"{name}_balanced_accuracy{suffix}"] = entry.get(f"balanced_accuracy{suffix}")
         rows.append(row)
@@ -60,9 +59,8 @@ def _page(summaries: list[dict[str, Any]], scorers: list[str]) -> str:
     body = []
     for summary in summaries:
         cells = "".join(f"<td>{escape(_fmt(summary.get(key)))}</td>" for key in HEAD[1:])
-        scores = summary.get("scores") if isinstance(summary.get("scores"), dict) else {}
         for name in scorers:
-            entry = scores.get(name, {})
+            entry = _scores(summary).get(name, {})
             cells += (
                 f"<td>{entry['balanced_accuracy']:.3f} [{entry['balanced_accuracy_low']:.3f}, "
                 f"{entry['balanced_accuracy_high']:.3f}]<br>{interval(*_triple(entry))}</td>"
@@ -79,6 +77,12 @@ def _page(summaries: list[dict[str, Any]], scorers: list[str]) -> str:
         "scored features, 95 % bootstrap interval; 0.5 is chance).</p>"
         f"<table><tr>{head}</tr>{''.join(body)}</table></body></html>"
     )
+
+
+def _scores(summary: dict[str, Any]) -> dict[str, Any]:
+    """The run's scores per scorer; empty when scoring was skipped or not asked for."""
+    scores = summary.get("scores")
+    return scores if isinstance(scores, dict) else {}
 
 
 def _triple(entry: dict[str, Any]) -> tuple[float, float, float]:

@@ -47,8 +47,8 @@ def render_report(
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title>",
         f"<style>{STYLE}</style></head><body><h1>{escape(title)}</h1>",
-        _summary(summary),
         _scores(summary.get("scores"), features, scorers),
+        _summary(summary),
         _index(shown, rows, explanations, scorers),
     ]
     parts += [
