@@ -181,7 +181,11 @@ def evaluate(
 
 @app.command()
 def interpret(
-    run: Annotated[str, typer.Argument(help="A run folder printed by `sae-pipe fit`.")],
+    run: Annotated[str | None, typer.Argument(help="A run folder printed by `sae-pipe fit`.")] = None,
+    all_in: Annotated[
+        str | None,
+        typer.Option("--all", help="Interpret every finished run in this folder and write a comparison page."),
+    ] = None,
     max_tokens: Annotated[int | None, opt(InterpretConfig, "max_tokens")] = None,
     batch_size: Annotated[int | None, opt(InterpretConfig, "batch_size")] = None,
     infer_k: Annotated[int | None, opt(InterpretConfig, "infer_k")] = None,
@@ -191,6 +195,18 @@ def interpret(
     features: Annotated[int | None, opt(InterpretConfig, "features")] = None,
     explainer: Annotated[str | None, opt(InterpretConfig, "explainer")] = None,
     model: Annotated[str | None, opt(InterpretConfig, "model")] = None,
+    base_url: Annotated[str | None, opt(InterpretConfig, "base_url")] = None,
+    score: Annotated[str | None, opt(InterpretConfig, "score")] = None,
+    scorer_model: Annotated[str | None, opt(InterpretConfig, "scorer_model")] = None,
+    scorer_base_url: Annotated[str | None, opt(InterpretConfig, "scorer_base_url")] = None,
+    max_cost: Annotated[float | None, opt(InterpretConfig, "max_cost")] = None,
+    test_share: Annotated[float | None, opt(InterpretConfig, "test_share")] = None,
+    score_quantiles: Annotated[int | None, opt(InterpretConfig, "score_quantiles")] = None,
+    score_per_quantile: Annotated[int | None, opt(InterpretConfig, "score_per_quantile")] = None,
+    score_hard: Annotated[float | None, opt(InterpretConfig, "score_hard")] = None,
+    score_batch: Annotated[int | None, opt(InterpretConfig, "score_batch")] = None,
+    fuzz_threshold: Annotated[float | None, opt(InterpretConfig, "fuzz_threshold")] = None,
+    control: Annotated[bool | None, opt(InterpretConfig, "control")] = None,
     concurrency: Annotated[int | None, opt(InterpretConfig, "concurrency")] = None,
     seed: Annotated[int | None, opt(InterpretConfig, "seed")] = None,
     protocol: Annotated[bool | None, opt(InterpretConfig, "protocol")] = None,
@@ -200,13 +216,20 @@ def interpret(
     cache_root: Annotated[str | None, opt(InterpretConfig, "cache_root")] = None,
     params: ParamsOpt = None,
 ) -> None:
-    """Feature tables (parquet), GPT-4o explanations and an HTML report for one run; prints the output folder."""
-    overrides = {k: v for k, v in locals().items() if k != "params"}
+    """Feature tables (parquet), GPT-4o explanations, their scores on held-out examples and an HTML report;
+    prints the output folder (with --all, the comparison page)."""
+    overrides = {k: v for k, v in locals().items() if k not in ("params", "all_in", "run")}
+    from pipeline.evaluate.compare import find_runs
     from pipeline.infra.params import build_config
+    from pipeline.interpret.compare import interpret_all
     from pipeline.interpret.stage import interpret as run_interpret
 
-    cfg = build_config(InterpretConfig, _params(params), "interpret", overrides)
-    typer.echo(run_interpret(cfg)["out"])
+    overrides["score"] = [s for s in score.split(",") if s] if score is not None else None
+    cfg = build_config(InterpretConfig, _params(params), "interpret", {**overrides, "run": run})
+    if all_in:
+        typer.echo(interpret_all(cfg, ([run] if run else []) + find_runs(all_in)))
+    else:
+        typer.echo(run_interpret(cfg)["out"])
 
 
 @app.command()
