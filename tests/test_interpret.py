@@ -17,7 +17,9 @@ from pipeline.infra.errors import UserError
 from pipeline.interpret.explain import parse_answer
 from pipeline.interpret.splits import scoring_rows
 from pipeline.interpret.stage import interpret
+from pipeline.llm.model import load_tokenizer, resolve_model
 from pipeline.sae.folder import load_sae
+from pipeline.sae.subject import load_llm
 from tests.support.interpret_run import icfg, train_run
 from tests.support.standin_openai import Script, standin_env
 
@@ -60,6 +62,21 @@ def test_tables_match_a_dense_brute_force(run: str, tmp_path: Path, monkeypatch:
             assert row[f"q{q:02d}"] == pytest.approx(np.quantile(values, q / 100), rel=1e-4)
         quiet = examples[(examples.latent == latent) & (examples.kind == "random")]
         assert (dense[quiet.row.to_numpy(), latent] == 0).all()
+    _check_logit_effects(features, sae.W_dec, cache)
+
+
+def _check_logit_effects(features, w_dec: torch.Tensor, cache: ActivationCache) -> None:  # noqa: ANN001
+    """Each latent's first promoted token is the argmax of its decoder row through the model's own norm
+    gain and head; output scores exist exactly for the latents that fired."""
+    model, _ = load_llm(cache, torch.device("cpu"))
+    tokenizer = load_tokenizer(resolve_model(cache.manifest["spec"]["model"]["name"]))
+    with torch.no_grad():
+        readout = model.lm_head(model.model.norm.weight * w_dec)  # (N, V)
+    for latent in (0, 7, 64, 127):
+        assert features.promotes[latent][0] == tokenizer.decode([int(readout[latent].argmax())])
+        assert features.suppresses[latent][0] == tokenizer.decode([int(readout[latent].argmin())])
+        assert list(features.promotes_logit[latent]) == sorted(features.promotes_logit[latent], reverse=True)
+    np.testing.assert_array_equal(features.output_score.notna().to_numpy(), features["count"].to_numpy() > 0)
 
 
 def test_explainer_with_retries_cache_and_malformed(

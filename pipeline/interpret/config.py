@@ -43,6 +43,9 @@ class InterpretConfig:
     concurrency: int = setting(4, "requests in flight")
     max_retries: int = setting(4, "per request (429, 5xx, timeouts), with backoff")
     seed: int = setting(0, "feature sampling, the train/test split, excerpt order")
+    logit_effects: bool = setting(
+        True, "add each feature's promoted / suppressed tokens and output score (loads the LLM)"
+    )
     protocol: bool = setting(False, "apply the RouteSAE paper's context filter before explaining")
     threshold: float = setting(10.0, "protocol: minimum activation")
     infer_k: int | None = setting(None, "encode with this k")

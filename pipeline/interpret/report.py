@@ -130,6 +130,19 @@ def _score_cells(row: dict[str, Any], scorers: list[str]) -> str:
     return "".join(f"<td>{'-' if v is None else f'{v:.2f}'}</td>" for v in values)
 
 
+def _effects(row: dict[str, Any]) -> str:
+    """The decoder's logit effects and output score, when features.parquet has them."""
+    if not row.get("promotes"):
+        return ""
+    score = row.get("output_score")
+    return (
+        f"<p>promotes <code>{escape(' | '.join(row['promotes']))}</code><br>suppresses "
+        f"<code>{escape(' | '.join(row['suppresses']))}</code>"
+        + (f"<br>output score {score:.3f}" if score is not None else "")
+        + "</p>"
+    )
+
+
 def _section(
     latent: int,
     row: dict[str, Any],
@@ -164,7 +177,7 @@ def _section(
         f"<section class='feature' id='f{latent}'><h3>Latent {latent} {label}</h3>"
         f"<p>{escape(str(e.get('explanation') or ''))}</p>"
         f"<p class='muted'>active on {row['count']:,} tokens (frequency {row['frequency']:.5f}), mean "
-        f"{row['mean_act']:.3f}, max {row['max_act']:.3f}</p>{histogram(row['hist'], '0', top)}"
+        f"{row['mean_act']:.3f}, max {row['max_act']:.3f}</p>{_effects(row)}{histogram(row['hist'], '0', top)}"
         f"<h4>Top and sampled activations</h4><ol class='examples'>{items}</ol>"
         + (f"<h4>Random tokens where it is silent</h4><ul class='examples'>{quiet}</ul>" if quiet else "")
         + "</section>"

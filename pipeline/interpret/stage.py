@@ -7,7 +7,8 @@ Outputs (``<cache_root>/interpret/<run>/``):
   features.parquet      one row per latent: latent, count, frequency, mean_act, max_act,
                         q10..q99 (activation quantiles), hist (20-bin histogram over (0, max_act]),
                         train_count / test_count (activations in train / test sequences), sampled (sent to
-                        the explainer), top_layer (RouteSAE), protocol_passes / protocol_reason (with
+                        the explainer), top_layer (RouteSAE), promotes / suppresses (+ _logit) and
+                        output_score (pipeline/interpret/effects.py), protocol_passes / protocol_reason (with
                         --protocol), <scorer>_balanced_accuracy / _precision / _recall / _f1 / _auc / _n
   examples.parquet      per latent: split (train | test), kind (top | q0..qN quantile bins | random
                         non-activating | hard | protocol), rank, activation, row, sequence, token_id, doc,
@@ -37,6 +38,8 @@ from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
 from pipeline.interpret.ask import Asker
 from pipeline.interpret.config import InterpretConfig
+from pipeline.interpret.effects import TYPES as EFFECTS
+from pipeline.interpret.effects import effect_columns
 from pipeline.interpret.explain import summarize
 from pipeline.interpret.features import (
     Activations,
@@ -65,6 +68,8 @@ def interpret(cfg: InterpretConfig) -> dict[str, Any]:
     subject.check_infer_k(cfg.infer_k)
     out = Folder.at(cfg.out) if cfg.out else Folder.at(cfg.cache_root).child("interpret", subject.folder.name)
     tables, scanned, latents = build_tables(subject, cfg)
+    if cfg.logit_effects:
+        tables["features"] = with_columns(tables["features"], effect_columns(subject, tables["features"]), EFFECTS)
     asker = Asker(cfg, tables, latents)
     asker.check_cost()  # may stop the run: before anything is written or sent
     out.makedirs()

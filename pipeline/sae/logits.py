@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import copy
+import inspect
 from typing import Any, NamedTuple
 
 import torch
@@ -22,6 +24,9 @@ from torch import Tensor, nn
 
 from pipeline.cache.normalize import Normalizer
 from pipeline.llm.hooks import replace_input
+from pipeline.sae.route import RouteSAE, core_sae
+from pipeline.sae.routing import route_choice
+from pipeline.sae.topk import TopKSAE
 
 SCORE_TOKENS = 20  # promoted tokens an output score looks at (the published recipe's number)
 SCORE_PROMPT = "I think that"  # the neutral prompt a feature is pushed at
@@ -60,28 +65,39 @@ def output_scores(
     push: Tensor,
     normalizer: Normalizer,
     layer: int,
-    batch: int = 32,
+    batch: int = 128,
 ) -> Tensor:
     """Output score (F,) of F directions (F, D) pushed by ``push`` (F,) at the last token of ``prompt`` (T,).
 
     The push is in normalized units: the residual gets ``push * s * d`` with s the last token's own
     normalization scale (its std for `standardize`), the same convention as a `direction` edit.
-    ``promoted`` (F, n) holds each direction's promoted token ids.
+    ``promoted`` (F, n) holds each direction's promoted token ids. The prompt's prefix is run once and its
+    KV cache shared: each batch only runs the pushed last token.
     """
+    # transformers 5 names the KV cache `cache`, 4.x `past_key_values`
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    prefix = None
+    if len(prompt) > 1:
+        out = model(input_ids=prompt[None, :-1], use_cache=True)
+        prefix = out.get("cache", out.get("past_key_values"))
     scores = []
     for start in range(0, directions.shape[0], batch):
         rows = slice(start, start + batch)
         step = push[rows, None] * directions[rows].float()  # (b, D)
 
-        def add_at_last(h: Tensor, step: Tensor = step) -> Tensor:  # (b, T, D)
+        def add_at_last(h: Tensor, step: Tensor = step) -> Tensor:  # (b, 1, D): the last token only
             out = h.clone()
             scale = normalizer.normalize(h[:, -1], layer)[1][1]  # (b, 1) or ()
             out[:, -1] = (h[:, -1].float() + step * scale).to(h.dtype)
             return out
 
-        ids = prompt[None].expand(step.shape[0], -1).to(directions.device)  # (b, T)
+        cache = None
+        if prefix is not None:
+            cache = copy.deepcopy(prefix)
+            cache.batch_repeat_interleave(step.shape[0])
+        last = prompt[-1:].expand(step.shape[0], 1).to(directions.device)  # (b, 1)
         with replace_input(block, add_at_last):
-            logits = model(input_ids=ids).logits[:, -1].float()  # (b, V)
+            logits = model(input_ids=last, use_cache=cache is not None, **{cache_arg: cache}).logits[:, -1].float()
         probs = logits.softmax(-1)  # (b, V)
         chosen = probs.gather(1, promoted[rows].to(probs.device))  # (b, n)
         # rank of a token = how many tokens are strictly more likely (0 = the most likely token)
@@ -93,22 +109,24 @@ def output_scores(
 @torch.no_grad()
 def feature_output_scores(
     model: nn.Module,
-    block: nn.Module,
+    blocks: nn.ModuleList,
     tokenizer: Any,
-    w_dec: Tensor,
+    sae: TopKSAE | RouteSAE,
+    layer: int,
+    normalizer: Normalizer,
     w_u: Tensor,
     latents: list[int],
     a_max: dict[int, float],
-    normalizer: Normalizer,
-    layer: int,
-    gain: float = 1.0,
 ) -> Tensor:
-    """Output scores (F,) of ``latents``, each pushed by SCORE_PUSH x its largest activation at the last
-    token of SCORE_PROMPT; ``block`` is the block whose input is ``layer``. ``gain`` multiplies the push
-    (1 / the routing weight for a RouteSAE, whose code lives in w * x)."""
-    ids = torch.tensor(tokenizer(SCORE_PROMPT).input_ids, device=w_dec.device)  # (T,)
-    chosen = torch.tensor(latents, device=w_dec.device)
-    directions = w_dec[chosen]  # (F, D)
-    promoted = logit_effects(directions, w_u, SCORE_TOKENS).top_ids  # (F, 20)
-    push = torch.tensor([gain * SCORE_PUSH * a_max.get(i, 1.0) for i in latents], device=w_dec.device)  # (F,)
-    return output_scores(model, block, ids, directions, promoted, push, normalizer, layer)
+    """Output scores (F,) of ``latents``, each pushed by SCORE_PUSH x its largest activation (1 when
+    unknown) at the last token of SCORE_PROMPT, at ``layer``; a RouteSAE pushes at the layer that token is
+    routed to, divided by its routing weight (its code lives in w * x)."""
+    ids = torch.tensor(tokenizer(SCORE_PROMPT).input_ids, device=w_u.device)  # (T,)
+    gain = 1.0
+    if isinstance(sae, RouteSAE):
+        choice, weight = route_choice(model, blocks, sae, normalizer, ids[None])  # (1, T), (1, T)
+        layer, gain = sae.cfg.layers[int(choice[0, -1])], 1 / float(weight[0, -1])
+    directions = core_sae(sae).W_dec[torch.tensor(latents, device=w_u.device)]  # (F, D)
+    promoted = logit_effects(directions, w_u, SCORE_TOKENS).top_ids.to(w_u.device)  # (F, 20)
+    push = torch.tensor([gain * SCORE_PUSH * a_max.get(i, 1.0) for i in latents], device=w_u.device)  # (F,)
+    return output_scores(model, blocks[layer], ids, directions, promoted, push, normalizer, layer)

@@ -15,7 +15,7 @@ lands at each token's routed layer and the activation is read from the routed co
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
@@ -57,6 +57,7 @@ class Bench:
     a_max: dict[int, float]  # latent -> largest activation in the feature table
     mode: str  # delta | replace
     router: RouteSAE | None = None  # the RouteSAE, for routed runs
+    unedited: dict[tuple[int, ...], Tensor] = field(default_factory=dict)  # prompt ids -> its unedited generation
 
     def target(self, setting: Setting) -> Target:
         edit = Edit(setting.feature, "direction", setting.strength)
@@ -75,6 +76,8 @@ def held_out_cost(bench: Bench, settings: list[Setting], batch_size: int) -> dic
             clean = bench.model(input_ids=tokens).logits.float().log_softmax(-1)  # (B, T, V)
             positions += int(mask.sum())
             for s in settings:
+                if s.strength == 0 and bench.mode == "delta":
+                    continue  # adds exactly nothing: KL and gain are 0 without a forward
                 steered = steered_logits(bench, bench.target(s), tokens).float()  # (B, T, V)
                 sums[s][0] += float(kl_per_position(clean, steered)[mask].sum())
                 ids = bench.promoted[s.feature]
@@ -90,7 +93,7 @@ def generation_effect(bench: Bench, setting: Setting, max_new_tokens: int) -> tu
     target = bench.target(setting)
     activation, nll, count, texts = 0.0, 0.0, 0, []
     for ids in bench.prompts:
-        full = steered_generation(bench, target, ids, max_new_tokens)  # (1, T + n)
+        full = _generation(bench, target, ids, max_new_tokens, setting.strength)  # (1, T + n)
         new = slice(ids.shape[1], full.shape[1])
         texts.append(bench.tokenizer.decode(full[0, new], skip_special_tokens=True))
         latents = clean_code(bench, full)  # (T + n, k): the clean model re-reads it
@@ -99,6 +102,16 @@ def generation_effect(bench: Bench, setting: Setting, max_new_tokens: int) -> tu
         nll += float(ce_per_position(logits, full)[0, ids.shape[1] - 1 :].sum())  # predicting the new tokens
         count += full.shape[1] - ids.shape[1]
     return activation / max(count, 1), float(torch.tensor(nll / max(count, 1)).exp()), texts
+
+
+def _generation(bench: Bench, target: Target, ids: Tensor, max_new_tokens: int, strength: float) -> Tensor:
+    """The steered generation; strength 0 in delta mode is the unedited model, generated once per prompt."""
+    if strength != 0 or bench.mode != "delta":
+        return steered_generation(bench, target, ids, max_new_tokens)
+    key = tuple(ids[0].tolist())
+    if key not in bench.unedited:
+        bench.unedited[key] = steered_generation(bench, target, ids, max_new_tokens)
+    return bench.unedited[key]
 
 
 def steered_logits(bench: Bench, target: Target, tokens: Tensor) -> Tensor:

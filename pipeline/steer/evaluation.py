@@ -14,8 +14,7 @@ from pipeline.infra.console import Stopwatch, say
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
 from pipeline.llm.unembed import unembedding
-from pipeline.sae.logits import SCORE_PROMPT, feature_output_scores, logit_effects
-from pipeline.sae.routing import route_choice
+from pipeline.sae.logits import feature_output_scores, logit_effects
 from pipeline.steer.config import SteerConfig
 from pipeline.steer.dose import NEUTRAL_PROMPTS, Bench, Setting, generation_effect, held_out_cost
 from pipeline.steer.generation import check_length
@@ -71,7 +70,7 @@ def choose_features(
     session: Session, cfg: SteerConfig, table: pa.Table | None, w_u: torch.Tensor, a_max: dict[int, float]
 ) -> dict[int, float]:
     """latent -> output score of the features to evaluate: the given ones, else the best-scoring live ones."""
-    sae, n_latents = session.sae, session.sae.cfg.n_latents
+    n_latents = session.sae.cfg.n_latents
     bad = [i for i in cfg.eval_features if not 0 <= i < n_latents]
     if bad:
         raise UserError(f"--eval-features {bad} out of range; this SAE has latents 0..{n_latents - 1}.")
@@ -80,32 +79,20 @@ def choose_features(
         known = dict(zip(table["latent"].to_pylist(), table["output_score"].to_pylist()))
         scores = torch.tensor([float(known[i]) for i in candidates])
     else:
-        layer, gain = push_site(session)
         scores = feature_output_scores(
             session.model,
-            session.blocks[layer],
+            session.blocks,
             session.tokenizer,
-            sae.W_dec,
+            session.subject.sae,
+            session.subject.layers[0],
+            session.subject.normalizer,
             w_u,
             candidates,
             a_max,
-            session.subject.normalizer,
-            layer,
-            gain,
         )
     order = scores.argsort(descending=True)
     keep = order if cfg.eval_features else order[: cfg.n_features]
     return {candidates[int(i)]: float(scores[i]) for i in keep}
-
-
-def push_site(session: Session) -> tuple[int, float]:
-    """(layer, gain) an output score pushes at: the run's layer, or for a RouteSAE the layer the score
-    prompt's last token is routed to, with 1 / its routing weight."""
-    if session.router is None:
-        return session.subject.layers[0], 1.0
-    ids = torch.tensor([session.tokenizer(SCORE_PROMPT).input_ids], device=session.device)  # (1, T)
-    choice, weight = route_choice(session.model, session.blocks, session.router, session.subject.normalizer, ids)
-    return session.router.cfg.layers[int(choice[0, -1])], 1 / float(weight[0, -1])
 
 
 def make_bench(
