@@ -153,6 +153,7 @@ def evaluate(
     infer_k: Annotated[int | None, opt(EvaluateConfig, "infer_k")] = None,
     theta: Annotated[float | None, opt(EvaluateConfig, "theta")] = None,
     splice: Annotated[str | None, opt(EvaluateConfig, "splice")] = None,
+    cache: Annotated[str | None, opt(EvaluateConfig, "cache")] = None,
     device: Annotated[str | None, opt(EvaluateConfig, "device")] = None,
     out: Annotated[str | None, opt(EvaluateConfig, "out")] = None,
     cache_root: Annotated[str | None, opt(EvaluateConfig, "cache_root")] = None,
@@ -219,6 +220,34 @@ def export(
     from pipeline.sae.export import export_run
 
     typer.echo(export_run(run, fmt, out).url)
+
+
+@app.command("import")
+def import_(
+    source: Annotated[
+        str, typer.Argument(help="A SAELens or sparsify checkpoint folder, or a hub repo id (org/name).")
+    ],
+    fmt: Annotated[str, typer.Option("--format", help="saelens | sparsify | auto (detected from the files).")] = "auto",
+    hookpoint: Annotated[
+        str | None,
+        typer.Option(help="Which SAE of a folder (or hub repo) holding several: its subfolder, e.g. layers.6."),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="The model the SAE is used with (default: the one the checkpoint names); checked against it."
+        ),
+    ] = None,
+    out: Annotated[
+        str | None, typer.Option(help="Run folder to write (default <cache-root>/saes/imported-...).")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Accept a model other than the one the checkpoint names.")] = False,
+    cache_root: Annotated[str, typer.Option(help="Root of saes/ (default run folders go there).")] = "cache",
+) -> None:
+    """Import a SAELens or sparsify SAE as a run folder (every command that takes a run takes it); prints it last."""
+    from pipeline.sae.importing import import_checkpoint
+
+    typer.echo(import_checkpoint(source, fmt, hookpoint, model, out, force, cache_root).url)
 
 
 @app.command()
