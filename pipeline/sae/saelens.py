@@ -53,7 +53,7 @@ def settings(raw: dict[str, Any]) -> dict[str, Any]:
     if version.split(".")[0].isdigit() and int(version.split(".")[0]) >= 6:
         return {
             **raw,
-            **{k: meta.get(k, raw.get(k)) for k in ("hook_name", "model_name", "context_size", "hook_head_index")},
+            **{k: meta.get(k, raw.get(k)) for k in ("hook_name", "model_name", "context_size", "hook_head_index", OWN)},
         }
     s = {**raw, "architecture": raw.get("architecture", "standard")}
     s["hook_name"] = raw.get("hook_name", raw.get("hook_point"))

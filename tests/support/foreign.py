@@ -46,7 +46,7 @@ def write_saelens(
 ) -> dict[str, Any]:
     """A SAELens folder (6.x config, or a flat pre-6 one with ``legacy``); returns the config written."""
     t = tensors if tensors is not None else their_tensors(arch)
-    d, n = t["W_enc"].shape
+    n, d = t["W_dec"].shape
     k = options.pop("k", 8)
     if legacy:
         cfg: dict[str, Any] = {"d_in": d, "d_sae": n, "dtype": "float32", "hook_point": hook, "model_name": model}
@@ -115,3 +115,52 @@ def reference(arch: str, t: dict[str, torch.Tensor], x: torch.Tensor, cfg: dict[
     elif norm == "expected_average_only_in":
         out = out / cfg["_scale"]
     return z, out
+
+
+def bad_checkpoints(tmp: Path, model: str) -> dict[str, str]:
+    """One folder per way a checkpoint can be wrong (tests/test_bad_inputs.py), plus a good one."""
+    sl = {name: tmp / name for name in ("good_sl", "no_bdec", "extra", "shape", "arch", "mlp", "nan", "pickle")}
+    write_saelens(sl["good_sl"], "topk", model)
+    without_bdec = their_tensors("topk")
+    del without_bdec["b_dec"]
+    write_saelens(sl["no_bdec"], "topk", model, tensors=without_bdec)
+    write_saelens(sl["extra"], "topk", model, tensors={**their_tensors("topk"), "scaling_factor": torch.ones(N)})
+    transposed = their_tensors("topk")
+    transposed["W_enc"] = transposed["W_enc"].T.contiguous()
+    write_saelens(sl["shape"], "topk", model, tensors={**transposed})
+    write_saelens(sl["arch"], "batchtopk", model, tensors=their_tensors("topk"), k=8)
+    write_saelens(sl["mlp"], "topk", model, "blocks.1.hook_mlp_out")
+    poisoned = their_tensors("topk")
+    poisoned["W_dec"][3, 5] = float("nan")
+    write_saelens(sl["nan"], "topk", model, tensors=poisoned)
+    write_saelens(sl["pickle"], "topk", model)
+    weights = sl["pickle"] / "sae_weights.safetensors"
+    torch.save(their_tensors("topk"), sl["pickle"] / "sae_weights.pt")
+    weights.unlink()
+    places = {name: str(path) for name, path in sl.items()}
+    write_saelens(tmp / "renamed", "topk", model)
+    torch.save(their_tensors("topk"), tmp / "renamed" / "sae_weights.safetensors")
+    write_saelens(tmp / "cnr", "topk", model, normalize_activations="constant_norm_rescale")
+    write_saelens(tmp / "avg", "topk", model, normalize_activations="expected_average_only_in")
+    write_saelens(tmp / "hookz", "topk", model, "blocks.1.attn.hook_z", reshape_activations="hook_z")
+    write_saelens(tmp / "gpt2", "topk", "gpt2")
+    write_saelens(tmp / "nomodel", "topk", None)
+    write_saelens(tmp / "several" / "a", "topk", model)
+    write_saelens(tmp / "several" / "b", "topk", model)
+    write_saelens(tmp / "narrow", "topk", model, tensors=their_tensors("topk", d=32))
+    write_saelens(tmp / "last", "topk", model, "blocks.3.hook_resid_post")
+    write_saelens(tmp / "jumprelu", "jumprelu", model)
+    (tmp / "nodin").mkdir()
+    (tmp / "nodin" / "cfg.json").write_text(json.dumps({"d_sae": N, "architecture": "standard"}))
+    (tmp / "badjson").mkdir()
+    (tmp / "badjson" / "cfg.json").write_text("{not json")
+    (tmp / "badjson" / "sae_weights.safetensors").write_bytes(b"")
+    (tmp / "empty").mkdir()
+    write_sparsify(tmp / "transcoder", model=model, transcode=True)
+    write_sparsify(tmp / "skip", model=model, skip_connection=True)
+    write_sparsify(tmp / "mlpsp", "layers.1.mlp", model)
+    for name in ("renamed", "cnr", "avg", "hookz", "gpt2", "nomodel", "several", "narrow", "last", "jumprelu"):
+        places[name] = str(tmp / name)
+    for name in ("nodin", "badjson", "empty", "transcoder", "skip", "mlpsp"):
+        places[name] = str(tmp / name)
+    return places
