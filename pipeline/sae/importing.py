@@ -55,6 +55,9 @@ def import_checkpoint(
             f"{shape.n_layers}-block model; sae-pipe splices layers 0..{shape.n_layers - 1} (inputs of blocks)."
         )
     target = Folder.at(out) if out else root.child("saes", run_name(foreign, spec["name"]))
+    if not out and target.exists("cfg.json"):  # the name hashes the weights: this very SAE, imported before
+        say(f"already imported: {target.url}")
+        return target
     if target.exists() and target.list():
         raise UserError(f"{target.url} exists and is not empty; choose a new --out folder (nothing was overwritten).")
     return _write(target, foreign, _record(foreign, spec, force))
