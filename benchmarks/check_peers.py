@@ -46,6 +46,7 @@ from pipeline.sae.dense import JumpReluSAE, ReluSAE
 from pipeline.sae.export import export_run
 from pipeline.sae.folder import load_sae
 from pipeline.sae.importing import import_checkpoint
+from pipeline.sae.topk import TopKSAE
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYER, MODEL = 6, "smollm2-135m"
@@ -62,6 +63,7 @@ def rows(cache: str) -> np.ndarray:
 def ours(run: str, x: np.ndarray, raw: bool, k: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Our dense code, reconstruction and firing margins on x (``raw``: the model's rows, normalized here)."""
     sae, cfg = load_sae(run)
+    assert isinstance(sae, TopKSAE)
     normalizer = Normalizer.from_dict(cfg["cache"]["normalization"] if raw else {"method": "none"})
     x_n, stats = normalizer.normalize(torch.from_numpy(x), LAYER)
     with torch.no_grad():
@@ -71,7 +73,7 @@ def ours(run: str, x: np.ndarray, raw: bool, k: int | None = None) -> tuple[np.n
     return code.numpy(), normalizer.denormalize(out.x_hat, stats).numpy(), margin
 
 
-def margins(sae: torch.nn.Module, x: torch.Tensor, k: int) -> torch.Tensor:
+def margins(sae: TopKSAE, x: torch.Tensor, k: int) -> torch.Tensor:
     """Per latent, the quantity whose sign decides whether it fires (B, N): near 0, rounding decides."""
     pre = torch.addmm(sae.b_enc, x - sae.b_dec, sae.W_enc.t())  # (B, N); gated: the gate's pre-activation
     if isinstance(sae, JumpReluSAE):
@@ -104,12 +106,19 @@ def differences(mine: tuple[np.ndarray, ...], theirs: tuple[np.ndarray, np.ndarr
 
 def prepare(work: Path) -> list[dict[str, Any]]:
     """Caches, our runs, their exports and our outputs on the export's input; the (a) case list."""
-    base = {"model": MODEL, "layers": str(LAYER), "ctx_len": 128, "max_tokens": 6144, "heldout": 0.25}
+    base: dict[str, Any] = {"model": MODEL, "layers": str(LAYER), "ctx_len": 128, "max_tokens": 6144, "heldout": 0.25}
     std = extract(ExtractConfig(**base, cache_root=str(work / "cache")))
     raw = extract(ExtractConfig(**base, normalize="none", dtype="float32", cache_root=str(work / "cache")))
     x = rows(raw.url)
     np.save(work / "raw.npy", x)
-    settings = {"latents": 2048, "k": 16, "batch_size": 512, "epochs": 3, "out": str(work / "saes"), "device": "cpu"}
+    settings: dict[str, Any] = {
+        "latents": 2048,
+        "k": 16,
+        "batch_size": 512,
+        "epochs": 3,
+        "out": str(work / "saes"),
+        "device": "cpu",
+    }
     cases = []
     for method, cache in (("standardize", std), ("none", raw)):
         run = fit(FitConfig(cache=cache.url, precision="float32", **settings))[0].url

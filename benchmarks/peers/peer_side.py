@@ -45,7 +45,8 @@ def sparsify_outputs(sae: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 def save(path: Path, code: torch.Tensor, out: torch.Tensor, **extra: torch.Tensor) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, code=code.numpy(), out=out.numpy(), **{k: v.numpy() for k, v in extra.items()})
+    arrays: dict[str, Any] = {"code": code.numpy(), "out": out.numpy(), **{k: v.numpy() for k, v in extra.items()}}
+    np.savez(path, **arrays)
 
 
 def load_exports(work: Path) -> None:
