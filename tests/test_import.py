@@ -223,9 +223,17 @@ def test_imported_run_in_evaluate_steer_and_interpret(
     expected = float((((x - x_hat) ** 2).sum(1) / (x.float() ** 2).sum(1)).mean())
     assert m["nmse"] == pytest.approx(expected, rel=1e-4)
     assert m["kl_per_token"] > 0 and m["ce_spliced"] > 0 and m["cache_key"] == ActivationCache.open(tiny_run["raw"]).key
-    (m,) = evaluate(
-        EvaluateConfig(**common, cache=tiny_run["cache"], metrics=["kl", "ce"])
-    )  # other normalization: tokens only
+    write_saelens(tmp_path / "ln", "standard", str(tiny_llama), normalize_activations="layer_norm")
+    layer_norm_run = import_checkpoint(str(tmp_path / "ln"), cache_root=str(tmp_path / "c")).url
+    (m_ln,) = evaluate(EvaluateConfig(**{**common, "runs": [layer_norm_run]}, cache=tiny_run["raw"], metrics=["nmse"]))
+    mu = x.float().mean(1, keepdim=True)
+    x_n = (x.float() - mu) / (
+        (x.float() - mu).std(1, keepdim=True) + 1e-5
+    )  # raw rows as SAELens's layer_norm sees them
+    _, x_hat_n = reference("standard", their_tensors("standard"), x_n, {})
+    assert m_ln["nmse"] == pytest.approx(float((((x_n - x_hat_n) ** 2).sum(1) / (x_n**2).sum(1)).mean()), rel=1e-4)
+    other = EvaluateConfig(**common, cache=tiny_run["cache"], metrics=["kl", "ce"])  # other normalization: tokens only
+    (m,) = evaluate(other)
     assert "nmse" not in m and m["kl_per_token"] > 0
     with pytest.raises(UserError, match="cannot read"):
         evaluate(EvaluateConfig(**common, cache=tiny_run["cache"], metrics=["nmse"]))
