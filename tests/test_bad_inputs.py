@@ -133,6 +133,7 @@ CASES = [
     ("import into a full folder", "import {good_sl} --out {full}", 2, "exists and is not empty"),
     ("imported run without a cache", "evaluate {imported}", 2, "was imported and has no activation cache of its own"),
     ("imported run, cache it cannot read", "evaluate {imported} --cache {cache} --metrics nmse", 2, "cannot read:"),
+    ("hand-edited k of an imported SAE", "evaluate {badk}", 2, "a jumprelu SAE has no top-k: its k must be 0"),
     ("imported run, other model's cache", "evaluate {imported} --cache {synthetic}", 2, "give a cache of that model"),
 ]
 
@@ -165,10 +166,15 @@ def places(tiny_llama: Path, jsonl_corpus: Path, tmp_path_factory: pytest.TempPa
     checkpoints = bad_checkpoints(tmp / "checkpoints", str(tiny_llama))
     imported = import_checkpoint(checkpoints["jumprelu"], cache_root=str(tmp))
     synthetic = synthetic_cache(tmp / "synthetic", [200], layers=(1,), d=64)
+    badk = tmp / "badk"
+    shutil.copytree(imported.local(), badk)
+    edited = json.loads((badk / "cfg.json").read_text())
+    (badk / "cfg.json").write_text(json.dumps({**edited, "sae": {**edited["sae"], "k": 5}}))
     return {
         **checkpoints,
         "imported": imported.url,
         "synthetic": synthetic.url,
+        "badk": str(badk),
         "tiny": str(tiny_llama),
         "jsonl": str(jsonl_corpus),
         "small": str(tmp / "small.txt"),
