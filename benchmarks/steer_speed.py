@@ -18,12 +18,11 @@ import time
 
 import torch
 
-from pipeline.llm.model import load_tokenizer, resolve_model
-from pipeline.sae.subject import load_llm, load_subject
 from pipeline.steer.config import SteerConfig
 from pipeline.steer.edits import Positions
+from pipeline.steer.generation import generate
 from pipeline.steer.intervene import steering
-from pipeline.steer.stage import generate, make_target
+from pipeline.steer.stage import make_target, open_session
 
 PROMPT = "The history of the printing press begins"
 
@@ -35,23 +34,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    device = torch.device("cpu")
-    subject = load_subject(args.run, device)
-    model, blocks = load_llm(subject.cache, device)
-    spec = subject.cache.manifest["spec"]["model"]
-    ids = load_tokenizer(resolve_model(spec["name"], spec.get("revision")))(PROMPT, return_tensors="pt").input_ids
-    cfg = SteerConfig(run=args.run, features=["7=add:10"], max_new_tokens=args.tokens)
-    target = make_target(subject, cfg)
+    cfg = SteerConfig(run=args.run, features=["7=add:10"], max_new_tokens=args.tokens, device="cpu")
+    session = open_session(cfg)
+    model, blocks = session.model, session.blocks
+    ids = session.tokenizer(PROMPT, return_tensors="pt").input_ids
+    target = make_target(session, cfg)
     times: dict[str, list[float]] = {"plain": [], "edited": []}
-    generate(model, ids, cfg)  # warm-up
+    generate(model, ids, cfg.max_new_tokens, cfg.sample, cfg.temperature, cfg.seed)  # warm-up
     for _ in range(args.repeats):
         for name in times:
             start = time.perf_counter()
             if name == "plain":
-                out = generate(model, ids, cfg)
+                out = generate(model, ids, cfg.max_new_tokens, cfg.sample, cfg.temperature, cfg.seed)
             else:
                 with steering(blocks, [target], "delta", Positions(), ids.shape[1]):
-                    out = generate(model, ids, cfg)
+                    out = generate(model, ids, cfg.max_new_tokens, cfg.sample, cfg.temperature, cfg.seed)
             times[name].append((out.shape[1] - ids.shape[1]) / (time.perf_counter() - start))
     plain, edited = (statistics.median(times[n]) for n in ("plain", "edited"))
     print(f"plain generate: {plain:.1f} tok/s; one edit (delta): {edited:.1f} tok/s; ratio {edited / plain:.2f}")

@@ -19,6 +19,7 @@ import click
 import typer
 
 from pipeline.cli_cache import JsonOpt, cache_app
+from pipeline.cli_interop import export, import_
 from pipeline.evaluate.config import EvaluateConfig
 from pipeline.extract.config import ExtractConfig
 from pipeline.fit.config import FitConfig
@@ -182,7 +183,11 @@ def evaluate(
 
 @app.command()
 def interpret(
-    run: Annotated[str, typer.Argument(help="A run folder printed by `sae-pipe fit`.")],
+    run: Annotated[str | None, typer.Argument(help="A run folder printed by `sae-pipe fit`.")] = None,
+    all_in: Annotated[
+        str | None,
+        typer.Option("--all", help="Interpret every finished run in this folder and write a comparison page."),
+    ] = None,
     max_tokens: Annotated[int | None, opt(InterpretConfig, "max_tokens")] = None,
     batch_size: Annotated[int | None, opt(InterpretConfig, "batch_size")] = None,
     infer_k: Annotated[int | None, opt(InterpretConfig, "infer_k")] = None,
@@ -192,6 +197,18 @@ def interpret(
     features: Annotated[int | None, opt(InterpretConfig, "features")] = None,
     explainer: Annotated[str | None, opt(InterpretConfig, "explainer")] = None,
     model: Annotated[str | None, opt(InterpretConfig, "model")] = None,
+    base_url: Annotated[str | None, opt(InterpretConfig, "base_url")] = None,
+    score: Annotated[str | None, opt(InterpretConfig, "score")] = None,
+    scorer_model: Annotated[str | None, opt(InterpretConfig, "scorer_model")] = None,
+    scorer_base_url: Annotated[str | None, opt(InterpretConfig, "scorer_base_url")] = None,
+    max_cost: Annotated[float | None, opt(InterpretConfig, "max_cost")] = None,
+    test_share: Annotated[float | None, opt(InterpretConfig, "test_share")] = None,
+    score_quantiles: Annotated[int | None, opt(InterpretConfig, "score_quantiles")] = None,
+    score_per_quantile: Annotated[int | None, opt(InterpretConfig, "score_per_quantile")] = None,
+    score_hard: Annotated[float | None, opt(InterpretConfig, "score_hard")] = None,
+    score_batch: Annotated[int | None, opt(InterpretConfig, "score_batch")] = None,
+    fuzz_threshold: Annotated[float | None, opt(InterpretConfig, "fuzz_threshold")] = None,
+    control: Annotated[bool | None, opt(InterpretConfig, "control")] = None,
     concurrency: Annotated[int | None, opt(InterpretConfig, "concurrency")] = None,
     seed: Annotated[int | None, opt(InterpretConfig, "seed")] = None,
     protocol: Annotated[bool | None, opt(InterpretConfig, "protocol")] = None,
@@ -201,53 +218,20 @@ def interpret(
     cache_root: Annotated[str | None, opt(InterpretConfig, "cache_root")] = None,
     params: ParamsOpt = None,
 ) -> None:
-    """Feature tables (parquet), GPT-4o explanations and an HTML report for one run; prints the output folder."""
-    overrides = {k: v for k, v in locals().items() if k != "params"}
+    """Feature tables (parquet), GPT-4o explanations, their scores on held-out examples and an HTML report;
+    prints the output folder (with --all, the comparison page)."""
+    overrides = {k: v for k, v in locals().items() if k not in ("params", "all_in", "run")}
+    from pipeline.evaluate.compare import find_runs
     from pipeline.infra.params import build_config
+    from pipeline.interpret.compare import interpret_all
     from pipeline.interpret.stage import interpret as run_interpret
 
-    cfg = build_config(InterpretConfig, _params(params), "interpret", overrides)
-    typer.echo(run_interpret(cfg)["out"])
-
-
-@app.command()
-def export(
-    run: Annotated[str, typer.Argument(help="A TopK run folder printed by `sae-pipe fit`.")],
-    fmt: Annotated[str, typer.Option("--format", help="saelens | sparsify.")],
-    out: Annotated[str, typer.Option("--out", help="New folder to write (must not exist or be empty).")],
-) -> None:
-    """Write a run in the layout SAELens or sparsify loads; prints the folder to load from."""
-    from pipeline.sae.export import export_run
-
-    typer.echo(export_run(run, fmt, out).url)
-
-
-@app.command("import")
-def import_(
-    source: Annotated[
-        str, typer.Argument(help="A SAELens or sparsify checkpoint folder, or a hub repo id (org/name).")
-    ],
-    fmt: Annotated[str, typer.Option("--format", help="saelens | sparsify | auto (detected from the files).")] = "auto",
-    hookpoint: Annotated[
-        str | None,
-        typer.Option(help="Which SAE of a folder (or hub repo) holding several: its subfolder, e.g. layers.6."),
-    ] = None,
-    model: Annotated[
-        str | None,
-        typer.Option(
-            help="The model the SAE is used with (default: the one the checkpoint names); checked against it."
-        ),
-    ] = None,
-    out: Annotated[
-        str | None, typer.Option(help="Run folder to write (default <cache-root>/saes/imported-...).")
-    ] = None,
-    force: Annotated[bool, typer.Option(help="Accept a model other than the one the checkpoint names.")] = False,
-    cache_root: Annotated[str, typer.Option(help="Root of saes/ (default run folders go there).")] = "cache",
-) -> None:
-    """Import a SAELens or sparsify SAE as a run folder (every command that takes a run takes it); prints it last."""
-    from pipeline.sae.importing import import_checkpoint
-
-    typer.echo(import_checkpoint(source, fmt, hookpoint, model, out, force, cache_root).url)
+    overrides["score"] = [s for s in score.split(",") if s] if score is not None else None
+    cfg = build_config(InterpretConfig, _params(params), "interpret", {**overrides, "run": run})
+    if all_in:
+        typer.echo(interpret_all(cfg, ([run] if run else []) + find_runs(all_in)))
+    else:
+        typer.echo(run_interpret(cfg)["out"])
 
 
 @app.command()
@@ -265,19 +249,41 @@ def steer(
     feature_table: Annotated[str | None, opt(SteerConfig, "feature_table")] = None,
     device: Annotated[str | None, opt(SteerConfig, "device")] = None,
     cache_root: Annotated[str | None, opt(SteerConfig, "cache_root")] = None,
+    evaluate: Annotated[bool | None, opt(SteerConfig, "evaluate")] = None,
+    out: Annotated[str | None, opt(SteerConfig, "out")] = None,
+    eval_feature: Annotated[list[int] | None, opt(SteerConfig, "eval_features", "--eval-feature")] = None,
+    n_features: Annotated[int | None, opt(SteerConfig, "n_features")] = None,
+    strength: Annotated[list[float] | None, opt(SteerConfig, "strengths", "--strength")] = None,
+    heldout_tokens: Annotated[int | None, opt(SteerConfig, "heldout_tokens")] = None,
+    batch_size: Annotated[int | None, opt(SteerConfig, "batch_size")] = None,
+    params: ParamsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Generate with and without latent edits, side by side (with --json: one object per prompt)."""
-    overrides = {k: v for k, v in locals().items() if k not in ("as_json", "feature", "prompt")}
+    """Generate with and without latent edits, side by side (with --json: one object per prompt).
+
+    With --evaluate: measure effect against cost for features x strengths; prints the output folder last."""
+    given = {k: v for k, v in locals().items() if k not in ("as_json", "params")}
+    renamed = {"feature": "features", "prompt": "prompts", "eval_feature": "eval_features", "strength": "strengths"}
+    overrides = {renamed.get(k, k): (v or None) if isinstance(v, list) else v for k, v in given.items()}
     from pipeline.infra.params import build_config
+
+    cfg = build_config(SteerConfig, _params(params), "steer", overrides)
+    if cfg.evaluate:
+        from pipeline.steer.evaluation import evaluate_steering
+
+        typer.echo(evaluate_steering(cfg).url)
+        return
     from pipeline.steer.stage import steer as run_steer
 
-    overrides.update(features=feature or None, prompts=prompt or None)
-    for record in run_steer(build_config(SteerConfig, None, "steer", overrides)):
+    for record in run_steer(cfg):
         if as_json:
             typer.echo(json.dumps(record))
         else:
             typer.echo(f"prompt:   {record['prompt']}\nunedited: {record['unedited']}\nedited:   {record['edited']}\n")
+
+
+app.command()(export)
+app.command("import")(import_)
 
 
 def _run_app() -> None:

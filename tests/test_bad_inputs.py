@@ -85,10 +85,18 @@ CASES = [
     ("unknown splice", "evaluate {run} --splice exact", 2, "unknown --splice 'exact'"),
     ("bad batch size", "interpret {run} --batch-size 0", 2, "--batch-size must be at least 1"),
     ("unknown explainer", "interpret {run} --explainer claude", 2, "unknown explainer 'claude'"),
+    ("unknown scorer", "interpret {run} --score detection,simulation", 2, "unknown scorer(s) simulation"),
+    ("estimate above --max-cost", "interpret {run} --score detection --max-cost 0.00001", 2, "is above --max-cost"),
     ("steer: latent out of range", "steer {run} --feature 500=scale:0 --prompt hi", 2, "latent 500 is out of range"),
     ("steer: unknown edit kind", "steer {run} --feature 5=boost:2 --prompt hi", 2, "unknown edit kind 'boost'"),
     ("steer: strength not finite", "steer {run} --feature 5=add:nan --prompt hi", 2, "must be a finite number"),
-    ("steer: RouteSAE run", "steer {route} --feature 5=scale:0 --prompt hi", 2, "is a RouteSAE; steering supports"),
+    ("steer: soft-routed run", "steer {soft} --feature 5=scale:0 --prompt hi", 2, "uses soft routing: its code mixes"),
+    (
+        "steer: evaluated latent out of range",
+        "steer {run} --evaluate --eval-feature 500",
+        2,
+        "--eval-features [500] out of range",
+    ),
     ("unknown export format", "export {run} --format onnx --out {tmp}/x", 2, "unknown export format 'onnx'"),
     ("export RouteSAE", "export {route} --format saelens --out {tmp}/y", 2, "RouteSAEs cannot be exported"),
     ("export into a full folder", "export {run} --format sparsify --out {full}", 2, "exists and is not empty"),
@@ -203,6 +211,8 @@ def test_user_error(
     capsys: pytest.CaptureFixture,
 ) -> None:
     monkeypatch.chdir(places["tmp"])  # commands without --cache-root write under ./cache: not the checkout's
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-bad-inputs")  # interpret would ask; nothing listens on port 9
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
     monkeypatch.setattr(sys, "argv", ["sae-pipe", *argv.format(**places).split()])
     with pytest.raises(SystemExit) as exit_info:
         main()

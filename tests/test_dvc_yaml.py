@@ -12,6 +12,7 @@ from pipeline.extract.config import ExtractConfig
 from pipeline.fit.config import FitConfig
 from pipeline.infra.params import build_config, load_params
 from pipeline.interpret.config import InterpretConfig
+from pipeline.steer.config import SteerConfig
 from tests.support.imports import package_of, reachable
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +25,7 @@ def imported_code(stage: str) -> set[str]:
     return {f"stages/{stage}.py"} | {f"pipeline/{p}" for p in packages if p != "pipeline"}
 
 
-@pytest.mark.parametrize("stage", ["extract", "fit", "evaluate", "interpret"])
+@pytest.mark.parametrize("stage", ["extract", "fit", "evaluate", "interpret", "steer"])
 def test_code_deps_are_exactly_the_imports(stage: str) -> None:
     declared = {d for d in STAGES[stage]["deps"] if d.startswith(("pipeline", "stages"))}
     assert declared == imported_code(stage)
@@ -41,8 +42,9 @@ def test_params_are_tracked_and_valid() -> None:
     params = load_params(ROOT / "params.yaml")
     tracked = set(STAGES["extract"]["params"])
     assert {f"model.{k}" for k in params["model"]} | {f"data.{k}" for k in params["data"]} | {"extract"} == tracked
-    for stage in ("fit", "evaluate", "interpret"):
+    for stage in ("fit", "evaluate", "interpret", "steer"):
         assert STAGES[stage]["params"] == [stage]
     build_config(ExtractConfig, params, "extract", {}, shared=("model", "data"))  # unknown keys would raise
-    for cls, stage in ((FitConfig, "fit"), (EvaluateConfig, "evaluate"), (InterpretConfig, "interpret")):
+    configs = (FitConfig, "fit"), (EvaluateConfig, "evaluate"), (InterpretConfig, "interpret"), (SteerConfig, "steer")
+    for cls, stage in configs:
         build_config(cls, params, stage, {})

@@ -3,7 +3,6 @@ server on loopback (retries, answer cache, malformed answers, failures), and the
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -14,15 +13,12 @@ import pytest
 import torch
 
 from pipeline.cache.reader import ActivationCache
-from pipeline.extract.config import ExtractConfig
-from pipeline.extract.stage import extract
-from pipeline.fit.config import FitConfig
-from pipeline.fit.stage import fit
 from pipeline.infra.errors import UserError
-from pipeline.interpret.config import InterpretConfig
 from pipeline.interpret.explain import parse_answer
+from pipeline.interpret.splits import scoring_rows
 from pipeline.interpret.stage import interpret
 from pipeline.sae.folder import load_sae
+from tests.support.interpret_run import icfg, train_run
 from tests.support.standin_openai import Script, standin_env
 
 KEY = "sk-test-SECRET-0123456789abcdef"
@@ -30,50 +26,7 @@ KEY = "sk-test-SECRET-0123456789abcdef"
 
 @pytest.fixture(scope="module")
 def run(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
-    root = tmp_path_factory.mktemp("interp")
-    corpus = root / "docs.jsonl"
-    from pipeline.extract.corpus import builtin_documents
-
-    docs = [{"text": d} for d in builtin_documents()[300:360]]
-    docs.insert(3, {"text": "Watch out: <script>alert('owned')</script> is not markup here. " * 20})
-    corpus.write_text("".join(json.dumps(d) + "\n" for d in docs))
-    cache = extract(
-        ExtractConfig(
-            model=str(tiny_llama),
-            dataset=str(corpus),
-            layers="2",
-            ctx_len=64,
-            max_tokens=6000,
-            heldout=0.3,
-            cache_root=str(root),
-            device="cpu",
-        )
-    )
-    cfg = FitConfig(
-        cache=cache.url,
-        latents=128,
-        k=8,
-        batch_size=256,
-        out=str(root / "saes"),
-        device="cpu",
-        precision="float32",
-        epochs=2,
-    )
-    return fit(cfg)[0].url
-
-
-def icfg(run: str, out: Path, **kw: object) -> InterpretConfig:
-    base = {
-        "run": run,
-        "out": str(out),
-        "cache_root": str(out.parent),
-        "device": "cpu",
-        "features": 6,
-        "top": 5,
-        "concurrency": 2,
-        "max_retries": 3,
-    }
-    return InterpretConfig(**{**base, **kw})  # type: ignore[arg-type]
+    return train_run(tiny_llama, tmp_path_factory.mktemp("interp"))
 
 
 def test_tables_match_a_dense_brute_force(run: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -89,10 +42,17 @@ def test_tables_match_a_dense_brute_force(run: str, tmp_path: Path, monkeypatch:
     dense = torch.zeros(len(rows), 128).scatter(1, latents.indices, latents.acts).numpy()  # (R, N)
     assert summary["tokens_scanned"] == len(rows)
     np.testing.assert_array_equal(features["count"].to_numpy(), (dense > 0).sum(0))
+    sequence = np.concatenate(  # each row's packed sequence, read from the cache's own arrays
+        [cache.read(s["index"], "heldout/sequence_index")[cache.read(s["index"], "heldout/seq")] for s in cache.shards]
+    )
+    train = ~scoring_rows(sequence, 0.5, 0)  # the explainer's side of the split (default test_share and seed)
+    np.testing.assert_array_equal(features["train_count"].to_numpy(), (dense[train] > 0).sum(0))
     for latent in np.flatnonzero((dense > 0).sum(0) >= 3)[:20]:
         values = np.sort(dense[:, latent][dense[:, latent] > 0])[::-1]
+        seen = np.sort(dense[train, latent][dense[train, latent] > 0])[::-1]
         top = examples[(examples.latent == latent) & (examples.kind == "top")].sort_values("rank")
-        np.testing.assert_allclose(top.activation.to_numpy(), values[: len(top)], rtol=1e-5)
+        assert set(top.split) <= {"train"} and train[top.row.to_numpy()].all()
+        np.testing.assert_allclose(top.activation.to_numpy(), seen[: len(top)], rtol=1e-5)
         np.testing.assert_allclose(top.activation.to_numpy(), dense[top.row.to_numpy(), latent], rtol=1e-5)
         row = features.iloc[latent]
         assert row.max_act == pytest.approx(values[0], rel=1e-5)

@@ -12,6 +12,7 @@ from pipeline.extract.config import ExtractConfig
 from pipeline.fit.config import FitConfig
 from pipeline.infra.params import DATA_KEYS, MODEL_KEYS, doc
 from pipeline.interpret.config import InterpretConfig
+from pipeline.steer.config import SteerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = {
@@ -21,6 +22,7 @@ SECTIONS = {
     "fit": (FitConfig, None),
     "evaluate": (EvaluateConfig, None),
     "interpret": (InterpretConfig, None),
+    "steer": (SteerConfig, None),
 }
 
 
@@ -61,7 +63,7 @@ def test_a_stale_comment_is_caught() -> None:
     assert mismatches(stale) == ["fit.k: 'active latents (old wording)' != 'active latents per token'"]
 
 
-@pytest.mark.parametrize("cls", [ExtractConfig, FitConfig, EvaluateConfig, InterpretConfig])
+@pytest.mark.parametrize("cls", [ExtractConfig, FitConfig, EvaluateConfig, InterpretConfig, SteerConfig])
 def test_every_field_has_a_doc(cls: type) -> None:
     import dataclasses
 

@@ -16,12 +16,14 @@ from pipeline.extract.stage import extract
 from pipeline.fit.config import FitConfig
 from pipeline.fit.stage import fit
 from pipeline.infra.errors import UserError
+from pipeline.llm.hooks import replace_input
+from pipeline.sae.routing import route_choice
 from pipeline.sae.subject import load_llm, load_subject
 from pipeline.sae.topk import SaeConfig, TopKSAE
 from pipeline.steer.config import SteerConfig
 from pipeline.steer.edits import Edit, Positions, parse_edit
-from pipeline.steer.intervene import Target, edit_hidden, steering
-from pipeline.steer.stage import make_target, steer
+from pipeline.steer.intervene import Target, edit_hidden, routed_logits, steering
+from pipeline.steer.stage import steer
 from tests.support.caches import tiny_extract_config
 
 CPU = torch.device("cpu")
@@ -167,8 +169,82 @@ def test_prompt_longer_than_the_model_is_refused(run: str) -> None:
         steer(cfg)
 
 
-def test_route_runs_are_refused_with_a_reason(tiny_llama: Path, tmp_path: Path) -> None:
-    cache = extract(tiny_extract_config(tiny_llama, tmp_path))
-    route = fit(FitConfig(cache=cache.url, arch="route", latents=128, k=8, batch_size=256, out=str(tmp_path / "s")))[0]
-    with pytest.raises(UserError, match="is a RouteSAE; steering supports TopK runs so far"):
-        make_target(load_subject(route.url, CPU), SteerConfig(features=["1=scale:0"]))
+@pytest.fixture(scope="module")
+def route(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    root = tmp_path_factory.mktemp("steer-route")
+    cache = extract(tiny_extract_config(tiny_llama, root))
+    cfg = FitConfig(cache=cache.url, arch="route", latents=128, k=8, batch_size=256, out=str(root / "s"), device="cpu")
+    subject = load_subject(fit(cfg)[0].url, CPU)
+    model, blocks = load_llm(subject.cache, CPU)
+    return subject, model, blocks
+
+
+def test_route_edit_lands_at_the_routed_layer_only(route: tuple) -> None:
+    """A direction edit at the last token equals adding value / w * std * d_i at that token's routed layer."""
+    subject, model, blocks = route
+    router, tokens, latent, value = subject.sae, torch.tensor([[5, 17, 33, 80, 120, 7, 64, 200]]), 9, 3.0
+    target = Target(
+        router.sae, router.cfg.layers[0], subject.normalizer, [Edit(latent, "direction", value)], {}, router
+    )
+    got = routed_logits(model, blocks, target, "delta", Positions("last"), tokens, tokens.shape[1])
+    choice, weight = route_choice(model, blocks, router, subject.normalizer, tokens)
+    layer, w = router.cfg.layers[int(choice[0, -1])], float(weight[0, -1])
+
+    def add(h: torch.Tensor) -> torch.Tensor:  # written out by hand: the residual of the last token only
+        out = h.clone()
+        std = h[0, -1].float().std() + subject.normalizer.eps
+        out[0, -1] += value / w * std * router.sae.W_dec[latent]
+        return out
+
+    with replace_input(blocks[layer], add), torch.no_grad():
+        expected = model(input_ids=tokens).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        clean = model(input_ids=tokens).logits
+    torch.testing.assert_close(got[0, :-1], clean[0, :-1], atol=1e-5, rtol=1e-5)  # earlier positions untouched
+    assert (got[0, -1] - clean[0, -1]).abs().max() > 1e-3  # the edit does something
+
+
+def test_routed_hooks_are_gone_after_an_exception(route: tuple) -> None:
+    subject, model, blocks = route
+    router = subject.sae
+    target = Target(router.sae, router.cfg.layers[0], subject.normalizer, [Edit(3, "scale", 0.0)], {}, router)
+
+    def boom(module, args, output):  # noqa: ANN001, ANN202 - raises after the routed hooks are in place
+        raise RuntimeError("boom")
+
+    handle = model.model.norm.register_forward_hook(boom)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            routed_logits(model, blocks, target, "delta", Positions(), torch.tensor([[5, 17, 33]]), 3)
+    finally:
+        handle.remove()
+    assert all(len(block._forward_pre_hooks) == 0 for block in blocks)
+
+
+def test_route_runs_steer_from_the_cli(route: tuple) -> None:
+    subject = route[0]
+    args = ["steer", subject.folder.url, "--feature", "3=direction:50", "--prompt", "the cat", "--max-new-tokens", "3"]
+    result = CliRunner().invoke(app, [*args, "--json", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.output.strip().splitlines()[-1])
+    assert record["layers"] == subject.layers and record["unedited"] != record["edited"]
+
+
+def test_route_dose_response(route: tuple, tmp_path: Path) -> None:
+    from pipeline.steer.evaluation import evaluate_steering
+
+    cfg = SteerConfig(
+        run=route[0].folder.url,
+        evaluate=True,
+        eval_features=[3],
+        strengths=[0.0, 16.0],
+        heldout_tokens=32,
+        max_new_tokens=3,
+        prompts=["the cat"],
+        out=str(tmp_path),
+        device="cpu",
+    )
+    rows = (evaluate_steering(cfg).local() / "steering.csv").read_text().splitlines()[1:]
+    (zero, strong) = ([float(v) for v in row.split(",")] for row in rows)  # feature,strength,effect,gain,kl,ppl
+    assert zero[4] == 0 and zero[3] == 0 and strong[4] > 0 and strong[3] > 0

@@ -20,9 +20,6 @@ Spliced into the LLM (logits over held-out sequences):
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-from torch import Tensor
-
 DEFINITIONS = {
     "nmse": "mean over tokens of ||x - x_hat||^2 / ||x||^2 (normalized space)",
     "fvu": "sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 (normalized space)",
@@ -39,20 +36,6 @@ DEFINITIONS = {
     "ce_zero": "mean next-token cross-entropy with the layer's residual stream zeroed, nats",
     "ce_recovered": "(ce_zero - ce_spliced) / (ce_zero - ce_clean)",
 }
-
-
-def kl_per_position(clean_logits: Tensor, other_logits: Tensor) -> Tensor:
-    """KL(p_clean || p_other) at every position, (B, T), computed in float32."""
-    clean = F.log_softmax(clean_logits.float(), dim=-1)
-    other = F.log_softmax(other_logits.float(), dim=-1)
-    return (clean.exp() * (clean - other)).sum(-1)
-
-
-def ce_per_position(logits: Tensor, tokens: Tensor) -> Tensor:
-    """Cross-entropy of predicting tokens[:, t+1] from position t, (B, T-1)."""
-    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), tokens[:, 1:].flatten(), reduction="none").view(
-        tokens.shape[0], -1
-    )
 
 
 def ce_recovered(ce_clean: float, ce_spliced: float, ce_zero: float) -> float:

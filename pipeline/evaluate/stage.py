@@ -13,14 +13,16 @@ from typing import Any
 import torch
 
 from pipeline.evaluate.config import METRICS, SPLICES, EvaluateConfig
-from pipeline.evaluate.metrics import DEFINITIONS, ce_per_position, ce_recovered, kl_per_position
-from pipeline.evaluate.splice import logits_with, route_choice, route_edits, topk_edits, zero_edits
+from pipeline.evaluate.metrics import DEFINITIONS, ce_recovered
+from pipeline.evaluate.splice import logits_with, route_edits, topk_edits, zero_edits
 from pipeline.infra.console import progress_bar, say
 from pipeline.infra.device import resolve_device
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
+from pipeline.llm.divergence import ce_per_position, kl_per_position
 from pipeline.sae.quality import Reconstruction
 from pipeline.sae.route import RouteSAE
+from pipeline.sae.routing import route_choice
 from pipeline.sae.subject import Subject, load_llm, load_subject
 
 FAST_BATCH = 4096  # held-out rows per SAE forward

@@ -1,30 +1,20 @@
 """Asking an LLM (GPT-4o by default, official `openai` client) what a feature means.
 
 The protocol follows the RouteSAE paper: each feature is classified as low-level, high-level or
-undiscernible and scored 1-5 for monosemanticity. Key and base URL come from the standard
-environment variables (OPENAI_API_KEY, OPENAI_BASE_URL), so any OpenAI-compatible server works.
-Every answer is cached on disk under a hash of (model, prompt): a re-run pays nothing twice.
-The key is never printed, logged or written; API errors are recorded by type and status only.
+undiscernible and scored 1-5 for monosemanticity. Requests go through :mod:`pipeline.interpret.client`
+(retries, answer cache, cost estimate and cap; the key never leaves the environment).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
-import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
-from pipeline.infra.files import Folder
+from pipeline.interpret.client import ChatClient, Messages, usd
 
 CATEGORIES = ("low-level", "high-level", "undiscernible")
-# USD per million (input, output) tokens, OpenAI list prices for these models.
-PRICES = {"gpt-4o": (2.50, 10.00), "gpt-4o-mini": (0.15, 0.60)}
-STOP_AFTER_FAILURES = 3  # consecutive features whose request failed after all retries: stop asking
 
 SYSTEM = (
     "You interpret features of a sparse autoencoder trained on the hidden states of a language model. "
@@ -49,19 +39,7 @@ Reply with JSON: {{"category": "low-level" | "high-level" | "undiscernible", "sc
 "explanation": "<one sentence>"}}"""
 
 
-@dataclass
-class ExplainerSettings:
-    """How the explainer is called."""
-
-    model: str = "gpt-4o"  # chat model name
-    concurrency: int = 4  # requests in flight
-    max_retries: int = 4  # per request, with exponential backoff (429, 5xx, timeouts)
-    timeout: float = 60.0  # seconds per request
-    temperature: float = 0.1  # as in the RouteSAE protocol
-    max_answer_tokens: int = 200  # completion budget per feature
-
-
-def build_messages(examples: list[dict[str, Any]]) -> list[dict[str, str]]:
+def build_messages(examples: list[dict[str, Any]]) -> Messages:
     """Chat messages for one feature; examples carry prefix, token, suffix and activation."""
     lines = [
         f"{i}. (activation {e['activation']:.2f}) {_clean(e['prefix'])}[[{_clean(e['token'])}]]{_clean(e['suffix'])}"
@@ -104,108 +82,35 @@ def parse_answer(text: str) -> dict[str, Any] | None:
     return {"category": category, "score": score, "explanation": str(data.get("explanation") or "").strip()}
 
 
-class AnswerCache:
-    """One JSON file per (model, messages) hash; written atomically, safe across threads and runs."""
+class Explainer:
+    """Explains features through the shared chat client (cached, retried, cost-capped)."""
 
-    def __init__(self, folder: Folder) -> None:
-        self.folder = folder
+    def __init__(self, client: ChatClient) -> None:
+        self.client = client
 
     @staticmethod
-    def key(model: str, messages: list[dict[str, str]]) -> str:
-        return hashlib.sha256(json.dumps([model, messages], sort_keys=True).encode()).hexdigest()
-
-    def get(self, key: str) -> dict[str, Any] | None:
-        return self.folder.read_json(f"{key}.json") if self.folder.exists(f"{key}.json") else None
-
-    def put(self, key: str, value: dict[str, Any]) -> None:
-        self.folder.write_json(value, f"{key}.json")
-
-
-def api_key_present() -> bool:
-    return bool(os.environ.get("OPENAI_API_KEY"))
-
-
-class Explainer:
-    """Explains features concurrently, from the answer cache when possible."""
-
-    def __init__(self, settings: ExplainerSettings, cache: AnswerCache) -> None:
-        import openai
-
-        self.s, self.cache = settings, cache
-        self.client = openai.OpenAI(max_retries=settings.max_retries, timeout=settings.timeout)
-        self._lock = threading.Lock()
-        self._failures = 0
-        self.stopped: str | None = None  # why no more requests are sent
+    def requests(items: list[tuple[int, list[dict[str, Any]]]]) -> list[Messages]:
+        return [build_messages(examples) for _, examples in items]
 
     def explain_all(
         self, items: list[tuple[int, list[dict[str, Any]]]], on_done: Callable[[], None] | None = None
     ) -> list[dict[str, Any]]:
         """One record per (latent, examples), in order; ``on_done`` is called as each finishes."""
-        with ThreadPoolExecutor(max(1, self.s.concurrency)) as pool:
-            futures = [pool.submit(self._one, item) for item in items]
-            records = []
-            for future in futures:
-                records.append(future.result())
-                if on_done is not None:
-                    on_done()
-            return records
-
-    def _one(self, item: tuple[int, list[dict[str, Any]]]) -> dict[str, Any]:
-        latent, examples = item
-        messages = build_messages(examples)
-        key = AnswerCache.key(self.s.model, messages)
-        cached = self.cache.get(key)
-        if cached is not None:
-            return _record(latent, cached, cached=True)
-        if self.stopped:
-            return {"latent": latent, "status": "not sent", "error": self.stopped}
-        try:
-            answer = self._ask(messages)
-        except Exception as err:  # noqa: BLE001 - recorded by type and status only (messages may echo the key)
-            return {"latent": latent, "status": "failed", "error": self._failed(err)}
-        self.cache.put(key, answer)
-        with self._lock:
-            self._failures = 0
-        return _record(latent, answer, cached=False)
-
-    def _ask(self, messages: list[dict[str, str]]) -> dict[str, Any]:
-        response = self.client.chat.completions.create(
-            model=self.s.model,
-            messages=messages,  # type: ignore[arg-type]
-            temperature=self.s.temperature,
-            max_tokens=self.s.max_answer_tokens,
-        )
-        usage = response.usage
-        return {
-            "text": response.choices[0].message.content or "",
-            "model": self.s.model,
-            "prompt_tokens": usage.prompt_tokens if usage else 0,
-            "completion_tokens": usage.completion_tokens if usage else 0,
-        }
-
-    def _failed(self, err: Exception) -> str:
-        import openai
-
-        status = getattr(err, "status_code", None)
-        what = f"{type(err).__name__}" + (f" (HTTP {status})" if status else "")
-        with self._lock:
-            self._failures += 1
-            if isinstance(err, (openai.AuthenticationError, openai.PermissionDeniedError)):
-                self.stopped = f"the API refused the key: {what}"
-            elif self._failures >= STOP_AFTER_FAILURES:
-                self.stopped = f"{self._failures} features in a row failed after all retries, last: {what}"
-        return what
+        replies = self.client.ask_all(self.requests(items), on_done)
+        return [_record(latent, reply) for (latent, _), reply in zip(items, replies)]
 
 
-def _record(latent: int, answer: dict[str, Any], cached: bool) -> dict[str, Any]:
-    parsed = parse_answer(answer["text"])
+def _record(latent: int, reply: dict[str, Any]) -> dict[str, Any]:
+    if reply["status"] in ("failed", "not sent"):
+        return {"latent": latent, "status": reply["status"], "error": reply["error"]}
+    parsed = parse_answer(reply["text"])
     record = {
         "latent": latent,
-        "status": ("cached" if cached else "ok") if parsed else "malformed",
-        "answer": answer["text"],
-        "cached": cached,
-        "prompt_tokens": 0 if cached else answer.get("prompt_tokens", 0),
-        "completion_tokens": 0 if cached else answer.get("completion_tokens", 0),
+        "status": reply["status"] if parsed else "malformed",
+        "answer": reply["text"],
+        "cached": reply["cached"],
+        "prompt_tokens": reply["prompt_tokens"],
+        "completion_tokens": reply["completion_tokens"],
     }
     return {**record, **(parsed or {})}
 
@@ -215,7 +120,7 @@ def summarize(records: list[dict[str, Any]], model: str) -> dict[str, Any]:
     parsed = [r for r in records if r.get("category")]
     prompt = sum(r.get("prompt_tokens", 0) for r in records)
     completion = sum(r.get("completion_tokens", 0) for r in records)
-    price = PRICES.get(model)
+    cost = usd(model, prompt, completion)
     return {
         "explainer_model": model,
         "features_asked": len(records),
@@ -230,5 +135,5 @@ def summarize(records: list[dict[str, Any]], model: str) -> dict[str, Any]:
         "not_sent": sum(r["status"] == "not sent" for r in records),
         "prompt_tokens": prompt,
         "completion_tokens": completion,
-        "cost_usd": round(prompt * price[0] / 1e6 + completion * price[1] / 1e6, 6) if price else None,
+        "cost_usd": None if cost is None else round(cost, 6),
     }

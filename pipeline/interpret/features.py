@@ -42,6 +42,20 @@ class Activations:
     def counts(self) -> np.ndarray:
         return np.diff(self.starts)
 
+    def where(self, keep: np.ndarray) -> Activations:
+        """Only the activations on rows where ``keep`` ((n_rows,) bool) holds, in the same order."""
+        entries = keep[self.row]
+        latent = self.latent[entries]
+        starts = np.searchsorted(latent, np.arange(len(self.starts)))
+        layer = None if self.layer is None else self.layer[entries]
+        return Activations(latent, self.act[entries], self.row[entries], layer, starts, self.n_rows, self.row_layer)
+
+    def of(self, latent: int) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, activations) of one latent, rows ascending: for looking activations up by row."""
+        group = self.group(latent)
+        order = np.argsort(self.row[group], kind="stable")
+        return self.row[group][order], self.act[group][order]
+
 
 @torch.no_grad()
 def collect(
@@ -146,58 +160,93 @@ def _top_layers(acts: Activations, layers: list[int]) -> np.ndarray:
     return np.where(counts.sum(1) > 0, np.asarray(layers)[counts.argmax(1)], -1)
 
 
+Example = tuple[int, str, int, float, int]  # (latent, kind, rank, activation, row)
+
+
 def select_examples(
-    acts: Activations, top: int, quantile_bins: int, per_bin: int, random: int, rng: np.random.Generator
-) -> list[tuple[int, str, int, float, int]]:
-    """(latent, kind, rank, activation, row) for every active latent: top, quantile-sampled, random."""
-    chosen: list[tuple[int, str, int, float, int]] = []
+    acts: Activations,
+    top: int,
+    quantile_bins: int,
+    per_bin: int,
+    random: int,
+    rng: np.random.Generator,
+    pool: np.ndarray | None = None,
+) -> list[Example]:
+    """For every active latent: top, quantile-sampled, and random rows of ``pool`` (default: all rows)
+    where it is silent."""
+    pool = np.arange(acts.n_rows) if pool is None else pool
+    chosen: list[Example] = []
     for latent in np.flatnonzero(acts.counts):
         group = acts.group(int(latent))
         rows, values = acts.row[group], acts.act[group]
         chosen += [(int(latent), "top", i, float(values[i]), int(rows[i])) for i in range(min(top, len(rows)))]
-        for b, part in enumerate(np.array_split(np.arange(len(rows)), quantile_bins)):
-            for i in rng.choice(part, min(per_bin, len(part)), replace=False) if len(part) else []:
-                chosen.append((int(latent), f"q{b}", int(i), float(values[i]), int(rows[i])))
-        chosen += [
-            (int(latent), "random", i, 0.0, r) for i, r in enumerate(_inactive_rows(rows, acts.n_rows, random, rng))
-        ]
+        chosen += quantile_sample(int(latent), rows, values, quantile_bins, per_bin, rng)
+        chosen += [(int(latent), "random", i, 0.0, r) for i, r in enumerate(inactive_rows(rows, pool, random, rng))]
     return chosen
 
 
-def _inactive_rows(active: np.ndarray, n_rows: int, wanted: int, rng: np.random.Generator) -> list[int]:
-    """Up to ``wanted`` distinct random rows where the latent is not active."""
-    if n_rows - len(active) <= 0:
+def quantile_sample(
+    latent: int, rows: np.ndarray, values: np.ndarray, bins: int, per_bin: int, rng: np.random.Generator
+) -> list[Example]:
+    """``per_bin`` examples from each of ``bins`` rank bins of activations sorted strongest first
+    (kind q0 = the strongest bin)."""
+    chosen: list[Example] = []
+    for b, part in enumerate(np.array_split(np.arange(len(rows)), bins)):
+        for i in rng.choice(part, min(per_bin, len(part)), replace=False) if len(part) else []:
+            chosen.append((latent, f"q{b}", int(i), float(values[i]), int(rows[i])))
+    return chosen
+
+
+def inactive_rows(active: np.ndarray, pool: np.ndarray, wanted: int, rng: np.random.Generator) -> list[int]:
+    """Up to ``wanted`` distinct random rows of ``pool`` where the latent is not active."""
+    if len(pool) - len(active) <= 0:
         return []
-    candidates = rng.choice(n_rows, min(n_rows, wanted * 4 + len(active) // 10 + 8), replace=False)
+    candidates = rng.choice(pool, min(len(pool), wanted * 4 + len(active) // 10 + 8), replace=False)
     return [int(r) for r in candidates[~np.isin(candidates, active)][:wanted]]  # random order, not sorted
 
 
 def examples_table(
-    chosen: list[tuple[int, str, int, float, int]],
+    chosen: list[Example],
     index: HeldoutIndex,
     tokenizer,  # noqa: ANN001
     before: int,
     after: int,
+    split: str,
     layer: np.ndarray | None = None,
 ) -> pa.Table:
-    """The selected examples with their token, document, position and decoded context; with ``layer``
-    ((rows,) model layer per held-out row, RouteSAE), the layer each example was routed to."""
+    """The selected examples with their split (train: the explainer may see it; test: only scorers do),
+    packed sequence, token, document, position and decoded context; with ``layer`` ((rows,) model layer
+    per held-out row, RouteSAE), the layer each example was routed to."""
     rows = np.asarray([c[4] for c in chosen], dtype=np.int64)
     unique, inverse = np.unique(rows, return_inverse=True)
     texts = decode_windows(tokenizer, [index.window(int(r), before, after) for r in unique])
     table = pa.table(
         {
             "latent": pa.array([c[0] for c in chosen], pa.int32()),
-            "kind": [c[1] for c in chosen],
+            "split": pa.array([split] * len(chosen), pa.string()),
+            "kind": pa.array([c[1] for c in chosen], pa.string()),
             "rank": pa.array([c[2] for c in chosen], pa.int32()),
             "activation": pa.array([c[3] for c in chosen], pa.float32()),
             "row": rows,
+            "sequence": index.sequence[rows].astype(np.int64),
             "token_id": index.token[rows].astype(np.int32),
             "doc": index.doc[rows].astype(np.int32),
             "pos": index.pos[rows].astype(np.int32),
-            "prefix": [texts[i][0] for i in inverse],
-            "token": [texts[i][1] for i in inverse],
-            "suffix": [texts[i][2] for i in inverse],
+            "prefix": pa.array([texts[i][0] for i in inverse], pa.string()),
+            "token": pa.array([texts[i][1] for i in inverse], pa.string()),
+            "suffix": pa.array([texts[i][2] for i in inverse], pa.string()),
         }
     )
     return table if layer is None else table.append_column("layer", pa.array(layer[rows], pa.int32()))
+
+
+def with_columns(table: pa.Table, columns: dict[str, dict[int, object]], types: dict[str, pa.DataType]) -> pa.Table:
+    """``table`` (one row per latent) with more per-latent columns, given as {latent: value}; null where
+    a latent has no value. How later stages add their own numbers to features.parquet."""
+    latents = table["latent"].to_pylist()
+    for name, values in columns.items():
+        array = pa.array([values.get(latent) for latent in latents], types[name])
+        if name in table.column_names:
+            table = table.drop_columns([name])
+        table = table.append_column(name, array)
+    return table

@@ -1,16 +1,24 @@
-"""`sae-pipe interpret`: feature tables from held-out tokens, LLM explanations, an HTML report.
+"""`sae-pipe interpret`: feature tables from held-out tokens, LLM explanations and their scores, a report.
+
+Held-out sequences are split (``test_share``, seeded): the explainer sees examples from train sequences
+only; the scorers judge examples from the other, test sequences.
 
 Outputs (``<cache_root>/interpret/<run>/``):
   features.parquet      one row per latent: latent, count, frequency, mean_act, max_act,
                         q10..q99 (activation quantiles), hist (20-bin histogram over (0, max_act]),
-                        top_layer (RouteSAE), protocol_passes / protocol_reason (with --protocol)
-  examples.parquet      per latent: kind (top | q0..qN quantile bins | random non-activating), rank,
-                        activation, row, token_id, doc, pos, prefix / token / suffix (decoded context),
-                        layer (hard-routed RouteSAE: the layer the token was routed to)
+                        train_count / test_count (activations in train / test sequences), sampled (sent to
+                        the explainer), top_layer (RouteSAE), protocol_passes / protocol_reason (with
+                        --protocol), <scorer>_balanced_accuracy / _precision / _recall / _f1 / _auc / _n
+  examples.parquet      per latent: split (train | test), kind (top | q0..qN quantile bins | random
+                        non-activating | hard | protocol), rank, activation, row, sequence, token_id, doc,
+                        pos, prefix / token / suffix (decoded context), layer (hard-routed RouteSAE: the
+                        layer the token was routed to); test rows also window_tokens, window_acts, center
 For a hard-routed RouteSAE, activations are those of the unscaled input: the SAE encodes w * x (w = the
 routing weight), and a / w is the coefficient of the feature in the reconstruction of x itself.
   explanations.parquet  per explained latent: status, category, score, explanation, answer, tokens
-  summary.json          counts per category, mean score, interpretable count, tokens and cost
+  scores.parquet        every scorer verdict: scorer, latent, explained_by, control, batch, row, label,
+                        marked (fuzzing), verdict, prob (P(1) from log-probabilities), status
+  summary.json          counts per category, mean score, scores per scorer with 95 % intervals, tokens, cost
   report.html           the page to look at
 """
 
@@ -20,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.cache.contexts import HeldoutIndex
@@ -28,11 +35,22 @@ from pipeline.infra.console import Stopwatch, progress_bar, say
 from pipeline.infra.device import resolve_device
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
+from pipeline.interpret.ask import Asker
 from pipeline.interpret.config import InterpretConfig
-from pipeline.interpret.explain import AnswerCache, Explainer, ExplainerSettings, api_key_present, summarize
-from pipeline.interpret.features import Activations, collect, examples_table, feature_table, select_examples
+from pipeline.interpret.explain import summarize
+from pipeline.interpret.features import (
+    Activations,
+    collect,
+    examples_table,
+    feature_table,
+    select_examples,
+    with_columns,
+)
 from pipeline.interpret.protocol import ProtocolSettings, apply_protocol
 from pipeline.interpret.report import render_report
+from pipeline.interpret.score import SCORERS
+from pipeline.interpret.splits import ScoringPlan, scoring_rows, select_tests, window_columns
+from pipeline.interpret.stats import METRICS
 from pipeline.llm.model import load_tokenizer, resolve_model
 from pipeline.sae.subject import Subject, load_subject
 
@@ -40,19 +58,16 @@ EXPLAINERS = ("openai", "none")
 
 
 def interpret(cfg: InterpretConfig) -> dict[str, Any]:
-    """Build tables, explanations and the report for one run; return its summary."""
-    if cfg.explainer not in EXPLAINERS:
-        raise UserError(f"unknown explainer {cfg.explainer!r}; use one of {', '.join(EXPLAINERS)}.")
-    if not cfg.run:
-        raise UserError("no run given: pass a run folder printed by `sae-pipe fit`.")
-    if cfg.batch_size < 1 or cfg.max_tokens < 0:
-        raise UserError("--batch-size must be at least 1 and --max-tokens not negative (0 = all held-out tokens).")
+    """Build tables, explanations, scores and the report for one run; return its summary."""
+    _check(cfg)
     clock = Stopwatch()
     subject = load_subject(cfg.run, resolve_device(cfg.device), cfg.cache or None)
     subject.check_infer_k(cfg.infer_k)
     out = Folder.at(cfg.out) if cfg.out else Folder.at(cfg.cache_root).child("interpret", subject.folder.name)
+    tables, scanned, latents = build_tables(subject, cfg)
+    asker = Asker(cfg, tables, latents)
+    asker.check_cost()  # may stop the run: before anything is written or sent
     out.makedirs()
-    tables, scanned = build_tables(subject, cfg)
     for name, table in tables.items():
         pq.write_table(table, out.local() / f"{name}.parquet")
     summary: dict[str, Any] = {
@@ -62,8 +77,13 @@ def interpret(cfg: InterpretConfig) -> dict[str, Any]:
         "active_latents": int(np.count_nonzero(tables["features"]["count"].to_numpy())),
         "examples": tables["examples"].num_rows,
     }
-    records = _explain(tables, cfg, out)
+    records = asker.explain(out)
     summary.update({"explanations": "skipped"} if records is None else summarize(records, cfg.model))
+    scored, per_feature = asker.score(records, out)
+    summary.update(scored)
+    if per_feature:
+        tables["features"] = _with_scores(tables["features"], per_feature)
+        pq.write_table(tables["features"], out.local() / "features.parquet")
     summary["seconds"] = round(clock.seconds, 1)
     out.write_json(summary, "summary.json")
     explained = {r["latent"]: r for r in records or [] if r.get("category")}
@@ -81,8 +101,26 @@ def interpret(cfg: InterpretConfig) -> dict[str, Any]:
     return {**summary, "out": out.url}
 
 
-def build_tables(s: Subject, cfg: InterpretConfig) -> tuple[dict[str, pa.Table], int]:
-    """features and examples tables (with protocol verdicts when asked); also the rows scanned."""
+def _check(cfg: InterpretConfig) -> None:
+    if cfg.explainer not in EXPLAINERS:
+        raise UserError(f"unknown explainer {cfg.explainer!r}; use one of {', '.join(EXPLAINERS)}.")
+    unknown = sorted(set(cfg.score) - set(SCORERS))
+    if unknown:
+        raise UserError(f"unknown scorer(s) {', '.join(unknown)}; --score takes a comma list of {', '.join(SCORERS)}.")
+    if not cfg.run:
+        raise UserError("no run given: pass a run folder printed by `sae-pipe fit`.")
+    if cfg.batch_size < 1 or cfg.max_tokens < 0:
+        raise UserError("--batch-size must be at least 1 and --max-tokens not negative (0 = all held-out tokens).")
+    if not 0 <= cfg.test_share < 1 or cfg.score_batch < 1 or cfg.score_quantiles < 1 or cfg.max_cost < 0:
+        raise UserError(
+            "scoring settings out of range: --test-share must be in [0, 1), --score-batch and --score-quantiles "
+            "at least 1, --max-cost not negative."
+        )
+
+
+def build_tables(s: Subject, cfg: InterpretConfig) -> tuple[dict[str, pa.Table], int, list[int]]:
+    """features and examples tables (with protocol verdicts when asked), the rows scanned, and the
+    latents sampled for the explainer."""
     spec = s.cache.manifest["spec"]["model"]
     tokenizer = load_tokenizer(resolve_model(spec["name"], spec.get("revision")))
     with progress_bar("interpret", min(cfg.max_tokens or s.cache.rows("heldout"), s.cache.rows("heldout"))) as bar:
@@ -91,23 +129,54 @@ def build_tables(s: Subject, cfg: InterpretConfig) -> tuple[dict[str, pa.Table],
         )
     features = feature_table(acts, s.layers if s.is_route else None)
     index = HeldoutIndex.load(s.cache, acts.n_rows)
+    test = scoring_rows(index.sequence, cfg.test_share, cfg.seed)
+    train = acts.where(~test)  # all the explainer (and the report's examples) may draw from
+    counts = {"train_count": train.counts, "test_count": acts.counts - train.counts}
+    features = with_columns(features, {k: dict(enumerate(v.tolist())) for k, v in counts.items()}, _INT64)
     rng = np.random.default_rng(cfg.seed)
-    chosen = select_examples(acts, cfg.top, cfg.quantile_bins, cfg.per_bin, cfg.random_examples, rng)
+    chosen = select_examples(
+        train, cfg.top, cfg.quantile_bins, cfg.per_bin, cfg.random_examples, rng, np.flatnonzero(~test)
+    )
     if cfg.protocol:
         unique = np.unique(index.token)
         text = dict(zip(unique.tolist(), tokenizer.batch_decode([[int(t)] for t in unique])))
-        verdicts, kept = apply_protocol(acts, index.token, text, ProtocolSettings(threshold=cfg.threshold))
+        verdicts, kept = apply_protocol(train, index.token, text, ProtocolSettings(threshold=cfg.threshold))
         features = features.append_column("protocol_passes", verdicts["passes"])
         features = features.append_column("protocol_reason", verdicts["reason"])
         chosen += [
-            (latent, "protocol", rank, float(acts.act[i]), int(acts.row[i]))
+            (latent, "protocol", rank, float(train.act[i]), int(train.row[i]))
             for latent, picks in kept.items()
             for rank, i in enumerate(picks)
         ]
-    return {
-        "features": features,
-        "examples": examples_table(chosen, index, tokenizer, cfg.window, cfg.after, _row_layers(acts, s.layers)),
-    }, acts.n_rows
+    latents = _eligible(features, cfg)
+    features = with_columns(features, {"sampled": {latent: True for latent in latents}}, {"sampled": pa.bool_()})
+    plan = ScoringPlan(cfg.score_quantiles, cfg.score_per_quantile, cfg.score_hard, cfg.window, cfg.after)
+    tests = select_tests(acts, test, latents, plan, index, cfg.seed)
+    layers = _row_layers(acts, s.layers)
+    parts = [examples_table(chosen, index, tokenizer, cfg.window, cfg.after, "train", layers)]
+    if tests:
+        table = examples_table(tests, index, tokenizer, cfg.window, cfg.after, "test", layers)
+        for name, column in window_columns(tests, acts, index, tokenizer, cfg.window, cfg.after).items():
+            table = table.append_column(name, column)
+        parts.append(table)
+    examples = pa.concat_tables(parts, promote_options="default")
+    return {"features": features, "examples": examples}, acts.n_rows, latents
+
+
+_INT64 = {"train_count": pa.int64(), "test_count": pa.int64()}
+
+
+def _with_scores(features: pa.Table, per_feature: dict[tuple[str, bool], dict[int, dict[str, Any]]]) -> pa.Table:
+    """features with <scorer>_<metric> columns (the real explanations; the control stays in scores.parquet)."""
+    columns: dict[str, dict[int, object]] = {}
+    types: dict[str, pa.DataType] = {}
+    for (scorer, control), by_latent in per_feature.items():
+        if control:
+            continue
+        for metric in (*METRICS, "n"):
+            columns[f"{scorer}_{metric}"] = {latent: m[metric] for latent, m in by_latent.items()}
+            types[f"{scorer}_{metric}"] = pa.int32() if metric == "n" else pa.float64()
+    return with_columns(features, columns, types)
 
 
 def _row_layers(acts: Activations, layers: list[int]) -> np.ndarray | None:
@@ -115,65 +184,9 @@ def _row_layers(acts: Activations, layers: list[int]) -> np.ndarray | None:
     return None if acts.row_layer is None else np.asarray(layers)[acts.row_layer]
 
 
-def _explain(tables: dict[str, pa.Table], cfg: InterpretConfig, out: Folder) -> list[dict[str, Any]] | None:
-    """Explain a seeded sample of eligible latents: their records ([] when none is eligible), None when
-    explanations are skipped."""
-    if cfg.explainer == "none":
-        say("explanations skipped (--explainer none)")
-        return None
-    latents = _eligible(tables["features"], cfg)
-    if not api_key_present():
-        say(
-            f"explanations skipped: OPENAI_API_KEY is not set. Set it (and OPENAI_BASE_URL for another "
-            f"OpenAI-compatible server) and re-run to explain {len(latents)} features; tables and report are written."
-        )
-        return None
-    if not latents:
-        say(f"[yellow]no latent fired at least {cfg.min_count} times (--min-count); nothing to explain.[/]")
-        return []
-    settings = ExplainerSettings(model=cfg.model, concurrency=cfg.concurrency, max_retries=cfg.max_retries)
-    explainer = Explainer(settings, AnswerCache(Folder.at(cfg.cache_root).child("interpret", ".answers")))
-    items = _prompt_examples(tables["examples"], latents, "protocol" if cfg.protocol else None)
-    with progress_bar("explain", len(items), unit="feature") as bar:
-        records = explainer.explain_all(items, lambda: bar.advance(0, 1))
-    columns = [
-        "latent",
-        "status",
-        "category",
-        "score",
-        "explanation",
-        "answer",
-        "error",
-        "cached",
-        "prompt_tokens",
-        "completion_tokens",
-    ]
-    pq.write_table(
-        pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in records]), out.local() / "explanations.parquet"
-    )
-    if explainer.stopped:
-        missing = sum(1 for r in records if r["status"] in ("failed", "not sent"))
-        say(
-            f"[yellow]explainer stopped: {explainer.stopped}. {missing} feature(s) have no explanation; "
-            "every answer received is cached, so a re-run asks only for the missing ones.[/]"
-        )
-    return records
-
-
-def _prompt_examples(
-    examples: pa.Table, latents: list[int], kind: str | None, limit: int = 20
-) -> list[tuple[int, list[dict[str, Any]]]]:
-    """Per latent, the examples shown to the explainer: protocol contexts, or top and sampled ones."""
-    grouped: dict[int, list[dict[str, Any]]] = {latent: [] for latent in latents}
-    for example in examples.filter(pc.is_in(examples["latent"], pa.array(latents, pa.int32()))).to_pylist():
-        if (example["kind"] == kind) if kind else example["kind"] != "random":
-            grouped[example["latent"]].append(example)
-    return [(latent, grouped[latent][:limit]) for latent in latents]
-
-
 def _eligible(features: pa.Table, cfg: InterpretConfig) -> list[int]:
-    counts = features["count"].to_numpy()
-    ok = counts >= cfg.min_count
+    """A seeded sample of the latents with at least ``min_count`` activations the explainer may see."""
+    ok = features["train_count"].to_numpy() >= cfg.min_count
     if cfg.protocol:
         ok &= features["protocol_passes"].to_numpy(zero_copy_only=False)
     candidates = np.flatnonzero(ok)

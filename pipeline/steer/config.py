@@ -25,4 +25,14 @@ class SteerConfig:
     seed: int = setting(0, "seed of the sampling, the same for the unedited and the edited generation")
     feature_table: str = setting("", "features.parquet for direction strengths (default: the run's interpret table)")
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")
-    cache_root: str = setting("cache", "root of interpret/ (where the feature table is looked up)")
+    cache_root: str = setting("cache", "root of interpret/ (the feature table) and steer/ (evaluation outputs)")
+    evaluate: bool = setting(False, "measure effect against cost over features x strengths (writes steering.csv)")
+    out: str = setting("", "folder for the evaluation's outputs (default: <cache-root>/steer/<run>)")
+    eval_features: list[int] = setting(doc="latents to evaluate (default: the best by output score)", factory=list)
+    n_features: int = setting(5, "features to evaluate when none are given")
+    strengths: list[float] = setting(
+        doc="direction strengths to evaluate, in units of each feature's largest activation",
+        factory=lambda: [0.0, 2.0, 4.0, 8.0],
+    )
+    heldout_tokens: int = setting(1024, "held-out cache tokens the cost (KL, log-prob gain) is measured on")
+    batch_size: int = setting(4, "held-out sequences per forward")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from torch import nn
@@ -13,97 +15,116 @@ from pipeline.infra.device import resolve_device
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
 from pipeline.llm.model import load_tokenizer, resolve_model
+from pipeline.sae.route import RouteSAE, core_sae
 from pipeline.sae.subject import Subject, load_llm, load_subject
 from pipeline.sae.topk import TopKSAE
 from pipeline.steer.config import SteerConfig
 from pipeline.steer.edits import Positions, parse_edit
-from pipeline.steer.intervene import MODES, Target, steering
+from pipeline.steer.generation import check_length, generate
+from pipeline.steer.intervene import MODES, Target, routed_generate, steering
 
 
-def steer(cfg: SteerConfig) -> list[dict[str, Any]]:
-    """One record per prompt: the prompt, the unedited and the edited continuation, the edits."""
+class Session(NamedTuple):
+    """A run, its model and tokenizer, loaded once per command."""
+
+    subject: Subject
+    sae: TopKSAE  # the run's SAE (a RouteSAE's shared SAE)
+    router: RouteSAE | None  # the RouteSAE itself, for routed runs
+    model: nn.Module
+    blocks: nn.ModuleList
+    tokenizer: Any  # the model's Hugging Face tokenizer
+    device: torch.device
+
+
+def open_session(cfg: SteerConfig) -> Session:
+    """Load the run, the model its cache came from and the tokenizer."""
     if cfg.mode not in MODES:
         raise UserError(f"unknown --mode {cfg.mode!r}; use one of {', '.join(MODES)}.")
     if cfg.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1.")
-    positions = Positions.parse(cfg.positions)
-    prompts = cfg.prompts + _file_prompts(cfg.prompts_file)
-    if not prompts:
-        raise UserError("no prompt: pass --prompt TEXT (repeatable) or --prompts-file FILE.")
     device = resolve_device(cfg.device)
     subject = load_subject(cfg.run, device)
-    target = make_target(subject, cfg)
+    router = subject.sae if isinstance(subject.sae, RouteSAE) else None
+    if router is not None and router.cfg.routing != "hard":
+        raise UserError(
+            f"run {subject.folder.name} uses soft routing: its code mixes layers, so an edit has no single "
+            "layer to land on; steer a hard-routed run (fit --routing hard, the default)."
+        )
     model, blocks = load_llm(subject.cache, device)
     spec = subject.cache.manifest["spec"]["model"]
     tokenizer = load_tokenizer(resolve_model(spec["name"], spec.get("revision")))
+    return Session(subject, core_sae(subject.sae), router, model, blocks, tokenizer, device)
+
+
+def steer(cfg: SteerConfig) -> list[dict[str, Any]]:
+    """One record per prompt: the prompt, the unedited and the edited continuation, the edits."""
+    positions = Positions.parse(cfg.positions)
+    prompts = prompt_list(cfg)
+    if not prompts:
+        raise UserError("no prompt: pass --prompt TEXT (repeatable) or --prompts-file FILE.")
+    session = open_session(cfg)
+    target = make_target(session, cfg)
     records = []
     for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)  # (1, T)
-        _check_length(model, ids.shape[1] + cfg.max_new_tokens)
-        unedited = generate(model, ids, cfg)
-        with steering(blocks, [target], cfg.mode, positions, ids.shape[1]):
-            edited = generate(model, ids, cfg)
+        ids = session.tokenizer(prompt, return_tensors="pt").input_ids.to(session.device)  # (1, T)
+        check_length(session.model, ids.shape[1] + cfg.max_new_tokens)
+        options = (cfg.max_new_tokens, cfg.sample, cfg.temperature, cfg.seed)
+        if session.router is not None:  # same loop both times, so the only difference is the edit
+            unedited = routed_generate(
+                session.model, session.blocks, replace(target, edits=[]), cfg.mode, positions, ids, options
+            )
+            edited = routed_generate(session.model, session.blocks, target, cfg.mode, positions, ids, options)
+        else:
+            unedited = generate(session.model, ids, *options)
+            with steering(session.blocks, [target], cfg.mode, positions, ids.shape[1]):
+                edited = generate(session.model, ids, *options)
+        decode = session.tokenizer.decode
         records.append(
             {
                 "prompt": prompt,
-                "unedited": tokenizer.decode(unedited[0, ids.shape[1] :], skip_special_tokens=True),
-                "edited": tokenizer.decode(edited[0, ids.shape[1] :], skip_special_tokens=True),
+                "unedited": decode(unedited[0, ids.shape[1] :], skip_special_tokens=True),
+                "edited": decode(edited[0, ids.shape[1] :], skip_special_tokens=True),
                 "edits": [f"{e.latent}={e.kind}:{e.value:g}" for e in target.edits],
                 "mode": cfg.mode,
                 "positions": cfg.positions,
-                "layer": target.layer,
+                "layers": session.subject.layers,  # a RouteSAE edits each token at its routed layer
             }
         )
     return records
 
 
-def make_target(subject: Subject, cfg: SteerConfig) -> Target:
+def make_target(session: Session, cfg: SteerConfig) -> Target:
     """The run's SAE with the parsed edits and, for direction edits, each feature's largest activation."""
-    if subject.is_route or not isinstance(subject.sae, TopKSAE):
-        raise UserError(
-            f"run {subject.folder.name} is a RouteSAE; steering supports TopK runs so far "
-            "(RouteSAE edits need each token's routed layer before the forward reaches it)."
-        )
     if not cfg.features:
         raise UserError("no edit: pass --feature LATENT=KIND:VALUE, e.g. --feature 1592=scale:0.")
-    edits = [parse_edit(text, subject.sae.cfg.n_latents) for text in cfg.features]
-    return Target(subject.sae, subject.layers[0], subject.normalizer, edits, _max_activations(subject, cfg))
+    subject = session.subject
+    edits = [parse_edit(text, session.sae.cfg.n_latents) for text in cfg.features]
+    a_max = max_activations(feature_table(subject, cfg))
+    return Target(session.sae, subject.layers[0], subject.normalizer, edits, a_max, session.router)
 
 
-def _max_activations(subject: Subject, cfg: SteerConfig) -> dict[int, float]:
-    """latent -> max_act from the run's feature table, when one exists (direction edits scale by it)."""
+def feature_table(subject: Subject, cfg: SteerConfig) -> pa.Table | None:
+    """The run's features.parquet (from `interpret`, or --feature-table), or None when there is none."""
     default = Folder.at(cfg.cache_root).child("interpret", subject.folder.name).local() / "features.parquet"
     table = Path(cfg.feature_table) if cfg.feature_table else default
-    if not table.is_file():
+    if cfg.feature_table and not table.is_file():
+        raise UserError(f"--feature-table {cfg.feature_table} does not exist; `sae-pipe interpret RUN` writes one.")
+    return pq.read_table(table) if table.is_file() else None
+
+
+def max_activations(table: pa.Table | None) -> dict[int, float]:
+    """latent -> max_act of the features that fired (direction strengths are in these units)."""
+    if table is None:
         return {}
-    data = pq.read_table(table, columns=["latent", "max_act"]).to_pydict()
+    data = table.select(["latent", "max_act"]).to_pydict()
     return {int(latent): float(value) for latent, value in zip(data["latent"], data["max_act"]) if value > 0}
 
 
-@torch.no_grad()
-def generate(model: nn.Module, ids: torch.Tensor, cfg: SteerConfig) -> torch.Tensor:
-    """Greedy, or seeded sampling: the same seed for the unedited and the edited run."""
-    torch.manual_seed(cfg.seed)
-    options: dict[str, Any] = {"do_sample": cfg.sample, "max_new_tokens": cfg.max_new_tokens}
-    if cfg.sample:
-        options["temperature"] = cfg.temperature
-    pad = getattr(model.generation_config, "eos_token_id", None)
-    return model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=pad, **options)  # type: ignore[operator]
-
-
-def _check_length(model: nn.Module, length: int) -> None:
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    if limit is not None and length > limit:
-        raise UserError(
-            f"the prompt plus --max-new-tokens is {length} tokens, longer than the model's {limit} positions; "
-            "shorten the prompt or lower --max-new-tokens."
-        )
-
-
-def _file_prompts(path: str) -> list[str]:
-    if not path:
-        return []
-    file = Path(path)
+def prompt_list(cfg: SteerConfig) -> list[str]:
+    """--prompt values, then the lines of --prompts-file."""
+    if not cfg.prompts_file:
+        return list(cfg.prompts)
+    file = Path(cfg.prompts_file)
     if not file.is_file():
-        raise UserError(f"--prompts-file {path} does not exist.")
-    return [line for line in file.read_text().splitlines() if line.strip()]
+        raise UserError(f"--prompts-file {cfg.prompts_file} does not exist.")
+    return list(cfg.prompts) + [line for line in file.read_text().splitlines() if line.strip()]

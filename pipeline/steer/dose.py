@@ -1,0 +1,132 @@
+"""Steering evaluation: for each feature and strength, what a `direction` edit achieves and what it costs.
+
+Effect, on generations from neutral prompts (the edit applied at every position):
+  activation     the feature's mean activation on the generated tokens, read back by the *clean*
+                 model and the SAE: does the steered text itself carry the feature?
+  logprob_gain   on held-out cache text, the mean gain in log-probability of the feature's 10 most
+                 promoted tokens (logit lens), steered minus unedited, nats
+Cost:
+  kl             on held-out cache text (no steering target there), the mean over real positions
+                 of KL(p_unedited || p_steered), nats
+  perplexity     the clean model's perplexity of the steered generations (fluency)
+Strength 0 is the unedited model: its row is the baseline of every column. For a RouteSAE run the edit
+lands at each token's routed layer and the activation is read from the routed code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.infra.console import progress_bar
+from pipeline.llm.divergence import ce_per_position, kl_per_position
+from pipeline.llm.hooks import run_to_layers
+from pipeline.sae.route import RouteSAE
+from pipeline.sae.subject import Subject
+from pipeline.sae.topk import Latents, TopKSAE
+from pipeline.steer.edits import Edit, Positions
+from pipeline.steer.generation import generate
+from pipeline.steer.intervene import Target, routed_generate, routed_logits, steering
+
+NEUTRAL_PROMPTS = ("I think that", "The most important thing is", "Once upon a time,")
+
+
+class Setting(NamedTuple):
+    """One point of the dose-response grid."""
+
+    feature: int  # latent id
+    strength: float  # direction strength, in units of the feature's largest activation
+
+
+@dataclass
+class Bench:
+    """What one evaluation loads once and reuses for every setting."""
+
+    subject: Subject
+    sae: TopKSAE  # the run's SAE
+    model: nn.Module
+    blocks: nn.ModuleList
+    tokenizer: Any  # the model's Hugging Face tokenizer
+    prompts: list[Tensor]  # (1, T) token ids of each neutral prompt
+    heldout: Tensor  # (S, T) held-out token ids
+    mask: Tensor  # (S, T) positions whose token is real text (stored in the cache)
+    promoted: dict[int, Tensor]  # latent -> (10,) its most promoted token ids
+    a_max: dict[int, float]  # latent -> largest activation in the feature table
+    mode: str  # delta | replace
+    router: RouteSAE | None = None  # the RouteSAE, for routed runs
+
+    def target(self, setting: Setting) -> Target:
+        edit = Edit(setting.feature, "direction", setting.strength)
+        return Target(self.sae, self.subject.layers[0], self.subject.normalizer, [edit], self.a_max, self.router)
+
+
+@torch.no_grad()
+def held_out_cost(bench: Bench, settings: list[Setting], batch_size: int) -> dict[Setting, tuple[float, float]]:
+    """setting -> (mean KL per real position, mean log-prob gain of the feature's promoted tokens)."""
+    sums = {s: [0.0, 0.0] for s in settings}
+    positions = 0
+    with progress_bar("steering cost (held-out text)", len(bench.heldout) * len(settings), "seq") as bar:
+        for start in range(0, len(bench.heldout), batch_size):
+            tokens = bench.heldout[start : start + batch_size]  # (B, T)
+            mask = bench.mask[start : start + batch_size]  # (B, T)
+            clean = bench.model(input_ids=tokens).logits.float().log_softmax(-1)  # (B, T, V)
+            positions += int(mask.sum())
+            for s in settings:
+                steered = steered_logits(bench, bench.target(s), tokens).float()  # (B, T, V)
+                sums[s][0] += float(kl_per_position(clean, steered)[mask].sum())
+                ids = bench.promoted[s.feature]
+                gain = steered.log_softmax(-1)[..., ids].logsumexp(-1) - clean[..., ids].logsumexp(-1)  # (B, T)
+                sums[s][1] += float(gain[mask].sum())
+            bar.advance(0, len(tokens) * len(settings))
+    return {s: (kl / max(positions, 1), gain / max(positions, 1)) for s, (kl, gain) in sums.items()}
+
+
+@torch.no_grad()
+def generation_effect(bench: Bench, setting: Setting, max_new_tokens: int) -> tuple[float, float, list[str]]:
+    """(mean feature activation on the generated tokens, clean perplexity of them, the generated texts)."""
+    target = bench.target(setting)
+    activation, nll, count, texts = 0.0, 0.0, 0, []
+    for ids in bench.prompts:
+        full = steered_generation(bench, target, ids, max_new_tokens)  # (1, T + n)
+        new = slice(ids.shape[1], full.shape[1])
+        texts.append(bench.tokenizer.decode(full[0, new], skip_special_tokens=True))
+        latents = clean_code(bench, full)  # (T + n, k): the clean model re-reads it
+        activation += float((latents.acts[new] * (latents.indices[new] == setting.feature)).sum())
+        logits = bench.model(input_ids=full).logits  # (1, T + n, V)
+        nll += float(ce_per_position(logits, full)[0, ids.shape[1] - 1 :].sum())  # predicting the new tokens
+        count += full.shape[1] - ids.shape[1]
+    return activation / max(count, 1), float(torch.tensor(nll / max(count, 1)).exp()), texts
+
+
+def steered_logits(bench: Bench, target: Target, tokens: Tensor) -> Tensor:
+    """Logits (B, T, V) with the target's edits at every position (at each token's routed layer for a RouteSAE)."""
+    everywhere = Positions("all")
+    if bench.router is not None:
+        return routed_logits(bench.model, bench.blocks, target, bench.mode, everywhere, tokens, tokens.shape[1])
+    with steering(bench.blocks, [target], bench.mode, everywhere, tokens.shape[1]):
+        return bench.model(input_ids=tokens).logits
+
+
+def steered_generation(bench: Bench, target: Target, ids: Tensor, max_new_tokens: int) -> Tensor:
+    """Greedy generation (1, T + n) with the edits at every position."""
+    everywhere = Positions("all")
+    if bench.router is not None:
+        options = (max_new_tokens, False, 1.0, 0)
+        return routed_generate(bench.model, bench.blocks, target, bench.mode, everywhere, ids, options)
+    with steering(bench.blocks, [target], bench.mode, everywhere, ids.shape[1]):
+        return generate(bench.model, ids, max_new_tokens, sample=False, temperature=1.0, seed=0)
+
+
+def clean_code(bench: Bench, tokens: Tensor) -> Latents:
+    """The SAE's code (B*T, k) of the clean model's activations for ``tokens`` (routed, for a RouteSAE)."""
+    layers = bench.subject.layers
+    hidden = run_to_layers(bench.model, bench.blocks, tokens, layers)
+    xs = torch.stack(
+        [bench.subject.normalizer.normalize(hidden[layer], layer)[0] for layer in layers], dim=2
+    )  # (B, T, L, D)
+    if bench.router is not None:
+        return bench.router(xs.flatten(0, 1)).latents
+    return bench.sae.encode(xs[:, :, 0].flatten(0, 1))

@@ -1,0 +1,235 @@
+"""Scoring explanations: a run of exact token detectors judged by a rule-based stand-in model (the truth is
+known), the train/test split on the real tables, the client's cache, retries, cost cap and key hygiene,
+the metrics against hand computation, the report and the comparison across runs."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.cache.reader import ActivationCache
+from pipeline.infra.errors import UserError
+from pipeline.interpret.compare import interpret_all
+from pipeline.interpret.score import parse_verdicts, probabilities
+from pipeline.interpret.stage import interpret
+from pipeline.interpret.stats import auc, bootstrap_mean, feature_scores
+from pipeline.sae.folder import load_sae
+from tests.support.interpret_run import icfg, token_run, train_run
+from tests.support.standin_openai import Script, rule_hits, rule_model, standin_env
+
+KEY = "sk-test-SCORER-SECRET-0123456789"
+SCORING = {"score": ["detection", "fuzzing"], "features": 40, "min_count": 3}
+
+
+@pytest.fixture(scope="module")
+def tokens(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[int, str]]:
+    return token_run(tiny_llama, tmp_path_factory.mktemp("tokens"))
+
+
+@pytest.fixture(scope="module")
+def scored(
+    tokens: tuple[str, dict[int, str]], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, dict[str, Any], Script]:
+    """The token run explained and scored (with the shuffled control) through the stand-in."""
+    out = tmp_path_factory.mktemp("scored") / "out"
+    script = Script(rule=rule_model)
+    with pytest.MonkeyPatch.context() as monkeypatch, standin_env(script, monkeypatch, KEY):
+        summary = interpret(icfg(tokens[0], out, control=True, **SCORING))
+    return out, summary, script
+
+
+def test_correct_explanations_score_high_shuffled_ones_at_chance(
+    tokens: tuple[str, dict[int, str]], scored: tuple[Path, dict[str, Any], Script]
+) -> None:
+    out, summary, _ = scored
+    words = tokens[1]
+    explanations = pq.read_table(out / "explanations.parquet").to_pandas().set_index("latent")
+    assert len(explanations) >= 20 and all(explanations.explanation[j] == words[j] for j in explanations.index)
+    scores = summary["scores"]
+    for scorer in ("detection", "fuzzing"):
+        right, shuffled = scores[scorer], scores[f"{scorer}_shuffled"]
+        assert right["features"] == shuffled["features"] == len(explanations)
+        assert right["balanced_accuracy_low"] > 0.9, right  # the truth: each latent is exactly its token
+        assert right["auc_low"] > 0.9, right
+        assert shuffled["balanced_accuracy_low"] <= 0.5 <= shuffled["balanced_accuracy_high"], shuffled
+        assert shuffled["auc_low"] <= 0.5 <= shuffled["auc_high"], shuffled
+
+
+def test_detection_scores_equal_the_rule_applied_by_hand(scored: tuple[Path, dict[str, Any], Script]) -> None:
+    """Every step between the tables and the numbers (batching, shuffling, prompts, parsing, metrics)."""
+    out, summary, _ = scored
+    examples = pq.read_table(out / "examples.parquet").to_pandas()
+    features = pq.read_table(out / "features.parquet").to_pandas().set_index("latent")
+    explanations = pq.read_table(out / "explanations.parquet").to_pandas().set_index("latent").explanation
+    by_hand = {}
+    for latent, explanation in explanations.items():
+        test = examples[(examples.latent == latent) & (examples.split == "test")]
+        texts = [" ".join((p + t + s).split()) for p, t, s in zip(test.prefix, test.token, test.suffix)]
+        said = np.array([rule_hits(text, explanation.lower().split(), False) > 0 for text in texts])
+        active = test.activation.to_numpy() > 0
+        by_hand[latent] = (said[active].mean() + (~said[~active]).mean()) / 2
+        assert features.detection_balanced_accuracy[latent] == pytest.approx(by_hand[latent])
+        assert features.detection_n[latent] == len(test) == 2 * active.sum()
+    entry = summary["scores"]["detection"]
+    assert entry["balanced_accuracy"] == pytest.approx(np.mean(list(by_hand.values())), abs=1e-4)
+    assert entry["balanced_accuracy_low"] <= entry["balanced_accuracy"] <= entry["balanced_accuracy_high"]
+
+
+def test_fuzzing_marks(scored: tuple[Path, dict[str, Any], Script]) -> None:
+    """Activating excerpts: their own token and every token at >= 0.3 x the feature's max; silent ones:
+    as many random tokens."""
+    out, _, _ = scored
+    verdicts = pq.read_table(out / "scores.parquet").to_pandas()
+    fuzz = verdicts[(verdicts.scorer == "fuzzing") & ~verdicts.control]
+    examples = pq.read_table(out / "examples.parquet").to_pandas()
+    test = examples[examples.split == "test"].set_index(["latent", "row"])
+    max_act = pq.read_table(out / "features.parquet").to_pandas().max_act
+    for record in fuzz.itertuples():
+        example = test.loc[(record.latent, record.row)]
+        if record.label:
+            expected = {int(example.center)} | set(np.flatnonzero(example.window_acts >= 0.3 * max_act[record.latent]))
+            assert set(record.marked) == expected
+        else:
+            assert len(record.marked) >= 1 and not np.any(example.window_acts)
+
+
+def test_no_test_example_shares_a_sequence_with_the_explainer(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the real tables of a trained run: sequences read back from the cache, the explainer's prompts
+    built only from train examples, every verdict on a test example."""
+    run = train_run(tiny_llama, tmp_path / "run")
+    script = Script(rule=rule_model)
+    with standin_env(script, monkeypatch, KEY):
+        interpret(icfg(run, tmp_path / "out", features=12, score=["detection"], concurrency=1))
+    examples = pq.read_table(tmp_path / "out" / "examples.parquet").to_pandas()
+    cache = ActivationCache.open(load_sae(run)[1]["cache"]["path"])
+    sequence = np.concatenate(
+        [cache.read(s["index"], "heldout/sequence_index")[cache.read(s["index"], "heldout/seq")] for s in cache.shards]
+    )
+    np.testing.assert_array_equal(examples.sequence.to_numpy(), sequence[examples.row.to_numpy()])
+    train, test = examples[examples.split == "train"], examples[examples.split == "test"]
+    assert len(test) > 100 and set(test.kind) >= {"q0", "q9", "random"}
+    assert set(train.sequence).isdisjoint(set(test.sequence))
+    shown = [b["messages"][1]["content"] for b in script.bodies if "interpret features" in b["messages"][0]["content"]]
+    assert len(shown) == 12
+    verdicts = pq.read_table(tmp_path / "out" / "scores.parquet").to_pandas()
+    keys = set(zip(test.latent, test.row))
+    assert len(verdicts) and all(k in keys for k in zip(verdicts.latent, verdicts.row))
+    sampled = pq.read_table(tmp_path / "out" / "features.parquet").to_pandas().query("sampled == True").latent
+    for latent, text in zip(sorted(sampled), shown):  # one request at a time: prompts in latent order
+        contexts = train[(train.latent == latent) & (train.kind != "random")][:20]
+        assert re.findall(r"\(activation ([\d.]+)\)", text) == [f"{a:.2f}" for a in contexts.activation]
+
+
+def test_rerun_sends_nothing_and_the_key_stays_out(
+    tokens: tuple[str, dict[int, str]],
+    scored: tuple[Path, dict[str, Any], Script],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    out, first, script = scored
+    before = script.requests
+    with standin_env(script, monkeypatch, KEY):
+        again = interpret(icfg(tokens[0], out, control=True, **SCORING))
+    assert script.requests == before  # not one HTTP request
+    assert again["scorer_from_cache"] == again["scorer_prompts"] == first["scorer_prompts"]
+    assert again["scorer_requests_sent"] == 0 and again["scorer_cost_usd"] == 0
+    assert again["scores"] == first["scores"]
+    captured = capsys.readouterr()
+    assert KEY not in captured.out + captured.err
+    for path in out.parent.parent.rglob("*"):  # outputs, answer cache, the run and its cache
+        if path.is_file():
+            assert KEY.encode() not in path.read_bytes(), path
+
+
+def test_429_then_200_is_retried(
+    tokens: tuple[str, dict[int, str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    script = Script(failures=[429], rule=rule_model)
+    with standin_env(script, monkeypatch, KEY):
+        summary = interpret(icfg(tokens[0], tmp_path / "out", concurrency=1, features=3, score=["detection"]))
+    assert summary["failed"] == summary["scorer_failed"] == summary["scorer_malformed"] == 0
+    assert script.requests == 1 + summary["requests_sent"] + summary["scorer_requests_sent"]  # one retry
+
+
+def test_max_cost_below_the_estimate_stops_before_any_request(
+    tokens: tuple[str, dict[int, str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    script = Script(rule=rule_model)
+    with standin_env(script, monkeypatch, KEY), pytest.raises(UserError, match="is above --max-cost"):
+        interpret(icfg(tokens[0], tmp_path / "out", max_cost=0.001, **SCORING))
+    assert script.requests == 0 and not (tmp_path / "out").exists()
+    err = capsys.readouterr().err
+    assert "cost estimate, explain:" in err and "cost estimate, score:" in err and "gpt-4o-mini" in err
+
+
+def test_without_a_key_scoring_is_skipped(
+    tokens: tuple[str, dict[int, str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    summary = interpret(icfg(tokens[0], tmp_path / "out", **SCORING))
+    assert summary["scores"] == "skipped" and summary["explanations"] == "skipped"
+    assert "skipped: OPENAI_API_KEY is not set" in capsys.readouterr().err
+    assert "Scores</h2><p class='muted'>skipped" in (tmp_path / "out" / "report.html").read_text()
+    assert not (tmp_path / "out" / "scores.parquet").exists()
+
+
+def test_report_and_comparison_show_the_scores(
+    tokens: tuple[str, dict[int, str]],
+    scored: tuple[Path, dict[str, Any], Script],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out, summary, script = scored
+    html = (out / "report.html").read_text()
+    features = pq.read_table(out / "features.parquet").to_pandas()
+    shown = features[features.detection_balanced_accuracy.notna()]
+    assert "balanced accuracy vs frequency" in html and html.count("<circle") >= 2 * len(shown)
+    assert f"<th>detection</th><td>{summary['scores']['detection']['features']}</td>" in html
+    for row in shown.itertuples():
+        assert f"detection {row.detection_balanced_accuracy:.2f}" in html
+    with standin_env(script, monkeypatch, KEY):  # from the answer cache: the same numbers again
+        page = interpret_all(icfg(tokens[0], tmp_path / "cmp", control=True, **SCORING), [tokens[0]])
+    table = (tmp_path / "cmp" / "comparison.csv").read_text().splitlines()
+    assert len(table) == 2 and "detection_shuffled_balanced_accuracy_low" in table[0]
+    assert f"{summary['scores']['fuzzing']['balanced_accuracy']}" in table[1]
+    assert "report.html" in Path(page).read_text()
+
+
+def test_metrics_by_hand() -> None:
+    labels = np.array([1, 1, 1, 1, 0, 0, 0, 0])
+    verdicts = np.array([1, 1, 1, 0, 1, 0, 0, 0])
+    probs = np.array([0.9, 0.8, 0.6, 0.3, 0.7, 0.2, 0.1, 0.3])
+    m = feature_scores(labels, verdicts, probs)
+    assert m["balanced_accuracy"] == pytest.approx((3 / 4 + 3 / 4) / 2)
+    assert m["precision"] == pytest.approx(3 / 4) and m["recall"] == pytest.approx(3 / 4)
+    assert m["f1"] == pytest.approx(3 / 4)
+    # 16 pairs: positives 0.9, 0.8 beat all; 0.6 beats 3 (loses to 0.7); 0.3 beats 2, ties 1 (0.3)
+    assert m["auc"] == pytest.approx((4 + 4 + 3 + 2 + 0.5) / 16)
+    assert auc(np.array([0.5]), np.array([])) is None
+    mean, low, high = bootstrap_mean([0.0] * 50 + [1.0] * 50, 2000, 0)
+    assert mean == 0.5 and 0.39 < low < 0.42 and 0.58 < high < 0.61  # +-1.96 x sqrt(0.25 / 100)
+    assert bootstrap_mean([0.7], 100, 0) == (0.7, 0.7, 0.7)
+
+
+def test_verdicts_and_probabilities_parse() -> None:
+    assert parse_verdicts("Sure: [1, 0, 1]", 3) == [1, 0, 1]
+    assert parse_verdicts("[1, 0]", 3) is None and parse_verdicts("[1, 2, 0]", 3) is None
+    assert parse_verdicts("[true, false, true]", 3) is None and parse_verdicts("no", 3) is None
+    tokens = [
+        {"token": "[", "top": {}},
+        {"token": "1", "top": {"1": np.log(0.8), "0": np.log(0.2)}},
+        {"token": ", ", "top": {}},
+        {"token": "0", "top": {"0": np.log(0.6), " 1": np.log(0.3), "x": np.log(0.1)}},
+        {"token": "]", "top": {}},
+    ]
+    assert probabilities(tokens, 2) == pytest.approx([0.8, 1 / 3])
+    assert probabilities(tokens, 3) is None and probabilities(None, 2) is None
+    assert json.loads(json.dumps(probabilities(tokens, 2)))  # plain floats
