@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean-venv
+.PHONY: setup demo test bench check-peers clean-venv
 
 setup: $(STAMP)
 
@@ -39,6 +39,10 @@ bench: setup $(BENCH_VENV)/.installed
 	$(BIN)/python -m benchmarks.run
 	$(BIN)/python -m benchmarks.recipe --write
 	$(BIN)/python -m benchmarks.routesae --write
+
+# SAELens / sparsify interop against the real packages, both directions, on real SmolLM2 activations.
+check-peers: setup $(BENCH_VENV)/.installed
+	$(BIN)/python -m benchmarks.check_peers --peer-python $(BENCH_VENV)/bin/python
 
 $(BENCH_VENV)/.installed: benchmarks/peers/requirements.txt
 	$(PYTHON) -m venv $(BENCH_VENV)

@@ -19,6 +19,7 @@ import click
 import typer
 
 from pipeline.cli_cache import JsonOpt, cache_app
+from pipeline.cli_interop import export, import_
 from pipeline.evaluate.config import EvaluateConfig
 from pipeline.extract.config import ExtractConfig
 from pipeline.fit.config import FitConfig
@@ -153,6 +154,7 @@ def evaluate(
     infer_k: Annotated[int | None, opt(EvaluateConfig, "infer_k")] = None,
     theta: Annotated[float | None, opt(EvaluateConfig, "theta")] = None,
     splice: Annotated[str | None, opt(EvaluateConfig, "splice")] = None,
+    cache: Annotated[str | None, opt(EvaluateConfig, "cache")] = None,
     device: Annotated[str | None, opt(EvaluateConfig, "device")] = None,
     out: Annotated[str | None, opt(EvaluateConfig, "out")] = None,
     cache_root: Annotated[str | None, opt(EvaluateConfig, "cache_root")] = None,
@@ -233,18 +235,6 @@ def interpret(
 
 
 @app.command()
-def export(
-    run: Annotated[str, typer.Argument(help="A TopK run folder printed by `sae-pipe fit`.")],
-    fmt: Annotated[str, typer.Option("--format", help="saelens | sparsify.")],
-    out: Annotated[str, typer.Option("--out", help="New folder to write (must not exist or be empty).")],
-) -> None:
-    """Write a run in the layout SAELens or sparsify loads; prints the folder to load from."""
-    from pipeline.sae.export import export_run
-
-    typer.echo(export_run(run, fmt, out).url)
-
-
-@app.command()
 def steer(
     run: Annotated[str, typer.Argument(help=doc(SteerConfig, "run"))],
     feature: Annotated[list[str] | None, opt(SteerConfig, "features", "--feature")] = None,
@@ -290,6 +280,10 @@ def steer(
             typer.echo(json.dumps(record))
         else:
             typer.echo(f"prompt:   {record['prompt']}\nunedited: {record['unedited']}\nedited:   {record['edited']}\n")
+
+
+app.command()(export)
+app.command("import")(import_)
 
 
 def _run_app() -> None:

@@ -19,6 +19,9 @@ from pipeline.extract.config import ExtractConfig
 from pipeline.extract.stage import extract
 from pipeline.fit.config import FitConfig
 from pipeline.fit.stage import fit
+from pipeline.sae.importing import import_checkpoint
+from tests.support.caches import synthetic_cache
+from tests.support.foreign import bad_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,6 +100,49 @@ CASES = [
     ("unknown export format", "export {run} --format onnx --out {tmp}/x", 2, "unknown export format 'onnx'"),
     ("export RouteSAE", "export {route} --format saelens --out {tmp}/y", 2, "RouteSAEs cannot be exported"),
     ("export into a full folder", "export {run} --format sparsify --out {full}", 2, "exists and is not empty"),
+    (
+        "export: sparsify of a non-TopK SAE",
+        "export {imported} --format sparsify --out {tmp}/z",
+        2,
+        "sparsify has TopK SAEs only",
+    ),
+    ("fit: inference-only architecture", "fit --cache {cache} --arch jumprelu", 2, "is inference-only here"),
+    ("import: not a checkpoint", "import {empty} --model {tiny}", 2, "holds no SAE checkpoint"),
+    (
+        "import: neither folder nor repo id",
+        "import /no/such/dir",
+        2,
+        "is neither a checkpoint folder nor a hub repo id",
+    ),
+    ("import: hub download fails", "import nobody/none", 2, "cannot download 'nobody/none' from the hub"),
+    ("import: unknown format", "import {good_sl} --format onnx", 2, "unknown --format 'onnx'"),
+    ("import: other format", "import {good_sl} --format sparsify", 2, "is a saelens checkpoint, not sparsify"),
+    ("import: bad config", "import {badjson}", 2, "is not a readable JSON config"),
+    ("import: incomplete config", "import {nodin}", 2, "lacks d_in, d_sae"),
+    ("import: missing tensor", "import {no_bdec}", 2, "lacks tensor(s) b_dec"),
+    ("import: unknown tensor", "import {extra}", 2, "that sae-pipe does not know how to apply"),
+    ("import: wrong shape", "import {shape}", 2, "but its config implies (64, 128)"),
+    ("import: unknown architecture", "import {arch}", 2, "has architecture 'batchtopk'; sae-pipe imports"),
+    ("import: non-residual hook", "import {mlp}", 2, "which is not the residual stream between blocks"),
+    ("import: attention heads", "import {hookz}", 2, "reads attention heads (hook_z)"),
+    ("import: non-block hookpoint", "import {mlpsp}", 2, "which is not a block's output"),
+    ("import: NaN weights", "import {nan}", 2, "holds NaN or infinite values"),
+    ("import: pickle", "import {pickle}", 2, "(a pickle) instead of sae_weights.safetensors"),
+    ("import: renamed pickle", "import {renamed}", 2, "is not a safetensors file"),
+    ("import: unmapped normalization", "import {cnr}", 2, "which has no exact equivalent in sae-pipe"),
+    ("import: scaling factor missing", "import {avg}", 2, "but has no scaling factor"),
+    ("import: transcoder", "import {transcoder}", 2, "is a transcoder (transcode: true)"),
+    ("import: skip connection", "import {skip}", 2, "is an SAE with a skip connection"),
+    ("import: model mismatch", "import {gpt2} --model {tiny}", 2, "was trained on 'gpt2', not"),
+    ("import: no model named", "import {nomodel}", 2, "names no model; pass --model"),
+    ("import: several SAEs", "import {several}", 2, "choose one with --hookpoint"),
+    ("import: width mismatch", "import {narrow}", 2, "it belongs to another model"),
+    ("import: last block's output", "import {last}", 2, "the output of the last block"),
+    ("import into a full folder", "import {good_sl} --out {full}", 2, "exists and is not empty"),
+    ("imported run without a cache", "evaluate {imported}", 2, "was imported and has no activation cache of its own"),
+    ("imported run, cache it cannot read", "evaluate {imported} --cache {cache} --metrics nmse", 2, "cannot read:"),
+    ("hand-edited k of an imported SAE", "evaluate {badk}", 2, "a jumprelu SAE has no top-k: its k must be 0"),
+    ("imported run, other model's cache", "evaluate {imported} --cache {synthetic}", 2, "give a cache of that model"),
 ]
 
 
@@ -125,7 +171,18 @@ def places(tiny_llama: Path, jsonl_corpus: Path, tmp_path_factory: pytest.TempPa
     (tmp / "bad.yaml").write_text("extract:\n  layer: 3\n")
     (tmp / "full").mkdir()
     (tmp / "full" / "mine.txt").write_text("keep me")
+    checkpoints = bad_checkpoints(tmp / "checkpoints", str(tiny_llama))
+    imported = import_checkpoint(checkpoints["jumprelu"], cache_root=str(tmp))
+    synthetic = synthetic_cache(tmp / "synthetic", [200], layers=(1,), d=64)
+    badk = tmp / "badk"
+    shutil.copytree(imported.local(), badk)
+    edited = json.loads((badk / "cfg.json").read_text())
+    (badk / "cfg.json").write_text(json.dumps({**edited, "sae": {**edited["sae"], "k": 5}}))
     return {
+        **checkpoints,
+        "imported": imported.url,
+        "synthetic": synthetic.url,
+        "badk": str(badk),
         "tiny": str(tiny_llama),
         "jsonl": str(jsonl_corpus),
         "small": str(tmp / "small.txt"),

@@ -11,8 +11,9 @@ import torch
 from pipeline.fit.config import FitConfig
 from pipeline.fit.stage import fit
 from pipeline.infra.errors import UserError
-from pipeline.sae.export import export_run, load_export
+from pipeline.sae.export import export_run
 from pipeline.sae.folder import load_sae
+from pipeline.sae.importing import read_checkpoint
 from tests.support.caches import synthetic_cache
 
 
@@ -39,7 +40,8 @@ def test_export_loads_back_with_identical_outputs(tmp_path: Path, fmt: str, meth
     run = trained(tmp_path, method)
     folder = export_run(run, fmt, str(tmp_path / "export"))
     ours, _ = load_sae(run)
-    theirs, normalization = load_export(folder.url)
+    foreign = read_checkpoint(Path(folder.url))  # the files as `sae-pipe import` reads them
+    theirs, normalization = foreign.module(), foreign.normalization.method
     x = torch.randn(50, 16)
     with torch.no_grad():
         if method == "scale":  # the cache stored 2.0 * x for layer 1; the export takes raw x

@@ -3,6 +3,9 @@
 ``standardize`` (default, the RouteSAE recipe): x' = (x - mean(x)) / (std(x) + eps) over the hidden
 dimension, with the Bessel-corrected std as in the RouteSAE code. ``scale``: one factor per layer,
 estimated once, so that E||x'|| = sqrt(d). ``none``: stored as computed.
+
+``layer_norm`` is SAELens's per-token standardization, kept for imported SAEs (extract does not offer
+it): the same map on the way in, but the reconstruction is scaled back by std, not std + eps.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import torch
 
 from pipeline.infra.errors import UserError
 
-METHODS = ("standardize", "scale", "none")
+METHODS = ("standardize", "scale", "none")  # what extract offers
+LAYER_NORM = "layer_norm"  # SAELens's variant, for imported SAEs
 EPS = 1e-6
 
 
@@ -22,12 +26,12 @@ EPS = 1e-6
 class Normalizer:
     """A normalization method and its constants (recorded in the manifest and every cfg.json)."""
 
-    method: str = "standardize"  # standardize | scale | none
+    method: str = "standardize"  # standardize | scale | none | layer_norm (imported SAELens SAEs)
     eps: float = EPS  # added to the per-token std
     scales: dict[int, float] = field(default_factory=dict)  # layer -> factor, for `scale`
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
+        if self.method not in (*METHODS, LAYER_NORM):
             raise UserError(f"unknown normalization {self.method!r}; use one of {', '.join(METHODS)}.")
         self.scales = {int(k): float(v) for k, v in self.scales.items()}
 
@@ -52,6 +56,11 @@ class Normalizer:
             mean = x.mean(dim=-1, keepdim=True)  # (..., 1)
             std = x.std(dim=-1, keepdim=True) + self.eps  # (..., 1)
             return (x - mean) / std, (mean, std)
+        if self.method == LAYER_NORM:  # as SAELens computes it: std of the centered x, eps only on the way in
+            mean = x.mean(dim=-1, keepdim=True)  # (..., 1)
+            centered = x - mean  # (..., D)
+            std = centered.std(dim=-1, keepdim=True)  # (..., 1)
+            return centered / (std + self.eps), (mean, std)
         if self.method == "scale":
             factor = torch.tensor(1.0 / self._scale(layer), device=x.device)
             return x / factor, (torch.zeros((), device=x.device), factor)

@@ -25,6 +25,9 @@ class EvaluateConfig:
     splice: str = setting(
         "scaled", "RouteSAE: scaled (splice x_hat / w, the activation's own scale) | paper (x_hat as the reference)"
     )
+    cache: str = setting(
+        "", "imported runs: a cache of their model (held-out tokens for kl/ce; nmse needs their layer, raw)"
+    )
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")
     out: str = setting("", "where metrics go (default <cache_root>/evaluate/<run>/metrics.json)")
     cache_root: str = setting("cache", "root of evaluate/")

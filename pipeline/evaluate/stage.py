@@ -44,11 +44,12 @@ def evaluate(cfg: EvaluateConfig) -> list[dict[str, Any]]:
     if cfg.batch_size < 1 or cfg.max_tokens < 0:
         raise UserError("--batch-size must be at least 1 and --max-tokens not negative (0 = all held-out tokens).")
     device = resolve_device(cfg.device)
-    subjects = [load_subject(run, device) for run in cfg.runs]
+    subjects = [load_subject(run, device, cfg.cache or None) for run in cfg.runs]
     for subject in subjects:
         subject.check_infer_k(cfg.infer_k)
         _check_spliceable(subject, cfg)
-        subject.result = fast_metrics(subject, cfg)
+        if "nmse" in cfg.metrics or subject.has_activations:  # an imported run may have only tokens (kl, ce)
+            subject.result = fast_metrics(subject, cfg)
     if {"kl", "ce"} & set(cfg.metrics):
         for same_cache in _group_by(subjects, lambda s: (s.cache.key,)):
             model, blocks = load_llm(same_cache[0].cache, device)  # once per cache, not once per layer

@@ -17,7 +17,7 @@ import torch
 
 from pipeline.cache.backends import BACKENDS, STORE_DTYPES, get_backend
 from pipeline.cache.manifest import cache_key, finish_manifest, new_manifest, read_manifest, shard_records
-from pipeline.cache.normalize import Normalizer
+from pipeline.cache.normalize import METHODS, Normalizer
 from pipeline.cache.writer import ShardWriter, committed_shards
 from pipeline.extract.capture import Capturer
 from pipeline.extract.config import ExtractConfig
@@ -104,7 +104,8 @@ def _check_config(cfg: ExtractConfig) -> None:
         raise UserError(f"unknown backend {cfg.backend!r}; use one of {', '.join(BACKENDS)}.")
     if cfg.dtype not in STORE_DTYPES:
         raise UserError(f"unknown stored dtype {cfg.dtype!r}; use one of {', '.join(STORE_DTYPES)}.")
-    Normalizer(cfg.normalize)  # validates the method name
+    if cfg.normalize not in METHODS:
+        raise UserError(f"unknown normalization {cfg.normalize!r}; use one of {', '.join(METHODS)}.")
     if not 2 <= cfg.ctx_len <= 65_535:
         raise UserError(f"--ctx-len {cfg.ctx_len} is out of range; use 2..65535.")
     if cfg.max_tokens < 0 or cfg.batch_size < 1:

@@ -24,7 +24,7 @@ from pipeline.infra.files import Folder
 from pipeline.infra.params import coerce
 from pipeline.llm.layers import layer_span, parse_layers, route_range
 from pipeline.sae.folder import read_cfg
-from pipeline.sae.topk import SaeConfig
+from pipeline.sae.topk import INFERENCE_ONLY, TRAINABLE, SaeConfig
 
 
 @dataclass
@@ -66,6 +66,11 @@ def parse_sweep(items: list[str]) -> dict[str, list[str]]:
 
 def plan_run(cfg: FitConfig, cache: ActivationCache) -> RunPlan:
     """Resolve layers and sizes, check them against the cache, and name the run folder."""
+    if cfg.arch in INFERENCE_ONLY:
+        raise UserError(
+            f"--arch {cfg.arch} is inference-only here (SAEs brought in with `sae-pipe import`); "
+            f"fit trains {' or '.join(TRAINABLE)}."
+        )
     layers = _layers(cfg, cache)
     d_in = cache.d_model
     n_latents = cfg.latents or cfg.expansion * d_in

@@ -59,6 +59,10 @@ class Folder:
     def name(self) -> str:
         return self.root.rstrip("/").rsplit("/", 1)[-1]
 
+    @property
+    def parent(self) -> Folder:
+        return Folder(self.fs, self.root.rstrip("/").rsplit("/", 1)[0])
+
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
 

@@ -1,12 +1,13 @@
-"""Writing a TopK run in the folder layouts SAELens and sparsify load, and reading them back.
+"""Writing a run in the folder layouts SAELens and sparsify load (their conventions: :mod:`pipeline.sae.saelens`,
+:mod:`pipeline.sae.sparsify`; reading them back is `sae-pipe import`).
 
-* ``saelens``: ``cfg.json`` + ``sae_weights.safetensors`` with ``W_enc (d_in, d_sae)``, ``b_enc``,
-  ``W_dec (d_sae, d_in)``, ``b_dec``; loads with ``sae_lens.SAE.load_from_disk``. Per-token
-  standardization maps to ``normalize_activations: layer_norm`` (SAELens adds 1e-5 to the std where
-  we add 1e-6); a `scale` factor is folded into the weights. The hook is ``blocks.L.hook_resid_pre``.
-* ``sparsify``: ``layers.<L-1>/cfg.json`` + ``sae.safetensors`` with ``encoder.weight (N, d)``,
-  ``encoder.bias``, ``W_dec (N, d)``, ``b_dec``; loads with ``sparsify.SparseCoder.load_from_disk``.
-  sparsify hooks a block's *output*, so our layer L (input of block L) is its ``layers.<L-1>``.
+* ``saelens``: ``cfg.json`` + ``sae_weights.safetensors``; loads with ``sae_lens.SAE.load_from_disk``. TopK
+  and the imported relu / jumprelu / gated SAEs. Per-token standardization maps to ``normalize_activations:
+  layer_norm`` (SAELens adds 1e-5 to the std where we add 1e-6, and scales back by std, not std + eps:
+  close, not exact); an imported ``layer_norm`` maps back exactly; a `scale` factor is folded into the
+  weights. The hook is ``blocks.L.hook_resid_pre``.
+* ``sparsify``: ``layers.<L-1>/cfg.json`` + ``sae.safetensors``; loads with ``sparsify.SparseCoder.load_from_disk``.
+  TopK only. sparsify hooks a block's *output*, so our layer L (input of block L) is its ``layers.<L-1>``.
   sparsify has no input normalization: with `standardize` the caller must standardize inputs and
   undo it on outputs (written to NOTE.md in the export). A `scale` factor is folded in.
 RouteSAEs are not exported: neither library has a router.
@@ -17,15 +18,18 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
 from pipeline.sae.folder import load_sae
-from pipeline.sae.topk import SaeConfig, TopKSAE
+from pipeline.sae.saelens import OWN, saelens_files
+from pipeline.sae.saelens import WEIGHTS as SAELENS_WEIGHTS
+from pipeline.sae.sparsify import WEIGHTS as SPARSIFY_WEIGHTS
+from pipeline.sae.sparsify import sparsify_files
+from pipeline.sae.topk import TopKSAE
 
 FORMATS = ("saelens", "sparsify")
-SAELENS_VERSION = "6.54.12"  # the version whose loader this layout was checked against
 
 
 def export_run(run: str, fmt: str, out: str) -> Folder:
@@ -35,123 +39,68 @@ def export_run(run: str, fmt: str, out: str) -> Folder:
     model, cfg = load_sae(run)
     if not isinstance(model, TopKSAE):
         raise UserError("RouteSAEs cannot be exported: neither SAELens nor sparsify represents the layer router.")
-    tensors, method = _folded(model, cfg)
-    layer = cfg["sae"]["layers"][0]
+    if fmt == "sparsify" and cfg["sae"]["arch"] != "topk":
+        raise UserError(f"sparsify has TopK SAEs only; export this {cfg['sae']['arch']} SAE with --format saelens.")
+    tensors, normalization = _folded(model, cfg)
     folder = Folder.at(out)
     if folder.exists() and folder.list():
         raise UserError(f"{out} exists and is not empty; choose a new --out folder (nothing was overwritten).")
     if fmt == "saelens":
-        return _saelens(folder, tensors, cfg, method, layer)
-    return _sparsify(folder, tensors, cfg, method, layer)
+        return _saelens(folder, tensors, cfg, normalization)
+    return _sparsify(folder, tensors, cfg, normalization)
 
 
-def _folded(model: TopKSAE, cfg: dict[str, Any]) -> tuple[dict[str, torch.Tensor], str]:
-    """Weights with a `scale` normalization factor folded in (x' = c x), and the remaining method."""
+def _folded(model: TopKSAE, cfg: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Weights (float32) with a `scale` normalization factor folded in (x' = c x), and the normalization left."""
     norm = cfg["cache"]["normalization"]
-    params = (model.W_enc, model.b_enc, model.W_dec, model.b_dec)
-    w_enc, b_enc, w_dec, b_dec = (p.detach().float().clone() for p in params)
+    tensors = {name: value.detach().float().clone() for name, value in model.state_dict().items()}
     if norm["method"] == "scale":
         c = float(norm["scales"][str(cfg["sae"]["layers"][0])])
-        w_enc, w_dec, b_dec = w_enc * c, w_dec / c, b_dec / c  # W_enc(cx - b) = cW_enc(x - b/c)
-        return {"W_enc": w_enc, "b_enc": b_enc, "W_dec": w_dec, "b_dec": b_dec}, "none"
-    return {"W_enc": w_enc, "b_enc": b_enc, "W_dec": w_dec, "b_dec": b_dec}, norm["method"]
+        # W_enc(cx - b) = cW_enc(x - b/c); thresholds and gate/magnitude biases act after W_enc: unchanged
+        tensors.update(W_enc=tensors["W_enc"] * c, W_dec=tensors["W_dec"] / c, b_dec=tensors["b_dec"] / c)
+        return tensors, {"method": "none"}
+    return tensors, norm
 
 
-def _saelens(folder: Folder, t: dict[str, torch.Tensor], cfg: dict[str, Any], method: str, layer: int) -> Folder:
-    spec = cfg["cache"]
-    config = {
-        "architecture": "topk",
-        "d_in": cfg["sae"]["d_in"],
-        "d_sae": cfg["sae"]["n_latents"],
-        "k": cfg["sae"]["k"],
-        "dtype": "float32",
-        "device": "cpu",
-        "apply_b_dec_to_input": True,
-        "reshape_activations": "none",
-        "normalize_activations": "layer_norm" if method == "standardize" else "none",
-        "rescale_acts_by_decoder_norm": False,
-        "metadata": {
-            "sae_lens_version": SAELENS_VERSION,
-            "model_name": spec["model"]["name"],
-            "hook_name": f"blocks.{layer}.hook_resid_pre",
-            "context_size": spec["ctx_len"],
-            "prepend_bos": False,
-            "exclude_special_tokens": True,
-            "exported_by": "sae-pipe",
-            "sae_pipe_cache_key": spec["key"],
-        },
+def _saelens(folder: Folder, tensors: dict[str, torch.Tensor], cfg: dict[str, Any], norm: dict[str, Any]) -> Folder:
+    spec, layer = cfg["cache"], cfg["sae"]["layers"][0]
+    meta = {
+        "model_name": spec["model"]["name"],
+        "hook_name": f"blocks.{layer}.hook_resid_pre",
+        "context_size": spec["ctx_len"],
+        "prepend_bos": False,
+        "exclude_special_tokens": True,
+        "exported_by": "sae-pipe",
+        "sae_pipe_cache_key": spec["key"],
+        OWN: norm,
     }
+    normalize = "layer_norm" if norm["method"] in ("standardize", "layer_norm") else "none"
+    config, weights = saelens_files(cfg["sae"]["arch"], tensors, cfg["sae"], normalize, meta)
     folder.makedirs()
     folder.write_json(config, "cfg.json")
-    save_file(
-        {
-            "W_enc": t["W_enc"].T.contiguous(),
-            "b_enc": t["b_enc"],
-            "W_dec": t["W_dec"].contiguous(),
-            "b_dec": t["b_dec"],
-        },
-        str(folder.local() / "sae_weights.safetensors"),
-    )
+    save_file(weights, str(folder.local() / SAELENS_WEIGHTS))
     return folder
 
 
-def _sparsify(folder: Folder, t: dict[str, torch.Tensor], cfg: dict[str, Any], method: str, layer: int) -> Folder:
+def _sparsify(folder: Folder, tensors: dict[str, torch.Tensor], cfg: dict[str, Any], norm: dict[str, Any]) -> Folder:
+    layer = cfg["sae"]["layers"][0]
     hookpoint = f"layers.{layer - 1}" if layer > 0 else "embed_tokens"
     target = folder.child(hookpoint)
     target.makedirs()
-    n, d = cfg["sae"]["n_latents"], cfg["sae"]["d_in"]
-    target.write_json(
-        {
-            "activation": "topk",
-            "expansion_factor": max(n // d, 1),
-            "normalize_decoder": True,
-            "num_latents": n,
-            "k": cfg["sae"]["k"],
-            "multi_topk": False,
-            "skip_connection": False,
-            "transcode": False,
-            "d_in": d,
-            "sae_pipe_normalization": method,
-        },
-        "cfg.json",
-    )
-    save_file(
-        {
-            "encoder.weight": t["W_enc"].contiguous(),
-            "encoder.bias": t["b_enc"],
-            "W_dec": t["W_dec"].contiguous(),
-            "b_dec": t["b_dec"],
-        },
-        str(target.local() / "sae.safetensors"),
-    )
+    config, weights = sparsify_files(tensors, cfg["sae"], norm, cfg["cache"]["model"]["name"])
+    target.write_json(config, "cfg.json")
+    save_file(weights, str(target.local() / SPARSIFY_WEIGHTS))
     note = (
-        f"Exported by sae-pipe from cache {cfg['cache']['key']} (layer {layer} = input of block {layer}, "
-        f"which is sparsify's hookpoint {hookpoint}).\n"
+        f"Exported by sae-pipe from {cfg['cache']['key'] or 'an imported SAE'} (layer {layer} = input of block "
+        f"{layer}, which is sparsify's hookpoint {hookpoint}).\n"
     )
-    if method == "standardize":
+    if norm["method"] in ("standardize", "layer_norm"):
+        eps = norm.get("eps", 1e-6)
+        back = "std(x)" if norm["method"] == "layer_norm" else f"(std(x) + {eps:g})"
         note += (
             "sparsify cannot represent this SAE's input normalization. Standardize each token first, "
-            "x' = (x - mean(x)) / (std(x) + 1e-6) over the hidden dimension (Bessel-corrected std), "
-            "encode/decode x', then map the output back: x_hat = x_hat' * (std(x) + 1e-6) + mean(x).\n"
+            f"x' = (x - mean(x)) / (std(x) + {eps:g}) over the hidden dimension (Bessel-corrected std), "
+            f"encode/decode x', then map the output back: x_hat = x_hat' * {back} + mean(x).\n"
         )
     folder.write_bytes(note.encode(), "NOTE.md")
     return target
-
-
-def load_export(folder: str) -> tuple[TopKSAE, str]:
-    """Rebuild our TopKSAE from an exported folder (either format); also return its input normalization."""
-    root = Folder.at(folder)
-    cfg = root.read_json("cfg.json")
-    if root.exists("sae_weights.safetensors"):
-        t = load_file(str(root.local() / "sae_weights.safetensors"))
-        sae_cfg = SaeConfig("topk", int(cfg["d_in"]), int(cfg["d_sae"]), int(cfg["k"]))
-        weights = {"W_enc": t["W_enc"].T.contiguous(), "b_enc": t["b_enc"], "W_dec": t["W_dec"], "b_dec": t["b_dec"]}
-        method = "standardize" if cfg.get("normalize_activations") == "layer_norm" else "none"
-    else:
-        t = load_file(str(root.local() / "sae.safetensors"))
-        sae_cfg = SaeConfig("topk", int(cfg["d_in"]), int(cfg["num_latents"]), int(cfg["k"]))
-        weights = {"W_enc": t["encoder.weight"], "b_enc": t["encoder.bias"], "W_dec": t["W_dec"], "b_dec": t["b_dec"]}
-        method = cfg.get("sae_pipe_normalization", "none")  # sparsify ignores keys it does not know
-    model = TopKSAE(sae_cfg)
-    model.load_state_dict(weights)
-    return model.eval(), method

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from pipeline.sae.dense import DENSE_SAES
 from pipeline.sae.topk import Latents, SaeConfig, SaeOutput, TopKSAE
 
 
@@ -67,4 +68,6 @@ def build_sae(
     cfg: SaeConfig, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
 ) -> TopKSAE | RouteSAE:
     """The module for ``cfg.arch``."""
-    return RouteSAE(cfg, generator, device) if cfg.arch == "route" else TopKSAE(cfg, generator, device)
+    if cfg.arch == "route":
+        return RouteSAE(cfg, generator, device)
+    return DENSE_SAES.get(cfg.arch, TopKSAE)(cfg, generator, device)

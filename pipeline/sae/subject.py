@@ -1,4 +1,5 @@
-"""A trained run together with the cache it was trained on, checked to belong together."""
+"""A run together with the cache it was trained on, checked to belong together (an imported run:
+the cache it is given, read through :mod:`pipeline.sae.borrowed`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pipeline.infra.device import resolve_dtype
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
 from pipeline.llm.model import find_blocks, fingerprint_model, load_model, resolve_model
+from pipeline.sae.borrowed import Borrowed, ModelOnly
 from pipeline.sae.folder import load_sae
 from pipeline.sae.route import RouteSAE
 from pipeline.sae.topk import TopKSAE
@@ -37,6 +39,13 @@ class Subject:
     def is_route(self) -> bool:
         return self.cfg["sae"]["arch"] == "route"
 
+    @property
+    def has_activations(self) -> bool:
+        """Whether the cache's activation rows can feed this SAE (always, except for some imported runs)."""
+        if isinstance(self.cache, Borrowed):
+            return self.cache.usable
+        return not isinstance(self.cache, ModelOnly)
+
     def check_infer_k(self, infer_k: int | None) -> None:
         """An inference-time k must pick some but not all latents of the SAE."""
         n_latents = self.cfg["sae"]["n_latents"]
@@ -47,6 +56,14 @@ class Subject:
 def load_subject(run: str, device: torch.device, cache_path: str | None = None) -> Subject:
     """Load a run and the cache named in its cfg.json (or ``cache_path``), refusing mismatches."""
     sae, cfg = load_sae(run, device)
+    if cfg.get("imported"):
+        return Subject(
+            Folder.at(run),
+            sae,
+            cfg,
+            _imported_cache(run, cfg, cache_path),
+            Normalizer.from_dict(cfg["cache"]["normalization"]),
+        )
     cache = ActivationCache.open(cache_path or cfg["cache"]["path"])
     if cache.key != cfg["cache"]["key"]:
         raise UserError(
@@ -61,6 +78,20 @@ def load_subject(run: str, device: torch.device, cache_path: str | None = None) 
     for layer in cfg["sae"]["layers"]:
         cache.layer_index(layer)
     return Subject(Folder.at(run), sae, cfg, cache, Normalizer.from_dict(cache.manifest["normalization"]))
+
+
+def _imported_cache(run: str, cfg: dict[str, Any], cache_path: str | None) -> ActivationCache:
+    """An imported run's view of ``cache_path`` (a cache of the same model), or of no cache at all."""
+    if not cache_path:
+        return ModelOnly(run, cfg)
+    cache = ActivationCache.open(cache_path)
+    model, held = cfg["cache"]["model"], cache.manifest["spec"]["model"]
+    if {k: held.get(k) for k in ("sha256", "commit")} != {k: model.get(k) for k in ("sha256", "commit")}:
+        raise UserError(
+            f"cache {cache.key} was extracted from {held['name']!r}, not from {model['name']!r} that imported run "
+            f"{Folder.at(run).name} reads; give a cache of that model."
+        )
+    return Borrowed(cache, run, cfg)
 
 
 def load_llm(cache: ActivationCache, device: torch.device) -> tuple[torch.nn.Module, torch.nn.ModuleList]:

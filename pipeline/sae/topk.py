@@ -18,17 +18,19 @@ from torch import Tensor, nn
 from pipeline.infra.errors import UserError
 from pipeline.sae.kernels import SparseDecode, TopKEncode
 
-ARCHS = ("topk", "route")
+TRAINABLE = ("topk", "route")  # what `fit` trains
+INFERENCE_ONLY = ("relu", "jumprelu", "gated")  # imported SAEs (pipeline.sae.dense): no top-k, k = 0
+ARCHS = TRAINABLE + INFERENCE_ONLY
 
 
 @dataclass
 class SaeConfig:
     """Architecture of one SAE (the ``sae`` block of cfg.json)."""
 
-    arch: str = "topk"  # topk | route
+    arch: str = "topk"  # topk | route | relu | jumprelu | gated (the last three: imported, inference only)
     d_in: int = 576  # input width: the model's hidden size
     n_latents: int = 4096  # dictionary size
-    k: int = 32  # active latents per token
+    k: int = 32  # active latents per token (0 for the inference-only architectures)
     layers: list[int] = field(default_factory=list)  # model layer(s) read: [L] for topk, the routed range for route
     routing: str = "hard"  # route: hard (top layer times its weight) | soft (weighted sum of layers)
     aggregate: str = "sum"  # route: router input is the sum | mean of the routed layers
@@ -36,7 +38,10 @@ class SaeConfig:
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise UserError(f"unknown architecture {self.arch!r}; use one of {', '.join(ARCHS)}.")
-        if not 0 < self.k < self.n_latents:
+        if self.arch in INFERENCE_ONLY:
+            if self.k != 0:
+                raise UserError(f"a {self.arch} SAE has no top-k: its k must be 0 (got {self.k}).")
+        elif not 0 < self.k < self.n_latents:
             raise UserError(f"k={self.k} must be between 1 and the number of latents - 1 ({self.n_latents - 1}).")
         if self.routing not in ("hard", "soft") or self.aggregate not in ("sum", "mean"):
             raise UserError(f"routing must be hard|soft and aggregate sum|mean (got {self.routing}, {self.aggregate}).")
@@ -50,6 +55,16 @@ class Latents(NamedTuple):
 
     acts: Tensor  # (B, k) non-negative activations (zeros pad rows with fewer active latents)
     indices: Tensor  # (B, k) latent ids
+
+
+def pack(code: Tensor, k: int | None = None, theta: float | None = None) -> Latents:
+    """A dense non-negative code (B, N) as padded Latents: its entries above ``theta`` (if given), at most
+    ``k`` per token (if given), as many columns as the busiest token needs (zeros pad the others)."""
+    if theta is not None:
+        code = code * (code > theta)  # (B, N)
+    width = max(int((code > 0).sum(dim=1).max()), 1) if code.shape[0] else 1
+    acts, indices = code.topk(min(width, k) if k else width, dim=-1)  # (B, width)
+    return Latents(acts, indices)
 
 
 class SaeOutput(NamedTuple):
@@ -83,11 +98,7 @@ class TopKSAE(nn.Module):
     ) -> Latents:
         """Top-k latents of ``x`` (B, D); with ``theta``, every latent whose activation exceeds it."""
         if theta is not None:
-            pre = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc.t()).relu()  # (B, N)
-            pre = pre * (pre > theta)
-            width = max(int((pre > 0).sum(dim=1).max()), 1)
-            acts, indices = pre.topk(width, dim=-1)
-            return Latents(acts, indices)
+            return pack(torch.addmm(self.b_enc, x - self.b_dec, self.W_enc.t()).relu(), theta=theta)  # (B, N) in
         acts, indices = TopKEncode.apply(x, self.W_enc, self.b_enc, self.b_dec, k or self.cfg.k, low_precision)
         return Latents(acts, indices)
 

@@ -1,0 +1,183 @@
+"""SAELens's layout and conventions, both ways (measured from sae-lens 6.54.12: benchmarks/peers/NOTES.md).
+
+A folder holds ``cfg.json`` and ``sae_weights.safetensors`` with ``W_enc (d_in, d_sae)``,
+``W_dec (d_sae, d_in)``, ``b_dec`` and per architecture ``b_enc`` (standard, topk, jumprelu),
+``threshold`` (jumprelu; older files: ``log_threshold``) or ``b_gate``, ``r_mag``, ``b_mag`` (gated).
+Configs from 6.0 on keep the model and hook under ``metadata``; older ones are flat (``hook_point``,
+``activation_fn: topk`` with ``activation_fn_kwargs.k``, a boolean ``normalize_activations``).
+
+Conventions and how they map (exactly, or refused):
+
+* ``blocks.L.hook_resid_pre`` is our layer L; ``blocks.L.hook_resid_post`` is layer L + 1.
+* ``apply_b_dec_to_input: false``: the encoder bias absorbs ``W_enc^T b_dec`` (gated: both biases,
+  the magnitude one times ``exp(r_mag)``), since our encoders always subtract ``b_dec`` first.
+* topk ``rescale_acts_by_decoder_norm``: the decoder row norms are folded into the encoder.
+* ``normalize_activations``: ``none``; ``layer_norm`` (our ``layer_norm`` method, eps 1e-5);
+  ``expected_average_only_in`` with its factor in ``activation_scaler.json`` (our ``scale``).
+  ``constant_norm_rescale`` and ``covariance_whitening`` have no exact equivalent: refused.
+  sae-pipe's own exports also record their exact normalization (``metadata.sae_pipe_normalization``,
+  e.g. ``standardize`` with eps 1e-6, which SAELens approximates by ``layer_norm``): read back as it was.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.cache.normalize import LAYER_NORM, Normalizer
+from pipeline.infra.errors import UserError
+from pipeline.sae.foreign import Foreign, check_arch, check_tensors, load_tensors, read_json
+from pipeline.sae.topk import SaeConfig
+
+CFG, WEIGHTS, SCALER = "cfg.json", "sae_weights.safetensors", "activation_scaler.json"
+ARCHITECTURES = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}  # theirs -> ours
+THEIRS = {ours: theirs for theirs, ours in ARCHITECTURES.items()}
+LAYER_NORM_EPS = 1e-5  # SAELens's, fixed in its code
+HOOK = re.compile(r"blocks\.(\d+)\.hook_resid_(pre|post)")
+OWN = "sae_pipe_normalization"  # sae-pipe's exports record their exact normalization in metadata
+VERSION = "6.54.12"  # the version whose loader the written layout was checked against
+
+
+def is_saelens(folder: Path) -> bool:
+    """A folder in SAELens's layout (its weights file, or a config only SAELens writes)."""
+    return (folder / WEIGHTS).is_file() or ((folder / CFG).is_file() and "d_sae" in read_json(folder / CFG))
+
+
+def settings(raw: dict[str, Any]) -> dict[str, Any]:
+    """The fields sae-pipe uses, from a 6.x config or an older flat one."""
+    meta = raw.get("metadata") or {}
+    version = str(raw.get("sae_lens_version") or meta.get("sae_lens_version") or "0")
+    if version.split(".")[0].isdigit() and int(version.split(".")[0]) >= 6:
+        return {
+            **raw,
+            **{k: meta.get(k, raw.get(k)) for k in ("hook_name", "model_name", "context_size", "hook_head_index", OWN)},
+        }
+    s = {**raw, "architecture": raw.get("architecture", "standard")}
+    s["hook_name"] = raw.get("hook_name", raw.get("hook_point"))
+    s["hook_head_index"] = raw.get("hook_head_index", raw.get("hook_point_head_index"))
+    activation = raw.get("activation_fn", raw.get("activation_fn_str", "relu"))
+    if activation == "topk":
+        s["architecture"], s["k"] = "topk", (raw.get("activation_fn_kwargs") or {}).get("k", raw.get("k"))
+    if isinstance(raw.get("normalize_activations"), bool):
+        s["normalize_activations"] = "expected_average_only_in" if raw["normalize_activations"] else "none"
+    return s
+
+
+def hook_layer(hook: str | None, where: Path) -> int:
+    """Our layer index for a SAELens hook name."""
+    match = HOOK.fullmatch(hook or "")
+    if not match:
+        raise UserError(
+            f"checkpoint {where} reads hook {hook!r}, which is not the residual stream between blocks; sae-pipe "
+            "imports SAEs on blocks.L.hook_resid_pre / hook_resid_post (attention, MLP, mid-block hooks: refused)."
+        )
+    return int(match[1]) + (match[2] == "post")
+
+
+def their_shapes(arch: str, d_in: int, d_sae: int) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    extra = {"gated": ("b_gate", "r_mag", "b_mag"), "jumprelu": ("b_enc", "threshold")}.get(arch, ("b_enc",))
+    return {**shapes, **{name: (d_sae,) for name in extra}}
+
+
+def read_saelens(folder: Path) -> Foreign:
+    """One SAELens SAE folder in our conventions."""
+    s = settings(read_json(folder / CFG))
+    arch = check_arch(str(s.get("architecture")), folder, ARCHITECTURES)
+    if "d_in" not in s or "d_sae" not in s or (arch == "topk" and not s.get("k")):
+        raise UserError(f"{folder / CFG} lacks d_in, d_sae (or k for topk); it is not a complete SAELens config.")
+    if s.get("reshape_activations", "none") != "none" or s.get("hook_head_index") is not None:
+        raise UserError(f"checkpoint {folder} reads attention heads (hook_z); sae-pipe imports residual-stream SAEs.")
+    if s.get("finetuning_scaling_factor"):
+        raise UserError(
+            f"checkpoint {folder} uses a finetuning scaling factor (SAELens < 6); sae-pipe does not map it."
+        )
+    d_in, d_sae = int(s["d_in"]), int(s["d_sae"])
+    layer = hook_layer(s.get("hook_name"), folder)
+    tensors = load_tensors(folder, WEIGHTS)
+    notes = ["W_enc transposed from (d_in, d_sae) to (d_sae, d_in)"]
+    if arch == "jumprelu" and "log_threshold" in tensors:
+        tensors["threshold"] = tensors.pop("log_threshold").float().exp()
+        notes.append("threshold = exp(log_threshold) (an older JumpReLU file)")
+    check_tensors(folder, tensors, their_shapes(THEIRS[arch], d_in, d_sae))
+    ours = _ours(arch, tensors, s, notes)
+    k = int(s["k"]) if arch == "topk" else 0
+    return Foreign(
+        "saelens",
+        folder,
+        SaeConfig(arch, d_in, d_sae, k, [layer]),
+        ours,
+        Normalizer.from_dict(s[OWN])
+        if s.get(OWN)
+        else _normalization(str(s.get("normalize_activations") or "none"), folder, layer, notes),
+        str(s.get("hook_name")),
+        s.get("model_name"),
+        s.get("context_size"),
+        notes,
+    )
+
+
+def _ours(arch: str, theirs: dict[str, torch.Tensor], s: dict[str, Any], notes: list[str]) -> dict[str, torch.Tensor]:
+    """Their tensors in our names and layout, with the bias and decoder-norm conventions folded in."""
+    t = {("b_enc" if name == "b_gate" else name): value.float() for name, value in theirs.items()}
+    t["W_enc"] = t["W_enc"].T.contiguous()  # (N, D)
+    if not s.get("apply_b_dec_to_input", True):
+        shift = t["W_enc"] @ t["b_dec"]  # (N,) what subtracting b_dec first takes away
+        t["b_enc"] = t["b_enc"] + shift
+        if arch == "gated":
+            t["b_mag"] = t["b_mag"] + shift * t["r_mag"].exp()
+        notes.append("apply_b_dec_to_input false: W_enc^T b_dec added to the encoder bias(es)")
+    if arch == "topk" and s.get("rescale_acts_by_decoder_norm", False):
+        norms = t["W_dec"].norm(dim=-1)  # (N,)
+        t["W_enc"], t["b_enc"], t["W_dec"] = (
+            t["W_enc"] * norms[:, None],
+            t["b_enc"] * norms,
+            t["W_dec"] / norms[:, None],
+        )
+        notes.append("rescale_acts_by_decoder_norm: decoder row norms folded into the encoder")
+    return t
+
+
+def _normalization(method: str, folder: Path, layer: int, notes: list[str]) -> Normalizer:
+    if method == "none":
+        return Normalizer("none")
+    if method == "layer_norm":
+        notes.append("normalize_activations layer_norm: our layer_norm method, eps 1e-5")
+        return Normalizer(LAYER_NORM, LAYER_NORM_EPS)
+    if method == "expected_average_only_in":
+        factor = read_json(folder / SCALER).get("scaling_factor") if (folder / SCALER).is_file() else None
+        if not isinstance(factor, int | float) or not factor > 0:
+            raise UserError(
+                f"checkpoint {folder} uses normalize_activations expected_average_only_in but has no scaling factor "
+                f"({SCALER}); without it the input scale is unknown. Add the file, or fold the factor into the weights."
+            )
+        notes.append(f"expected_average_only_in: our `scale` method with the factor {factor} of {SCALER}")
+        return Normalizer("scale", scales={layer: float(factor)})
+    raise UserError(
+        f"checkpoint {folder} uses normalize_activations {method!r}, which has no exact equivalent in sae-pipe "
+        "(none, layer_norm and expected_average_only_in with its factor are mapped)."
+    )
+
+
+def saelens_files(
+    arch: str, tensors: dict[str, torch.Tensor], sizes: dict[str, int], normalize: str, meta: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """cfg.json and the weights of an SAE in SAELens's layout (our tensors already have `scale` folded in)."""
+    config = {
+        "architecture": THEIRS[arch],
+        "d_in": sizes["d_in"],
+        "d_sae": sizes["n_latents"],
+        **({"k": sizes["k"], "rescale_acts_by_decoder_norm": False} if arch == "topk" else {}),
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "reshape_activations": "none",
+        "normalize_activations": normalize,
+        "metadata": {"sae_lens_version": VERSION, **meta},
+    }
+    weights = {("b_gate" if arch == "gated" and n == "b_enc" else n): v.contiguous() for n, v in tensors.items()}
+    weights["W_enc"] = tensors["W_enc"].T.contiguous()  # (D, N)
+    return config, weights
