@@ -18,7 +18,9 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import click
 import typer
 
-from pipeline.cli_cache import JsonOpt, cache_app
+from pipeline.cli_cache import JsonOpt, ParamsOpt, cache_app, opt, params_of
+
+from pipeline.cli_circuit import circuit
 from pipeline.cli_interop import export, import_
 from pipeline.evaluate.config import EvaluateConfig
 from pipeline.extract.config import ExtractConfig
@@ -36,24 +38,6 @@ app = typer.Typer(
     help="Extract LLM activations once, then fit, evaluate and interpret many SAEs from the cache.",
 )
 app.add_typer(cache_app, name="cache")
-
-
-def opt(cls: type, name: str, *decls: str) -> Any:
-    """The option of config field ``name``: its help is the field's doc, written once in the config."""
-    return typer.Option(*(decls or (f"--{name.replace('_', '-')}",)), help=doc(cls, name))
-
-
-# Options shared by several commands, defined once.
-ParamsOpt = Annotated[
-    str | None,
-    typer.Option("--params", help="Read defaults from this params.yaml (options given on the command line win)."),
-]
-
-
-def _params(path: str | None) -> dict[str, Any] | None:
-    from pipeline.infra.params import load_params
-
-    return load_params(path) if path else None
 
 
 @app.command()
@@ -83,7 +67,7 @@ def extract(
     from pipeline.extract.stage import extract as run_extract
     from pipeline.infra.params import build_config
 
-    cfg = build_config(ExtractConfig, _params(params), "extract", overrides, shared=("model", "data"))
+    cfg = build_config(ExtractConfig, params_of(params), "extract", overrides, shared=("model", "data"))
     from pipeline.infra.distributed import Ranks
 
     ranks = Ranks.from_env()
@@ -129,7 +113,7 @@ def fit(
     from pipeline.infra.params import build_config
 
     overrides["sweep"] = parse_sweep(sweep) if sweep else None
-    cfg = build_config(FitConfig, _params(params), "fit", overrides)
+    cfg = build_config(FitConfig, params_of(params), "fit", overrides)
     from pipeline.infra.distributed import Ranks
 
     ranks = Ranks.from_env()
@@ -170,7 +154,7 @@ def evaluate(
 
     overrides["metrics"] = metrics.split(",") if metrics else None
     overrides["runs"] = (runs or []) + (find_runs(all_in) if all_in else [])
-    cfg = build_config(EvaluateConfig, _params(params), "evaluate", overrides)
+    cfg = build_config(EvaluateConfig, params_of(params), "evaluate", overrides)
     results = run_evaluate(cfg)
     if all_in:
         root = Folder.at(cfg.out) if cfg.out else Folder.at(cfg.cache_root).child("evaluate")
@@ -227,7 +211,7 @@ def interpret(
     from pipeline.interpret.stage import interpret as run_interpret
 
     overrides["score"] = [s for s in score.split(",") if s] if score is not None else None
-    cfg = build_config(InterpretConfig, _params(params), "interpret", {**overrides, "run": run})
+    cfg = build_config(InterpretConfig, params_of(params), "interpret", {**overrides, "run": run})
     if all_in:
         typer.echo(interpret_all(cfg, ([run] if run else []) + find_runs(all_in)))
     else:
@@ -267,7 +251,7 @@ def steer(
     overrides = {renamed.get(k, k): (v or None) if isinstance(v, list) else v for k, v in given.items()}
     from pipeline.infra.params import build_config
 
-    cfg = build_config(SteerConfig, _params(params), "steer", overrides)
+    cfg = build_config(SteerConfig, params_of(params), "steer", overrides)
     if cfg.evaluate:
         from pipeline.steer.evaluation import evaluate_steering
 
@@ -282,6 +266,7 @@ def steer(
             typer.echo(f"prompt:   {record['prompt']}\nunedited: {record['unedited']}\nedited:   {record['edited']}\n")
 
 
+app.command()(circuit)
 app.command()(export)
 app.command("import")(import_)
 

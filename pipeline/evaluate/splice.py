@@ -10,13 +10,11 @@ replaced at that layer only, with the routing weight undone (or not: ``--splice 
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import ExitStack
-
 import torch
 from torch import Tensor, nn
 
 from pipeline.cache.normalize import Normalizer
-from pipeline.llm.hooks import replace_input
+from pipeline.llm.hooks import replacing
 from pipeline.sae.route import RouteSAE
 from pipeline.sae.topk import TopKSAE
 
@@ -25,9 +23,7 @@ Edit = Callable[[Tensor], Tensor]  # (B, T, D) hidden state -> replacement
 
 def logits_with(model: nn.Module, blocks: nn.ModuleList, tokens: Tensor, edits: dict[int, Edit]) -> Tensor:
     """Logits (B, T, V) of a forward in which block L's input h becomes ``edits[L](h)``."""
-    with ExitStack() as stack:
-        for layer, edit in edits.items():
-            stack.enter_context(replace_input(blocks[layer], edit))
+    with replacing(blocks, edits):
         return model(input_ids=tokens, use_cache=False).logits
 
 

@@ -7,7 +7,7 @@ serves capture (extract) and splicing (evaluate). Hooks are always removed in ``
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any, cast
 
 import torch
@@ -72,3 +72,12 @@ def replace_input(block: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) 
         yield
     finally:
         handle.remove()
+
+
+@contextmanager
+def replacing(blocks: nn.ModuleList, edits: dict[int, Callable[[torch.Tensor], torch.Tensor]]) -> Iterator[None]:
+    """Feed ``edits[L](h)`` to block L instead of its input h, for every L in ``edits``, while open."""
+    with ExitStack() as stack:
+        for layer, fn in edits.items():
+            stack.enter_context(replace_input(blocks[layer], fn))
+        yield

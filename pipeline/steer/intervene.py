@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.cache.normalize import Normalizer
-from pipeline.llm.hooks import replace_input
+from pipeline.llm.hooks import replace_input, replacing
 from pipeline.sae.route import RouteSAE
 from pipeline.sae.routing import route_choice
 from pipeline.sae.topk import Latents, TopKSAE
@@ -129,10 +129,10 @@ def routed_logits(
 
         return edit
 
-    with ExitStack() as stack:
-        for i, layer in enumerate(router.cfg.layers):
-            edit = make_edit(where & (choice == i), replace(target, layer=layer))
-            stack.enter_context(replace_input(blocks[layer], edit))
+    edits = {
+        layer: make_edit(where & (choice == i), replace(target, layer=layer)) for i, layer in enumerate(router.cfg.layers)
+    }
+    with replacing(blocks, edits):
         return model(input_ids=tokens).logits
 
 

@@ -1,0 +1,157 @@
+"""The model with SAEs spliced in at a few residual layers, each latent behind a mask.
+
+At a site (an SAE at layer L) the live input h of block L is normalized as the cache was (x, per-token
+scale s) and encoded to its dense TopK code z. A latent's kept share ``keep`` in [0, 1] mixes its live
+value with its ablated value a (its mean over the patch prompts, zero, or the patch run's own code):
+
+    z' = keep * z + (1 - keep) * a          h' = h + s * W_dec^T (z' - z)
+
+Only the change in the code reaches the residual stream, so the SAE's reconstruction error x - x_hat
+stays in as an always-on node: with every latent kept, z' = z and h' = h exactly (the clean model).
+Special-token positions (those the cache skipped) are left alone. Hooks are removed in ``finally``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple, cast
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.cache.normalize import Normalizer
+from pipeline.circuit.tasks import Pair
+from pipeline.llm.hooks import replacing
+from pipeline.sae.topk import TopKSAE
+
+
+class Site(NamedTuple):
+    """One SAE in the circuit: its layer, its TopK SAE and the cache's normalization."""
+
+    layer: int
+    sae: TopKSAE
+    normalizer: Normalizer
+    name: str  # the run folder's name
+
+
+class Batch(NamedTuple):
+    """Pairs of one prompt length, as tensors."""
+
+    clean: Tensor  # (B, T) clean prefixes
+    patch: Tensor  # (B, T) patch prefixes
+    real: Tensor  # (B, T) positions the SAEs read (not special tokens)
+    clean_answer: Tensor  # (B,)
+    patch_answer: Tensor  # (B,)
+
+
+class Masking(NamedTuple):
+    """Per site: the kept share of each latent and the value it takes where not kept."""
+
+    keep: list[Tensor]  # (N,) each, in [0, 1]
+    ablate: list[Tensor]  # (N,) each, or (B, T, N): one value per position (the patch run's code)
+
+
+def batches(pairs: list[Pair], size: int, special: set[int], device: torch.device) -> list[Batch]:
+    """Pairs grouped by prompt length (no padding: the last position is the answer's), ``size`` at most."""
+    by_length: dict[int, list[Pair]] = {}
+    for pair in pairs:
+        by_length.setdefault(len(pair.clean), []).append(pair)
+    out = []
+    for group in by_length.values():
+        for start in range(0, len(group), size):
+            chunk = group[start : start + size]
+            clean = torch.tensor([p.clean for p in chunk], device=device)  # (B, T)
+            patch = torch.tensor([p.patch for p in chunk], device=device)  # (B, T)
+            specials = torch.tensor(sorted(special), device=device, dtype=clean.dtype)
+            real = ~torch.isin(clean, specials) & ~torch.isin(patch, specials)  # (B, T): read in both runs
+            out.append(
+                Batch(
+                    clean,
+                    patch,
+                    real,
+                    torch.tensor([p.clean_answer for p in chunk], device=device),
+                    torch.tensor([p.patch_answer for p in chunk], device=device),
+                )
+            )
+    return out
+
+
+def dense_code(sae: TopKSAE, x: Tensor) -> Tensor:
+    """The SAE's TopK code of ``x`` (M, D) as a dense (M, N) tensor, differentiable in x."""
+    pre = torch.addmm(sae.b_enc, x - sae.b_dec, sae.W_enc.t()).relu()  # (M, N)
+    acts, indices = pre.topk(sae.cfg.k, dim=-1)  # (M, k)
+    return torch.zeros_like(pre).scatter(-1, indices, acts)
+
+
+def _site_edit(site: Site, real: Tensor, keep: Tensor | None, ablate: Tensor | None, record: list[Tensor]) -> Any:
+    def edit(h: Tensor) -> Tensor:  # (B, T, D)
+        x, (_, scale) = site.normalizer.normalize(h[real], site.layer)  # (M, D), scale (M, 1) or ()
+        z = dense_code(site.sae, x)  # (M, N)
+        record.append(z)
+        if keep is None or ablate is None:
+            return h
+        value = ablate[real] if ablate.dim() == 3 else ablate  # (M, N) or (N,)
+        change = (1 - keep) * (value - z)  # (M, N): z' - z
+        out = h.clone()
+        out[real] = (h[real].float() + (change @ site.sae.W_dec) * scale).to(h.dtype)
+        return out
+
+    return edit
+
+
+def logit_diff(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    sites: list[Site],
+    tokens: Tensor,
+    batch: Batch,
+    masking: Masking | None = None,
+    record: list[list[Tensor]] | None = None,
+) -> Tensor:
+    """logit(clean answer) - logit(patch answer) at the last position of ``tokens`` (B,), with ``masking``
+    applied (None: every latent kept); ``record`` collects each site's code (M, N) as it ran."""
+    codes: list[list[Tensor]] = record if record is not None else [[] for _ in sites]
+    edits: dict[int, Callable[[Tensor], Tensor]] = {
+        site.layer: _site_edit(
+            site,
+            batch.real,
+            masking.keep[i] if masking else None,
+            masking.ablate[i] if masking else None,
+            codes[i],
+        )
+        for i, site in enumerate(sites)
+    }
+    with replacing(blocks, edits):
+        hidden = cast(nn.Module, model.base_model)(input_ids=tokens, use_cache=False).last_hidden_state  # (B, T, D)
+    head = cast(Callable[[Tensor], Tensor], model.get_output_embeddings())
+    logits = head(hidden[:, -1]).float()  # (B, V)
+    rows = torch.arange(len(tokens), device=tokens.device)
+    return logits[rows, batch.clean_answer] - logits[rows, batch.patch_answer]
+
+
+def dense_positions(code: Tensor, real: Tensor) -> Tensor:
+    """A site's recorded code (M, N) back at its positions: (B, T, N), zeros at special tokens."""
+    out = torch.zeros(*real.shape, code.shape[-1], device=code.device)  # (B, T, N)
+    out[real] = code
+    return out
+
+
+@torch.no_grad()
+def patch_codes(model: nn.Module, blocks: nn.ModuleList, sites: list[Site], batch: Batch) -> list[Tensor]:
+    """Each site's code on the patch prompts, position by position (B, T, N): the path start of `ig`."""
+    record: list[list[Tensor]] = [[] for _ in sites]
+    logit_diff(model, blocks, sites, batch.patch, batch, None, record)
+    return [dense_positions(codes[0], batch.real) for codes in record]
+
+
+@torch.no_grad()
+def ablation_values(
+    model: nn.Module, blocks: nn.ModuleList, sites: list[Site], train: list[Batch], how: str
+) -> list[Tensor]:
+    """Per site (N,): each latent's mean over the real positions of the train patch prompts, or zeros."""
+    if how == "zero":
+        return [torch.zeros(s.sae.cfg.n_latents, device=s.sae.W_dec.device) for s in sites]
+    record: list[list[Tensor]] = [[] for _ in sites]
+    for batch in train:
+        logit_diff(model, blocks, sites, batch.patch, batch, None, record)
+    return [torch.cat(codes).mean(dim=0) for codes in record]

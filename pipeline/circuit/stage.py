@@ -1,0 +1,157 @@
+"""`sae-pipe circuit`: SAEs at a few layers + the LLM + a task -> circuits of many sizes, measured on held-out pairs.
+
+Outputs under <cache-root>/circuits/<task>-<hash>/ (see :mod:`pipeline.circuit.outputs`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.circuit.config import ABLATIONS, METHODS, CircuitConfig
+from pipeline.circuit.measures import baseline, jaccard, measure
+from pipeline.circuit.methods import Lens, attributions, top_circuits, train_mask
+from pipeline.circuit.outputs import Found, write_outputs
+from pipeline.circuit.spliced import Site, ablation_values, batches
+from pipeline.circuit.tasks import load_task, split
+from pipeline.infra.console import Stopwatch, say
+from pipeline.infra.device import resolve_device
+from pipeline.infra.errors import UserError
+from pipeline.infra.files import Folder
+from pipeline.infra.receipts import file_digest
+from pipeline.llm.model import load_tokenizer, resolve_model
+from pipeline.sae.subject import Subject, load_llm, load_subject
+from pipeline.sae.topk import TopKSAE
+
+SOLVED = 0.5  # a task the model gets right on fewer test pairs than this is reported as unsolved
+
+
+def check(cfg: CircuitConfig) -> None:
+    unknown = sorted(set(cfg.method) - set(METHODS))
+    if unknown or not cfg.method:
+        raise UserError(f"unknown --method {','.join(unknown) or '(none)'}; use some of {','.join(METHODS)}.")
+    if cfg.ablation not in ABLATIONS:
+        raise UserError(f"unknown --ablation {cfg.ablation!r}; use one of {', '.join(ABLATIONS)}.")
+    if "mask" in cfg.method and (not cfg.lambdas or min(cfg.lambdas) < 0):
+        raise UserError(f"--lambdas {cfg.lambdas} must be one or more non-negative numbers for the mask method.")
+    if min(cfg.steps, cfg.ig_steps, cfg.batch_size, cfg.pairs, *cfg.sizes, 1) < 1:
+        raise UserError("--steps, --ig-steps, --batch-size, --pairs and --sizes must be at least 1.")
+
+
+def open_sites(runs: list[str], layers: list[int], device: torch.device) -> list[Subject]:
+    """The runs to splice, one TopK run per layer, all from caches of one model."""
+    if not runs:
+        raise UserError("no run given: pass one TopK run folder per layer, e.g. `sae-pipe circuit RUN_L6 RUN_L12`.")
+    subjects = [load_subject(run, device) for run in runs]
+    for s in subjects:
+        if not isinstance(s.sae, TopKSAE) or s.cfg["sae"]["arch"] != "topk":
+            raise UserError(
+                f"run {s.folder.name} is a {s.cfg['sae']['arch']} SAE; circuits are found over TopK runs "
+                "(one per layer); train them with `sae-pipe fit --sweep layer=...`."
+            )
+    chosen = [s for s in subjects if not layers or s.layers[0] in layers]
+    missing = sorted(set(layers) - {s.layers[0] for s in chosen})
+    if missing:
+        raise UserError(f"--layers {missing} have no run among those given (their layers: {[s.layers[0] for s in subjects]}).")
+    seen = [s.layers[0] for s in chosen]
+    if len(set(seen)) != len(seen):
+        raise UserError(f"two runs read the same layer ({sorted(seen)}); give one run per layer.")
+    models = {json.dumps({k: s.cache.manifest["spec"]["model"].get(k) for k in ("sha256", "commit")}) for s in chosen}
+    if len(models) > 1:
+        raise UserError("the runs come from caches of different models; a circuit needs SAEs of one model.")
+    return sorted(chosen, key=lambda s: s.layers[0])
+
+
+def out_folder(cfg: CircuitConfig, subjects: list[Subject]) -> Folder:
+    """<cache-root>/circuits/<task>-<hash of every setting that changes the result>, or --out."""
+    if cfg.out:
+        return Folder.at(cfg.out)
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("runs", "device", "cache_root", "out")}
+    settings["saes"] = [file_digest(s.folder.local() / "sae.safetensors") for s in subjects]
+    task = Path(cfg.task)
+    if task.is_file():
+        settings["task_file"] = file_digest(task)
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    return Folder.at(cfg.cache_root).child("circuits", f"{task.stem}-{digest}")
+
+
+def circuit(cfg: CircuitConfig) -> Folder:
+    """Find circuits with every method of ``cfg``, measure them on the test split, write the outputs."""
+    check(cfg)
+    clock = Stopwatch()
+    device = resolve_device(cfg.device)
+    subjects = open_sites(cfg.runs, cfg.layers, device)
+    model, blocks = load_llm(subjects[0].cache, device)
+    model.requires_grad_(False)  # only the masks learn; no gradient buffers for the model's weights
+    spec = subjects[0].cache.manifest["spec"]["model"]
+    tokenizer = load_tokenizer(resolve_model(spec["name"], spec.get("revision")))
+    train_pairs, test_pairs = split(load_task(cfg.task, tokenizer, cfg.pairs, cfg.seed), cfg.test_share, cfg.seed)
+    special = set(tokenizer.all_special_ids)
+    train = batches(train_pairs, cfg.batch_size, special, device)
+    test = batches(test_pairs, cfg.batch_size, special, device)
+    sites = [Site(s.layers[0], s.sae.requires_grad_(False), s.normalizer, s.folder.name) for s in subjects]  # type: ignore[arg-type]
+    lens = Lens(model, blocks, sites, ablation_values(model, blocks, sites, train, cfg.ablation))
+    base = baseline(lens, test)
+    say(
+        f"circuit: task {cfg.task}: {len(train_pairs)} train / {len(test_pairs)} test pairs; clean logit difference "
+        f"{base.full:.3f} (positive on {base.solved:.0%}), all latents ablated {base.empty:.3f}"
+    )
+    if base.solved < SOLVED:
+        say(f"circuit: the model does not solve task {cfg.task} (clean answer ahead on {base.solved:.0%} of test pairs)")
+    found = find(cfg, lens, train, test, base)
+    facts: dict[str, Any] = {
+        "task": cfg.task,
+        "pairs": {"train": len(train_pairs), "test": len(test_pairs)},
+        "baseline": base._asdict(),
+        "solved": base.solved >= SOLVED,
+        "stability": stability(found),
+        "seconds": round(clock.seconds, 1),
+        "config": asdict(cfg),
+    }
+    out = out_folder(cfg, subjects)
+    write_outputs(out, subjects, found, facts, cfg.cache_root)
+    return out
+
+
+def find(cfg: CircuitConfig, lens: Lens, train: list[Any], test: list[Any], base: Any) -> list[Found]:
+    """Every method's circuits, measured on the test batches."""
+    found = []
+    if "mask" in cfg.method:
+        for lam in sorted(cfg.lambdas):
+            logits = train_mask(lens, train, lam, cfg.steps, cfg.lr, cfg.t_max)
+            chosen = [m > 0 for m in logits]
+            found.append(Found("mask", lam, chosen, logits, measure(lens, test, base, chosen)))
+    for method, steps in (("ig", cfg.ig_steps), ("attrib", 1)):
+        if method in cfg.method:
+            scores = attributions(lens, train, steps)
+            for size, chosen in top_circuits(scores, cfg.sizes):
+                found.append(Found(method, size, chosen, scores, measure(lens, test, base, chosen)))
+    return found
+
+
+def stability(found: list[Found]) -> dict[str, Any]:
+    """Overlap of mask circuits from neighbouring lambdas, and of each mask circuit with the ig circuit of
+    the nearest size."""
+    masks = [f for f in found if f.method == "mask"]
+    out: dict[str, Any] = {
+        "mask_neighbouring_lambdas": [
+            {"lambdas": [a.param, b.param], "jaccard": round(jaccard(a.circuit, b.circuit), 4)}
+            for a, b in zip(masks, masks[1:])
+        ]
+    }
+    ranked = [f for f in found if f.method == "ig"]
+    if ranked:
+        out["mask_vs_ig"] = [
+            {
+                "lambda": m.param,
+                "ig_size": (near := min(ranked, key=lambda f: abs(f.score.size - m.score.size))).score.size,
+                "jaccard": round(jaccard(m.circuit, near.circuit), 4),
+            }
+            for m in masks
+        ]
+    return out

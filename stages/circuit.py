@@ -1,0 +1,51 @@
+"""DVC stage `circuit`: params [circuit] + cache/fit.json -> cache/circuits/<task>-<hash>/ and the metrics
+cache/circuit.json. The TopK runs of the fit receipt are the SAEs (the first run of each layer); RouteSAE
+runs are skipped with a note."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from pipeline.circuit.config import CircuitConfig
+from pipeline.circuit.stage import circuit
+from pipeline.infra.console import guarded, say
+from pipeline.infra.files import Folder
+from pipeline.infra.params import build_config, load_params
+from pipeline.infra.receipts import read_receipt, write_receipt
+from pipeline.sae.folder import read_cfg
+
+PARAMS = "params.yaml"
+
+
+def main() -> None:
+    cfg = build_config(CircuitConfig, load_params(PARAMS), "circuit", {})
+    runs: dict[int, str] = {}
+    for run in read_receipt("fit", cfg.cache_root)["runs"]:
+        sae = read_cfg(Folder.at(run["path"]))["sae"]
+        if sae["arch"] != "topk":
+            say(f"circuit: skipping {sae['arch']} run {run['path']} (circuits are found over TopK runs)")
+        elif sae["layers"][0] in runs:
+            say(f"circuit: skipping {run['path']}: layer {sae['layers'][0]} already has {runs[sae['layers'][0]]}")
+        else:
+            runs[sae["layers"][0]] = run["path"]
+    out = circuit(dataclasses.replace(cfg, runs=list(runs.values())))
+    found = out.read_json("circuit.json")
+    chosen = found["circuit"]
+    write_receipt(
+        "circuit",
+        {
+            "out": out.url,
+            "task": cfg.task,
+            "solved": found["solved"],
+            "method": chosen["method"],
+            "size": chosen["size"],
+            "faithfulness": round(chosen["faithfulness"], 4),
+            "completeness": round(chosen["completeness"], 4),
+            "seconds": found["seconds"],
+        },
+        cfg.cache_root,
+    )
+
+
+if __name__ == "__main__":
+    guarded(main)

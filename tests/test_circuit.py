@@ -1,0 +1,200 @@
+"""Circuits: the masked model is exact at both ends, a planted latent is found, tasks and files are clean."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from pipeline.cache.normalize import Normalizer
+from pipeline.circuit.measures import baseline, measure
+from pipeline.circuit.methods import Lens, train_mask
+from pipeline.circuit.spliced import Batch, Masking, Site, ablation_values, batches, logit_diff
+from pipeline.circuit.tasks import Pair, encode, generate, read_jsonl
+from pipeline.cli import app
+from pipeline.extract.stage import extract
+from pipeline.fit.config import FitConfig
+from pipeline.fit.stage import fit
+from pipeline.infra.errors import UserError
+from pipeline.llm.hooks import replacing, run_to_layers
+from pipeline.llm.model import load_tokenizer, resolve_model
+from pipeline.sae.subject import load_llm, load_subject
+from pipeline.sae.topk import SaeConfig, TopKSAE
+from tests.support.caches import tiny_extract_config
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    root = tmp_path_factory.mktemp("circuit")
+    cache = extract(tiny_extract_config(tiny_llama, root, layers="1,2"))
+    cfg = FitConfig(cache=cache.url, latents=128, k=8, batch_size=256, out=str(root / "saes"), sweep={"layer": [1, 2]})
+    return [folder.url for folder in fit(cfg)]
+
+
+@pytest.fixture(scope="module")
+def lensed(runs: list[str]) -> tuple:
+    subjects = [load_subject(run, CPU) for run in runs]
+    model, blocks = load_llm(subjects[0].cache, CPU)
+    sites = [Site(s.layers[0], s.sae, s.normalizer, s.folder.name) for s in subjects]  # type: ignore[arg-type]
+    generator = torch.Generator().manual_seed(3)
+    pairs = []
+    for _ in range(6):
+        prefix = torch.randint(5, 500, (7,), generator=generator).tolist()
+        pairs.append(Pair([*prefix, 40], [*prefix, 90], 61, 77))
+    return model, blocks, sites, batches(pairs, 8, {0}, CPU)[0]
+
+
+def independent_splice(sites: list[Site], means: list[torch.Tensor] | None, real: torch.Tensor) -> dict:
+    """Reference hooks written with the SAE's own encode / decode (its sparse kernels): each site's
+    reconstruction plus its error, with the code replaced by ``means`` when given."""
+
+    def edit(site: Site, mean: torch.Tensor | None):  # noqa: ANN202
+        def hook(h: torch.Tensor) -> torch.Tensor:
+            x, stats = site.normalizer.normalize(h[real], site.layer)
+            out = site.sae(x)
+            code = out.x_hat if mean is None else mean @ site.sae.W_dec + site.sae.b_dec
+            new = h.clone()
+            new[real] = site.normalizer.denormalize(code + (x - out.x_hat), stats)
+            return new
+
+        return hook
+
+    return {s.layer: edit(s, None if means is None else means[i]) for i, s in enumerate(sites)}
+
+
+def reference_ld(model, blocks, batch: Batch, edits: dict) -> torch.Tensor:  # noqa: ANN001
+    with replacing(blocks, edits), torch.no_grad():
+        logits = model(input_ids=batch.clean).logits[:, -1]
+    return logits[:, 61] - logits[:, 77]
+
+
+def test_every_latent_kept_is_the_spliced_model_and_the_clean_model(lensed: tuple) -> None:
+    model, blocks, sites, batch = lensed
+    ones = [torch.ones(s.sae.cfg.n_latents) for s in sites]
+    means = ablation_values(model, blocks, sites, [batch], "mean")
+    with torch.no_grad():
+        kept = logit_diff(model, blocks, sites, batch.clean, batch, Masking(ones, means))
+    torch.testing.assert_close(kept, reference_ld(model, blocks, batch, {}), atol=1e-6, rtol=0)  # clean model
+    spliced = reference_ld(model, blocks, batch, independent_splice(sites, None, batch.real))
+    torch.testing.assert_close(kept, spliced, atol=1e-4, rtol=1e-4)
+
+
+def test_every_latent_ablated_is_the_mean_ablated_model(lensed: tuple) -> None:
+    model, blocks, sites, batch = lensed
+    means = []  # each latent's mean over the patch prompts' real positions, from the SAE's own encoder
+    for site, hidden in zip(sites, run_to_layers(model, blocks, batch.patch, [s.layer for s in sites]).values()):
+        latents = site.sae.encode(site.normalizer.normalize(hidden[batch.real], site.layer)[0])
+        dense = torch.zeros(len(latents.acts), site.sae.cfg.n_latents).scatter(-1, latents.indices, latents.acts)
+        means.append(dense.mean(dim=0))
+    zeros = [torch.zeros(s.sae.cfg.n_latents) for s in sites]
+    ours = ablation_values(model, blocks, sites, [batch], "mean")
+    with torch.no_grad():
+        ablated = logit_diff(model, blocks, sites, batch.clean, batch, Masking(zeros, ours))
+    expected = reference_ld(model, blocks, batch, independent_splice(sites, means, batch.real))
+    torch.testing.assert_close(ablated, expected, atol=1e-4, rtol=1e-4)
+    assert (ablated - reference_ld(model, blocks, batch, {})).abs().max() > 1e-2  # the ablation does something
+
+
+def planted(model: torch.nn.Module, blocks: torch.nn.ModuleList) -> tuple[Site, list[Pair]]:
+    """An SAE at layer 2 whose latent 0 reads what tells the clean prompts from the patch ones (their last
+    token), and answers chosen as the tokens that latent raises and lowers most: the task runs through it."""
+    generator = torch.Generator().manual_seed(0)
+    prefixes = torch.randint(5, 500, (24, 6), generator=generator)  # (P, 6)
+    clean = torch.cat([prefixes, torch.full((24, 1), 40)], 1)  # (P, 7)
+    patch = torch.cat([prefixes, torch.full((24, 1), 90)], 1)
+    norm = Normalizer("standardize")
+    xc = norm.normalize(run_to_layers(model, blocks, clean, [2])[2][:, -1], 2)[0]  # (P, D)
+    xp = norm.normalize(run_to_layers(model, blocks, patch, [2])[2][:, -1], 2)[0]
+    w = xc.mean(0) - xp.mean(0)
+    w = w / w.norm()
+    sae = TopKSAE(SaeConfig("topk", 64, 16, 8, [2]), torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        sae.W_dec[0] = w
+        sae.W_enc[0] = w
+        sae.b_enc[0] = -float((xc @ w).mean() + (xp @ w).mean()) / 2  # fires on clean last tokens only
+    site = Site(2, sae.requires_grad_(False), norm, "planted")
+
+    def without_latent(h: torch.Tensor) -> torch.Tensor:
+        x, (_, scale) = norm.normalize(h[:, -1], 2)
+        act = (x @ w + sae.b_enc[0]).relu()  # (P,)
+        out = h.clone()
+        out[:, -1] = h[:, -1] - act[:, None] * w * scale
+        return out
+
+    with torch.no_grad():
+        full = model(input_ids=clean).logits[:, -1]
+        with replacing(blocks, {2: without_latent}):
+            effect = (full - model(input_ids=clean).logits[:, -1]).mean(0)  # (V,)
+    up, down = int(effect.argmax()), int(effect.argmin())
+    return site, [Pair(c.tolist(), p.tolist(), up, down) for c, p in zip(clean, patch)]
+
+
+def test_mask_finds_a_planted_latent(tiny_llama: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.llm.model import find_blocks
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval().requires_grad_(False)
+    blocks = find_blocks(model)
+    site, pairs = planted(model, blocks)
+    train, test = batches(pairs[:12], 12, set(), CPU), batches(pairs[12:], 12, set(), CPU)
+    lens = Lens(model, blocks, [site], ablation_values(model, blocks, [site], train, "mean"))
+    logits = train_mask(lens, train, lam=0.02, steps=60, lr=0.1, t_max=100.0)
+    circuit = [m > 0 for m in logits]
+    score = measure(lens, test, baseline(lens, test), circuit)
+    assert bool(circuit[0][0]), circuit
+    assert score.size <= 3
+    assert score.faithfulness >= 0.9
+
+
+def test_built_in_tasks_have_one_token_answers(tiny_llama: Path) -> None:
+    tokenizer = load_tokenizer(resolve_model(str(tiny_llama)))
+    verbs = {" is", " are", " was", " were", " has", " have"}
+    sva = generate("sva", tokenizer, 32, 0)
+    assert sva and all({tokenizer.decode([p.clean_answer]), tokenizer.decode([p.patch_answer])} <= verbs for p in sva)
+    code = generate("code", tokenizer, 32, 0)
+    answers = {tokenizer.decode([a]) for p in code for a in (p.clean_answer, p.patch_answer)}
+    assert answers <= {*"0123456789", tokenizer.decode(tokenizer("Traceback", add_special_tokens=False).input_ids[:1])}
+    assert all(len(p.clean) == len(p.patch) for p in sva + code)
+    with pytest.raises(UserError, match="yields only 0 pair"):  # no first name is one token of this vocabulary
+        generate("ioi", tokenizer, 32, 0)
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ({"clean_prefix": "The pilot", "patch_prefix": "The pilots", "clean_answer": " is"}, "lacks the text field(s) patch_answer"),
+        ({"clean_prefix": "The pilot", "patch_prefix": "The pilots", "clean_answer": " is", "patch_answer": " were"}, "is 3 tokens"),
+        ("not json", "is not a JSON object"),
+    ],
+)
+def test_a_bad_task_line_is_one_clear_error(tiny_llama: Path, tmp_path: Path, line: object, message: str) -> None:
+    tokenizer = load_tokenizer(resolve_model(str(tiny_llama)))
+    good = {"clean_prefix": "The pilot", "patch_prefix": "The pilots", "clean_answer": " is", "patch_answer": " are"}
+    assert not isinstance(encode(tokenizer, good), str)
+    file = tmp_path / "task.jsonl"
+    file.write_text(json.dumps(good) + "\n" + (line if isinstance(line, str) else json.dumps(line)) + "\n")
+    with pytest.raises(UserError, match=rf"task.jsonl:2.*{re.escape(message)}"):
+        read_jsonl(file, tokenizer)
+
+
+def test_cli_writes_json_csv_safetensors_and_html_only(runs: list[str], tmp_path: Path) -> None:
+    args = ["circuit", *runs, "--task", "sva", "--pairs", "16", "--method", "mask,ig,attrib", "--lambdas", "0.01"]
+    args += ["--steps", "4", "--ig-steps", "2", "--sizes", "1,4", "--cache-root", str(tmp_path), "--device", "cpu"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    out = Path(result.stdout.strip().splitlines()[-1])
+    assert out.parent == tmp_path / "circuits" and out.name.startswith("sva-")
+    assert sorted(p.name for p in out.iterdir()) == ["circuit.json", "curve.csv", "curve.png", "index.html", "scores.safetensors"]
+    found = json.loads((out / "circuit.json").read_text())
+    assert found["layers"] == [1, 2] and {c["method"] for c in found["circuits"]} == {"mask", "ig", "attrib"}
+    assert set(load_file(out / "scores.safetensors")) == {"mask/0.01/L1", "mask/0.01/L2", "ig/L1", "ig/L2", "attrib/L1", "attrib/L2"}
+    rows = (out / "curve.csv").read_text().splitlines()
+    assert rows[0] == "method,param,size,per_layer,faithfulness,completeness" and len(rows) == 1 + 1 + 2 + 2
