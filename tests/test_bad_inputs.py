@@ -143,7 +143,37 @@ CASES = [
     ("imported run, cache it cannot read", "evaluate {imported} --cache {cache} --metrics nmse", 2, "cannot read:"),
     ("hand-edited k of an imported SAE", "evaluate {badk}", 2, "a jumprelu SAE has no top-k: its k must be 0"),
     ("imported run, other model's cache", "evaluate {imported} --cache {synthetic}", 2, "give a cache of that model"),
+    ("circuit: no run", "circuit --task sva", 2, "no run given: pass one TopK run folder per layer"),
+    ("circuit: RouteSAE run", "circuit {route}", 2, "circuits are found over TopK runs"),
+    ("circuit: runs of two models", "circuit {run} {synthrun}", 2, "the runs come from caches of different models"),
+    ("circuit: two runs at one layer", "circuit {run} {run}", 2, "give one run per layer"),
+    ("circuit: layer without a run", "circuit {run} --layers 3", 2, "have no run among those given"),
+    ("circuit: unknown method", "circuit {run} --method mask,shap", 2, "unknown --method shap"),
+    ("circuit: unknown ablation", "circuit {run} --ablation resample", 2, "unknown --ablation 'resample'"),
+    ("circuit: negative lambda", "circuit {run} --lambdas=-1", 2, "must be one or more non-negative numbers"),
+    ("circuit: not a number list", "circuit {run} --lambdas x", 2, "must be comma-separated floats"),
+    ("circuit: zero steps", "circuit {run} --steps 0", 2, "--sizes must be at least 1"),
+    ("circuit: bad test share", "circuit {run} --test-share 1", 2, "--test-share 1.0 must be between 0 and 1"),
+    ("circuit: unknown task", "circuit {run} --task parity", 2, "unknown task 'parity'"),
+    ("circuit: task the tokenizer cannot take", "circuit {run} --task ioi", 2, "yields only 0 pair(s) whose answers"),
+    ("circuit: missing task file", "circuit {run} --task {tmp}/none.jsonl", 2, "does not exist; give sva, ioi, code"),
+    ("circuit: task line not JSON", "circuit {run} --task {task_notjson}", 2, "is not a JSON object; each line holds"),
+    ("circuit: task line lacks a field", "circuit {run} --task {task_nofield}", 2, "lacks the text field(s) patch_answer"),
+    ("circuit: multi-token answer", "circuit {run} --task {task_long}", 2, "is 3 tokens, not one"),
+    ("circuit: prefixes of two lengths", "circuit {run} --task {task_unequal}", 2, "they must be equally long"),
+    ("circuit: the same answer twice", "circuit {run} --task {task_same}", 2, "are the same token"),
+    ("circuit: one-pair task file", "circuit {run} --task {task_one}", 2, "a train and a test split need at least 2"),
 ]
+
+GOOD_PAIR = {"clean_prefix": "The pilot", "patch_prefix": "The pilots", "clean_answer": " is", "patch_answer": " are"}
+TASK_FILES = {  # a good line, then the bad one (the tiny tokenizer: " were" is 3 tokens, "The cats" one more)
+    "task_notjson": "not json",
+    "task_nofield": json.dumps({k: v for k, v in GOOD_PAIR.items() if k != "patch_answer"}),
+    "task_long": json.dumps({**GOOD_PAIR, "patch_answer": " were"}),
+    "task_unequal": json.dumps({**GOOD_PAIR, "clean_prefix": "The cat", "patch_prefix": "The cats"}),
+    "task_same": json.dumps({**GOOD_PAIR, "patch_answer": " is"}),
+    "task_one": "",
+}
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +208,12 @@ def places(tiny_llama: Path, jsonl_corpus: Path, tmp_path_factory: pytest.TempPa
     shutil.copytree(imported.local(), badk)
     edited = json.loads((badk / "cfg.json").read_text())
     (badk / "cfg.json").write_text(json.dumps({**edited, "sae": {**edited["sae"], "k": 5}}))
+    synthrun = fit(FitConfig(cache=synthetic.url, latents=128, k=4, batch_size=64, out=out, device="cpu"))[0]
+    for name, line in TASK_FILES.items():
+        (tmp / f"{name}.jsonl").write_text(json.dumps(GOOD_PAIR) + "\n" + line + "\n")
     return {
+        **{name: str(tmp / f"{name}.jsonl") for name in TASK_FILES},
+        "synthrun": synthrun.url,
         **checkpoints,
         "imported": imported.url,
         "synthetic": synthetic.url,

@@ -22,6 +22,7 @@ ALLOWED = {
     "evaluate": STAGE_BASE,
     "interpret": STAGE_BASE,
     "steer": STAGE_BASE,
+    "circuit": STAGE_BASE,
 }
 
 

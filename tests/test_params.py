@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.circuit.config import CircuitConfig
 from pipeline.evaluate.config import EvaluateConfig
 from pipeline.extract.config import ExtractConfig
 from pipeline.fit.config import FitConfig
@@ -23,6 +24,7 @@ SECTIONS = {
     "evaluate": (EvaluateConfig, None),
     "interpret": (InterpretConfig, None),
     "steer": (SteerConfig, None),
+    "circuit": (CircuitConfig, None),
 }
 
 
@@ -63,7 +65,7 @@ def test_a_stale_comment_is_caught() -> None:
     assert mismatches(stale) == ["fit.k: 'active latents (old wording)' != 'active latents per token'"]
 
 
-@pytest.mark.parametrize("cls", [ExtractConfig, FitConfig, EvaluateConfig, InterpretConfig, SteerConfig])
+@pytest.mark.parametrize("cls", [ExtractConfig, FitConfig, EvaluateConfig, InterpretConfig, SteerConfig, CircuitConfig])
 def test_every_field_has_a_doc(cls: type) -> None:
     import dataclasses
 

@@ -39,8 +39,10 @@ def check(cfg: CircuitConfig) -> None:
         raise UserError(f"unknown --ablation {cfg.ablation!r}; use one of {', '.join(ABLATIONS)}.")
     if "mask" in cfg.method and (not cfg.lambdas or min(cfg.lambdas) < 0):
         raise UserError(f"--lambdas {cfg.lambdas} must be one or more non-negative numbers for the mask method.")
-    if min(cfg.steps, cfg.ig_steps, cfg.batch_size, cfg.pairs, *cfg.sizes, 1) < 1:
+    if min(cfg.steps, cfg.ig_steps, cfg.batch_size, cfg.pairs, *cfg.sizes) < 1:
         raise UserError("--steps, --ig-steps, --batch-size, --pairs and --sizes must be at least 1.")
+    if not 0 < cfg.test_share < 1:
+        raise UserError(f"--test-share {cfg.test_share} must be between 0 and 1.")
 
 
 def open_sites(runs: list[str], layers: list[int], device: torch.device) -> list[Subject]:
@@ -58,12 +60,12 @@ def open_sites(runs: list[str], layers: list[int], device: torch.device) -> list
     missing = sorted(set(layers) - {s.layers[0] for s in chosen})
     if missing:
         raise UserError(f"--layers {missing} have no run among those given (their layers: {[s.layers[0] for s in subjects]}).")
-    seen = [s.layers[0] for s in chosen]
-    if len(set(seen)) != len(seen):
-        raise UserError(f"two runs read the same layer ({sorted(seen)}); give one run per layer.")
     models = {json.dumps({k: s.cache.manifest["spec"]["model"].get(k) for k in ("sha256", "commit")}) for s in chosen}
     if len(models) > 1:
         raise UserError("the runs come from caches of different models; a circuit needs SAEs of one model.")
+    seen = [s.layers[0] for s in chosen]
+    if len(set(seen)) != len(seen):
+        raise UserError(f"two runs read the same layer ({sorted(seen)}); give one run per layer.")
     return sorted(chosen, key=lambda s: s.layers[0])
 
 
@@ -86,11 +88,11 @@ def circuit(cfg: CircuitConfig) -> Folder:
     clock = Stopwatch()
     device = resolve_device(cfg.device)
     subjects = open_sites(cfg.runs, cfg.layers, device)
-    model, blocks = load_llm(subjects[0].cache, device)
-    model.requires_grad_(False)  # only the masks learn; no gradient buffers for the model's weights
     spec = subjects[0].cache.manifest["spec"]["model"]
     tokenizer = load_tokenizer(resolve_model(spec["name"], spec.get("revision")))
     train_pairs, test_pairs = split(load_task(cfg.task, tokenizer, cfg.pairs, cfg.seed), cfg.test_share, cfg.seed)
+    model, blocks = load_llm(subjects[0].cache, device)
+    model.requires_grad_(False)  # only the masks learn; no gradient buffers for the model's weights
     special = set(tokenizer.all_special_ids)
     train = batches(train_pairs, cfg.batch_size, special, device)
     test = batches(test_pairs, cfg.batch_size, special, device)

@@ -191,9 +191,7 @@ def load_task(task: str, tokenizer: Any, n_pairs: int, seed: int) -> list[Pair]:
 
 
 def split(pairs: list[Pair], test_share: float, seed: int) -> tuple[list[Pair], list[Pair]]:
-    """(train, test), shuffled by ``seed``; each side keeps at least one pair."""
-    if not 0 < test_share < 1:
-        raise UserError(f"--test-share {test_share} must be between 0 and 1.")
+    """(train, test), shuffled by ``seed``; each side keeps at least one pair (0 < test_share < 1)."""
     order = list(range(len(pairs)))
     random.Random(seed).shuffle(order)
     n_test = min(max(1, round(len(pairs) * test_share)), len(pairs) - 1)
