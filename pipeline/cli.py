@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Annotated, Any
+from typing import Annotated
 
 # This process reports progress itself; tqdm bars of libraries (GGUF de-quantization) stay quiet.
 # tqdm reads this when first imported (`import torch` does), so it is set before anything heavy.
@@ -19,7 +19,6 @@ import click
 import typer
 
 from pipeline.cli_cache import JsonOpt, ParamsOpt, cache_app, opt, params_of
-
 from pipeline.cli_circuit import circuit
 from pipeline.cli_interop import export, import_
 from pipeline.evaluate.config import EvaluateConfig

@@ -158,7 +158,12 @@ CASES = [
     ("circuit: task the tokenizer cannot take", "circuit {run} --task ioi", 2, "yields only 0 pair(s) whose answers"),
     ("circuit: missing task file", "circuit {run} --task {tmp}/none.jsonl", 2, "does not exist; give sva, ioi, code"),
     ("circuit: task line not JSON", "circuit {run} --task {task_notjson}", 2, "is not a JSON object; each line holds"),
-    ("circuit: task line lacks a field", "circuit {run} --task {task_nofield}", 2, "lacks the text field(s) patch_answer"),
+    (
+        "circuit: task line lacks a field",
+        "circuit {run} --task {task_nofield}",
+        2,
+        "lacks the text field(s) patch_answer",
+    ),
     ("circuit: multi-token answer", "circuit {run} --task {task_long}", 2, "is 3 tokens, not one"),
     ("circuit: prefixes of two lengths", "circuit {run} --task {task_unequal}", 2, "they must be equally long"),
     ("circuit: the same answer twice", "circuit {run} --task {task_same}", 2, "are the same token"),

@@ -170,8 +170,14 @@ def test_built_in_tasks_have_one_token_answers(tiny_llama: Path) -> None:
 @pytest.mark.parametrize(
     "line, message",
     [
-        ({"clean_prefix": "The pilot", "patch_prefix": "The pilots", "clean_answer": " is"}, "lacks the text field(s) patch_answer"),
-        ({"clean_prefix": "The pilot", "patch_prefix": "The pilots", "clean_answer": " is", "patch_answer": " were"}, "is 3 tokens"),
+        (
+            {"clean_prefix": "The pilot", "patch_prefix": "The pilots", "clean_answer": " is"},
+            "lacks the text field(s) patch_answer",
+        ),
+        (
+            {"clean_prefix": "The pilot", "patch_prefix": "The pilots", "clean_answer": " is", "patch_answer": " were"},
+            "is 3 tokens",
+        ),
         ("not json", "is not a JSON object"),
     ],
 )
@@ -192,9 +198,22 @@ def test_cli_writes_json_csv_safetensors_and_html_only(runs: list[str], tmp_path
     assert result.exit_code == 0, result.output
     out = Path(result.stdout.strip().splitlines()[-1])
     assert out.parent == tmp_path / "circuits" and out.name.startswith("sva-")
-    assert sorted(p.name for p in out.iterdir()) == ["circuit.json", "curve.csv", "curve.png", "index.html", "scores.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "circuit.json",
+        "curve.csv",
+        "curve.png",
+        "index.html",
+        "scores.safetensors",
+    ]
     found = json.loads((out / "circuit.json").read_text())
     assert found["layers"] == [1, 2] and {c["method"] for c in found["circuits"]} == {"mask", "ig", "attrib"}
-    assert set(load_file(out / "scores.safetensors")) == {"mask/0.01/L1", "mask/0.01/L2", "ig/L1", "ig/L2", "attrib/L1", "attrib/L2"}
+    assert set(load_file(out / "scores.safetensors")) == {
+        "mask/0.01/L1",
+        "mask/0.01/L2",
+        "ig/L1",
+        "ig/L2",
+        "attrib/L1",
+        "attrib/L2",
+    }
     rows = (out / "curve.csv").read_text().splitlines()
     assert rows[0] == "method,param,size,per_layer,faithfulness,completeness" and len(rows) == 1 + 1 + 2 + 2

@@ -60,7 +60,7 @@ def train_mask(lens: Lens, train: list[Batch], lam: float, steps: int, lr: float
                 keep = [torch.sigmoid(m * temperature) for m in logits]
                 shortfall = (target - lens.ld(batch, keep)).relu().sum() / (gap * n_pairs)
                 shortfall.backward()
-            size = sum(torch.sigmoid(m * temperature).sum() for m in logits)
+            size = torch.stack([torch.sigmoid(m * temperature).sum() for m in logits]).sum()
             (lam * size).backward()
             optimizer.step()
             bar.advance(0, 1)

@@ -1,13 +1,13 @@
 """What `sae-pipe circuit` writes (JSON, CSV, safetensors, PNG, HTML: never pickles).
 
-    circuit.json        the chosen circuit (the smallest with faithfulness >= 0.8, else the most faithful):
-                        its latents per layer with their score and, where the run was interpreted, their
-                        top tokens, explanation and a link into the feature report; every other circuit
-                        by method; baseline, stability, wall time, settings
-    curve.csv           method, param (lambda or size), size, per-layer sizes, faithfulness, completeness
-    curve.png           faithfulness against circuit size, one line per method
-    scores.safetensors  per method and layer the latent scores (mask: the trained logits, one per lambda)
-    index.html          the chosen circuit's latents, linked to the feature reports
+circuit.json        the chosen circuit (the smallest with faithfulness >= 0.8, else the most faithful):
+                    its latents per layer with their score and, where the run was interpreted, their
+                    top tokens, explanation and a link into the feature report; every other circuit
+                    by method; baseline, stability, wall time, settings
+curve.csv           method, param (lambda or size), size, per-layer sizes, faithfulness, completeness
+curve.png           faithfulness against circuit size, one line per method
+scores.safetensors  per method and layer the latent scores (mask: the trained logits, one per lambda)
+index.html          the chosen circuit's latents, linked to the feature reports
 """
 
 from __future__ import annotations
@@ -96,7 +96,9 @@ def write_outputs(out: Folder, subjects: list[Subject], found: list[Found], fact
     writer.writerow(["method", "param", "size", "per_layer", "faithfulness", "completeness"])
     for f in found:
         per_layer = " ".join(f"L{k}:{v}" for k, v in f.score.per_layer.items())
-        writer.writerow([f.method, f.param, f.score.size, per_layer, f"{f.score.faithfulness:.4f}", f"{f.score.completeness:.4f}"])
+        writer.writerow(
+            [f.method, f.param, f.score.size, per_layer, f"{f.score.faithfulness:.4f}", f"{f.score.completeness:.4f}"]
+        )
     out.write_bytes(buffer.getvalue().encode(), "curve.csv")
     tensors = {
         f"{f.method}/{f.param:g}/L{layer}" if f.method == "mask" else f"{f.method}/L{layer}": s.contiguous().cpu()
@@ -116,7 +118,10 @@ def write_outputs(out: Folder, subjects: list[Subject], found: list[Found], fact
         }
         for f in found
     ]
-    out.write_json({**facts, "layers": layers, "runs": [s.folder.url for s in subjects], "circuit": summary, "circuits": circuits}, "circuit.json")
+    out.write_json(
+        {**facts, "layers": layers, "runs": [s.folder.url for s in subjects], "circuit": summary, "circuits": circuits},
+        "circuit.json",
+    )
 
 
 def curve_png(found: list[Found]) -> bytes:
@@ -145,7 +150,11 @@ def page(best: Found, rows: list[dict[str, Any]], facts: dict[str, Any], out: Fo
     items = []
     for row in rows:
         link = row.get("report")
-        href = os.path.relpath(link.split("#")[0], out.local()) + "#" + link.split("#")[1] if link and out.is_local else link
+        href = (
+            os.path.relpath(link.split("#")[0], out.local()) + "#" + link.split("#")[1]
+            if link and out.is_local
+            else link
+        )
         name = f"<a href='{html.escape(href)}'>{row['latent']}</a>" if href else str(row["latent"])
         tokens = html.escape(" | ".join(row.get("top_tokens", [])))
         items.append(

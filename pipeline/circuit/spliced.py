@@ -123,7 +123,7 @@ def logit_diff(
     }
     with replacing(blocks, edits):
         hidden = cast(nn.Module, model.base_model)(input_ids=tokens, use_cache=False).last_hidden_state  # (B, T, D)
-    head = cast(Callable[[Tensor], Tensor], model.get_output_embeddings())
+    head = cast(nn.Module, model.get_output_embeddings())  # type: ignore[operator]
     logits = head(hidden[:, -1]).float()  # (B, V)
     rows = torch.arange(len(tokens), device=tokens.device)
     return logits[rows, batch.clean_answer] - logits[rows, batch.patch_answer]

@@ -59,7 +59,9 @@ def open_sites(runs: list[str], layers: list[int], device: torch.device) -> list
     chosen = [s for s in subjects if not layers or s.layers[0] in layers]
     missing = sorted(set(layers) - {s.layers[0] for s in chosen})
     if missing:
-        raise UserError(f"--layers {missing} have no run among those given (their layers: {[s.layers[0] for s in subjects]}).")
+        raise UserError(
+            f"--layers {missing} have no run among those given (their layers: {[s.layers[0] for s in subjects]})."
+        )
     models = {json.dumps({k: s.cache.manifest["spec"]["model"].get(k) for k in ("sha256", "commit")}) for s in chosen}
     if len(models) > 1:
         raise UserError("the runs come from caches of different models; a circuit needs SAEs of one model.")
@@ -104,7 +106,9 @@ def circuit(cfg: CircuitConfig) -> Folder:
         f"{base.full:.3f} (positive on {base.solved:.0%}), all latents ablated {base.empty:.3f}"
     )
     if base.solved < SOLVED:
-        say(f"circuit: the model does not solve task {cfg.task} (clean answer ahead on {base.solved:.0%} of test pairs)")
+        say(
+            f"circuit: the model does not solve task {cfg.task} (clean answer ahead on {base.solved:.0%} of test pairs)"
+        )
     found = find(cfg, lens, train, test, base)
     facts: dict[str, Any] = {
         "task": cfg.task,

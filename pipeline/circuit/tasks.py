@@ -171,7 +171,9 @@ def read_jsonl(path: Path, tokenizer: Any) -> list[Pair]:
             raise UserError(f"{where} is not a JSON object; each line holds {', '.join(FIELDS)}.") from None
         missing = [f for f in FIELDS if not isinstance(record, dict) or not isinstance(record.get(f), str)]
         if missing:
-            raise UserError(f"{where} lacks the text field(s) {', '.join(missing)}; each line holds {', '.join(FIELDS)}.")
+            raise UserError(
+                f"{where} lacks the text field(s) {', '.join(missing)}; each line holds {', '.join(FIELDS)}."
+            )
         pair = encode(tokenizer, record)
         if not isinstance(pair, Pair):
             raise UserError(f"{where}: {pair}.")

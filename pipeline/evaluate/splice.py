@@ -10,6 +10,7 @@ replaced at that layer only, with the routing weight undone (or not: ``--splice 
 from __future__ import annotations
 
 from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 

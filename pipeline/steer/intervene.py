@@ -130,7 +130,8 @@ def routed_logits(
         return edit
 
     edits = {
-        layer: make_edit(where & (choice == i), replace(target, layer=layer)) for i, layer in enumerate(router.cfg.layers)
+        layer: make_edit(where & (choice == i), replace(target, layer=layer))
+        for i, layer in enumerate(router.cfg.layers)
     }
     with replacing(blocks, edits):
         return model(input_ids=tokens).logits
