@@ -15,7 +15,7 @@ from pipeline.cache.normalize import Normalizer
 from pipeline.circuit.measures import baseline, measure
 from pipeline.circuit.methods import Lens, train_mask
 from pipeline.circuit.spliced import Batch, Masking, Site, ablation_values, batches, logit_diff
-from pipeline.circuit.tasks import Pair, encode, generate, read_jsonl
+from pipeline.circuit.tasks import NAMES, VERBS, Pair, encode, generate, read_jsonl
 from pipeline.cli import app
 from pipeline.extract.stage import extract
 from pipeline.fit.config import FitConfig
@@ -217,3 +217,14 @@ def test_cli_writes_json_csv_safetensors_and_html_only(runs: list[str], tmp_path
     }
     rows = (out / "curve.csv").read_text().splitlines()
     assert rows[0] == "method,param,size,per_layer,faithfulness,completeness" and len(rows) == 1 + 1 + 2 + 2
+
+
+@pytest.mark.slow  # loads SmolLM2's tokenizer (the GGUF file) to check the names of ioi
+def test_smollm2_takes_every_built_in_task() -> None:
+    tokenizer = load_tokenizer(resolve_model("smollm2-135m"))
+    whole = {"sva": {v for pair in VERBS for v in pair}, "ioi": {f" {name}" for name in NAMES}}
+    whole["code"] = {*"0123456789", tokenizer.decode(tokenizer("Traceback", add_special_tokens=False).input_ids[:1])}
+    for task, answers in whole.items():
+        pairs = generate(task, tokenizer, 64, 0)
+        assert len(pairs) == 64
+        assert {tokenizer.decode([a]) for p in pairs for a in (p.clean_answer, p.patch_answer)} <= answers, task
