@@ -246,6 +246,7 @@ def steer(
     sample: Annotated[bool | None, opt(SteerConfig, "sample")] = None,
     temperature: Annotated[float | None, opt(SteerConfig, "temperature")] = None,
     seed: Annotated[int | None, opt(SteerConfig, "seed")] = None,
+    cache: Annotated[str | None, opt(SteerConfig, "cache")] = None,
     feature_table: Annotated[str | None, opt(SteerConfig, "feature_table")] = None,
     device: Annotated[str | None, opt(SteerConfig, "device")] = None,
     cache_root: Annotated[str | None, opt(SteerConfig, "cache_root")] = None,
