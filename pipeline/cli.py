@@ -257,6 +257,9 @@ def steer(
     strength: Annotated[list[float] | None, opt(SteerConfig, "strengths", "--strength")] = None,
     heldout_tokens: Annotated[int | None, opt(SteerConfig, "heldout_tokens")] = None,
     batch_size: Annotated[int | None, opt(SteerConfig, "batch_size")] = None,
+    judge_model: Annotated[str | None, opt(SteerConfig, "judge_model")] = None,
+    base_url: Annotated[str | None, opt(SteerConfig, "base_url")] = None,
+    max_cost: Annotated[float | None, opt(SteerConfig, "max_cost")] = None,
     params: ParamsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:

@@ -37,3 +37,6 @@ class SteerConfig:
     )
     heldout_tokens: int = setting(1024, "held-out cache tokens the cost (KL, log-prob gain) is measured on")
     batch_size: int = setting(4, "held-out sequences per forward")
+    judge_model: str = setting("gpt-4o-mini", "LLM judge of concept and fluency, 0-2 each (when OPENAI_API_KEY is set)")
+    base_url: str = setting("", "the judge's OpenAI-compatible server (default: OPENAI_BASE_URL, else api.openai.com)")
+    max_cost: float = setting(0.0, "USD cap for the judge: stop before the first request above it (0 = none)")
