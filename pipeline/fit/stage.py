@@ -22,6 +22,7 @@ from pipeline.fit.train import (
     init_pre_bias,
     make_member,
     member_input,
+    shared_selection,
     summary,
     to_device,
     train_step,
@@ -153,13 +154,12 @@ def _loop(
             if step >= steps:
                 break
             x = to_device(batch, device)  # (L, B, D)
-            for member in members:
-                if member.step > step:
-                    continue  # resumed ahead of the others
-                view = member_input(member, x)
+            due = [m for m in members if m.step <= step]  # a member resumed ahead of the others waits
+            for member in due:
                 if member.step == 0:
-                    init_pre_bias(member, view)
-                metrics = train_step(member, view, steps)
+                    init_pre_bias(member, member_input(member, x))
+            for member, chosen in zip(due, shared_selection(due, x)):
+                metrics = train_step(member, member_input(member, x), steps, chosen)
                 logged = (cfg.log_every and member.step % cfg.log_every == 0) or member.step == steps
                 if ranks.is_main and logged:
                     rate = (member.step - window[0]) * cfg.batch_size / max(clock.seconds - window[1], 1e-9)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.infra.errors import UserError
-from pipeline.sae.kernels import SparseDecode, TopKEncode
+from pipeline.sae.kernels import Encoder, SparseDecode, TopKEncode
 
 TRAINABLE = ("topk", "route")  # what `fit` trains
 INFERENCE_ONLY = ("relu", "jumprelu", "gated")  # imported SAEs (pipeline.sae.dense): no top-k, k = 0
@@ -94,22 +94,39 @@ class TopKSAE(nn.Module):
         self.tangent_decoder_grad = False  # training sets it: W_dec gradients stay tangent to unit rows
 
     def encode(
-        self, x: Tensor, k: int | None = None, theta: float | None = None, low_precision: bool = False
+        self,
+        x: Tensor,
+        k: int | None = None,
+        theta: float | None = None,
+        low_precision: bool = False,
+        chosen: Tensor | None = None,
     ) -> Latents:
-        """Top-k latents of ``x`` (B, D); with ``theta``, every latent whose activation exceeds it."""
+        """Top-k latents of ``x`` (B, D); with ``theta``, every latent whose activation exceeds it; with
+        ``chosen`` (B, k), those latents (selected by a GEMM shared with other SAEs, kernels.select_topk)."""
         if theta is not None:
             return pack(torch.addmm(self.b_enc, x - self.b_dec, self.W_enc.t()).relu(), theta=theta)  # (B, N) in
-        acts, indices = TopKEncode.apply(x, self.W_enc, self.b_enc, self.b_dec, k or self.cfg.k, low_precision)
+        acts, indices = TopKEncode.apply(
+            x, self.W_enc, self.b_enc, self.b_dec, k or self.cfg.k, low_precision, chosen
+        )
         return Latents(acts, indices)
+
+    def encoder(self) -> Encoder:
+        """What a shared top-k selection needs of this SAE."""
+        return Encoder(self.W_enc.detach(), self.b_enc.detach(), self.b_dec.detach(), self.cfg.k)
 
     def decode(self, latents: Latents) -> Tensor:
         """Reconstruction (B, D) from a sparse code."""
         return SparseDecode.apply(latents.acts, latents.indices, self.W_dec, self.tangent_decoder_grad) + self.b_dec
 
     def forward(
-        self, x: Tensor, k: int | None = None, theta: float | None = None, low_precision: bool = False
+        self,
+        x: Tensor,
+        k: int | None = None,
+        theta: float | None = None,
+        low_precision: bool = False,
+        chosen: Tensor | None = None,
     ) -> SaeOutput:
-        latents = self.encode(x, k, theta, low_precision)
+        latents = self.encode(x, k, theta, low_precision, chosen)
         return SaeOutput(x, self.decode(latents), latents, None, None)
 
     @torch.no_grad()
