@@ -137,7 +137,7 @@ def _member(plan: RunPlan, layers: list[int], device: torch.device, ranks: Ranks
 
 def _verify(cache: ActivationCache, layers: list[int]) -> None:
     """Refuse a cache whose training data fails its checksums (the same message as `cache verify`)."""
-    wanted = [f"train/act[{cache.layer_index(layer)}]" for layer in layers]
+    wanted = [f"train/act[{cache.layer_index(layer)}]" for layer in layers] + ["train/scale"] * cache.compact
     cache.require_valid(only=wanted)
 
 
