@@ -13,7 +13,7 @@ import torch
 from pipeline.cache.reader import ActivationCache
 from pipeline.cache.stream import ActivationStream, StreamSpec
 from pipeline.fit.config import FitConfig
-from pipeline.fit.plan import RunPlan, check_shared, expand_sweep, needs_training, plan_run
+from pipeline.fit.plan import RunPlan, check_shared, expand_sweep, needs_training, plan_run, spread
 from pipeline.fit.state import drop_state
 from pipeline.fit.train import (
     Member,
@@ -38,7 +38,12 @@ from pipeline.sae.kernels import use_low_precision
 
 
 def fit(cfg: FitConfig, ranks: Ranks | None = None) -> list[Folder]:
-    """Train every run of ``cfg`` (one, or a sweep) from one pass over the cache; return run folders."""
+    """Train every run of ``cfg`` (one, or a sweep) from one pass over the cache; return run folders.
+
+    Under torchrun, a sweep with at least as many members as ranks is spread: each rank trains whole
+    members, alone, on the same shuffled stream a single process would read, so each member ends
+    with the weights of a one-process sweep. A single SAE is trained by all ranks together (DDP).
+    """
     ranks = ranks or Ranks.from_env()
     cache = open_cache(cfg)
     plans = [plan_run(member, cache) for member in expand_sweep(cfg)]
@@ -47,9 +52,13 @@ def fit(cfg: FitConfig, ranks: Ranks | None = None) -> list[Folder]:
         for plan in sorted(plans, key=lambda p: p.folder.name):
             locks.enter_context(exclusive(plan.folder, "fit", enabled=ranks.world == 1))
         todo = _todo(plans, ranks)
-        if todo:
+        if ranks.world > 1 and len(todo) >= ranks.world:  # a sweep under torchrun: whole members per rank
+            mine = spread(todo, ranks.world)[ranks.rank]
+            say(f"rank {ranks.rank} trains {len(mine)} of the sweep's {len(todo)} members")
+            _train(mine, cache, cfg, ranks.alone())
+        elif todo:  # one SAE (or fewer members than ranks): DDP, every rank a share of each batch
             _train(todo, cache, cfg, ranks)
-    ranks.barrier()  # under torchrun no rank returns before rank 0 has written the runs
+    ranks.barrier()  # under torchrun no rank returns before every run is written
     return [p.folder for p in plans]
 
 
