@@ -92,7 +92,9 @@ def measure(f16: ActivationCache, i8: ActivationCache, args: argparse.Namespace,
         (run,) = fit(FitConfig(cache=cache.folder.url, **base, out=f"{tmp}/saes-{name}", log_every=1000))
         fvu[name] = heldout_fvu(run, held)
     values = f16.rows("train") + f16.rows("heldout")
-    size = {name: c.manifest["bytes"] / (values * len(c.layers) * c.d_model) for name, c in (("float16", f16), ("int8", i8))}
+    size = {
+        name: c.manifest["bytes"] / (values * len(c.layers) * c.d_model) for name, c in (("float16", f16), ("int8", i8))
+    }
     return {"rates": rates, "fvu": fvu, "bytes": size, "heldout": len(held)}
 
 
@@ -108,11 +110,16 @@ def table(r: dict[str, Any], args: argparse.Namespace) -> list[str]:
     for name in ("float16", "int8"):
         rates = r["rates"][name]
         lines.append(
-            f"| {name} | {r['bytes'][name]:.3f} | {statistics.median(rates):,.0f} ({min(rates):,.0f}-{max(rates):,.0f}) "
+            f"| {name} | {r['bytes'][name]:.3f} | "
+            f"{statistics.median(rates):,.0f} ({min(rates):,.0f}-{max(rates):,.0f}) "
             f"| {r['fvu'][name]:.4f} |"
         )
     rel = r["fvu"]["int8"] / r["fvu"]["float16"] - 1
-    lines += ["", f"- FVU from int8 vs float16: {rel * 100:+.2f} % relative; target within 1 %: {'yes' if abs(rel) <= 0.01 else '**no**'}"]
+    lines += [
+        "",
+        f"- FVU from int8 vs float16: {rel * 100:+.2f} % relative; "
+        f"target within 1 %: {'yes' if abs(rel) <= 0.01 else '**no**'}",
+    ]
     return lines
 
 

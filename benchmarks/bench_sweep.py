@@ -78,7 +78,8 @@ def bench_grid(base: dict[str, Any], grid: dict[str, list[Any]], repeats: int, o
 
 def table(results: dict[str, dict[str, list[float]]], tokens: int) -> list[str]:
     lines = [
-        f"Each member trains on {tokens:,} tokens (batch 4096, Adam, auto lr, bf16 selection GEMM where the CPU has it).",
+        f"Each member trains on {tokens:,} tokens (batch 4096, Adam, auto lr, bf16 selection GEMM where the CPU "
+        "has it).",
         "",
         "| grid | separate fits s | fused sweep s | unfused sweep s | fused / separate | unfused / separate |",
         "|---|---|---|---|---|---|",
@@ -98,11 +99,12 @@ def main() -> None:
     parser.add_argument("--cache", required=True, help="a one-layer activation cache")
     parser.add_argument("--tokens", type=int, default=400_000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu | cuda (benchmarks/gpu.py passes cuda)")
     parser.add_argument("--grid", type=int, nargs="*", default=[0, 1], help="which grids: 0 = 4 members, 1 = 8")
     parser.add_argument("--write", action="store_true", help="prepend the table to benchmarks/RESULTS.md")
     args = parser.parse_args()
     base = {"cache": args.cache, "latents": 1024, "k": 16, "batch_size": 4096, "max_tokens": args.tokens}
-    base |= {"device": "cpu", "verify": False, "log_every": 1000, "checkpoint_every": 0}
+    base |= {"device": args.device, "verify": False, "log_every": 1000, "checkpoint_every": 0}
     with tempfile.TemporaryDirectory() as tmp:
         fit(FitConfig(**{**base, "max_tokens": 8192}, out=f"{tmp}/warm"))  # imports, first allocations
         chosen = [list(GRIDS)[i] for i in args.grid]
@@ -111,7 +113,10 @@ def main() -> None:
     print("\n".join(lines))
     if args.write:
         grids = " ".join(map(str, args.grid))
-        command = f"python -m benchmarks.bench_sweep --cache CACHE --tokens {args.tokens} --repeats {args.repeats} --grid {grids}"
+        command = (
+            f"python -m benchmarks.bench_sweep --cache CACHE --tokens {args.tokens} --repeats {args.repeats} "
+            f"--grid {grids}"
+        )
         write_table(RESULTS, "sweeps sharing the encoder GEMM (issue 19)", command, lines)
 
 

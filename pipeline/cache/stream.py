@@ -56,6 +56,7 @@ class ActivationStream:
         self.pool_rows = min(wanted, self.rows + spec.batch_size)  # never more than the data needs
         self._pool: np.ndarray | None = None  # allocated once: first-touch page faults cost as much as reading
         self._scales: np.ndarray | None = None  # (L, rows) per-token scales of an int8 cache
+
     def batches(self, epochs: int, skip: int = 0) -> Iterator[np.ndarray]:
         """Batches of ``epochs`` passes; the first ``skip`` batches are dropped (to resume)."""
         out: queue.Queue[np.ndarray | BaseException | None] = queue.Queue(self.spec.prefetch)

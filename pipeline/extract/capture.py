@@ -42,7 +42,9 @@ class Capturer:
         """All arrays of one shard (see pipeline.cache.backends for the layout): act (L, n, D), and scale
         (L, n) for an int8 cache."""
         names = ["act", "scale"] if self.store_dtype == COMPACT else ["act"]
-        parts = {f"{split}/{name}": [[] for _ in self.layers] for split in ("train", "heldout") for name in names}
+        parts: dict[str, list[list[np.ndarray]]] = {
+            f"{split}/{name}": [[] for _ in self.layers] for split in ("train", "heldout") for name in names
+        }
         for start in range(0, len(plan.tokens), self.batch_size):
             stop = start + self.batch_size
             ids = torch.from_numpy(plan.tokens[start:stop]).to(self.device)  # (B, T)

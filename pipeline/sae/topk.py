@@ -94,20 +94,18 @@ class TopKSAE(nn.Module):
         self.tangent_decoder_grad = False  # training sets it: W_dec gradients stay tangent to unit rows
 
     def encode(
-        self,
-        x: Tensor,
-        k: int | None = None,
-        theta: float | None = None,
-        low_precision: bool = False,
-        chosen: Tensor | None = None,
+        self, x: Tensor, k: int | None = None, theta: float | None = None, low_precision: bool = False
     ) -> Latents:
-        """Top-k latents of ``x`` (B, D); with ``theta``, every latent whose activation exceeds it; with
-        ``chosen`` (B, k), those latents (selected by a GEMM shared with other SAEs, kernels.select_topk)."""
+        """Top-k latents of ``x`` (B, D); with ``theta``, every latent whose activation exceeds it."""
         if theta is not None:
             return pack(torch.addmm(self.b_enc, x - self.b_dec, self.W_enc.t()).relu(), theta=theta)  # (B, N) in
-        acts, indices = TopKEncode.apply(
-            x, self.W_enc, self.b_enc, self.b_dec, k or self.cfg.k, low_precision, chosen
-        )
+        acts, indices = TopKEncode.apply(x, self.W_enc, self.b_enc, self.b_dec, k or self.cfg.k, low_precision)
+        return Latents(acts, indices)
+
+    def encode_chosen(self, x: Tensor, chosen: Tensor) -> Latents:
+        """The latents ``chosen`` (B, k) for ``x`` by a top-k selection shared with other SAEs
+        (kernels.select_topk), with their exact activations."""
+        acts, indices = TopKEncode.apply(x, self.W_enc, self.b_enc, self.b_dec, chosen.shape[1], False, chosen)
         return Latents(acts, indices)
 
     def encoder(self) -> Encoder:
@@ -126,7 +124,7 @@ class TopKSAE(nn.Module):
         low_precision: bool = False,
         chosen: Tensor | None = None,
     ) -> SaeOutput:
-        latents = self.encode(x, k, theta, low_precision, chosen)
+        latents = self.encode(x, k, theta, low_precision) if chosen is None else self.encode_chosen(x, chosen)
         return SaeOutput(x, self.decode(latents), latents, None, None)
 
     @torch.no_grad()

@@ -51,6 +51,4 @@ def sweep_config(cache: str, out: str, spread: bool) -> FitConfig:
 if __name__ == "__main__":
     fit_module._loop = recording_loop
     Path(sys.argv[2]).mkdir(parents=True, exist_ok=True)
-    fit(
-        sweep_config(sys.argv[1], str(Path(sys.argv[2]) / "saes"), spread=sys.argv[3] == "spread")
-    )
+    fit(sweep_config(sys.argv[1], str(Path(sys.argv[2]) / "saes"), spread=sys.argv[3] == "spread"))
