@@ -155,10 +155,11 @@ class ActivationCache:
                 if only is not None and key not in only:
                     continue
                 name, index = _parse_checksum_key(key)
-                self._check_dtype(record["index"], name)  # a mixed folder is one clear error, not a checksum list
                 try:
                     data = np.ascontiguousarray(self.read(record["index"], name, index))
-                except Exception as err:  # noqa: BLE001 - any read failure is a finding, not a crash
+                except CorruptError:
+                    raise  # a shard in another dtype: one clear error about the folder, not a list of checksums
+                except Exception as err:  # noqa: BLE001 - any other read failure is a finding, not a crash
                     problems.append(
                         Problem(record["index"], key, f"unreadable ({type(err).__name__}: {str(err)[:120]})")
                     )
