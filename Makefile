@@ -26,6 +26,7 @@ demo: setup
 	@$(BIN)/dvc metrics show
 	@cat cache/evaluate/comparison.md
 	@echo "Feature reports: $$(ls cache/interpret/*/report.html 2>/dev/null | tr '\n' ' ')"
+	@echo "Steering pages: $$(ls cache/steer/*/steering.html 2>/dev/null | tr '\n' ' ')"
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

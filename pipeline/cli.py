@@ -229,6 +229,7 @@ def steer(
     sample: Annotated[bool | None, opt(SteerConfig, "sample")] = None,
     temperature: Annotated[float | None, opt(SteerConfig, "temperature")] = None,
     seed: Annotated[int | None, opt(SteerConfig, "seed")] = None,
+    cache: Annotated[str | None, opt(SteerConfig, "cache")] = None,
     feature_table: Annotated[str | None, opt(SteerConfig, "feature_table")] = None,
     device: Annotated[str | None, opt(SteerConfig, "device")] = None,
     cache_root: Annotated[str | None, opt(SteerConfig, "cache_root")] = None,
@@ -239,6 +240,9 @@ def steer(
     strength: Annotated[list[float] | None, opt(SteerConfig, "strengths", "--strength")] = None,
     heldout_tokens: Annotated[int | None, opt(SteerConfig, "heldout_tokens")] = None,
     batch_size: Annotated[int | None, opt(SteerConfig, "batch_size")] = None,
+    judge_model: Annotated[str | None, opt(SteerConfig, "judge_model")] = None,
+    base_url: Annotated[str | None, opt(SteerConfig, "base_url")] = None,
+    max_cost: Annotated[float | None, opt(SteerConfig, "max_cost")] = None,
     params: ParamsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:

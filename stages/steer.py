@@ -1,5 +1,5 @@
 """DVC stage `steer`: params [steer] + cache/fit.json (+ the feature tables) -> cache/steer/<run>/ and the
-metrics cache/steer.json. RouteSAE runs are skipped with a note (steering supports TopK runs so far)."""
+metrics cache/steer.json. Soft-routed RouteSAE runs are skipped with a note (no single layer to edit)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ def main() -> None:
     cfg = build_config(SteerConfig, load_params(PARAMS), "steer", {"evaluate": True})
     summaries = {}
     for run in read_receipt("fit")["runs"]:
-        if read_cfg(Folder.at(run["path"]))["sae"]["arch"] == "route":
-            say(f"steer: skipping RouteSAE run {run['path']} (steering supports TopK runs so far)")
+        if read_cfg(Folder.at(run["path"]))["sae"].get("routing") == "soft":
+            say(f"steer: skipping soft-routed run {run['path']} (its code has no single layer to edit)")
             continue
         out = evaluate_steering(dataclasses.replace(cfg, run=run["path"]))
         rows = list(csv.DictReader((out.local() / "steering.csv").open()))

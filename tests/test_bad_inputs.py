@@ -12,6 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipeline.cli import main
@@ -64,6 +65,7 @@ CASES = [
     ("not a cache", "cache info {tmp}", 2, "is not an activation cache (no manifest.json)"),
     ("corrupt cache", "cache verify {corrupt}", 4, "fails its checksums"),
     ("fit without cache", "fit", 2, "no cache given: pass --cache"),
+    ("activations in another dtype", "fit --cache {mixed} --latents 128 --k 4", 4, "but its manifest says float16"),
     ("incomplete cache", "fit --cache {incomplete}", 3, "is incomplete"),
     ("layer not cached", "fit --cache {cache} --layer 2", 2, "is not in cache"),
     ("route on one layer", "fit --cache {cache} --arch route", 2, "RouteSAE needs a multi-layer cache"),
@@ -198,6 +200,10 @@ def places(tiny_llama: Path, jsonl_corpus: Path, tmp_path_factory: pytest.TempPa
     shutil.copytree(cache.local(), corrupt)
     act = corrupt / "shards" / "000000" / "train" / "act.npy"
     act.write_bytes(act.read_bytes()[:-16])
+    mixed = tmp / "mixed"
+    shutil.copytree(cache.local(), mixed)
+    mixed_act = mixed / "shards" / "000000" / "train" / "act.npy"
+    np.save(mixed_act, np.load(mixed_act).astype(np.int8))  # an int8 shard in a float16 cache's folder
     incomplete = tmp / "incomplete"
     shutil.copytree(cache.local(), incomplete)
     manifest = json.loads((incomplete / "manifest.json").read_text())
@@ -231,6 +237,7 @@ def places(tiny_llama: Path, jsonl_corpus: Path, tmp_path_factory: pytest.TempPa
         "cache": cache.url,
         "corrupt": str(corrupt),
         "incomplete": str(incomplete),
+        "mixed": str(mixed),
         "run": run.url,
         "route": route.url,
         "soft": soft.url,

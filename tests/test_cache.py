@@ -79,3 +79,27 @@ def test_stream_serves_each_training_row_once_and_never_heldout(tmp_path: Path) 
         if tuple(r) in {tuple(x) for x in first[0]}
     }
     assert len(shards_in_first) > 1  # batches mix shards
+
+
+def test_int8_stream_serves_decoded_rows_with_their_own_scales(tmp_path: Path) -> None:
+    """Codes and scales move together through a pool that compacts: every served row decodes as stored."""
+    folder = synthetic_cache(tmp_path, [700, 900, 500], layers=(0,), d=8, dtype="int8")
+    cache = ActivationCache.open(folder)
+    decoded = {tuple(r) for s in cache.shards for r in cache.layer_rows(s["index"], "train", 0)}
+    codes = np.concatenate([cache.read(s["index"], "train/act", 0) for s in cache.shards])
+    assert codes.dtype == np.int8 and cache.manifest["format_version"] == 2
+    served = [b for b in ActivationStream(cache, StreamSpec([0], 100, seed=3, pool_mb=0.005)).batches(1)]
+    assert all(b.dtype == np.float32 for b in served)
+    rows = [tuple(r) for b in served for r in b[0]]
+    assert len(rows) == 2100 and set(rows) <= decoded
+
+
+def test_activations_in_another_dtype_than_the_manifest_are_refused(tmp_path: Path) -> None:
+    folder = synthetic_cache(tmp_path, [300, 300], layers=(0,), d=8)
+    act = folder.local() / "shards" / "000001" / "train" / "act.npy"
+    np.save(act, np.load(act).astype(np.int8))  # a shard of an int8 cache in a float16 cache's folder
+    cache = ActivationCache.open(folder)
+    with pytest.raises(CorruptError, match="stores train/act as int8, but its manifest says float16"):
+        list(ActivationStream(cache, StreamSpec([0], 100)).batches(1))
+    with pytest.raises(CorruptError, match="stores train/act as int8"):
+        cache.verify()

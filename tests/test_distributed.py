@@ -1,4 +1,5 @@
-"""torchrun on CPU (gloo, 2 processes): split extraction, DDP fit, and caches behind fsspec URLs."""
+"""torchrun on CPU (gloo, 2 processes): split extraction, DDP fit, a sweep spread over ranks, and caches
+behind fsspec URLs."""
 
 from __future__ import annotations
 
@@ -10,11 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from pipeline.cache.reader import ActivationCache
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.stage import extract
+from pipeline.fit.stage import fit
 from tests.support.caches import synthetic_cache, tiny_extract_args, tree_bytes
+from tests.support.ddp_check import sweep_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -58,11 +63,27 @@ def test_two_process_extraction_equals_one(tiny_llama: Path, tmp_path: Path) -> 
 
 def test_ddp_fit_keeps_ranks_identical(tmp_path: Path) -> None:
     cache = synthetic_cache(tmp_path, [1600, 1600, 1600, 1600], d=16)
-    torchrun("-m", "tests.support.ddp_check", cache.url, str(tmp_path / "out"))
+    torchrun("-m", "tests.support.ddp_check", cache.url, str(tmp_path / "out"), "ddp")
     ranks = [json.loads((tmp_path / "out" / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[0] == ranks[1] and ranks[0]["steps"] == [25, 25]  # 6400 tokens / (128 x 2 ranks)
+    assert ranks[0] == ranks[1] and ranks[0]["steps"] == [25]  # 6400 tokens / (128 x 2 ranks)
     runs = sorted((tmp_path / "out" / "saes").glob("*/cfg.json"))
-    assert len(runs) == 2 and all(json.loads(r.read_text())["status"] == "complete" for r in runs)
+    assert len(runs) == 1 and all(json.loads(r.read_text())["status"] == "complete" for r in runs)
+
+
+def test_sweep_spread_over_ranks_equals_one_process(tmp_path: Path) -> None:
+    """Each rank trains whole members on the full stream: every member's weights equal a one-process sweep's."""
+    cache = synthetic_cache(tmp_path, [1600, 1600, 1600, 1600], d=16)
+    torchrun("-m", "tests.support.ddp_check", cache.url, str(tmp_path / "out"), "spread")
+    ranks = [json.loads((tmp_path / "out" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    names = [set(r["weights"]) for r in ranks]
+    assert len(names[0]) == len(names[1]) == 2 and not names[0] & names[1]  # two whole members each
+    assert ranks[0]["steps"] == ranks[1]["steps"] == [50, 50]  # each rank reads all 6400 tokens
+    alone = fit(sweep_config(cache.url, str(tmp_path / "one"), spread=True))
+    assert {f.name for f in alone} == names[0] | names[1]
+    for folder in alone:
+        spread = load_file(str(tmp_path / "out" / "saes" / folder.name / "sae.safetensors"))
+        for name, tensor in load_file(f"{folder.url}/sae.safetensors").items():
+            torch.testing.assert_close(spread[name], tensor, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("url", ["memory://sae-pipe-test/cache", "file://{tmp}/cache"])

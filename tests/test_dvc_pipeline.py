@@ -20,6 +20,7 @@ SMALL = {
     "fit": {"latents": 512, "k": 16, "batch_size": 256, "epochs": 1},
     "evaluate": {"max_tokens": 200},
     "interpret": {"features": 5, "report_features": 10},
+    "steer": {"n_features": 2, "strengths": [0, 1], "max_new_tokens": 4, "heldout_tokens": 128},
 }
 
 
@@ -62,7 +63,7 @@ def test_repro_then_reuse_extract(tmp_path: Path) -> None:
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "a copy of the project")
     first = ok(dvc(repo, "repro"))
-    for stage in ("extract", "fit", "evaluate", "interpret"):
+    for stage in ("extract", "fit", "evaluate", "interpret", "steer"):
         assert f"Running stage '{stage}'" in first
     manifest = next((repo / "cache" / "activations").glob("*/manifest.json"))
     stamp = manifest.stat().st_mtime_ns
@@ -70,13 +71,15 @@ def test_repro_then_reuse_extract(tmp_path: Path) -> None:
     (result,) = metrics["runs"].values()
     assert 0 < result["ce_recovered"] <= 1.0 and result["kl_per_token"] < result["kl_zero_per_token"]
     assert list((repo / "cache" / "interpret").glob("*/report.html"))
+    (steered,) = json.loads((repo / "cache" / "steer.json").read_text())["runs"].values()
+    assert steered["strength"] == 1 and steered["mean_kl"] > 0  # the steer stage measured its grid
 
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "first reproduction")
     # the README's two `dvc exp run -S` forms at once: a new k, and a sweep grid trained from one read
     second = ok(dvc(repo, "exp", "run", "-S", "fit.k=32", "-S", "+fit.sweep.k=[16,32]"))
     assert "Running stage 'extract'" not in second and "didn't change, skipping" in second
-    for stage in ("fit", "evaluate", "interpret"):
+    for stage in ("fit", "evaluate", "interpret", "steer"):
         assert f"Running stage '{stage}'" in second
     assert manifest.stat().st_mtime_ns == stamp
     runs = json.loads((repo / "cache" / "fit.json").read_text())["runs"]

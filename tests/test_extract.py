@@ -70,6 +70,22 @@ def test_stored_rows_equal_hidden_states(tiny_llama: Path, tmp_path: Path, backe
                 np.testing.assert_allclose(stored, expected[split], atol=2e-2, rtol=1e-2)
 
 
+def test_int8_cache_round_trips_within_half_a_step(tiny_llama: Path, tmp_path: Path) -> None:
+    """Every decoded value lies within half a quantization step (scale / 2) of the float32 hidden state."""
+    cfg = config(tiny_llama, tmp_path, dtype="int8", backend="zarr", max_tokens=300)
+    cache = ActivationCache.open(extract(cfg))
+    assert cache.manifest["spec"]["dtype"] == "int8" and cache.manifest["format_version"] == 2
+    record = cache.shards[0]
+    for i, layer in enumerate(cache.layers):
+        expected = reference_rows(cfg, record, layer)
+        for split in ("train", "heldout"):
+            scale = cache.read(record["index"], f"{split}/scale", i)  # (n,)
+            decoded = cache.layer_rows(record["index"], split, i)
+            assert decoded.dtype == np.float32 and decoded.shape == expected[split].shape
+            assert np.all(np.abs(decoded - expected[split]) <= scale[:, None] * 0.5 + 1e-5)
+            assert np.allclose(np.abs(expected[split]).max(axis=1), scale * 127, rtol=1e-5)  # absmax scale
+
+
 def test_gpt2_blocks_are_found(tiny_gpt2: Path, tmp_path: Path) -> None:
     cfg = config(tiny_gpt2, tmp_path, layers="0,2", normalize="none", dtype="float32")
     cache = ActivationCache.open(extract(cfg))

@@ -198,7 +198,7 @@ def test_newer_format_versions_are_refused(tmp_path: Path) -> None:
     folder = synthetic_cache(tmp_path, [300], d=8)
     manifest = folder.read_json("manifest.json")
     folder.write_json({**manifest, "format_version": 99}, "manifest.json")
-    with pytest.raises(UserError, match="format version 99, this sae-pipe reads up to 1"):
+    with pytest.raises(UserError, match="format version 99, this sae-pipe reads up to 2"):
         ActivationCache.open(folder)
     folder.write_json({**manifest, "format": "something/else"}, "manifest.json")
     with pytest.raises(UserError, match="not a sae-pipe/activations file"):

@@ -128,3 +128,22 @@ def test_quality_sums_over_batches_equal_one_pass() -> None:
     err = ((x - x_hat) ** 2).sum(1)
     assert sums.nmse == pytest.approx(float(np.mean(err / (x**2).sum(1))), rel=1e-9)
     assert sums.fvu == pytest.approx(float(err.sum() / ((x - x.mean(0)) ** 2).sum()), rel=1e-9)
+
+
+def test_shared_selection_equals_each_sae_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One GEMM over several encoders (and split when over FUSE_COLUMNS) picks each SAE's own top k."""
+    from pipeline.sae import kernels
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 16) + 3  # an offset input: the pre-bias term matters
+    saes = [TopKSAE(SaeConfig("topk", 16, n, k, [0])) for n, k in ((512, 4), (256, 8), (512, 2))]
+    for sae in saes:
+        with torch.no_grad():
+            sae.b_dec.normal_()
+            sae.b_enc.normal_()
+    monkeypatch.setattr(kernels, "FUSE_COLUMNS", 800)  # the first two share a GEMM, the third runs alone
+    chosen = kernels.select_topk(x, [sae.encoder() for sae in saes], low_precision=False)
+    for sae, indices in zip(saes, chosen):
+        dense = torch.addmm(sae.b_enc, x - sae.b_dec, sae.W_enc.t())  # (B, N) the reference pre-activations
+        expected = dense.topk(sae.cfg.k).indices.sort(dim=1).values
+        assert torch.equal(indices.sort(dim=1).values, expected)

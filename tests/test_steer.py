@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -245,6 +246,6 @@ def test_route_dose_response(route: tuple, tmp_path: Path) -> None:
         out=str(tmp_path),
         device="cpu",
     )
-    rows = (evaluate_steering(cfg).local() / "steering.csv").read_text().splitlines()[1:]
-    (zero, strong) = ([float(v) for v in row.split(",")] for row in rows)  # feature,strength,effect,gain,kl,ppl
-    assert zero[4] == 0 and zero[3] == 0 and strong[4] > 0 and strong[3] > 0
+    zero, strong = csv.DictReader((evaluate_steering(cfg).local() / "steering.csv").open())
+    assert float(zero["kl"]) == 0 and float(zero["logprob_gain"]) == 0
+    assert float(strong["kl"]) > 0 and float(strong["logprob_gain"]) > 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,12 +15,15 @@ from pipeline.cli import app
 from pipeline.extract.stage import extract
 from pipeline.fit.config import FitConfig
 from pipeline.fit.stage import fit
+from pipeline.infra.errors import UserError
 from pipeline.llm.unembed import unembedding
 from pipeline.sae.logits import logit_effects, output_scores
 from pipeline.sae.subject import load_llm, load_subject
 from pipeline.steer.config import SteerConfig
 from pipeline.steer.evaluation import evaluate_steering
+from pipeline.steer.judge import judge_messages
 from tests.support.caches import tiny_extract_config
+from tests.support.standin_openai import Script, standin_env
 
 CPU = torch.device("cpu")
 
@@ -134,3 +138,57 @@ def test_cli_evaluate_prints_the_folder_last(run: str, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert result.output.strip().splitlines()[-1] == str(out)
     assert len((out / "steering.csv").read_text().splitlines()) == 3
+
+
+def judge_rule(body: dict) -> tuple[str, None]:
+    """A judge by rule: concept 2 when the continuation has a letter of the concept's first quoted token, else 0;
+    fluency 2 for fewer than 10 characters, else 1."""
+    user = body["messages"][-1]["content"]
+    concept = user.split("Concept: ", 1)[1].split("\n", 1)[0]
+    text = user.split("Continuation: ", 1)[1]
+    first = concept.split("'")[1] if "'" in concept else concept
+    hit = any(ch.isalpha() and ch in text for ch in first)
+    return json.dumps({"concept": 2 if hit else 0, "fluency": 2 if len(text) < 10 else 1}), None
+
+
+def test_llm_judge_rates_cached_and_capped(run: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    key = "sk-judge-SECRET-42"
+    base = dict(run=run, evaluate=True, eval_features=[3], strengths=[0.0, 8.0], heldout_tokens=32, device="cpu")
+    cfg = SteerConfig(
+        **base, max_new_tokens=3, prompts=["the cat", "a dog"], cache_root=str(tmp_path), out=str(tmp_path / "o")
+    )
+    script = Script(rule=judge_rule)
+    with standin_env(script, monkeypatch, key):
+        out = evaluate_steering(cfg).local()
+        sent = script.requests
+        evaluate_steering(cfg)  # every answer is cached now
+        with pytest.raises(UserError, match="above --max-cost"):
+            evaluate_steering(dataclasses.replace(cfg, judge_model="gpt-4o", max_cost=1e-9, prompts=["new"]))
+    assert sent == 4 and script.requests == 4  # 2 strengths x 2 prompts, then nothing more
+    generations = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    concept = json.loads((out / "summary.json").read_text())["concepts"]["3"]
+    for row in csv.DictReader((out / "steering.csv").open()):
+        mine = [g for g in generations if g["strength"] == float(row["strength"])]
+        asked = [judge_messages(concept, g["prompt"], g["text"]) for g in mine]
+        expected = [json.loads(judge_rule({"messages": m})[0]) for m in asked]
+        assert float(row["concept"]) == sum(e["concept"] for e in expected) / len(expected)
+        assert float(row["fluency"]) == sum(e["fluency"] for e in expected) / len(expected)
+    assert not any(key in p.read_text(errors="ignore") for p in tmp_path.rglob("*") if p.is_file())
+
+
+def test_without_key_the_judge_is_skipped(run: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    cfg = SteerConfig(
+        run=run,
+        evaluate=True,
+        eval_features=[3],
+        strengths=[0.0],
+        heldout_tokens=32,
+        max_new_tokens=2,
+        prompts=["x"],
+        out=str(tmp_path),
+        device="cpu",
+    )
+    out = evaluate_steering(cfg).local()
+    (row,) = csv.DictReader((out / "steering.csv").open())
+    assert row["concept"] == "" and json.loads((out / "summary.json").read_text())["judge"].startswith("skipped")

@@ -3,8 +3,9 @@
 A shard folder holds the same logical arrays in both backends (``D`` = hidden size, ``L`` =
 cached layers, ``n`` = rows of the split):
 
-    train/act, heldout/act        (L, n, D)  float16 (or float32), layer-major so that one
+    train/act, heldout/act        (L, n, D)  float16 (or float32, or int8), layer-major so that one
                                              layer is one contiguous block
+    train/scale, heldout/scale    (L, n)     float32 per-token scales of an int8 cache only
     */token, */doc                (n,)       int32 token id, document id
     */pos                         (n,)       uint16 position in the packed sequence
     heldout/seq                   (n,)       int32 row of heldout/sequences it comes from
@@ -30,7 +31,7 @@ from pipeline.infra.errors import CorruptError, UserError
 from pipeline.infra.files import Folder
 
 BACKENDS = ("zarr", "memmap")
-STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
+STORE_DTYPES = {"float16": np.float16, "float32": np.float32, "int8": np.int8}  # int8: pipeline.cache.compact
 
 
 class Backend(Protocol):
@@ -41,6 +42,8 @@ class Backend(Protocol):
     def read(self, folder: Folder, name: str, first: Any = slice(None)) -> np.ndarray: ...
 
     def read_into(self, folder: Folder, name: str, first: Any, out: np.ndarray) -> None: ...
+
+    def dtype(self, folder: Folder, name: str) -> np.dtype: ...
 
 
 class MemmapBackend:
@@ -68,6 +71,9 @@ class MemmapBackend:
             read_span(folder.local() / f"{name}.npy", mapped.offset + first * mapped[first].nbytes, out)
         else:
             np.copyto(out, mapped[first])
+
+    def dtype(self, folder: Folder, name: str) -> np.dtype:
+        return self._map(folder, name).dtype
 
     @staticmethod
     def _map(folder: Folder, name: str) -> np.memmap:
@@ -111,6 +117,9 @@ class ZarrBackend:
             return
         target = default_buffer_prototype().nd_buffer.from_numpy_array(out)
         self._array(folder, name).get_basic_selection(first, out=target)
+
+    def dtype(self, folder: Folder, name: str) -> np.dtype:
+        return np.dtype(self._array(folder, name).dtype)
 
     def _plain_chunks(self, folder: Folder, name: str) -> ChunkSpans | None:
         """Where each layer's bytes lie in a local one-shard array whose inner chunks are uncompressed

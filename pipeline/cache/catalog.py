@@ -70,7 +70,7 @@ def sample_stats(cache: ActivationCache) -> dict[str, dict[str, float]]:
         return {}
     stats = {}
     for i, layer in enumerate(cache.layers):
-        x = cache.read(shard, "train/act", i)[:STATS_ROWS].astype(np.float32)  # (N, D)
+        x = cache.layer_rows(shard, "train", i)[:STATS_ROWS]  # (N, D)
         token_mean, token_std = x.mean(axis=1), x.std(axis=1, ddof=1)
         stats[str(layer)] = {
             "rows": int(len(x)),

@@ -16,7 +16,7 @@ from pipeline.infra.files import Folder
 from pipeline.llm.layers import layer_span
 
 FORMAT = "sae-pipe/activations"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: int8 caches (pipeline.cache.compact), which a version-1 reader would misread
 LAYER_CONVENTION = (
     "layer L = residual stream entering block L = Hugging Face hidden_states[L] "
     "(0 = embeddings) = SAELens blocks.L.hook_resid_pre"
@@ -79,7 +79,7 @@ def new_manifest(key: str, spec: dict[str, Any], facts: dict[str, Any]) -> dict[
     """The in-progress manifest written before the first shard."""
     return {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": 2 if spec["dtype"] == "int8" else 1,  # float16/float32 caches stay readable by 1
         "key": key,
         "status": "in_progress",
         "layer_convention": LAYER_CONVENTION,

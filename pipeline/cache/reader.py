@@ -10,7 +10,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from pipeline.cache.backends import get_backend
+from pipeline.cache import compact
+from pipeline.cache.backends import STORE_DTYPES, get_backend
 from pipeline.cache.manifest import read_manifest, shard_name
 from pipeline.infra.errors import CorruptError, UserError
 from pipeline.infra.files import Folder
@@ -42,6 +43,7 @@ class ActivationCache:
         self.folder = folder
         self.manifest = manifest
         self.backend = get_backend(manifest["spec"]["backend"])
+        self._dtype_checked: set[tuple[int, str]] = set()
 
     @classmethod
     def open(cls, where: str | Folder) -> ActivationCache:
@@ -64,6 +66,15 @@ class ActivationCache:
     def shards(self) -> list[dict[str, Any]]:
         return list(self.manifest["shards"])
 
+    @property
+    def dtype(self) -> str:
+        """The stored dtype the manifest names: float16, float32 or int8 (codes and per-token scales)."""
+        return str(self.manifest["spec"]["dtype"])
+
+    @property
+    def compact(self) -> bool:
+        return self.dtype == compact.COMPACT
+
     def rows(self, split: str) -> int:
         return int(self.manifest["rows"][split])
 
@@ -75,21 +86,43 @@ class ActivationCache:
 
     def read(self, shard: int, name: str, first: Any = slice(None)) -> np.ndarray:
         """Array ``name`` (e.g. ``train/act``) of one shard; ``first`` indexes its first axis."""
+        self._check_dtype(shard, name)
         return self.backend.read(self.folder.child("shards", shard_name(shard)), name, first)
 
     def read_into(self, shard: int, name: str, first: Any, out: np.ndarray) -> None:
         """Like :meth:`read`, into a preallocated array of the right shape and dtype."""
+        self._check_dtype(shard, name)
         self.backend.read_into(self.folder.child("shards", shard_name(shard)), name, first, out)
 
+    def layer_rows(self, shard: int, split: str, position: int) -> np.ndarray:
+        """One layer's rows (n, D) of a shard's split as float32, decoded when the cache is int8."""
+        codes = self.read(shard, f"{split}/act", position)  # (n, D)
+        if self.compact:
+            return compact.dequantize(codes, self.read(shard, f"{split}/scale", position))
+        return codes.astype(np.float32)
+
+    def _check_dtype(self, shard: int, name: str) -> None:
+        """Refuse activations stored in another dtype than the manifest says (raw reads would misread them)."""
+        if not name.endswith("/act") or (shard, name) in self._dtype_checked:
+            return
+        stored = self.backend.dtype(self.folder.child("shards", shard_name(shard)), name)
+        if stored != np.dtype(STORE_DTYPES[self.dtype]):
+            raise CorruptError(
+                f"shard {shard_name(shard)} of cache {self.folder.url} stores {name} as {stored}, but its manifest "
+                f"says {self.dtype}: the folder mixes caches. Run `sae-pipe cache repair {self.folder.url}` to drop "
+                "that shard, then re-run the extract command."
+            )
+        self._dtype_checked.add((shard, name))
+
     def heldout_rows(self, layers: list[int], max_rows: int = 0) -> Iterator[tuple[int, np.ndarray]]:
-        """Held-out rows shard by shard as (shard, (n, L, D)) for ``layers``, at most ``max_rows`` (0 = all)."""
+        """Held-out rows shard by shard as float32 (shard, (n, L, D)) for ``layers``, at most ``max_rows`` (0 = all)."""
         left = max_rows or self.rows("heldout")
         positions = [self.layer_index(layer) for layer in layers]
         for record in self.shards:
             n = min(record["rows"]["heldout"], left)
             if n <= 0:
                 continue
-            yield record["index"], np.stack([self.read(record["index"], "heldout/act", p)[:n] for p in positions], 1)
+            yield record["index"], np.stack([self.layer_rows(record["index"], "heldout", p)[:n] for p in positions], 1)
             left -= n
 
     def heldout_sequences(self, max_tokens: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -124,7 +157,9 @@ class ActivationCache:
                 name, index = _parse_checksum_key(key)
                 try:
                     data = np.ascontiguousarray(self.read(record["index"], name, index))
-                except Exception as err:  # noqa: BLE001 - any read failure is a finding, not a crash
+                except CorruptError:
+                    raise  # a shard in another dtype: one clear error about the folder, not a list of checksums
+                except Exception as err:  # noqa: BLE001 - any other read failure is a finding, not a crash
                     problems.append(
                         Problem(record["index"], key, f"unreadable ({type(err).__name__}: {str(err)[:120]})")
                     )

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.cache.compact import SCALE_DTYPE, dequantize
 from pipeline.cache.reader import ActivationCache
 
 MOVE_BYTES = 16 * 2**20  # rows moved per copy when the pool is compacted
@@ -37,7 +38,9 @@ class StreamSpec:
 class ActivationStream:
     """Iterates over fixed-size batches (L, B, D) of training rows, epoch after epoch.
 
-    Batches are layer-major like the cache: ``batch[i]`` is one layer's (B, D) block, contiguous.
+    Batches are layer-major like the cache: ``batch[i]`` is one layer's (B, D) block, contiguous. They
+    come in the cache's dtype (float16 or float32), or decoded to float32 from an int8 cache, whose pool
+    keeps the codes and their per-token scales (a quarter of float32's memory).
     """
 
     def __init__(self, cache: ActivationCache, spec: StreamSpec) -> None:
@@ -47,10 +50,12 @@ class ActivationStream:
         self.shards = sorted(self.shard_rows)[spec.rank :: spec.world]
         self.rows = sum(self.shard_rows[i] for i in self.shards)
         row_bytes = len(self.layer_pos) * cache.d_model * np.dtype(cache.manifest["spec"]["dtype"]).itemsize
+        row_bytes += len(self.layer_pos) * np.dtype(SCALE_DTYPE).itemsize if cache.compact else 0
         largest = max(self.shard_rows.values(), default=1)
         wanted = max(int(spec.pool_mb * 2**20) // row_bytes, 2 * (largest + spec.batch_size))  # room to refill
         self.pool_rows = min(wanted, self.rows + spec.batch_size)  # never more than the data needs
         self._pool: np.ndarray | None = None  # allocated once: first-touch page faults cost as much as reading
+        self._scales: np.ndarray | None = None  # (L, rows) per-token scales of an int8 cache
 
     def batches(self, epochs: int, skip: int = 0) -> Iterator[np.ndarray]:
         """Batches of ``epochs`` passes; the first ``skip`` batches are dropped (to resume)."""
@@ -93,6 +98,8 @@ class ActivationStream:
         if self._pool is None:
             dtype = self.cache.manifest["spec"]["dtype"]
             self._pool = np.empty((len(self.layer_pos), self.pool_rows, self.cache.d_model), dtype=dtype)
+            if self.cache.compact:
+                self._scales = np.empty((len(self.layer_pos), self.pool_rows), dtype=SCALE_DTYPE)
         pool = self._pool  # (L, rows, D)
         filled = 0
         for _ in range(epochs):
@@ -109,8 +116,10 @@ class ActivationStream:
         """Yield ``serve`` random rows of the pool as batches; move the rest to the front."""
         perm = rng.permutation(filled)
         size = self.spec.batch_size
+        scales = self._scales
         for start in range(0, serve, size):
-            yield pool[:, np.sort(perm[start : start + size])]  # (L, B, D); sorted gathers read memory in order
+            rows = np.sort(perm[start : start + size])  # sorted gathers read memory in order
+            yield pool[:, rows] if scales is None else dequantize(pool[:, rows], scales[:, rows])  # (L, B, D)
         keep = filled - serve
         # Only kept rows behind the front part move, into the served rows' slots inside it, a slice at a
         # time: a quarter of the pool per refill and a 16 MiB temporary, where gathering all kept rows
@@ -120,6 +129,8 @@ class ActivationStream:
         step = max(1, MOVE_BYTES // (pool.shape[0] * pool.shape[2] * pool.itemsize))  # bounds the temporary copy
         for start in range(0, len(holes), step):
             pool[:, holes[start : start + step]] = pool[:, movers[start : start + step]]
+        if scales is not None:
+            scales[:, holes] = scales[:, movers]
         return keep
 
     def _read_into(self, pool: np.ndarray, start: int, shard: int) -> int:
@@ -127,4 +138,6 @@ class ActivationStream:
         rows = self.shard_rows[shard]
         for i, pos in enumerate(self.layer_pos):
             self.cache.read_into(shard, "train/act", pos, pool[i, start : start + rows])  # (n, D), contiguous
+            if self._scales is not None:
+                self.cache.read_into(shard, "train/scale", pos, self._scales[i, start : start + rows])  # (n,)
         return rows

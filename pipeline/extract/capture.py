@@ -8,12 +8,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.cache.compact import COMPACT, quantize
 from pipeline.cache.normalize import Normalizer
 from pipeline.extract.packing import ShardPlan
 from pipeline.infra.console import Bar
 from pipeline.llm.hooks import run_to_layers
 
-TORCH_STORE = {"float16": torch.float16, "float32": torch.float32}
+TORCH_STORE = {"float16": torch.float16, "float32": torch.float32}  # int8: pipeline.cache.compact
 
 
 @dataclass
@@ -38,10 +39,11 @@ class Capturer:
 
     @torch.inference_mode()
     def shard_arrays(self, plan: ShardPlan, progress: Bar | None = None) -> dict[str, np.ndarray]:
-        """All arrays of one shard (see pipeline.cache.reader for the layout)."""
+        """All arrays of one shard (see pipeline.cache.backends for the layout): act (L, n, D), and scale
+        (L, n) for an int8 cache."""
+        names = ["act", "scale"] if self.store_dtype == COMPACT else ["act"]
         parts: dict[str, list[list[np.ndarray]]] = {
-            "train": [[] for _ in self.layers],
-            "heldout": [[] for _ in self.layers],
+            f"{split}/{name}": [[] for _ in self.layers] for split in ("train", "heldout") for name in names
         }
         for start in range(0, len(plan.tokens), self.batch_size):
             stop = start + self.batch_size
@@ -50,15 +52,21 @@ class Capturer:
             held = torch.from_numpy(plan.heldout[start:stop]).to(self.device)[:, None]  # (B, 1)
             hidden = run_to_layers(self.model, self.blocks, ids, self.layers)
             for i, layer in enumerate(self.layers):
-                x = self.normalizer.normalize(hidden[layer], layer)[0].to(TORCH_STORE[self.store_dtype])  # (B, T, D)
-                parts["train"][i].append(x[keep & ~held].cpu().numpy())
-                parts["heldout"][i].append(x[keep & held].cpu().numpy())
+                stored = self._stored(self.normalizer.normalize(hidden[layer], layer)[0])  # name -> (B, T, ...)
+                for name, x in stored.items():
+                    parts[f"train/{name}"][i].append(x[keep & ~held].cpu().numpy())
+                    parts[f"heldout/{name}"][i].append(x[keep & held].cpu().numpy())
             if progress is not None:
                 progress.advance(0, int(keep.sum()))
-        arrays = {
-            f"{split}/act": np.stack([np.concatenate(p) for p in layer_parts]) for split, layer_parts in parts.items()
-        }  # (L, n, D) each
+        arrays = {name: np.stack([np.concatenate(p) for p in layer_parts]) for name, layer_parts in parts.items()}
         return {**arrays, **row_metadata(plan)}
+
+    def _stored(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Normalized rows (B, T, D) as stored: cast, or int8 codes and per-token scales."""
+        if self.store_dtype == COMPACT:
+            codes, scale = quantize(x)  # (B, T, D), (B, T)
+            return {"act": codes, "scale": scale}
+        return {"act": x.to(TORCH_STORE[self.store_dtype])}
 
 
 def row_metadata(plan: ShardPlan) -> dict[str, np.ndarray]:

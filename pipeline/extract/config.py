@@ -22,7 +22,7 @@ class ExtractConfig:
     max_tokens: int = setting(20_000, "stored rows in total (0 = the whole corpus)")
     batch_size: int = setting(8, "sequences per forward pass")
     normalize: str = setting("standardize", "standardize | scale | none")
-    dtype: str = setting("float16", "stored dtype: float16 | float32")
+    dtype: str = setting("float16", "stored dtype: float16 | float32 | int8 (1 byte per value + a scale per token)")
     backend: str = setting("zarr", "zarr | memmap")
     heldout: float = setting(0.05, "share of sequences held out from training")
     shard_mb: float = setting(256.0, "target size of one shard")

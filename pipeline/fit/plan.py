@@ -155,6 +155,25 @@ def check_shared(plans: list[RunPlan]) -> None:
         raise UserError("the sweep lists the same setting twice; remove the duplicate values.")
 
 
+def spread(plans: list[RunPlan], world: int) -> list[list[RunPlan]]:
+    """Whole members per rank, balanced by cost (largest first, each to the least loaded rank).
+
+    A member's step costs about latents x input width x layers it reads (the encoder GEMM and the
+    Adam step over its weights); ties go to the lower rank, so every rank computes the same split.
+    """
+    shares: list[list[RunPlan]] = [[] for _ in range(world)]
+    load = [0] * world
+    for plan in sorted(plans, key=lambda p: (-_cost(p), p.folder.name)):
+        rank = load.index(min(load))
+        shares[rank].append(plan)
+        load[rank] += _cost(plan)
+    return shares
+
+
+def _cost(plan: RunPlan) -> int:
+    return plan.sae.n_latents * plan.sae.d_in * (len(plan.sae.layers) if plan.sae.arch == "route" else 1)
+
+
 def needs_training(plan: RunPlan) -> bool:
     """False for a finished run (kept, unless --overwrite); errors for an unfinished one without --resume."""
     folder, cfg = plan.folder, plan.cfg

@@ -13,7 +13,7 @@ import torch
 from pipeline.cache.reader import ActivationCache
 from pipeline.cache.stream import ActivationStream, StreamSpec
 from pipeline.fit.config import FitConfig
-from pipeline.fit.plan import RunPlan, check_shared, expand_sweep, needs_training, plan_run
+from pipeline.fit.plan import RunPlan, check_shared, expand_sweep, needs_training, plan_run, spread
 from pipeline.fit.state import drop_state
 from pipeline.fit.train import (
     Member,
@@ -22,6 +22,7 @@ from pipeline.fit.train import (
     init_pre_bias,
     make_member,
     member_input,
+    shared_selection,
     summary,
     to_device,
     train_step,
@@ -37,7 +38,12 @@ from pipeline.sae.kernels import use_low_precision
 
 
 def fit(cfg: FitConfig, ranks: Ranks | None = None) -> list[Folder]:
-    """Train every run of ``cfg`` (one, or a sweep) from one pass over the cache; return run folders."""
+    """Train every run of ``cfg`` (one, or a sweep) from one pass over the cache; return run folders.
+
+    Under torchrun, a sweep with at least as many members as ranks is spread: each rank trains whole
+    members, alone, on the same shuffled stream a single process would read, so each member ends
+    with the weights of a one-process sweep. A single SAE is trained by all ranks together (DDP).
+    """
     ranks = ranks or Ranks.from_env()
     cache = open_cache(cfg)
     plans = [plan_run(member, cache) for member in expand_sweep(cfg)]
@@ -46,9 +52,13 @@ def fit(cfg: FitConfig, ranks: Ranks | None = None) -> list[Folder]:
         for plan in sorted(plans, key=lambda p: p.folder.name):
             locks.enter_context(exclusive(plan.folder, "fit", enabled=ranks.world == 1))
         todo = _todo(plans, ranks)
-        if todo:
+        if ranks.world > 1 and len(todo) >= ranks.world:  # a sweep under torchrun: whole members per rank
+            mine = spread(todo, ranks.world)[ranks.rank]
+            say(f"rank {ranks.rank} trains {len(mine)} of the sweep's {len(todo)} members")
+            _train(mine, cache, cfg, ranks.alone())
+        elif todo:  # one SAE (or fewer members than ranks): DDP, every rank a share of each batch
             _train(todo, cache, cfg, ranks)
-    ranks.barrier()  # under torchrun no rank returns before rank 0 has written the runs
+    ranks.barrier()  # under torchrun no rank returns before every run is written
     return [p.folder for p in plans]
 
 
@@ -136,7 +146,7 @@ def _member(plan: RunPlan, layers: list[int], device: torch.device, ranks: Ranks
 
 def _verify(cache: ActivationCache, layers: list[int]) -> None:
     """Refuse a cache whose training data fails its checksums (the same message as `cache verify`)."""
-    wanted = [f"train/act[{cache.layer_index(layer)}]" for layer in layers]
+    wanted = [f"train/act[{cache.layer_index(layer)}]" for layer in layers] + ["train/scale"] * cache.compact
     cache.require_valid(only=wanted)
 
 
@@ -153,13 +163,12 @@ def _loop(
             if step >= steps:
                 break
             x = to_device(batch, device)  # (L, B, D)
-            for member in members:
-                if member.step > step:
-                    continue  # resumed ahead of the others
-                view = member_input(member, x)
+            due = [m for m in members if m.step <= step]  # a member resumed ahead of the others waits
+            for member in due:
                 if member.step == 0:
-                    init_pre_bias(member, view)
-                metrics = train_step(member, view, steps)
+                    init_pre_bias(member, member_input(member, x))
+            for member, chosen in zip(due, shared_selection(due, x)):
+                metrics = train_step(member, member_input(member, x), steps, chosen)
                 logged = (cfg.log_every and member.step % cfg.log_every == 0) or member.step == steps
                 if ranks.is_main and logged:
                     rate = (member.step - window[0]) * cfg.batch_size / max(clock.seconds - window[1], 1e-9)

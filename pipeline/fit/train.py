@@ -21,7 +21,7 @@ from pipeline.fit.optim import lr_factor, make_optimizer
 from pipeline.fit.state import TrainingState, load_state, save_state
 from pipeline.infra.distributed import Ranks
 from pipeline.infra.files import Folder
-from pipeline.sae.kernels import SparseDecode, TopKEncode
+from pipeline.sae.kernels import SparseDecode, TopKEncode, select_topk
 from pipeline.sae.quality import Reconstruction
 from pipeline.sae.route import RouteSAE, build_sae, core_sae
 from pipeline.sae.topk import SaeConfig, SaeOutput, TopKSAE
@@ -103,10 +103,31 @@ def init_pre_bias(member: Member, x: Tensor) -> None:
         sae.b_dec.copy_(member.ranks.average_((x.mean(dim=1) if x.ndim == 3 else x).mean(dim=0)))
 
 
-def train_step(member: Member, x: Tensor, total_steps: int) -> dict[str, float]:
-    """One optimizer step on batch ``x``; returns its metrics."""
+def shared_selection(members: list[Member], batch: Tensor) -> list[Tensor | None]:
+    """Top-k indices of the TopK members, chosen by encoder GEMMs shared by the members reading the same
+    layer (kernels.select_topk); None for a RouteSAE, whose input is its own router's mix.
+
+    Each member's slice of the shared GEMM is the GEMM it would run alone, and it is selected before any
+    member steps, so every member trains exactly as it would alone.
+    """
+    groups: dict[tuple[int, bool], list[int]] = {}
+    for i, member in enumerate(members):
+        if member.sae_cfg.arch == "topk":
+            groups.setdefault((member.layer_pos[0], member.low_precision), []).append(i)
+    chosen: list[Tensor | None] = [None] * len(members)
+    for (pos, low_precision), group in groups.items():
+        encoders = [core_sae(members[i].model).encoder() for i in group]
+        for i, indices in zip(group, select_topk(batch[pos], encoders, low_precision)):
+            chosen[i] = indices
+    return chosen
+
+
+def train_step(member: Member, x: Tensor, total_steps: int, chosen: Tensor | None = None) -> dict[str, float]:
+    """One optimizer step on batch ``x`` (with the top-k indices ``chosen`` by a shared selection); returns
+    its metrics."""
     s = member.settings
-    out: SaeOutput = (member.net or member.model)(x, low_precision=member.low_precision)
+    net = member.net or member.model
+    out: SaeOutput = net(x, low_precision=member.low_precision, **({} if chosen is None else {"chosen": chosen}))
     quality = Reconstruction()
     nmse = quality.add(out.x, out.x_hat)
     dead = member.since_fired >= s.dead_tokens  # (N,)

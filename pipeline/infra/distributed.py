@@ -39,6 +39,10 @@ class Ranks:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def alone(self) -> Ranks:
+        """This process working by itself (no collectives), still on its own GPU."""
+        return Ranks(0, 1, self.local_rank)
+
     def share(self, value: T) -> T:
         """Rank 0's ``value`` on every rank (any picklable object; no-op alone)."""
         if self.world == 1:
@@ -54,7 +58,7 @@ class Ranks:
 
     def device(self, name: str) -> torch.device:
         """The device for ``--device name``; under torchrun, ``auto``/``cuda`` means this rank's own GPU."""
-        if self.world > 1 and name in ("auto", "cuda") and torch.cuda.is_available():
+        if (self.world > 1 or self.local_rank > 0) and name in ("auto", "cuda") and torch.cuda.is_available():
             name = f"cuda:{self.local_rank}"
         return resolve_device(name)
 

@@ -15,10 +15,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.infra.chat import AnswerCache, Budget, ChatClient, ClientSettings, Estimate, api_key_present
 from pipeline.infra.console import progress_bar, say
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
-from pipeline.interpret.client import AnswerCache, Budget, ChatClient, ClientSettings, Estimate, api_key_present
 from pipeline.interpret.config import InterpretConfig
 from pipeline.interpret.explain import Explainer
 from pipeline.interpret.score import Batch, ScoreSettings, build_batches, run_scorer

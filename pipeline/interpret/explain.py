@@ -1,7 +1,7 @@
 """Asking an LLM (GPT-4o by default, official `openai` client) what a feature means.
 
 The protocol follows the RouteSAE paper: each feature is classified as low-level, high-level or
-undiscernible and scored 1-5 for monosemanticity. Requests go through :mod:`pipeline.interpret.client`
+undiscernible and scored 1-5 for monosemanticity. Requests go through :mod:`pipeline.infra.chat`
 (retries, answer cache, cost estimate and cap; the key never leaves the environment).
 """
 
@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from pipeline.interpret.client import ChatClient, Messages, usd
+from pipeline.infra.chat import ChatClient, Messages, usd
 
 CATEGORIES = ("low-level", "high-level", "undiscernible")
 

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from pipeline.interpret.client import ChatClient, Messages
+from pipeline.infra.chat import ChatClient, Messages
 
 SCORERS = ("detection", "fuzzing")
 

@@ -11,9 +11,11 @@ The dense work is one GEMM (``x @ W_enc.T``); everything after the top-k selecti
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -52,21 +54,57 @@ def workspace(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: tor
     return _WORKSPACE[key][:size].view(shape)
 
 
-def encoder_preacts(centered: Tensor, w_enc: Tensor, b_enc: Tensor, low_precision: bool) -> Tensor:
-    """b_enc + centered @ W_enc^T, (B, N), for selecting the top k; bf16 when ``low_precision``.
+class Encoder(NamedTuple):
+    """What selecting one SAE's top k needs: its encoder, biases and k."""
 
-    The bias rides inside the GEMM as an extra input column of ones (adding it afterwards is one more
-    pass over the B x N matrix), and every operand lives in a reused buffer.
+    w_enc: Tensor  # (N, D)
+    b_enc: Tensor  # (N,)
+    b_dec: Tensor  # (D,) pre-bias, subtracted from the input
+    k: int
+
+
+FUSE_COLUMNS = 65536  # latents per shared GEMM: caps the (B, sum N) pre-activation buffer of a large sweep
+
+
+def encoder_preacts(x: Tensor, encoders: Sequence[Encoder], low_precision: bool) -> Tensor:
+    """b_enc + (x - b_dec) @ W_enc^T of every encoder, side by side: (B, sum of N); bf16 when ``low_precision``.
+
+    One GEMM serves several SAEs reading the same ``x`` (the members of a sweep), so the input is not
+    centered per SAE: W (x - b_dec) + b_enc = W x + (b_enc - W b_dec), the last term a bias per latent.
+    Biases ride inside the GEMM as an extra input column of ones (adding them afterwards is one more pass
+    over the B x N matrix), and every operand lives in a reused buffer.
     """
-    rows, (n, d) = centered.shape[0], w_enc.shape
-    dtype = torch.bfloat16 if low_precision else centered.dtype
-    weight = workspace("w_aug", (n, d + 1), dtype, w_enc.device)  # [W_enc | b_enc]
-    weight[:, :d].copy_(w_enc)
-    weight[:, d].copy_(b_enc)
-    inputs = workspace("x_aug", (rows, d + 1), dtype, centered.device)  # [x - b_dec | 1]
-    inputs[:, :d].copy_(centered)
-    inputs[:, d] = 1
-    return torch.mm(inputs, weight.t(), out=workspace("pre", (rows, n), dtype, centered.device))
+    rows, d = x.shape
+    dtype = torch.bfloat16 if low_precision else x.dtype
+    weight = workspace("w_aug", (sum(e.w_enc.shape[0] for e in encoders), d + 1), dtype, x.device)  # [W | b]
+    start = 0
+    with torch.no_grad():
+        for enc in encoders:
+            block = weight[start : start + enc.w_enc.shape[0]]  # (N, D + 1)
+            block[:, :d].copy_(enc.w_enc)
+            block[:, d].copy_(torch.addmv(enc.b_enc, enc.w_enc, enc.b_dec, alpha=-1))
+            start += enc.w_enc.shape[0]
+        inputs = workspace("x_aug", (rows, d + 1), dtype, x.device)  # [x | 1]
+        inputs[:, :d].copy_(x)
+        inputs[:, d] = 1
+        return torch.mm(inputs, weight.t(), out=workspace("pre", (rows, start), dtype, x.device))
+
+
+def select_topk(x: Tensor, encoders: Sequence[Encoder], low_precision: bool) -> list[Tensor]:
+    """Each encoder's top-k latent indices (B, k) on ``x`` (B, D), from GEMMs shared by up to FUSE_COLUMNS
+    latents; each SAE's selection is taken on its own slice, so it is the one it would make alone."""
+    chosen: list[Tensor] = []
+    batch: list[Encoder] = []
+    for enc in [*encoders, None]:
+        width = sum(e.w_enc.shape[0] for e in batch)
+        if batch and (enc is None or width + enc.w_enc.shape[0] > FUSE_COLUMNS):
+            pre = encoder_preacts(x, batch, low_precision)  # (B, width), a reused buffer
+            offsets = itertools.accumulate((e.w_enc.shape[0] for e in batch), initial=0)
+            chosen += [topk_indices(pre[:, a : a + e.w_enc.shape[0]], e.k) for a, e in zip(offsets, batch)]
+            batch = []
+        if enc is not None:
+            batch.append(enc)
+    return chosen
 
 
 def topk_indices(pre: Tensor, k: int) -> Tensor:
@@ -118,7 +156,8 @@ def sparse_t_matmul(idx: Tensor, values: Tensor, n_rows: int, dense: Tensor) -> 
 class TopKEncode(torch.autograd.Function):
     """(x, W_enc, b_enc, b_dec) -> ReLU'd top-k pre-activations and their latent indices.
 
-    The selection may use a bf16 GEMM; the returned values are recomputed exactly in float32.
+    The selection may use a bf16 GEMM, or come in as ``idx`` (chosen by :func:`select_topk` for a whole
+    sweep); the returned values are recomputed exactly in float32.
     """
 
     @staticmethod
@@ -130,10 +169,11 @@ class TopKEncode(torch.autograd.Function):
         b_dec: Tensor,
         k: int,  # noqa: ANN401
         low_precision: bool,
+        idx: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         centered = x - b_dec  # (B, D)
-        pre = encoder_preacts(centered, w_enc, b_enc, low_precision)  # (B, N), a reused buffer
-        idx = topk_indices(pre, k)  # (B, k)
+        if idx is None:  # not chosen already by a GEMM shared with other SAEs (select_topk)
+            (idx,) = select_topk(x, [Encoder(w_enc, b_enc, b_dec, k)], low_precision)  # (B, k)
         vals = (rowwise_dot(centered, w_enc, idx) + b_enc[idx]).relu_()  # (B, k) exact float32
         ctx.save_for_backward(centered, w_enc, idx, vals)
         ctx.mark_non_differentiable(idx)
@@ -150,7 +190,7 @@ class TopKEncode(torch.autograd.Function):
             F.embedding_bag(idx, w_enc, per_sample_weights=grad_pre, mode="sum") if ctx.needs_input_grad[0] else None
         )  # (B, D), needed when x depends on a router
         grad_b_dec = -(grad_b_enc @ w_enc) if ctx.needs_input_grad[3] else None  # x - b_dec feeds every latent
-        return grad_x, grad_w, grad_b_enc, grad_b_dec, None, None
+        return grad_x, grad_w, grad_b_enc, grad_b_dec, None, None, None
 
 
 class SparseDecode(torch.autograd.Function):

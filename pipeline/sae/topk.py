@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.infra.errors import UserError
-from pipeline.sae.kernels import SparseDecode, TopKEncode
+from pipeline.sae.kernels import Encoder, SparseDecode, TopKEncode
 
 TRAINABLE = ("topk", "route")  # what `fit` trains
 INFERENCE_ONLY = ("relu", "jumprelu", "gated")  # imported SAEs (pipeline.sae.dense): no top-k, k = 0
@@ -102,14 +102,29 @@ class TopKSAE(nn.Module):
         acts, indices = TopKEncode.apply(x, self.W_enc, self.b_enc, self.b_dec, k or self.cfg.k, low_precision)
         return Latents(acts, indices)
 
+    def encode_chosen(self, x: Tensor, chosen: Tensor) -> Latents:
+        """The latents ``chosen`` (B, k) for ``x`` by a top-k selection shared with other SAEs
+        (kernels.select_topk), with their exact activations."""
+        acts, indices = TopKEncode.apply(x, self.W_enc, self.b_enc, self.b_dec, chosen.shape[1], False, chosen)
+        return Latents(acts, indices)
+
+    def encoder(self) -> Encoder:
+        """What a shared top-k selection needs of this SAE."""
+        return Encoder(self.W_enc.detach(), self.b_enc.detach(), self.b_dec.detach(), self.cfg.k)
+
     def decode(self, latents: Latents) -> Tensor:
         """Reconstruction (B, D) from a sparse code."""
         return SparseDecode.apply(latents.acts, latents.indices, self.W_dec, self.tangent_decoder_grad) + self.b_dec
 
     def forward(
-        self, x: Tensor, k: int | None = None, theta: float | None = None, low_precision: bool = False
+        self,
+        x: Tensor,
+        k: int | None = None,
+        theta: float | None = None,
+        low_precision: bool = False,
+        chosen: Tensor | None = None,
     ) -> SaeOutput:
-        latents = self.encode(x, k, theta, low_precision)
+        latents = self.encode(x, k, theta, low_precision) if chosen is None else self.encode_chosen(x, chosen)
         return SaeOutput(x, self.decode(latents), latents, None, None)
 
     @torch.no_grad()

@@ -23,6 +23,7 @@ class SteerConfig:
     sample: bool = setting(False, "sample (seeded) instead of greedy decoding")
     temperature: float = setting(1.0, "sampling temperature (with --sample)")
     seed: int = setting(0, "seed of the sampling, the same for the unedited and the edited generation")
+    cache: str = setting("", "activation cache (default: the run's own; an imported run names one of its model)")
     feature_table: str = setting("", "features.parquet for direction strengths (default: the run's interpret table)")
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")
     cache_root: str = setting("cache", "root of interpret/ (the feature table) and steer/ (evaluation outputs)")
@@ -32,7 +33,10 @@ class SteerConfig:
     n_features: int = setting(5, "features to evaluate when none are given")
     strengths: list[float] = setting(
         doc="direction strengths to evaluate, in units of each feature's largest activation",
-        factory=lambda: [0.0, 2.0, 4.0, 8.0],
+        factory=lambda: [0.0, 0.5, 1.0, 2.0],
     )
     heldout_tokens: int = setting(1024, "held-out cache tokens the cost (KL, log-prob gain) is measured on")
     batch_size: int = setting(4, "held-out sequences per forward")
+    judge_model: str = setting("gpt-4o-mini", "LLM judge of concept and fluency, 0-2 each (when OPENAI_API_KEY is set)")
+    base_url: str = setting("", "the judge's OpenAI-compatible server (default: OPENAI_BASE_URL, else api.openai.com)")
+    max_cost: float = setting(0.0, "USD cap for the judge: stop before the first request above it (0 = none)")

@@ -7,9 +7,13 @@ feature's largest activation. See :mod:`pipeline.steer.dose` for what is measure
 
 from __future__ import annotations
 
+from typing import Any
+
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
+from pipeline.infra.chat import ClientSettings
 from pipeline.infra.console import Stopwatch, say
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
@@ -18,6 +22,7 @@ from pipeline.sae.logits import feature_output_scores, logit_effects
 from pipeline.steer.config import SteerConfig
 from pipeline.steer.dose import NEUTRAL_PROMPTS, Bench, Setting, generation_effect, held_out_cost
 from pipeline.steer.generation import check_length
+from pipeline.steer.judge import judge
 from pipeline.steer.report import write_outputs
 from pipeline.steer.stage import Session, feature_table, max_activations, open_session, prompt_list
 
@@ -48,12 +53,22 @@ def evaluate_steering(cfg: SteerConfig) -> Folder:
             {**setting._asdict(), "effect": activation, "logprob_gain": gain, "kl": kl, "perplexity": perplexity}
         )
         generations += [{**setting._asdict(), "prompt": p, "text": t} for p, t in zip(_prompts(cfg), texts)]
+    words = {f: [session.tokenizer.decode([int(t)]) for t in bench.promoted[f]] for f in scores}
+    concepts = feature_concepts(session, cfg, words)
+    judged = rate_generations(cfg, generations, concepts)
+    for row in rows:
+        mine = [g for g in generations if (g["feature"], g["strength"]) == (row["feature"], row["strength"])]
+        for column in ("concept", "fluency"):
+            values = [g[column] for g in mine if g.get(column) is not None]
+            row[column] = sum(values) / len(values) if values else None
     summary = {
         "run": session.subject.folder.name,
         "layers": session.subject.layers,
         "mode": cfg.mode,
         "features": {str(f): {"output_score": s, "a_max": a_max.get(f, 1.0)} for f, s in scores.items()},
-        "promoted": {str(f): session.tokenizer.convert_ids_to_tokens(bench.promoted[f].tolist()) for f in scores},
+        "promoted": {str(f): words[f] for f in scores},
+        "concepts": {str(f): concepts[f] for f in scores},
+        "judge": cfg.judge_model if judged else "skipped (no OPENAI_API_KEY)",
         "strengths": strengths,
         "heldout_positions": int(bench.mask.sum()),
         "prompts": _prompts(cfg),
@@ -93,6 +108,25 @@ def choose_features(
     order = scores.argsort(descending=True)
     keep = order if cfg.eval_features else order[: cfg.n_features]
     return {candidates[int(i)]: float(scores[i]) for i in keep}
+
+
+def feature_concepts(session: Session, cfg: SteerConfig, words: dict[int, list[str]]) -> dict[int, str]:
+    """What the judge looks for: the feature's explanation from `interpret`, else its top promoted tokens."""
+    interpret = Folder.at(cfg.cache_root).child("interpret", session.subject.folder.name).local()
+    concepts = {f: "text about tokens like " + ", ".join(repr(w) for w in ws[:5]) for f, ws in words.items()}
+    if (interpret / "explanations.parquet").is_file():
+        data = pq.read_table(interpret / "explanations.parquet", columns=["latent", "explanation"]).to_pydict()
+        concepts.update({int(i): e for i, e in zip(data["latent"], data["explanation"]) if i in words and e})
+    return concepts
+
+
+def rate_generations(cfg: SteerConfig, generations: list[dict[str, Any]], concepts: dict[int, str]) -> bool:
+    """Add the LLM judge's concept and fluency ratings to each generation; False when it was skipped."""
+    settings = ClientSettings(cfg.judge_model, cfg.base_url, temperature=0.0, max_answer_tokens=30)
+    ratings = judge(generations, concepts, settings, cfg.max_cost, Folder.at(cfg.cache_root))
+    for generation, rating in zip(generations, ratings or []):
+        generation["concept"], generation["fluency"] = rating if rating else (None, None)
+    return ratings is not None
 
 
 def make_bench(

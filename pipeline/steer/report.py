@@ -12,7 +12,7 @@ from typing import Any
 
 from pipeline.infra.files import Folder
 
-COLUMNS = ("feature", "strength", "effect", "logprob_gain", "kl", "perplexity")
+COLUMNS = ("feature", "strength", "effect", "logprob_gain", "kl", "perplexity", "concept", "fluency")
 
 
 def write_outputs(
@@ -85,4 +85,6 @@ def render(summary: dict[str, Any], rows: list[dict[str, Any]], generations: lis
 
 
 def _round(value: Any) -> Any:
+    if value is None:  # the judge's columns without a judge
+        return ""
     return round(value, 5) if isinstance(value, float) else value

@@ -43,7 +43,7 @@ def open_session(cfg: SteerConfig) -> Session:
     if cfg.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1.")
     device = resolve_device(cfg.device)
-    subject = load_subject(cfg.run, device)
+    subject = load_subject(cfg.run, device, cfg.cache or None)
     router = subject.sae if isinstance(subject.sae, RouteSAE) else None
     if router is not None and router.cfg.routing != "hard":
         raise UserError(

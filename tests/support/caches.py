@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from pipeline.cache.backends import get_backend
+from pipeline.cache.compact import quantize
 from pipeline.cache.manifest import cache_key, finish_manifest, new_manifest
 from pipeline.cache.writer import commit_shard
 from pipeline.extract.config import ExtractConfig
@@ -33,8 +35,9 @@ def synthetic_cache(
     heldout_rows: int = 16,
     ctx_len: int = 8,
     normalization: dict | None = None,
+    dtype: str = "float16",
 ) -> Folder:
-    """A complete cache whose rows are sparse in a known dictionary (one per layer)."""
+    """A complete cache whose rows are sparse in a known dictionary (one per layer), stored as ``dtype``."""
     rng = np.random.default_rng(seed)
     dictionaries = [rng.standard_normal((n_atoms, d)).astype(np.float32) for _ in layers]
     for dictionary in dictionaries:
@@ -43,7 +46,7 @@ def synthetic_cache(
         "model": {"name": "synthetic", "sha256": str(seed)},
         "layers": list(layers),
         "backend": backend,
-        "dtype": "float16",
+        "dtype": dtype,
         "ctx_len": ctx_len,
         "corpus": {"dataset": "synthetic"},
         "shard_rows": shard_rows,
@@ -63,7 +66,7 @@ def synthetic_cache(
             folder,
             get_backend(backend),
             i,
-            _shard(rng, rows, heldout_rows, dictionaries, active, ctx_len, i),
+            _stored(_shard(rng, rows, heldout_rows, dictionaries, active, ctx_len, i), dtype),
             _record(rows, heldout_rows, ctx_len),
         )
         for i, rows in enumerate(shard_rows)
@@ -104,6 +107,16 @@ def _shard(
     arrays["heldout/sequences"] = rng.integers(1, 100, size=(n_seqs, ctx_len)).astype(np.int32)
     arrays["heldout/sequence_docs"] = np.full((n_seqs, ctx_len), index, dtype=np.int32)
     arrays["heldout/sequence_index"] = np.arange(n_seqs, dtype=np.int32)
+    return arrays
+
+
+def _stored(arrays: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
+    """The float16 activations of a shard as int8 codes and scales, when the cache is int8."""
+    if dtype == "float16":
+        return arrays
+    for split in ("train", "heldout"):
+        codes, scale = quantize(torch.from_numpy(arrays[f"{split}/act"]))
+        arrays[f"{split}/act"], arrays[f"{split}/scale"] = codes.numpy(), scale.numpy()
     return arrays
 
 

@@ -1,6 +1,8 @@
-"""Run under torchrun by test_distributed: a DDP fit, then each rank writes a hash of its final weights.
+"""Run under torchrun by test_distributed: a fit, then each rank writes a hash of its members' final weights.
 
-torchrun --nproc_per_node 2 -m tests.support.ddp_check CACHE OUT
+torchrun --nproc_per_node 2 -m tests.support.ddp_check CACHE OUT ddp|spread
+
+``ddp`` fits one SAE (all ranks train it together); ``spread`` a 4-member sweep (whole members per rank).
 """
 
 from __future__ import annotations
@@ -30,20 +32,23 @@ def recording_loop(members: list, *args: object, **kwargs: object) -> None:
     )
 
 
+def sweep_config(cache: str, out: str, spread: bool) -> FitConfig:
+    """The fit both modes run (also run by the test in one process, to compare with)."""
+    return FitConfig(
+        cache=cache,
+        layer=0,
+        latents=64,
+        k=4,
+        batch_size=128,
+        max_tokens=6400,
+        device="cpu",
+        precision="float32",
+        out=out,
+        sweep={"k": [4, 8], "seed": [0, 1]} if spread else {},
+    )
+
+
 if __name__ == "__main__":
     fit_module._loop = recording_loop
     Path(sys.argv[2]).mkdir(parents=True, exist_ok=True)
-    fit(
-        FitConfig(
-            cache=sys.argv[1],
-            layer=0,
-            latents=64,
-            k=4,
-            batch_size=128,
-            max_tokens=6400,
-            device="cpu",
-            precision="float32",
-            out=str(Path(sys.argv[2]) / "saes"),
-            sweep={"k": [4, 8]},
-        )
-    )
+    fit(sweep_config(sys.argv[1], str(Path(sys.argv[2]) / "saes"), spread=sys.argv[3] == "spread"))

@@ -1,4 +1,4 @@
-"""The one chat client of `interpret`: the explainer and the scorers both talk through it.
+"""The one chat client of sae-pipe: `interpret`'s explainer and scorers and `steer`'s judge talk through it.
 
 Official `openai` package; key from OPENAI_API_KEY, server from ``base_url`` or OPENAI_BASE_URL, so any
 OpenAI-compatible server (vLLM, llama.cpp's server) works. The client retries 429, 5xx and timeouts with

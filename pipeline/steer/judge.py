@@ -1,0 +1,58 @@
+"""An optional LLM judge of steered generations: concept presence and fluency, 0-2 each (the AxBench
+style of rating), asked only when OPENAI_API_KEY is set. The concept is the feature's explanation from
+`interpret` when there is one, else its most promoted tokens. Same client, answer cache, retries and
+cost cap as `interpret` (:mod:`pipeline.infra.chat`): a re-run pays nothing twice.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from pipeline.infra.chat import AnswerCache, Budget, ChatClient, ClientSettings, Messages, api_key_present
+from pipeline.infra.console import say
+from pipeline.infra.errors import UserError
+from pipeline.infra.files import Folder
+
+SYSTEM = (
+    "You rate continuations written by a language model. Given a concept, a prompt and the model's "
+    "continuation, rate two things from 0 to 2. concept: 0 = the concept is absent, 1 = it is hinted at, "
+    "2 = it is clearly present. fluency: 0 = broken or repetitive text, 1 = somewhat fluent, 2 = fluent "
+    'English. Answer with JSON only: {"concept": c, "fluency": f}.'
+)
+
+
+def judge_messages(concept: str, prompt: str, text: str) -> Messages:
+    user = f"Concept: {concept}\nPrompt: {prompt}\nContinuation: {text}"
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+
+
+def parse_rating(text: str) -> tuple[int, int] | None:
+    """(concept, fluency) from the judge's answer, or None when it is not two ratings in 0..2."""
+    found = re.search(r"\{.*\}", text, re.DOTALL)
+    try:
+        data = json.loads(found.group(0)) if found else None
+        ratings = (int(data["concept"]), int(data["fluency"])) if isinstance(data, dict) else None
+    except (ValueError, KeyError, TypeError):
+        return None
+    return ratings if ratings and all(0 <= r <= 2 for r in ratings) else None
+
+
+def judge(
+    generations: list[dict[str, Any]], concepts: dict[int, str], settings: ClientSettings, max_cost: float, root: Folder
+) -> list[tuple[int, int] | None] | None:
+    """A rating per generation (None where the answer was unusable), or None when no key is set."""
+    if not api_key_present():
+        say("steer: OPENAI_API_KEY is not set; the LLM judge is skipped (concept and fluency stay empty).")
+        return None
+    client = ChatClient(settings, AnswerCache(root.child("steer", ".answers")), Budget(max_cost))
+    requests = [judge_messages(concepts[g["feature"]], g["prompt"], g["text"]) for g in generations]
+    estimate = client.estimate(requests)
+    say(estimate.line("cost estimate, judge"))
+    if max_cost > 0 and (estimate.usd or 0.0) > max_cost:
+        raise UserError(
+            f"the judge's estimated cost ${estimate.usd:.4f} is above --max-cost ${max_cost:g}; nothing was sent. "
+            "Raise --max-cost, judge fewer settings, or use a cheaper --judge-model."
+        )
+    return [parse_rating(reply.get("text", "")) if reply.get("text") else None for reply in client.ask_all(requests)]
