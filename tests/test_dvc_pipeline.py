@@ -21,6 +21,7 @@ SMALL = {
     "evaluate": {"max_tokens": 200},
     "interpret": {"features": 5, "report_features": 10},
     "steer": {"n_features": 2, "strengths": [0, 1], "max_new_tokens": 4, "heldout_tokens": 128},
+    "circuit": {"pairs": 8, "steps": 5, "ig_steps": 2, "sizes": [5]},
 }
 
 
@@ -63,7 +64,7 @@ def test_repro_then_reuse_extract(tmp_path: Path) -> None:
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "a copy of the project")
     first = ok(dvc(repo, "repro"))
-    for stage in ("extract", "fit", "evaluate", "interpret", "steer"):
+    for stage in ("extract", "fit", "evaluate", "interpret", "steer", "circuit"):
         assert f"Running stage '{stage}'" in first
     manifest = next((repo / "cache" / "activations").glob("*/manifest.json"))
     stamp = manifest.stat().st_mtime_ns
@@ -79,7 +80,7 @@ def test_repro_then_reuse_extract(tmp_path: Path) -> None:
     # the README's two `dvc exp run -S` forms at once: a new k, and a sweep grid trained from one read
     second = ok(dvc(repo, "exp", "run", "-S", "fit.k=32", "-S", "+fit.sweep.k=[16,32]"))
     assert "Running stage 'extract'" not in second and "didn't change, skipping" in second
-    for stage in ("fit", "evaluate", "interpret", "steer"):
+    for stage in ("fit", "evaluate", "interpret", "steer", "circuit"):
         assert f"Running stage '{stage}'" in second
     assert manifest.stat().st_mtime_ns == stamp
     runs = json.loads((repo / "cache" / "fit.json").read_text())["runs"]
