@@ -158,8 +158,8 @@ def compare_b(work: Path, x: np.ndarray) -> list[dict[str, Any]]:
         row["exact"] = True
         results.append({**row, **differences(ours(run, x, raw=True), (theirs["code"], theirs["out"]))})
         if case.get("multi_topk"):  # sparsify's forward returns the 4k reconstruction: our --infer-k 4k
-            code, out, margin = ours(run, x, raw=True, k=4 * load_sae(run)[1]["sae"]["k"])
-            diff = differences((code, out, margin), (code, theirs["forward"]))  # forward gives no code: ours
+            mine = ours(run, x, raw=True, k=4 * load_sae(run)[1]["sae"]["k"])
+            diff = differences(mine, (theirs["forward_code"], theirs["forward"]))
             results.append({**row, "case": case["name"] + " (forward, k=4k)", **diff})
     return results
 

@@ -154,8 +154,9 @@ def make_sparsify(work: Path, x: torch.Tensor) -> list[dict[str, Any]]:
         (root / "config.json").write_text(json.dumps({"model": MODEL}))
         code, out = sparsify_outputs(sae, x)
         with torch.no_grad():
-            forward = sae(x).sae_out  # with multi_topk: the 4k-latent reconstruction
-        save(work / "b" / f"{name}.npz", code, out, forward=forward)
+            fwd = sae(x)  # with multi_topk: the 4k-latent code and reconstruction
+        forward_code = dense(fwd.latent_acts, fwd.latent_indices, sae.num_latents)
+        save(work / "b" / f"{name}.npz", code, out, forward=fwd.sae_out, forward_code=forward_code)
         cases.append({"name": name, "package": "sparsify", "arch": "topk", "folder": str(root), "multi_topk": multi})
     return cases
 
