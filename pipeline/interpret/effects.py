@@ -12,11 +12,10 @@ from __future__ import annotations
 import pyarrow as pa
 import torch
 
-from pipeline.llm.model import load_tokenizer, resolve_model
 from pipeline.llm.unembed import unembedding
 from pipeline.sae.logits import feature_output_scores, logit_effects
 from pipeline.sae.route import core_sae
-from pipeline.sae.subject import Subject, load_llm
+from pipeline.sae.subject import Subject, load_cache_tokenizer, load_llm
 
 TOP = 10  # promoted and suppressed tokens kept per feature
 
@@ -34,8 +33,7 @@ def effect_columns(s: Subject, features: pa.Table) -> dict[str, dict[int, object
     """{column: {latent: value}} for :data:`TYPES`, from the model the run's cache came from."""
     device = next(s.sae.parameters()).device
     model, blocks = load_llm(s.cache, device)
-    spec = s.cache.manifest["spec"]["model"]
-    tokenizer = load_tokenizer(resolve_model(spec["name"], spec.get("revision")))
+    tokenizer = load_cache_tokenizer(s.cache)
     w_u = unembedding(model).to(device)  # (V, D)
     effects = logit_effects(core_sae(s.sae).W_dec, w_u, TOP)
     words = {int(t): tokenizer.decode([int(t)]) for t in torch.cat([effects.top_ids, effects.bottom_ids]).unique()}

@@ -54,8 +54,7 @@ from pipeline.interpret.report import render_report
 from pipeline.interpret.score import SCORERS
 from pipeline.interpret.splits import ScoringPlan, scoring_rows, select_tests, window_columns
 from pipeline.interpret.stats import METRICS
-from pipeline.llm.model import load_tokenizer, resolve_model
-from pipeline.sae.subject import Subject, load_subject
+from pipeline.sae.subject import Subject, load_cache_tokenizer, load_subject
 
 EXPLAINERS = ("openai", "none")
 
@@ -126,8 +125,7 @@ def _check(cfg: InterpretConfig) -> None:
 def build_tables(s: Subject, cfg: InterpretConfig) -> tuple[dict[str, pa.Table], int, list[int]]:
     """features and examples tables (with protocol verdicts when asked), the rows scanned, and the
     latents sampled for the explainer."""
-    spec = s.cache.manifest["spec"]["model"]
-    tokenizer = load_tokenizer(resolve_model(spec["name"], spec.get("revision")))
+    tokenizer = load_cache_tokenizer(s.cache)
     with progress_bar("interpret", min(cfg.max_tokens or s.cache.rows("heldout"), s.cache.rows("heldout"))) as bar:
         acts = collect(
             s.sae, s.layers, s.is_route, s.cache, cfg.max_tokens, cfg.batch_size, cfg.infer_k, cfg.theta, bar

@@ -13,7 +13,7 @@ from pipeline.cache.reader import ActivationCache
 from pipeline.infra.device import resolve_dtype
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
-from pipeline.llm.model import find_blocks, fingerprint_model, load_model, resolve_model
+from pipeline.llm.model import find_blocks, fingerprint_model, load_model, load_tokenizer, resolve_model
 from pipeline.sae.borrowed import Borrowed, ModelOnly
 from pipeline.sae.folder import load_sae
 from pipeline.sae.route import RouteSAE
@@ -107,3 +107,9 @@ def load_llm(cache: ActivationCache, device: torch.device) -> tuple[torch.nn.Mod
         )
     model = load_model(source, device, resolve_dtype("auto", device))
     return model, find_blocks(model)
+
+
+def load_cache_tokenizer(cache: ActivationCache) -> Any:
+    """The tokenizer of the model the cache was extracted from."""
+    spec = cache.manifest["spec"]["model"]
+    return load_tokenizer(resolve_model(spec["name"], spec.get("revision")))

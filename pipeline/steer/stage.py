@@ -14,9 +14,8 @@ from torch import nn
 from pipeline.infra.device import resolve_device
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
-from pipeline.llm.model import load_tokenizer, resolve_model
 from pipeline.sae.route import RouteSAE, core_sae
-from pipeline.sae.subject import Subject, load_llm, load_subject
+from pipeline.sae.subject import Subject, load_cache_tokenizer, load_llm, load_subject
 from pipeline.sae.topk import TopKSAE
 from pipeline.steer.config import SteerConfig
 from pipeline.steer.edits import Positions, parse_edit
@@ -51,8 +50,7 @@ def open_session(cfg: SteerConfig) -> Session:
             "layer to land on; steer a hard-routed run (fit --routing hard, the default)."
         )
     model, blocks = load_llm(subject.cache, device)
-    spec = subject.cache.manifest["spec"]["model"]
-    tokenizer = load_tokenizer(resolve_model(spec["name"], spec.get("revision")))
+    tokenizer = load_cache_tokenizer(subject.cache)
     return Session(subject, core_sae(subject.sae), router, model, blocks, tokenizer, device)
 
 
