@@ -147,3 +147,16 @@ def test_shared_selection_equals_each_sae_alone(monkeypatch: pytest.MonkeyPatch)
         dense = torch.addmm(sae.b_enc, x - sae.b_dec, sae.W_enc.t())  # (B, N) the reference pre-activations
         expected = dense.topk(sae.cfg.k).indices.sort(dim=1).values
         assert torch.equal(indices.sort(dim=1).values, expected)
+
+
+def test_cuda_topk_branch_equals_the_cpu_tuned_one() -> None:
+    """The plain torch.topk branch CUDA takes, run here on CPU, picks what the two-stage CPU path picks
+    (16384 latents, k 32: two levels of recursion)."""
+    from pipeline.sae.kernels import topk_indices
+
+    torch.manual_seed(0)
+    pre = torch.randn(64, 16384) * torch.rand(64, 1) + torch.randn(16384) * 0.3  # (B, N), rows of varying spread
+    tuned = topk_indices(pre, 32, cpu_tuned=True).sort(dim=1).values
+    plain = topk_indices(pre, 32, cpu_tuned=False).sort(dim=1).values
+    assert torch.equal(tuned, plain)
+    assert torch.equal(plain, pre.topk(32).indices.sort(dim=1).values)

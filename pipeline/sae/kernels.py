@@ -107,20 +107,22 @@ def select_topk(x: Tensor, encoders: Sequence[Encoder], low_precision: bool) -> 
     return chosen
 
 
-def topk_indices(pre: Tensor, k: int) -> Tensor:
+def topk_indices(pre: Tensor, k: int, cpu_tuned: bool | None = None) -> Tensor:
     """Indices (B, k) of the k largest entries per row, exact up to ties.
 
-    Two stages, applied recursively: the max over ``GROUP`` strided columns (a vectorized
-    elementwise max), the top-k of those group maxima, then the top-k among the k*GROUP
-    candidates. Every true top-k entry lies in one of the k best groups, so the result equals
-    ``pre.topk(k)``; on CPU it is about 1.5x faster for 16k latents.
+    ``cpu_tuned`` (default: when ``pre`` is on the CPU) takes two stages, applied recursively: the max
+    over ``GROUP`` strided columns (a vectorized elementwise max), the top-k of those group maxima,
+    then the top-k among the k*GROUP candidates. Every true top-k entry lies in one of the k best
+    groups, so the result equals ``pre.topk(k)``; on CPU it is about 1.5x faster for 16k latents.
+    Elsewhere (CUDA) plain ``torch.topk``, whose radix select is already fast there.
     """
     rows, width = pre.shape
-    if width % GROUP or width < 4 * k * GROUP or pre.device.type != "cpu":
+    cpu_tuned = pre.device.type == "cpu" if cpu_tuned is None else cpu_tuned
+    if not cpu_tuned or width % GROUP or width < 4 * k * GROUP:
         return pre.topk(k, dim=-1, sorted=False).indices
     stride = width // GROUP
     group_max = pre.view(rows, GROUP, stride).amax(dim=1)  # (B, N/G): group m = columns {m + g*stride}
-    best = topk_indices(group_max, k)  # (B, k) best groups
+    best = topk_indices(group_max, k, cpu_tuned)  # (B, k) best groups
     offsets = torch.arange(GROUP, device=pre.device) * stride  # (G,)
     candidates = (best[..., None] + offsets).view(rows, k * GROUP)  # (B, k*G)
     chosen = pre.gather(1, candidates).topk(k, dim=-1, sorted=False).indices  # (B, k)
