@@ -3,6 +3,7 @@ against RouteSAE variants over layers 7..22 of SmolLM2, at equal latents and k.
 
     python -m benchmarks.routesae                    # whole built-in corpus, 2M training tokens
     python -m benchmarks.routesae --tokens 400000 --write
+    python -m benchmarks.routesae --cache CACHE --balance 0.01 0.05 --write   # an existing 7..22 cache
 
 Variants: TopK at layers 7, 14, 22 (one sweep, one read); RouteSAE with the reference's start (b_dec
 at zero, sae-pipe's default now), with sae-pipe's old start (b_dec at the first batch's unrouted mean)
@@ -29,6 +30,7 @@ import torch
 
 from benchmarks.recipe import RESULTS
 from benchmarks.report import write_table
+from pipeline.cache.reader import ActivationCache
 from pipeline.evaluate.config import EvaluateConfig
 from pipeline.evaluate.stage import evaluate
 from pipeline.extract.config import ExtractConfig
@@ -69,8 +71,9 @@ def runs(cache: str, args: argparse.Namespace, out: Path) -> dict[str, str]:
     with old_start():
         old = FitConfig(**{**route, "out": str(out / "old")})  # type: ignore[arg-type]
         found["RouteSAE, old mean start"] = fit(old)[0].url
-    balanced = fit(FitConfig(**route, route_balance=args.balance))[0]  # type: ignore[arg-type]
-    found[f"RouteSAE + balance loss {args.balance:g}"] = balanced.url
+    for weight in args.balance:
+        balanced = fit(FitConfig(**route, route_balance=weight))[0]  # type: ignore[arg-type]
+        found[f"RouteSAE + balance loss {weight:g}"] = balanced.url
     return found
 
 
@@ -96,15 +99,16 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2_000_000, help="training tokens per SAE")
     parser.add_argument("--latents", type=int, default=4096)
     parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--balance", type=float, default=0.05, help="weight of the balance-loss variant")
+    parser.add_argument("--balance", type=float, nargs="+", default=[0.05], help="weights of the balance-loss variants")
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--extract-tokens", type=int, default=0, help="cache size (0 = the whole built-in corpus)")
     parser.add_argument("--cache-root", default="cache")
+    parser.add_argument("--cache", default="", help="an existing cache of layers 7..22 (default: extract one)")
     parser.add_argument("--write", action="store_true", help="add the table to benchmarks/RESULTS.md")
     args = parser.parse_args()
     torch.set_num_threads(2)
     spec = ExtractConfig(layers="7:22", max_tokens=args.extract_tokens, shard_mb=256, cache_root=args.cache_root)
-    cache = extract(spec)
+    cache = ActivationCache.open(args.cache).folder if args.cache else extract(spec)
     args.rows = int(cache.read_json("manifest.json")["rows"]["train"])
     with tempfile.TemporaryDirectory() as scratch:
         found = runs(cache.url, args, Path(scratch))
