@@ -1,11 +1,11 @@
-"""The default training recipe, measured: learning rate x dead-latent threshold x dictionary size on the
+"""The default training recipe, measured: learning rate x dead-latent revival x dictionary size on the
 demo cache (SmolLM2 layer 12), each setting evaluated over every held-out row.
 
     python -m benchmarks.recipe                                  # the grid below, 2 epochs, 2 data seeds
-    python -m benchmarks.recipe --latents 4096 --lr 0,2e-3 --dead 0,1000000 --data-seeds 0 --write
+    python -m benchmarks.recipe --latents 4096 --lr 0,8e-3 --revive 0,0.05 --data-seeds 0 --write
 
-Each dictionary size is one `sae-pipe fit` sweep (every lr x threshold member from one read), then
-`sae-pipe evaluate --metrics nmse --max-tokens 0`. lr 0 and dead 0 are the automatic defaults. With
+Each dictionary size is one `sae-pipe fit` sweep (every lr x revive member from one read), then
+`sae-pipe evaluate --metrics nmse --max-tokens 0`. lr 0 is the automatic default. With
 ``--write`` the table is added to benchmarks/RESULTS.md. Never run inside the tests.
 """
 
@@ -38,7 +38,7 @@ RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 
 
 def run_grid(cache: str, latents: int, args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
-    """One sweep per data seed (lr x dead threshold), every member evaluated on all held-out rows."""
+    """One sweep per data seed (lr x revive), every member evaluated on all held-out rows."""
     rows = []
     for data_seed in args.data_seeds:
         cfg = FitConfig(
@@ -49,7 +49,7 @@ def run_grid(cache: str, latents: int, args: argparse.Namespace, out: Path) -> l
             epochs=args.epochs,
             data_seed=data_seed,
             out=str(out),
-            sweep={"lr": args.lr, "dead_tokens": args.dead},
+            sweep={"lr": args.lr, "revive": args.revive},
         )
         runs = fit(cfg)
         results = evaluate(EvaluateConfig(runs=[r.url for r in runs], metrics=["nmse"], max_tokens=0, out=str(out)))
@@ -60,20 +60,20 @@ def run_grid(cache: str, latents: int, args: argparse.Namespace, out: Path) -> l
 
 
 def table(rows: list[dict[str, Any]]) -> list[str]:
-    """Markdown: one line per (latents, lr, threshold), mean over data seeds with the spread."""
+    """Markdown: one line per (latents, lr, revive), mean over data seeds with the spread."""
     groups: dict[tuple[int, float, int], list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault((row["latents"], row["lr"], row["dead_tokens"]), []).append(row)
+        groups.setdefault((row["latents"], row["lr"], row["revive"]), []).append(row)
     lines = [
-        "| latents | lr | dead threshold (tokens) | FVU | dead share | latents on > 10 % of tokens | seeds |",
+        "| latents | lr | revive | FVU | dead share | latents on > 10 % of tokens | seeds |",
         "|---|---|---|---|---|---|---|",
     ]
-    for (latents, lr, dead), group in sorted(groups.items()):
+    for (latents, lr, revive), group in sorted(groups.items()):
         fvu = [g["fvu"] for g in group]
         dead_share = [g["dead_share"] for g in group]
         dense = [g["dense_latents"] for g in group]
         lines.append(
-            f"| {latents} | {lr:.2g} | {dead:,} | {_spread(fvu, '.4f')} | {_spread(dead_share, '.2%')} "
+            f"| {latents} | {lr:.2g} | {revive:g} | {_spread(fvu, '.4f')} | {_spread(dead_share, '.2%')} "
             f"| {_spread(dense, '.0f')} | {len(group)} |"
         )
     return lines
@@ -90,7 +90,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--latents", type=lambda s: [int(v) for v in s.split(",")], default=[1024, 4096, 16384])
     parser.add_argument("--lr", type=lambda s: [float(v) for v in s.split(",")], default=[0.0, 2e-3, 8e-3])
-    parser.add_argument("--dead", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1_000_000])
+    parser.add_argument("--revive", type=lambda s: [float(v) for v in s.split(",")], default=[0.0, 0.05])
     parser.add_argument("--data-seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1])
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=2)

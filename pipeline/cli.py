@@ -96,6 +96,7 @@ def fit(
     data_seed: Annotated[int | None, opt(FitConfig, "data_seed")] = None,
     precision: Annotated[str | None, opt(FitConfig, "precision")] = None,
     dead_tokens: Annotated[int | None, opt(FitConfig, "dead_tokens")] = None,
+    revive: Annotated[float | None, opt(FitConfig, "revive")] = None,
     route_balance: Annotated[float | None, opt(FitConfig, "route_balance")] = None,
     sweep: Annotated[list[str] | None, opt(FitConfig, "sweep")] = None,
     out: Annotated[str | None, opt(FitConfig, "out")] = None,

@@ -223,7 +223,7 @@ def test_auxk_revives_latents_that_never_fire(tmp_path: Path) -> None:
     ).float()
 
     def alive_after(aux_alpha: float) -> float:
-        settings = Training.of(FitConfig(lr=3e-3, aux_alpha=aux_alpha), dead_tokens=512, k_aux=16)
+        settings = Training.of(FitConfig(lr=3e-3, aux_alpha=aux_alpha, dead_tokens=512, revive=0), k_aux=16)
         member = make_member(
             Folder.at(tmp_path / str(aux_alpha)), SaeConfig("topk", 32, 128, 4, [0]), settings, False, [0], CPU
         )
@@ -238,12 +238,31 @@ def test_auxk_revives_latents_that_never_fire(tmp_path: Path) -> None:
     assert alive_after(1 / 32) > 0.9  # and all of them with it
 
 
-def test_dead_threshold_scales_with_the_run() -> None:
-    from pipeline.fit.plan import auto_dead_tokens
+def test_revive_brings_back_latents_auxk_cannot_reach(tmp_path: Path) -> None:
+    """Latents negative on every token get no gradient from the loss nor from AuxK (it reads ReLU'd
+    pre-activations); the bias rise brings them back."""
+    from pipeline.infra.files import Folder
 
-    assert auto_dead_tokens(FitConfig(epochs=2), 400_000) == 50_000  # the floor
-    assert auto_dead_tokens(FitConfig(epochs=2), 4_000_000) == 400_000
-    assert auto_dead_tokens(FitConfig(max_tokens=2_000_000), 40_000_000) == 100_000
+    data = torch.from_numpy(
+        np.load(synthetic_cache(tmp_path, [4096], layers=(0,)).local() / "shards/000000/train/act.npy")[0]
+    ).float()
+
+    def alive_after(revive: float) -> float:
+        settings = Training.of(FitConfig(lr=3e-3, dead_tokens=512, revive=revive), k_aux=16)
+        member = make_member(
+            Folder.at(tmp_path / str(revive)), SaeConfig("topk", 32, 128, 4, [0]), settings, False, [0], CPU
+        )
+        with torch.no_grad():  # latents 64.. start below zero on every token, by 0.5 at their best one
+            best = (data - member.model.b_dec) @ member.model.W_enc[64:].T  # (tokens, 64)
+            member.model.b_enc[64:] = -best.amax(0) - 0.5
+        for step in range(60):
+            train_step(member, data[(step % 16) * 256 : (step % 16 + 1) * 256], 60)
+        latents = member.model.encode(data)
+        fired = latents.indices[latents.acts > 0].unique()
+        return float((fired >= 64).sum()) / 64
+
+    assert alive_after(0.0) == 0.0
+    assert alive_after(0.05) > 0.9
 
 
 def test_route_log_records_shares_and_entropy(tmp_path: Path) -> None:
