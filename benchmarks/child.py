@@ -1,37 +1,49 @@
 """One benchmark contender per process, and that process's own wall time and peak memory.
 
-A contender prints one line ``RESULT {json}`` on stdout; anything else it prints (progress bars,
-logs) goes to stderr, which passes through to ours so long runs show where they are.
+A contender prints one line ``RESULT {json}`` on stdout, with ``peak_rss_mb`` from :func:`own_peak_rss_mb`
+taken at its end; anything else it prints (progress bars, logs) goes to stderr, which passes through to
+ours so long runs show where they are.
+
+Why not ``ru_maxrss``: on Linux it counts the memory of the process image that was replaced at exec, and a
+subprocess is forked (or vforked) from its parent, so every child's ``ru_maxrss`` (RUSAGE_SELF in the
+child, ``wait4`` or RUSAGE_CHILDREN in the parent) is at least what the parent held when it started the
+child, and a contender lighter than its parent reports the parent's size.
+``VmHWM`` belongs to the memory map exec made, so it is the contender's alone.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 
-def run_child(cmd: list[str], cwd: Path) -> dict[str, Any]:
-    """Run ``cmd`` to the end; its RESULT plus ``process_wall_s`` and ``peak_rss_mb`` of that process alone.
+def _status_mb(field: str) -> float:
+    line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith(field + ":"))
+    return int(line.split()[1]) / 1024  # the kernel writes kB
 
-    The peak comes from ``wait4`` on this child's pid. ``getrusage(RUSAGE_CHILDREN)`` would not do:
-    its ``ru_maxrss`` is the largest peak among all children waited for so far, so a light contender
-    run after a heavy one would be reported at the heavy one's peak.
-    """
-    with tempfile.TemporaryFile("w+") as out:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, cwd=cwd, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait again
-        out.seek(0)
-        stdout = out.read()
-    line = next((ln for ln in stdout.splitlines() if ln.startswith("RESULT ")), None)
+
+def own_peak_rss_mb() -> float:
+    """Peak resident memory of this process since its exec, in MiB (Linux VmHWM)."""
+    return _status_mb("VmHWM")
+
+
+def own_rss_mb() -> float:
+    """Resident memory of this process now, in MiB (Linux VmRSS)."""
+    return _status_mb("VmRSS")
+
+
+def run_child(cmd: list[str], cwd: Path) -> dict[str, Any]:
+    """Run ``cmd`` to the end; its RESULT (which must hold its own ``peak_rss_mb``) plus ``process_wall_s``."""
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, cwd=cwd, text=True)
+    wall = time.perf_counter() - start
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
-        raise SystemExit(f"benchmark contender failed (rc {proc.returncode}): {' '.join(cmd)}\n{stdout[-2000:]}")
-    # Linux reports ru_maxrss in KiB.
-    return {**json.loads(line[len("RESULT ") :]), "process_wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024}
+        raise SystemExit(f"benchmark contender failed (rc {proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-2000:]}")
+    result = json.loads(line[len("RESULT ") :])
+    if "peak_rss_mb" not in result:
+        raise SystemExit(f"benchmark contender reported no peak_rss_mb (own_peak_rss_mb at its end): {' '.join(cmd)}")
+    return {**result, "process_wall_s": wall}

@@ -1,6 +1,6 @@
 """sae-pipe's TopK training step timed like benchmarks/peers/peer_steps.py times the peers.
 
-Runs in the project's venv, one process per measurement (benchmarks.child measures its peak RSS):
+Runs in the project's venv, one process per measurement (its peak RSS is its own VmHWM, see benchmarks.child):
 
     python -m benchmarks.fit_steps --data train.npy --precision bfloat16
 
@@ -19,6 +19,7 @@ import time
 import numpy as np
 import torch
 
+from benchmarks.child import own_peak_rss_mb
 from pipeline.fit.config import FitConfig, Training
 from pipeline.fit.optim import auto_lr
 from pipeline.fit.train import init_pre_bias, make_member, train_step
@@ -57,6 +58,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "cpu_util_median": statistics.median(c / w for c, w in zip(cpu[args.warmup :], timed)),
         "fvu_curve": curve,
         "lr": settings.lr,
+        "peak_rss_mb": own_peak_rss_mb(),
     }
 
 

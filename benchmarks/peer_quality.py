@@ -5,8 +5,8 @@ each trained on the same cached rows for the demo's budget and scored the same w
     python -m benchmarks.peer_quality --write                  # extracts (or finds) the demo cache first
     (--peer-python PATH: the peers' venv, default .bench-venv/bin/python; `make bench` runs the second line)
 
-The contenders run one after another, never side by side, each in a process of its own (benchmarks.child
-measures that process's wall time and peak RSS):
+The contenders run one after another, never side by side, each in a process of its own (benchmarks.child:
+that process's wall time, and its peak RSS as VmHWM, which unlike ru_maxrss leaves out the parent's memory):
 
 - sae-pipe: ``sae-pipe fit --params params.yaml --cache CACHE`` (pipeline.fit with the demo's FitConfig:
   4096 latents, k 32, batch 4096, 2 epochs), streaming from the cache. Its token count sets the peers'.
@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.child import run_child
+from benchmarks.child import own_peak_rss_mb, own_rss_mb, run_child
 from benchmarks.report import write_table
 from benchmarks.run import training_rows
 from pipeline.cache.reader import ActivationCache
@@ -78,14 +78,10 @@ def heldout_quality(
     }
 
 
-def current_rss_mb() -> float:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def sae_pipe_child(args: argparse.Namespace) -> dict[str, Any]:
     """The demo's fit (params.yaml) on the cache, then its code for every held-out row into ``args.codes``."""
     cfg = build_config(FitConfig, load_params(ROOT / "params.yaml"), "fit", {"cache": args.cache, "out": args.runs})
-    rss_before = current_rss_mb()
+    rss_before = own_rss_mb()
     start = time.perf_counter()
     (run,) = fit(cfg)
     train_s = time.perf_counter() - start
@@ -110,6 +106,7 @@ def sae_pipe_child(args: argparse.Namespace) -> dict[str, Any]:
         "k": record["sae"]["k"],
         "optimizer": f"{training['optimizer']} lr {training['lr']:.3g}, {training['schedule']}",
         "run": run.url,
+        "peak_rss_mb": own_peak_rss_mb(),
     }
 
 
@@ -186,8 +183,8 @@ def header(results: dict[str, dict[str, Any]], cache: str, train_gb: float) -> l
         f"normalized rows as stored). Every contender: {ours['num_latents']} latents, k {ours['k']}, "
         f"{ours['tokens']:,} training tokens, its own trainer defaults otherwise, scored on every held-out row. "
         f"Peers ({', '.join(versions)}) in .bench-venv. Dead share: latents firing on no held-out row; "
-        "train s: the training call (peers: their package import included); process s and peak RSS: the "
-        "contender's own process (wait4), held-out scoring included; the peers hold the training rows as "
+        "train s: the training call (peers: their package import included); process s and peak RSS (VmHWM): the "
+        "contender's own process, held-out scoring included; the peers hold the training rows as "
         f"one float32 array ({train_gb:.2f} GB, in 'RSS at training start'), sae-pipe streams them from the cache.",
     ]
 

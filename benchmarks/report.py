@@ -62,7 +62,7 @@ def fit_section(fit: dict[str, Any], limits: dict[str, float]) -> list[str]:
         "",
         "Speed only: a few dozen steps say nothing about the SAE each trainer ends with; held-out quality at",
         "equal tokens is `python -m benchmarks.peer_quality` (its own section). Peak RSS is each contender's",
-        "own process (wait4), the float32 training rows it holds (0.9 GB) included.",
+        "own process (VmHWM, see benchmarks/child.py), the float32 training rows it holds (0.9 GB) included.",
         "",
         "| contender | tokens/s (min-max) | peak RSS MiB | CPU use |",
         "|---|---|---|---|",

@@ -32,8 +32,8 @@ Both return::
 ``step_s_all`` holds every step (warm-up included); the median is over the steps
 after ``warmup``. ``fvu_curve[i]`` is sum||x - x_hat||^2 / sum||x - mean(x)||^2
 on step i's training batch, from the forward pass of that step (i.e. before
-that step's update). ``peak_rss_mb`` is the process's ru_maxrss, so run each
-function in a fresh process (``__main__`` does) to keep them apart.
+that step's update). ``peak_rss_mb`` is the process's VmHWM (peak since its exec),
+so run each function in a fresh process (``__main__`` does) to keep them apart.
 
 All code here is ours; the peers are only called through their public APIs.
 """
@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import sys
 import time
@@ -58,8 +57,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def _rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB (Linux: ru_maxrss is KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """Peak resident set size of this process since its exec, in MiB (Linux VmHWM, kB).
+
+    Not ru_maxrss: that also counts the image exec replaced, i.e. the parent that started this process.
+    """
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:")) / 1024.0
 
 
 def _current_rss_mb() -> float:
@@ -353,7 +356,7 @@ def main() -> None:
         _child(args.child, args)
         return
 
-    # One fresh process per library so ru_maxrss (peak RSS) is not shared between them.
+    # One fresh process per library so the peak RSS (VmHWM) is not shared between them.
     import subprocess
 
     runs: dict[str, list[dict[str, Any]]] = {}
