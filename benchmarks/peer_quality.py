@@ -33,6 +33,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -154,21 +155,27 @@ def run_all(cache: str, scratch: Path, peer_python: str) -> dict[str, dict[str, 
     return {OURS: first, **{name: measure(name, cmd, x) for name, cmd in peers.items()}}
 
 
+# The table's columns: header, and the cell of a contender (its name, its result).
+COLUMNS: list[tuple[str, Callable[[str, dict[str, Any]], str]]] = [
+    ("contender", lambda name, r: name),
+    ("optimizer", lambda name, r: r["optimizer"]),
+    ("batch x steps", lambda name, r: f"{r['batch_size']:,} x {r['steps']}"),
+    ("held-out FVU", lambda name, r: f"{r['fvu']:.4f}"),
+    ("dead share", lambda name, r: f"{r['dead_share']:.2%}"),
+    ("latents on > 10 %", lambda name, r: str(r["dense_latents"])),
+    ("L0", lambda name, r: f"{r['l0']:.1f}"),
+    ("train s", lambda name, r: f"{r['train_s']:,.0f}"),
+    ("process s", lambda name, r: f"{r['process_wall_s']:,.0f}"),
+    ("peak RSS MiB", lambda name, r: f"{r['peak_rss_mb']:,.0f}"),
+    ("RSS at training start MiB", lambda name, r: f"{r['rss_before_steps_mb']:,.0f}"),
+    ("load after", lambda name, r: r["load_after"]),
+]
+
+
 def table(results: dict[str, dict[str, Any]]) -> list[str]:
     """Markdown: one row per contender."""
-    lines = [
-        "| contender | optimizer | batch x steps | held-out FVU | dead share | latents on > 10 % | L0 "
-        "| train s | process s | peak RSS MiB | RSS at training start MiB | load after |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, r in results.items():
-        lines.append(
-            f"| {name} | {r['optimizer']} | {r['batch_size']:,} x {r['steps']} | {r['fvu']:.4f} "
-            f"| {r['dead_share']:.2%} | {r['dense_latents']} | {r['l0']:.1f} | {r['train_s']:,.0f} "
-            f"| {r['process_wall_s']:,.0f} | {r['peak_rss_mb']:,.0f} | {r['rss_before_steps_mb']:,.0f} "
-            f"| {r['load_after']} |"
-        )
-    return lines
+    rows = [[cell(name, r) for _, cell in COLUMNS] for name, r in results.items()]
+    return ["| " + " | ".join(row) + " |" for row in [[h for h, _ in COLUMNS], ["---"] * len(COLUMNS), *rows]]
 
 
 def header(results: dict[str, dict[str, Any]], cache: str, train_gb: float) -> list[str]:

@@ -332,7 +332,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=None, help="a .npy (rows, d) of training activations")
     p.add_argument("--heldout", default=None, help="a .npy (rows, d) to measure FVU on after training")
-    p.add_argument("--codes", default=None, help="with --heldout and --child: write the held-out reconstruction and codes (.npz)")
+    p.add_argument(
+        "--codes", default=None, help="with --heldout and --child: write the held-out reconstruction and codes (.npz)"
+    )
     p.add_argument("--rows", type=int, default=60_000)
     p.add_argument("--d", type=int, default=576)
     p.add_argument("--num-latents", type=int, default=16384)
