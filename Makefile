@@ -40,6 +40,7 @@ bench: setup $(BENCH_VENV)/.installed
 	$(BIN)/python -m benchmarks.run
 	$(BIN)/python -m benchmarks.recipe --write
 	$(BIN)/python -m benchmarks.routesae --write
+	$(BIN)/python -m benchmarks.peer_quality --peer-python $(BENCH_VENV)/bin/python --write
 
 # SAELens / sparsify interop against the real packages, both directions, on real SmolLM2 activations.
 check-peers: setup $(BENCH_VENV)/.installed

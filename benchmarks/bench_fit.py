@@ -1,33 +1,27 @@
-"""fit: one TopK training step of sae-pipe vs sparsify and SAELens on the same real activations."""
+"""fit: one TopK training step of sae-pipe vs sparsify and SAELens on the same real activations.
+
+Speed only: a few dozen steps say nothing about how good each SAE ends up; quality at equal tokens
+(each trainer with its own defaults for the demo's whole budget) is benchmarks/peer_quality.py.
+"""
 
 from __future__ import annotations
 
-import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from benchmarks.child import run_child
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_PYTHON = ROOT / ".bench-venv" / "bin" / "python"
 
 
-def _result(cmd: list[str]) -> dict[str, Any]:
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if proc.returncode != 0 or line is None:
-        raise SystemExit(f"benchmark step failed: {' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    return json.loads(line[len("RESULT ") :])
-
-
-def commands(data: Path, heldout: Path, steps: int) -> dict[str, list[str]]:
+def commands(data: Path, steps: int) -> dict[str, list[str]]:
     """The command of each contender; the peers run in the separate .bench-venv."""
     common = [
         "--data",
         str(data),
-        "--heldout",
-        str(heldout),
         "--num-latents",
         "16384",
         "--k",
@@ -48,13 +42,13 @@ def commands(data: Path, heldout: Path, steps: int) -> dict[str, list[str]]:
     return out
 
 
-def bench_fit(data: Path, heldout: Path, steps: int, repeats: int) -> dict[str, dict[str, Any]]:
-    """Median tokens/s over repeats (alternating contenders, a fresh process each), FVU, peak memory."""
-    cmds = commands(data, heldout, steps)
+def bench_fit(data: Path, steps: int, repeats: int) -> dict[str, dict[str, Any]]:
+    """Median tokens/s over repeats (alternating contenders, a fresh process each) and each process's peak memory."""
+    cmds = commands(data, steps)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in cmds}
     for _ in range(repeats):
         for name, cmd in cmds.items():
-            runs[name].append(_result(cmd))
+            runs[name].append(run_child(cmd, ROOT))
             print(f"  fit {name}: {runs[name][-1]['tokens_per_s_median']:,.0f} tok/s", file=sys.stderr)
     table = {}
     for name, results in runs.items():
@@ -63,7 +57,6 @@ def bench_fit(data: Path, heldout: Path, steps: int, repeats: int) -> dict[str, 
             "tokens_per_s": statistics.median(speeds),
             "min": min(speeds),
             "max": max(speeds),
-            "fvu_heldout": statistics.median(r["fvu_heldout"] for r in results),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
             "cpu_util": statistics.median(r["cpu_util_median"] for r in results),
         }

@@ -1,8 +1,8 @@
 """sae-pipe's TopK training step timed like benchmarks/peers/peer_steps.py times the peers.
 
-Runs in the project's venv, one process per measurement (peak RSS is per process):
+Runs in the project's venv, one process per measurement (its peak RSS is its own VmHWM, see benchmarks.child):
 
-    python -m benchmarks.fit_steps --data train.npy --heldout held.npy --precision bfloat16
+    python -m benchmarks.fit_steps --data train.npy --precision bfloat16
 
 Each step is exactly what `sae-pipe fit` does per batch (pipeline.fit.train.train_step: forward, NormMSE
 loss, backward with sparse kernels, Adam, decoder renormalization, dead-latent counters), with the
@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import time
 
 import numpy as np
 import torch
 
+from benchmarks.child import own_peak_rss_mb
 from pipeline.fit.config import FitConfig, Training
 from pipeline.fit.optim import auto_lr
 from pipeline.fit.train import init_pre_bias, make_member, train_step
@@ -29,15 +29,10 @@ from pipeline.sae.kernels import use_low_precision
 from pipeline.sae.topk import SaeConfig
 
 
-def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
-    x = x.double()
-    return float((x - x_hat.double()).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
-
-
 def run(args: argparse.Namespace) -> dict[str, object]:
     torch.set_num_threads(2)
     keep_freed_memory()
-    data = torch.from_numpy(np.load(args.data).astype(np.float32))  # (R, D)
+    data = torch.from_numpy(np.load(args.data).astype(np.float32, copy=False))  # (R, D)
     low = use_low_precision(torch.device("cpu"), args.precision)
     lr, k_aux = auto_lr("adam", args.num_latents), data.shape[1] // 2
     settings = Training.of(FitConfig(), lr=lr, k_aux=k_aux, dead_tokens=10**9)
@@ -55,27 +50,21 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         cpu.append(time.process_time() - c0)
         curve.append(metrics["fvu"])
     timed = times[args.warmup :]
-    result = {
+    return {
         "library": "sae-pipe",
         "precision": "bfloat16" if low else "float32",
         "tokens_per_s_median": args.batch_size / statistics.median(timed),
         "step_s_all": times,
         "cpu_util_median": statistics.median(c / w for c, w in zip(cpu[args.warmup :], timed)),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "fvu_curve": curve,
         "lr": settings.lr,
+        "peak_rss_mb": own_peak_rss_mb(),
     }
-    if args.heldout:
-        held = torch.from_numpy(np.load(args.heldout).astype(np.float32))
-        with torch.no_grad():
-            result["fvu_heldout"] = fvu(held, member.model.eval()(held).x_hat)
-    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", required=True)
-    parser.add_argument("--heldout", default=None)
     parser.add_argument("--num-latents", type=int, default=16384)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=4096)

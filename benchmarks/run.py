@@ -60,15 +60,13 @@ def caches() -> Caches:
     )
 
 
-def arrays(cache: ActivationCache, scratch: Path) -> tuple[Path, Path]:
-    """Training rows (shuffled) and 8192 held-out rows of the layer, as float16 .npy files."""
-    pos = cache.layer_index(LAYER)
-    train = np.concatenate([cache.read(r["index"], "train/act", pos) for r in cache.shards])
+def training_rows(cache: ActivationCache, layer: int, scratch: Path) -> Path:
+    """Every training row of ``layer``, shuffled, as a float32 .npy (loading it needs no conversion copy)."""
+    pos = cache.layer_index(layer)
+    train = np.concatenate([cache.read(r["index"], "train/act", pos) for r in cache.shards]).astype(np.float32)
     np.random.default_rng(0).shuffle(train)
-    held = np.concatenate([rows[:, 0] for _, rows in cache.heldout_rows([LAYER], 8192)])
     np.save(scratch / "train.npy", train)
-    np.save(scratch / "held.npy", held)
-    return scratch / "train.npy", scratch / "held.npy"
+    return scratch / "train.npy"
 
 
 def main() -> None:
@@ -81,8 +79,8 @@ def main() -> None:
     stores = caches()
     results: dict[str, Any] = {"machine": machine()}
     with tempfile.TemporaryDirectory() as scratch:
-        data, held = arrays(stores.main, Path(scratch))
-        results["fit"] = bench_fit(data, held, args.fit_steps, args.repeats)
+        data = training_rows(stores.main, LAYER, Path(scratch))
+        results["fit"] = bench_fit(data, args.fit_steps, args.repeats)
     results["gemm_limits"] = gemm_limits()
     results["extract"] = bench_extract(args.repeats)
     results["reader"] = [

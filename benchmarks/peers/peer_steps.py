@@ -32,8 +32,8 @@ Both return::
 ``step_s_all`` holds every step (warm-up included); the median is over the steps
 after ``warmup``. ``fvu_curve[i]`` is sum||x - x_hat||^2 / sum||x - mean(x)||^2
 on step i's training batch, from the forward pass of that step (i.e. before
-that step's update). ``peak_rss_mb`` is the process's ru_maxrss, so run each
-function in a fresh process (``__main__`` does) to keep them apart.
+that step's update). ``peak_rss_mb`` is the process's VmHWM (peak since its exec),
+so run each function in a fresh process (``__main__`` does) to keep them apart.
 
 All code here is ours; the peers are only called through their public APIs.
 """
@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import sys
 import time
@@ -58,8 +57,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def _rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB (Linux: ru_maxrss is KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """Peak resident set size of this process since its exec, in MiB (Linux VmHWM, kB).
+
+    Not ru_maxrss: that also counts the image exec replaced, i.e. the parent that started this process.
+    """
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:")) / 1024.0
 
 
 def _current_rss_mb() -> float:
@@ -202,7 +205,12 @@ def sparsify_steps(
         torch.set_float32_matmul_precision(prev_prec)
 
     opt.eval()  # schedule-free: evaluate (and save, as sparsify does) at the averaged weights
-    _LAST_MODEL[:] = [lambda h: sae(h).sae_out]
+
+    def coded(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = sae(h)
+        return out.sae_out, out.latent_acts, out.latent_indices
+
+    _LAST_MODEL[:] = [coded]
     return _summary(
         "sparsify",
         log,
@@ -259,7 +267,12 @@ def saelens_steps(
         with torch.no_grad():  # outside the timed region: SAELens only does this on log steps
             log.fvu.append(_fvu(out.sae_in, out.sae_out.detach()))
 
-    _LAST_MODEL[:] = [lambda h: sae(h)]
+    def coded(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        code = sae.encode(h)  # (B, N) dense, at most k non-zero per row
+        acts, indices = code.topk(sae.cfg.k, dim=-1)  # (B, k)
+        return sae.decode(code), acts, indices  # decode(encode(h)) is SAELens's forward
+
+    _LAST_MODEL[:] = [coded]
     return _summary(
         "sae_lens",
         log,
@@ -292,23 +305,36 @@ def make_dataset(
 def _child(which: str, args: argparse.Namespace) -> None:
     import numpy as np
 
-    x = torch.from_numpy(np.load(args.data).astype("float32")) if args.data else make_dataset(args.rows, args.d)
+    if args.data:  # a float32 file loads without a conversion copy (peak RSS counts such copies)
+        x = torch.from_numpy(np.load(args.data).astype("float32", copy=False))
+    else:
+        x = make_dataset(args.rows, args.d)
     fn = {"sparsify": sparsify_steps, "saelens": saelens_steps}[which]
+    start = time.perf_counter()
     res = fn(x, x.shape[1], args.num_latents, args.k, args.batch_size, args.steps, args.warmup)
+    res["train_s"] = time.perf_counter() - start  # the library's import and setup included
     if args.heldout:
-        held = torch.from_numpy(np.load(args.heldout).astype("float32"))
+        held = torch.from_numpy(np.load(args.heldout).astype("float32", copy=False))
         with torch.no_grad():
-            res["fvu_heldout"] = _fvu(held, _LAST_MODEL[0](held))
+            coded = [_LAST_MODEL[0](held[i : i + 4096]) for i in range(0, len(held), 4096)]
+        x_hat, acts, indices = (torch.cat(parts) for parts in zip(*coded))
+        res["fvu_heldout"] = _fvu(held, x_hat)
+        if args.codes:  # for benchmarks/peer_quality.py, which scores every contender the same way
+            np.savez(args.codes, x_hat=x_hat.numpy(), acts=acts.numpy(), indices=indices.numpy())
     print("RESULT " + json.dumps(res), flush=True)
 
 
-_LAST_MODEL: list[Any] = []  # the trained model's reconstruction function, for the held-out FVU
+# The trained model as h (B, D) -> (reconstruction (B, D), activations (B, k), latent ids (B, k)).
+_LAST_MODEL: list[Any] = []
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=None, help="a .npy (rows, d) of training activations")
     p.add_argument("--heldout", default=None, help="a .npy (rows, d) to measure FVU on after training")
+    p.add_argument(
+        "--codes", default=None, help="with --heldout and --child: write the held-out reconstruction and codes (.npz)"
+    )
     p.add_argument("--rows", type=int, default=60_000)
     p.add_argument("--d", type=int, default=576)
     p.add_argument("--num-latents", type=int, default=16384)
@@ -332,7 +358,7 @@ def main() -> None:
         _child(args.child, args)
         return
 
-    # One fresh process per library so ru_maxrss (peak RSS) is not shared between them.
+    # One fresh process per library so the peak RSS (VmHWM) is not shared between them.
     import subprocess
 
     runs: dict[str, list[dict[str, Any]]] = {}
