@@ -68,9 +68,10 @@ def runs(cache: str, args: argparse.Namespace, out: Path) -> dict[str, str]:
         found[f"TopK L{layer}"] = run.url
     route = {**base, "arch": "route", "route_layers": "7:22"}
     found["RouteSAE, reference start (default)"] = fit(FitConfig(**route))[0].url  # type: ignore[arg-type]
-    with old_start():
-        old = FitConfig(**{**route, "out": str(out / "old")})  # type: ignore[arg-type]
-        found["RouteSAE, old mean start"] = fit(old)[0].url
+    if args.old_start:
+        with old_start():
+            old = FitConfig(**{**route, "out": str(out / "old")})  # type: ignore[arg-type]
+            found["RouteSAE, old mean start"] = fit(old)[0].url
     for weight in args.balance:
         balanced = fit(FitConfig(**route, route_balance=weight))[0]  # type: ignore[arg-type]
         found[f"RouteSAE + balance loss {weight:g}"] = balanced.url
@@ -104,6 +105,7 @@ def main() -> None:
     parser.add_argument("--extract-tokens", type=int, default=0, help="cache size (0 = the whole built-in corpus)")
     parser.add_argument("--cache-root", default="cache")
     parser.add_argument("--cache", default="", help="an existing cache of layers 7..22 (default: extract one)")
+    parser.add_argument("--no-old-start", dest="old_start", action="store_false", help="skip the old-start variant")
     parser.add_argument("--write", action="store_true", help="add the table to benchmarks/RESULTS.md")
     args = parser.parse_args()
     torch.set_num_threads(2)
