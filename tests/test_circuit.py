@@ -219,6 +219,23 @@ def test_cli_writes_json_csv_safetensors_and_html_only(runs: list[str], tmp_path
     assert rows[0] == "method,param,size,per_layer,faithfulness,completeness" and len(rows) == 1 + 1 + 2 + 2
 
 
+def test_stage_metrics_name_the_output_folder_relative_to_the_cache_root(
+    runs: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stages import circuit as stage
+
+    monkeypatch.chdir(tmp_path)
+    settings = {"task": "sva", "pairs": 8, "method": ["mask"], "lambdas": [0.01], "steps": 2, "device": "cpu"}
+    Path("params.yaml").write_text(json.dumps({"circuit": settings}))  # JSON is YAML
+    Path("cache").mkdir()
+    Path("cache/fit.json").write_text(json.dumps({"stage": "fit", "runs": [{"path": run} for run in runs]}))
+    stage.main()
+    metrics = json.loads(Path("cache/circuit.json").read_text())
+    assert re.fullmatch(r"circuits/sva-[0-9a-f]{12}", metrics["out"]), metrics
+    assert Path("cache", metrics["out"], "circuit.json").is_file()
+    assert str(tmp_path) not in json.dumps(metrics)  # nothing that differs between checkouts
+
+
 @pytest.mark.slow  # loads SmolLM2's tokenizer (the GGUF file) to check the names of ioi
 def test_smollm2_takes_every_built_in_task() -> None:
     tokenizer = load_tokenizer(resolve_model("smollm2-135m"))
