@@ -23,6 +23,7 @@ from pipeline.fit.stage import fit
 from pipeline.infra.errors import UserError
 from pipeline.llm.hooks import replacing, run_to_layers
 from pipeline.llm.model import load_tokenizer, resolve_model
+from pipeline.llm.replay import resume, stem
 from pipeline.sae.subject import load_llm, load_subject
 from pipeline.sae.topk import SaeConfig, TopKSAE
 from tests.support.caches import tiny_extract_config
@@ -80,7 +81,7 @@ def test_every_latent_kept_is_the_spliced_model_and_the_clean_model(lensed: tupl
     ones = [torch.ones(s.sae.cfg.n_latents) for s in sites]
     means = ablation_values(model, blocks, sites, [batch], "mean")
     with torch.no_grad():
-        kept = logit_diff(model, blocks, sites, batch.clean, batch, Masking(ones, means))
+        kept = logit_diff(model, blocks, sites, "clean", batch, Masking(ones, means))
     torch.testing.assert_close(kept, reference_ld(model, blocks, batch, {}), atol=1e-6, rtol=0)  # clean model
     spliced = reference_ld(model, blocks, batch, independent_splice(sites, None, batch.real))
     torch.testing.assert_close(kept, spliced, atol=1e-4, rtol=1e-4)
@@ -96,10 +97,58 @@ def test_every_latent_ablated_is_the_mean_ablated_model(lensed: tuple) -> None:
     zeros = [torch.zeros(s.sae.cfg.n_latents) for s in sites]
     ours = ablation_values(model, blocks, sites, [batch], "mean")
     with torch.no_grad():
-        ablated = logit_diff(model, blocks, sites, batch.clean, batch, Masking(zeros, ours))
+        ablated = logit_diff(model, blocks, sites, "clean", batch, Masking(zeros, ours))
     expected = reference_ld(model, blocks, batch, independent_splice(sites, means, batch.real))
     torch.testing.assert_close(ablated, expected, atol=1e-4, rtol=1e-4)
     assert (ablated - reference_ld(model, blocks, batch, {})).abs().max() > 1e-2  # the ablation does something
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_gpt2"])
+def test_resuming_from_a_stem_equals_the_full_forward(name: str, request: pytest.FixtureRequest) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.llm.model import find_blocks
+
+    model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(name)).eval()
+    blocks = find_blocks(model)
+    tokens = torch.randint(5, 500, (3, 9), generator=torch.Generator().manual_seed(0))  # (B, T)
+    edits = {1: lambda h: h + torch.sin(3 * h), 3: lambda h: h * 1.5}  # above the stem's layer, nonlinear
+    with torch.no_grad(), replacing(blocks, edits):
+        full = model.base_model(input_ids=tokens, use_cache=False).last_hidden_state  # (B, T, D)
+    start = stem(model, blocks, tokens, 1)
+    assert start is not None
+    below = []
+    handle = blocks[0].register_forward_pre_hook(lambda *args: below.append(1))
+    try:
+        with torch.no_grad(), replacing(blocks, edits):
+            resumed = resume(model, blocks, start)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(resumed, full, atol=1e-5, rtol=1e-5)
+    assert not below  # block 0 did not run again
+
+
+def test_the_masked_model_with_a_stem_equals_the_whole_forward(lensed: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Logit differences and mask gradients from the blocks above the first site only equal those of the
+    whole model (the path taken for a model whose final norm is unknown)."""
+    model, blocks, sites, batch = lensed
+    generator = torch.Generator().manual_seed(5)
+    keep = [torch.rand(s.sae.cfg.n_latents, generator=generator).requires_grad_() for s in sites]
+    masking = Masking(keep, ablation_values(model, blocks, sites, [batch], "mean"))
+
+    def run() -> tuple[torch.Tensor, tuple[torch.Tensor, ...], list]:
+        fresh = batch._replace(stems={})
+        ld = logit_diff(model, blocks, sites, "clean", fresh, masking)
+        return ld.detach(), torch.autograd.grad(ld.sum(), keep), list(fresh.stems.values())
+
+    fast, fast_grads, stems = run()
+    monkeypatch.setattr("pipeline.llm.replay.final_norm", lambda model: None)
+    whole, whole_grads, none = run()
+    assert [s.layer for s in stems] == [1] and none == [None]
+    torch.testing.assert_close(fast, whole, atol=1e-5, rtol=1e-5)
+    for a, b in zip(fast_grads, whole_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert (fast_grads[0] != 0).any()
 
 
 def planted(model: torch.nn.Module, blocks: torch.nn.ModuleList) -> tuple[Site, list[Pair]]:

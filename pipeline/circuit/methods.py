@@ -37,7 +37,7 @@ class Lens(NamedTuple):
     def ld(self, batch: Batch, keep: list[Tensor] | None) -> Tensor:
         """(B,) logit differences on the clean prompts with each site's latents kept by ``keep``."""
         masking = Masking(keep, self.ablate) if keep is not None else None
-        return logit_diff(self.model, self.blocks, self.sites, batch.clean, batch, masking)
+        return logit_diff(self.model, self.blocks, self.sites, "clean", batch, masking)
 
     def ones(self) -> list[Tensor]:
         return [torch.ones(s.sae.cfg.n_latents, device=s.sae.W_dec.device) for s in self.sites]
@@ -79,7 +79,7 @@ def attributions(lens: Lens, train: list[Batch], steps: int) -> list[Tensor]:
             for alpha in alphas:
                 keep = [torch.full_like(k, alpha, requires_grad=True) for k in lens.ones()]
                 masking = Masking(keep, start)
-                ld = logit_diff(lens.model, lens.blocks, lens.sites, batch.clean, batch, masking)
+                ld = logit_diff(lens.model, lens.blocks, lens.sites, "clean", batch, masking)
                 grads = torch.autograd.grad(ld.sum(), keep)
                 for score, grad in zip(scores, grads):
                     score += grad / (len(alphas) * n_pairs)
