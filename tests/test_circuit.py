@@ -12,9 +12,11 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from pipeline.cache.normalize import Normalizer
+from pipeline.circuit.config import CircuitConfig
 from pipeline.circuit.measures import baseline, measure
 from pipeline.circuit.methods import Lens, train_mask
 from pipeline.circuit.spliced import Batch, Masking, Site, ablation_values, batches, logit_diff
+from pipeline.circuit.stage import circuit
 from pipeline.circuit.tasks import NAMES, VERBS, Pair, encode, generate, read_jsonl
 from pipeline.cli import app
 from pipeline.extract.stage import extract
@@ -195,7 +197,7 @@ def test_mask_finds_a_planted_latent(tiny_llama: Path) -> None:
     site, pairs = planted(model, blocks)
     train, test = batches(pairs[:12], 12, set(), CPU), batches(pairs[12:], 12, set(), CPU)
     lens = Lens(model, blocks, [site], ablation_values(model, blocks, [site], train, "mean"))
-    logits = train_mask(lens, train, lam=0.02, steps=60, lr=0.1, t_max=100.0)
+    logits = train_mask(lens, train, lam=0.02, steps=60, lr=0.1, t_max=100.0, seed=0)
     circuit = [m > 0 for m in logits]
     score = measure(lens, test, baseline(lens, test), circuit)
     assert bool(circuit[0][0]), circuit
@@ -257,15 +259,31 @@ def test_cli_writes_json_csv_safetensors_and_html_only(runs: list[str], tmp_path
     found = json.loads((out / "circuit.json").read_text())
     assert found["layers"] == [1, 2] and {c["method"] for c in found["circuits"]} == {"mask", "ig", "attrib"}
     assert set(load_file(out / "scores.safetensors")) == {
-        "mask/0.01/L1",
-        "mask/0.01/L2",
+        "mask/0.01/seed0/L1",
+        "mask/0.01/seed0/L2",
         "ig/L1",
         "ig/L2",
         "attrib/L1",
         "attrib/L2",
     }
     rows = (out / "curve.csv").read_text().splitlines()
-    assert rows[0] == "method,param,size,per_layer,faithfulness,completeness" and len(rows) == 1 + 1 + 2 + 2
+    assert rows[0] == "method,param,seed,size,per_layer,faithfulness,completeness" and len(rows) == 1 + 1 + 2 + 2
+
+
+def test_a_second_seed_reruns_the_mask_and_reports_the_overlap(runs: list[str], tmp_path: Path) -> None:
+    settings = {"task": "sva", "pairs": 16, "method": ["mask"], "lambdas": [0.01], "steps": 6, "lr": 0.5}
+    cfg = CircuitConfig(runs=runs, seeds=[0, 1], device="cpu", cache_root=str(tmp_path), **settings)  # type: ignore[arg-type]
+    out = circuit(cfg).local()
+    found = json.loads((out / "circuit.json").read_text())
+    by_seed = {c["seed"]: c for c in found["circuits"]}
+    assert sorted(by_seed) == [0, 1] and found["circuit"]["seed"] == 0
+    first, second = ({(layer, i) for layer, ids in by_seed[s]["latents"].items() for i in ids} for s in (0, 1))
+    (overlap,) = found["stability"]["mask_seeds"]
+    assert overlap["seeds"] == [0, 1] and overlap["sizes"] == [len(first), len(second)]
+    assert overlap["jaccard"] == round(len(first & second) / len(first | second), 4) < 1
+    scores = load_file(out / "scores.safetensors")
+    assert not torch.equal(scores["mask/0.01/seed0/L1"], scores["mask/0.01/seed1/L1"])
+    assert [row.split(",")[2] for row in (out / "curve.csv").read_text().splitlines()[1:]] == ["0", "1"]
 
 
 def test_stage_metrics_name_the_output_folder_relative_to_the_cache_root(

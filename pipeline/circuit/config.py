@@ -19,7 +19,11 @@ class CircuitConfig:
     task: str = setting("sva", "sva | ioi | code | a JSONL file of contrastive pairs")
     pairs: int = setting(64, "pairs a built-in task generates (train and test together)")
     test_share: float = setting(0.5, "share of the pairs held out to measure the circuits on")
-    seed: int = setting(0, "seed of the pair generation and the train/test split")
+    seed: int = setting(0, "seed of the pair generation, the train/test split and the mask's initial noise")
+    seeds: list[int] = setting(
+        doc="mask: more seeds to re-run it with (own split and initial noise), for the overlap across seeds",
+        factory=list,
+    )
     method: list[str] = setting(doc="methods to run: mask, ig, attrib", factory=lambda: list(METHODS))
     lambdas: list[float] = setting(
         doc="mask: sparsity weights, one circuit each (larger = fewer latents)",

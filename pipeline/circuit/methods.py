@@ -24,6 +24,7 @@ from pipeline.circuit.spliced import Batch, Masking, Site, logit_diff, patch_cod
 from pipeline.infra.console import progress_bar
 
 MASK_INIT = 1.0  # initial logit: soft mask sigmoid(1) = 0.73 at T = 1, every latent starts mostly kept
+INIT_NOISE = 0.1  # spread of the initial logits (about one Adam step): two seeds start from different masks
 
 
 class Lens(NamedTuple):
@@ -43,13 +44,20 @@ class Lens(NamedTuple):
         return [torch.ones(s.sae.cfg.n_latents, device=s.sae.W_dec.device) for s in self.sites]
 
 
-def train_mask(lens: Lens, train: list[Batch], lam: float, steps: int, lr: float, t_max: float) -> list[Tensor]:
-    """Per site the trained mask logits (N,); the circuit is where they are positive."""
+def train_mask(
+    lens: Lens, train: list[Batch], lam: float, steps: int, lr: float, t_max: float, seed: int
+) -> list[Tensor]:
+    """Per site the trained mask logits (N,), started at MASK_INIT plus noise drawn from ``seed``; the circuit
+    is where they are positive."""
     with torch.no_grad():
         full = [lens.ld(b, None) for b in train]  # (B,) each: every latent kept = the clean model
         empty = [lens.ld(b, [0 * k for k in lens.ones()]) for b in train]
     gap = max(float(torch.cat(full).mean() - torch.cat(empty).mean()), 1e-3)
-    logits = [torch.full_like(k, MASK_INIT, requires_grad=True) for k in lens.ones()]
+    generator = torch.Generator().manual_seed(seed)
+    logits = [
+        (MASK_INIT + INIT_NOISE * torch.randn(k.shape, generator=generator)).to(k.device).requires_grad_()
+        for k in lens.ones()
+    ]
     optimizer = torch.optim.Adam(logits, lr=lr)
     n_pairs = sum(len(b.clean) for b in train)
     with progress_bar(f"mask lambda={lam:g}", steps, unit="step") as bar:
