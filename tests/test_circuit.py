@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 from pipeline.cache.normalize import Normalizer
 from pipeline.circuit.config import CircuitConfig
 from pipeline.circuit.measures import baseline, measure
-from pipeline.circuit.methods import Lens, train_mask
-from pipeline.circuit.spliced import Batch, Masking, Site, ablation_values, batches, logit_diff
+from pipeline.circuit.methods import Lens, attributions, train_mask
+from pipeline.circuit.spliced import Batch, Masking, Site, ablation_values, batches, logit_diff, patch_codes
 from pipeline.circuit.stage import circuit
 from pipeline.circuit.tasks import NAMES, VERBS, Pair, encode, generate, read_jsonl
 from pipeline.cli import app
@@ -153,6 +153,21 @@ def test_the_masked_model_with_a_stem_equals_the_whole_forward(lensed: tuple, mo
     assert (fast_grads[0] != 0).any()
 
 
+def test_ig_layer_scores_add_up_to_each_layer_patched_alone(lensed: tuple) -> None:
+    """Completeness of integrated gradients, layer by layer: a site's ig_layer scores sum to what the logit
+    difference loses when that site alone takes the patch run's code (the other sites live)."""
+    model, blocks, sites, batch = lensed
+    lens = Lens(model, blocks, sites, [])
+    scores = attributions(lens, [batch], steps=24, per_site=True)
+    start = patch_codes(model, blocks, sites, batch)
+    with torch.no_grad():
+        clean = float(logit_diff(model, blocks, sites, "clean", batch).mean())
+        for i, score in enumerate(scores):
+            keep = [torch.zeros_like(k) if j == i else k for j, k in enumerate(lens.ones())]
+            alone = float(logit_diff(model, blocks, sites, "clean", batch, Masking(keep, start)).mean())
+            assert float(score.sum()) == pytest.approx(clean - alone, rel=0.03), sites[i].layer
+
+
 def planted(model: torch.nn.Module, blocks: torch.nn.ModuleList) -> tuple[Site, list[Pair]]:
     """An SAE at layer 2 whose latent 0 reads what tells the clean prompts from the patch ones (their last
     token), and answers chosen as the tokens that latent raises and lowers most: the task runs through it."""
@@ -243,7 +258,8 @@ def test_a_bad_task_line_is_one_clear_error(tiny_llama: Path, tmp_path: Path, li
 
 
 def test_cli_writes_json_csv_safetensors_and_html_only(runs: list[str], tmp_path: Path) -> None:
-    args = ["circuit", *runs, "--task", "sva", "--pairs", "16", "--method", "mask,ig,attrib", "--lambdas", "0.01"]
+    args = ["circuit", *runs, "--task", "sva", "--pairs", "16", "--method", "mask,ig,ig_layer,attrib"]
+    args += ["--lambdas", "0.01"]
     args += ["--steps", "4", "--ig-steps", "2", "--sizes", "1,4", "--cache-root", str(tmp_path), "--device", "cpu"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -257,17 +273,24 @@ def test_cli_writes_json_csv_safetensors_and_html_only(runs: list[str], tmp_path
         "scores.safetensors",
     ]
     found = json.loads((out / "circuit.json").read_text())
-    assert found["layers"] == [1, 2] and {c["method"] for c in found["circuits"]} == {"mask", "ig", "attrib"}
+    assert found["layers"] == [1, 2] and {c["method"] for c in found["circuits"]} == {
+        "mask",
+        "ig",
+        "ig_layer",
+        "attrib",
+    }
     assert set(load_file(out / "scores.safetensors")) == {
         "mask/0.01/seed0/L1",
         "mask/0.01/seed0/L2",
         "ig/L1",
         "ig/L2",
+        "ig_layer/L1",
+        "ig_layer/L2",
         "attrib/L1",
         "attrib/L2",
     }
     rows = (out / "curve.csv").read_text().splitlines()
-    assert rows[0] == "method,param,seed,size,per_layer,faithfulness,completeness" and len(rows) == 1 + 1 + 2 + 2
+    assert rows[0] == "method,param,seed,size,per_layer,faithfulness,completeness" and len(rows) == 1 + 1 + 2 + 2 + 2
 
 
 def test_a_second_seed_reruns_the_mask_and_reports_the_overlap(runs: list[str], tmp_path: Path) -> None:

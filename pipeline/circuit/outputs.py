@@ -34,7 +34,7 @@ class Found(NamedTuple):
     """One circuit of one method."""
 
     method: str
-    param: float  # mask: lambda; ig / attrib: the size cut
+    param: float  # mask: lambda; ig / ig_layer / attrib: the size cut
     seed: int  # of the train/test split it was found and measured on (and of the mask's initial noise)
     circuit: list[Tensor]  # per site, bool (N,)
     scores: list[Tensor]  # per site, (N,): mask logits or attribution scores

@@ -167,9 +167,9 @@ def masks(cfg: CircuitConfig, part: Split) -> list[Found]:
 def find(cfg: CircuitConfig, part: Split) -> list[Found]:
     """Every method's circuits on one split, measured on its test batches."""
     found = masks(cfg, part) if "mask" in cfg.method else []
-    for method, steps in (("ig", cfg.ig_steps), ("attrib", 1)):
+    for method, steps in (("ig", cfg.ig_steps), ("ig_layer", cfg.ig_steps), ("attrib", 1)):
         if method in cfg.method:
-            scores = attributions(part.lens, part.train, steps)
+            scores = attributions(part.lens, part.train, steps, per_site=method == "ig_layer")
             for size, chosen in top_circuits(scores, cfg.sizes):
                 score = measure(part.lens, part.test, part.base, chosen)
                 found.append(Found(method, size, part.seed, chosen, scores, score))
