@@ -32,6 +32,7 @@ def circuit(
     pairs: Annotated[int | None, opt(CircuitConfig, "pairs")] = None,
     test_share: Annotated[float | None, opt(CircuitConfig, "test_share")] = None,
     seed: Annotated[int | None, opt(CircuitConfig, "seed")] = None,
+    seeds: Annotated[str | None, opt(CircuitConfig, "seeds")] = None,
     ablation: Annotated[str | None, opt(CircuitConfig, "ablation")] = None,
     steps: Annotated[int | None, opt(CircuitConfig, "steps")] = None,
     lr: Annotated[float | None, opt(CircuitConfig, "lr")] = None,
@@ -55,6 +56,7 @@ def circuit(
         lambdas=_numbers(lambdas, float, "--lambdas"),
         sizes=_numbers(sizes, int, "--sizes"),
         layers=_numbers(layers, int, "--layers"),
+        seeds=_numbers(seeds, int, "--seeds"),
     )
     cfg = build_config(CircuitConfig, params_of(params), "circuit", overrides)
     typer.echo(run_circuit(cfg).url)

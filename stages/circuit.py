@@ -1,6 +1,7 @@
 """DVC stage `circuit`: params [circuit] + cache/fit.json -> cache/circuits/<task>-<hash>/ and the metrics
 cache/circuit.json. The TopK runs of the fit receipt are the SAEs (the first run of each layer); RouteSAE
-runs are skipped with a note."""
+runs are skipped with a note. The metrics name the output folder relative to the cache root, so
+`dvc metrics diff` compares results, not the checkouts (or `dvc exp` temp folders) they ran in."""
 
 from __future__ import annotations
 
@@ -15,6 +16,11 @@ from pipeline.infra.receipts import read_receipt, write_receipt
 from pipeline.sae.folder import read_cfg
 
 PARAMS = "params.yaml"
+
+
+def relative_out(out: Folder, cfg: CircuitConfig) -> str:
+    """The output folder as params.yaml places it: ``out`` when set, else its path below the cache root."""
+    return cfg.out or f"circuits/{out.name}"
 
 
 def main() -> None:
@@ -34,7 +40,7 @@ def main() -> None:
     write_receipt(
         "circuit",
         {
-            "out": out.url,
+            "out": relative_out(out, cfg),
             "task": cfg.task,
             "solved": found["solved"],
             "method": chosen["method"],

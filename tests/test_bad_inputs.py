@@ -152,6 +152,7 @@ CASES = [
     ("circuit: layer without a run", "circuit {run} --layers 3", 2, "have no run among those given"),
     ("circuit: unknown method", "circuit {run} --method mask,shap", 2, "unknown --method shap"),
     ("circuit: unknown ablation", "circuit {run} --ablation resample", 2, "unknown --ablation 'resample'"),
+    ("circuit: seeds without the mask", "circuit {run} --method ig --seeds 0,1", 2, "re-runs the mask method"),
     ("circuit: negative lambda", "circuit {run} --lambdas=-1", 2, "must be one or more non-negative numbers"),
     ("circuit: not a number list", "circuit {run} --lambdas x", 2, "must be comma-separated floats"),
     ("circuit: zero steps", "circuit {run} --steps 0", 2, "--sizes must be at least 1"),

@@ -12,9 +12,11 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from pipeline.cache.normalize import Normalizer
+from pipeline.circuit.config import CircuitConfig
 from pipeline.circuit.measures import baseline, measure
-from pipeline.circuit.methods import Lens, train_mask
-from pipeline.circuit.spliced import Batch, Masking, Site, ablation_values, batches, logit_diff
+from pipeline.circuit.methods import Lens, attributions, train_mask
+from pipeline.circuit.spliced import Batch, Masking, Site, ablation_values, batches, logit_diff, patch_codes
+from pipeline.circuit.stage import circuit
 from pipeline.circuit.tasks import NAMES, VERBS, Pair, encode, generate, read_jsonl
 from pipeline.cli import app
 from pipeline.extract.stage import extract
@@ -23,6 +25,7 @@ from pipeline.fit.stage import fit
 from pipeline.infra.errors import UserError
 from pipeline.llm.hooks import replacing, run_to_layers
 from pipeline.llm.model import load_tokenizer, resolve_model
+from pipeline.llm.replay import resume, stem
 from pipeline.sae.subject import load_llm, load_subject
 from pipeline.sae.topk import SaeConfig, TopKSAE
 from tests.support.caches import tiny_extract_config
@@ -80,7 +83,7 @@ def test_every_latent_kept_is_the_spliced_model_and_the_clean_model(lensed: tupl
     ones = [torch.ones(s.sae.cfg.n_latents) for s in sites]
     means = ablation_values(model, blocks, sites, [batch], "mean")
     with torch.no_grad():
-        kept = logit_diff(model, blocks, sites, batch.clean, batch, Masking(ones, means))
+        kept = logit_diff(model, blocks, sites, "clean", batch, Masking(ones, means))
     torch.testing.assert_close(kept, reference_ld(model, blocks, batch, {}), atol=1e-6, rtol=0)  # clean model
     spliced = reference_ld(model, blocks, batch, independent_splice(sites, None, batch.real))
     torch.testing.assert_close(kept, spliced, atol=1e-4, rtol=1e-4)
@@ -96,10 +99,73 @@ def test_every_latent_ablated_is_the_mean_ablated_model(lensed: tuple) -> None:
     zeros = [torch.zeros(s.sae.cfg.n_latents) for s in sites]
     ours = ablation_values(model, blocks, sites, [batch], "mean")
     with torch.no_grad():
-        ablated = logit_diff(model, blocks, sites, batch.clean, batch, Masking(zeros, ours))
+        ablated = logit_diff(model, blocks, sites, "clean", batch, Masking(zeros, ours))
     expected = reference_ld(model, blocks, batch, independent_splice(sites, means, batch.real))
     torch.testing.assert_close(ablated, expected, atol=1e-4, rtol=1e-4)
     assert (ablated - reference_ld(model, blocks, batch, {})).abs().max() > 1e-2  # the ablation does something
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_gpt2"])
+def test_resuming_from_a_stem_equals_the_full_forward(name: str, request: pytest.FixtureRequest) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.llm.model import find_blocks
+
+    model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(name)).eval()
+    blocks = find_blocks(model)
+    tokens = torch.randint(5, 500, (3, 9), generator=torch.Generator().manual_seed(0))  # (B, T)
+    edits = {1: lambda h: h + torch.sin(3 * h), 3: lambda h: h * 1.5}  # above the stem's layer, nonlinear
+    with torch.no_grad(), replacing(blocks, edits):
+        full = model.base_model(input_ids=tokens, use_cache=False).last_hidden_state  # (B, T, D)
+    start = stem(model, blocks, tokens, 1)
+    assert start is not None
+    below = []
+    handle = blocks[0].register_forward_pre_hook(lambda *args: below.append(1))
+    try:
+        with torch.no_grad(), replacing(blocks, edits):
+            resumed = resume(model, blocks, start)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(resumed, full, atol=1e-5, rtol=1e-5)
+    assert not below  # block 0 did not run again
+
+
+def test_the_masked_model_with_a_stem_equals_the_whole_forward(lensed: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Logit differences and mask gradients from the blocks above the first site only equal those of the
+    whole model (the path taken for a model whose final norm is unknown)."""
+    model, blocks, sites, batch = lensed
+    generator = torch.Generator().manual_seed(5)
+    keep = [torch.rand(s.sae.cfg.n_latents, generator=generator).requires_grad_() for s in sites]
+    masking = Masking(keep, ablation_values(model, blocks, sites, [batch], "mean"))
+
+    def run() -> tuple[torch.Tensor, tuple[torch.Tensor, ...], list]:
+        fresh = batch._replace(stems={})
+        ld = logit_diff(model, blocks, sites, "clean", fresh, masking)
+        return ld.detach(), torch.autograd.grad(ld.sum(), keep), list(fresh.stems.values())
+
+    fast, fast_grads, stems = run()
+    monkeypatch.setattr("pipeline.llm.replay.final_norm", lambda model: None)
+    whole, whole_grads, none = run()
+    assert [s.layer for s in stems] == [1] and none == [None]
+    torch.testing.assert_close(fast, whole, atol=1e-5, rtol=1e-5)
+    for a, b in zip(fast_grads, whole_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert (fast_grads[0] != 0).any()
+
+
+def test_ig_layer_scores_add_up_to_each_layer_patched_alone(lensed: tuple) -> None:
+    """Completeness of integrated gradients, layer by layer: a site's ig_layer scores sum to what the logit
+    difference loses when that site alone takes the patch run's code (the other sites live)."""
+    model, blocks, sites, batch = lensed
+    lens = Lens(model, blocks, sites, [])
+    scores = attributions(lens, [batch], steps=24, per_site=True)
+    start = patch_codes(model, blocks, sites, batch)
+    with torch.no_grad():
+        clean = float(logit_diff(model, blocks, sites, "clean", batch).mean())
+        for i, score in enumerate(scores):
+            keep = [torch.zeros_like(k) if j == i else k for j, k in enumerate(lens.ones())]
+            alone = float(logit_diff(model, blocks, sites, "clean", batch, Masking(keep, start)).mean())
+            assert float(score.sum()) == pytest.approx(clean - alone, rel=0.03), sites[i].layer
 
 
 def planted(model: torch.nn.Module, blocks: torch.nn.ModuleList) -> tuple[Site, list[Pair]]:
@@ -146,7 +212,7 @@ def test_mask_finds_a_planted_latent(tiny_llama: Path) -> None:
     site, pairs = planted(model, blocks)
     train, test = batches(pairs[:12], 12, set(), CPU), batches(pairs[12:], 12, set(), CPU)
     lens = Lens(model, blocks, [site], ablation_values(model, blocks, [site], train, "mean"))
-    logits = train_mask(lens, train, lam=0.02, steps=60, lr=0.1, t_max=100.0)
+    logits = train_mask(lens, train, lam=0.02, steps=60, lr=0.1, t_max=100.0, seed=0)
     circuit = [m > 0 for m in logits]
     score = measure(lens, test, baseline(lens, test), circuit)
     assert bool(circuit[0][0]), circuit
@@ -192,7 +258,8 @@ def test_a_bad_task_line_is_one_clear_error(tiny_llama: Path, tmp_path: Path, li
 
 
 def test_cli_writes_json_csv_safetensors_and_html_only(runs: list[str], tmp_path: Path) -> None:
-    args = ["circuit", *runs, "--task", "sva", "--pairs", "16", "--method", "mask,ig,attrib", "--lambdas", "0.01"]
+    args = ["circuit", *runs, "--task", "sva", "--pairs", "16", "--method", "mask,ig,ig_layer,attrib"]
+    args += ["--lambdas", "0.01"]
     args += ["--steps", "4", "--ig-steps", "2", "--sizes", "1,4", "--cache-root", str(tmp_path), "--device", "cpu"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -206,17 +273,57 @@ def test_cli_writes_json_csv_safetensors_and_html_only(runs: list[str], tmp_path
         "scores.safetensors",
     ]
     found = json.loads((out / "circuit.json").read_text())
-    assert found["layers"] == [1, 2] and {c["method"] for c in found["circuits"]} == {"mask", "ig", "attrib"}
+    assert found["layers"] == [1, 2] and {c["method"] for c in found["circuits"]} == {
+        "mask",
+        "ig",
+        "ig_layer",
+        "attrib",
+    }
     assert set(load_file(out / "scores.safetensors")) == {
-        "mask/0.01/L1",
-        "mask/0.01/L2",
+        "mask/0.01/seed0/L1",
+        "mask/0.01/seed0/L2",
         "ig/L1",
         "ig/L2",
+        "ig_layer/L1",
+        "ig_layer/L2",
         "attrib/L1",
         "attrib/L2",
     }
     rows = (out / "curve.csv").read_text().splitlines()
-    assert rows[0] == "method,param,size,per_layer,faithfulness,completeness" and len(rows) == 1 + 1 + 2 + 2
+    assert rows[0] == "method,param,seed,size,per_layer,faithfulness,completeness" and len(rows) == 1 + 1 + 2 + 2 + 2
+
+
+def test_a_second_seed_reruns_the_mask_and_reports_the_overlap(runs: list[str], tmp_path: Path) -> None:
+    settings = {"task": "sva", "pairs": 16, "method": ["mask"], "lambdas": [0.01], "steps": 6, "lr": 0.5}
+    cfg = CircuitConfig(runs=runs, seeds=[0, 1], device="cpu", cache_root=str(tmp_path), **settings)  # type: ignore[arg-type]
+    out = circuit(cfg).local()
+    found = json.loads((out / "circuit.json").read_text())
+    by_seed = {c["seed"]: c for c in found["circuits"]}
+    assert sorted(by_seed) == [0, 1] and found["circuit"]["seed"] == 0
+    first, second = ({(layer, i) for layer, ids in by_seed[s]["latents"].items() for i in ids} for s in (0, 1))
+    (overlap,) = found["stability"]["mask_seeds"]
+    assert overlap["seeds"] == [0, 1] and overlap["sizes"] == [len(first), len(second)]
+    assert overlap["jaccard"] == round(len(first & second) / len(first | second), 4) < 1
+    scores = load_file(out / "scores.safetensors")
+    assert not torch.equal(scores["mask/0.01/seed0/L1"], scores["mask/0.01/seed1/L1"])
+    assert [row.split(",")[2] for row in (out / "curve.csv").read_text().splitlines()[1:]] == ["0", "1"]
+
+
+def test_stage_metrics_name_the_output_folder_relative_to_the_cache_root(
+    runs: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stages import circuit as stage
+
+    monkeypatch.chdir(tmp_path)
+    settings = {"task": "sva", "pairs": 8, "method": ["mask"], "lambdas": [0.01], "steps": 2, "device": "cpu"}
+    Path("params.yaml").write_text(json.dumps({"circuit": settings}))  # JSON is YAML
+    Path("cache").mkdir()
+    Path("cache/fit.json").write_text(json.dumps({"stage": "fit", "runs": [{"path": run} for run in runs]}))
+    stage.main()
+    metrics = json.loads(Path("cache/circuit.json").read_text())
+    assert re.fullmatch(r"circuits/sva-[0-9a-f]{12}", metrics["out"]), metrics
+    assert Path("cache", metrics["out"], "circuit.json").is_file()
+    assert str(tmp_path) not in json.dumps(metrics)  # nothing that differs between checkouts
 
 
 @pytest.mark.slow  # loads SmolLM2's tokenizer (the GGUF file) to check the names of ioi

@@ -1,4 +1,4 @@
-"""Three ways to pick the latents a task needs.
+"""Four ways to pick the latents a task needs.
 
 mask    continuous sparsification: one real-valued logit m per latent per site, soft mask
         sigmoid(m * T) with T = t_max ** progress rising over training, loss
@@ -8,8 +8,11 @@ mask    continuous sparsification: one real-valued logit m per latent per site, 
 ig      integrated gradients of the logit difference along the path that moves every site's latents from
         the patch run's code to the clean run's together (the kept share goes 0 -> 1 at all sites; downstream
         codes are computed live); score = (z_clean - z_patch) x mean gradient, summed over positions.
+ig_layer  the same path one site at a time, every other site's latents left live (clean upstream, responding
+        downstream), as Marks et al. (2024) attribute each submodule: one path per site, so a site's scores do
+        not carry the other sites' move (costs ig x the number of sites).
 attrib  the same at the clean end only (one gradient): attribution patching.
-ig and attrib rank latents by score (largest first: the latents that raise the clean answer); the top N
+ig, ig_layer and attrib rank latents by score (largest first: the latents that raise the clean answer); the top N
 for each N in ``sizes`` are their circuits.
 """
 
@@ -24,6 +27,7 @@ from pipeline.circuit.spliced import Batch, Masking, Site, logit_diff, patch_cod
 from pipeline.infra.console import progress_bar
 
 MASK_INIT = 1.0  # initial logit: soft mask sigmoid(1) = 0.73 at T = 1, every latent starts mostly kept
+INIT_NOISE = 0.1  # spread of the initial logits (about one Adam step): two seeds start from different masks
 
 
 class Lens(NamedTuple):
@@ -37,19 +41,26 @@ class Lens(NamedTuple):
     def ld(self, batch: Batch, keep: list[Tensor] | None) -> Tensor:
         """(B,) logit differences on the clean prompts with each site's latents kept by ``keep``."""
         masking = Masking(keep, self.ablate) if keep is not None else None
-        return logit_diff(self.model, self.blocks, self.sites, batch.clean, batch, masking)
+        return logit_diff(self.model, self.blocks, self.sites, "clean", batch, masking)
 
     def ones(self) -> list[Tensor]:
         return [torch.ones(s.sae.cfg.n_latents, device=s.sae.W_dec.device) for s in self.sites]
 
 
-def train_mask(lens: Lens, train: list[Batch], lam: float, steps: int, lr: float, t_max: float) -> list[Tensor]:
-    """Per site the trained mask logits (N,); the circuit is where they are positive."""
+def train_mask(
+    lens: Lens, train: list[Batch], lam: float, steps: int, lr: float, t_max: float, seed: int
+) -> list[Tensor]:
+    """Per site the trained mask logits (N,), started at MASK_INIT plus noise drawn from ``seed``; the circuit
+    is where they are positive."""
     with torch.no_grad():
         full = [lens.ld(b, None) for b in train]  # (B,) each: every latent kept = the clean model
         empty = [lens.ld(b, [0 * k for k in lens.ones()]) for b in train]
     gap = max(float(torch.cat(full).mean() - torch.cat(empty).mean()), 1e-3)
-    logits = [torch.full_like(k, MASK_INIT, requires_grad=True) for k in lens.ones()]
+    generator = torch.Generator().manual_seed(seed)
+    logits = [
+        (MASK_INIT + INIT_NOISE * torch.randn(k.shape, generator=generator)).to(k.device).requires_grad_()
+        for k in lens.ones()
+    ]
     optimizer = torch.optim.Adam(logits, lr=lr)
     n_pairs = sum(len(b.clean) for b in train)
     with progress_bar(f"mask lambda={lam:g}", steps, unit="step") as bar:
@@ -67,22 +78,27 @@ def train_mask(lens: Lens, train: list[Batch], lam: float, steps: int, lr: float
     return [m.detach() for m in logits]
 
 
-def attributions(lens: Lens, train: list[Batch], steps: int) -> list[Tensor]:
+def attributions(lens: Lens, train: list[Batch], steps: int, per_site: bool = False) -> list[Tensor]:
     """Per site (N,) integrated-gradient scores over ``steps`` points of the patch -> clean path, summed over
-    positions and averaged over pairs; ``steps`` = 1 gives attribution patching (the clean end only)."""
+    positions and averaged over pairs; ``steps`` = 1 gives attribution patching (the clean end only).
+    ``per_site``: one path per site, the others left live (ig_layer), instead of all sites moving together."""
     alphas = [1.0] if steps == 1 else [(i + 0.5) / steps for i in range(steps)]
     scores = [torch.zeros_like(k) for k in lens.ones()]
     n_pairs = sum(len(b.clean) for b in train)
-    with progress_bar("ig" if steps > 1 else "attrib", len(train) * len(alphas), unit="pass") as bar:
+    moves = [[i] for i in range(len(scores))] if per_site else [list(range(len(scores)))]
+    name = "attrib" if steps == 1 else "ig_layer" if per_site else "ig"
+    with progress_bar(name, len(train) * len(moves) * len(alphas), unit="pass") as bar:
         for batch in train:
             start = patch_codes(lens.model, lens.blocks, lens.sites, batch)  # (B, T, N) per site
-            for alpha in alphas:
-                keep = [torch.full_like(k, alpha, requires_grad=True) for k in lens.ones()]
-                masking = Masking(keep, start)
-                ld = logit_diff(lens.model, lens.blocks, lens.sites, batch.clean, batch, masking)
-                grads = torch.autograd.grad(ld.sum(), keep)
-                for score, grad in zip(scores, grads):
-                    score += grad / (len(alphas) * n_pairs)
+            for moved, alpha in ((m, a) for m in moves for a in alphas):
+                keep = [
+                    torch.full_like(k, alpha, requires_grad=True) if i in moved else k
+                    for i, k in enumerate(lens.ones())
+                ]
+                ld = logit_diff(lens.model, lens.blocks, lens.sites, "clean", batch, Masking(keep, start))
+                grads = torch.autograd.grad(ld.sum(), [keep[i] for i in moved])
+                for i, grad in zip(moved, grads):
+                    scores[i] += grad / (len(alphas) * n_pairs)
                 bar.advance(0, 1)
     return scores
 

@@ -4,9 +4,9 @@ circuit.json        the chosen circuit (the smallest with faithfulness >= 0.8, e
                     its latents per layer with their score and, where the run was interpreted, their
                     top tokens, explanation and a link into the feature report; every other circuit
                     by method; baseline, stability, wall time, settings
-curve.csv           method, param (lambda or size), size, per-layer sizes, faithfulness, completeness
-curve.png           faithfulness against circuit size, one line per method
-scores.safetensors  per method and layer the latent scores (mask: the trained logits, one per lambda)
+curve.csv           method, param (lambda or size), seed, size, per-layer sizes, faithfulness, completeness
+curve.png           faithfulness against circuit size, one line per method (and per seed of the mask)
+scores.safetensors  per method and layer the latent scores (mask: the trained logits, one per lambda and seed)
 index.html          the chosen circuit's latents, linked to the feature reports
 """
 
@@ -34,7 +34,8 @@ class Found(NamedTuple):
     """One circuit of one method."""
 
     method: str
-    param: float  # mask: lambda; ig / attrib: the size cut
+    param: float  # mask: lambda; ig / ig_layer / attrib: the size cut
+    seed: int  # of the train/test split it was found and measured on (and of the mask's initial noise)
     circuit: list[Tensor]  # per site, bool (N,)
     scores: list[Tensor]  # per site, (N,): mask logits or attribution scores
     score: Score
@@ -86,37 +87,45 @@ def latent_rows(best: Found, subjects: list[Subject], cache_root: str) -> list[d
     return rows
 
 
-def write_outputs(out: Folder, subjects: list[Subject], found: list[Found], facts: dict[str, Any], root: str) -> None:
-    """Every output file; circuit.json last, so a folder with it is complete."""
+def write_outputs(
+    out: Folder, subjects: list[Subject], found: list[Found], reruns: list[Found], facts: dict[str, Any], root: str
+) -> None:
+    """Every output file; circuit.json last, so a folder with it is complete. ``reruns`` (the mask on further
+    seeds) join the curve, the scores and the list of circuits, never the choice of the circuit."""
     layers = [s.layers[0] for s in subjects]
     best = chosen(found)
     rows = latent_rows(best, subjects, root)
+    every = found + reruns
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["method", "param", "size", "per_layer", "faithfulness", "completeness"])
-    for f in found:
+    writer.writerow(["method", "param", "seed", "size", "per_layer", "faithfulness", "completeness"])
+    for f in every:
         per_layer = " ".join(f"L{k}:{v}" for k, v in f.score.per_layer.items())
+        score = f.score
         writer.writerow(
-            [f.method, f.param, f.score.size, per_layer, f"{f.score.faithfulness:.4f}", f"{f.score.completeness:.4f}"]
+            [f.method, f.param, f.seed, score.size, per_layer, f"{score.faithfulness:.4f}", f"{score.completeness:.4f}"]
         )
     out.write_bytes(buffer.getvalue().encode(), "curve.csv")
     tensors = {
-        f"{f.method}/{f.param:g}/L{layer}" if f.method == "mask" else f"{f.method}/L{layer}": s.contiguous().cpu()
-        for f in found
+        f"mask/{f.param:g}/seed{f.seed}/L{layer}"
+        if f.method == "mask"
+        else f"{f.method}/L{layer}": s.contiguous().cpu()
+        for f in every
         for layer, s in zip(layers, f.scores)
     }
     out.write_bytes(save(tensors), "scores.safetensors")
-    out.write_bytes(curve_png(found), "curve.png")
+    out.write_bytes(curve_png(every), "curve.png")
     out.write_bytes(page(best, rows, facts, out).encode(), "index.html")
-    summary = {"method": best.method, "param": best.param, **best.score._asdict(), "latents": rows}
+    summary = {"method": best.method, "param": best.param, "seed": best.seed, **best.score._asdict(), "latents": rows}
     circuits = [
         {
             "method": f.method,
             "param": f.param,
+            "seed": f.seed,
             **f.score._asdict(),
             "latents": {str(layer): c.nonzero().flatten().tolist() for layer, c in zip(layers, f.circuit)},
         }
-        for f in found
+        for f in every
     ]
     out.write_json(
         {**facts, "layers": layers, "runs": [s.folder.url for s in subjects], "circuit": summary, "circuits": circuits},
@@ -131,9 +140,13 @@ def curve_png(found: list[Found]) -> bytes:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
-    for method in dict.fromkeys(f.method for f in found):
-        points = sorted((max(f.score.size, 1), f.score.faithfulness) for f in found if f.method == method)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+    lines = dict.fromkeys((f.method, f.seed) for f in found)
+    for method, seed in lines:
+        points = sorted(
+            (max(f.score.size, 1), f.score.faithfulness) for f in found if (f.method, f.seed) == (method, seed)
+        )
+        label = f"{method} (seed {seed})" if len({s for m, s in lines if m == method}) > 1 else method
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
     ax.axhline(GOOD, color="grey", linestyle=":", linewidth=1)
     ax.set_xscale("log")
     ax.set_xlabel("circuit size (latents)")

@@ -9,12 +9,16 @@ value with its ablated value a (its mean over the patch prompts, zero, or the pa
 Only the change in the code reaches the residual stream, so the SAE's reconstruction error x - x_hat
 stays in as an always-on node: with every latent kept, z' = z and h' = h exactly (the clean model).
 Special-token positions (those the cache skipped) are left alone. Hooks are removed in ``finally``.
+
+Nothing below the first site changes between forwards on the same prompts, so each batch runs the model
+once per prompt set up to the first site (its stem, kept in the batch) and every later forward runs
+only the blocks from there up (:mod:`pipeline.llm.replay`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple, cast
+from typing import Any, Literal, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +26,7 @@ from torch import Tensor, nn
 from pipeline.cache.normalize import Normalizer
 from pipeline.circuit.tasks import Pair
 from pipeline.llm.hooks import replacing
+from pipeline.llm.replay import Stem, resume, stem
 from pipeline.sae.topk import TopKSAE
 
 
@@ -42,6 +47,10 @@ class Batch(NamedTuple):
     real: Tensor  # (B, T) positions the SAEs read (not special tokens)
     clean_answer: Tensor  # (B,)
     patch_answer: Tensor  # (B,)
+    stems: dict[tuple[str, int], Stem | None]  # (side, first site layer) -> the forward below it, made once
+
+
+Side = Literal["clean", "patch"]
 
 
 class Masking(NamedTuple):
@@ -71,6 +80,7 @@ def batches(pairs: list[Pair], size: int, special: set[int], device: torch.devic
                     real,
                     torch.tensor([p.clean_answer for p in chunk], device=device),
                     torch.tensor([p.patch_answer for p in chunk], device=device),
+                    {},
                 )
             )
     return out
@@ -99,17 +109,25 @@ def _site_edit(site: Site, real: Tensor, keep: Tensor | None, ablate: Tensor | N
     return edit
 
 
+def stem_of(model: nn.Module, blocks: nn.ModuleList, layer: int, batch: Batch, side: Side) -> Stem | None:
+    """``side``'s forward below block ``layer``, computed on first use (with no edit in place) and kept."""
+    key = (side, layer)
+    if key not in batch.stems:
+        batch.stems[key] = stem(model, blocks, batch.clean if side == "clean" else batch.patch, layer)
+    return batch.stems[key]
+
+
 def logit_diff(
     model: nn.Module,
     blocks: nn.ModuleList,
     sites: list[Site],
-    tokens: Tensor,
+    side: Side,
     batch: Batch,
     masking: Masking | None = None,
     record: list[list[Tensor]] | None = None,
 ) -> Tensor:
-    """logit(clean answer) - logit(patch answer) at the last position of ``tokens`` (B,), with ``masking``
-    applied (None: every latent kept); ``record`` collects each site's code (M, N) as it ran."""
+    """logit(clean answer) - logit(patch answer) at the last position of ``side``'s prompts (B,), with
+    ``masking`` applied (None: every latent kept); ``record`` collects each site's code (M, N) as it ran."""
     codes: list[list[Tensor]] = record if record is not None else [[] for _ in sites]
     edits: dict[int, Callable[[Tensor], Tensor]] = {
         site.layer: _site_edit(
@@ -121,12 +139,27 @@ def logit_diff(
         )
         for i, site in enumerate(sites)
     }
+    start = stem_of(model, blocks, min(s.layer for s in sites), batch, side)
     with replacing(blocks, edits):
-        hidden = cast(nn.Module, model.base_model)(input_ids=tokens, use_cache=False).last_hidden_state  # (B, T, D)
-    head = cast(nn.Module, model.get_output_embeddings())  # type: ignore[operator]
-    logits = head(hidden[:, -1]).float()  # (B, V)
-    rows = torch.arange(len(tokens), device=tokens.device)
-    return logits[rows, batch.clean_answer] - logits[rows, batch.patch_answer]
+        if start is not None:  # only the blocks from the first site up
+            hidden = resume(model, blocks, start)  # (B, T, D)
+        else:  # a final norm we do not know: the whole model
+            tokens = batch.clean if side == "clean" else batch.patch
+            hidden = cast(nn.Module, model.base_model)(input_ids=tokens, use_cache=False).last_hidden_state
+    logits = answer_logits(model, hidden[:, -1], batch)  # (B, 2)
+    return logits[:, 0] - logits[:, 1]
+
+
+def answer_logits(model: nn.Module, last: Tensor, batch: Batch) -> Tensor:
+    """(B, 2) float32 logits of each pair's clean and patch answer from the last hidden state ``last`` (B, D):
+    only those two rows of the output embedding, not the whole vocabulary (a large share of a small model's
+    weights read per forward)."""
+    head = cast(nn.Linear, model.get_output_embeddings())  # type: ignore[operator]
+    answers = torch.stack([batch.clean_answer, batch.patch_answer], dim=1)  # (B, 2)
+    logits = (head.weight[answers] @ last.unsqueeze(-1)).squeeze(-1)  # (B, 2)
+    if head.bias is not None:
+        logits = logits + head.bias[answers]
+    return logits.float()
 
 
 def dense_positions(code: Tensor, real: Tensor) -> Tensor:
@@ -140,7 +173,7 @@ def dense_positions(code: Tensor, real: Tensor) -> Tensor:
 def patch_codes(model: nn.Module, blocks: nn.ModuleList, sites: list[Site], batch: Batch) -> list[Tensor]:
     """Each site's code on the patch prompts, position by position (B, T, N): the path start of `ig`."""
     record: list[list[Tensor]] = [[] for _ in sites]
-    logit_diff(model, blocks, sites, batch.patch, batch, None, record)
+    logit_diff(model, blocks, sites, "patch", batch, None, record)
     return [dense_positions(codes[0], batch.real) for codes in record]
 
 
@@ -153,5 +186,5 @@ def ablation_values(
         return [torch.zeros(s.sae.cfg.n_latents, device=s.sae.W_dec.device) for s in sites]
     record: list[list[Tensor]] = [[] for _ in sites]
     for batch in train:
-        logit_diff(model, blocks, sites, batch.patch, batch, None, record)
+        logit_diff(model, blocks, sites, "patch", batch, None, record)
     return [torch.cat(codes).mean(dim=0) for codes in record]
