@@ -234,3 +234,45 @@ def test_soft_routing_is_not_spliced(caches: dict[str, str], tmp_path: Path) -> 
         run_eval([run], tmp_path)
     (m,) = run_eval([run], tmp_path, metrics=["nmse"])
     assert "kl_per_token" not in m and abs(sum(m["routing_shares"].values()) - 1) < 1e-6
+
+
+def test_n_runs_cost_one_forward_below_the_layer_and_two_plus_n_above(
+    caches: dict[str, str], tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Block calls per batch: the blocks below the spliced layer run once (plus the one-batch replay check),
+    the blocks above it 2 + N times; the numbers equal those of whole forwards."""
+    import pipeline.evaluate.stage as evaluate_module
+
+    runs = [train(caches["standardize"], tmp_path / "saes", k=8, seed=s) for s in (0, 1, 2)]
+    whole = run_eval(runs, tmp_path / "whole", max_tokens=512)  # replay check passes on the tiny Llama
+    monkeypatch.setattr(evaluate_module, "replays_exactly", lambda *a: False)
+    assert [m["kl_per_token"] for m in run_eval(runs, tmp_path / "x", max_tokens=512)] == pytest.approx(
+        [m["kl_per_token"] for m in whole], rel=1e-5
+    )
+    monkeypatch.undo()
+    calls = {0: 0, 3: 0}
+    real = evaluate_module.load_llm
+
+    def counted(*args: object) -> tuple:
+        model, blocks = real(*args)
+        for i in calls:
+            blocks[i].register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+        return model, blocks
+
+    monkeypatch.setattr(evaluate_module, "load_llm", counted)
+    run_eval(runs, tmp_path / "counted", max_tokens=512)
+    batches = -(-len(ActivationCache.open(caches["standardize"]).heldout_sequences(512)[0]) // 4)
+    # the one-batch replay check adds a stem and a whole forward (both blocks) and one resume (block 3)
+    assert calls[0] == batches + 2
+    assert calls[3] == batches * (2 + len(runs)) + 3
+
+
+def test_a_model_replay_cannot_rebuild_runs_whole_forwards(tiny_llama: Path) -> None:
+    """Logits that are not head(final norm(h)) (here scaled, as a soft-capped model's are) fail the check."""
+    from pipeline.evaluate.splice import replays_exactly
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    ids = torch.randint(1, 500, (2, 16))
+    assert replays_exactly(model, find_blocks(model), ids, 2)
+    model.register_forward_hook(lambda m, a, out: out.__setitem__("logits", out.logits * 0.5) or out)
+    assert not replays_exactly(model, find_blocks(model), ids, 2)

@@ -16,6 +16,8 @@ from torch import Tensor, nn
 
 from pipeline.cache.normalize import Normalizer
 from pipeline.llm.hooks import replacing
+from pipeline.llm.replay import resume, stem
+from pipeline.llm.unembed import final_norm
 from pipeline.sae.route import RouteSAE
 from pipeline.sae.topk import TopKSAE
 
@@ -26,6 +28,41 @@ def logits_with(model: nn.Module, blocks: nn.ModuleList, tokens: Tensor, edits: 
     """Logits (B, T, V) of a forward in which block L's input h becomes ``edits[L](h)``."""
     with replacing(blocks, edits):
         return model(input_ids=tokens, use_cache=False).logits
+
+
+class Branches:
+    """One batch's forwards that differ only from ``layer`` up (clean, zeroed, each run spliced): the blocks
+    below ``layer`` run once, in the clean forward, and every edited forward resumes from there
+    (llm/replay.py). ``replay=False`` (a model whose output replay cannot rebuild) runs each one whole."""
+
+    def __init__(self, model: nn.Module, blocks: nn.ModuleList, tokens: Tensor, layer: int, replay: bool) -> None:
+        self.model, self.blocks, self.tokens = model, blocks, tokens
+        self.start = stem(model, blocks, tokens, layer) if replay else None
+        self.head = model.get_output_embeddings()  # type: ignore[operator]
+
+    def clean(self) -> Tensor:
+        """Logits (B, T, V) of the unedited forward."""
+        if self.start is None:
+            return logits_with(self.model, self.blocks, self.tokens, {})
+        return self.head(self.start.last)
+
+    def edited(self, edits: dict[int, Edit]) -> Tensor:
+        """Logits (B, T, V) with ``edits`` (at ``layer`` or above)."""
+        if self.start is None:
+            return logits_with(self.model, self.blocks, self.tokens, edits)
+        with replacing(self.blocks, edits):
+            return self.head(resume(self.model, self.blocks, self.start))
+
+
+def replays_exactly(model: nn.Module, blocks: nn.ModuleList, tokens: Tensor, layer: int) -> bool:
+    """Whether branching rebuilds this model's logits: clean and resumed-unedited logits equal a whole
+    forward's (a model with logit soft-capping or scaling, or a final norm replay does not know, fails)."""
+    if final_norm(model) is None:
+        return False
+    branches = Branches(model, blocks, tokens, layer, replay=True)
+    whole = logits_with(model, blocks, tokens, {})  # (B, T, V)
+    scale = whole.abs().max().clamp_min(1e-6)
+    return all(float((b - whole).abs().max() / scale) < 1e-4 for b in (branches.clean(), branches.edited({})))
 
 
 def _replace(h: Tensor, where: Tensor, values: Tensor) -> Tensor:

@@ -2,7 +2,8 @@
 
 Fast metrics read only the cache. Spliced metrics re-run the LLM on held-out sequences three ways
 (clean, SAE spliced in, residual stream zeroed) and compare logits; several runs at the same
-layer share one clean and one zeroed forward per batch.
+layer share one clean and one zeroed forward per batch, and the blocks below the layer run once per
+batch (splice.Branches): N runs cost 1 forward below the layer and 2 + N above it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from pipeline.evaluate.config import METRICS, SPLICES, EvaluateConfig
 from pipeline.evaluate.metrics import DEFINITIONS, ce_recovered
-from pipeline.evaluate.splice import logits_with, route_edits, topk_edits, zero_edits
+from pipeline.evaluate.splice import Branches, replays_exactly, route_edits, topk_edits, zero_edits
 from pipeline.infra.console import progress_bar, say
 from pipeline.infra.device import resolve_device
 from pipeline.infra.errors import UserError
@@ -145,11 +146,13 @@ def spliced_metrics(
         "ce_positions": 0,
         "sequences": len(tokens_np),
     }
+    layer = min(group[0].layers)  # every forward of the group differs only from here up
+    replay = replays_exactly(model, blocks, torch.from_numpy(tokens_np[:1]).long().to(device), layer)
     with progress_bar("evaluate", int(mask_np.sum()), unit="tok") as bar:
         for start in range(0, len(tokens_np), cfg.batch_size):
             tokens = torch.from_numpy(tokens_np[start : start + cfg.batch_size]).long().to(device)  # (B, T)
             mask = torch.from_numpy(mask_np[start : start + cfg.batch_size]).to(device)  # (B, T)
-            _batch(group, model, blocks, tokens, mask, cfg, sums, shared)
+            _batch(group, Branches(model, blocks, tokens, layer, replay), mask, cfg, sums, shared)
             bar.advance(0, int(mask.sum()))
     for s in group:
         ce = {
@@ -172,17 +175,16 @@ def spliced_metrics(
 
 def _batch(
     group: list[Subject],
-    model: torch.nn.Module,
-    blocks: torch.nn.ModuleList,
-    tokens: torch.Tensor,
+    branches: Branches,
     mask: torch.Tensor,
     cfg: EvaluateConfig,
     sums: dict[int, dict[str, float]],
     shared: dict[str, Any],
 ) -> None:
     """One batch of held-out sequences: clean, zeroed and every run's spliced forward."""
+    model, blocks, tokens = branches.model, branches.blocks, branches.tokens
     targets = mask[:, :-1] & mask[:, 1:]  # predict a real token from a real token
-    clean = logits_with(model, blocks, tokens, {})
+    clean = branches.clean()
     shared["ce_clean"] += float(ce_per_position(clean, tokens)[targets].sum())
     shared["kl_positions"] += int(mask.sum())
     shared["ce_positions"] += int(targets.sum())
@@ -192,7 +194,7 @@ def _batch(
         zero = zero_edits(first.layers, [mask & (choice == i) for i in range(len(first.layers))])
     else:
         zero = zero_edits(first.layers, [mask])
-    zeroed = logits_with(model, blocks, tokens, zero)
+    zeroed = branches.edited(zero)
     shared["ce_zero"] += float(ce_per_position(zeroed, tokens)[targets].sum())
     shared["kl_zero"] += float(kl_per_position(clean, zeroed)[mask].sum())
     for s in group:
@@ -201,7 +203,7 @@ def _batch(
             edits = route_edits(s.sae, s.normalizer, mask, choice, weight, cfg.infer_k, cfg.theta, undo)
         else:
             edits = topk_edits(s.sae, s.normalizer, s.layers[0], mask, cfg.infer_k, cfg.theta)
-        spliced = logits_with(model, blocks, tokens, edits)
+        spliced = branches.edited(edits)
         sums[id(s)]["kl"] += float(kl_per_position(clean, spliced)[mask].sum())
         sums[id(s)]["ce_spliced"] += float(ce_per_position(spliced, tokens)[targets].sum())
 

@@ -32,6 +32,7 @@ class Stem(NamedTuple):
     layer: int
     hidden: Tensor  # (B, T, D): the residual stream entering block ``layer``
     calls: list[Call]  # one per block from ``layer`` up
+    last: Tensor  # (B, T, D): the unedited forward's last hidden state, after the final norm
 
 
 @torch.no_grad()
@@ -52,11 +53,11 @@ def stem(model: nn.Module, blocks: nn.ModuleList, input_ids: Tensor, layer: int)
 
     handles = [blocks[i].register_forward_pre_hook(record, with_kwargs=True) for i in range(layer, len(blocks))]
     try:
-        cast(nn.Module, model.base_model)(input_ids=input_ids, use_cache=False)
+        last = cast(nn.Module, model.base_model)(input_ids=input_ids, use_cache=False).last_hidden_state
     finally:
         for handle in handles:
             handle.remove()
-    return Stem(layer, hidden[0], calls)
+    return Stem(layer, hidden[0], calls, last)
 
 
 def resume(model: nn.Module, blocks: nn.ModuleList, start: Stem) -> Tensor:
