@@ -2,7 +2,7 @@
 demo cache (SmolLM2 layer 12), each setting evaluated over every held-out row.
 
     python -m benchmarks.recipe                                  # the grid below, 2 epochs, 2 data seeds
-    python -m benchmarks.recipe --latents 4096 --lr 0,8e-3 --revive 0,0.05 --data-seeds 0 --write
+    python -m benchmarks.recipe --latents 4096 --lr 8e-3 --revive 0,0.2 --dead 8192 --write   # the demo's recipe
 
 Each dictionary size is one `sae-pipe fit` sweep (every lr x revive member from one read), then
 `sae-pipe evaluate --metrics nmse --max-tokens 0`. lr 0 is the automatic default. With
@@ -48,6 +48,7 @@ def run_grid(cache: str, latents: int, args: argparse.Namespace, out: Path) -> l
             k=args.k,
             epochs=args.epochs,
             data_seed=data_seed,
+            dead_tokens=args.dead,
             out=str(out),
             sweep={"lr": args.lr, "revive": args.revive},
         )
@@ -90,6 +91,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--latents", type=lambda s: [int(v) for v in s.split(",")], default=[1024, 4096, 16384])
     parser.add_argument("--lr", type=lambda s: [float(v) for v in s.split(",")], default=[0.0, 2e-3, 8e-3])
+    parser.add_argument("--dead", type=int, default=0, help="dead-latent threshold in tokens (0 = auto)")
     parser.add_argument("--revive", type=lambda s: [float(v) for v in s.split(",")], default=[0.0, 0.05])
     parser.add_argument("--data-seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1])
     parser.add_argument("--k", type=int, default=32)

@@ -265,6 +265,14 @@ def test_revive_brings_back_latents_auxk_cannot_reach(tmp_path: Path) -> None:
     assert alive_after(0.05) > 0.9
 
 
+def test_dead_threshold_scales_with_the_run() -> None:
+    from pipeline.fit.plan import auto_dead_tokens
+
+    assert auto_dead_tokens(FitConfig(epochs=2), 400_000) == 50_000  # the floor
+    assert auto_dead_tokens(FitConfig(epochs=2), 4_000_000) == 400_000
+    assert auto_dead_tokens(FitConfig(max_tokens=2_000_000), 40_000_000) == 100_000
+
+
 def test_route_log_records_shares_and_entropy(tmp_path: Path) -> None:
     folder = synthetic_cache(tmp_path, [1500, 1500], layers=(1, 2, 3), d=16)
     (run,) = fit(run_cfg(folder.url, tmp_path, arch="route", layer=None, latents=64, max_tokens=2048))

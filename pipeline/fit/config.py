@@ -45,7 +45,7 @@ class FitConfig:
     k: int = setting(32, "active latents per token")
     routing: str = setting("hard", "route: hard | soft")
     aggregate: str = setting("sum", "route: sum | mean of the routed layers as router input")
-    lr: float = setting(0.0, "peak learning rate (0 = auto: Adam 4e-3 x sqrt(16384 / latents), see fit/optim.py)")
+    lr: float = setting(0.0, "peak learning rate (0 = auto: Adam 2e-3 x sqrt(16384 / latents), see fit/optim.py)")
     optimizer: str = setting("adam", "adam | signum")
     betas: tuple[float, float] = setting((0.9, 0.999), "Adam betas (signum: betas[0] is the momentum)")
     schedule: str = setting("warmup-decay", "warmup-decay (5 % warmup, decay over the last 20 %) | constant")
@@ -54,10 +54,12 @@ class FitConfig:
     epochs: int = setting(0, "passes over the training split (0 = one; a larger budget needs --epochs)")
     seed: int = setting(0, "weight initialization")
     data_seed: int = setting(0, "shard order and shuffling (shared by all members of a sweep)")
-    dead_tokens: int = setting(8192, "a latent idle this many tokens is dead: AuxK and `revive` work on it")
+    dead_tokens: int = setting(
+        0, "a latent idle this many tokens is dead: AuxK and revive work on it (0 = auto: 1/20 of the run, >= 50,000)"
+    )
     k_aux: int = setting(0, "AuxK latents (0 = hidden size / 2)")
     aux_alpha: float = setting(1 / 32, "AuxK loss weight")
-    revive: float = setting(0.2, "per step, a dead latent's encoder bias rises by this x the mean k-th activation")
+    revive: float = setting(0.0, "per step, a dead latent's encoder bias rises by this x the mean k-th activation")
     route_balance: float = setting(
         0.0, "route: weight of a load-balancing loss on the router (not in the paper; 0 = off)"
     )
@@ -107,8 +109,6 @@ class Training:
                 "--batch-size must be positive; --lr (0 = auto), --max-tokens, --epochs, --route-balance and "
                 "--revive must be >= 0."
             )
-        if self.dead_tokens < 1:
-            raise UserError("--dead-tokens must be at least 1: the tokens a latent may stay idle before it is dead.")
 
     @classmethod
     def of(cls, cfg: FitConfig, **resolved: Any) -> Training:

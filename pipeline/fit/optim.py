@@ -33,14 +33,15 @@ class Signum(torch.optim.Optimizer):
 
 
 def auto_lr(optimizer: str, n_latents: int) -> float:
-    """Default peak lr: 4e-3 (Adam) or 5e-3 (Signum) at 16384 latents, times sqrt(16384 / latents).
+    """Default peak lr: 2e-3 (Adam) or 5e-3 (Signum) at 16384 latents, times sqrt(16384 / latents).
 
-    Adam, measured on the demo cache (SmolLM2 layer 12, k 32, 0.8M tokens, benchmarks/RESULTS.md): at
-    4096 latents 2e-3 / 4e-3 / 8e-3 reach FVU 0.134 / 0.119 / 0.116 on the 21k held-out tokens. Without
-    dead-latent revival the fastest rate left 13 % of latents silent there; with it (`revive`, on by
-    default) under 1 %, so the default takes the fastest. Signum's base is not re-measured.
+    Adam, measured on the demo cache (SmolLM2 layer 12, k 32, 0.8M tokens, benchmarks/recipe.py): at
+    4096 latents 2e-3 / 4e-3 / 8e-3 leave 0.3 / 1.4-2.1 / 13 % of latents silent on the 21k held-out
+    tokens at FVU 0.134 / 0.119 / 0.116; at 16384, 1e-3 / 2e-3 / 4e-3 give 3.1 / 6.6 / 29 % at FVU
+    0.133 / 0.111 / 0.101. The default takes the middle: a few tenths of FVU for 4-8x fewer dead
+    latents (the old 4e-3 base sat at the right-hand column). Signum's base is not re-measured.
     """
-    base = 4e-3 if optimizer == "adam" else 5e-3
+    base = 2e-3 if optimizer == "adam" else 5e-3
     return base * (16384 / n_latents) ** 0.5
 
 

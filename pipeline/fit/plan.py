@@ -82,6 +82,7 @@ def plan_run(cfg: FitConfig, cache: ActivationCache) -> RunPlan:
         cfg,
         lr=cfg.lr or auto_lr(cfg.optimizer, n_latents),
         k_aux=cfg.k_aux or d_in // 2,
+        dead_tokens=cfg.dead_tokens or auto_dead_tokens(cfg, cache.rows("train")),
     )
     record = {
         "sae": sae.to_dict(),
@@ -100,6 +101,18 @@ def plan_run(cfg: FitConfig, cache: ActivationCache) -> RunPlan:
     digest = hashlib.sha256(json.dumps(hashed, sort_keys=True, default=str).encode()).hexdigest()[:8]
     name = f"{cache.key.split('-L')[0]}-{cfg.arch}-{layer_span(layers)}-n{n_latents}-k{cfg.k}-{digest}"
     return RunPlan(cfg, sae, training, Folder.at(out_root(cfg)).child(name), record)
+
+
+def auto_dead_tokens(cfg: FitConfig, rows: int) -> int:
+    """1/20 of the run's planned tokens, at least 50,000: AuxK must engage within the run, also a short one.
+
+    A fixed threshold (sparsify: 10M tokens) never fires in a run shorter than itself; on the demo run
+    (0.8M tokens) the old 1M default left 16 % of latents dead with AuxK idle (benchmarks/RESULTS.md).
+    """
+    planned = rows * (cfg.epochs or 1)
+    if cfg.max_tokens:
+        planned = min(planned, cfg.max_tokens)
+    return max(planned // 20, 50_000)
 
 
 def out_root(cfg: FitConfig) -> str:
