@@ -24,8 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.recipe import RESULTS
-from benchmarks.report import write_table
+from benchmarks.report import RESULTS, write_table
 from pipeline.cache.backends import get_backend
 from pipeline.cache.compact import quantize
 from pipeline.cache.manifest import cache_key, finish_manifest, new_manifest

@@ -21,16 +21,13 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-from benchmarks.report import write_table
+from benchmarks.report import publish
 from pipeline.evaluate.config import EvaluateConfig
 from pipeline.evaluate.stage import evaluate
 from pipeline.sae.subject import load_llm, load_subject
-
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
 def bare_seconds(run: str, tokens: int, batch_size: int) -> tuple[float, int, int, int]:
@@ -88,10 +85,7 @@ def main() -> None:
             file=sys.stderr,
         )
     lines = table(statistics.median(bare), {n: statistics.median(v) for n, v in spent.items()}, real, layer, n_blocks)
-    print("\n".join(lines))
-    if args.write:
-        command = " ".join(["python -m benchmarks.bench_evaluate", *sys.argv[1:]])
-        write_table(RESULTS, "evaluate against a bare forward (issue 19)", command, lines)
+    publish(lines, "evaluate against a bare forward (issue 19)", "benchmarks.bench_evaluate", args.write)
 
 
 def table(bare: float, spent: dict[int, float], real: int, layer: int, n_blocks: int) -> list[str]:

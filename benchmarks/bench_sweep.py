@@ -28,8 +28,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.recipe import RESULTS
-from benchmarks.report import write_table
+from benchmarks.report import RESULTS, write_table
 from pipeline.fit import stage as fit_stage
 from pipeline.fit.config import FitConfig
 from pipeline.fit.stage import fit

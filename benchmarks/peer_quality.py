@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from benchmarks.child import own_peak_rss_mb, own_rss_mb, run_child
-from benchmarks.report import write_table
+from benchmarks.report import publish
 from benchmarks.run import training_rows
 from pipeline.cache.reader import ActivationCache
 from pipeline.evaluate.stage import DENSE
@@ -54,7 +54,6 @@ from pipeline.sae.folder import load_sae
 from pipeline.sae.quality import Reconstruction
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 HELD_BATCH = 4096  # held-out rows per forward
 OURS = "sae-pipe (params.yaml)"
 
@@ -222,10 +221,7 @@ def main() -> None:
         results = run_all(cache, scratch, args.peer_python)
         (scratch / "results.json").write_text(json.dumps(results, indent=1))
         lines = [*header(results, cache, (scratch / "train.npy").stat().st_size / 1e9), "", *table(results)]
-    print("\n".join(lines))
-    if args.write:
-        command = " ".join(["python -m benchmarks.peer_quality", *sys.argv[1:]])
-        write_table(RESULTS, "peer quality at equal tokens (issue 14)", command, lines)
+    publish(lines, "peer quality at equal tokens (issue 14)", "benchmarks.peer_quality", args.write)
 
 
 if __name__ == "__main__":

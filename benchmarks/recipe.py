@@ -17,14 +17,13 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import argparse
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.report import write_table
+from benchmarks.report import publish
 from pipeline.evaluate.config import EvaluateConfig
 from pipeline.evaluate.stage import evaluate
 from pipeline.extract.config import ExtractConfig
@@ -34,7 +33,6 @@ from pipeline.fit.stage import fit
 from pipeline.infra.params import build_config, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 
 
 def run_grid(cache: str, latents: int, args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
@@ -108,9 +106,7 @@ def main() -> None:
         for latents in args.latents:
             rows += run_grid(cache, latents, args, Path(scratch) / f"n{latents}")
     lines = table(rows)
-    print("\n".join(lines))
-    if args.write:
-        write_table(RESULTS, "default training recipe", " ".join(["python -m benchmarks.recipe", *sys.argv[1:]]), lines)
+    publish(lines, "default training recipe", "benchmarks.recipe", args.write)
 
 
 if __name__ == "__main__":

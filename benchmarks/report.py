@@ -5,11 +5,14 @@ from __future__ import annotations
 import datetime
 import platform
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = """# Benchmark results
@@ -187,6 +190,14 @@ def write_table(path: Path, title: str, command: str, lines: list[str]) -> None:
         f"{m['cpu']}; {m['versions']}. Command: `{command}`.",
     ]
     insert_section(path, [*head, "", *lines, ""])
+
+
+def publish(lines: list[str], title: str, module: str, write: bool, path: Path = RESULTS) -> None:
+    """Print a benchmark's table; with ``write`` (its --write flag) also add it to RESULTS.md under
+    ``title``, with the command line that made it."""
+    print("\n".join(lines))
+    if write:
+        write_table(path, title, " ".join([f"python -m {module}", *sys.argv[1:]]), lines)
 
 
 def insert_section(path: Path, section: list[str]) -> None:

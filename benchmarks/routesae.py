@@ -20,7 +20,6 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import argparse
 import contextlib
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,8 +27,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.recipe import RESULTS
-from benchmarks.report import write_table
+from benchmarks.report import publish
 from pipeline.cache.reader import ActivationCache
 from pipeline.evaluate.config import EvaluateConfig
 from pipeline.evaluate.stage import evaluate
@@ -121,10 +119,7 @@ def main() -> None:
             keep = ("nmse", "fvu", "dead_share", "live_latents", "routing_shares", "top_route_share")
             results[name] = {**m, **{k: fast[k] for k in keep if k in fast}}
     table = lines(results)
-    print("\n".join(table))
-    if args.write:
-        command = " ".join(["python -m benchmarks.routesae", *sys.argv[1:]])
-        write_table(RESULTS, "RouteSAE against single-layer TopK", command, table)
+    publish(table, "RouteSAE against single-layer TopK", "benchmarks.routesae", args.write)
 
 
 if __name__ == "__main__":
