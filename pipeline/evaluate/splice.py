@@ -57,7 +57,7 @@ class Branches:
 def replays_exactly(model: nn.Module, blocks: nn.ModuleList, tokens: Tensor, layer: int) -> bool:
     """Whether branching rebuilds this model's logits: clean and resumed-unedited logits equal a whole
     forward's (a model with logit soft-capping or scaling, or a final norm replay does not know, fails)."""
-    if final_norm(model) is None:
+    if final_norm(model) is None or model.get_output_embeddings() is None:  # type: ignore[operator]
         return False
     branches = Branches(model, blocks, tokens, layer, replay=True)
     whole = logits_with(model, blocks, tokens, {})  # (B, T, V)
