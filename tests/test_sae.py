@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pipeline.sae import kernels
 from pipeline.sae.route import RouteSAE
 from pipeline.sae.topk import SaeConfig, TopKSAE
 
@@ -160,3 +161,23 @@ def test_cuda_topk_branch_equals_the_cpu_tuned_one() -> None:
     plain = topk_indices(pre, 32, cpu_tuned=False).sort(dim=1).values
     assert torch.equal(tuned, plain)
     assert torch.equal(plain, pre.topk(32).indices.sort(dim=1).values)
+
+
+def test_dense_auxk_equals_the_sparse_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """AuxK's dense form (a few dead latents) gives the sparse kernels' output and gradients, the decoder's
+    kept tangent to its unit rows."""
+    torch.manual_seed(4)
+    x, target = torch.randn(50, 16), torch.randn(50, 16)
+    w_dec = torch.nn.functional.normalize(torch.randn(30, 16), dim=1)
+    leaves = [torch.randn(30, 16), torch.randn(30) - 6, torch.randn(16) * 0.1, w_dec]  # some top-k below 0
+    results = []
+    for dense_up_to in (0, 1000):  # 0: always the sparse kernels; 1000: always the dense form
+        monkeypatch.setattr(kernels, "DENSE_AUX", dense_up_to)
+        params = [p.clone().requires_grad_() for p in leaves]
+        guess = kernels.aux_decode(x, *params[:3], params[3], k=5)
+        (guess - target).pow(2).sum().backward()
+        results.append([guess.detach(), *(p.grad for p in params)])
+    for sparse, dense in zip(*results):
+        torch.testing.assert_close(dense, sparse, rtol=1e-4, atol=1e-4)  # float32 sums in another order
+    grad = results[1][4]
+    assert (grad * w_dec).sum(1).abs().max() < 1e-5 * grad.norm(dim=1).max()  # no radial part in its gradient

@@ -21,7 +21,7 @@ from pipeline.fit.optim import lr_factor, make_optimizer
 from pipeline.fit.state import TrainingState, load_state, save_state
 from pipeline.infra.distributed import Ranks
 from pipeline.infra.files import Folder
-from pipeline.sae.kernels import SparseDecode, TopKEncode, select_topk
+from pipeline.sae.kernels import aux_decode, select_topk
 from pipeline.sae.quality import Reconstruction
 from pipeline.sae.route import RouteSAE, build_sae, core_sae
 from pipeline.sae.topk import SaeConfig, SaeOutput, TopKSAE
@@ -191,15 +191,15 @@ def _aux_loss(member: Member, out: SaeOutput, dead: Tensor) -> Tensor:
     if k_aux < 1:
         return torch.zeros((), device=out.x.device)
     residual = (out.x - out.x_hat).detach()  # (B, D)
-    acts, local = TopKEncode.apply(
+    guess = aux_decode(
         out.x.detach(),
         sae.W_enc[dead_ids],
         sae.b_enc[dead_ids],
         sae.b_dec.detach(),
+        sae.W_dec[dead_ids],
         k_aux,
         member.low_precision,
     )
-    guess = SparseDecode.apply(acts, local, sae.W_dec[dead_ids], True)  # (B, D)
     return (guess - residual).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
 
 
