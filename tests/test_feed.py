@@ -55,7 +55,7 @@ def test_staging_reuses_two_host_buffers() -> None:
 
 
 def test_fit_through_the_staged_feed_equals_the_plain_feed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The fit loop's break at the last step and its resume skip see the same batches either way."""
+    """The fit loop gets the same batches, in the same order, through the staged feed as through the plain one."""
     cache = synthetic_cache(tmp_path, [700, 600], layers=(0,)).url
     cfg: dict[str, Any] = {
         "cache": cache,
