@@ -55,7 +55,7 @@ class Staging:
             self.buffers = [torch.empty(batch.shape, dtype=dtype, pin_memory=self.cuda) for _ in range(2)]
             self.copied = [None, None]
         if self.copied[i] is not None:
-            self.copied[i].synchronize()  # batch i-1's copy out of this buffer is done before it is overwritten
+            self.copied[i].synchronize()  # the copy that read this buffer two batches ago is done
         host = self.buffers[i]
         host.copy_(torch.from_numpy(batch))
         if not self.cuda:
