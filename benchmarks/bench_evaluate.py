@@ -30,34 +30,41 @@ from pipeline.evaluate.stage import evaluate
 from pipeline.sae.subject import load_llm, load_subject
 
 
-def bare_seconds(run: str, tokens: int, batch_size: int) -> tuple[float, int, int, int]:
+def bare_seconds(run: str, tokens: int, batch_size: int, device: torch.device) -> tuple[float, int, int, int]:
     """Seconds of a plain forward (LM head included) over evaluate's held-out batches; real tokens, the
     run's layer and the model's block count."""
-    subject = load_subject(run, torch.device("cpu"))
-    model, blocks = load_llm(subject.cache, torch.device("cpu"))
+    subject = load_subject(run, device)
+    model, blocks = load_llm(subject.cache, device)
     ids, mask = subject.cache.heldout_sequences(tokens)
     start = time.perf_counter()
     with torch.inference_mode():
         for i in range(0, len(ids), batch_size):
-            model(input_ids=torch.from_numpy(ids[i : i + batch_size]).long(), use_cache=False)
+            model(input_ids=torch.from_numpy(ids[i : i + batch_size]).long().to(device), use_cache=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the forwards finished, not just queued
     return time.perf_counter() - start, int(mask.sum()), subject.layers[0], len(blocks)
 
 
-def evaluate_seconds(run: str, n_runs: int, tokens: int, batch_size: int) -> float:
+def evaluate_seconds(run: str, n_runs: int, tokens: int, batch_size: int, device: torch.device) -> float:
     """Seconds of evaluate's KL / CE pass, the model load included (main subtracts a separate load)."""
     with tempfile.TemporaryDirectory() as out:
         cfg = EvaluateConfig(
-            runs=[run] * n_runs, metrics=["kl", "ce"], max_tokens=tokens, batch_size=batch_size, out=out
+            runs=[run] * n_runs,
+            metrics=["kl", "ce"],
+            max_tokens=tokens,
+            batch_size=batch_size,
+            out=out,
+            device=str(device),
         )
         start = time.perf_counter()
         evaluate(cfg)
         return time.perf_counter() - start
 
 
-def load_seconds(run: str) -> float:
-    subject = load_subject(run, torch.device("cpu"))
+def load_seconds(run: str, device: torch.device) -> float:
+    subject = load_subject(run, device)
     start = time.perf_counter()
-    load_llm(subject.cache, torch.device("cpu"))
+    load_llm(subject.cache, device)
     return time.perf_counter() - start
 
 
@@ -71,21 +78,26 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="add the table to benchmarks/RESULTS.md")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    lines = measure(args.run, args.tokens, args.batch_size, args.runs, args.repeats, torch.device("cpu"))
+    publish(lines, "evaluate against a bare forward (issue 19)", "benchmarks.bench_evaluate", args.write)
+
+
+def measure(run: str, tokens: int, batch_size: int, runs: list[int], repeats: int, device: torch.device) -> list[str]:
+    """The table: evaluate of 1, N... copies of ``run`` against a bare forward, medians over ``repeats``."""
     bare: list[float] = []
     load: list[float] = []
-    spent: dict[int, list[float]] = {n: [] for n in args.runs}
-    for _ in range(args.repeats):
-        seconds, real, layer, n_blocks = bare_seconds(args.run, args.tokens, args.batch_size)
+    spent: dict[int, list[float]] = {n: [] for n in runs}
+    for _ in range(repeats):
+        seconds, real, layer, n_blocks = bare_seconds(run, tokens, batch_size, device)
         bare.append(seconds)
-        load.append(load_seconds(args.run))
-        for n in args.runs:
-            spent[n].append(evaluate_seconds(args.run, n, args.tokens, args.batch_size) - load[-1])
+        load.append(load_seconds(run, device))
+        for n in runs:
+            spent[n].append(evaluate_seconds(run, n, tokens, batch_size, device) - load[-1])
         print(
             f"  bare {bare[-1]:.1f} s, load {load[-1]:.1f} s, evaluate {[v[-1] for v in spent.values()]}",
             file=sys.stderr,
         )
-    lines = table(statistics.median(bare), {n: statistics.median(v) for n, v in spent.items()}, real, layer, n_blocks)
-    publish(lines, "evaluate against a bare forward (issue 19)", "benchmarks.bench_evaluate", args.write)
+    return table(statistics.median(bare), {n: statistics.median(v) for n, v in spent.items()}, real, layer, n_blocks)
 
 
 def table(bare: float, spent: dict[int, float], real: int, layer: int, n_blocks: int) -> list[str]:

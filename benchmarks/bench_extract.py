@@ -14,6 +14,7 @@ from pipeline.extract.config import ExtractConfig
 from pipeline.extract.corpus import builtin_documents
 from pipeline.extract.packing import pack, token_stream
 from pipeline.extract.stage import extract
+from pipeline.infra.files import Folder
 from pipeline.llm.model import load_model, load_tokenizer, resolve_model
 
 SEQS, CTX, BATCH = 64, 256, 8  # 16,384 tokens per measurement
@@ -29,24 +30,29 @@ def _bare(model: torch.nn.Module, batches: list[torch.Tensor], head: bool) -> fl
     return sum(b.numel() for b in batches) / (time.perf_counter() - start)
 
 
+def timed_extract(cfg: ExtractConfig) -> tuple[Folder, float]:
+    """Extract ``cfg`` into a new cache; its folder and tokens/s (tokenize, forward to the layer, normalize,
+    write; the model load excluded, as extract_log.json times it)."""
+    folder = extract(cfg)
+    log, manifest = folder.read_json("extract_log.json"), folder.read_json("manifest.json")
+    return folder, manifest["sequences"] * cfg.ctx_len / log["seconds"]
+
+
 def _ours(layer: int) -> float:
-    """Tokens/s of `sae-pipe extract` (tokenize, forward to the layer, normalize, write), model load excluded."""
+    """Tokens/s of `sae-pipe extract` of ~SEQS sequences at one layer, on the CPU."""
     with tempfile.TemporaryDirectory() as root:
         budget = SEQS * CTX - 2 * SEQS  # about SEQS sequences of stored rows (EOS positions are not stored)
-        folder = extract(
-            ExtractConfig(
-                layers=str(layer),
-                ctx_len=CTX,
-                max_tokens=budget,
-                batch_size=BATCH,
-                cache_root=root,
-                device="cpu",
-                dataset="builtin",
-                shard_mb=8,
-            )
+        cfg = ExtractConfig(
+            layers=str(layer),
+            ctx_len=CTX,
+            max_tokens=budget,
+            batch_size=BATCH,
+            cache_root=root,
+            device="cpu",
+            dataset="builtin",
+            shard_mb=8,
         )
-        log, manifest = folder.read_json("extract_log.json"), folder.read_json("manifest.json")
-        return manifest["sequences"] * CTX / log["seconds"]
+        return timed_extract(cfg)[1]
 
 
 def bench_extract(repeats: int) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import statistics
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from benchmarks.child import run_child
 
@@ -17,34 +17,33 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH_PYTHON = ROOT / ".bench-venv" / "bin" / "python"
 
 
-def commands(data: Path, steps: int) -> dict[str, list[str]]:
-    """The command of each contender; the peers run in the separate .bench-venv."""
-    common = [
-        "--data",
-        str(data),
-        "--num-latents",
-        "16384",
-        "--k",
-        "32",
-        "--batch-size",
-        "4096",
-        "--steps",
-        str(steps),
-        "--warmup",
-        "5",
-    ]
+class Shape(NamedTuple):
+    """The SAE and batch every contender trains (the issue's real shape by default)."""
+
+    latents: int = 16384
+    k: int = 32
+    batch_size: int = 4096
+
+
+def commands(data: Path, steps: int, device: str = "cpu", shape: Shape = Shape()) -> dict[str, list[str]]:
+    """The command of each contender; the peers run in the separate .bench-venv (SAELens on the CPU only)."""
+    common = ["--data", str(data), "--steps", str(steps), "--warmup", str(min(5, steps - 1)), "--device", device]
+    common += ["--num-latents", str(shape.latents), "--k", str(shape.k), "--batch-size", str(shape.batch_size)]
     ours = [sys.executable, "-m", "benchmarks.fit_steps", *common]
     peers = [str(BENCH_PYTHON), "benchmarks/peers/peer_steps.py", *common]
     out = {"sae-pipe bf16": [*ours, "--precision", "bfloat16"], "sae-pipe fp32": [*ours, "--precision", "float32"]}
     if BENCH_PYTHON.exists():
         out["sparsify 1.3.3"] = [*peers, "--child", "sparsify"]
-        out["SAELens 6.54.12"] = [*peers, "--child", "saelens"]
+        if device == "cpu":
+            out["SAELens 6.54.12"] = [*peers, "--child", "saelens"]
     return out
 
 
-def bench_fit(data: Path, steps: int, repeats: int) -> dict[str, dict[str, Any]]:
+def bench_fit(
+    data: Path, steps: int, repeats: int, device: str = "cpu", shape: Shape = Shape()
+) -> dict[str, dict[str, Any]]:
     """Median tokens/s over repeats (alternating contenders, a fresh process each) and each process's peak memory."""
-    cmds = commands(data, steps)
+    cmds = commands(data, steps, device, shape)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in cmds}
     for _ in range(repeats):
         for name, cmd in cmds.items():
@@ -58,6 +57,7 @@ def bench_fit(data: Path, steps: int, repeats: int) -> dict[str, dict[str, Any]]
             "min": min(speeds),
             "max": max(speeds),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
+            "peak_gpu_mb": max(r.get("peak_gpu_mb", 0.0) for r in results),
             "cpu_util": statistics.median(r["cpu_util_median"] for r in results),
         }
     return table

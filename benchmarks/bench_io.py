@@ -1,7 +1,12 @@
-"""reader, sweep and disk: the shuffled stream vs raw reads, one read for four SAEs, bytes per token."""
+"""reader, sweep and disk: the shuffled stream vs raw reads, one read for four SAEs, bytes per token;
+and the stream from a local cache vs the same cache through fsspec (run alone, issue 19 part 6):
+
+    python -m benchmarks.bench_io --fsspec CACHE [--repeats 3] [--write]
+"""
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import tempfile
@@ -11,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.report import publish
 from pipeline.cache.reader import ActivationCache
 from pipeline.cache.stream import ActivationStream, StreamSpec
 from pipeline.fit.config import FitConfig
@@ -23,9 +29,7 @@ def bench_reader(cache: ActivationCache, layer: int, repeats: int, label: str) -
     """Rows/s of the shuffled, prefetched stream (steady state) vs a sequential read of the same bytes."""
     spans = [_layer_bytes(cache, r["index"], cache.layer_index(layer)) for r in cache.shards]
     buffer = bytearray(max(length for _, _, length in spans))
-    reader = ActivationStream(cache, StreamSpec([layer], 4096))
-    sum(batch.shape[1] for batch in reader.batches(1))  # warm-up pass: opens arrays, faults the pool in
-    passes = -(-STEADY_ROWS // cache.rows("train"))  # a small cache is read several times per measurement
+    reader, passes = _warm_stream(cache, layer)
     raw, stream = [], []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -35,9 +39,7 @@ def bench_reader(cache: ActivationCache, layer: int, repeats: int, label: str) -
                     f.seek(offset)
                     f.readinto(memoryview(buffer)[:length])
         raw.append(passes * cache.rows("train") / (time.perf_counter() - start))
-        start = time.perf_counter()
-        served = sum(batch.shape[1] for batch in reader.batches(passes))  # batches are (L, B, D)
-        stream.append(served / (time.perf_counter() - start))
+        stream.append(_stream_rate(reader, passes))
     print(
         f"  reader {label}: raw {statistics.median(raw):,.0f} rows/s, stream {statistics.median(stream):,.0f}",
         file=sys.stderr,
@@ -48,6 +50,20 @@ def bench_reader(cache: ActivationCache, layer: int, repeats: int, label: str) -
         "shuffled stream": _stats(stream),
         "bytes_per_row": cache.d_model * np.dtype(cache.manifest["spec"]["dtype"]).itemsize,
     }
+
+
+def _warm_stream(cache: ActivationCache, layer: int | None = None) -> tuple[ActivationStream, int]:
+    """A stream of one layer after a warm-up pass (arrays opened, pool faulted in), and how many passes
+    make one steady measurement (a small cache is read several times)."""
+    reader = ActivationStream(cache, StreamSpec([cache.layers[0] if layer is None else layer], 4096))
+    sum(batch.shape[1] for batch in reader.batches(1))
+    return reader, -(-STEADY_ROWS // cache.rows("train"))
+
+
+def _stream_rate(reader: ActivationStream, passes: int) -> float:
+    start = time.perf_counter()
+    served = sum(batch.shape[1] for batch in reader.batches(passes))  # batches are (L, B, D)
+    return served / (time.perf_counter() - start)
 
 
 def _layer_bytes(cache: ActivationCache, shard: int, position: int) -> tuple[Path, int, int]:
@@ -116,3 +132,56 @@ def bench_disk(caches: list[ActivationCache]) -> list[dict[str, Any]]:
 
 def _stats(values: list[float]) -> dict[str, float]:
     return {"rows_per_s": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def bench_fsspec(path: str, repeats: int) -> dict[str, dict[str, float]]:
+    """Rows/s of the shuffled stream of a one-layer cache from its local folder (one ``readinto`` per
+    layer chunk) and from a copy in fsspec's in-process memory filesystem, which is read as an s3:// or
+    gs:// cache is (zarr's FsspecStore, partial-shard decode): the fsspec path's own cost, no network."""
+    import fsspec
+
+    memory, where = fsspec.filesystem("memory"), f"/bench-fsspec/{Path(path).name}"
+    memory.put(path, where, recursive=True)
+    try:
+        urls = {"local path": path, "fsspec memory://": f"memory:/{where}"}
+        streams = {name: _warm_stream(ActivationCache.open(url)) for name, url in urls.items()}
+        rates: dict[str, list[float]] = {name: [] for name in streams}
+        for _ in range(repeats):  # interleaved, so that load from other jobs falls on both alike
+            for name, (reader, passes) in streams.items():
+                rates[name].append(_stream_rate(reader, passes))
+                print(f"  {name}: {rates[name][-1]:,.0f} rows/s", file=sys.stderr)
+    finally:
+        memory.rm("/bench-fsspec", recursive=True)
+    return {name: _stats(values) for name, values in rates.items()}
+
+
+def fsspec_table(rates: dict[str, dict[str, float]], cache: ActivationCache) -> list[str]:
+    mb = cache.d_model * np.dtype(cache.dtype).itemsize / 2**20  # MiB per row of the one layer
+    local = rates["local path"]["rows_per_s"]
+    lines = [
+        f"Shuffled stream, batch 4096, {cache.rows('train'):,} training rows of d = {cache.d_model} ({cache.dtype}); "
+        "steady state after a warm-up pass, medians with min-max.",
+        "",
+        "| read through | rows/s (min-max) | MiB/s | vs local path |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {name} | {r['rows_per_s']:,.0f} ({r['min']:,.0f}-{r['max']:,.0f}) | {r['rows_per_s'] * mb:,.0f} | "
+        f"{r['rows_per_s'] / local:.2f}x |"
+        for name, r in rates.items()
+    ]
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="the shuffled stream from a local cache vs through fsspec")
+    parser.add_argument("--fsspec", required=True, metavar="CACHE", help="a one-layer cache folder on local disk")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--write", action="store_true", help="add the table to benchmarks/RESULTS.md")
+    args = parser.parse_args()
+    lines = fsspec_table(bench_fsspec(args.fsspec, args.repeats), ActivationCache.open(args.fsspec))
+    publish(lines, "cache reader through fsspec (issue 19)", "benchmarks.bench_io", args.write)
+
+
+if __name__ == "__main__":
+    main()

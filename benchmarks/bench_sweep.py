@@ -3,10 +3,10 @@ against N separate fits, and against the same sweep with each member selecting i
 
     python -m benchmarks.bench_sweep --cache CACHE --tokens 400000 --repeats 3 --write
 
-Two grids on a one-layer cache: 4 members (1024 latents, k 16, seeds 0-3) and 8 members (k 8, 16, 32,
-64 x latents 1024, 2048). Repeats are interleaved (separate, fused, unfused, then again) so that load
-from other jobs on the machine falls on all three alike; the table gives medians with min-max.
-Never run inside the tests.
+Two grids on a one-layer cache: 4 members (1024 latents, k 16, seeds 0-3; --latents and --k change
+them) and 8 members (k 8, 16, 32, 64 x latents 1024, 2048). Repeats are interleaved (separate, fused,
+unfused, then again) so that load from other jobs on the machine falls on all three alike; the table
+gives medians with min-max. Never run inside the tests.
 """
 
 from __future__ import annotations
@@ -28,14 +28,14 @@ from typing import Any
 
 import torch
 
-from benchmarks.report import RESULTS, write_table
+from benchmarks.report import publish
 from pipeline.fit import stage as fit_stage
 from pipeline.fit.config import FitConfig
 from pipeline.fit.stage import fit
 from pipeline.fit.train import Member
 
 GRIDS = {
-    "4 members: 1024 latents, k 16, seeds 0-3": {"seed": [0, 1, 2, 3]},
+    "4 members: seeds 0-3": {"seed": [0, 1, 2, 3]},
     "8 members: k 8/16/32/64 x latents 1024/2048": {"k": [8, 16, 32, 64], "latents": [1024, 2048]},
 }
 
@@ -75,10 +75,10 @@ def bench_grid(base: dict[str, Any], grid: dict[str, list[Any]], repeats: int, o
     return times
 
 
-def table(results: dict[str, dict[str, list[float]]], tokens: int) -> list[str]:
+def table(results: dict[str, dict[str, list[float]]], tokens: int, base: dict[str, Any]) -> list[str]:
     lines = [
-        f"Each member trains on {tokens:,} tokens (batch 4096, Adam, auto lr, bf16 selection GEMM where the CPU "
-        "has it).",
+        f"Each member trains on {tokens:,} tokens ({base['latents']} latents, k {base['k']} unless the grid sets "
+        f"them; batch 4096, Adam, auto lr, bf16 selection GEMM where the {base['device']} device has it).",
         "",
         "| grid | separate fits s | fused sweep s | unfused sweep s | fused / separate | unfused / separate |",
         "|---|---|---|---|---|---|",
@@ -100,23 +100,25 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="cpu | cuda (benchmarks/gpu.py passes cuda)")
     parser.add_argument("--grid", type=int, nargs="*", default=[0, 1], help="which grids: 0 = 4 members, 1 = 8")
+    parser.add_argument("--latents", type=int, default=1024, help="each member's latents (grid 1 sets its own)")
+    parser.add_argument("--k", type=int, default=16, help="each member's k (grid 1 sets its own)")
     parser.add_argument("--write", action="store_true", help="prepend the table to benchmarks/RESULTS.md")
     args = parser.parse_args()
-    base = {"cache": args.cache, "latents": 1024, "k": 16, "batch_size": 4096, "max_tokens": args.tokens}
-    base |= {"device": args.device, "verify": False, "log_every": 1000, "checkpoint_every": 0}
+    lines = sweep_lines(args.cache, args.tokens, args.repeats, args.device, args.grid, args.latents, args.k)
+    publish(lines, "sweeps sharing the encoder GEMM (issue 19)", "benchmarks.bench_sweep", args.write)
+
+
+def sweep_lines(
+    cache: str, tokens: int, repeats: int, device: str, grids: list[int], latents: int = 1024, k: int = 16
+) -> list[str]:
+    """The table of the chosen grids: separate fits, fused and unfused sweeps, medians over ``repeats``."""
+    base: dict[str, Any] = {"cache": cache, "latents": latents, "k": k, "batch_size": 4096, "max_tokens": tokens}
+    base |= {"device": device, "verify": False, "log_every": 1000, "checkpoint_every": 0}
     with tempfile.TemporaryDirectory() as tmp:
         fit(FitConfig(**{**base, "max_tokens": 8192}, out=f"{tmp}/warm"))  # imports, first allocations
-        chosen = [list(GRIDS)[i] for i in args.grid]
-        results = {name: bench_grid(base, GRIDS[name], args.repeats, Path(tmp) / name[:1]) for name in chosen}
-    lines = table(results, args.tokens)
-    print("\n".join(lines))
-    if args.write:
-        grids = " ".join(map(str, args.grid))
-        command = (
-            f"python -m benchmarks.bench_sweep --cache CACHE --tokens {args.tokens} --repeats {args.repeats} "
-            f"--grid {grids}"
-        )
-        write_table(RESULTS, "sweeps sharing the encoder GEMM (issue 19)", command, lines)
+        chosen = [list(GRIDS)[i] for i in grids]
+        results = {name: bench_grid(base, GRIDS[name], repeats, Path(tmp) / name[:1]) for name in chosen}
+    return table(results, tokens, base)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Runs in the project's venv, one process per measurement (its peak RSS is its own VmHWM, see benchmarks.child):
 
-    python -m benchmarks.fit_steps --data train.npy --precision bfloat16
+    python -m benchmarks.fit_steps --data train.npy --precision bfloat16 [--device cuda]
 
 Each step is exactly what `sae-pipe fit` does per batch (pipeline.fit.train.train_step: forward, NormMSE
 loss, backward with sparse kernels, Adam, decoder renormalization, dead-latent counters), with the
@@ -30,22 +30,26 @@ from pipeline.sae.topk import SaeConfig
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
-    torch.set_num_threads(2)
-    keep_freed_memory()
-    data = torch.from_numpy(np.load(args.data).astype(np.float32, copy=False))  # (R, D)
-    low = use_low_precision(torch.device("cpu"), args.precision)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(2)
+        keep_freed_memory()
+    data = torch.from_numpy(np.load(args.data).astype(np.float32, copy=False)).to(device)  # (R, D)
+    low = use_low_precision(device, args.precision)
     lr, k_aux = auto_lr("adam", args.num_latents), data.shape[1] // 2
     settings = Training.of(FitConfig(), lr=lr, k_aux=k_aux, dead_tokens=10**9)
     cfg = SaeConfig("topk", data.shape[1], args.num_latents, args.k, [0])
-    member = make_member(Folder.at(args.scratch), cfg, settings, low, [0], torch.device("cpu"))
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
+    member = make_member(Folder.at(args.scratch), cfg, settings, low, [0], device)
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).to(device)
     times, cpu, curve = [], [], []
     for step in range(args.steps):
-        batch = data[order[(torch.arange(args.batch_size) + step * args.batch_size) % len(data)]]
+        batch = data[order[(torch.arange(args.batch_size, device=device) + step * args.batch_size) % len(data)]]
         if step == 0:
             init_pre_bias(member, batch)
+        _synchronize(device)
         t0, c0 = time.perf_counter(), time.process_time()
         metrics = train_step(member, batch, args.steps)
+        _synchronize(device)  # the step's kernels finished, not just queued
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
         curve.append(metrics["fvu"])
@@ -59,7 +63,13 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "fvu_curve": curve,
         "lr": settings.lr,
         "peak_rss_mb": own_peak_rss_mb(),
+        "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0,
     }
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main() -> None:
@@ -71,6 +81,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--device", default="cpu", help="cpu | cuda")
     parser.add_argument("--scratch", default="/tmp/sae-pipe-bench-run")
     print("RESULT " + json.dumps(run(parser.parse_args())), flush=True)
 

@@ -140,6 +140,7 @@ def evaluate(
     splice: Annotated[str | None, opt(EvaluateConfig, "splice")] = None,
     cache: Annotated[str | None, opt(EvaluateConfig, "cache")] = None,
     device: Annotated[str | None, opt(EvaluateConfig, "device")] = None,
+    compute_dtype: Annotated[str | None, opt(EvaluateConfig, "compute_dtype")] = None,
     out: Annotated[str | None, opt(EvaluateConfig, "out")] = None,
     cache_root: Annotated[str | None, opt(EvaluateConfig, "cache_root")] = None,
     as_json: JsonOpt = False,

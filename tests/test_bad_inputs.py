@@ -85,6 +85,7 @@ CASES = [
     ("infer-k too large", "evaluate {run} --infer-k 128", 2, "--infer-k 128 must be between 1 and 127"),
     ("KL of a soft-routed run", "evaluate {soft}", 2, "uses soft routing: its reconstruction mixes layers"),
     ("unknown splice", "evaluate {run} --splice exact", 2, "unknown --splice 'exact'"),
+    ("unknown model precision", "evaluate {run} --compute-dtype fp8", 2, "unknown --compute-dtype 'fp8'"),
     ("bad batch size", "interpret {run} --batch-size 0", 2, "--batch-size must be at least 1"),
     ("unknown explainer", "interpret {run} --explainer claude", 2, "unknown explainer 'claude'"),
     ("unknown scorer", "interpret {run} --score detection,simulation", 2, "unknown scorer(s) simulation"),

@@ -276,3 +276,26 @@ def test_a_model_replay_cannot_rebuild_runs_whole_forwards(tiny_llama: Path) -> 
     assert replays_exactly(model, find_blocks(model), ids, 2)
     model.register_forward_hook(lambda m, a, out: out.__setitem__("logits", out.logits * 0.5) or out)
     assert not replays_exactly(model, find_blocks(model), ids, 2)
+
+
+def test_the_model_runs_in_the_precision_of_the_extraction_unless_told(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pipeline.evaluate.stage as evaluate_module
+
+    cfg = tiny_extract_config(tiny_llama, tmp_path, layers="1", max_tokens=600, heldout=0.25, compute_dtype="bfloat16")
+    cache = extract(cfg).url
+    assert ActivationCache.open(cache).manifest["spec"]["compute_dtype"] == "bfloat16"
+    run = train(cache, tmp_path / "saes", k=8, max_tokens=256)
+    loaded = []
+    real = evaluate_module.load_llm
+
+    def spied(*args: object) -> tuple:
+        model, blocks = real(*args)
+        loaded.append(next(model.parameters()).dtype)
+        return model, blocks
+
+    monkeypatch.setattr(evaluate_module, "load_llm", spied)
+    assert run_eval([run], tmp_path / "as-cache", metrics=["kl"], max_tokens=64)[0]["kl_per_token"] >= 0
+    run_eval([run], tmp_path / "told", metrics=["kl"], max_tokens=64, compute_dtype="float32")
+    assert loaded == [torch.bfloat16, torch.float32]

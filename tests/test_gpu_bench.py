@@ -1,4 +1,4 @@
-"""benchmarks/gpu.py without a GPU: it says so and exits 0 (CI machines and this project's have none)."""
+"""benchmarks/gpu.py: without a GPU it says so and exits 0; with --device cpu --smoke every step runs at toy sizes."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -15,3 +17,21 @@ def test_gpu_benchmark_without_a_gpu_says_so_and_exits_0() -> None:
     proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("no GPU")
+
+
+def test_every_step_of_the_gpu_benchmark_runs_on_the_cpu(tiny_llama: Path, capsys: pytest.CaptureFixture) -> None:
+    """The same code a GPU machine runs, on a tiny model: extract, fit steps, fit, evaluate, sweep."""
+    from benchmarks import gpu
+
+    argv = ["--device", "cpu", "--smoke", "--model", str(tiny_llama), "--layer", "1", "--max-tokens", "6000"]
+    assert gpu.main(argv) == 0
+    out = capsys.readouterr().out
+    for piece in (
+        "- extract: ",
+        "| sae-pipe bf16 | ",
+        "| sae-pipe fp32 | ",
+        "- `sae-pipe fit` end to end: ",
+        "| 4 | ",  # evaluate of 4 runs against a bare forward
+        "| 4 members: seeds 0-3 | ",
+    ):
+        assert piece in out, piece

@@ -1,4 +1,4 @@
-"""Per-step training throughput of two peer TopK-SAE libraries on CPU.
+"""Per-step training throughput of two peer TopK-SAE libraries on CPU (sparsify also on CUDA, --device cuda).
 
 Runs inside the separate bench venv (see requirements.txt in this folder):
 
@@ -127,7 +127,15 @@ def _summary(name: str, log: StepLog, batch_size: int, warmup: int, extra: dict[
 
 # --------------------------------------------------------------------------- sparsify
 def sparsify_steps(
-    x: torch.Tensor, d_in: int, num_latents: int, k: int, batch_size: int, steps: int, warmup: int, seed: int = 0
+    x: torch.Tensor,
+    d_in: int,
+    num_latents: int,
+    k: int,
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    seed: int = 0,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Replay sparsify 1.3.3 ``Trainer.fit`` per-step work (loss_fn="fvu", defaults)."""
     torch.set_num_threads(2)
@@ -139,20 +147,20 @@ def sparsify_steps(
     from sparsify.utils import decoder_impl
 
     assert x.ndim == 2 and x.shape[1] == d_in
-    x = x.float().contiguous()
+    x = x.float().contiguous().to(device)
     tcfg = TrainConfig(sae=SparseCoderConfig(num_latents=num_latents, k=k))  # library defaults
     acc_steps = tcfg.grad_acc_steps * tcfg.micro_acc_steps  # 1 * 1
     denom = acc_steps * tcfg.wandb_log_frequency
 
     # Trainer.__init__: torch.manual_seed(seed); SparseCoder(width, cfg, device, dtype=float32)
     torch.manual_seed(seed)
-    sae = SparseCoder(d_in, tcfg.sae, "cpu", dtype=torch.float32)
+    sae = SparseCoder(d_in, tcfg.sae, device, dtype=torch.float32)
     # Trainer.__init__, optimizer == "signum" (the default):
     lr = tcfg.lr or 5e-3 / (sae.num_latents / (2**14)) ** 0.5
     opt = ScheduleFreeWrapper(SignSGD([dict(params=sae.parameters(), lr=lr)]), momentum=0.95)
     opt.train()
-    num_tokens_since_fired = torch.zeros(sae.num_latents, dtype=torch.long)
-    did_fire = torch.zeros(sae.num_latents, dtype=torch.bool)
+    num_tokens_since_fired = torch.zeros(sae.num_latents, dtype=torch.long, device=device)
+    did_fire = torch.zeros(sae.num_latents, dtype=torch.bool, device=device)
     exclude_tokens = torch.tensor(tcfg.exclude_tokens, dtype=torch.long)  # noqa: F841 (empty)
 
     # Trainer.fit: "Use Tensor Cores even for fp32 matmuls" (a no-op for CPU fp32 numerics
@@ -168,7 +176,7 @@ def sparsify_steps(
             t0, c0 = time.perf_counter(), time.process_time()
 
             # --- body of Trainer.fit's forward hook ---
-            tokens_mask = torch.ones(batch.shape[0], dtype=torch.bool)
+            tokens_mask = torch.ones(batch.shape[0], dtype=torch.bool, device=device)
             n_tok = int(tokens_mask.sum().item())
             all_outputs = batch.detach().clone()  # noqa: F841 (hook always does this)
             outputs = batch[tokens_mask]
@@ -197,6 +205,8 @@ def sparsify_steps(
                 num_tokens_since_fired += n_tok
                 num_tokens_since_fired[did_fire] = 0
                 did_fire.zero_()
+            if x.is_cuda:  # the step's kernels finished, not just queued
+                torch.cuda.synchronize(x.device)
 
             log.step_s.append(time.perf_counter() - t0)
             log.cpu_s.append(time.process_time() - c0)
@@ -207,8 +217,8 @@ def sparsify_steps(
     opt.eval()  # schedule-free: evaluate (and save, as sparsify does) at the averaged weights
 
     def coded(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        out = sae(h)
-        return out.sae_out, out.latent_acts, out.latent_indices
+        out = sae(h.to(x.device))
+        return out.sae_out.cpu(), out.latent_acts.cpu(), out.latent_indices.cpu()
 
     _LAST_MODEL[:] = [coded]
     return _summary(
@@ -311,7 +321,10 @@ def _child(which: str, args: argparse.Namespace) -> None:
         x = make_dataset(args.rows, args.d)
     fn = {"sparsify": sparsify_steps, "saelens": saelens_steps}[which]
     start = time.perf_counter()
-    res = fn(x, x.shape[1], args.num_latents, args.k, args.batch_size, args.steps, args.warmup)
+    if args.device != "cpu" and which != "sparsify":
+        raise SystemExit(f"{which} is measured on the CPU only here (--device cpu)")
+    on = {"device": args.device} if which == "sparsify" else {}
+    res = fn(x, x.shape[1], args.num_latents, args.k, args.batch_size, args.steps, args.warmup, **on)
     res["train_s"] = time.perf_counter() - start  # the library's import and setup included
     if args.heldout:
         held = torch.from_numpy(np.load(args.heldout).astype("float32", copy=False))
@@ -342,6 +355,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--device", default="cpu", help="cpu | cuda (sparsify only)")
     p.add_argument("--only", choices=["sparsify", "saelens"], default=None)
     p.add_argument(
         "--repeats",

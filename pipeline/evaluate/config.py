@@ -29,5 +29,8 @@ class EvaluateConfig:
         "", "imported runs: a cache of their model (held-out tokens for kl/ce; nmse needs their layer, raw)"
     )
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")
+    compute_dtype: str = setting(
+        "cache", "model precision: cache (the one the cache was extracted in) | auto | float32 | bfloat16"
+    )
     out: str = setting("", "where metrics go (default <cache_root>/evaluate/<run>/metrics.json)")
     cache_root: str = setting("cache", "root of evaluate/")

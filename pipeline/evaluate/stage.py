@@ -17,7 +17,7 @@ from pipeline.evaluate.config import METRICS, SPLICES, EvaluateConfig
 from pipeline.evaluate.metrics import DEFINITIONS, ce_recovered
 from pipeline.evaluate.splice import Branches, replays_exactly, route_edits, topk_edits, zero_edits
 from pipeline.infra.console import progress_bar, say
-from pipeline.infra.device import resolve_device
+from pipeline.infra.device import DTYPES, resolve_device
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
 from pipeline.llm.divergence import ce_per_position, kl_per_position
@@ -42,6 +42,8 @@ def evaluate(cfg: EvaluateConfig) -> list[dict[str, Any]]:
         )
     if cfg.splice not in SPLICES:
         raise UserError(f"unknown --splice {cfg.splice!r}; use one of {', '.join(SPLICES)}.")
+    if cfg.compute_dtype not in ("cache", "auto", *DTYPES):
+        raise UserError(f"unknown --compute-dtype {cfg.compute_dtype!r}; use one of cache, auto, {', '.join(DTYPES)}.")
     if cfg.batch_size < 1 or cfg.max_tokens < 0:
         raise UserError("--batch-size must be at least 1 and --max-tokens not negative (0 = all held-out tokens).")
     device = resolve_device(cfg.device)
@@ -53,7 +55,7 @@ def evaluate(cfg: EvaluateConfig) -> list[dict[str, Any]]:
             subject.result = fast_metrics(subject, cfg)
     if {"kl", "ce"} & set(cfg.metrics):
         for same_cache in _group_by(subjects, lambda s: (s.cache.key,)):
-            model, blocks = load_llm(same_cache[0].cache, device)  # once per cache, not once per layer
+            model, blocks = load_llm(same_cache[0].cache, device, cfg.compute_dtype)  # once per cache, not per layer
             for group in _group_by(same_cache, _forward_key):
                 spliced_metrics(group, cfg, model, blocks)
     return [write_metrics(s, cfg) for s in subjects]

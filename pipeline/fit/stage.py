@@ -13,6 +13,7 @@ import torch
 from pipeline.cache.reader import ActivationCache
 from pipeline.cache.stream import ActivationStream, StreamSpec
 from pipeline.fit.config import FitConfig
+from pipeline.fit.feed import device_batches
 from pipeline.fit.plan import RunPlan, check_shared, expand_sweep, needs_training, plan_run, spread
 from pipeline.fit.state import drop_state
 from pipeline.fit.train import (
@@ -24,7 +25,6 @@ from pipeline.fit.train import (
     member_input,
     shared_selection,
     summary,
-    to_device,
     train_step,
 )
 from pipeline.infra.console import Stopwatch, progress_bar, say
@@ -159,10 +159,10 @@ def _loop(
     clock, window = Stopwatch(), (start, 0.0)
     with progress_bar("fit", steps * cfg.batch_size) as bar:
         bar.advance(0, start * cfg.batch_size)
-        for step, batch in enumerate(stream.batches(epochs, skip=start), start=start):
+        for step, x in enumerate(device_batches(stream.batches(epochs, skip=start), device), start=start):
             if step >= steps:
                 break
-            x = to_device(batch, device)  # (L, B, D)
+            # x: (L, B, D) float32 on the device; on CUDA the next batch is already on its way
             due = [m for m in members if m.step <= step]  # a member resumed ahead of the others waits
             for member in due:
                 if member.step == 0:

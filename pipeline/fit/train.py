@@ -12,7 +12,6 @@ import io
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -267,14 +266,6 @@ def _truncate_log(folder: Folder, rows: int) -> None:
     if path.exists():
         lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
         path.write_text("".join(lines[: rows + 1]), encoding="utf-8")
-
-
-def to_device(batch: np.ndarray, device: torch.device) -> Tensor:
-    """A stored batch (float16) as float32 on the training device."""
-    tensor = torch.from_numpy(batch)
-    if device.type == "cuda":
-        tensor = tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device=device, dtype=torch.float32)
 
 
 def summary(member: Member) -> dict[str, Any]:

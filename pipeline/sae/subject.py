@@ -94,8 +94,12 @@ def _imported_cache(run: str, cfg: dict[str, Any], cache_path: str | None) -> Ac
     return Borrowed(cache, run, cfg)
 
 
-def load_llm(cache: ActivationCache, device: torch.device) -> tuple[torch.nn.Module, torch.nn.ModuleList]:
-    """The model the cache was extracted from, checked by fingerprint."""
+def load_llm(
+    cache: ActivationCache, device: torch.device, dtype: str = "cache"
+) -> tuple[torch.nn.Module, torch.nn.ModuleList]:
+    """The model the cache was extracted from, checked by fingerprint, in ``dtype``: by default ("cache")
+    the precision it was extracted in, so that the activations an SAE is spliced into are the ones it
+    was trained on (a bf16 GPU extraction is not evaluated against a float32 forward)."""
     spec = cache.manifest["spec"]["model"]
     source = resolve_model(spec["name"], spec.get("revision"))
     expected = {k: v for k, v in spec.items() if k in ("sha256", "commit")}
@@ -105,7 +109,9 @@ def load_llm(cache: ActivationCache, device: torch.device) -> tuple[torch.nn.Mod
             f"the model at {spec['name']!r} is not the one cache {cache.key} was extracted from "
             f"(fingerprint {found} != {expected}); the SAE would be spliced into another model."
         )
-    model = load_model(source, device, resolve_dtype("auto", device))
+    if dtype == "cache":  # a cache from before the manifest recorded it: what extraction chose then
+        dtype = cache.manifest["spec"].get("compute_dtype", "auto")
+    model = load_model(source, device, resolve_dtype(dtype, device))
     return model, find_blocks(model)
 
 
