@@ -20,7 +20,7 @@ from pipeline.infra.console import progress_bar, say
 from pipeline.infra.device import DTYPES, resolve_device
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
-from pipeline.llm.divergence import ce_per_position, kl_per_position
+from pipeline.llm.divergence import kl_sum, next_token_ce_sum, real_log_probs, reference
 from pipeline.sae.quality import Reconstruction
 from pipeline.sae.route import RouteSAE
 from pipeline.sae.routing import route_choice
@@ -185,29 +185,29 @@ def _batch(
 ) -> None:
     """One batch of held-out sequences: clean, zeroed and every run's spliced forward."""
     model, blocks, tokens = branches.model, branches.blocks, branches.tokens
-    targets = mask[:, :-1] & mask[:, 1:]  # predict a real token from a real token
-    clean = branches.clean()
-    shared["ce_clean"] += float(ce_per_position(clean, tokens)[targets].sum())
+    clean_lp = real_log_probs(branches.clean(), mask)  # (n, V): one log_softmax per forward serves KL and CE
+    clean = reference(clean_lp)
+    shared["ce_clean"] += next_token_ce_sum(clean_lp, tokens, mask)
     shared["kl_positions"] += int(mask.sum())
-    shared["ce_positions"] += int(targets.sum())
+    shared["ce_positions"] += int((mask[:, :-1] & mask[:, 1:]).sum())  # a real token predicted from a real one
     first = group[0]
     if isinstance(first.sae, RouteSAE):  # RouteSAEs are evaluated alone: the routing is theirs
         choice, weight = route_choice(model, blocks, first.sae, first.normalizer, tokens)
         zero = zero_edits(first.layers, [mask & (choice == i) for i in range(len(first.layers))])
     else:
         zero = zero_edits(first.layers, [mask])
-    zeroed = branches.edited(zero)
-    shared["ce_zero"] += float(ce_per_position(zeroed, tokens)[targets].sum())
-    shared["kl_zero"] += float(kl_per_position(clean, zeroed)[mask].sum())
+    zeroed = real_log_probs(branches.edited(zero), mask)
+    shared["ce_zero"] += next_token_ce_sum(zeroed, tokens, mask)
+    shared["kl_zero"] += kl_sum(clean, zeroed)
     for s in group:
         if isinstance(s.sae, RouteSAE):
             undo = cfg.splice == "scaled"
             edits = route_edits(s.sae, s.normalizer, mask, choice, weight, cfg.infer_k, cfg.theta, undo)
         else:
             edits = topk_edits(s.sae, s.normalizer, s.layers[0], mask, cfg.infer_k, cfg.theta)
-        spliced = branches.edited(edits)
-        sums[id(s)]["kl"] += float(kl_per_position(clean, spliced)[mask].sum())
-        sums[id(s)]["ce_spliced"] += float(ce_per_position(spliced, tokens)[targets].sum())
+        spliced = real_log_probs(branches.edited(edits), mask)
+        sums[id(s)]["kl"] += kl_sum(clean, spliced)
+        sums[id(s)]["ce_spliced"] += next_token_ce_sum(spliced, tokens, mask)
 
 
 def write_metrics(s: Subject, cfg: EvaluateConfig) -> dict[str, Any]:

@@ -4,6 +4,9 @@ Shared by `evaluate` (SAE spliced in vs clean) and `steer` (edited vs unedited).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -20,3 +23,33 @@ def ce_per_position(logits: Tensor, tokens: Tensor) -> Tensor:
     return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), tokens[:, 1:].flatten(), reduction="none").view(
         tokens.shape[0], -1
     )
+
+
+class Reference(NamedTuple):
+    """The clean forward's next-token distribution at the real positions, kept to compare others with."""
+
+    probs: Tensor  # (n, V) float32
+    neg_entropy: Tensor  # (n,) sum_v p log p: the part of KL(p || q) that q does not change
+
+
+def real_log_probs(logits: Tensor, mask: Tensor) -> Tensor:
+    """log_softmax in float32 (n, V) at the n positions where ``mask`` (B, T) is set: padding costs nothing."""
+    return F.log_softmax(logits[mask].float(), dim=-1)
+
+
+def reference(log_probs: Tensor) -> Reference:
+    probs = log_probs.exp()  # (n, V)
+    return Reference(probs, torch.linalg.vecdot(probs, log_probs))
+
+
+def kl_sum(clean: Reference, other_log_probs: Tensor) -> float:
+    """Sum over positions of KL(p_clean || p_other) = sum_v p log p - sum_v p log q."""
+    return float((clean.neg_entropy - torch.linalg.vecdot(clean.probs, other_log_probs)).sum())
+
+
+def next_token_ce_sum(log_probs: Tensor, tokens: Tensor, mask: Tensor) -> float:
+    """Summed cross-entropy of predicting tokens[:, t+1] at every real position t whose next token is
+    real too, from ``log_probs`` (n, V) = :func:`real_log_probs` of the same ``mask``."""
+    following = torch.roll(tokens, -1, dims=1)[mask]  # (n,) the next token of each real position
+    scored = F.pad(mask[:, 1:], (0, 1))[mask]  # (n,) whether that next token is real (never past the end)
+    return -float(log_probs[scored].gather(1, following[scored, None]).sum())
