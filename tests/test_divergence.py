@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipeline.llm.divergence import kl_sum, next_token_ce_sum, real_log_probs, reference
+from pipeline.llm.divergence import kl_sum, log_probs, next_token_ce_sum, reference
 
 
 @pytest.fixture()
@@ -28,7 +28,7 @@ def test_kl_sums_over_real_positions_only(batch: tuple[torch.Tensor, ...]) -> No
         p = torch.softmax(clean[b, t].double(), 0)
         q = torch.softmax(other[b, t].double(), 0)
         expected += float((p * (p.log() - q.log())).sum())
-    found = kl_sum(reference(real_log_probs(clean, mask)), real_log_probs(other, mask))
+    found = kl_sum(reference(log_probs(clean[mask])), log_probs(other[mask]))
     assert found == pytest.approx(expected, rel=1e-5)
 
 
@@ -39,4 +39,4 @@ def test_cross_entropy_counts_a_real_token_predicted_from_a_real_one(batch: tupl
         for t in range(5):  # the last position predicts nothing
             if mask[b, t] and mask[b, t + 1]:
                 expected -= math.log(float(torch.softmax(clean[b, t].double(), 0)[tokens[b, t + 1]]))
-    assert next_token_ce_sum(real_log_probs(clean, mask), tokens, mask) == pytest.approx(expected, rel=1e-5)
+    assert next_token_ce_sum(log_probs(clean[mask]), tokens, mask) == pytest.approx(expected, rel=1e-5)

@@ -33,25 +33,29 @@ def logits_with(model: nn.Module, blocks: nn.ModuleList, tokens: Tensor, edits: 
 class Branches:
     """One batch's forwards that differ only from ``layer`` up (clean, zeroed, each run spliced): the blocks
     below ``layer`` run once, in the clean forward, and every edited forward resumes from there
-    (llm/replay.py). ``replay=False`` (a model whose output replay cannot rebuild) runs each one whole."""
+    (llm/replay.py). ``replay=False`` (a model whose output replay cannot rebuild) runs each one whole.
+    Logits come only at the positions ``at`` (B, T) marks: the LM head, a fifth of a small model's
+    forward, never runs on padding, and no (B, T, V) matrix is copied to pick the real rows."""
 
-    def __init__(self, model: nn.Module, blocks: nn.ModuleList, tokens: Tensor, layer: int, replay: bool) -> None:
-        self.model, self.blocks, self.tokens = model, blocks, tokens
+    def __init__(
+        self, model: nn.Module, blocks: nn.ModuleList, tokens: Tensor, layer: int, replay: bool, at: Tensor
+    ) -> None:
+        self.model, self.blocks, self.tokens, self.at = model, blocks, tokens, at
         self.start = stem(model, blocks, tokens, layer) if replay else None
         self.head = model.get_output_embeddings()  # type: ignore[operator]
 
     def clean(self) -> Tensor:
-        """Logits (B, T, V) of the unedited forward."""
+        """Logits (n, V) of the unedited forward at the n marked positions."""
         if self.start is None:
-            return logits_with(self.model, self.blocks, self.tokens, {})
-        return self.head(self.start.last)
+            return logits_with(self.model, self.blocks, self.tokens, {})[self.at]
+        return self.head(self.start.last[self.at])
 
     def edited(self, edits: dict[int, Edit]) -> Tensor:
-        """Logits (B, T, V) with ``edits`` (at ``layer`` or above)."""
+        """Logits (n, V) with ``edits`` (at ``layer`` or above), at the marked positions."""
         if self.start is None:
-            return logits_with(self.model, self.blocks, self.tokens, edits)
+            return logits_with(self.model, self.blocks, self.tokens, edits)[self.at]
         with replacing(self.blocks, edits):
-            return self.head(resume(self.model, self.blocks, self.start))
+            return self.head(resume(self.model, self.blocks, self.start)[self.at])
 
 
 def replays_exactly(model: nn.Module, blocks: nn.ModuleList, tokens: Tensor, layer: int) -> bool:
@@ -59,8 +63,9 @@ def replays_exactly(model: nn.Module, blocks: nn.ModuleList, tokens: Tensor, lay
     forward's (a model with logit soft-capping or scaling, or a final norm replay does not know, fails)."""
     if final_norm(model) is None or model.get_output_embeddings() is None:  # type: ignore[operator]
         return False
-    branches = Branches(model, blocks, tokens, layer, replay=True)
-    whole = logits_with(model, blocks, tokens, {})  # (B, T, V)
+    everywhere = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)  # (B, T)
+    branches = Branches(model, blocks, tokens, layer, replay=True, at=everywhere)
+    whole = logits_with(model, blocks, tokens, {}).flatten(0, 1)  # (B * T, V)
     scale = whole.abs().max().clamp_min(1e-6)
     return all(float((b - whole).abs().max() / scale) < 1e-4 for b in (branches.clean(), branches.edited({})))
 

@@ -20,7 +20,7 @@ from pipeline.infra.console import progress_bar, say
 from pipeline.infra.device import DTYPES, resolve_device
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
-from pipeline.llm.divergence import kl_sum, next_token_ce_sum, real_log_probs, reference
+from pipeline.llm.divergence import kl_sum, log_probs, next_token_ce_sum, reference
 from pipeline.sae.quality import Reconstruction
 from pipeline.sae.route import RouteSAE
 from pipeline.sae.routing import route_choice
@@ -154,7 +154,7 @@ def spliced_metrics(
         for start in range(0, len(tokens_np), cfg.batch_size):
             tokens = torch.from_numpy(tokens_np[start : start + cfg.batch_size]).long().to(device)  # (B, T)
             mask = torch.from_numpy(mask_np[start : start + cfg.batch_size]).to(device)  # (B, T)
-            _batch(group, Branches(model, blocks, tokens, layer, replay), mask, cfg, sums, shared)
+            _batch(group, Branches(model, blocks, tokens, layer, replay, at=mask), mask, cfg, sums, shared)
             bar.advance(0, int(mask.sum()))
     for s in group:
         ce = {
@@ -185,7 +185,7 @@ def _batch(
 ) -> None:
     """One batch of held-out sequences: clean, zeroed and every run's spliced forward."""
     model, blocks, tokens = branches.model, branches.blocks, branches.tokens
-    clean_lp = real_log_probs(branches.clean(), mask)  # (n, V): one log_softmax per forward serves KL and CE
+    clean_lp = log_probs(branches.clean())  # (n, V) at the real positions: one per forward serves KL and CE
     clean = reference(clean_lp)
     shared["ce_clean"] += next_token_ce_sum(clean_lp, tokens, mask)
     shared["kl_positions"] += int(mask.sum())
@@ -196,7 +196,7 @@ def _batch(
         zero = zero_edits(first.layers, [mask & (choice == i) for i in range(len(first.layers))])
     else:
         zero = zero_edits(first.layers, [mask])
-    zeroed = real_log_probs(branches.edited(zero), mask)
+    zeroed = log_probs(branches.edited(zero))
     shared["ce_zero"] += next_token_ce_sum(zeroed, tokens, mask)
     shared["kl_zero"] += kl_sum(clean, zeroed)
     for s in group:
@@ -205,7 +205,7 @@ def _batch(
             edits = route_edits(s.sae, s.normalizer, mask, choice, weight, cfg.infer_k, cfg.theta, undo)
         else:
             edits = topk_edits(s.sae, s.normalizer, s.layers[0], mask, cfg.infer_k, cfg.theta)
-        spliced = real_log_probs(branches.edited(edits), mask)
+        spliced = log_probs(branches.edited(edits))
         sums[id(s)]["kl"] += kl_sum(clean, spliced)
         sums[id(s)]["ce_spliced"] += next_token_ce_sum(spliced, tokens, mask)
 

@@ -32,9 +32,9 @@ class Reference(NamedTuple):
     neg_entropy: Tensor  # (n,) sum_v p log p: the part of KL(p || q) that q does not change
 
 
-def real_log_probs(logits: Tensor, mask: Tensor) -> Tensor:
-    """log_softmax in float32 (n, V) at the n positions where ``mask`` (B, T) is set: padding costs nothing."""
-    return F.log_softmax(logits[mask].float(), dim=-1)
+def log_probs(logits: Tensor) -> Tensor:
+    """Next-token log-probabilities in float32 of logits (n, V) taken at the n real positions of a batch."""
+    return F.log_softmax(logits.float(), dim=-1)
 
 
 def reference(log_probs: Tensor) -> Reference:
@@ -49,7 +49,7 @@ def kl_sum(clean: Reference, other_log_probs: Tensor) -> float:
 
 def next_token_ce_sum(log_probs: Tensor, tokens: Tensor, mask: Tensor) -> float:
     """Summed cross-entropy of predicting tokens[:, t+1] at every real position t whose next token is
-    real too, from ``log_probs`` (n, V) = :func:`real_log_probs` of the same ``mask``."""
+    real too, from ``log_probs`` (n, V) at the positions ``mask`` (B, T) marks, in their order."""
     following = torch.roll(tokens, -1, dims=1)[mask]  # (n,) the next token of each real position
     scored = F.pad(mask[:, 1:], (0, 1))[mask]  # (n,) whether that next token is real (never past the end)
     return -float(log_probs[scored].gather(1, following[scored, None]).sum())
