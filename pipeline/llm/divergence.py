@@ -11,13 +11,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def kl_per_position(clean_logits: Tensor, other_logits: Tensor) -> Tensor:
-    """KL(p_clean || p_other) at every position, (B, T), computed in float32."""
-    clean = F.log_softmax(clean_logits.float(), dim=-1)
-    other = F.log_softmax(other_logits.float(), dim=-1)
-    return (clean.exp() * (clean - other)).sum(-1)
-
-
 def ce_per_position(logits: Tensor, tokens: Tensor) -> Tensor:
     """Cross-entropy of predicting tokens[:, t+1] from position t, (B, T-1)."""
     return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), tokens[:, 1:].flatten(), reduction="none").view(
@@ -33,13 +26,14 @@ class Reference(NamedTuple):
 
 
 def log_probs(logits: Tensor) -> Tensor:
-    """Next-token log-probabilities in float32 of logits (n, V) taken at the n real positions of a batch."""
+    """Next-token log-probabilities in float32 over the last dimension of ``logits`` (..., V)."""
     return F.log_softmax(logits.float(), dim=-1)
 
 
-def reference(log_probs: Tensor) -> Reference:
-    probs = log_probs.exp()  # (n, V)
-    return Reference(probs, torch.linalg.vecdot(probs, log_probs))
+def reference(clean_log_probs: Tensor) -> Reference:
+    """What KL against the clean distribution needs, computed once for any number of others (n, V)."""
+    probs = clean_log_probs.exp()  # (n, V)
+    return Reference(probs, torch.linalg.vecdot(probs, clean_log_probs))
 
 
 def kl_sum(clean: Reference, other_log_probs: Tensor) -> float:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.infra.console import progress_bar
-from pipeline.llm.divergence import ce_per_position, kl_per_position
+from pipeline.llm.divergence import ce_per_position, kl_sum, log_probs, reference
 from pipeline.llm.hooks import run_to_layers
 from pipeline.sae.route import RouteSAE
 from pipeline.sae.subject import Subject
@@ -73,15 +73,16 @@ def held_out_cost(bench: Bench, settings: list[Setting], batch_size: int) -> dic
         for start in range(0, len(bench.heldout), batch_size):
             tokens = bench.heldout[start : start + batch_size]  # (B, T)
             mask = bench.mask[start : start + batch_size]  # (B, T)
-            clean = bench.model(input_ids=tokens).logits.float().log_softmax(-1)  # (B, T, V)
+            clean = log_probs(bench.model(input_ids=tokens).logits)  # (B, T, V)
+            kept = reference(clean[mask])  # once per batch, shared by every setting's KL
             positions += int(mask.sum())
             for s in settings:
                 if s.strength == 0 and bench.mode == "delta":
                     continue  # adds exactly nothing: KL and gain are 0 without a forward
-                steered = steered_logits(bench, bench.target(s), tokens).float()  # (B, T, V)
-                sums[s][0] += float(kl_per_position(clean, steered)[mask].sum())
+                steered = log_probs(steered_logits(bench, bench.target(s), tokens))  # (B, T, V)
+                sums[s][0] += kl_sum(kept, steered[mask])
                 ids = bench.promoted[s.feature]
-                gain = steered.log_softmax(-1)[..., ids].logsumexp(-1) - clean[..., ids].logsumexp(-1)  # (B, T)
+                gain = steered[..., ids].logsumexp(-1) - clean[..., ids].logsumexp(-1)  # (B, T)
                 sums[s][1] += float(gain[mask].sum())
             bar.advance(0, len(tokens) * len(settings))
     return {s: (kl / max(positions, 1), gain / max(positions, 1)) for s, (kl, gain) in sums.items()}
