@@ -265,12 +265,20 @@ def test_revive_brings_back_latents_auxk_cannot_reach(tmp_path: Path) -> None:
     assert alive_after(0.05) > 0.9
 
 
-def test_dead_threshold_scales_with_the_run() -> None:
-    from pipeline.fit.plan import auto_dead_tokens
+def test_dead_threshold_follows_the_dictionary_not_the_run(tmp_path: Path) -> None:
+    """auto: 64 intervals of a latent at the mean firing rate (latents / k tokens each); explicit wins."""
+    from pipeline.fit.plan import plan_run
 
-    assert auto_dead_tokens(FitConfig(epochs=2), 400_000) == 50_000  # the floor
-    assert auto_dead_tokens(FitConfig(epochs=2), 4_000_000) == 400_000
-    assert auto_dead_tokens(FitConfig(max_tokens=2_000_000), 40_000_000) == 100_000
+    cache = ActivationCache.open(synthetic_cache(tmp_path, [1500, 1500]).url)
+
+    def threshold(**kw: object) -> int:
+        return plan_run(run_cfg(cache.folder.url, tmp_path, **kw), cache).training.dead_tokens
+
+    assert threshold(latents=128, k=4) == 2048
+    assert threshold(latents=512, k=4) == 8192
+    assert threshold(latents=512, k=16) == 2048
+    assert threshold(latents=512, k=16, epochs=8) == 2048  # a longer run, the same threshold
+    assert threshold(latents=512, k=16, dead_tokens=300) == 300
 
 
 def test_route_log_records_shares_and_entropy(tmp_path: Path) -> None:

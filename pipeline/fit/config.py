@@ -55,7 +55,7 @@ class FitConfig:
     seed: int = setting(0, "weight initialization")
     data_seed: int = setting(0, "shard order and shuffling (shared by all members of a sweep)")
     dead_tokens: int = setting(
-        0, "a latent idle this many tokens is dead: AuxK and revive work on it (0 = auto: 1/20 of the run, >= 50,000)"
+        0, "a latent idle this many tokens is dead: AuxK and revive work on it (0 = auto: 64 x latents / k)"
     )
     k_aux: int = setting(0, "AuxK latents (0 = hidden size / 2)")
     aux_alpha: float = setting(1 / 32, "AuxK loss weight")
