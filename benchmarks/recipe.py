@@ -2,7 +2,7 @@
 demo cache (SmolLM2 layer 12), each setting evaluated over every held-out row.
 
     python -m benchmarks.recipe                                  # the grid below, 2 epochs, 2 data seeds
-    python -m benchmarks.recipe --latents 4096 --lr 8e-3 --revive 0,0.2 --dead 8192 --write   # the demo's recipe
+    python -m benchmarks.recipe --latents 4096 --lr 6e-3 --revive 0 --write   # the demo's recipe
 
 Each dictionary size is one `sae-pipe fit` sweep (every lr x revive member from one read), then
 `sae-pipe evaluate --metrics nmse --max-tokens 0`. lr 0 is the automatic default. Besides the held-out

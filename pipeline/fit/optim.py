@@ -39,7 +39,9 @@ def auto_lr(optimizer: str, n_latents: int) -> float:
     4096 latents 2e-3 / 4e-3 / 8e-3 leave 0.3 / 1.4-2.1 / 13 % of latents silent on the 21k held-out
     tokens at FVU 0.134 / 0.119 / 0.116; at 16384, 1e-3 / 2e-3 / 4e-3 give 3.1 / 6.6 / 29 % at FVU
     0.133 / 0.111 / 0.101. The default takes the middle: a few tenths of FVU for 4-8x fewer dead
-    latents (the old 4e-3 base sat at the right-hand column). Signum's base is not re-measured.
+    latents (the old 4e-3 base sat at the right-hand column). Those shares were taken with the old dead
+    threshold; with 64 x latents / k (fit/plan.py) 4096 latents at 4e-3 / 6e-3 leave 0.02-0.05 / 0.7-0.9 %
+    at FVU 0.119 / 0.115, and 16384 at 2e-3 / 3e-3 leave 2.9 / 8.0 %. Signum's base is not re-measured.
     """
     base = 2e-3 if optimizer == "adam" else 5e-3
     return base * (16384 / n_latents) ** 0.5

@@ -109,7 +109,7 @@ def auto_dead_tokens(n_latents: int, k: int) -> int:
 
     A threshold tied to the dictionary, not the run, reaches the rare latents that a held-out split
     counts as dead. On the demo cache (benchmarks/RESULTS.md, 0.8M tokens, default lr) it left 0.02 % of
-    4096 latents silent on the held-out tokens (was 1.8 % with 1/20 of the run, >= 50,000) and 2.9 % of
+    4096 latents silent on the held-out tokens (was 1.4-2.1 % with 1/20 of the run, >= 50,000) and 2.9 % of
     16384 (was 6.5 %) at the same FVU; a fixed 10M (sparsify) never engages in a run this short.
     """
     return 64 * n_latents // k
