@@ -96,6 +96,8 @@ def fit(
     data_seed: Annotated[int | None, opt(FitConfig, "data_seed")] = None,
     precision: Annotated[str | None, opt(FitConfig, "precision")] = None,
     dead_tokens: Annotated[int | None, opt(FitConfig, "dead_tokens")] = None,
+    k_aux: Annotated[int | None, opt(FitConfig, "k_aux")] = None,
+    aux_alpha: Annotated[float | None, opt(FitConfig, "aux_alpha")] = None,
     revive: Annotated[float | None, opt(FitConfig, "revive")] = None,
     route_balance: Annotated[float | None, opt(FitConfig, "route_balance")] = None,
     sweep: Annotated[list[str] | None, opt(FitConfig, "sweep")] = None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -279,6 +280,20 @@ def test_dead_threshold_follows_the_dictionary_not_the_run(tmp_path: Path) -> No
     assert threshold(latents=512, k=16) == 2048
     assert threshold(latents=512, k=16, epochs=8) == 2048  # a longer run, the same threshold
     assert threshold(latents=512, k=16, dead_tokens=300) == 300
+
+
+def test_auxk_settings_reach_the_run_from_the_command_line(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    cache = synthetic_cache(tmp_path, [600, 600]).url
+    args = ["fit", "--cache", cache, "--layer", "0", "--latents", "32", "--k", "4", "--max-tokens", "256"]
+    args += ["--batch-size", "128", "--out", str(tmp_path / "saes"), "--device", "cpu"]
+    result = CliRunner().invoke(app, [*args, "--k-aux", "8", "--aux-alpha", "0.25", "--dead-tokens", "300"])
+    assert result.exit_code == 0, result.output
+    training = json.loads((Path(result.output.split()[-1]) / "cfg.json").read_text())["training"]
+    assert (training["k_aux"], training["aux_alpha"], training["dead_tokens"]) == (8, 0.25, 300)
 
 
 def test_route_log_records_shares_and_entropy(tmp_path: Path) -> None:
