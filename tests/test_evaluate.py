@@ -299,3 +299,25 @@ def test_the_model_runs_in_the_precision_of_the_extraction_unless_told(
     assert run_eval([run], tmp_path / "as-cache", metrics=["kl"], max_tokens=64)[0]["kl_per_token"] >= 0
     run_eval([run], tmp_path / "told", metrics=["kl"], max_tokens=64, compute_dtype="float32")
     assert loaded == [torch.bfloat16, torch.float32]
+
+
+def test_train_dead_counts_a_latent_firing_only_on_the_last_training_row_as_alive(tmp_path: Path) -> None:
+    """k - 1 latents fire everywhere (bias +1e4), one only on the last training row of the last shard,
+    the rest nowhere: train_dead_share = 1 - k / N. Reading all but that row would give 1 - (k - 1) / N."""
+    from pipeline.cache.reader import ActivationCache as Cache
+    from pipeline.sae.folder import load_sae
+    from tests.support.caches import synthetic_cache
+
+    cache = synthetic_cache(tmp_path, [60, 50], layers=(12,), d=16)
+    (run,) = fit(FitConfig(cache=cache.url, layer=12, latents=32, k=4, max_tokens=64, batch_size=32, out=str(tmp_path)))
+    sae, _ = load_sae(run)
+    last = torch.from_numpy(Cache.open(cache.url).layer_rows(1, "train", 0)[-1])  # (D,)
+    with torch.no_grad():
+        sae.b_dec.zero_()
+        sae.b_enc.fill_(-1e4)
+        sae.b_enc[:3] = 1e4  # always in the top k
+        sae.W_enc[3] = last / last.norm()
+        sae.b_enc[3] = -(last.norm() - 1e-3)  # above zero on rows nearly equal to the last one only
+    save_weights(run, sae)
+    (result,) = evaluate(EvaluateConfig(runs=[run.url], metrics=["train_dead"], out=str(tmp_path / "ev")))
+    assert result["train_dead_share"] == 1 - 4 / 32

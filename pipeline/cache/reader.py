@@ -116,13 +116,17 @@ class ActivationCache:
 
     def heldout_rows(self, layers: list[int], max_rows: int = 0) -> Iterator[tuple[int, np.ndarray]]:
         """Held-out rows shard by shard as float32 (shard, (n, L, D)) for ``layers``, at most ``max_rows`` (0 = all)."""
-        left = max_rows or self.rows("heldout")
+        return self.split_rows("heldout", layers, max_rows)
+
+    def split_rows(self, split: str, layers: list[int], max_rows: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+        """Rows of ``split`` (train | heldout) shard by shard, in stored order, as :meth:`heldout_rows` gives them."""
+        left = max_rows or self.rows(split)
         positions = [self.layer_index(layer) for layer in layers]
         for record in self.shards:
-            n = min(record["rows"]["heldout"], left)
+            n = min(record["rows"][split], left)
             if n <= 0:
                 continue
-            yield record["index"], np.stack([self.layer_rows(record["index"], "heldout", p)[:n] for p in positions], 1)
+            yield record["index"], np.stack([self.layer_rows(record["index"], split, p)[:n] for p in positions], 1)
             left -= n
 
     def heldout_sequences(self, max_tokens: int = 0) -> tuple[np.ndarray, np.ndarray]:

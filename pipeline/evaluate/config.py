@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from pipeline.infra.params import setting
 
-METRICS = ("nmse", "kl", "ce")
+METRICS = ("nmse", "kl", "ce")  # the default set
+OPT_IN = ("train_dead",)  # slow: one pass over the cache's training split
 SPLICES = ("scaled", "paper")
 
 
@@ -18,7 +19,8 @@ class EvaluateConfig:
     max_tokens: int = setting(0, "held-out tokens to use (0 = all the held-out split has)")
     batch_size: int = setting(4, "sequences per LLM forward")
     metrics: list[str] = setting(
-        doc="comma list of nmse (cache only), kl, ce (need the LLM)", factory=lambda: list(METRICS)
+        doc="comma list of nmse (cache only), kl, ce (need the LLM), train_dead (opt-in: reads the training split)",
+        factory=lambda: list(METRICS),
     )
     infer_k: int | None = setting(None, "encode with this k instead of the trained one")
     theta: float | None = setting(None, "encode with a threshold instead of top-k")

@@ -6,6 +6,7 @@ Reconstruction (normalized space, over held-out tokens):
   fvu          sum ||x - x_hat||^2 / sum ||x - mean(x)||^2              (fraction of variance unexplained)
   l0           mean number of active (non-zero) latents per token
   dead_share   share of latents never active on the evaluated tokens
+  train_dead_share  share never active on any of the cache's training rows (opt-in: dead, not rare)
   dense_latents  number of latents active on more than 10 % of the evaluated tokens
   live_latents   number of latents active on more than 0.01 % of them (features found)
 Spliced into the LLM (logits over held-out sequences):
@@ -26,6 +27,7 @@ DEFINITIONS = {
     "l0": "mean number of active latents per token",
     "dead_share": "share of latents never active on the evaluated tokens",
     "dense_latents": "number of latents active on more than 10 % of the evaluated tokens",
+    "train_dead_share": "share of latents active on none of the cache's training rows (--metrics train_dead)",
     "live_latents": "number of latents active on more than 0.01 % of the evaluated tokens",
     "top_route_share": "RouteSAE: the largest share of tokens routed to one layer (1 = collapsed onto one layer)",
     "kl_per_token": "mean over real positions of KL(p_clean || p_spliced), nats",
