@@ -321,3 +321,5 @@ def test_train_dead_counts_a_latent_firing_only_on_the_last_training_row_as_aliv
     save_weights(run, sae)
     (result,) = evaluate(EvaluateConfig(runs=[run.url], metrics=["train_dead"], out=str(tmp_path / "ev")))
     assert result["train_dead_share"] == 1 - 4 / 32
+    (top3,) = evaluate(EvaluateConfig(runs=[run.url], metrics=["train_dead"], infer_k=3, out=str(tmp_path / "ev")))
+    assert top3["train_dead_share"] == 1 - 3 / 32  # encoded with --infer-k, as the other metrics are

@@ -54,7 +54,7 @@ def evaluate(cfg: EvaluateConfig) -> list[dict[str, Any]]:
         if "nmse" in cfg.metrics or subject.has_activations:  # an imported run may have only tokens (kl, ce)
             subject.result = fast_metrics(subject, cfg)
         if "train_dead" in cfg.metrics:
-            subject.result["train_dead_share"] = train_dead_share(subject)
+            subject.result["train_dead_share"] = train_dead_share(subject, cfg)
     if {"kl", "ce"} & set(cfg.metrics):
         for same_cache in _group_by(subjects, lambda s: (s.cache.key,)):
             model, blocks = load_llm(same_cache[0].cache, device, cfg.compute_dtype)  # once per cache, not per layer
@@ -135,18 +135,19 @@ def fast_metrics(s: Subject, cfg: EvaluateConfig) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def train_dead_share(s: Subject) -> float:
+def train_dead_share(s: Subject, cfg: EvaluateConfig) -> float:
     """Share of latents active on none of the cache's training rows: dead, as opposed to rare.
 
     A held-out split of 21k tokens counts a latent firing once in 10,000 tokens as dead about 1 time in 8;
     over the training split (0.4M rows in the demo) only a latent the data never reaches stays silent.
+    Encoded as the fast metrics are (``--infer-k`` / ``--theta``).
     """
     fired = torch.zeros(s.cfg["sae"]["n_latents"], dtype=torch.bool, device=next(s.sae.parameters()).device)
     with progress_bar("training rows", s.cache.rows("train"), unit="tok") as bar:
         for _, rows in s.cache.split_rows("train", s.layers):
             for start in range(0, len(rows), FAST_BATCH):
                 x = torch.from_numpy(rows[start : start + FAST_BATCH]).to(device=fired.device)  # (b, L, D)
-                latents = s.sae(x if s.is_route else x[:, 0]).latents  # (b, k)
+                latents = s.sae(x if s.is_route else x[:, 0], k=cfg.infer_k, theta=cfg.theta).latents  # (b, k)
                 fired[latents.indices[latents.acts > 0]] = True
             bar.advance(0, len(rows))
     return float(1 - fired.float().mean())
