@@ -8,7 +8,7 @@ batch (splice.Branches): N runs cost 1 forward below the layer and 2 + N above i
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -25,6 +25,7 @@ from pipeline.sae.quality import Reconstruction
 from pipeline.sae.route import RouteSAE
 from pipeline.sae.routing import route_choice
 from pipeline.sae.subject import Subject, load_llm, load_subject
+from pipeline.sae.topk import SaeOutput
 
 FAST_BATCH = 4096  # held-out rows per SAE forward
 DENSE = 0.1  # a latent firing on more than this share of tokens counts as dense
@@ -105,18 +106,15 @@ def fast_metrics(s: Subject, cfg: EvaluateConfig) -> dict[str, Any]:
     fires = torch.zeros(n_latents, dtype=torch.int64, device=device)  # (N,) tokens each latent fired on
     routes = torch.zeros(len(s.layers), dtype=torch.float64, device=device)
     quality, l0_sum = Reconstruction(), 0.0
-    for _, rows in s.cache.heldout_rows(s.layers, cfg.max_tokens):
-        for start in range(0, len(rows), FAST_BATCH):
-            x = torch.from_numpy(rows[start : start + FAST_BATCH]).to(device=device, dtype=torch.float32)  # (b, L, D)
-            out = s.sae(x if s.is_route else x[:, 0], k=cfg.infer_k, theta=cfg.theta)
-            quality.add(out.x, out.x_hat)
-            fired = out.latents.acts > 0  # (b, k)
-            l0_sum += float(fired.sum())
-            fires += torch.bincount(out.latents.indices[fired], minlength=n_latents)
-            if out.layer_choice is not None:
-                routes += torch.bincount(out.layer_choice, minlength=len(s.layers)).double()
-            elif out.layer_weights is not None:
-                routes += out.layer_weights.sum(0).double()
+    for out in _encoded(s, cfg, "heldout", cfg.max_tokens):
+        quality.add(out.x, out.x_hat)
+        fired = out.latents.acts > 0  # (b, k)
+        l0_sum += float(fired.sum())
+        fires += torch.bincount(out.latents.indices[fired], minlength=n_latents)
+        if out.layer_choice is not None:
+            routes += torch.bincount(out.layer_choice, minlength=len(s.layers)).double()
+        elif out.layer_weights is not None:
+            routes += out.layer_weights.sum(0).double()
     n = quality.rows
     result: dict[str, Any] = {
         "nmse": quality.nmse,
@@ -140,17 +138,23 @@ def train_dead_share(s: Subject, cfg: EvaluateConfig) -> float:
 
     A held-out split of 21k tokens counts a latent firing once in 10,000 tokens as dead about 1 time in 8;
     over the training split (0.4M rows in the demo) only a latent the data never reaches stays silent.
-    Encoded as the fast metrics are (``--infer-k`` / ``--theta``).
     """
     fired = torch.zeros(s.cfg["sae"]["n_latents"], dtype=torch.bool, device=next(s.sae.parameters()).device)
     with progress_bar("training rows", s.cache.rows("train"), unit="tok") as bar:
-        for _, rows in s.cache.split_rows("train", s.layers):
-            for start in range(0, len(rows), FAST_BATCH):
-                x = torch.from_numpy(rows[start : start + FAST_BATCH]).to(device=fired.device)  # (b, L, D)
-                latents = s.sae(x if s.is_route else x[:, 0], k=cfg.infer_k, theta=cfg.theta).latents  # (b, k)
-                fired[latents.indices[latents.acts > 0]] = True
-            bar.advance(0, len(rows))
+        for out in _encoded(s, cfg, "train"):
+            fired[out.latents.indices[out.latents.acts > 0]] = True
+            bar.advance(0, len(out.x))
     return float(1 - fired.float().mean())
+
+
+def _encoded(s: Subject, cfg: EvaluateConfig, split: str, max_rows: int = 0) -> Iterator[SaeOutput]:
+    """The SAE's output for the cache's rows of ``split``, FAST_BATCH rows at a time, encoded as asked
+    (``--infer-k`` / ``--theta``)."""
+    device = next(s.sae.parameters()).device
+    for _, rows in s.cache.split_rows(split, s.layers, max_rows):
+        for start in range(0, len(rows), FAST_BATCH):
+            x = torch.from_numpy(rows[start : start + FAST_BATCH]).to(device=device, dtype=torch.float32)  # (b, L, D)
+            yield s.sae(x if s.is_route else x[:, 0], k=cfg.infer_k, theta=cfg.theta)
 
 
 @torch.no_grad()
