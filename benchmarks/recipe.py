@@ -1,10 +1,12 @@
-"""The default training recipe, measured: learning rate x dead-latent revival x dictionary size on the
-demo cache (SmolLM2 layer 12), each setting evaluated over every held-out row.
+"""The default training recipe, measured: learning rate x dead-latent revival x AuxK settings x dictionary
+size on the demo cache (SmolLM2 layer 12), each setting evaluated over every held-out row.
 
     python -m benchmarks.recipe                                  # the grid below, 2 epochs, 2 data seeds
     python -m benchmarks.recipe --latents 4096 --lr 6e-3 --revive 0 --write   # the demo's recipe
+    python -m benchmarks.recipe --latents 16384 --lr 0 --revive 0 --k-aux 0,128 --aux-alpha 0.03125,0.3
 
-Each dictionary size is one `sae-pipe fit` sweep (every lr x revive member from one read), then
+Each dictionary size is one `sae-pipe fit` sweep (every lr x revive x k_aux x aux_alpha x dead member from
+one read), then
 `sae-pipe evaluate --metrics nmse,train_dead --max-tokens 0`. lr 0 is the automatic default. Besides the
 held-out dead share, each run reports the share of latents silent on every training row: a latent that fires
 on a few hundred of the 0.4M training tokens (rate ~1e-4) is often silent on the 21k held-out ones,
@@ -36,10 +38,12 @@ from pipeline.fit.stage import fit
 from pipeline.infra.params import build_config, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
+SWEPT = ("lr", "revive", "k_aux", "aux_alpha", "dead_tokens")  # FitConfig fields, each a list option here
 
 
 def run_grid(cache: str, latents: int, args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
-    """One sweep per data seed (lr x revive), every member evaluated on all held-out rows."""
+    """One sweep per data seed (every combination of the swept settings), each member evaluated on all
+    held-out rows."""
     rows = []
     for data_seed in args.data_seeds:
         cfg = FitConfig(
@@ -49,9 +53,8 @@ def run_grid(cache: str, latents: int, args: argparse.Namespace, out: Path) -> l
             k=args.k,
             epochs=args.epochs,
             data_seed=data_seed,
-            dead_tokens=args.dead,
             out=str(out),
-            sweep={"lr": args.lr, "revive": args.revive},
+            sweep={name: getattr(args, name) for name in SWEPT},
         )
         runs = fit(cfg)
         metrics = ["nmse", "train_dead"]
@@ -63,23 +66,23 @@ def run_grid(cache: str, latents: int, args: argparse.Namespace, out: Path) -> l
 
 
 def table(rows: list[dict[str, Any]]) -> list[str]:
-    """Markdown: one line per (latents, lr, revive), mean over data seeds with the spread."""
-    groups: dict[tuple[int, float, int], list[dict[str, Any]]] = {}
+    """Markdown: one line per (latents, settings as resolved), mean over data seeds with the spread."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault((row["latents"], row["lr"], row["revive"]), []).append(row)
+        groups.setdefault((row["latents"], *(row[name] for name in SWEPT)), []).append(row)
     lines = [
-        "| latents | lr | revive | FVU | dead share (held-out) | silent on all training rows "
-        "| latents on > 10 % of tokens | seeds |",
-        "|---|---|---|---|---|---|---|---|",
+        "| latents | lr | revive | k_aux | aux_alpha | dead after (tokens) | FVU | dead share (held-out) "
+        "| silent on all training rows | latents on > 10 % of tokens | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (latents, lr, revive), group in sorted(groups.items()):
+    for (latents, lr, revive, k_aux, alpha, dead), group in sorted(groups.items()):
         fvu = [g["fvu"] for g in group]
         dead_share = [g["dead_share"] for g in group]
         dense = [g["dense_latents"] for g in group]
         silent = [g["train_dead_share"] for g in group]
         lines.append(
-            f"| {latents} | {lr:.2g} | {revive:g} | {_spread(fvu, '.4f')} | {_spread(dead_share, '.2%')} "
-            f"| {_spread(silent, '.2%')} | {_spread(dense, '.0f')} | {len(group)} |"
+            f"| {latents} | {lr:.2g} | {revive:g} | {k_aux} | {alpha:.3g} | {dead:,} | {_spread(fvu, '.4f')} "
+            f"| {_spread(dead_share, '.2%')} | {_spread(silent, '.2%')} | {_spread(dense, '.0f')} | {len(group)} |"
         )
     return lines
 
@@ -95,8 +98,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--latents", type=lambda s: [int(v) for v in s.split(",")], default=[1024, 4096, 16384])
     parser.add_argument("--lr", type=lambda s: [float(v) for v in s.split(",")], default=[0.0, 2e-3, 8e-3])
-    parser.add_argument("--dead", type=int, default=0, help="dead-latent threshold in tokens (0 = auto)")
     parser.add_argument("--revive", type=lambda s: [float(v) for v in s.split(",")], default=[0.0, 0.05])
+    parser.add_argument("--k-aux", type=lambda s: [int(v) for v in s.split(",")], default=[0], help="0 = auto")
+    parser.add_argument("--aux-alpha", type=lambda s: [float(v) for v in s.split(",")], default=[1 / 32])
+    parser.add_argument(
+        "--dead",
+        dest="dead_tokens",
+        type=lambda s: [int(v) for v in s.split(",")],
+        default=[0],
+        help="dead-latent thresholds in tokens (0 = auto)",
+    )
     parser.add_argument("--data-seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1])
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=2)
