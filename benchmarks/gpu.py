@@ -87,31 +87,40 @@ def measure_all(args: argparse.Namespace, sizes: Sizes, scratch: Path) -> list[s
     )
     folder, extract_rate = timed_extract(extraction)
     cache = ActivationCache.open(folder)
-    lines = [
+    lines: list[str] = []
+    _step(
+        lines,
         f"{_device_name(device)}; model {args.model}, layer {args.layer}, {cache.rows('train'):,} training rows, "
         f"d = {cache.d_model}, model in {cache.manifest['spec']['compute_dtype']}.",
         "",
         f"- extract: {extract_rate:,.0f} tok/s (tokenize, forward to the layer, normalize, write; load excluded)",
-    ]
+    )
     steps = bench_fit(
         training_rows(cache, args.layer, scratch), sizes.fit_steps, sizes.repeats, args.device, sizes.shape
     )
-    lines += ["", "| fit step contender | tokens/s (min-max) | peak GPU MiB |", "|---|---|---|"]
-    lines += [
+    table = ["", "| fit step contender | tokens/s (min-max) | peak GPU MiB |", "|---|---|---|"]
+    table += [
         f"| {name} | {r['tokens_per_s']:,.0f} ({r['min']:,.0f}-{r['max']:,.0f}) | {r['peak_gpu_mb']:,.0f} |"
         for name, r in steps.items()
     ]
     if "sparsify 1.3.3" in steps:
         peer = steps["sparsify 1.3.3"]["tokens_per_s"]
-        lines += ["", *(f"- {name} vs sparsify: {steps[name]['tokens_per_s'] / peer:.2f}x" for name in list(steps)[:2])]
+        table += ["", *(f"- {name} vs sparsify: {steps[name]['tokens_per_s'] / peer:.2f}x" for name in list(steps)[:2])]
     else:
-        lines += ["", "- sparsify: not measured, no .bench-venv here (`make bench` builds it; it needs a CUDA torch)"]
+        table += ["", "- sparsify: not measured, no .bench-venv here (`make bench` builds it; it needs a CUDA torch)"]
+    _step(lines, *table)
     run, fit_rate = timed_fit(folder.url, args, sizes, scratch / "saes")
-    lines += ["", f"- `sae-pipe fit` end to end: {fit_rate:,.0f} tok/s over {sizes.epochs} epoch(s), setup included"]
-    lines += ["", *measure(run, sizes.eval_tokens, 8, [1, 4], sizes.repeats, device)]
+    _step(lines, "", f"- `sae-pipe fit` end to end: {fit_rate:,.0f} tok/s over {sizes.epochs} epoch(s), setup included")
+    _step(lines, "", *measure(run, sizes.eval_tokens, 8, [1, 4], sizes.repeats, device))
     latents, k = sizes.shape.latents, sizes.shape.k
-    lines += ["", *sweep_lines(folder.url, sizes.sweep_tokens, sizes.repeats, args.device, [0], latents, k)]
+    _step(lines, "", *sweep_lines(folder.url, sizes.sweep_tokens, sizes.repeats, args.device, [0], latents, k))
     return lines
+
+
+def _step(lines: list[str], *new: str) -> None:
+    """Add a finished step's lines, and show them at once on stderr: a run cut short keeps what it measured."""
+    lines.extend(new)
+    print("\n".join(new), file=sys.stderr, flush=True)
 
 
 def timed_fit(cache: str, args: argparse.Namespace, sizes: Sizes, out: Path) -> tuple[str, float]:
