@@ -11,7 +11,7 @@
 5. the 4-member sweep against four separate fits, 16384 latents, k 32 (benchmarks/bench_sweep);
 
 then prints one section, and with --write adds it to benchmarks/RESULTS.md. Without a GPU it says so
-and exits 0. No GPU has been available to this project, so none of its numbers exist yet.
+and exits 0. Its first numbers (an H200, 2026-11-26) are in benchmarks/RESULTS.md.
 
     python -m benchmarks.gpu [--write] [--max-tokens 0] [--repeats 3]
     python -m benchmarks.gpu --device cpu --smoke    # every step at toy sizes on the CPU (tests/test_gpu_bench.py)
