@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from benchmarks.child import run_child
 from benchmarks.peer_quality import heldout_quality
@@ -61,3 +62,35 @@ def test_heldout_quality_by_hand() -> None:
     assert scores["dead_share"] == pytest.approx(3 / 6)
     assert scores["dense_latents"] == 1
     assert scores["l0"] == pytest.approx(6 / 20)
+
+
+def test_training_samples_of_the_heldout_size_count_a_one_block_latent_as_dead_by_chance() -> None:
+    """Latent 0 fires in every block, latent 1 in none, latent 2 in one block of four. Samples of all four
+    blocks see latent 2 every time (share 1/3); samples of one block miss it three times in four."""
+    from benchmarks.dead_floor import sampled_dead_shares
+
+    counts = torch.tensor([[5, 0, 0], [2, 0, 0], [1, 0, 0], [3, 0, 7]])  # (blocks, N)
+    assert sampled_dead_shares(counts, 4, samples=5, seed=0) == [1 / 3] * 5
+    one = sampled_dead_shares(counts, 1, samples=400, seed=0)
+    assert abs(np.mean(one) - (1 + 3 / 4) / 3) < 0.03
+    assert sorted(set(one)) == [1 / 3, 2 / 3]
+
+
+def test_dead_floor_agrees_with_evaluate_on_heldout_and_training_rows(tmp_path: Path) -> None:
+    """The benchmark's own per-block counting gives evaluate's dead_share (held-out) and
+    train_dead_share (training) for the same run."""
+    from benchmarks.dead_floor import measure
+    from pipeline.evaluate.config import EvaluateConfig
+    from pipeline.evaluate.stage import evaluate
+    from pipeline.fit.config import FitConfig
+    from pipeline.fit.stage import fit
+    from tests.support.caches import synthetic_cache
+
+    cache = synthetic_cache(tmp_path, [60, 50], layers=(12,), d=16, heldout_rows=24)
+    (run,) = fit(FitConfig(cache=cache.url, layer=12, latents=64, k=2, max_tokens=64, batch_size=32, out=str(tmp_path)))
+    metrics = ["nmse", "train_dead"]
+    (result,) = evaluate(EvaluateConfig(runs=[run.url], metrics=metrics, max_tokens=0, out=str(tmp_path / "ev")))
+    floor = measure(run.url, samples=3, seed=0)
+    assert 0 < result["dead_share"] < 1 and 0 < result["train_dead_share"] < 1  # both counts have something to match
+    assert floor.heldout == pytest.approx(result["dead_share"])
+    assert floor.train == pytest.approx(result["train_dead_share"])
