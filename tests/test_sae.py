@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from pipeline.sae import kernels
 from pipeline.sae.route import RouteSAE
 from pipeline.sae.topk import SaeConfig, TopKSAE
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("routing", ["hard", "soft"])
@@ -181,3 +187,16 @@ def test_dense_auxk_equals_the_sparse_kernels(monkeypatch: pytest.MonkeyPatch) -
         torch.testing.assert_close(dense, sparse, rtol=1e-4, atol=1e-4)  # float32 sums in another order
     grad = results[1][4]
     assert (grad * w_dec).sum(1).abs().max() < 1e-5 * grad.norm(dim=1).max()  # no radial part in its gradient
+
+
+def test_sparse_kernels_do_not_warn_of_segfaults() -> None:
+    """Without an explicit opt-out torch warns once per process that sparse invariant checks are
+    'implicitly disabled' (on torch 2.11 with CUDA the per-call argument alone did not stop it: every fit's
+    output carried it). A fresh process, since the warning is shown only once."""
+    code = (
+        "import torch; from pipeline.sae.kernels import sparse_t_matmul; "
+        "sparse_t_matmul(torch.tensor([[0, 2]]), torch.ones(1, 2), 3, torch.ones(1, 4))"
+    )
+    done = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "invariant" not in done.stderr
