@@ -282,6 +282,24 @@ def test_dead_threshold_follows_the_dictionary_not_the_run(tmp_path: Path) -> No
     assert threshold(latents=512, k=16, dead_tokens=300) == 300
 
 
+def test_automatic_lr_is_the_measured_best_at_each_dictionary_size(tmp_path: Path) -> None:
+    """lr 0 resolves to what the sweep on SmolLM2 chose (RESULTS.md 07:35): 1.2e-2 at 1024 latents, 2e-3
+    at 16384, and no lower at 32768, where 1.4e-3 left 23.5 % of latents untrained; explicit lr wins."""
+    from pipeline.fit.plan import plan_run
+
+    cache = ActivationCache.open(synthetic_cache(tmp_path, [600, 600]).url)
+
+    def lr(**kw: object) -> float:
+        return plan_run(run_cfg(cache.folder.url, tmp_path, **{"lr": 0.0, **kw}), cache).training.lr
+
+    assert lr(latents=1024) == pytest.approx(1.2e-2, rel=0.02)
+    assert lr(latents=16384) == pytest.approx(2e-3)
+    assert lr(latents=32768) == pytest.approx(2e-3)
+    assert lr(latents=4096) == pytest.approx(4.9e-3, rel=0.02)
+    assert lr(latents=1024, lr=3e-4) == 3e-4
+    assert lr(latents=16384, optimizer="signum") == pytest.approx(5e-3)  # Signum keeps its sqrt rule
+
+
 def test_auxk_settings_reach_the_run_from_the_command_line(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

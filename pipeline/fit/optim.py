@@ -33,18 +33,20 @@ class Signum(torch.optim.Optimizer):
 
 
 def auto_lr(optimizer: str, n_latents: int) -> float:
-    """Default peak lr: 2e-3 (Adam) or 5e-3 (Signum) at 16384 latents, times sqrt(16384 / latents).
+    """Default peak lr. Adam: 2e-3 x (16384 / latents) ** 0.65, never below 2e-3; Signum: 5e-3 x
+    sqrt(16384 / latents).
 
-    Adam, measured on the demo cache (SmolLM2 layer 12, k 32, 0.8M tokens, benchmarks/recipe.py): at
-    4096 latents 2e-3 / 4e-3 / 8e-3 leave 0.3 / 1.4-2.1 / 13 % of latents silent on the 21k held-out
-    tokens at FVU 0.134 / 0.119 / 0.116; at 16384, 1e-3 / 2e-3 / 4e-3 give 3.1 / 6.6 / 29 % at FVU
-    0.133 / 0.111 / 0.101. The default takes the middle: a few tenths of FVU for 4-8x fewer dead
-    latents (the old 4e-3 base sat at the right-hand column). Those shares were taken with the old dead
-    threshold; with 64 x latents / k (fit/plan.py) 4096 latents at 4e-3 / 6e-3 leave 0.02-0.05 / 0.7-0.9 %
-    at FVU 0.119 / 0.115, and 16384 at 2e-3 / 3e-3 leave 2.9 / 8.0 %. Signum's base is not re-measured.
+    Adam's rule is fitted to a sweep on the demo cache (SmolLM2 layer 12, k 32, 0.8M tokens, every held-out
+    row; benchmarks/recipe.py, RESULTS.md 07:35): the lr with the best FVU that leaves under 1 % of latents
+    silent on the 21k held-out tokens is 1.2e-2 at 1024 latents (FVU 0.153), 2e-3 at 16384 (0.111; 3e-3
+    gives 0.104 but 8 % silent there, mostly rare latents), and at 32768 lower rates starve latents:
+    1.4e-3 / 2e-3 leave 23.5 / 1.8 % silent on all training rows at FVU 0.114 / 0.106. At 4096 the rule
+    gives 4.9e-3, between 4e-3 (0.05 % silent, FVU 0.119) and the demo's 6e-3 (0.9 %, 0.115). Runs far
+    longer than 0.8M tokens have time to train every latent and may prefer less. Signum is not re-measured.
     """
-    base = 2e-3 if optimizer == "adam" else 5e-3
-    return base * (16384 / n_latents) ** 0.5
+    if optimizer == "adam":
+        return 2e-3 * max(1.0, 16384 / n_latents) ** 0.65
+    return 5e-3 * (16384 / n_latents) ** 0.5
 
 
 def make_optimizer(
