@@ -58,6 +58,7 @@ class Branches:
             return self.head(resume(self.model, self.blocks, self.start)[self.at])
 
 
+@torch.no_grad()  # a check: three forwards that need no autograd graph, whoever calls it
 def replays_exactly(model: nn.Module, blocks: nn.ModuleList, tokens: Tensor, layer: int) -> bool:
     """Whether branching rebuilds this model's logits: clean and resumed-unedited logits equal a whole
     forward's (a model with logit soft-capping or scaling, or a final norm replay does not know, fails)."""
