@@ -60,8 +60,9 @@ def run_grid(cache: str, latents: int, args: argparse.Namespace, out: Path) -> l
         metrics = ["nmse", "train_dead"]
         results = evaluate(EvaluateConfig(runs=[r.url for r in runs], metrics=metrics, max_tokens=0, out=str(out)))
         for run, result in zip(runs, results, strict=True):
-            training = run.read_json("cfg.json")["training"]
-            rows.append({"latents": latents, "data_seed": data_seed, **training, **result})
+            record = run.read_json("cfg.json")
+            training, tokens = record["training"], record["steps"] * record["training"]["batch_size"]
+            rows.append({"latents": latents, "tokens": tokens, "data_seed": data_seed, **training, **result})
     return rows
 
 
@@ -69,20 +70,21 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
     """Markdown: one line per (latents, settings as resolved), mean over data seeds with the spread."""
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault((row["latents"], *(row[name] for name in SWEPT)), []).append(row)
+        groups.setdefault((row["latents"], row["tokens"], *(row[name] for name in SWEPT)), []).append(row)
     lines = [
-        "| latents | lr | revive | k_aux | aux_alpha | dead after (tokens) | FVU | dead share (held-out) "
-        "| silent on all training rows | latents on > 10 % of tokens | seeds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| latents | training tokens | lr | revive | k_aux | aux_alpha | dead after (tokens) | FVU "
+        "| dead share (held-out) | silent on all training rows | latents on > 10 % of tokens | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (latents, lr, revive, k_aux, alpha, dead), group in sorted(groups.items()):
+    for (latents, tokens, lr, revive, k_aux, alpha, dead), group in sorted(groups.items()):
         fvu = [g["fvu"] for g in group]
         dead_share = [g["dead_share"] for g in group]
         dense = [g["dense_latents"] for g in group]
         silent = [g["train_dead_share"] for g in group]
         lines.append(
-            f"| {latents} | {lr:.2g} | {revive:g} | {k_aux} | {alpha:.3g} | {dead:,} | {_spread(fvu, '.4f')} "
-            f"| {_spread(dead_share, '.2%')} | {_spread(silent, '.2%')} | {_spread(dense, '.0f')} | {len(group)} |"
+            f"| {latents} | {tokens:,} | {lr:.2g} | {revive:g} | {k_aux} | {alpha:.3g} | {dead:,} "
+            f"| {_spread(fvu, '.4f')} | {_spread(dead_share, '.2%')} | {_spread(silent, '.2%')} "
+            f"| {_spread(dense, '.0f')} | {len(group)} |"
         )
     return lines
 

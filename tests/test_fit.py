@@ -282,9 +282,11 @@ def test_dead_threshold_follows_the_dictionary_not_the_run(tmp_path: Path) -> No
     assert threshold(latents=512, k=16, dead_tokens=300) == 300
 
 
-def test_automatic_lr_is_the_measured_best_at_each_dictionary_size(tmp_path: Path) -> None:
-    """lr 0 resolves to what the sweep on SmolLM2 chose (RESULTS.md 07:35): 1.2e-2 at 1024 latents, 2e-3
-    at 16384, and no lower at 32768, where 1.4e-3 left 23.5 % of latents untrained; explicit lr wins."""
+def test_automatic_lr_is_the_measured_best_at_each_dictionary_size_and_run_length(tmp_path: Path) -> None:
+    """lr 0 resolves to what the sweeps on SmolLM2 chose (RESULTS.md 07:35, 2026-12-02): 1.2e-2 at 1024
+    latents, 2e-3 at 16384, and no lower at 32768, where 1.4e-3 left 23.5 % of latents untrained, all at
+    0.8M tokens or fewer; 3.3e-3 at 4096 latents for 4M tokens, where 4.9e-3 left 1.6 % silent. The run
+    length counts epochs and the max_tokens cap; explicit lr wins."""
     from pipeline.fit.plan import plan_run
 
     cache = ActivationCache.open(synthetic_cache(tmp_path, [600, 600]).url)
@@ -297,6 +299,9 @@ def test_automatic_lr_is_the_measured_best_at_each_dictionary_size(tmp_path: Pat
     assert lr(latents=32768) == pytest.approx(2e-3)
     assert lr(latents=4096) == pytest.approx(4.9e-3, rel=0.02)
     assert lr(latents=1024, lr=3e-4) == 3e-4
+    epochs_for_4m = -(-4_000_000 // cache.rows("train"))
+    assert lr(latents=4096, epochs=epochs_for_4m) == pytest.approx(3.3e-3, rel=0.02)
+    assert lr(latents=4096, epochs=epochs_for_4m, max_tokens=400_000) == pytest.approx(4.9e-3, rel=0.02)
     assert lr(latents=16384, optimizer="signum") == pytest.approx(5e-3)  # Signum keeps its sqrt rule
 
 

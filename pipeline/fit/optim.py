@@ -32,20 +32,26 @@ class Signum(torch.optim.Optimizer):
         return loss
 
 
-def auto_lr(optimizer: str, n_latents: int) -> float:
-    """Default peak lr. Adam: 2e-3 x (16384 / latents) ** 0.65, never below 2e-3; Signum: 5e-3 x
+REFERENCE_TOKENS = 800_000  # run length the size rule was fitted at (the demo: 2 epochs of the built-in corpus)
+
+
+def auto_lr(optimizer: str, n_latents: int, tokens: int) -> float:
+    """Default peak lr for a run of ``tokens`` training tokens. Adam: 2e-3 x (16384 / latents) ** 0.65,
+    never below 2e-3, times (800k / tokens) ** 0.25 for runs longer than 800k tokens; Signum: 5e-3 x
     sqrt(16384 / latents).
 
-    Adam's rule is fitted to a sweep on the demo cache (SmolLM2 layer 12, k 32, 0.8M tokens, every held-out
-    row; benchmarks/recipe.py, RESULTS.md 07:35): the lr with the best FVU that leaves under 1 % of latents
-    silent on the 21k held-out tokens is 1.2e-2 at 1024 latents (FVU 0.153), 2e-3 at 16384 (0.111; 3e-3
-    gives 0.104 but 8 % silent there, mostly rare latents), and at 32768 lower rates starve latents:
-    1.4e-3 / 2e-3 leave 23.5 / 1.8 % silent on all training rows at FVU 0.114 / 0.106. At 4096 the rule
-    gives 4.9e-3, between 4e-3 (0.05 % silent, FVU 0.119) and the demo's 6e-3 (0.9 %, 0.115). Runs far
-    longer than 0.8M tokens have time to train every latent and may prefer less. Signum is not re-measured.
+    Adam's rule is fitted to sweeps on the demo cache (SmolLM2 layer 12, k 32, every held-out row;
+    benchmarks/recipe.py, RESULTS.md 07:35 and 2026-12-02): the lr with the best FVU that leaves under 1 % of
+    latents silent on the 21k held-out tokens. At 0.8M tokens that is 1.2e-2 at 1024 latents (FVU 0.153),
+    2e-3 at 16384 (0.111; 3e-3 gives 0.104 but 8 % silent there, mostly rare latents), and at 32768 lower
+    rates starve latents: 1.4e-3 / 2e-3 leave 23.5 / 1.8 % silent on all training rows. At 4096 it gives
+    4.9e-3, between 4e-3 (0.05 % silent, FVU 0.119) and 6e-3 (0.9 %, 0.115). The same rates are best at
+    0.4M tokens; at 4M tokens 4.9e-3 leaves 1.6 % of 4096 latents silent and 3.3e-3 (what the length
+    factor gives) 0.2 %, at a 1 % lower FVU. Signum is not re-measured.
     """
     if optimizer == "adam":
-        return 2e-3 * max(1.0, 16384 / n_latents) ** 0.65
+        size = 2e-3 * max(1.0, 16384 / n_latents) ** 0.65
+        return size * min(1.0, REFERENCE_TOKENS / max(tokens, 1)) ** 0.25
     return 5e-3 * (16384 / n_latents) ** 0.5
 
 

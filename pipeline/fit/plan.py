@@ -80,7 +80,7 @@ def plan_run(cfg: FitConfig, cache: ActivationCache) -> RunPlan:
     spec = cache.manifest["spec"]
     training = Training.of(
         cfg,
-        lr=cfg.lr or auto_lr(cfg.optimizer, n_latents),
+        lr=cfg.lr or auto_lr(cfg.optimizer, n_latents, run_tokens(cfg, cache.rows("train"))),
         k_aux=cfg.k_aux or d_in // 2,
         dead_tokens=cfg.dead_tokens or auto_dead_tokens(n_latents, cfg.k),
     )
@@ -101,6 +101,12 @@ def plan_run(cfg: FitConfig, cache: ActivationCache) -> RunPlan:
     digest = hashlib.sha256(json.dumps(hashed, sort_keys=True, default=str).encode()).hexdigest()[:8]
     name = f"{cache.key.split('-L')[0]}-{cfg.arch}-{layer_span(layers)}-n{n_latents}-k{cfg.k}-{digest}"
     return RunPlan(cfg, sae, training, Folder.at(out_root(cfg)).child(name), record)
+
+
+def run_tokens(cfg: FitConfig, train_rows: int) -> int:
+    """Training tokens the run will see: its epochs over the training split, capped by max_tokens."""
+    budget = train_rows * (cfg.epochs or 1)
+    return min(budget, cfg.max_tokens) if cfg.max_tokens else budget
 
 
 def auto_dead_tokens(n_latents: int, k: int) -> int:
