@@ -103,10 +103,11 @@ def plan_run(cfg: FitConfig, cache: ActivationCache) -> RunPlan:
     return RunPlan(cfg, sae, training, Folder.at(out_root(cfg)).child(name), record)
 
 
-def run_tokens(cfg: FitConfig, train_rows: int) -> int:
-    """Training tokens the run will see: its epochs over the training split, capped by max_tokens."""
+def run_tokens(cfg: FitConfig, train_rows: int, world: int = 1) -> int:
+    """Training tokens the run will see (per rank, of ``world`` ranks sharing the budget): its epochs over
+    the ``train_rows`` it reads, capped by max_tokens."""
     budget = train_rows * (cfg.epochs or 1)
-    return min(budget, cfg.max_tokens) if cfg.max_tokens else budget
+    return min(budget, cfg.max_tokens // world) if cfg.max_tokens else budget
 
 
 def auto_dead_tokens(n_latents: int, k: int) -> int:

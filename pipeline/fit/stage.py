@@ -14,7 +14,7 @@ from pipeline.cache.reader import ActivationCache
 from pipeline.cache.stream import ActivationStream, StreamSpec
 from pipeline.fit.config import FitConfig
 from pipeline.fit.feed import device_batches
-from pipeline.fit.plan import RunPlan, check_shared, expand_sweep, needs_training, plan_run, spread
+from pipeline.fit.plan import RunPlan, check_shared, expand_sweep, needs_training, plan_run, run_tokens, spread
 from pipeline.fit.state import drop_state
 from pipeline.fit.train import (
     Member,
@@ -90,14 +90,12 @@ def _total_steps(cfg: FitConfig, stream: ActivationStream, ranks: Ranks) -> tupl
     ``batch_size x world`` tokens.
     """
     epochs = cfg.epochs or 1
-    budget = stream.rows * epochs
-    if cfg.max_tokens:
-        if cfg.max_tokens > budget * ranks.world and not cfg.epochs:
-            say(
-                f"the training split has {stream.rows:,} rows, fewer than --max-tokens {cfg.max_tokens:,}: "
-                "training one epoch (pass --epochs N to repeat the data)"
-            )
-        budget = min(budget, cfg.max_tokens // ranks.world)
+    if cfg.max_tokens > stream.rows * epochs * ranks.world and not cfg.epochs:
+        say(
+            f"the training split has {stream.rows:,} rows, fewer than --max-tokens {cfg.max_tokens:,}: "
+            "training one epoch (pass --epochs N to repeat the data)"
+        )
+    budget = run_tokens(cfg, stream.rows, ranks.world)
     steps = ranks.smallest(budget // cfg.batch_size)  # under torchrun every rank runs the same number of steps
     if steps < 1:
         raise UserError(
