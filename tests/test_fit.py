@@ -305,6 +305,26 @@ def test_automatic_lr_is_the_measured_best_at_each_dictionary_size_and_run_lengt
     assert lr(latents=16384, optimizer="signum") == pytest.approx(5e-3)  # Signum keeps its sqrt rule
 
 
+def test_a_budget_beyond_the_data_trains_the_epochs_asked_for_and_says_so(
+    cache: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """--max-tokens past the data never repeats it unasked: one epoch by default, --epochs N at most,
+    each time with a message; within the epochs the budget caps the run, silently."""
+    rows = ActivationCache.open(cache).rows("train")
+
+    def steps_and_message(**kw: object) -> tuple[int, str]:
+        (run,) = fit(run_cfg(cache, tmp_path, checkpoint_every=0, **kw))
+        return run.read_json("cfg.json")["steps"], " ".join(capsys.readouterr().err.split())
+
+    steps, said = steps_and_message(max_tokens=3 * rows)
+    assert steps == rows // 256
+    assert f"1 epoch over the training split's {rows:,} rows are fewer than --max-tokens {3 * rows:,}" in said
+    steps, said = steps_and_message(max_tokens=4 * rows, epochs=3)
+    assert steps == 3 * rows // 256 and "training 3 epochs (pass a larger --epochs" in said
+    steps, said = steps_and_message(max_tokens=3 * rows, epochs=4)
+    assert steps == 3 * rows // 256 and "fewer than --max-tokens" not in said
+
+
 def test_auxk_settings_reach_the_run_from_the_command_line(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

@@ -84,16 +84,18 @@ def open_cache(cfg: FitConfig) -> ActivationCache:
 
 
 def _total_steps(cfg: FitConfig, stream: ActivationStream, ranks: Ranks) -> tuple[int, int]:
-    """(epochs, steps) for the token budget; a budget beyond the data trains one epoch unless asked.
+    """(epochs, steps) for the token budget; a budget beyond the data trains the epochs asked for (one by
+    default) and says so, so that data is never repeated unasked.
 
     Under torchrun each rank streams its own shards and the budget is shared: a step trains on
     ``batch_size x world`` tokens.
     """
     epochs = cfg.epochs or 1
-    if cfg.max_tokens > stream.rows * epochs * ranks.world and not cfg.epochs:
+    if cfg.max_tokens > stream.rows * epochs * ranks.world:
+        passes = f"{epochs} epoch{'s' if epochs > 1 else ''}"
         say(
-            f"the training split has {stream.rows:,} rows, fewer than --max-tokens {cfg.max_tokens:,}: "
-            "training one epoch (pass --epochs N to repeat the data)"
+            f"{passes} over the training split's {stream.rows * ranks.world:,} rows are fewer than --max-tokens "
+            f"{cfg.max_tokens:,}: training {passes} (pass a larger --epochs to repeat the data more)"
         )
     budget = run_tokens(cfg, stream.rows, ranks.world)
     steps = ranks.smallest(budget // cfg.batch_size)  # under torchrun every rank runs the same number of steps
