@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         keep_freed_memory()
     data = torch.from_numpy(np.load(args.data).astype(np.float32, copy=False)).to(device)  # (R, D)
     low = use_low_precision(device, args.precision)
-    lr, k_aux = auto_lr("adam", args.num_latents, args.steps * args.batch_size), data.shape[1] // 2
+    lr, k_aux = auto_lr("adam", args.num_latents, args.steps * args.batch_size, args.batch_size), data.shape[1] // 2
     settings = Training.of(FitConfig(), lr=lr, k_aux=k_aux, dead_tokens=10**9)
     cfg = SaeConfig("topk", data.shape[1], args.num_latents, args.k, [0])
     member = make_member(Folder.at(args.scratch), cfg, settings, low, [0], device)

@@ -286,13 +286,15 @@ def test_automatic_lr_is_the_measured_best_at_each_dictionary_size_and_run_lengt
     """lr 0 resolves to what the sweeps on SmolLM2 chose (RESULTS.md 07:35, 2026-12-02): 1.2e-2 at 1024
     latents, 2e-3 at 16384, and no lower at 32768, where 1.4e-3 left 23.5 % of latents untrained, all at
     0.8M tokens or fewer; 3.3e-3 at 4096 latents for 4M tokens, where 4.9e-3 left 1.6 % silent. The run
-    length counts epochs and the max_tokens cap; explicit lr wins."""
+    length counts epochs and the max_tokens cap; smaller batches scale it by sqrt(batch / 4096) (1e-3 and
+    5e-4 at 16384 latents, batches 1024 and 256: FVU 0.104 against 0.111, RESULTS.md 2026-12-02 05:20);
+    explicit lr wins."""
     from pipeline.fit.plan import plan_run
 
     cache = ActivationCache.open(synthetic_cache(tmp_path, [600, 600]).url)
 
     def lr(**kw: object) -> float:
-        return plan_run(run_cfg(cache.folder.url, tmp_path, **{"lr": 0.0, **kw}), cache).training.lr
+        return plan_run(run_cfg(cache.folder.url, tmp_path, **{"lr": 0.0, "batch_size": 4096, **kw}), cache).training.lr
 
     assert lr(latents=1024) == pytest.approx(1.2e-2, rel=0.02)
     assert lr(latents=16384) == pytest.approx(2e-3)
@@ -302,6 +304,9 @@ def test_automatic_lr_is_the_measured_best_at_each_dictionary_size_and_run_lengt
     epochs_for_4m = -(-4_000_000 // cache.rows("train"))
     assert lr(latents=4096, epochs=epochs_for_4m) == pytest.approx(3.3e-3, rel=0.02)
     assert lr(latents=4096, epochs=epochs_for_4m, max_tokens=400_000) == pytest.approx(4.9e-3, rel=0.02)
+    assert lr(latents=16384, batch_size=1024) == pytest.approx(1e-3)  # Adam's square-root batch rule
+    assert lr(latents=16384, batch_size=256) == pytest.approx(5e-4)
+    assert lr(latents=16384, batch_size=16384) == pytest.approx(2e-3)  # not raised past the measured batch
     assert lr(latents=16384, optimizer="signum") == pytest.approx(5e-3)  # Signum keeps its sqrt rule
 
 

@@ -45,7 +45,7 @@ class FitConfig:
     k: int = setting(32, "active latents per token")
     routing: str = setting("hard", "route: hard | soft")
     aggregate: str = setting("sum", "route: sum | mean of the routed layers as router input")
-    lr: float = setting(0.0, "peak learning rate (0 = auto: Adam, by dictionary size and run length; see fit/optim.py)")
+    lr: float = setting(0.0, "peak learning rate (0 = auto: Adam, by latents, run length and batch; see fit/optim.py)")
     optimizer: str = setting("adam", "adam | signum")
     betas: tuple[float, float] = setting((0.9, 0.999), "Adam betas (signum: betas[0] is the momentum)")
     schedule: str = setting("warmup-decay", "warmup-decay (5 % warmup, decay over the last 20 %) | constant")

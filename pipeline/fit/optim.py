@@ -33,12 +33,13 @@ class Signum(torch.optim.Optimizer):
 
 
 REFERENCE_TOKENS = 800_000  # run length the size rule was fitted at (the demo: 2 epochs of the built-in corpus)
+REFERENCE_BATCH = 4096  # tokens per step the size and length rules were fitted at
 
 
-def auto_lr(optimizer: str, n_latents: int, tokens: int) -> float:
-    """Default peak lr for a run of ``tokens`` training tokens. Adam: 2e-3 x (16384 / latents) ** 0.65,
-    never below 2e-3, times (800k / tokens) ** 0.25 for runs longer than 800k tokens; Signum: 5e-3 x
-    sqrt(16384 / latents).
+def auto_lr(optimizer: str, n_latents: int, tokens: int, batch_size: int = REFERENCE_BATCH) -> float:
+    """Default peak lr for a run of ``tokens`` training tokens in steps of ``batch_size``. Adam: 2e-3 x
+    (16384 / latents) ** 0.65, never below 2e-3, times (800k / tokens) ** 0.25 for runs longer than 800k
+    tokens, times sqrt(batch / 4096) for batches smaller than 4096; Signum: 5e-3 x sqrt(16384 / latents).
 
     Adam's rule is fitted to sweeps on the demo cache (SmolLM2 layer 12, k 32, every held-out row;
     benchmarks/recipe.py, RESULTS.md 07:35 and 2026-12-02): the lr with the best FVU that leaves under 1 % of
@@ -48,11 +49,15 @@ def auto_lr(optimizer: str, n_latents: int, tokens: int) -> float:
     4.9e-3, between 4e-3 (0.05 % silent, FVU 0.119) and 6e-3 (0.9 %, 0.115). The same rates are best at
     0.4M tokens. At 4M tokens the length factor's rates are: at 4096 latents 3.3e-3 leaves 0.2 % silent
     (4.9e-3: 1.6 %) at a 1 % higher FVU, at 16384 1.34e-3 leaves 0.9 % (2e-3: 3.2 %); at 1024 it costs
-    0.5 % of FVU against 1.2e-2, with none silent either way. Signum is not re-measured.
+    0.5 % of FVU against 1.2e-2, with none silent either way. The batch factor is Adam's square-root
+    scaling rule: at 16384 latents and 0.8M tokens it gives 1e-3 at batch 1024 and 5e-4 at 256, each with
+    a better FVU than 2e-3 at 4096 (0.104 against 0.111) and a similar silent share (3.1 / 2.4 % against
+    2.9 %); larger batches keep the measured rate. Signum is not re-measured.
     """
     if optimizer == "adam":
         size = 2e-3 * max(1.0, 16384 / n_latents) ** 0.65
-        return size * min(1.0, REFERENCE_TOKENS / max(tokens, 1)) ** 0.25
+        length = min(1.0, REFERENCE_TOKENS / max(tokens, 1)) ** 0.25
+        return size * length * min(1.0, batch_size / REFERENCE_BATCH) ** 0.5
     return 5e-3 * (16384 / n_latents) ** 0.5
 
 

@@ -80,7 +80,7 @@ def plan_run(cfg: FitConfig, cache: ActivationCache) -> RunPlan:
     spec = cache.manifest["spec"]
     training = Training.of(
         cfg,
-        lr=cfg.lr or auto_lr(cfg.optimizer, n_latents, run_tokens(cfg, cache.rows("train"))),
+        lr=cfg.lr or auto_lr(cfg.optimizer, n_latents, run_tokens(cfg, cache.rows("train")), cfg.batch_size),
         k_aux=cfg.k_aux or d_in // 2,
         dead_tokens=cfg.dead_tokens or auto_dead_tokens(n_latents, cfg.k),
     )
