@@ -91,13 +91,13 @@ def _total_steps(cfg: FitConfig, stream: ActivationStream, ranks: Ranks) -> tupl
     ``batch_size x world`` tokens.
     """
     epochs = cfg.epochs or 1
-    if cfg.max_tokens > stream.rows * epochs * ranks.world:
+    budget = run_tokens(cfg, stream.rows, ranks.world)
+    if budget < cfg.max_tokens // ranks.world:  # the epochs ran out before the token budget did
         passes = f"{epochs} epoch{'s' if epochs > 1 else ''}"
         say(
             f"{passes} over the training split's {stream.rows * ranks.world:,} rows are fewer than --max-tokens "
             f"{cfg.max_tokens:,}: training {passes} (pass a larger --epochs to repeat the data more)"
         )
-    budget = run_tokens(cfg, stream.rows, ranks.world)
     steps = ranks.smallest(budget // cfg.batch_size)  # under torchrun every rank runs the same number of steps
     if steps < 1:
         raise UserError(
