@@ -223,3 +223,18 @@ def test_nothing_unsafe_is_loaded() -> None:
         for line in text.splitlines():
             assert "np.load(" not in line or "allow_pickle=False" in line, (name, line)
     assert ExtractConfig().trust_remote_code is False
+
+
+def test_a_replaced_folder_keeps_the_old_result_until_the_new_one_is_whole(tmp_path: Path) -> None:
+    from pipeline.infra.files import Folder
+
+    out = Folder.at(tmp_path / "result")
+    out.write_json({"v": 1}, "a.json")
+    with pytest.raises(RuntimeError), out.replaced() as tmp:
+        tmp.write_json({"v": 2}, "a.json")
+        raise RuntimeError("killed half way")
+    assert out.read_json("a.json") == {"v": 1}  # the failed run changed nothing
+    with out.replaced() as tmp:
+        tmp.write_json({"v": 3}, "b.json")
+    assert out.list() == ["b.json"]  # no stale file of the old result survives the new one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result"]  # no temporary left behind

@@ -10,6 +10,8 @@ import hashlib
 import json
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,6 +116,26 @@ class Folder:
             os.replace(self.path(src), self.path(dst))
         else:
             self.fs.mv(self.path(src), self.path(dst), recursive=True)
+
+    @contextmanager
+    def replaced(self) -> Iterator[Folder]:
+        """Write a whole result folder under a temporary sibling, then swap it in for this one.
+
+        A run killed inside the ``with`` block leaves the previous result (or none), never a mix of old
+        and new files that a later stage or ``dvc repro`` would take as complete.
+        """
+        parent = self.parent
+        tmp = parent.child(f".{self.name}.{uuid.uuid4().hex[:8]}.tmp")
+        tmp.makedirs()
+        try:
+            yield tmp
+            old = parent.child(f".{self.name}.{uuid.uuid4().hex[:8]}.old")
+            if self.exists():
+                parent.rename(self.name, old.name)  # two renames: the window without a result is tiny
+            parent.rename(tmp.name, self.name)
+            old.remove()
+        finally:
+            tmp.remove()
 
     def size(self, *parts: str) -> int:
         """Bytes under a file or folder."""
