@@ -3,7 +3,9 @@
 Official `openai` package; key from OPENAI_API_KEY, server from ``base_url`` or OPENAI_BASE_URL, so any
 OpenAI-compatible server (vLLM, llama.cpp's server) works. The client retries 429, 5xx and timeouts with
 backoff; every answer is cached on disk under a hash of the full request body (model, messages,
-temperature, token limit, log-probability options), so a re-run pays nothing twice. Before the first
+temperature, token limit, log-probability options), so a re-run pays nothing twice. A caller can give
+``accept`` (is this answer usable, e.g. parseable?): an answer it refuses is returned but not cached, and a
+cached one it refuses is asked again, so a re-run re-asks exactly what could not be used. Before the first
 request the caller gets an estimate of what the uncached requests cost; a shared :class:`Budget` stops
 sending once the spend reaches ``--max-cost``. The key is never printed, logged or written; API errors
 are recorded by type and status only (their messages may echo it).
@@ -37,6 +39,7 @@ STOP_AFTER_FAILURES = 3  # consecutive requests that failed after all retries: s
 TOP_LOGPROBS = 5  # alternatives per answer token when log-probabilities are asked for
 
 Messages = list[dict[str, str]]
+Accept = Callable[[int, str], bool]  # (index of the request, answer text) -> usable
 
 
 @dataclass
@@ -146,20 +149,23 @@ class ChatClient:
             body.update(logprobs=True, top_logprobs=TOP_LOGPROBS)
         return body
 
-    def estimate(self, requests: list[Messages]) -> Estimate:
-        """Tokens and cost of the requests that are not cached yet; sends nothing."""
-        fresh = [m for m in requests if self.cache.get(AnswerCache.key(self.body(m))) is None]
+    def estimate(self, requests: list[Messages], accept: Accept | None = None) -> Estimate:
+        """Tokens and cost of the requests without a usable cached answer; sends nothing."""
+        fresh = [m for i, m in enumerate(requests) if self._cached(AnswerCache.key(self.body(m)), i, accept) is None]
         prompt = sum(
             TOKENS_PER_MESSAGE * len(m) + math.ceil(sum(len(x["content"]) for x in m) / CHARS_PER_TOKEN) for m in fresh
         )
         completion = len(fresh) * self.s.max_answer_tokens
         return Estimate(self.s.model, len(requests), len(requests) - len(fresh), prompt, completion)
 
-    def ask_all(self, requests: list[Messages], on_done: Callable[[], None] | None = None) -> list[dict[str, Any]]:
+    def ask_all(
+        self, requests: list[Messages], on_done: Callable[[], None] | None = None, accept: Accept | None = None
+    ) -> list[dict[str, Any]]:
         """One reply per request, in order: text, logprobs, cached, prompt_tokens, completion_tokens, status
-        (ok | cached | failed | not sent) and error; ``on_done`` is called as each finishes."""
+        (ok | cached | failed | not sent) and error; ``on_done`` is called as each finishes. Answers that
+        ``accept`` refuses are neither cached nor taken from the cache."""
         with ThreadPoolExecutor(max(1, self.s.concurrency)) as pool:
-            futures = [pool.submit(self._one, messages) for messages in requests]
+            futures = [pool.submit(self._one, messages, i, accept) for i, messages in enumerate(requests)]
             replies = []
             for future in futures:
                 replies.append(future.result())
@@ -167,10 +173,17 @@ class ChatClient:
                     on_done()
             return replies
 
-    def _one(self, messages: Messages) -> dict[str, Any]:
+    def _cached(self, key: str, index: int, accept: Accept | None) -> dict[str, Any] | None:
+        """The cached answer of a request when there is one and ``accept`` takes it."""
+        cached = self.cache.get(key)
+        if cached is None or (accept is not None and not accept(index, cached.get("text", ""))):
+            return None
+        return cached
+
+    def _one(self, messages: Messages, index: int, accept: Accept | None) -> dict[str, Any]:
         body = self.body(messages)
         key = AnswerCache.key(body)
-        cached = self.cache.get(key)
+        cached = self._cached(key, index, accept)
         if cached is not None:
             return {**cached, "status": "cached", "cached": True, "prompt_tokens": 0, "completion_tokens": 0}
         if self.budget.exhausted and not self.stopped:
@@ -181,7 +194,8 @@ class ChatClient:
             answer = self._send(body)
         except Exception as err:  # noqa: BLE001 - recorded by type and status only (messages may echo the key)
             return {"status": "failed", "error": self._failed(err), "cached": False}
-        self.cache.put(key, answer)
+        if accept is None or accept(index, answer["text"]):
+            self.cache.put(key, answer)
         self.budget.add(usd(self.s.model, answer["prompt_tokens"], answer["completion_tokens"]))
         with self._lock:
             self._failures = 0

@@ -20,8 +20,9 @@ from pipeline.infra.console import progress_bar, say
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
 from pipeline.interpret.config import InterpretConfig
-from pipeline.interpret.explain import Explainer
+from pipeline.interpret.explain import Explainer, usable
 from pipeline.interpret.score import Batch, ScoreSettings, build_batches, run_scorer
+from pipeline.interpret.score import usable as usable_verdicts
 from pipeline.interpret.stats import score_features, summarize_scores
 
 PLACEHOLDER = "x" * 150  # a one-sentence explanation, for estimating scorer prompts before explanations exist
@@ -60,10 +61,10 @@ class Asker:
         """Print the estimate of every uncached request; stop here when it is above --max-cost."""
         if self.cfg.explainer == "none" or not self.latents:
             return
-        estimates = [self.explainer.estimate(Explainer.requests(self.items))]
+        estimates = [self.explainer.estimate(Explainer.requests(self.items), usable)]
         if self.cfg.score:
-            placeholder = dict.fromkeys(self.latents, PLACEHOLDER)
-            estimates.append(self.scorer.estimate([b.messages for b in self._batches(placeholder)]))
+            batches = self._batches(dict.fromkeys(self.latents, PLACEHOLDER))
+            estimates.append(self.scorer.estimate([b.messages for b in batches], usable_verdicts(batches)))
         for what, estimate in zip(("explain", "score"), estimates):
             say(estimate.line(f"cost estimate, {what}"))
         total = sum(e.usd or 0.0 for e in estimates)
@@ -99,6 +100,12 @@ class Asker:
         table = pa.Table.from_pylist([{c: r.get(c) for c in EXPLANATION_COLUMNS + TOKEN_COLUMNS} for r in records])
         pq.write_table(table, out.local() / "explanations.parquet")
         _said_stopped("explainer", self.explainer, sum(r["status"] in ("failed", "not sent") for r in records))
+        _said_malformed(
+            "explainer",
+            self.cfg.model,
+            [r["status"] for r in records],
+            "a larger --model, or one that follows the line format (Category: ..., Score: 1-5, Explanation: ...)",
+        )
         return records
 
     def score(self, records: list[dict[str, Any]] | None, out: Folder) -> tuple[dict[str, Any], PerFeature]:
@@ -112,25 +119,29 @@ class Asker:
         with progress_bar("score", len(batches), unit="prompt") as bar:
             verdicts = run_scorer(self.scorer, batches, lambda: bar.advance(0, 1))
         pq.write_table(pa.Table.from_pylist(verdicts, schema=_SCORES_SCHEMA), out.local() / "scores.parquet")
-        failed = len({r["batch"] for r in verdicts if r["status"] in ("failed", "not sent")})
-        _said_stopped("scorer", self.scorer, failed)
+        prompts = list({r["batch"]: r for r in verdicts}.values())  # one record per prompt
+        statuses = [r["status"] for r in prompts]
+        _said_stopped("scorer", self.scorer, sum(s in ("failed", "not sent") for s in statuses))
+        _said_malformed(
+            "scorer", self.cfg.scorer_model, statuses, "a larger --scorer-model that can write a JSON list of 0/1"
+        )
         per_feature = score_features(verdicts)
-        prompts = {r["batch"]: r for r in verdicts}.values()  # one record per prompt
         spent = Estimate(
             self.cfg.scorer_model,
             len(prompts),
-            sum(r["status"] == "cached" for r in prompts),
+            sum(r["cached"] for r in prompts),
             sum(r["prompt_tokens"] for r in verdicts),
             sum(r["completion_tokens"] for r in verdicts),
         )
         return {
             "scores": summarize_scores(per_feature, self.cfg.bootstrap, self.cfg.seed),
             "scorer_model": self.cfg.scorer_model,
-            "scorer_prompts": len(prompts),
-            "scorer_requests_sent": sum(r["status"] in ("ok", "malformed") for r in prompts),
+            "scorer_prompts": len(prompts),  # = sent + from cache + failed + not sent, on this run
+            "scorer_requests_sent": sum(s in ("ok", "malformed") and not r["cached"] for s, r in zip(statuses, prompts)),
             "scorer_from_cache": spent.cached,
-            "scorer_malformed": sum(r["status"] == "malformed" for r in prompts),
-            "scorer_failed": failed,
+            "scorer_malformed": statuses.count("malformed"),
+            "scorer_failed": statuses.count("failed"),
+            "scorer_not_sent": statuses.count("not sent"),
             "scorer_prompt_tokens": spent.prompt_tokens,
             "scorer_completion_tokens": spent.completion_tokens,
             "scorer_cost_usd": None if spent.usd is None else round(spent.usd, 6),
@@ -166,6 +177,7 @@ _SCORES_SCHEMA = pa.schema(
         ("verdict", pa.int8()),
         ("prob", pa.float32()),
         ("status", pa.string()),
+        ("cached", pa.bool_()),
         ("prompt_tokens", pa.int32()),
         ("completion_tokens", pa.int32()),
     ]
@@ -177,6 +189,17 @@ def _said_stopped(who: str, client: ChatClient, missing: int) -> None:
         say(
             f"[yellow]{who} stopped: {client.stopped}. {missing} request(s) have no answer; every answer received "
             "is cached, so a re-run asks only for the missing ones.[/]"
+        )
+
+
+def _said_malformed(who: str, model: str, statuses: list[str], what_to_try: str) -> None:
+    """One line when most answers of this run could not be parsed: the model is not following the format."""
+    answered = sum(s in ("ok", "malformed") for s in statuses)
+    malformed = statuses.count("malformed")
+    if answered and 2 * malformed > answered:
+        say(
+            f"[yellow]{malformed} of {answered} {who} answers from {model} were malformed (not in the asked format), "
+            f"so they count for nothing and are asked again on a re-run; try {what_to_try}.[/]"
         )
 
 

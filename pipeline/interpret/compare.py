@@ -64,7 +64,7 @@ def _page(summaries: list[dict[str, Any]], scorers: list[str]) -> str:
             cells += (
                 f"<td>{entry['balanced_accuracy']:.3f} [{entry['balanced_accuracy_low']:.3f}, "
                 f"{entry['balanced_accuracy_high']:.3f}]<br>{interval(*_triple(entry))}</td>"
-                if "balanced_accuracy" in entry
+                if entry.get("balanced_accuracy") is not None
                 else "<td>-</td>"
             )
         link = f"{escape(summary['run'])}/report.html"

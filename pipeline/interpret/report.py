@@ -79,7 +79,7 @@ def _scores(scores: Any, features: pa.Table, scorers: list[str]) -> str:
         f"<td>{interval(entry['balanced_accuracy'], entry['balanced_accuracy_low'], entry['balanced_accuracy_high'])}"
         f"</td>{''.join(f'<td>{_ci(entry, m)}</td>' for m in ('precision', 'recall', 'f1', 'auc'))}</tr>"
         for name, entry in scores.items()
-        if "balanced_accuracy" in entry
+        if entry.get("balanced_accuracy") is not None
     )
     frequency = features["frequency"].to_pylist()
     charts, points = [], {}
@@ -102,8 +102,12 @@ def _scores(scores: Any, features: pa.Table, scorers: list[str]) -> str:
 
 
 def _ci(entry: dict[str, Any], metric: str) -> str:
+    """The mean and its interval; "n/a" where the metric is undefined on every feature (precision when the
+    scorer never said "active"), "-" where it was not measured (AUC without log-probabilities)."""
     if metric not in entry:
         return "-"
+    if entry[metric] is None:
+        return "n/a"
     return f"{entry[metric]:.3f} [{entry[f'{metric}_low']:.3f}, {entry[f'{metric}_high']:.3f}]"
 
 

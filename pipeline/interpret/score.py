@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -129,15 +130,23 @@ def _messages(scorer: str, explanation: str, excerpts: list[str]) -> Messages:
 
 
 def parse_verdicts(text: str, n: int) -> list[int] | None:
-    """The n 0/1 verdicts of an answer; None when it holds no such list."""
-    match = re.search(r"\[[^\[\]]*\]", text)
+    """The n 0/1 verdicts of an answer: its one JSON list of n numbers 0 or 1; None otherwise (no list,
+    another length, other values, or several lists: which one would be the answer?)."""
+    lists = re.findall(r"\[[^\[\]]*\]", text)
+    if len(lists) != 1:
+        return None
     try:
-        values = json.loads(match.group(0)) if match else None
+        values = json.loads(lists[0])
     except ValueError:
         return None
-    if not isinstance(values, list) or len(values) != n or any(v not in (0, 1) or v is True for v in values):
+    if len(values) != n or any(isinstance(v, bool) or v not in (0, 1) for v in values):
         return None
     return [int(v) for v in values]
+
+
+def usable(batches: list[Batch]) -> Callable[[int, str], bool]:
+    """Whether the answer to prompt i parses (the chat client caches only those)."""
+    return lambda i, text: parse_verdicts(text, len(batches[i].items)) is not None
 
 
 def probabilities(logprobs: list[dict[str, Any]] | None, n: int) -> list[float] | None:
@@ -159,14 +168,15 @@ def probabilities(logprobs: list[dict[str, Any]] | None, n: int) -> list[float] 
 
 
 def run_scorer(client: ChatClient, batches: list[Batch], on_done: Any = None) -> list[dict[str, Any]]:
-    """One verdict record per judged example (every row of scores.parquet)."""
-    replies = client.ask_all([b.messages for b in batches], on_done)
+    """One verdict record per judged example (every row of scores.parquet). status: ok | malformed | failed |
+    not sent; cached: the answer came from the answer cache (a malformed one never does: it is asked again)."""
+    replies = client.ask_all([b.messages for b in batches], on_done, usable(batches))
     records = []
     for number, (batch, reply) in enumerate(zip(batches, replies)):
-        ok = reply["status"] in ("ok", "cached")
-        verdicts = parse_verdicts(reply["text"], len(batch.items)) if ok else None
+        answered = reply["status"] in ("ok", "cached")
+        verdicts = parse_verdicts(reply["text"], len(batch.items)) if answered else None
         probs = probabilities(reply.get("logprobs"), len(batch.items)) if verdicts else None
-        status = reply["status"] if not ok or verdicts else "malformed"
+        status = reply["status"] if not answered else "ok" if verdicts else "malformed"
         for i, item in enumerate(batch.items):
             records.append(
                 {
@@ -183,6 +193,7 @@ def run_scorer(client: ChatClient, batches: list[Batch], on_done: Any = None) ->
                     "verdict": verdicts[i] if verdicts else None,
                     "prob": probs[i] if probs else None,
                     "status": status,
+                    "cached": bool(reply["cached"]),
                     "prompt_tokens": reply.get("prompt_tokens", 0) if i == 0 else 0,
                     "completion_tokens": reply.get("completion_tokens", 0) if i == 0 else 0,
                 }

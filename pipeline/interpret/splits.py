@@ -2,8 +2,9 @@
 
 Each held-out packed sequence goes to one side, drawn with the seed: ``train`` sequences give the
 examples the explainer sees (and the report shows), ``test`` sequences the examples the scorers judge.
-No test example shares a sequence with any explainer example of any latent, so a scorer never judges
-text the explainer was shown.
+Sequences that share a document (one cut across them by the packing) go to the same side, so no test
+example shares a sequence or a document with any explainer example of any latent: a scorer never judges
+text the explainer was shown, nor the rest of a document it was shown part of.
 
 A latent's test examples: activating ones drawn across its test activations' quantiles (rank bins,
 strongest first), then as many non-activating ones, windows where it is silent on every token: random,
@@ -27,17 +28,50 @@ HARD_TOKENS = 5  # a latent's most frequent train tokens that make a silent wind
 CANDIDATES_PER_PICK = 50  # random windows tried per non-activating example before giving up
 
 
-def scoring_rows(sequence: np.ndarray, share: float, seed: int) -> np.ndarray:
-    """(R,) bool: rows whose packed sequence (``sequence``: (R,) its id) is reserved for scoring.
-    round(share x sequences) of them, and with 0 < share < 1 and two or more sequences, both sides get one."""
-    unique, inverse = np.unique(sequence, return_inverse=True)
-    n = len(unique)
-    wanted = int(round(share * n))
-    if 0 < share < 1 and n >= 2:
-        wanted = min(max(wanted, 1), n - 1)
+def linked_groups(sequence: np.ndarray, doc: np.ndarray) -> np.ndarray:
+    """(R,) the group of each row (``sequence``, ``doc``: (R,) its packed sequence and document): packed
+    sequences linked by a document that runs across them (GPT-style packing cuts documents at sequence
+    edges) are one group, numbered 0.. in the order of their first sequence."""
+    _, seq_of = np.unique(sequence, return_inverse=True)
+    parent = list(range(int(seq_of.max()) + 1 if len(seq_of) else 0))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]  # path halving
+            i = parent[i]
+        return i
+
+    first: dict[int, int] = {}  # document -> the first sequence seen holding it
+    for d, s in np.unique(np.stack([doc, seq_of], 1), axis=0).tolist():  # (P, 2) distinct (doc, sequence)
+        if d in first:
+            a, b = root(first[d]), root(s)
+            parent[max(a, b)] = min(a, b)
+        else:
+            first[d] = s
+    roots = np.array([root(i) for i in range(len(parent))], dtype=np.int64)
+    return np.unique(roots, return_inverse=True)[1][seq_of] if len(seq_of) else seq_of
+
+
+def scoring_rows(sequence: np.ndarray, doc: np.ndarray, share: float, seed: int) -> np.ndarray:
+    """(R,) bool: rows reserved for scoring. Whole groups of :func:`linked_groups` go to one side, so no
+    document (and no packed sequence) reaches both the explainer and the scorers. Groups are taken in a
+    seeded order while they fit in round(share x sequences); with 0 < share < 1 and two or more groups,
+    both sides get one."""
+    group = linked_groups(sequence, doc)
+    n = int(group.max()) + 1 if len(group) else 0
+    sizes = np.bincount(group[np.unique(sequence, return_index=True)[1]], minlength=n)  # sequences per group
+    wanted = int(round(share * int(sizes.sum())))
     picked = np.zeros(n, dtype=bool)
-    picked[np.random.default_rng([seed, 17]).permutation(n)[:wanted]] = True
-    return picked[inverse]
+    order = np.random.default_rng([seed, 17]).permutation(n)
+    taken = 0
+    for g in order:
+        if taken + sizes[g] <= wanted:
+            picked[g], taken = True, taken + int(sizes[g])
+    if 0 < share < 1 and n >= 2 and not picked.any():
+        picked[order[0]] = True
+    elif 0 < share < 1 and n >= 2 and picked.all():
+        picked[order[-1]] = False
+    return picked[group]
 
 
 @dataclass

@@ -37,6 +37,7 @@ from pipeline.infra.device import resolve_device
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
 from pipeline.interpret.ask import Asker
+from pipeline.interpret.checks import check_config
 from pipeline.interpret.config import InterpretConfig
 from pipeline.interpret.effects import TYPES as EFFECTS
 from pipeline.interpret.effects import effect_columns
@@ -51,17 +52,14 @@ from pipeline.interpret.features import (
 )
 from pipeline.interpret.protocol import ProtocolSettings, apply_protocol
 from pipeline.interpret.report import render_report
-from pipeline.interpret.score import SCORERS
 from pipeline.interpret.splits import ScoringPlan, scoring_rows, select_tests, window_columns
 from pipeline.interpret.stats import METRICS
 from pipeline.sae.subject import Subject, load_cache_tokenizer, load_subject
 
-EXPLAINERS = ("openai", "none")
-
 
 def interpret(cfg: InterpretConfig) -> dict[str, Any]:
     """Build tables, explanations, scores and the report for one run; return its summary."""
-    _check(cfg)
+    check_config(cfg)
     clock = Stopwatch()
     subject = load_subject(cfg.run, resolve_device(cfg.device), cfg.cache or None)
     subject.check_infer_k(cfg.infer_k)
@@ -71,9 +69,6 @@ def interpret(cfg: InterpretConfig) -> dict[str, Any]:
         tables["features"] = with_columns(tables["features"], effect_columns(subject, tables["features"]), EFFECTS)
     asker = Asker(cfg, tables, latents)
     asker.check_cost()  # may stop the run: before anything is written or sent
-    out.makedirs()
-    for name, table in tables.items():
-        pq.write_table(table, out.local() / f"{name}.parquet")
     summary: dict[str, Any] = {
         "run": subject.folder.name,
         "tokens_scanned": scanned,
@@ -81,6 +76,31 @@ def interpret(cfg: InterpretConfig) -> dict[str, Any]:
         "active_latents": int(np.count_nonzero(tables["features"]["count"].to_numpy())),
         "examples": tables["examples"].num_rows,
     }
+    with out.replaced() as tmp:  # a run killed in here leaves the previous result or none
+        explained = _explain_and_score(asker, tables, summary, tmp, cfg)
+        summary["seconds"] = round(clock.seconds, 1)
+        tmp.write_json(summary, "summary.json")
+        html = render_report(
+            f"Features of {subject.folder.name}",
+            summary,
+            tables["features"],
+            tables["examples"],
+            explained,
+            _shown(tables["features"], explained, cfg.report_features),
+        )
+        tmp.write_bytes(html.encode(), "report.html")
+    say(f"interpreted {subject.folder.name}: {summary['active_latents']:,} active latents")
+    say(f"report: {out.path('report.html')}")
+    return {**summary, "out": out.url}
+
+
+def _explain_and_score(
+    asker: Asker, tables: dict[str, pa.Table], summary: dict[str, Any], out: Folder, cfg: InterpretConfig
+) -> dict[int, dict[str, Any]]:
+    """Write the tables, explanations and scores into ``out`` and their numbers into ``summary``; return the
+    explained latents' records."""
+    for name, table in tables.items():
+        pq.write_table(table, out.local() / f"{name}.parquet")
     records = asker.explain(out)
     summary.update({"explanations": "skipped"} if records is None else summarize(records, cfg.model))
     scored, per_feature = asker.score(records, out)
@@ -88,38 +108,7 @@ def interpret(cfg: InterpretConfig) -> dict[str, Any]:
     if per_feature:
         tables["features"] = _with_scores(tables["features"], per_feature)
         pq.write_table(tables["features"], out.local() / "features.parquet")
-    summary["seconds"] = round(clock.seconds, 1)
-    out.write_json(summary, "summary.json")
-    explained = {r["latent"]: r for r in records or [] if r.get("category")}
-    html = render_report(
-        f"Features of {subject.folder.name}",
-        summary,
-        tables["features"],
-        tables["examples"],
-        explained,
-        _shown(tables["features"], explained, cfg.report_features),
-    )
-    out.write_bytes(html.encode(), "report.html")
-    say(f"interpreted {subject.folder.name}: {summary['active_latents']:,} active latents")
-    say(f"report: {out.path('report.html')}")
-    return {**summary, "out": out.url}
-
-
-def _check(cfg: InterpretConfig) -> None:
-    if cfg.explainer not in EXPLAINERS:
-        raise UserError(f"unknown explainer {cfg.explainer!r}; use one of {', '.join(EXPLAINERS)}.")
-    unknown = sorted(set(cfg.score) - set(SCORERS))
-    if unknown:
-        raise UserError(f"unknown scorer(s) {', '.join(unknown)}; --score takes a comma list of {', '.join(SCORERS)}.")
-    if not cfg.run:
-        raise UserError("no run given: pass a run folder printed by `sae-pipe fit`.")
-    if cfg.batch_size < 1 or cfg.max_tokens < 0:
-        raise UserError("--batch-size must be at least 1 and --max-tokens not negative (0 = all held-out tokens).")
-    if not 0 <= cfg.test_share < 1 or cfg.score_batch < 1 or cfg.score_quantiles < 1 or cfg.max_cost < 0:
-        raise UserError(
-            "scoring settings out of range: --test-share must be in [0, 1), --score-batch and --score-quantiles "
-            "at least 1, --max-cost not negative."
-        )
+    return {r["latent"]: r for r in records or [] if r.get("category")}
 
 
 def build_tables(s: Subject, cfg: InterpretConfig) -> tuple[dict[str, pa.Table], int, list[int]]:
@@ -132,7 +121,14 @@ def build_tables(s: Subject, cfg: InterpretConfig) -> tuple[dict[str, pa.Table],
         )
     features = feature_table(acts, s.layers if s.is_route else None)
     index = HeldoutIndex.load(s.cache, acts.n_rows)
-    test = scoring_rows(index.sequence, cfg.test_share, cfg.seed)
+    test = scoring_rows(index.sequence, index.doc, cfg.test_share, cfg.seed)
+    if cfg.score and len(test) and (test.all() or not test.any()):
+        raise UserError(
+            f"the {len(np.unique(index.sequence))} held-out sequences scanned are linked by documents that run "
+            "across them, so no part can go to the scorers without the explainer seeing the rest of a document; "
+            "scan more with --max-tokens (0 = all), or extract with a smaller --heldout (held-out sequences further "
+            "apart), or leave out --score."
+        )
     train = acts.where(~test)  # all the explainer (and the report's examples) may draw from
     counts = {"train_count": train.counts, "test_count": acts.counts - train.counts}
     features = with_columns(features, {k: dict(enumerate(v.tolist())) for k, v in counts.items()}, _INT64)

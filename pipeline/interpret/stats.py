@@ -1,7 +1,9 @@
 """Per-feature scores from scorer verdicts, and their means over features with bootstrap intervals.
 
 Per feature (one scorer, one explanation): balanced accuracy = (recall on activating + specificity on
-non-activating) / 2, so 0.5 is chance whatever the mix; precision, recall and F1 of the "active" verdict;
+non-activating) / 2, so 0.5 is chance whatever the mix; precision, recall and F1 of the "active" verdict
+(precision is undefined, None, when the scorer never said "active": no verdict to be right about; F1 is
+then 2 TP / (2 TP + FP + FN) = 0 where the feature has activating examples);
 AUC of P(1) where log-probabilities came back (the Mann-Whitney probability that an activating excerpt
 gets a higher P(1) than a non-activating one, ties counting half). Verdicts that never came (failed or
 malformed answers) are left out. Summary: the mean over scored features and a 95 % percentile bootstrap
@@ -24,8 +26,9 @@ def feature_scores(labels: np.ndarray, verdicts: np.ndarray, probs: np.ndarray |
     fp = int(np.sum(verdicts[negatives] == 1))
     recall = tp / positives.sum() if positives.any() else None
     specificity = 1 - fp / negatives.sum() if negatives.any() else None
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    f1 = None if recall is None else (2 * precision * recall / (precision + recall) if precision + recall else 0.0)
+    fn = int(positives.sum()) - tp
+    precision = tp / (tp + fp) if tp + fp else None
+    f1 = None if recall is None else 2 * tp / (2 * tp + fp + fn)  # = 2PR / (P + R) where both are defined
     return {
         "balanced_accuracy": None if recall is None or specificity is None else (recall + specificity) / 2,
         "precision": precision,
@@ -74,7 +77,9 @@ def summarize_scores(
     per_feature: dict[tuple[str, bool], dict[int, dict[str, Any]]], resamples: int, seed: int
 ) -> dict[str, dict[str, Any]]:
     """Per scorer (``<scorer>_shuffled`` for the control): features scored, and for every metric its mean
-    over features with ``<metric>_low`` / ``<metric>_high`` (95 % bootstrap interval)."""
+    over the features it is defined on with ``<metric>_low`` / ``<metric>_high`` (95 % bootstrap interval);
+    ``<metric>_undefined``: features it is undefined on (precision: the scorer never said "active"), and a
+    metric undefined on every feature is None (AUC without log-probabilities is left out)."""
     summary: dict[str, dict[str, Any]] = {}
     for (scorer, control), features in sorted(per_feature.items()):
         entry: dict[str, Any] = {"features": len(features)}
@@ -83,5 +88,11 @@ def summarize_scores(
             if values:
                 mean, low, high = bootstrap_mean(values, resamples, seed)
                 entry.update({metric: round(mean, 4), f"{metric}_low": round(low, 4), f"{metric}_high": round(high, 4)})
+            if metric == "auc" and not values:
+                continue  # no log-probabilities came back: nothing was measured
+            if not values:
+                entry[metric] = None
+            if len(values) < len(features):
+                entry[f"{metric}_undefined"] = len(features) - len(values)
         summary[f"{scorer}_shuffled" if control else scorer] = entry
     return summary
