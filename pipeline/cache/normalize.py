@@ -6,6 +6,10 @@ estimated once, so that E||x'|| = sqrt(d). ``none``: stored as computed.
 
 ``layer_norm`` is SAELens's per-token standardization, kept for imported SAEs (extract does not offer
 it): the same map on the way in, but the reconstruction is scaled back by std, not std + eps.
+
+``center`` (imported SAELens SAEs read from a TransformerLens model loaded with ``center_writing_weights``,
+with ``none`` or ``scale``): the per-token mean over the hidden dimension is subtracted first and added back
+to the reconstruction. On a LayerNorm model that centred stream is exactly what TransformerLens computes.
 """
 
 from __future__ import annotations
@@ -29,18 +33,23 @@ class Normalizer:
     method: str = "standardize"  # standardize | scale | none | layer_norm (imported SAELens SAEs)
     eps: float = EPS  # added to the per-token std
     scales: dict[int, float] = field(default_factory=dict)  # layer -> factor, for `scale`
+    center: bool = False  # subtract the per-token mean first (none and scale only; the others center anyway)
 
     def __post_init__(self) -> None:
         if self.method not in (*METHODS, LAYER_NORM):
             raise UserError(f"unknown normalization {self.method!r}; use one of {', '.join(METHODS)}.")
+        if self.center and self.method not in ("none", "scale"):
+            raise UserError(f"normalization {self.method!r} centers every token already; `center` is for none|scale.")
         self.scales = {int(k): float(v) for k, v in self.scales.items()}
 
     def to_dict(self) -> dict[str, object]:
-        return {"method": self.method, "eps": self.eps, "scales": {str(k): v for k, v in self.scales.items()}}
+        out = {"method": self.method, "eps": self.eps, "scales": {str(k): v for k, v in self.scales.items()}}
+        return {**out, "center": True} if self.center else out  # absent when off: existing keys stay as they were
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Normalizer:
-        return cls(str(data["method"]), float(data.get("eps", EPS)), dict(data.get("scales", {})))
+        center = data.get("center") is True
+        return cls(str(data["method"]), float(data.get("eps", EPS)), dict(data.get("scales", {})), center)
 
     def fit_scales(self, samples: dict[int, torch.Tensor]) -> None:
         """Estimate the `scale` factors from ``{layer: (N, D)}`` samples of raw activations."""
@@ -61,11 +70,11 @@ class Normalizer:
             centered = x - mean  # (..., D)
             std = centered.std(dim=-1, keepdim=True)  # (..., 1)
             return centered / (std + self.eps), (mean, std)
+        mean = x.mean(dim=-1, keepdim=True) if self.center else torch.zeros((), device=x.device)  # (..., 1) or ()
         if self.method == "scale":
             factor = torch.tensor(1.0 / self._scale(layer), device=x.device)
-            return x / factor, (torch.zeros((), device=x.device), factor)
-        one = torch.ones((), device=x.device)
-        return x, (torch.zeros((), device=x.device), one)
+            return (x - mean) / factor, (mean, factor)
+        return x - mean, (mean, torch.ones((), device=x.device))
 
     def denormalize(self, x: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Map a reconstruction in normalized space back to the model's space."""

@@ -80,7 +80,8 @@ class Borrowed(ActivationCache):
         self.normalizer = Normalizer.from_dict(cfg["cache"]["normalization"])
         layer = cfg["sae"]["layers"][0]
         held = cache.manifest["normalization"]
-        self.raw = held["method"] == "none" and self.normalizer.method != "none"
+        identity = self.normalizer.method == "none" and not self.normalizer.center  # rows as the SAE reads them
+        self.raw = held["method"] == "none" and not identity
         usable = layer in cache.layers and (self.raw or Normalizer.from_dict(held) == self.normalizer)
         self.refusal = (
             None

@@ -58,7 +58,7 @@ def _folded(model: TopKSAE, cfg: dict[str, Any]) -> tuple[dict[str, torch.Tensor
         c = float(norm["scales"][str(cfg["sae"]["layers"][0])])
         # W_enc(cx - b) = cW_enc(x - b/c); thresholds and gate/magnitude biases act after W_enc: unchanged
         tensors.update(W_enc=tensors["W_enc"] * c, W_dec=tensors["W_dec"] / c, b_dec=tensors["b_dec"] / c)
-        return tensors, {"method": "none"}
+        return tensors, {"method": "none", **({"center": True} if norm.get("center") else {})}
     return tensors, norm
 
 
@@ -73,6 +73,8 @@ def _saelens(folder: Folder, tensors: dict[str, torch.Tensor], cfg: dict[str, An
         "exported_by": "sae-pipe",
         "sae_pipe_cache_key": spec["key"],
         OWN: norm,
+        # an imported SAE of a centred TransformerLens stream (LayerNorm model): SAELens loads the model so again
+        **({"model_from_pretrained_kwargs": {"center_writing_weights": True}} if norm.get("center") else {}),
     }
     normalize = "layer_norm" if norm["method"] in ("standardize", "layer_norm") else "none"
     config, weights = saelens_files(cfg["sae"]["arch"], tensors, cfg["sae"], normalize, meta)
@@ -102,5 +104,8 @@ def _sparsify(folder: Folder, tensors: dict[str, torch.Tensor], cfg: dict[str, A
             f"x' = (x - mean(x)) / (std(x) + {eps:g}) over the hidden dimension (Bessel-corrected std), "
             f"encode/decode x', then map the output back: x_hat = x_hat' * {back} + mean(x).\n"
         )
+    if norm.get("center"):
+        note += "This SAE reads centred activations: subtract each token's mean over the hidden dimension "
+        note += "first, and add it back to the output.\n"
     folder.write_bytes(note.encode(), "NOTE.md")
     return target

@@ -3,12 +3,14 @@
 :mod:`pipeline.sae.saelens` and :mod:`pipeline.sae.sparsify` each turn their folder into a
 :class:`Foreign`: tensors renamed and laid out as our SAE modules hold them (``W_enc (N, D)``,
 ``W_dec (N, D)``), conventions mapped (with a note for each), the hook translated to our layer index.
-Here: loading safetensors safely and checking the tensors before anything is written.
+Here: loading safetensors safely, checking the tensors, the config's numbers and its field names
+before anything is written.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,9 @@ class Foreign:
     model: str | None  # the model the checkpoint names (None: it names none)
     context_size: int | None = None  # tokens per training sequence, when stated
     notes: list[str] = field(default_factory=list)  # every convention mapped, in words
+    centred: bool | None = False  # SAELens: read from a TransformerLens model with centred writing weights
+    # (None: a pre-6 config that does not say); resolved against the model by pipeline.sae.importing
+    dtype: str | None = None  # the dtype the checkpoint states it computes in (ours: float32)
 
     @property
     def layer(self) -> int:
@@ -80,6 +85,33 @@ def load_tensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
             f"{path} is not a safetensors file ({str(err)[:120]}); sae-pipe reads safetensors only "
             "(a renamed pickle is refused: loading one can run code)."
         ) from None
+
+
+def whole(cfg: dict[str, Any], name: str, where: Path, default: int | None = None, least: int = 1) -> int:
+    """A size or count of a config: a whole number (``32.0`` is 32) of at least ``least``; never rounded."""
+    value = cfg.get(name, default)
+    if value is None:
+        raise UserError(f"{where} lacks {name}; it is not a complete SAE config.")
+    integral = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not integral:
+        raise UserError(
+            f"{name} in {where} is {value!r}, not a whole number; sae-pipe never rounds a size or a k "
+            "(a fractional or non-numeric value means the config is damaged)."
+        )
+    if value < least:
+        raise UserError(f"{name} in {where} is {value!r}; it must be at least {least}.")
+    return int(value)
+
+
+def check_fields(names: Iterable[str], known: Iterable[str], where: Path, library: str) -> None:
+    """Refuse config fields that no table of the importer accounts for: one could change what the SAE computes."""
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise UserError(
+            f"{where} has config field(s) {', '.join(unknown)} that sae-pipe does not know for {library}; "
+            "importing without applying them could change what the SAE computes. If you know they do not, "
+            "remove them from a copy of the config and import that."
+        )
 
 
 def check_tensors(where: Path, found: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> None:

@@ -17,6 +17,11 @@ Conventions and how they map (exactly, or refused):
   ``constant_norm_rescale`` and ``covariance_whitening`` have no exact equivalent: refused.
   sae-pipe's own exports also record their exact normalization (``metadata.sae_pipe_normalization``,
   e.g. ``standardize`` with eps 1e-6, which SAELens approximates by ``layer_norm``): read back as it was.
+* ``model_from_pretrained_kwargs.center_writing_weights``: TransformerLens then centres every write to the
+  residual stream of a LayerNorm model, so the SAE reads x - mean(x); mapped to our ``center`` flag
+  (pipeline.sae.importing decides it against the model, which SAELens's config does not describe).
+* Every other field is in exactly one table below (applied here, or shown not to change what the SAE
+  computes); a field in none of them is refused.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import torch
 
 from pipeline.cache.normalize import LAYER_NORM, Normalizer
 from pipeline.infra.errors import UserError
-from pipeline.sae.foreign import Foreign, check_arch, check_tensors, load_tensors, read_json
+from pipeline.sae.foreign import Foreign, check_arch, check_fields, check_tensors, load_tensors, read_json, whole
 from pipeline.sae.topk import SaeConfig
 
 CFG, WEIGHTS, SCALER = "cfg.json", "sae_weights.safetensors", "activation_scaler.json"
@@ -40,26 +45,111 @@ HOOK = re.compile(r"blocks\.(\d+)\.hook_resid_(pre|post)")
 OWN = "sae_pipe_normalization"  # sae-pipe's exports record their exact normalization in metadata
 VERSION = "6.54.12"  # the version whose loader the written layout was checked against
 
+# Every field a SAELens cfg.json can hold (6.54.12's SAEConfig, its architecture and training configs, SAEMetadata,
+# and the runner fields that versions before 6 saved flat into cfg.json), each in one table. Unknown: refused.
+APPLIED = frozenset(  # read by read_saelens: mapped exactly, or refused for a value without an exact equivalent
+    {
+        "architecture", "d_in", "d_sae", "k", "activation_fn", "activation_fn_str", "activation_fn_kwargs",
+        "apply_b_dec_to_input", "rescale_acts_by_decoder_norm", "normalize_activations", "reshape_activations",
+        "hook_name", "hook_point", "hook_layer", "hook_point_layer", "hook_head_index", "hook_point_head_index",
+        "hook_name_out", "hook_head_index_out", "hf_hook_name", "hf_hook_name_out", "model_name",
+        "model_class_name", "model_from_pretrained_kwargs", "model_kwargs", "finetuning_scaling_factor", "dtype",
+        "metadata", "sae_lens_version", "context_size", OWN,
+    }
+)  # fmt: skip
+TRAINING = frozenset(  # how the weights were found (losses, optimizer, schedules, init, dead-latent upkeep,
+    # checkpoints, logging): their effect is in the stored weights; SAELens's inference forward never reads them
+    {
+        "l1_coefficient", "lp_norm", "l1_warm_up_steps", "l0_coefficient", "l0_warm_up_steps", "target_l0",
+        "pre_act_loss_coefficient", "jumprelu_init_threshold", "jumprelu_bandwidth", "jumprelu_sparsity_loss_mode",
+        "jumprelu_tanh_scale", "jumprelu_ste_to_input", "aux_loss_coefficient", "decoder_init_norm",
+        "b_dec_init_method", "expansion_factor", "from_pretrained_path", "lr", "lr_scheduler_name",
+        "lr_warm_up_steps", "lr_end", "lr_decay_steps", "n_restart_cycles", "adam_beta1", "adam_beta2",
+        "train_batch_size", "train_batch_size_tokens", "training_tokens", "total_training_tokens",
+        "use_ghost_grads", "feature_sampling_window", "feature_sampling_method", "resample_batches",
+        "feature_reinit_scale", "dead_feature_window", "dead_feature_estimation_method", "dead_feature_threshold",
+        "mse_loss_normalization", "scale_sparsity_penalty_by_decoder_norm", "decoder_heuristic_init",
+        "init_encoder_as_decoder_transpose", "normalize_sae_decoder", "noise_scale", "decoder_orthogonal_init",
+        "n_checkpoints", "checkpoint_path", "save_final_checkpoint", "output_path", "resume_from_checkpoint",
+        "log_to_wandb", "wandb_project", "wandb_entity", "wandb_id", "wandb_log_frequency",
+        "eval_every_n_wandb_logs", "logger", "run_name", "n_eval_batches", "eval_batch_size_prompts", "hook_eval",
+        "hook_point_eval", "n_batches_for_norm_estimate", "sae_lens_training_version", "seed", "verbose",
+    }
+)  # fmt: skip
+DATA = frozenset(  # which text fed the model while training (dataset, packing, BOS, special tokens, positions):
+    # the map from an activation to a code and back does not read them; kept in source_cfg.json. sae-pipe feeds
+    # its own packed rows and skips special-token positions in every metric.
+    {
+        "dataset_path", "dataset_trust_remote_code", "streaming", "is_dataset_tokenized", "use_cached_activations",
+        "cached_activations_path", "prepend_bos", "exclude_special_tokens", "seqpos_slice", "use_chat_formatting",
+        "disable_concat_sequences", "sequence_separator_token", "activations_mixing_fraction",
+        "n_batches_in_buffer", "store_batch_size", "store_batch_size_prompts", "tokens_per_buffer",
+    }
+)  # fmt: skip
+RUNTIME = frozenset(  # where and how fast SAELens ran (our SAE computes in float32 on the device asked for)
+    {
+        "device", "llm_device", "act_store_device", "prefetch_llm_batches", "autocast", "autocast_lm",
+        "compile_llm", "llm_compilation_mode", "compile_sae", "sae_compilation_mode", "use_sparse_activations",
+    }
+)  # fmt: skip
+LABELS = frozenset({"neuronpedia_id", "exported_by", "sae_pipe_cache_key"})  # names and provenance only
+KNOWN = APPLIED | TRAINING | DATA | RUNTIME | LABELS
+# TransformerLens's from_pretrained(_no_processing) keywords that leave the residual stream between blocks as it is:
+# fold_ln moves LayerNorm gains into the next layer, center_unembed shifts all logits by one constant,
+# fold_value_biases moves value biases into the output bias (attention weights sum to 1),
+# refactor_factored_attn_matrices re-factors W_Q W_K^T and W_V W_O keeping the products; the rest choose the
+# device, precision, context and tokenizer defaults. center_writing_weights is applied; any other keyword
+# (revision, checkpoint_index, checkpoint_value: other weights of the model) is refused.
+SAME_STREAM = frozenset(
+    {
+        "fold_ln", "center_unembed", "fold_value_biases", "refactor_factored_attn_matrices", "device", "n_devices",
+        "move_to_device", "dtype", "torch_dtype", "default_prepend_bos", "default_padding_side", "first_n_layers",
+        "n_ctx", "trust_remote_code",
+    }
+)  # fmt: skip
+CENTRE = "center_writing_weights"
+# Hugging Face model types (config.model_type) whose architecture TransformerLens 3.9 loads with LayerNorm ("LN"),
+# so that it centres their writing weights when asked; it leaves an RMSNorm model (no mean removed anywhere) as is.
+TL_LAYER_NORM = {
+    "gpt2": "GPT2LMHeadModel",
+    "gpt_neo": "GPTNeoForCausalLM",
+    "gptj": "GPTJForCausalLM",
+    "gpt_neox": "GPTNeoXForCausalLM",
+    "opt": "OPTForCausalLM",
+    "bloom": "BloomForCausalLM",
+    "phi": "PhiForCausalLM",
+    "olmo": "OlmoForCausalLM",
+}
+# SAELens's pretrained registry (pretrained_saes.yaml) overrides these repos' configs with center_writing_weights
+# true; their own cfg.json files do not say it.
+REGISTRY_CENTRED = frozenset(
+    {"jbloom/GPT2-Small-SAEs-Reformatted", "jbloom/GPT2-Small-Feature-Splitting-Experiment-Layer-8"}
+)
+
 
 def is_saelens(folder: Path) -> bool:
     """A folder in SAELens's layout (its weights file, or a config only SAELens writes)."""
     return (folder / WEIGHTS).is_file() or ((folder / CFG).is_file() and "d_sae" in read_json(folder / CFG))
 
 
+def modern(raw: dict[str, Any]) -> bool:
+    """Whether a config was written by SAELens 6 or later (model and hook under ``metadata``)."""
+    meta = raw.get("metadata") if isinstance(raw.get("metadata"), dict) else {}
+    version = str(raw.get("sae_lens_version") or meta.get("sae_lens_version") or "0")
+    return version.split(".")[0].isdigit() and int(version.split(".")[0]) >= 6
+
+
 def settings(raw: dict[str, Any]) -> dict[str, Any]:
     """The fields sae-pipe uses, from a 6.x config or an older flat one."""
-    meta = raw.get("metadata") or {}
-    version = str(raw.get("sae_lens_version") or meta.get("sae_lens_version") or "0")
-    if version.split(".")[0].isdigit() and int(version.split(".")[0]) >= 6:
-        return {
-            **raw,
-            **{k: meta.get(k, raw.get(k)) for k in ("hook_name", "model_name", "context_size", "hook_head_index", OWN)},
-        }
+    if modern(raw):
+        meta = raw.get("metadata") or {}
+        return {**raw, **{k: meta[k] for k in meta if k in APPLIED}}
     s = {**raw, "architecture": raw.get("architecture", "standard")}
     s["hook_name"] = raw.get("hook_name", raw.get("hook_point"))
+    s["hook_layer"] = raw.get("hook_layer", raw.get("hook_point_layer"))
     s["hook_head_index"] = raw.get("hook_head_index", raw.get("hook_point_head_index"))
-    activation = raw.get("activation_fn", raw.get("activation_fn_str", "relu"))
-    if activation == "topk":
+    s["activation_fn"] = raw.get("activation_fn", raw.get("activation_fn_str", "relu"))
+    if s["activation_fn"] == "topk":
         s["architecture"], s["k"] = "topk", (raw.get("activation_fn_kwargs") or {}).get("k", raw.get("k"))
     if isinstance(raw.get("normalize_activations"), bool):
         s["normalize_activations"] = "expected_average_only_in" if raw["normalize_activations"] else "none"
@@ -85,39 +175,99 @@ def their_shapes(arch: str, d_in: int, d_sae: int) -> dict[str, tuple[int, ...]]
 
 def read_saelens(folder: Path) -> Foreign:
     """One SAELens SAE folder in our conventions."""
-    s = settings(read_json(folder / CFG))
+    raw = read_json(folder / CFG)
+    check_fields(raw, KNOWN, folder / CFG, "SAELens")
+    if isinstance(raw.get("metadata"), dict):
+        check_fields(raw["metadata"], KNOWN, folder / CFG, "SAELens (metadata)")
+    s = settings(raw)
     arch = check_arch(str(s.get("architecture")), folder, ARCHITECTURES)
-    if "d_in" not in s or "d_sae" not in s or (arch == "topk" and not s.get("k")):
+    if "d_in" not in s or "d_sae" not in s or (arch == "topk" and s.get("k") is None):
         raise UserError(f"{folder / CFG} lacks d_in, d_sae (or k for topk); it is not a complete SAELens config.")
-    if s.get("reshape_activations", "none") != "none" or s.get("hook_head_index") is not None:
-        raise UserError(f"checkpoint {folder} reads attention heads (hook_z); sae-pipe imports residual-stream SAEs.")
-    if s.get("finetuning_scaling_factor"):
-        raise UserError(
-            f"checkpoint {folder} uses a finetuning scaling factor (SAELens < 6); sae-pipe does not map it."
-        )
-    d_in, d_sae = int(s["d_in"]), int(s["d_sae"])
+    d_in, d_sae = whole(s, "d_in", folder / CFG), whole(s, "d_sae", folder / CFG)
+    k = whole(s, "k", folder / CFG) if arch == "topk" else 0
+    if arch == "topk" and k >= d_sae:
+        raise UserError(f"k={k} in {folder / CFG} is not below d_sae={d_sae}; a top-k SAE keeps fewer latents.")
+    _refuse_unmapped(s, arch, folder)
     layer = hook_layer(s.get("hook_name"), folder)
+    stated = s.get("hook_layer")
+    if stated is not None and stated != int(HOOK.fullmatch(str(s["hook_name"]))[1]):  # type: ignore[index]
+        raise UserError(f"{folder / CFG} says hook_layer {stated!r} but hook {s['hook_name']}; which one is meant?")
     tensors = load_tensors(folder, WEIGHTS)
     notes = ["W_enc transposed from (d_in, d_sae) to (d_sae, d_in)"]
     if arch == "jumprelu" and "log_threshold" in tensors:
         tensors["threshold"] = tensors.pop("log_threshold").float().exp()
         notes.append("threshold = exp(log_threshold) (an older JumpReLU file)")
     check_tensors(folder, tensors, their_shapes(THEIRS[arch], d_in, d_sae))
-    ours = _ours(arch, tensors, s, notes)
-    k = int(s["k"]) if arch == "topk" else 0
+    own = s.get(OWN)
     return Foreign(
         "saelens",
         folder,
         SaeConfig(arch, d_in, d_sae, k, [layer]),
-        ours,
-        Normalizer.from_dict(s[OWN])
-        if s.get(OWN)
+        _ours(arch, tensors, s, notes),
+        Normalizer.from_dict(own)
+        if own
         else _normalization(str(s.get("normalize_activations") or "none"), folder, layer, notes),
         str(s.get("hook_name")),
         s.get("model_name"),
         s.get("context_size"),
         notes,
+        False if own else centred(s, raw, folder),  # our exports carry their centring in their normalization
+        str(s.get("dtype")) if s.get("dtype") is not None else None,
     )
+
+
+def _refuse_unmapped(s: dict[str, Any], arch: str, folder: Path) -> None:
+    """Config values that change what the SAE reads or computes and have no exact equivalent here."""
+    if s.get("reshape_activations", "none") != "none" or s.get("hook_head_index") is not None:
+        raise UserError(f"checkpoint {folder} reads attention heads (hook_z); sae-pipe imports residual-stream SAEs.")
+    if s.get("finetuning_scaling_factor"):
+        raise UserError(
+            f"checkpoint {folder} uses a finetuning scaling factor (SAELens < 6); sae-pipe does not map it."
+        )
+    outputs = [
+        name
+        for name in ("hook_name_out", "hook_head_index_out", "hf_hook_name", "hf_hook_name_out")
+        if s.get(name) is not None
+    ]
+    if outputs:
+        raise UserError(
+            f"checkpoint {folder} sets {', '.join(outputs)} (a transcoder or a hook of a plain Hugging Face model); "
+            "sae-pipe imports SAEs of one TransformerLens residual-stream hook."
+        )
+    if s.get("model_class_name") not in (None, "HookedTransformer"):
+        raise UserError(
+            f"checkpoint {folder} was trained on a {s['model_class_name']} model; sae-pipe maps the hooks of "
+            "TransformerLens's HookedTransformer only."
+        )
+    if s.get("model_kwargs"):
+        raise UserError(f"checkpoint {folder} ran the model with extra model_kwargs {s['model_kwargs']!r}; not mapped.")
+    activation = s.get("activation_fn")
+    if activation is not None and activation != {"topk": "topk"}.get(arch, "relu"):
+        raise UserError(f"checkpoint {folder} is a {arch} SAE with activation {activation!r}; not mapped.")
+
+
+def centred(s: dict[str, Any], raw: dict[str, Any], folder: Path) -> bool | None:
+    """Whether the SAE read a TransformerLens model loaded with centred writing weights (None: not stated).
+
+    SAELens 6 loads the model with ``from_pretrained_no_processing(**model_from_pretrained_kwargs)``, which
+    centres nothing unless asked. Older versions loaded it with TransformerLens's own defaults (centred), so an
+    older config that names no kwargs does not say.
+    """
+    kwargs = s.get("model_from_pretrained_kwargs")
+    if kwargs is None:
+        return False if modern(raw) else None
+    if not isinstance(kwargs, dict):
+        raise UserError(f"model_from_pretrained_kwargs in {folder / CFG} is {kwargs!r}, not an object.")
+    other = sorted(set(kwargs) - SAME_STREAM - {CENTRE})
+    if other:
+        raise UserError(
+            f"checkpoint {folder} loaded its model with {', '.join(other)} (model_from_pretrained_kwargs), which can "
+            "change the residual stream the SAE read; sae-pipe does not map it."
+        )
+    flag = kwargs.get(CENTRE, False if modern(raw) else None)
+    if flag is not None and not isinstance(flag, bool):
+        raise UserError(f"{CENTRE} in {folder / CFG} is {flag!r}, not true or false.")
+    return flag
 
 
 def _ours(arch: str, theirs: dict[str, torch.Tensor], s: dict[str, Any], notes: list[str]) -> dict[str, torch.Tensor]:

@@ -13,6 +13,8 @@ command line, a run-level ``config.json`` naming the ``model``.
   one residual stream.
 * sparsify has no input normalization. sae-pipe's own exports record theirs (and the model) in extra
   ``sae_pipe_*`` keys that sparsify ignores.
+* Every field of the hookpoint's cfg.json is in :data:`FIELDS`; any other field is refused. The run-level
+  config.json is training settings (optimizer, batch, which hookpoints, k decay); only its ``model`` is read.
 """
 
 from __future__ import annotations
@@ -25,13 +27,26 @@ import torch
 
 from pipeline.cache.normalize import Normalizer
 from pipeline.infra.errors import UserError
-from pipeline.sae.foreign import Foreign, check_arch, check_tensors, load_tensors, read_json
+from pipeline.sae.foreign import Foreign, check_arch, check_fields, check_tensors, load_tensors, read_json, whole
 from pipeline.sae.topk import SaeConfig
 
 CFG, WEIGHTS, RUN_CFG = "cfg.json", "sae.safetensors", "config.json"
 BLOCK_OUTPUT = re.compile(r"(?:[A-Za-z_][\w.]*\.)?(?:layers|h|blocks|layer)\.(\d+)")
 EMBEDDINGS = ("embed_tokens", "embed_in", "model.embed_tokens", "gpt_neox.embed_in")
 RENAME = {"encoder.weight": "W_enc", "encoder.bias": "b_enc", "W_dec": "W_dec", "b_dec": "b_dec"}  # theirs -> ours
+FIELDS = {  # every field of sparsify 1.3.3's SparseCoderConfig (+ d_in and ours) and what import does with it
+    "activation": "topk imported; groupmax refused",
+    "d_in": "the input width",
+    "num_latents": "the dictionary size (0: d_in * expansion_factor, as sparsify reads it)",
+    "expansion_factor": "the dictionary size when num_latents is 0",
+    "k": "the latents kept per token",
+    "multi_topk": "a training loss only; imported at k (see the note it leaves)",
+    "skip_connection": "refused (a W_skip term our SAEs lack)",
+    "transcode": "refused (reconstructs another site than it reads)",
+    "normalize_decoder": "irrelevant: keeps decoder rows unit-norm while training; encode/decode use W_dec as stored",
+    "sae_pipe_normalization": "sae-pipe's exports: the normalization the SAE expects",
+    "sae_pipe_model": "sae-pipe's exports: the model",
+}
 
 
 def is_sparsify(folder: Path) -> bool:
@@ -55,6 +70,7 @@ def hookpoint_layer(hookpoint: str, where: Path) -> int:
 def read_sparsify(folder: Path, hookpoint: str | None = None) -> Foreign:
     """One sparsify hookpoint folder in our conventions; ``hookpoint`` overrides the folder's name."""
     cfg = read_json(folder / CFG)
+    check_fields(cfg, FIELDS, folder / CFG, "sparsify")
     check_arch(str(cfg.get("activation", "topk")), folder, {"topk": "topk"})
     for flag, what in (("transcode", "a transcoder"), ("skip_connection", "an SAE with a skip connection")):
         if cfg.get(flag):
@@ -64,8 +80,12 @@ def read_sparsify(folder: Path, hookpoint: str | None = None) -> Foreign:
             )
     if "d_in" not in cfg:
         raise UserError(f"{folder / CFG} lacks d_in; it is not a complete sparsify config.")
-    d_in, k = int(cfg["d_in"]), int(cfg.get("k", 32))
-    n = int(cfg.get("num_latents") or 0) or d_in * int(cfg.get("expansion_factor", 32))
+    d_in, k = whole(cfg, "d_in", folder / CFG), whole(cfg, "k", folder / CFG, default=32)
+    n = whole(cfg, "num_latents", folder / CFG, default=0, least=0) or d_in * whole(
+        cfg, "expansion_factor", folder / CFG, default=32
+    )
+    if k >= n:
+        raise UserError(f"k={k} in {folder / CFG} is not below its {n} latents; a top-k SAE keeps fewer.")
     name = hookpoint or folder.name
     layer = hookpoint_layer(name, folder)
     tensors = load_tensors(folder, WEIGHTS)

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from transformers import GPT2Config
 
 D, N = 64, 128  # the tiny Llama's width; latents
 
@@ -42,9 +43,11 @@ def write_saelens(
     hook: str = "blocks.1.hook_resid_pre",
     legacy: bool = False,
     tensors: dict[str, torch.Tensor] | None = None,
+    meta: dict[str, Any] | None = None,
     **options: Any,
 ) -> dict[str, Any]:
-    """A SAELens folder (6.x config, or a flat pre-6 one with ``legacy``); returns the config written."""
+    """A SAELens folder (6.x config, or a flat pre-6 one with ``legacy``); returns the config written.
+    ``meta``: metadata fields (a 6.x config's ``metadata``; flat in a legacy one)."""
     t = tensors if tensors is not None else their_tensors(arch)
     n, d = t["W_dec"].shape
     k = options.pop("k", 8)
@@ -52,9 +55,10 @@ def write_saelens(
         cfg: dict[str, Any] = {"d_in": d, "d_sae": n, "dtype": "float32", "hook_point": hook, "model_name": model}
         cfg.update({"activation_fn_str": "topk", "activation_fn_kwargs": {"k": k}} if arch == "topk" else {})
         cfg.update({} if arch in ("standard", "topk") else {"architecture": arch})
+        cfg.update(meta or {})
     else:
-        meta = {"sae_lens_version": "6.54.12", "hook_name": hook, "model_name": model}
-        cfg = {"architecture": arch, "d_in": d, "d_sae": n, "dtype": "float32", "metadata": meta}
+        metadata = {"sae_lens_version": "6.54.12", "hook_name": hook, "model_name": model, **(meta or {})}
+        cfg = {"architecture": arch, "d_in": d, "d_sae": n, "dtype": "float32", "metadata": metadata}
         cfg.update({"k": k} if arch == "topk" else {})
     cfg.update(options)
     folder.mkdir(parents=True, exist_ok=True)
@@ -89,6 +93,8 @@ def write_sparsify(
 def reference(arch: str, t: dict[str, torch.Tensor], x: torch.Tensor, cfg: dict[str, Any]) -> tuple[Any, Any]:
     """(dense code (B, N), reconstruction (B, D)) as SAELens computes them, from its tensors and config."""
     norm = cfg.get("normalize_activations", "none")
+    centre = x.mean(-1, keepdim=True) if cfg.get("_center") else torch.zeros(())  # TransformerLens's centred stream
+    x = x - centre
     if norm == "layer_norm":
         mu = x.mean(-1, keepdim=True)
         std = (x - mu).std(-1, keepdim=True)
@@ -114,7 +120,7 @@ def reference(arch: str, t: dict[str, torch.Tensor], x: torch.Tensor, cfg: dict[
         out = out * std + mu
     elif norm == "expected_average_only_in":
         out = out / cfg["_scale"]
-    return z, out
+    return z, out + centre
 
 
 def bad_checkpoints(tmp: Path, model: str) -> dict[str, str]:
@@ -156,11 +162,29 @@ def bad_checkpoints(tmp: Path, model: str) -> dict[str, str]:
     (tmp / "badjson" / "cfg.json").write_text("{not json")
     (tmp / "badjson" / "sae_weights.safetensors").write_bytes(b"")
     (tmp / "empty").mkdir()
+    _numeric_and_field_cases(tmp, model)
     write_sparsify(tmp / "transcoder", model=model, transcode=True)
     write_sparsify(tmp / "skip", model=model, skip_connection=True)
     write_sparsify(tmp / "mlpsp", "layers.1.mlp", model)
     for name in ("renamed", "cnr", "avg", "hookz", "gpt2", "nomodel", "several", "narrow", "last", "jumprelu"):
         places[name] = str(tmp / name)
-    for name in ("nodin", "badjson", "empty", "transcoder", "skip", "mlpsp"):
+    for name in ("nodin", "badjson", "empty", "transcoder", "skip", "mlpsp", *NUMERIC_AND_FIELD_CASES):
         places[name] = str(tmp / name)
     return places
+
+
+NUMERIC_AND_FIELD_CASES = ("textdin", "halfk", "zerosae", "sphalfk", "sprun", "uncentred", "revision", "unknownfield")
+
+
+def _numeric_and_field_cases(tmp: Path, model: str) -> None:
+    """Configs with a bad number, an unmapped or unknown field, or an unstated centring (one folder each)."""
+    write_saelens(tmp / "textdin", "topk", model, d_in="wide")
+    write_saelens(tmp / "halfk", "topk", model, k=8.5)
+    write_saelens(tmp / "zerosae", "topk", model, d_sae=0)
+    write_sparsify(tmp / "sphalfk", "layers.0", model, k=2.5)
+    write_sparsify(tmp / "sprun", "layers.0", model)
+    gpt2 = tmp / "gpt2-config"  # a LayerNorm model's config is all import reads of it
+    GPT2Config(vocab_size=50, n_embd=D, n_layer=4, n_head=4).save_pretrained(gpt2)
+    write_saelens(tmp / "uncentred", "topk", str(gpt2), legacy=True)  # pre-6, no model_from_pretrained_kwargs
+    write_saelens(tmp / "revision", "topk", model, meta={"model_from_pretrained_kwargs": {"revision": "step1000"}})
+    write_saelens(tmp / "unknownfield", "topk", model, decoder_scale=2.0)
