@@ -25,7 +25,10 @@ def import_(
     fmt: Annotated[str, typer.Option("--format", help="saelens | sparsify | auto (detected from the files).")] = "auto",
     hookpoint: Annotated[
         str | None,
-        typer.Option(help="Which SAE of a folder (or hub repo) holding several: its subfolder, e.g. layers.6."),
+        typer.Option(
+            help="Which SAE of a folder (or hub repo) holding several: its subfolder, e.g. layers.6 (one that is "
+            "not there is refused, listing those that are)."
+        ),
     ] = None,
     model: Annotated[
         str | None,

@@ -3,6 +3,7 @@ round trips through export, the hub code path, and an imported run in evaluate /
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from pipeline.interpret.config import InterpretConfig
 from pipeline.interpret.stage import interpret
 from pipeline.sae.export import export_run
 from pipeline.sae.folder import load_sae
+from pipeline.sae.foreign import whole
 from pipeline.sae.importing import import_checkpoint, same_model
 from pipeline.steer.config import SteerConfig
 from pipeline.steer.stage import steer
@@ -244,3 +246,162 @@ def test_imported_run_in_evaluate_steer_and_interpret(
     tables = {"run": run, "cache": tiny_run["raw"], "explainer": "none", "device": "cpu", "max_tokens": 0}
     summary = interpret(InterpretConfig(**tables, out=str(tmp_path / "interpret")))
     assert summary["latents"] == N and summary["active_latents"] > 0
+
+
+def _runs(root: Path) -> list[str]:
+    return sorted(p.name for p in (root / "saes").iterdir() if not p.name.startswith("."))
+
+
+def test_another_conversion_of_the_same_weights_is_another_run(tmp_path: Path, tiny_llama: Path) -> None:
+    cache = tmp_path / "cache"
+    write_saelens(tmp_path / "sl", "topk", str(tiny_llama), k=8)
+    first = import_checkpoint(str(tmp_path / "sl"), cache_root=str(cache)).url
+    assert import_checkpoint(str(tmp_path / "sl"), cache_root=str(cache)).url == first  # same conversion: found
+    write_saelens(tmp_path / "copy", "topk", str(tiny_llama), k=8)  # the same checkpoint elsewhere: the same run
+    assert import_checkpoint(str(tmp_path / "copy"), cache_root=str(cache)).url == first
+    variants = {  # folder -> (config options, scaling factor): the same tensors every time
+        "k6": ({"k": 6}, None),
+        "ln": ({"k": 8, "normalize_activations": "layer_norm"}, None),
+        "avg37": ({"k": 8, "normalize_activations": "expected_average_only_in"}, 0.37),
+        "avg50": ({"k": 8, "normalize_activations": "expected_average_only_in"}, 0.5),
+    }
+    runs = {}
+    for name, (options, factor) in variants.items():
+        write_saelens(tmp_path / name, "topk", str(tiny_llama), **options)
+        if factor is not None:
+            (tmp_path / name / "activation_scaler.json").write_text(json.dumps({"scaling_factor": factor}))
+        runs[name] = import_checkpoint(str(tmp_path / name), cache_root=str(cache)).url
+    assert len({first, *runs.values()}) == 5 and len(_runs(cache)) == 5
+    assert load_sae(runs["k6"])[1]["sae"]["k"] == 6
+    assert load_sae(runs["ln"])[1]["cache"]["normalization"]["method"] == "layer_norm"
+    assert load_sae(runs["avg50"])[1]["cache"]["normalization"]["scales"] == {"1": 0.5}
+
+
+def test_fields_that_do_not_change_the_sae_give_the_same_run(tmp_path: Path, tiny_llama: Path) -> None:
+    cache = str(tmp_path / "cache")
+    write_saelens(tmp_path / "plain", "topk", str(tiny_llama))
+    plain = import_checkpoint(str(tmp_path / "plain"), cache_root=cache).url
+    irrelevant = {  # one field of each table that cannot change what the SAE computes
+        "prepend_bos": True,
+        "dataset_path": "Skylion007/openwebtext",
+        "neuronpedia_id": "x/1-res",
+        "model_from_pretrained_kwargs": {"center_writing_weights": False, "fold_ln": True, "dtype": "bfloat16"},
+    }
+    write_saelens(tmp_path / "rich", "topk", str(tiny_llama), meta=irrelevant, lr=3e-4, device="cuda", seed=42)
+    assert import_checkpoint(str(tmp_path / "rich"), cache_root=cache).url == plain
+
+
+@pytest.mark.parametrize("fmt", ["saelens", "sparsify"])
+def test_a_hookpoint_that_is_not_there_is_refused_naming_those_that_are(
+    tmp_path: Path, tiny_llama: Path, fmt: str
+) -> None:
+    if fmt == "saelens":
+        there, wanted = "blocks.1.hook_resid_pre", "blocks.2.hook_resid_pre"
+        write_saelens(tmp_path / "release" / there, "topk", str(tiny_llama), there)
+    else:
+        there, wanted = "layers.0", "layers.2"
+        write_sparsify(tmp_path / "release", there, str(tiny_llama))
+    cache = str(tmp_path / "cache")
+    with pytest.raises(UserError, match=rf"has no SAE at --hookpoint '{wanted}'; it holds {there}\. Choose"):
+        import_checkpoint(str(tmp_path / "release"), hookpoint=wanted, cache_root=cache)
+    with pytest.raises(UserError, match=rf"has no SAE at --hookpoint '{wanted}'; it holds one, at {there}\."):
+        import_checkpoint(str(tmp_path / "release" / there), hookpoint=wanted, cache_root=cache)
+    assert not (tmp_path / "cache" / "saes").exists()
+    run = import_checkpoint(str(tmp_path / "release"), hookpoint=there, cache_root=cache)
+    assert load_sae(run.url)[1]["sae"]["layers"] == [1]
+
+
+def test_a_renamed_sparsify_folder_takes_its_hookpoint_from_the_option(tmp_path: Path, tiny_llama: Path) -> None:
+    folder = write_sparsify(tmp_path / "run", "layers.0", str(tiny_llama))
+    folder.rename(tmp_path / "run" / "my_sae")
+    run = import_checkpoint(str(tmp_path / "run" / "my_sae"), hookpoint="layers.2", cache_root=str(tmp_path / "c"))
+    assert load_sae(run.url)[1]["sae"]["layers"] == [3]
+
+
+@pytest.mark.parametrize("value", ["wide", 8.5, True, 0, -3, float("nan"), float("inf"), None])
+def test_sizes_and_k_are_whole_positive_numbers_never_rounded(value: Any) -> None:
+    with pytest.raises(UserError, match="not a whole number|must be at least 1|lacks k"):
+        whole({"k": value}, "k", Path("cfg.json"))
+    assert whole({"k": 8.0}, "k", Path("cfg.json")) == 8 and whole({}, "k", Path("cfg.json"), default=32) == 32
+
+
+def test_centred_writing_weights_give_the_stream_minus_its_mean(tiny_gpt2: Path) -> None:
+    """What TransformerLens's center_writing_weights does to a LayerNorm model, done by hand on the HF model:
+    every block input becomes the uncentred one minus its per-token mean (the premise of the mapping)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(1)
+        for name, bias in model.named_parameters():  # GPT-2 starts with zero biases: give them a mean to remove
+            if name.endswith(".bias"):
+                bias.copy_(torch.randn(bias.shape, generator=g) * 0.1)
+        centred = copy.deepcopy(model)
+        body = centred.transformer
+        writes = [body.wte.weight, body.wpe.weight]
+        for block in body.h:  # GPT-2's Conv1D keeps (in, out): the residual-stream dimension is the last
+            writes += [block.attn.c_proj.weight, block.attn.c_proj.bias, block.mlp.c_proj.weight]
+            writes += [block.mlp.c_proj.bias]
+        for w in writes:
+            w -= w.mean(-1, keepdim=True)
+        tokens = torch.randint(1, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+        raw = model(tokens, output_hidden_states=True).hidden_states
+        cen = centred(tokens, output_hidden_states=True).hidden_states
+    for layer in range(model.config.n_layer):  # the last entry has ln_f applied: not a block input
+        assert float(raw[layer].mean(-1).abs().max()) > 1e-4  # the mean is there to remove
+        torch.testing.assert_close(cen[layer], raw[layer] - raw[layer].mean(-1, keepdim=True), atol=2e-5, rtol=1e-4)
+
+
+CENTRED = {"model_from_pretrained_kwargs": {"center_writing_weights": True}}
+
+
+@pytest.mark.parametrize("norm", ["none", "expected_average_only_in", "layer_norm"])
+def test_saelens_centred_stream_on_a_layer_norm_model_matches_the_reference(
+    tmp_path: Path, tiny_gpt2: Path, norm: str
+) -> None:
+    tensors = their_tensors("topk", d=48)
+    cfg = write_saelens(tmp_path / "sl", "topk", str(tiny_gpt2), tensors=tensors, meta=CENTRED)
+    cfg.update(normalize_activations=norm, _center=True)
+    (tmp_path / "sl" / "cfg.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "_center"}))
+    if norm == "expected_average_only_in":
+        (tmp_path / "sl" / "activation_scaler.json").write_text(json.dumps({"scaling_factor": 0.37}))
+        cfg["_scale"] = 0.37
+    run = import_checkpoint(str(tmp_path / "sl"), cache_root=str(tmp_path / "cache")).url
+    x = torch.randn(64, 48, generator=torch.Generator().manual_seed(5)) + torch.randn(64, 1) * 3  # large means
+    code, x_hat, run_cfg = ours(run, x)
+    expected_code, expected = reference("topk", tensors, x, cfg)
+    torch.testing.assert_close(code, expected_code, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(x_hat, expected, atol=1e-5 * float(expected.abs().max()), rtol=1e-5)
+    assert run_cfg["cache"]["normalization"].get("center", False) == (norm != "layer_norm")  # layer_norm centres
+
+
+def test_centred_writing_weights_change_nothing_on_an_rms_norm_model(tmp_path: Path, tiny_llama: Path) -> None:
+    tensors = their_tensors("topk")
+    write_saelens(tmp_path / "sl", "topk", str(tiny_llama), tensors=tensors, meta=CENTRED)
+    run = import_checkpoint(str(tmp_path / "sl"), cache_root=str(tmp_path / "cache")).url
+    x = torch.randn(64, D, generator=torch.Generator().manual_seed(6)) + 2
+    code, _, cfg = ours(run, x)
+    torch.testing.assert_close(code, reference("topk", tensors, x, {})[0], atol=2e-5, rtol=1e-5)
+    assert "center" not in cfg["cache"]["normalization"]
+    assert any("does not centre LlamaForCausalLM" in note for note in cfg["imported"]["conventions"])
+
+
+def test_a_centred_run_reads_a_raw_cache_and_the_registry_states_centring(
+    tmp_path: Path, tiny_gpt2: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tensors = their_tensors("topk", d=48)
+    hub_copy = tmp_path / "snapshot" / "blocks.1.hook_resid_pre"  # a pre-6 config that does not say it
+    write_saelens(hub_copy, "topk", str(tiny_gpt2), legacy=True, tensors=tensors)
+    with pytest.raises(UserError, match="does not say whether its GPT2LMHeadModel was loaded with centred"):
+        import_checkpoint(str(hub_copy), cache_root=str(tmp_path / "c"))
+    monkeypatch.setattr("huggingface_hub.snapshot_download", lambda repo_id, allow_patterns=None: str(hub_copy.parent))
+    repo = "jbloom/GPT2-Small-SAEs-Reformatted"
+    run = import_checkpoint(repo, hookpoint="blocks.1.hook_resid_pre", cache_root=str(tmp_path / "c")).url
+    base = {"model": str(tiny_gpt2), "ctx_len": 32, "max_tokens": 1200, "cache_root": str(tmp_path), "device": "cpu"}
+    raw = extract(ExtractConfig(**base, layers="1", normalize="none")).url
+    (m,) = evaluate(EvaluateConfig(runs=[run], cache=raw, metrics=["nmse"], device="cpu", out=str(tmp_path / "e")))
+    x = torch.from_numpy(np.concatenate([r[:, 0] for _, r in ActivationCache.open(raw).heldout_rows([1])])).float()
+    _, x_hat = reference("topk", tensors, x, {"_center": True})
+    x_c = x - x.mean(1, keepdim=True)  # nmse is measured in the space the SAE reads: the centred stream
+    x_hat_c = x_hat - x.mean(1, keepdim=True)
+    assert m["nmse"] == pytest.approx(float((((x_c - x_hat_c) ** 2).sum(1) / (x_c**2).sum(1)).mean()), rel=1e-4)

@@ -22,13 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.cache.manifest import LAYER_CONVENTION
+from pipeline.cache.normalize import LAYER_NORM
 from pipeline.infra.console import say
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder, Memo
 from pipeline.llm.model import BUILTIN_MODELS, ModelSource, fingerprint_model, model_shape, resolve_model
 from pipeline.sae.folder import read_cfg, save_weights, write_cfg
 from pipeline.sae.foreign import Foreign, read_json
-from pipeline.sae.saelens import CENTRE, LAYER_NORM, REGISTRY_CENTRED, TL_LAYER_NORM, is_saelens, read_saelens
+from pipeline.sae.saelens import is_saelens, read_saelens
+from pipeline.sae.saelens_fields import CENTRE, REGISTRY_CENTRED, TL_LAYER_NORM
 from pipeline.sae.sparsify import BLOCK_OUTPUT, EMBEDDINGS, is_sparsify, read_sparsify
 
 FORMATS = ("auto", "saelens", "sparsify")
@@ -146,7 +148,7 @@ def _hook(sae_dir: Path) -> str:
     """The place a checkpoint folder reads, in its library's words (SAELens: its hook; sparsify: its folder)."""
     if is_saelens(sae_dir):
         cfg = read_json(sae_dir / "cfg.json")
-        meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+        meta: dict[str, Any] = cfg["metadata"] if isinstance(cfg.get("metadata"), dict) else {}
         return str(meta.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point") or sae_dir.name)
     return sae_dir.name
 
