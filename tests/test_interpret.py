@@ -238,3 +238,34 @@ def test_route_tables_report_unscaled_activations_and_layers(tmp_path: Path) -> 
     got = np.zeros(dense.shape, np.float32)
     got[acts.row, acts.latent] = acts.act
     np.testing.assert_allclose(got, dense.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_killed_run_leaves_the_previous_result_or_none(run: str, tmp_path: Path) -> None:
+    """SIGKILL after the tables and summary.json of a new run are written, before its report: the folder still
+    holds the previous run's files byte for byte, and a first run killed there leaves no folder at all."""
+    import os
+    import signal
+    import sys
+
+    from pipeline.interpret.stage import interpret as run_interpret
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "SAE_PIPE_QUIET": "1"}
+    env.pop("OPENAI_API_KEY", None)
+    old = run_interpret(icfg(run, tmp_path / "out", explainer="none", logit_effects=False))
+    before = {p.name: p.read_bytes() for p in Path(old["out"]).iterdir()}
+    for out in ("out", "fresh"):
+        argv = [run, "--out", str(tmp_path / out), "--cache-root", str(tmp_path), "--device", "cpu"]
+        argv += ["--explainer", "none", "--seed", "1"]  # another sample of latents: other tables
+        proc = subprocess.run(
+            [sys.executable, "-m", "tests.support.killpoint", "interpret-report", "1", "--", "interpret", *argv],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+    assert set(before) >= {"features.parquet", "examples.parquet", "summary.json", "report.html"}
+    assert not (tmp_path / "fresh").exists()

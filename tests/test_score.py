@@ -16,9 +16,11 @@ import pytest
 from pipeline.cache.reader import ActivationCache
 from pipeline.infra.errors import UserError
 from pipeline.interpret.compare import interpret_all
+from pipeline.interpret.checks import check_config
 from pipeline.interpret.score import parse_verdicts, probabilities
+from pipeline.interpret.splits import scoring_rows
 from pipeline.interpret.stage import interpret
-from pipeline.interpret.stats import auc, bootstrap_mean, feature_scores
+from pipeline.interpret.stats import auc, bootstrap_mean, feature_scores, summarize_scores
 from pipeline.sae.folder import load_sae
 from tests.support.interpret_run import icfg, token_run, train_run
 from tests.support.standin_openai import Script, rule_hits, rule_model, standin_env
@@ -213,10 +215,22 @@ def test_metrics_by_hand() -> None:
     assert m["f1"] == pytest.approx(3 / 4)
     # 16 pairs: positives 0.9, 0.8 beat all; 0.6 beats 3 (loses to 0.7); 0.3 beats 2, ties 1 (0.3)
     assert m["auc"] == pytest.approx((4 + 4 + 3 + 2 + 0.5) / 16)
+    silent = feature_scores(labels, np.zeros(8, dtype=int), None)  # the scorer never says "active"
+    assert silent["precision"] is None  # 0 / 0: undefined, not 0
+    assert silent["recall"] == 0 and silent["f1"] == 0 and silent["balanced_accuracy"] == 0.5
+    # F1 = 2 TP / (2 TP + FP + FN): TP 1, FP 3, FN 3 -> 2 / 8, with P = R = 1/4
+    assert feature_scores(labels, np.array([1, 0, 0, 0, 1, 1, 1, 0]), None)["f1"] == pytest.approx(0.25)
     assert auc(np.array([0.5]), np.array([])) is None
     mean, low, high = bootstrap_mean([0.0] * 50 + [1.0] * 50, 2000, 0)
     assert mean == 0.5 and 0.39 < low < 0.42 and 0.58 < high < 0.61  # +-1.96 x sqrt(0.25 / 100)
     assert bootstrap_mean([0.7], 100, 0) == (0.7, 0.7, 0.7)
+    undefined = {"balanced_accuracy": 0.5, "precision": None, "recall": 0.0, "f1": 0.0, "auc": None}
+    defined = {"balanced_accuracy": 1.0, "precision": 0.8, "recall": 1.0, "f1": 0.9, "auc": None}
+    entry = summarize_scores({("detection", False): {1: undefined, 2: defined}}, 200, 0)["detection"]
+    assert entry["precision"] == 0.8 and entry["precision_undefined"] == 1  # the mean of the defined one only
+    assert entry["balanced_accuracy"] == 0.75 and "balanced_accuracy_undefined" not in entry and "auc" not in entry
+    alone = summarize_scores({("detection", False): {1: undefined}}, 200, 0)["detection"]
+    assert alone["precision"] is None and alone["precision_undefined"] == 1
 
 
 def test_verdicts_and_probabilities_parse() -> None:
@@ -233,3 +247,122 @@ def test_verdicts_and_probabilities_parse() -> None:
     assert probabilities(tokens, 2) == pytest.approx([0.8, 1 / 3])
     assert probabilities(tokens, 3) is None and probabilities(None, 2) is None
     assert json.loads(json.dumps(probabilities(tokens, 2)))  # plain floats
+
+
+def test_split_never_gives_one_document_to_both_sides() -> None:
+    """Six packed sequences of four tokens; document 1 runs across sequences 0-2 and document 3 across 3-4, so
+    the groups are A = {0, 1, 2}, B = {3, 4}, C = {5}. With share 0.5 (3 sequences wanted), taking groups in
+    a random order while they fit gives A (when A comes first) or B + C (otherwise): by hand."""
+    sequence = np.repeat(np.arange(6), 4)
+    doc = np.array([0, 0, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 3, 3, 3, 3, 3, 4, 4, 4, 5, 5, 5, 5])
+    outcomes = set()
+    for seed in range(40):
+        test = scoring_rows(sequence, doc, 0.5, seed)
+        assert set(doc[test]).isdisjoint(set(doc[~test])), seed
+        outcomes.add(tuple(np.unique(sequence[test])))
+    assert outcomes == {(0, 1, 2), (3, 4, 5)}
+    linked = np.zeros(8, dtype=int)  # two sequences, one document: nothing can be held out without sharing it
+    assert not scoring_rows(np.repeat([0, 1], 4), linked, 0.5, 0).any()
+
+
+@pytest.mark.parametrize(
+    "setting, value, message",
+    [
+        ("test_share", float("nan"), "--test-share nan must be in [0, 1)"),
+        ("test_share", 1.0, "--test-share 1.0 must be in [0, 1)"),
+        ("bootstrap", 0, "--bootstrap 0 must be between 100 and 100,000"),
+        ("bootstrap", 10**12, "--bootstrap 1000000000000 must be between 100 and 100,000"),
+        ("fuzz_threshold", 0.0, "--fuzz-threshold 0.0 must be in (0, 1]"),
+        ("fuzz_threshold", float("inf"), "--fuzz-threshold inf must be in (0, 1]"),
+        ("score_hard", -0.1, "--score-hard -0.1 must be in [0, 1]"),
+        ("score_hard", 1.5, "--score-hard 1.5 must be in [0, 1]"),
+        ("score_per_quantile", 0, "--score-per-quantile 0 must be at least 1"),
+        ("max_cost", float("nan"), "--max-cost nan must be 0 or more"),
+        ("max_cost", float("inf"), "--max-cost inf must be 0 or more"),
+        ("concurrency", 0, "--concurrency 0 must be at least 1"),
+        ("seed", -1, "--seed -1 must be 0 or more"),
+        ("theta", float("nan"), "--theta nan must be a finite number"),
+        ("test_share", 0.0, "--test-share 0 keeps none"),
+    ],
+)
+def test_settings_out_of_range_are_refused(setting: str, value: float, message: str) -> None:
+    with pytest.raises(UserError) as info:
+        check_config(icfg("some/run", Path("out"), score=["detection"], **{setting: value}))
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_settings_in_range_pass() -> None:
+    check_config(icfg("some/run", Path("out"), score=["detection"], test_share=0.5, bootstrap=100, fuzz_threshold=1.0))
+    check_config(icfg("some/run", Path("out"), test_share=0.0, score_hard=1.0, theta=None))  # no --score: 0 is fine
+
+
+def _flaky(rule: Any) -> tuple[Any, dict[str, int]]:
+    """``rule``, except that every scorer prompt whose excerpt list starts with an odd-length first excerpt
+    gets a malformed answer the first time it is asked. Returns the rule and its tally of malformed answers."""
+    seen: set[str] = set()
+    tally = {"malformed": 0}
+
+    def answer(body: dict[str, Any]) -> tuple[str, list[float] | None]:
+        user = body["messages"][-1]["content"]
+        first = re.search(r"^Excerpt 1: (.*)$", user, re.MULTILINE)
+        if first and len(first.group(1)) % 2 and user not in seen:
+            seen.add(user)
+            tally["malformed"] += 1
+            return "Excerpt 1: yes. Excerpt 2: no.", None
+        return rule(body)
+
+    return answer, tally
+
+
+def test_rerun_asks_malformed_scorer_answers_again_and_counts_this_run(
+    tokens: tuple[str, dict[int, str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rule, tally = _flaky(rule_model)
+    script = Script(rule=rule)
+    settings = {"features": 6, "score": ["detection"], "min_count": 3, "concurrency": 1}
+    runs, sent = [], []
+    with standin_env(script, monkeypatch, KEY):
+        for _ in range(3):
+            before = script.requests
+            runs.append(interpret(icfg(tokens[0], tmp_path / "out", **settings)))
+            sent.append(script.requests - before)
+    first, second, third = runs
+    prompts, malformed = first["scorer_prompts"], tally["malformed"]
+    assert 0 < malformed < prompts and sent[0] == first["requests_sent"] + prompts  # explainer + scorer requests
+    assert (first["scorer_requests_sent"], first["scorer_from_cache"], first["scorer_malformed"]) == (
+        prompts,
+        0,
+        malformed,
+    )
+    # the re-run asks exactly the malformed prompts again (now answered well) and serves the rest from the cache
+    assert sent[1] == malformed and second["requests_sent"] == 0 and second["from_cache"] == first["features_asked"]
+    assert (second["scorer_requests_sent"], second["scorer_from_cache"], second["scorer_malformed"]) == (
+        malformed,
+        prompts - malformed,
+        0,
+    )
+    assert second["scorer_failed"] == second["scorer_not_sent"] == 0
+    assert sent[2] == 0 and (third["scorer_requests_sent"], third["scorer_from_cache"]) == (0, prompts)
+    verdicts = pq.read_table(tmp_path / "out" / "scores.parquet").to_pandas()
+    assert set(verdicts.status) == {"ok"} and verdicts.cached.all()
+
+
+def test_a_scorer_that_never_says_active_has_undefined_precision(
+    tokens: tuple[str, dict[int, str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def never(body: dict[str, Any]) -> tuple[str, list[float] | None]:
+        if "interpret features" in body["messages"][0]["content"]:
+            return rule_model(body)
+        n = len(re.findall(r"^Excerpt \d+: ", body["messages"][-1]["content"], re.MULTILINE))
+        return json.dumps([0] * n), None
+
+    with standin_env(Script(rule=never), monkeypatch, KEY):
+        summary = interpret(icfg(tokens[0], tmp_path / "out", features=4, score=["detection"], min_count=3))
+    entry = summary["scores"]["detection"]
+    assert entry["features"] == 4 and entry["precision"] is None and entry["precision_undefined"] == 4
+    assert entry["recall"] == 0 and entry["balanced_accuracy"] == 0.5
+    features = pq.read_table(tmp_path / "out" / "features.parquet").to_pandas()
+    scored = features[features.detection_n.notna()]
+    assert len(scored) == 4 and scored.detection_precision.isna().all() and (scored.detection_recall == 0).all()
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "<td>n/a</td>" in html

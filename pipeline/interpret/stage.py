@@ -124,10 +124,10 @@ def build_tables(s: Subject, cfg: InterpretConfig) -> tuple[dict[str, pa.Table],
     test = scoring_rows(index.sequence, index.doc, cfg.test_share, cfg.seed)
     if cfg.score and len(test) and (test.all() or not test.any()):
         raise UserError(
-            f"the {len(np.unique(index.sequence))} held-out sequences scanned are linked by documents that run "
-            "across them, so no part can go to the scorers without the explainer seeing the rest of a document; "
-            "scan more with --max-tokens (0 = all), or extract with a smaller --heldout (held-out sequences further "
-            "apart), or leave out --score."
+            f"all {len(np.unique(index.sequence))} held-out sequence(s) scanned are one block (documents run across "
+            "them), so none can go to the scorers without the explainer seeing part of their documents; scan more "
+            "with --max-tokens (0 = all), extract with a smaller --heldout (held-out sequences further apart), or "
+            "leave out --score."
         )
     train = acts.where(~test)  # all the explainer (and the report's examples) may draw from
     counts = {"train_count": train.counts, "test_count": acts.counts - train.counts}

@@ -4,6 +4,8 @@
     python -m tests.support.killpoint shard-write 2 -- extract ...          kill with shard 2 half written
     python -m tests.support.killpoint manifest 2 -- extract ...             kill just before manifest.json is replaced
     python -m tests.support.killpoint train-step 25 -- fit ...              kill inside the 25th training step
+    python -m tests.support.killpoint steer-write 1 -- steer RUN --evaluate  kill with its folder half written
+    python -m tests.support.killpoint interpret-report 1 -- interpret ...   kill before the report is written
 
 A real signal, so nothing (no finally, no atexit) runs after it: exactly what `kill -9` does.
 """
@@ -68,6 +70,14 @@ def arm(point: str, count: int) -> None:
         files.os.replace = replace  # type: ignore[assignment]
     elif point == "train-step":
         _on_call(fit, "train_step", count)
+    elif point == "steer-write":
+        from pipeline.steer import report
+
+        _on_call(report, "dose_response_png", count)  # steering.csv and generations.jsonl are written by then
+    elif point == "interpret-report":  # tables and summary.json written, the report not yet
+        from pipeline.interpret import stage as interpret_stage
+
+        _on_call(interpret_stage, "render_report", count)
     else:
         raise SystemExit(f"unknown kill point {point}")
 
