@@ -30,7 +30,9 @@ def circuit(
     sizes: Annotated[str | None, opt(CircuitConfig, "sizes")] = None,
     layers: Annotated[str | None, opt(CircuitConfig, "layers")] = None,
     pairs: Annotated[int | None, opt(CircuitConfig, "pairs")] = None,
+    val_share: Annotated[float | None, opt(CircuitConfig, "val_share")] = None,
     test_share: Annotated[float | None, opt(CircuitConfig, "test_share")] = None,
+    min_gap: Annotated[float | None, opt(CircuitConfig, "min_gap")] = None,
     seed: Annotated[int | None, opt(CircuitConfig, "seed")] = None,
     seeds: Annotated[str | None, opt(CircuitConfig, "seeds")] = None,
     ablation: Annotated[str | None, opt(CircuitConfig, "ablation")] = None,
@@ -44,8 +46,8 @@ def circuit(
     out: Annotated[str | None, opt(CircuitConfig, "out")] = None,
     params: ParamsOpt = None,
 ) -> None:
-    """Find the SAE latents a task needs (learned masks, integrated gradients, attribution patching) and
-    measure the circuits on held-out pairs; prints the output folder last."""
+    """Find the SAE latents a task needs (learned masks, integrated gradients, attribution patching), choose a
+    circuit on validation pairs and measure every circuit on held-out test pairs; prints the output folder last."""
     overrides = {k: v for k, v in locals().items() if k != "params"}
     from pipeline.circuit.stage import circuit as run_circuit
     from pipeline.infra.params import build_config

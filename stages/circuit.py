@@ -36,21 +36,31 @@ def main() -> None:
             runs[sae["layers"][0]] = run["path"]
     out = circuit(dataclasses.replace(cfg, runs=list(runs.values())))
     found = out.read_json("circuit.json")
-    chosen = found["circuit"]
+    chosen = found["circuit"] or {}  # none when the task is not solved
+    measures = ("faithfulness", "faithfulness_ci", "completeness", "completeness_ci", "val_faithfulness")
     write_receipt(
         "circuit",
         {
             "out": relative_out(out, cfg),
             "task": cfg.task,
             "solved": found["solved"],
-            "method": chosen["method"],
-            "size": chosen["size"],
-            "faithfulness": round(chosen["faithfulness"], 4),
-            "completeness": round(chosen["completeness"], 4),
+            "status": found["status"],
+            "found": found["found"],
+            "method": chosen.get("method"),
+            "size": chosen.get("size"),
+            **{k: rounded(chosen.get(k)) for k in measures},
+            "test_pairs": found["pairs"]["test"],
             "seconds": found["seconds"],
         },
         cfg.cache_root,
     )
+
+
+def rounded(value: float | list[float] | None) -> float | list[float] | None:
+    """A measure (or interval) at 4 decimals for the metrics file."""
+    if isinstance(value, list):
+        return [round(v, 4) for v in value]
+    return None if value is None else round(value, 4)
 
 
 if __name__ == "__main__":

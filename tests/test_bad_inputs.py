@@ -185,10 +185,25 @@ CASES = [
     ("circuit: unknown method", "circuit {run} --method mask,shap", 2, "unknown --method shap"),
     ("circuit: unknown ablation", "circuit {run} --ablation resample", 2, "unknown --ablation 'resample'"),
     ("circuit: seeds without the mask", "circuit {run} --method ig --seeds 0,1", 2, "re-runs the mask method"),
-    ("circuit: negative lambda", "circuit {run} --lambdas=-1", 2, "must be one or more non-negative numbers"),
+    ("circuit: negative lambda", "circuit {run} --lambdas=-1", 2, "must be one or more finite non-negative"),
     ("circuit: not a number list", "circuit {run} --lambdas x", 2, "must be comma-separated floats"),
     ("circuit: zero steps", "circuit {run} --steps 0", 2, "--sizes must be at least 1"),
-    ("circuit: bad test share", "circuit {run} --test-share 1", 2, "--test-share 1.0 must be between 0 and 1"),
+    ("circuit: bad test share", "circuit {run} --test-share 1", 2, "--test-share 1.0 must each be between 0 and 1"),
+    ("circuit: NaN test share", "circuit {run} --test-share nan", 2, "--test-share nan must each be between 0 and 1"),
+    ("circuit: shares leave no train pairs", "circuit {run} --val-share 0.5", 2, "leave pairs to train on"),
+    ("circuit: NaN lambda", "circuit {run} --lambdas nan", 2, "must be one or more finite non-negative numbers"),
+    ("circuit: infinite lambda", "circuit {run} --lambdas 0.01,inf", 2, "must be one or more finite non-negative"),
+    ("circuit: negative t-max", "circuit {run} --t-max -5", 2, "--t-max -5.0 must be a finite number of at least 1"),
+    ("circuit: NaN t-max", "circuit {run} --t-max nan", 2, "--t-max nan must be a finite number of at least 1"),
+    ("circuit: infinite t-max", "circuit {run} --t-max inf", 2, "--t-max inf must be a finite number of at least 1"),
+    ("circuit: negative lr", "circuit {run} --lr -1", 2, "--lr -1.0 must be a finite number above 0"),
+    ("circuit: zero lr", "circuit {run} --lr 0", 2, "--lr 0.0 must be a finite number above 0"),
+    ("circuit: NaN lr", "circuit {run} --lr nan", 2, "--lr nan must be a finite number above 0"),
+    ("circuit: negative steps", "circuit {run} --steps -3", 2, "--sizes must be at least 1"),
+    ("circuit: zero ig steps", "circuit {run} --ig-steps 0", 2, "--sizes must be at least 1"),
+    ("circuit: zero size", "circuit {run} --sizes 0,5", 2, "--sizes must be at least 1"),
+    ("circuit: negative min gap", "circuit {run} --min-gap -1", 2, "--min-gap -1.0 must be a finite number"),
+    ("circuit: NaN min gap", "circuit {run} --min-gap nan", 2, "--min-gap nan must be a finite number"),
     ("circuit: unknown task", "circuit {run} --task parity", 2, "unknown task 'parity'"),
     ("circuit: task the tokenizer cannot take", "circuit {run} --task ioi", 2, "yields only 0 pair(s) whose answers"),
     ("circuit: missing task file", "circuit {run} --task {tmp}/none.jsonl", 2, "does not exist; give sva, ioi, code"),
@@ -202,7 +217,10 @@ CASES = [
     ("circuit: multi-token answer", "circuit {run} --task {task_long}", 2, "is 3 tokens, not one"),
     ("circuit: prefixes of two lengths", "circuit {run} --task {task_unequal}", 2, "they must be equally long"),
     ("circuit: the same answer twice", "circuit {run} --task {task_same}", 2, "are the same token"),
-    ("circuit: one-pair task file", "circuit {run} --task {task_one}", 2, "a train and a test split need at least 2"),
+    ("circuit: one-pair task file", "circuit {run} --task {task_one}", 2, "and test splits need at least 3"),
+    ("circuit: empty prefix", "circuit {run} --task {task_noprefix}", 2, ":2: clean_prefix is empty; give both"),
+    ("circuit: blank prefixes", "circuit {run} --task {task_blank}", 2, "clean_prefix and patch_prefix are empty"),
+    ("circuit: non-UTF-8 task file", "circuit {run} --task {task_latin1}", 2, "is not UTF-8 text (byte"),
 ]
 
 GOOD_PAIR = {"clean_prefix": "The pilot", "patch_prefix": "The pilots", "clean_answer": " is", "patch_answer": " are"}
@@ -299,6 +317,8 @@ def test_user_error(
     err = capsys.readouterr().err
     flat = " ".join(err.split())
     assert exit_info.value.code == code, err
+    "task_noprefix": json.dumps({**GOOD_PAIR, "clean_prefix": ""}),
+    "task_blank": json.dumps({**GOOD_PAIR, "clean_prefix": " ", "patch_prefix": "\t"}),
     assert flat.count("error:") == 1 and message in flat.split("error:", 1)[1], err
     assert "Traceback" not in err and "╭" not in err
 
@@ -309,3 +329,6 @@ def test_readme_lists_every_error() -> None:
     for name, _, code, message in CASES:
         row = re.search(rf"\| {re.escape(name)} \|[^|]*\| {code} \|[^|]*{re.escape(message)}", table)
         assert row, f"README table lacks: {name} / exit {code} / {message}"
+    latin1 = json.dumps({**GOOD_PAIR, "clean_prefix": "Caf\u00e9"}, ensure_ascii=False).encode("latin-1")
+    (tmp / "task_latin1.jsonl").write_bytes(latin1)
+        "task_latin1": str(tmp / "task_latin1.jsonl"),

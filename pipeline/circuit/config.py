@@ -18,9 +18,13 @@ class CircuitConfig:
     runs: list[str] = setting(doc="TopK run folders printed by `sae-pipe fit`, one per layer", factory=list)
     layers: list[int] = setting(doc="SAE layers to use among the runs (empty = every run's layer)", factory=list)
     task: str = setting("sva", "sva | ioi | code | a JSONL file of contrastive pairs")
-    pairs: int = setting(64, "pairs a built-in task generates (train and test together)")
-    test_share: float = setting(0.5, "share of the pairs held out to measure the circuits on")
-    seed: int = setting(0, "seed of the pair generation, the train/test split and the mask's initial noise")
+    pairs: int = setting(128, "pairs a built-in task generates (train, validation and test together)")
+    val_share: float = setting(0.25, "share of the pairs that choose the circuit (its lambda or size)")
+    test_share: float = setting(0.5, "share of the pairs held out to measure the circuits on (never chooses)")
+    min_gap: float = setting(
+        0.5, "smallest clean-minus-all-ablated logit difference (train pairs) for the task to count as solved"
+    )
+    seed: int = setting(0, "seed of the pair generation, the train/val/test split and the mask's initial noise")
     seeds: list[int] = setting(
         doc="mask: more seeds to re-run it with (own split and initial noise), for the overlap across seeds",
         factory=list,
@@ -38,7 +42,7 @@ class CircuitConfig:
     steps: int = setting(150, "mask: Adam steps per lambda")
     lr: float = setting(0.1, "mask: Adam learning rate of the mask logits")
     t_max: float = setting(100.0, "mask: final temperature of the soft mask sigmoid(m * T), T = t_max ** progress")
-    ig_steps: int = setting(10, "ig, ig_layer: interpolation steps from patch to clean latents")
+    ig_steps: int = setting(10, "ig, ig_layer: interpolation steps from ablated to clean latents")
     batch_size: int = setting(32, "pairs per forward")
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")
     cache_root: str = setting("cache", "root of interpret/ (feature tables) and circuits/ (outputs)")

@@ -1,19 +1,23 @@
-"""Four ways to pick the latents a task needs.
+"""Four ways to pick the latents a task needs, all in one parametrization: each latent's kept share ``keep``
+in [0, 1] between its ablated value (the same mean ablation every circuit is measured with) and its live value.
 
 mask    continuous sparsification: one real-valued logit m per latent per site, soft mask
         sigmoid(m * T) with T = t_max ** progress rising over training, loss
             mean_pairs relu(ld_all - ld_masked) / gap  +  lambda * sum(soft mask)
         (the task term only asks to *keep* each pair's clean logit difference ld_all, measured in units of
-        gap = ld_all - ld_empty, so lambda is the faithfulness one latent must buy), Adam; the circuit is m > 0.
-ig      integrated gradients of the logit difference along the path that moves every site's latents from
-        the patch run's code to the clean run's together (the kept share goes 0 -> 1 at all sites; downstream
-        codes are computed live); score = (z_clean - z_patch) x mean gradient, summed over positions.
+        gap = ld_all - ld_empty on the train pairs, so lambda is the faithfulness one latent must buy), Adam;
+        the circuit is m > 0. All lambdas train together: one mask per lambda, each on its own copy of the
+        batch (stacked along the batch dimension), so one forward and backward serves every lambda; Adam is
+        elementwise and the losses add, so each mask gets exactly the update it would get alone.
+ig      integrated gradients of the logit difference along keep = alpha at every latent of every site
+        together, alpha 0 -> 1 (ablated -> clean; downstream codes computed live): score = mean over the
+        path of d ld / d keep, which is (z - a) x the gradient on z', summed over positions.
 ig_layer  the same path one site at a time, every other site's latents left live (clean upstream, responding
         downstream), as Marks et al. (2024) attribute each submodule: one path per site, so a site's scores do
         not carry the other sites' move (costs ig x the number of sites).
-attrib  the same at the clean end only (one gradient): attribution patching.
-ig, ig_layer and attrib rank latents by score (largest first: the latents that raise the clean answer); the top N
-for each N in ``sizes`` are their circuits.
+attrib  the same at the clean end only (one gradient, alpha = 1): attribution patching against the mean.
+ig, ig_layer and attrib rank latents by absolute score (a latent that pushes the wrong answer matters as much as
+one that pushes the right one); the top N for each N in ``sizes`` are their circuits.
 """
 
 from __future__ import annotations
@@ -23,11 +27,19 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from pipeline.circuit.spliced import Batch, Masking, Site, logit_diff, patch_codes
+from pipeline.circuit.spliced import Batch, Masking, Site, logit_diff, tiled
 from pipeline.infra.console import progress_bar
 
 MASK_INIT = 1.0  # initial logit: soft mask sigmoid(1) = 0.73 at T = 1, every latent starts mostly kept
 INIT_NOISE = 0.1  # spread of the initial logits (about one Adam step): two seeds start from different masks
+
+
+class MaskHyper(NamedTuple):
+    """The mask's optimization settings."""
+
+    steps: int
+    lr: float
+    t_max: float
 
 
 class Lens(NamedTuple):
@@ -47,41 +59,39 @@ class Lens(NamedTuple):
         return [torch.ones(s.sae.cfg.n_latents, device=s.sae.W_dec.device) for s in self.sites]
 
 
-def train_mask(
-    lens: Lens, train: list[Batch], lam: float, steps: int, lr: float, t_max: float, seed: int
-) -> list[Tensor]:
-    """Per site the trained mask logits (N,), started at MASK_INIT plus noise drawn from ``seed``; the circuit
-    is where they are positive."""
-    with torch.no_grad():
-        full = [lens.ld(b, None) for b in train]  # (B,) each: every latent kept = the clean model
-        empty = [lens.ld(b, [0 * k for k in lens.ones()]) for b in train]
-    gap = max(float(torch.cat(full).mean() - torch.cat(empty).mean()), 1e-3)
+def train_masks(
+    lens: Lens, train: list[Batch], targets: list[Tensor], gap: float, lams: list[float], hyper: MaskHyper, seed: int
+) -> list[list[Tensor]]:
+    """Per lambda, per site the trained mask logits (N,), all started at MASK_INIT plus the same noise drawn
+    from ``seed``; the circuit is where they are positive. ``targets``: each train batch's clean logit
+    differences (B,); ``gap``: the train pairs' clean-minus-empty gap (> 0)."""
     generator = torch.Generator().manual_seed(seed)
-    logits = [
-        (MASK_INIT + INIT_NOISE * torch.randn(k.shape, generator=generator)).to(k.device).requires_grad_()
-        for k in lens.ones()
-    ]
-    optimizer = torch.optim.Adam(logits, lr=lr)
+    starts = [MASK_INIT + INIT_NOISE * torch.randn(k.shape, generator=generator) for k in lens.ones()]  # (N,)
+    logits = [m.repeat(len(lams), 1).to(k.device).requires_grad_() for m, k in zip(starts, lens.ones())]  # (L, N)
+    weights = torch.tensor(lams, device=logits[0].device)  # (L,)
+    stacked = [tiled(b, len(lams)) for b in train]  # (L * B, T): row block l runs under mask l
+    optimizer = torch.optim.Adam(logits, lr=hyper.lr)
     n_pairs = sum(len(b.clean) for b in train)
-    with progress_bar(f"mask lambda={lam:g}", steps, unit="step") as bar:
-        for step in range(steps):
-            temperature = t_max ** (step / max(steps - 1, 1))
+    with progress_bar(f"mask lambda={','.join(f'{x:g}' for x in lams)}", hyper.steps, unit="step") as bar:
+        for step in range(hyper.steps):
+            temperature = hyper.t_max ** (step / max(hyper.steps - 1, 1))
             optimizer.zero_grad()
-            for batch, target in zip(train, full):
-                keep = [torch.sigmoid(m * temperature) for m in logits]
-                shortfall = (target - lens.ld(batch, keep)).relu().sum() / (gap * n_pairs)
+            for batch, target in zip(stacked, targets):
+                keep = [torch.sigmoid(m * temperature) for m in logits]  # (L, N) each
+                ld = lens.ld(batch, keep).view(len(lams), -1)  # (L, B)
+                shortfall = (target - ld).relu().sum() / (gap * n_pairs)  # summed over lambdas
                 shortfall.backward()
-            size = torch.stack([torch.sigmoid(m * temperature).sum() for m in logits]).sum()
-            (lam * size).backward()
+            size = torch.stack([torch.sigmoid(m * temperature).sum(1) for m in logits]).sum(0)  # (L,)
+            (weights * size).sum().backward()
             optimizer.step()
             bar.advance(0, 1)
-    return [m.detach() for m in logits]
+    return [[m[i].detach() for m in logits] for i in range(len(lams))]
 
 
 def attributions(lens: Lens, train: list[Batch], steps: int, per_site: bool = False) -> list[Tensor]:
-    """Per site (N,) integrated-gradient scores over ``steps`` points of the patch -> clean path, summed over
-    positions and averaged over pairs; ``steps`` = 1 gives attribution patching (the clean end only).
-    ``per_site``: one path per site, the others left live (ig_layer), instead of all sites moving together."""
+    """Per site (N,) integrated-gradient scores of the kept share over ``steps`` midpoints of the ablated -> clean
+    path, summed over positions and averaged over pairs; ``steps`` = 1 gives attribution patching (the clean
+    end only). ``per_site``: one path per site, the others left live (ig_layer), instead of all moving together."""
     alphas = [1.0] if steps == 1 else [(i + 0.5) / steps for i in range(steps)]
     scores = [torch.zeros_like(k) for k in lens.ones()]
     n_pairs = sum(len(b.clean) for b in train)
@@ -89,13 +99,12 @@ def attributions(lens: Lens, train: list[Batch], steps: int, per_site: bool = Fa
     name = "attrib" if steps == 1 else "ig_layer" if per_site else "ig"
     with progress_bar(name, len(train) * len(moves) * len(alphas), unit="pass") as bar:
         for batch in train:
-            start = patch_codes(lens.model, lens.blocks, lens.sites, batch)  # (B, T, N) per site
             for moved, alpha in ((m, a) for m in moves for a in alphas):
                 keep = [
                     torch.full_like(k, alpha, requires_grad=True) if i in moved else k
                     for i, k in enumerate(lens.ones())
                 ]
-                ld = logit_diff(lens.model, lens.blocks, lens.sites, "clean", batch, Masking(keep, start))
+                ld = logit_diff(lens.model, lens.blocks, lens.sites, "clean", batch, Masking(keep, lens.ablate))
                 grads = torch.autograd.grad(ld.sum(), [keep[i] for i in moved])
                 for i, grad in zip(moved, grads):
                     scores[i] += grad / (len(alphas) * n_pairs)
@@ -104,8 +113,8 @@ def attributions(lens: Lens, train: list[Batch], steps: int, per_site: bool = Fa
 
 
 def top_circuits(scores: list[Tensor], sizes: list[int]) -> list[tuple[int, list[Tensor]]]:
-    """(size, per-site bool mask) of the ``size`` best-scoring latents over all sites, for each size."""
-    flat = torch.cat(scores)  # (sum N,)
+    """(size, per-site bool mask) of the ``size`` latents of largest absolute score over all sites, per size."""
+    flat = torch.cat(scores).abs()  # (sum N,)
     order = flat.argsort(descending=True)
     out = []
     for size in sorted({min(s, len(flat)) for s in sizes}):

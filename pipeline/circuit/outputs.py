@@ -1,10 +1,13 @@
 """What `sae-pipe circuit` writes (JSON, CSV, safetensors, PNG, HTML: never pickles).
 
-circuit.json        the chosen circuit (the smallest with faithfulness >= 0.8, else the most faithful):
-                    its latents per layer with their score and, where the run was interpreted, their
-                    top tokens, explanation and a link into the feature report; every other circuit
-                    by method; baseline, stability, wall time, settings
-curve.csv           method, param (lambda or size), seed, size, per-layer sizes, faithfulness, completeness
+circuit.json        status (found | trivial | unfaithful | not solved) and its message; the chosen circuit
+                    (the smallest with VALIDATION faithfulness >= 0.8, else the most faithful, reported
+                    with its TEST measures and their 95 % intervals): its latents per layer with their
+                    score and, where the run was interpreted, their top tokens, explanation and a link
+                    into the feature report; every other circuit by method; ends of each part, stability,
+                    wall time, settings. No circuit at all when the task is not solved.
+curve.csv           method, param (lambda or size), seed, size, per-layer sizes, validation faithfulness,
+                    test faithfulness and completeness with their 95 % bootstrap intervals
 curve.png           faithfulness against circuit size, one line per method (and per seed of the mask)
 scores.safetensors  per method and layer the latent scores (mask: the trained logits, one per lambda and seed)
 index.html          the chosen circuit's latents, linked to the feature reports
@@ -15,6 +18,7 @@ from __future__ import annotations
 import csv
 import html
 import io
+import json
 import os
 from typing import Any, NamedTuple
 
@@ -23,6 +27,7 @@ from safetensors.torch import save
 from torch import Tensor
 
 from pipeline.circuit.measures import Score
+from pipeline.infra.console import Stopwatch
 from pipeline.infra.files import Folder
 from pipeline.sae.subject import Subject
 
@@ -38,15 +43,40 @@ class Found(NamedTuple):
     seed: int  # of the train/test split it was found and measured on (and of the mask's initial noise)
     circuit: list[Tensor]  # per site, bool (N,)
     scores: list[Tensor]  # per site, (N,): mask logits or attribution scores
-    score: Score
+    val: float  # faithfulness on the validation pairs: what the circuit is chosen by
+    score: Score  # on the test pairs: what is reported
 
 
-def chosen(found: list[Found]) -> Found:
-    """The smallest circuit with faithfulness >= GOOD (mask first on ties), else the most faithful one."""
-    good = [f for f in found if f.score.faithfulness >= GOOD]
-    if good:
-        return min(good, key=lambda f: (f.score.size, f.method != "mask"))
-    return max(found, key=lambda f: f.score.faithfulness)
+class Verdict(NamedTuple):
+    """The circuit chosen on the validation pairs and what may be claimed of it."""
+
+    best: Found | None  # None: the task is not solved, nothing to choose
+    status: str  # found | trivial | unfaithful | not solved
+    message: str
+
+
+def chosen(found: list[Found], why: str) -> Verdict:
+    """The smallest circuit with validation faithfulness >= GOOD (mask first on ties), else the most faithful
+    one; found only when it reaches GOOD with at most half of the latents (a circuit of most latents is the
+    model, not a circuit of it). ``why``: the reason the task is not solved ('' when it is)."""
+    if why or not found:
+        return Verdict(None, "not solved", f"no circuit claimed: {why or 'no method produced a circuit'}.")
+    good = [f for f in found if f.val >= GOOD]
+    best = min(good, key=lambda f: (f.score.size, f.method != "mask")) if good else max(found, key=lambda f: f.val)
+    s, total = best.score, sum(len(c) for c in best.circuit)
+    name = f"{best.method} ({best.param:g}), {s.size} of {total} latents"
+    measured = (
+        f"test faithfulness {s.faithfulness:.3f} [{s.faithfulness_ci[0]:.3f}, {s.faithfulness_ci[1]:.3f}], "
+        f"completeness {s.completeness:.3f} [{s.completeness_ci[0]:.3f}, {s.completeness_ci[1]:.3f}]"
+    )
+    if not good:
+        return Verdict(best, "unfaithful", f"no circuit found: none reaches validation faithfulness {GOOD} "
+                       f"(best {name}, validation {best.val:.3f}; {measured}).")  # fmt: skip
+    if 2 * s.size > total:
+        return Verdict(best, "trivial", f"no circuit found: the smallest circuit at validation faithfulness {GOOD} "
+                       f"keeps more than half of the latents ({name}; {measured}); try more --steps or larger "
+                       "--lambdas.")  # fmt: skip
+    return Verdict(best, "found", f"found {name}: validation faithfulness {best.val:.3f}; {measured}.")
 
 
 def feature_notes(cache_root: str, run: str) -> dict[int, dict[str, Any]]:
@@ -70,11 +100,11 @@ def feature_notes(cache_root: str, run: str) -> dict[int, dict[str, Any]]:
 
 
 def latent_rows(best: Found, subjects: list[Subject], cache_root: str) -> list[dict[str, Any]]:
-    """The chosen circuit's latents, best score first within each layer."""
+    """The chosen circuit's latents, largest absolute score first within each layer."""
     rows = []
     for subject, kept, scores in zip(subjects, best.circuit, best.scores):
         notes = feature_notes(cache_root, subject.folder.name)
-        for latent in sorted(kept.nonzero().flatten().tolist(), key=lambda i: -float(scores[i])):
+        for latent in sorted(kept.nonzero().flatten().tolist(), key=lambda i: -abs(float(scores[i]))):
             rows.append(
                 {
                     "layer": subject.layers[0],
@@ -87,25 +117,41 @@ def latent_rows(best: Found, subjects: list[Subject], cache_root: str) -> list[d
     return rows
 
 
-def write_outputs(
-    out: Folder, subjects: list[Subject], found: list[Found], reruns: list[Found], facts: dict[str, Any], root: str
-) -> None:
-    """Every output file; circuit.json last, so a folder with it is complete. ``reruns`` (the mask on further
-    seeds) join the curve, the scores and the list of circuits, never the choice of the circuit."""
-    layers = [s.layers[0] for s in subjects]
-    best = chosen(found)
-    rows = latent_rows(best, subjects, root)
-    every = found + reruns
+CURVE_COLUMNS = ["method", "param", "seed", "size", "per_layer", "val_faithfulness", "faithfulness"]
+CURVE_COLUMNS += ["faithfulness_low", "faithfulness_high", "completeness", "completeness_low", "completeness_high"]
+
+
+def curve_csv(every: list[Found]) -> bytes:
+    """One row per circuit: its size, validation faithfulness and test measures with their intervals."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["method", "param", "seed", "size", "per_layer", "faithfulness", "completeness"])
+    writer.writerow(CURVE_COLUMNS)
     for f in every:
-        per_layer = " ".join(f"L{k}:{v}" for k, v in f.score.per_layer.items())
-        score = f.score
-        writer.writerow(
-            [f.method, f.param, f.seed, score.size, per_layer, f"{score.faithfulness:.4f}", f"{score.completeness:.4f}"]
-        )
-    out.write_bytes(buffer.getvalue().encode(), "curve.csv")
+        s = f.score
+        numbers = [f.val, s.faithfulness, *s.faithfulness_ci, s.completeness, *s.completeness_ci]
+        per_layer = " ".join(f"L{k}:{v}" for k, v in s.per_layer.items())
+        writer.writerow([f.method, f.param, f.seed, s.size, per_layer, *(f"{x:.4f}" for x in numbers)])
+    return buffer.getvalue().encode()
+
+
+def described(f: Found, layers: list[int]) -> dict[str, Any]:
+    """One circuit as circuit.json lists it (test measures, validation faithfulness, latents per layer)."""
+    measures = {**f.score._asdict(), "val_faithfulness": f.val}
+    latents = {str(layer): c.nonzero().flatten().tolist() for layer, c in zip(layers, f.circuit)}
+    return {"method": f.method, "param": f.param, "seed": f.seed, **measures, "latents": latents}
+
+
+def write_outputs(
+    out: Folder, subjects: list[Subject], found: list[Found], reruns: list[Found], facts: dict[str, Any], root: str,
+    clock: Stopwatch,
+) -> str:  # fmt: skip
+    """Every output file, written whole into a temporary folder that replaces ``out`` at the end (a killed run
+    leaves the previous result or none). ``reruns`` (the mask on further seeds) join the curve, the scores and
+    the list of circuits, never the choice of the circuit. Returns the verdict's message."""
+    layers = [s.layers[0] for s in subjects]
+    verdict = chosen(found, facts.pop("why"))
+    rows = latent_rows(verdict.best, subjects, root) if verdict.best else []
+    every = found + reruns
     tensors = {
         f"mask/{f.param:g}/seed{f.seed}/L{layer}"
         if f.method == "mask"
@@ -113,24 +159,26 @@ def write_outputs(
         for f in every
         for layer, s in zip(layers, f.scores)
     }
-    out.write_bytes(save(tensors), "scores.safetensors")
-    out.write_bytes(curve_png(every), "curve.png")
-    out.write_bytes(page(best, rows, facts, out).encode(), "index.html")
-    summary = {"method": best.method, "param": best.param, "seed": best.seed, **best.score._asdict(), "latents": rows}
-    circuits = [
-        {
-            "method": f.method,
-            "param": f.param,
-            "seed": f.seed,
-            **f.score._asdict(),
-            "latents": {str(layer): c.nonzero().flatten().tolist() for layer, c in zip(layers, f.circuit)},
-        }
-        for f in every
-    ]
-    out.write_json(
-        {**facts, "layers": layers, "runs": [s.folder.url for s in subjects], "circuit": summary, "circuits": circuits},
-        "circuit.json",
-    )
+    summary = {**described(verdict.best, layers), "latents": rows} if verdict.best else None
+    document = {
+        "status": verdict.status,
+        "found": verdict.status == "found",
+        "message": verdict.message,
+        **facts,
+        "seconds": round(clock.seconds, 1),
+        "layers": layers,
+        "runs": [s.folder.url for s in subjects],
+        "circuit": summary,
+        "circuits": [described(f, layers) for f in every],
+    }
+    text = json.dumps(document, indent=2, allow_nan=False)  # a NaN is a bug to see, never a number to publish
+    with out.replaced() as tmp:
+        tmp.write_bytes(curve_csv(every), "curve.csv")
+        tmp.write_bytes(save(tensors), "scores.safetensors")
+        tmp.write_bytes(curve_png(every), "curve.png")
+        tmp.write_bytes(page(verdict, rows, facts, out).encode(), "index.html")
+        tmp.write_bytes((text + "\n").encode(), "circuit.json")
+    return verdict.message
 
 
 def curve_png(found: list[Found]) -> bytes:
@@ -151,15 +199,16 @@ def curve_png(found: list[Found]) -> bytes:
     ax.set_xscale("log")
     ax.set_xlabel("circuit size (latents)")
     ax.set_ylabel("faithfulness (held-out pairs)")
-    ax.legend()
+    if lines:
+        ax.legend()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", bbox_inches="tight")
     plt.close(fig)
     return buffer.getvalue()
 
 
-def page(best: Found, rows: list[dict[str, Any]], facts: dict[str, Any], out: Folder) -> str:
-    """A short HTML page: the chosen circuit's latents, linked to their feature reports."""
+def page(verdict: Verdict, rows: list[dict[str, Any]], facts: dict[str, Any], out: Folder) -> str:
+    """A short HTML page: the verdict and the chosen circuit's latents, linked to their feature reports."""
     items = []
     for row in rows:
         link = row.get("report")
@@ -174,12 +223,11 @@ def page(best: Found, rows: list[dict[str, Any]], facts: dict[str, Any], out: Fo
             f"<tr><td>{row['layer']}</td><td>{name}</td><td>{row['score']:.4g}</td><td>{tokens}</td>"
             f"<td>{html.escape(row.get('explanation', ''))}</td></tr>"
         )
-    s = best.score
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>circuit: {html.escape(facts['task'])}</title></head>"
         f"<body><h1>Circuit for task {html.escape(facts['task'])}</h1>"
-        f"<p>{best.method} ({best.param:g}): {s.size} latents, faithfulness {s.faithfulness:.3f}, completeness "
-        f"{s.completeness:.3f} on {facts['pairs']['test']} held-out pairs. <img src='curve.png' alt='curve'></p>"
+        f"<p>{html.escape(verdict.message)} ({facts['pairs']['test']} held-out test pairs.) "
+        "<img src='curve.png' alt='curve'></p>"
         "<table><tr><th>layer</th><th>latent</th><th>score</th><th>top tokens</th><th>explanation</th></tr>"
         f"{''.join(items)}</table></body></html>"
     )

@@ -2,7 +2,7 @@
 
 At a site (an SAE at layer L) the live input h of block L is normalized as the cache was (x, per-token
 scale s) and encoded to its dense TopK code z. A latent's kept share ``keep`` in [0, 1] mixes its live
-value with its ablated value a (its mean over the patch prompts, zero, or the patch run's own code):
+value with its ablated value a (its mean over the train patch prompts, or zero):
 
     z' = keep * z + (1 - keep) * a          h' = h + s * W_dec^T (z' - z)
 
@@ -56,8 +56,8 @@ Side = Literal["clean", "patch"]
 class Masking(NamedTuple):
     """Per site: the kept share of each latent and the value it takes where not kept."""
 
-    keep: list[Tensor]  # (N,) each, in [0, 1]
-    ablate: list[Tensor]  # (N,) each, or (B, T, N): one value per position (the patch run's code)
+    keep: list[Tensor]  # (N,) each, in [0, 1]; or (G, N): G masks for a batch tiled G times (see ``tiled``)
+    ablate: list[Tensor]  # (N,) each
 
 
 def batches(pairs: list[Pair], size: int, special: set[int], device: torch.device) -> list[Batch]:
@@ -86,6 +86,28 @@ def batches(pairs: list[Pair], size: int, special: set[int], device: torch.devic
     return out
 
 
+def tiled(batch: Batch, copies: int) -> Batch:
+    """``batch`` repeated ``copies`` times along the batch dimension (copy-major), with stems of its own: one
+    forward then serves ``copies`` masks, row block g under mask g."""
+    return Batch(
+        batch.clean.repeat(copies, 1),  # (G * B, T)
+        batch.patch.repeat(copies, 1),
+        batch.real.repeat(copies, 1),
+        batch.clean_answer.repeat(copies),  # (G * B,)
+        batch.patch_answer.repeat(copies),
+        {},
+    )
+
+
+def position_keep(keep: Tensor, real: Tensor) -> Tensor:
+    """The kept share per real position: ``keep`` (N,) as it is, or (G, N) spread over a batch tiled G times
+    (rows g * B .. (g + 1) * B - 1 take mask g) as (M, N)."""
+    if keep.dim() == 1:
+        return keep
+    rows = torch.arange(keep.shape[0], device=real.device).repeat_interleave(real.shape[0] // keep.shape[0])
+    return keep[rows[:, None].expand_as(real)[real]]  # (M, N)
+
+
 def dense_code(sae: TopKSAE, x: Tensor) -> Tensor:
     """The SAE's TopK code of ``x`` (M, D) as a dense (M, N) tensor, differentiable in x."""
     pre = torch.addmm(sae.b_enc, x - sae.b_dec, sae.W_enc.t()).relu()  # (M, N)
@@ -100,8 +122,7 @@ def _site_edit(site: Site, real: Tensor, keep: Tensor | None, ablate: Tensor | N
         record.append(z)
         if keep is None or ablate is None:
             return h
-        value = ablate[real] if ablate.dim() == 3 else ablate  # (M, N) or (N,)
-        change = (1 - keep) * (value - z)  # (M, N): z' - z
+        change = (1 - position_keep(keep, real)) * (ablate - z)  # (M, N): z' - z
         out = h.clone()
         out[real] = (h[real].float() + (change @ site.sae.W_dec) * scale).to(h.dtype)
         return out
@@ -160,21 +181,6 @@ def answer_logits(model: nn.Module, last: Tensor, batch: Batch) -> Tensor:
     if head.bias is not None:
         logits = logits + head.bias[answers]
     return logits.float()
-
-
-def dense_positions(code: Tensor, real: Tensor) -> Tensor:
-    """A site's recorded code (M, N) back at its positions: (B, T, N), zeros at special tokens."""
-    out = torch.zeros(*real.shape, code.shape[-1], device=code.device)  # (B, T, N)
-    out[real] = code
-    return out
-
-
-@torch.no_grad()
-def patch_codes(model: nn.Module, blocks: nn.ModuleList, sites: list[Site], batch: Batch) -> list[Tensor]:
-    """Each site's code on the patch prompts, position by position (B, T, N): the path start of `ig`."""
-    record: list[list[Tensor]] = [[] for _ in sites]
-    logit_diff(model, blocks, sites, "patch", batch, None, record)
-    return [dense_positions(codes[0], batch.real) for codes in record]
 
 
 @torch.no_grad()

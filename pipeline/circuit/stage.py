@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict
 from itertools import combinations
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from torch import Tensor
 
 from pipeline.circuit.config import ABLATIONS, METHODS, CircuitConfig
-from pipeline.circuit.measures import Baseline, baseline, jaccard, measure
-from pipeline.circuit.methods import Lens, attributions, top_circuits, train_mask
+from pipeline.circuit.measures import Ends, ends, faithfulness, jaccard, measure
+from pipeline.circuit.methods import Lens, MaskHyper, attributions, top_circuits, train_masks
 from pipeline.circuit.outputs import Found, write_outputs
 from pipeline.circuit.spliced import Batch, Site, ablation_values, batches
 from pipeline.circuit.tasks import Pair, load_task, split
@@ -29,7 +31,8 @@ from pipeline.llm.model import load_tokenizer, resolve_model
 from pipeline.sae.subject import Subject, load_llm, load_subject
 from pipeline.sae.topk import TopKSAE
 
-SOLVED = 0.5  # a task the model gets right on fewer test pairs than this is reported as unsolved
+PARTS = ("train", "val", "test")
+SOLVED = 0.5  # a task the model gets right on fewer train pairs than this is reported as not solved
 
 
 def check(cfg: CircuitConfig) -> None:
@@ -38,12 +41,21 @@ def check(cfg: CircuitConfig) -> None:
         raise UserError(f"unknown --method {','.join(unknown) or '(none)'}; use some of {','.join(METHODS)}.")
     if cfg.ablation not in ABLATIONS:
         raise UserError(f"unknown --ablation {cfg.ablation!r}; use one of {', '.join(ABLATIONS)}.")
-    if "mask" in cfg.method and (not cfg.lambdas or min(cfg.lambdas) < 0):
-        raise UserError(f"--lambdas {cfg.lambdas} must be one or more non-negative numbers for the mask method.")
+    if "mask" in cfg.method and (not cfg.lambdas or not all(math.isfinite(x) and x >= 0 for x in cfg.lambdas)):
+        raise UserError(f"--lambdas {cfg.lambdas} must be one or more finite non-negative numbers for the mask method.")
     if min(cfg.steps, cfg.ig_steps, cfg.batch_size, cfg.pairs, *cfg.sizes) < 1:
         raise UserError("--steps, --ig-steps, --batch-size, --pairs and --sizes must be at least 1.")
-    if not 0 < cfg.test_share < 1:
-        raise UserError(f"--test-share {cfg.test_share} must be between 0 and 1.")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise UserError(f"--lr {cfg.lr} must be a finite number above 0 (the mask's Adam step), e.g. 0.1.")
+    if not (math.isfinite(cfg.t_max) and cfg.t_max >= 1):
+        raise UserError(f"--t-max {cfg.t_max} must be a finite number of at least 1 (the final mask temperature).")
+    if not (math.isfinite(cfg.min_gap) and cfg.min_gap >= 0):
+        raise UserError(f"--min-gap {cfg.min_gap} must be a finite number of at least 0 (a logit difference).")
+    if not (0 < cfg.test_share < 1 and 0 < cfg.val_share < 1 and cfg.test_share + cfg.val_share < 1):
+        raise UserError(
+            f"--val-share {cfg.val_share} and --test-share {cfg.test_share} must each be between 0 and 1 and "
+            "leave pairs to train on (their sum below 1), e.g. 0.25 and 0.5."
+        )
     if cfg.seeds and "mask" not in cfg.method:
         raise UserError(f"--seeds {cfg.seeds} re-runs the mask method; add mask to --method or leave --seeds out.")
 
@@ -88,28 +100,47 @@ def out_folder(cfg: CircuitConfig, subjects: list[Subject]) -> Folder:
 
 
 class Split(NamedTuple):
-    """One seed's train/test split of the pairs, with the model's ends measured on its test pairs."""
+    """One seed's train/validation/test split of the pairs, with the model's ends measured on each part."""
 
     seed: int
-    train: list[Batch]
-    test: list[Batch]
+    train: list[Batch]  # the mask and the attributions learn here
+    val: list[Batch]  # the lambda or size of the reported circuit is chosen here
+    test: list[Batch]  # every reported number is measured here
     lens: Lens  # its ablation values are the means over this split's train patch prompts
-    base: Baseline
+    ends: dict[str, Ends]  # train / val / test
 
 
 def prepare(cfg: CircuitConfig, pairs: list[Pair], seed: int, spliced: Lens, special: set[int]) -> Split:
-    """The split of ``pairs`` drawn by ``seed``, batched, with its ablation values and baseline."""
-    train_pairs, test_pairs = split(pairs, cfg.test_share, seed)
+    """The split of ``pairs`` drawn by ``seed``, batched, with its ablation values and ends."""
     device = spliced.sites[0].sae.W_dec.device
-    train = batches(train_pairs, cfg.batch_size, special, device)
-    test = batches(test_pairs, cfg.batch_size, special, device)
+    train, val, test = (
+        batches(part, cfg.batch_size, special, device) for part in split(pairs, cfg.val_share, cfg.test_share, seed)
+    )
     means = ablation_values(spliced.model, spliced.blocks, spliced.sites, train, cfg.ablation)
     lens = spliced._replace(ablate=means)
-    return Split(seed, train, test, lens, baseline(lens, test))
+    return Split(seed, train, val, test, lens, {k: ends(lens, v) for k, v in zip(PARTS, (train, val, test))})
+
+
+def unsolved(cfg: CircuitConfig, part: Split) -> str:
+    """Why no circuit can be claimed for the task on these train pairs ('' when it is solved)."""
+    train = part.ends["train"]
+    if train.gap < cfg.min_gap:
+        return (
+            f"the clean-minus-all-ablated logit difference on the train pairs is {train.gap:.3f}, below --min-gap "
+            f"{cfg.min_gap:g}: the SAE latents carry too little of task {cfg.task} to place a circuit between "
+            "the two ends; try more pairs, other layers, or a task the model solves"
+        )
+    if train.solved < SOLVED:
+        return (
+            f"the model prefers the clean answer on only {train.solved:.0%} of the train pairs: it does not "
+            f"solve task {cfg.task}, so there is no circuit of it to find"
+        )
+    return ""
 
 
 def circuit(cfg: CircuitConfig) -> Folder:
-    """Find circuits with every method of ``cfg``, measure them on the test split, write the outputs."""
+    """Find circuits with every method of ``cfg``, choose one on the validation pairs, measure all on the test
+    pairs, write the outputs."""
     check(cfg)
     clock = Stopwatch()
     device = resolve_device(cfg.device)
@@ -123,56 +154,64 @@ def circuit(cfg: CircuitConfig) -> Folder:
     sites = [Site(s.layers[0], s.sae.requires_grad_(False), s.normalizer, s.folder.name) for s in subjects]  # type: ignore[arg-type]
     spliced = Lens(model, blocks, sites, [])  # the ablation values come with each split
     main = prepare(cfg, pairs, cfg.seed, spliced, special)
-    base = main.base
-    n_test = sum(len(b.clean) for b in main.test)
+    counts = {k: sum(len(b.clean) for b in getattr(main, k)) for k in PARTS}
+    train = main.ends["train"]
     say(
-        f"circuit: task {cfg.task}: {len(pairs) - n_test} train / {n_test} test pairs; clean logit difference "
-        f"{base.full:.3f} (positive on {base.solved:.0%}), all latents ablated {base.empty:.3f}"
+        f"circuit: task {cfg.task}: {counts['train']} train / {counts['val']} validation / {counts['test']} test "
+        f"pairs; on the train pairs clean logit difference {float(train.full.mean()):.3f} (positive on "
+        f"{train.solved:.0%}), all latents ablated {float(train.empty.mean()):.3f}"
     )
-    if base.solved < SOLVED:
-        say(
-            f"circuit: the model does not solve task {cfg.task} (clean answer ahead on {base.solved:.0%} of test pairs)"
-        )
-    found = find(cfg, main)
+    why = unsolved(cfg, main)
+    found = [] if why else find(cfg, main)
     reruns = [  # the mask again on each further seed's split, for the overlap across seeds
         f
-        for seed in dict.fromkeys(cfg.seeds)
+        for seed in ([] if why else dict.fromkeys(cfg.seeds))
         if seed != cfg.seed
         for f in masks(cfg, prepare(cfg, pairs, seed, spliced, special))
     ]
     facts: dict[str, Any] = {
         "task": cfg.task,
-        "pairs": {"train": len(pairs) - n_test, "test": n_test},
-        "baseline": base._asdict(),
-        "solved": base.solved >= SOLVED,
+        "pairs": counts,
+        "baseline": {k: summary(v) for k, v in main.ends.items()},
+        "solved": not why,
         "stability": stability(found, reruns),
-        "seconds": round(clock.seconds, 1),
         "config": asdict(cfg),
     }
     out = out_folder(cfg, subjects)
-    write_outputs(out, subjects, found, reruns, facts, cfg.cache_root)
+    verdict = write_outputs(out, subjects, found, reruns, {**facts, "why": why}, cfg.cache_root, clock)
+    say(f"circuit: {verdict}")
     return out
 
 
+def summary(part: Ends) -> dict[str, float]:
+    """The ends of one part of the pairs as circuit.json reports them."""
+    return {"full": float(part.full.mean()), "empty": float(part.empty.mean()), "gap": part.gap, "solved": part.solved}
+
+
 def masks(cfg: CircuitConfig, part: Split) -> list[Found]:
-    """The mask method's circuits, one per lambda, trained on ``part``'s train pairs and measured on its test."""
-    found = []
-    for lam in sorted(cfg.lambdas):
-        logits = train_mask(part.lens, part.train, lam, cfg.steps, cfg.lr, cfg.t_max, part.seed)
-        chosen = [m > 0 for m in logits]
-        found.append(Found("mask", lam, part.seed, chosen, logits, measure(part.lens, part.test, part.base, chosen)))
-    return found
+    """The mask method's circuits, one per lambda, trained together on ``part``'s train pairs."""
+    lams = sorted(cfg.lambdas)
+    train = part.ends["train"]
+    targets = list(train.full.to(part.lens.sites[0].sae.W_dec.device).split([len(b.clean) for b in part.train]))
+    hyper = MaskHyper(cfg.steps, cfg.lr, cfg.t_max)
+    trained = train_masks(part.lens, part.train, targets, train.gap, lams, hyper, part.seed)
+    return [judged(part, "mask", lam, [m > 0 for m in logits], logits) for lam, logits in zip(lams, trained)]
+
+
+def judged(part: Split, method: str, param: float, chosen: list[Tensor], scores: list[Tensor]) -> Found:
+    """One circuit with its validation faithfulness (to choose by) and its test measures (to report)."""
+    val = faithfulness(part.lens, part.val, part.ends["val"], chosen)
+    test = measure(part.lens, part.test, part.ends["test"], chosen)
+    return Found(method, param, part.seed, chosen, scores, val, test)
 
 
 def find(cfg: CircuitConfig, part: Split) -> list[Found]:
-    """Every method's circuits on one split, measured on its test batches."""
+    """Every method's circuits on one split."""
     found = masks(cfg, part) if "mask" in cfg.method else []
     for method, steps in (("ig", cfg.ig_steps), ("ig_layer", cfg.ig_steps), ("attrib", 1)):
         if method in cfg.method:
             scores = attributions(part.lens, part.train, steps, per_site=method == "ig_layer")
-            for size, chosen in top_circuits(scores, cfg.sizes):
-                score = measure(part.lens, part.test, part.base, chosen)
-                found.append(Found(method, size, part.seed, chosen, scores, score))
+            found += [judged(part, method, size, chosen, scores) for size, chosen in top_circuits(scores, cfg.sizes)]
     return found
 
 

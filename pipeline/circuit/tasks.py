@@ -3,7 +3,7 @@
 A pair is one JSON object per line: ``clean_prefix``, ``patch_prefix``, ``clean_answer``,
 ``patch_answer``. The metric is logit(clean_answer) - logit(patch_answer) after the clean prefix.
 Answers must be one token of the loaded tokenizer, and the two prefixes the same number of tokens
-(the patch run's latents stand in for the clean run's position by position).
+(the patch prompts' mean latents stand in for ablated ones; equal lengths keep the pairs batchable).
 
 Built-in generators (deterministic for a seed), each filtered to what is one token for the tokenizer:
   sva   subject-verb agreement: "The author near the pilots" -> " is" / " are"
@@ -115,6 +115,9 @@ GENERATORS: dict[str, Callable[[random.Random], Texts]] = {"sva": sva_texts, "io
 
 def encode(tokenizer: Any, texts: Texts) -> Pair | str:
     """The pair as token ids, or why it cannot be one (a multi-token answer, prefixes of different lengths)."""
+    empty = [f for f in ("clean_prefix", "patch_prefix") if not texts[f].strip()]
+    if empty:
+        return f"{' and '.join(empty)} {'is' if len(empty) == 1 else 'are'} empty; give both prefixes some text"
     answers = []
     for field in ("clean_answer", "patch_answer"):
         ids = tokenizer(texts[field], add_special_tokens=False).input_ids
@@ -160,8 +163,14 @@ def read_jsonl(path: Path, tokenizer: Any) -> list[Pair]:
     """The pairs of a user file; the first bad line is one clear error."""
     if not path.is_file():
         raise UserError(f"task file {path} does not exist; give sva, ioi, code or a JSONL file of pairs.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(
+            f"task file {path} is not UTF-8 text (byte {err.start}); save it as UTF-8 JSONL, one pair per line."
+        ) from None
     pairs = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
@@ -178,8 +187,10 @@ def read_jsonl(path: Path, tokenizer: Any) -> list[Pair]:
         if not isinstance(pair, Pair):
             raise UserError(f"{where}: {pair}.")
         pairs.append(pair)
-    if len(pairs) < 2:
-        raise UserError(f"task file {path} holds {len(pairs)} pair(s); a train and a test split need at least 2.")
+    if len(pairs) < 3:
+        raise UserError(
+            f"task file {path} holds {len(pairs)} pair(s); the train, validation and test splits need at least 3."
+        )
     return pairs
 
 
@@ -192,9 +203,12 @@ def load_task(task: str, tokenizer: Any, n_pairs: int, seed: int) -> list[Pair]:
     return read_jsonl(Path(task), tokenizer)
 
 
-def split(pairs: list[Pair], test_share: float, seed: int) -> tuple[list[Pair], list[Pair]]:
-    """(train, test), shuffled by ``seed``; each side keeps at least one pair (0 < test_share < 1)."""
+def split(pairs: list[Pair], val_share: float, test_share: float, seed: int) -> tuple[list[Pair], ...]:
+    """(train, validation, test), shuffled by ``seed``; each part keeps at least one pair (3 pairs or more,
+    shares positive and below 1 together)."""
     order = list(range(len(pairs)))
     random.Random(seed).shuffle(order)
-    n_test = min(max(1, round(len(pairs) * test_share)), len(pairs) - 1)
-    return [pairs[i] for i in order[n_test:]], [pairs[i] for i in order[:n_test]]
+    n_test = min(max(1, round(len(pairs) * test_share)), len(pairs) - 2)
+    n_val = min(max(1, round(len(pairs) * val_share)), len(pairs) - n_test - 1)
+    parts = order[n_test + n_val :], order[n_test : n_test + n_val], order[:n_test]
+    return tuple([pairs[i] for i in part] for part in parts)
