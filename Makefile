@@ -51,3 +51,16 @@ $(BENCH_VENV)/.installed: benchmarks/peers/requirements.txt
 	$(BENCH_VENV)/bin/pip install --quiet $(TORCH_SPEC)
 	$(BENCH_VENV)/bin/pip install --quiet -r benchmarks/peers/requirements.txt
 	touch $(BENCH_VENV)/.installed
+
+# Interpret with scoring against a real OpenAI-compatible server on loopback: llama-cpp-python's server serving
+# the demo's SmolLM2-135M GGUF, in its own venv (not in CI: installing it compiles llama.cpp, ~30 min on 2 cores).
+LLAMA_VENV ?= /tmp/llamavenv
+REAL_ARGS ?=
+.PHONY: real-interpret
+real-interpret: setup $(LLAMA_VENV)/.installed
+	$(BIN)/python -m tests.support.local_server --llama-python $(LLAMA_VENV)/bin/python $(REAL_ARGS)
+
+$(LLAMA_VENV)/.installed:
+	$(PYTHON) -m venv $(LLAMA_VENV)
+	$(LLAMA_VENV)/bin/pip install --quiet 'llama-cpp-python[server]'
+	touch $(LLAMA_VENV)/.installed
