@@ -68,7 +68,7 @@ class Asker:
         for what, estimate in zip(("explain", "score"), estimates):
             say(estimate.line(f"cost estimate, {what}"))
         total = sum(e.usd or 0.0 for e in estimates)
-        unpriced = [e.model for e in estimates if e.usd is None]
+        unpriced = sorted({e.model for e in estimates if e.usd is None})
         if len(estimates) > 1:
             say(f"cost estimate, total: ${total:.4f}" + (f" plus {', '.join(unpriced)}" if unpriced else ""))
         if self.active and self.cfg.max_cost > 0:
@@ -137,7 +137,7 @@ class Asker:
             "scores": summarize_scores(per_feature, self.cfg.bootstrap, self.cfg.seed),
             "scorer_model": self.cfg.scorer_model,
             "scorer_prompts": len(prompts),  # = sent + from cache + failed + not sent, on this run
-            "scorer_requests_sent": sum(s in ("ok", "malformed") and not r["cached"] for s, r in zip(statuses, prompts)),
+            "scorer_requests_sent": sum(r["status"] in ("ok", "malformed") and not r["cached"] for r in prompts),
             "scorer_from_cache": spent.cached,
             "scorer_malformed": statuses.count("malformed"),
             "scorer_failed": statuses.count("failed"),
@@ -178,6 +178,7 @@ _SCORES_SCHEMA = pa.schema(
         ("prob", pa.float32()),
         ("status", pa.string()),
         ("cached", pa.bool_()),
+        ("answer", pa.string()),
         ("prompt_tokens", pa.int32()),
         ("completion_tokens", pa.int32()),
     ]

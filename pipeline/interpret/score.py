@@ -194,6 +194,7 @@ def run_scorer(client: ChatClient, batches: list[Batch], on_done: Any = None) ->
                     "prob": probs[i] if probs else None,
                     "status": status,
                     "cached": bool(reply["cached"]),
+                    "answer": reply.get("text") if i == 0 else None,  # the prompt's answer, on its first row
                     "prompt_tokens": reply.get("prompt_tokens", 0) if i == 0 else 0,
                     "completion_tokens": reply.get("completion_tokens", 0) if i == 0 else 0,
                 }

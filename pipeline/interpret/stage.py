@@ -18,7 +18,8 @@ For a hard-routed RouteSAE, activations are those of the unscaled input: the SAE
 routing weight), and a / w is the coefficient of the feature in the reconstruction of x itself.
   explanations.parquet  per explained latent: status, category, score, explanation, answer, tokens
   scores.parquet        every scorer verdict: scorer, latent, explained_by, control, batch, row, label,
-                        marked (fuzzing), verdict, prob (P(1) from log-probabilities), status
+                        marked (fuzzing), verdict, prob (P(1) from log-probabilities), status (ok | malformed |
+                        failed | not sent), cached, answer (the prompt's raw answer, on its first row)
   summary.json          counts per category, mean score, scores per scorer with 95 % intervals, tokens, cost
   report.html           the page to look at
 """
