@@ -47,7 +47,7 @@ def main() -> None:
             if name == "plain":
                 out = generate(model, ids, cfg.max_new_tokens, cfg.sample, cfg.temperature, cfg.seed)
             else:
-                with steering(blocks, [target], "delta", Positions(), ids.shape[1]):
+                with steering(model, blocks, [target], "delta", Positions(), ids.shape[1]):
                     out = generate(model, ids, cfg.max_new_tokens, cfg.sample, cfg.temperature, cfg.seed)
             times[name].append((out.shape[1] - ids.shape[1]) / (time.perf_counter() - start))
     plain, edited = (statistics.median(times[n]) for n in ("plain", "edited"))

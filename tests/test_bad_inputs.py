@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.cli import main
@@ -111,6 +113,90 @@ CASES = [
         "steer {run} --evaluate --eval-feature 500",
         2,
         "--eval-features [500] out of range",
+    ),
+    (
+        "steer: sampling at temperature 0",
+        "steer {run} --feature 5=add:2 --prompt hi --sample --temperature 0",
+        2,
+        "--temperature 0 cannot sample",
+    ),
+    (
+        "steer: sampling at temperature NaN",
+        "steer {run} --feature 5=add:2 --prompt hi --sample --temperature nan",
+        2,
+        "--temperature nan cannot sample",
+    ),
+    ("steer: negative seed", "steer {run} --feature 5=add:2 --prompt hi --seed=-1", 2, "--seed -1 is out of range"),
+    (
+        "steer: no new tokens",
+        "steer {run} --feature 5=add:2 --prompt hi --max-new-tokens 0",
+        2,
+        "--max-new-tokens must be at least 1",
+    ),
+    ("steer: empty prompt", "steer {run} --feature 5=add:2 --prompt=", 2, "--prompt is empty"),
+    ("steer: empty prompts file", "steer {run} --feature 5=add:2 --prompts-file {steer_empty}", 2, "holds no prompt"),
+    (
+        "steer: prompts file not UTF-8",
+        "steer {run} --feature 5=add:2 --prompts-file {steer_latin1}",
+        2,
+        "is not UTF-8 text",
+    ),
+    (
+        "steer: negative position",
+        "steer {run} --feature 5=add:2 --prompt hi --positions=-1",
+        2,
+        "positions count from 0",
+    ),
+    (
+        "steer: position past the text",
+        "steer {run} --feature 5=add:2 --prompt hi --positions 40 --max-new-tokens 3",
+        2,
+        "edits no position of the prompt",
+    ),
+    (
+        "steer: generated positions, one new token",
+        "steer {run} --feature 5=add:2 --prompt hi --positions generated --max-new-tokens 1",
+        2,
+        "edits no position of the prompt",
+    ),
+    (
+        "steer: edit overflows the model",
+        "steer {run} --feature 5=add:1e308 --prompt hi",
+        2,
+        "overflows the model's numbers",
+    ),
+    (
+        "steer: feature table not parquet",
+        "steer {run} --feature 5=add:2 --prompt hi --feature-table {badparams}",
+        2,
+        "is not a parquet file",
+    ),
+    (
+        "steer: evaluation prompt is the selection prompt",
+        "steer {run} --evaluate --prompts-file {steer_selection}",
+        2,
+        "the prompt features are selected on by output score",
+    ),
+    (
+        "steer: evaluated latent without output score",
+        "steer {run} --evaluate --eval-feature 7 --feature-table {steer_table}",
+        2,
+        "has no output score in the run's feature table",
+    ),
+    (
+        "steer: evaluated strength not finite",
+        "steer {run} --evaluate --strength nan",
+        2,
+        "--strengths must list finite numbers",
+    ),
+    ("steer: NaN max-cost", "steer {run} --evaluate --max-cost nan", 2, "--max-cost nan must be a finite number"),
+    ("steer: negative max-cost", "steer {run} --evaluate --max-cost=-1", 2, "--max-cost -1 must be a finite number"),
+    ("steer: no features to evaluate", "steer {run} --evaluate --n-features 0", 2, "--n-features must be at least 1"),
+    (
+        "steer: --out holds something else",
+        "steer {run} --evaluate --eval-feature 3 --out {full}",
+        2,
+        "is not a steering result",
     ),
     ("unknown export format", "export {run} --format onnx --out {tmp}/x", 2, "unknown export format 'onnx'"),
     ("export RouteSAE", "export {route} --format saelens --out {tmp}/y", 2, "RouteSAEs cannot be exported"),
@@ -231,7 +317,20 @@ TASK_FILES = {  # a good line, then the bad one (the tiny tokenizer: " were" is 
     "task_unequal": json.dumps({**GOOD_PAIR, "clean_prefix": "The cat", "patch_prefix": "The cats"}),
     "task_same": json.dumps({**GOOD_PAIR, "patch_answer": " is"}),
     "task_one": "",
+    "task_noprefix": json.dumps({**GOOD_PAIR, "clean_prefix": ""}),
+    "task_blank": json.dumps({**GOOD_PAIR, "clean_prefix": " ", "patch_prefix": "\t"}),
 }
+
+
+def steer_files(tmp: Path) -> dict[str, str]:
+    """Files for the steer cases: empty and non-UTF-8 prompt files, the output-score prompt, and a feature table
+    whose latent 7 never fired (no output score)."""
+    (tmp / "steer_empty").write_text("\n \n")
+    (tmp / "steer_latin1").write_bytes("Caf\u00e9 au lait".encode("latin-1"))
+    (tmp / "steer_selection").write_text("I think that\n")
+    table = {"latent": [3, 7], "max_act": [2.0, 0.0], "output_score": [0.5, None]}
+    pq.write_table(pa.table(table), tmp / "steer_table")
+    return {name: str(tmp / name) for name in ("steer_empty", "steer_latin1", "steer_selection", "steer_table")}
 
 
 @pytest.fixture(scope="module")
@@ -273,8 +372,11 @@ def places(tiny_llama: Path, jsonl_corpus: Path, tmp_path_factory: pytest.TempPa
     synthrun = fit(FitConfig(cache=synthetic.url, latents=128, k=4, batch_size=64, out=out, device="cpu"))[0]
     for name, line in TASK_FILES.items():
         (tmp / f"{name}.jsonl").write_text(json.dumps(GOOD_PAIR) + "\n" + line + "\n")
+    latin1 = json.dumps({**GOOD_PAIR, "clean_prefix": "Caf\u00e9"}, ensure_ascii=False).encode("latin-1")
+    (tmp / "task_latin1.jsonl").write_bytes(latin1)
     return {
         **{name: str(tmp / f"{name}.jsonl") for name in TASK_FILES},
+        "task_latin1": str(tmp / "task_latin1.jsonl"),
         "synthrun": synthrun.url,
         **checkpoints,
         "imported": imported.url,
@@ -295,6 +397,7 @@ def places(tiny_llama: Path, jsonl_corpus: Path, tmp_path_factory: pytest.TempPa
         "edges": edges.url,
         "unheld": unheld.url,
         "full": str(tmp / "full"),
+        **steer_files(tmp),
     }
 
 
@@ -317,8 +420,6 @@ def test_user_error(
     err = capsys.readouterr().err
     flat = " ".join(err.split())
     assert exit_info.value.code == code, err
-    "task_noprefix": json.dumps({**GOOD_PAIR, "clean_prefix": ""}),
-    "task_blank": json.dumps({**GOOD_PAIR, "clean_prefix": " ", "patch_prefix": "\t"}),
     assert flat.count("error:") == 1 and message in flat.split("error:", 1)[1], err
     assert "Traceback" not in err and "╭" not in err
 
@@ -329,6 +430,3 @@ def test_readme_lists_every_error() -> None:
     for name, _, code, message in CASES:
         row = re.search(rf"\| {re.escape(name)} \|[^|]*\| {code} \|[^|]*{re.escape(message)}", table)
         assert row, f"README table lacks: {name} / exit {code} / {message}"
-    latin1 = json.dumps({**GOOD_PAIR, "clean_prefix": "Caf\u00e9"}, ensure_ascii=False).encode("latin-1")
-    (tmp / "task_latin1.jsonl").write_bytes(latin1)
-        "task_latin1": str(tmp / "task_latin1.jsonl"),

@@ -17,7 +17,7 @@ from pipeline.extract.stage import extract
 from pipeline.fit.config import FitConfig
 from pipeline.fit.stage import fit
 from pipeline.infra.errors import UserError
-from pipeline.llm.hooks import replace_input
+from pipeline.llm.hooks import replace_input, replacing
 from pipeline.sae.routing import route_choice
 from pipeline.sae.subject import load_llm, load_subject
 from pipeline.sae.topk import SaeConfig, TopKSAE
@@ -26,8 +26,10 @@ from pipeline.steer.edits import Edit, Positions, parse_edit
 from pipeline.steer.intervene import Target, edit_hidden, routed_logits, steering
 from pipeline.steer.stage import steer
 from tests.support.caches import tiny_extract_config
+from tests.support.steer_by_hand import add_by_hand
 
 CPU = torch.device("cpu")
+SPECIAL = frozenset({0})  # the tiny tokenizer's one special token, <|endoftext|> (EOS = BOS = pad)
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +49,12 @@ def loaded(run: str) -> tuple:
 
 
 def logits(model: torch.nn.Module, blocks: torch.nn.ModuleList, tokens: torch.Tensor, target: Target, mode: str):
-    with steering(blocks, [target], mode, Positions(), tokens.shape[1]), torch.no_grad():
+    with steering(model, blocks, [target], mode, Positions(), tokens.shape[1]), torch.no_grad():
         return model(input_ids=tokens).logits
 
 
 def target_for(subject, edits: list[Edit]) -> Target:  # noqa: ANN001
-    return Target(subject.sae, 2, subject.normalizer, edits)
+    return Target(subject.sae, 2, subject.normalizer, edits, SPECIAL)
 
 
 def test_scale_one_is_exactly_the_clean_model(loaded: tuple) -> None:
@@ -74,7 +76,7 @@ def test_ablating_an_inactive_latent_changes_nothing_there() -> None:
     h = torch.randn(6, 16)
     code = sae.encode(Normalizer("standardize").normalize(h, 0)[0])
     inactive = next(i for i in range(64) if not bool((code.indices[0] == i).any()))
-    out = edit_hidden(h, Target(sae, 0, Normalizer("standardize"), [Edit(inactive, "scale", 0.0)]), "delta")
+    out = edit_hidden(h, Target(sae, 0, Normalizer("standardize"), [Edit(inactive, "scale", 0.0)], SPECIAL), "delta")
     fired = (code.indices == inactive) & (code.acts > 0)  # (6, k)
     unchanged = ~fired.any(-1)
     assert bool(unchanged[0])
@@ -90,7 +92,7 @@ def test_ablating_every_active_latent_removes_the_decoded_code() -> None:
     x, (mean, std) = norm.normalize(h, 0)
     code = sae.encode(x)
     edits = [Edit(int(i), "scale", 0.0) for i, a in zip(code.indices[0], code.acts[0]) if a > 0]
-    out = edit_hidden(h, Target(sae, 0, norm, edits), "delta")
+    out = edit_hidden(h, Target(sae, 0, norm, edits, SPECIAL), "delta")
     decoded = (code.acts[0][:, None] * sae.W_dec[code.indices[0]]).sum(0)  # W_dec^T z, no bias
     torch.testing.assert_close(out, h - std * decoded)
 
@@ -124,18 +126,33 @@ def test_positions_limit_where_the_edit_lands(loaded: tuple) -> None:
     target = target_for(subject, [Edit(3, "add", 20.0)])
     with torch.no_grad():
         clean = model(input_ids=tokens).logits
-        with steering(blocks, [target], "delta", Positions("indices", (6,)), tokens.shape[1]):
+        with steering(model, blocks, [target], "delta", Positions("indices", (6,)), tokens.shape[1]):
             edited = model(input_ids=tokens).logits
     torch.testing.assert_close(edited[:, :6], clean[:, :6], atol=0, rtol=0)  # causal: nothing before 6 moves
     assert not torch.allclose(edited[:, 6:], clean[:, 6:])
 
 
+def test_special_token_positions_are_never_edited(loaded: tuple) -> None:
+    """<|endoftext|> (id 0: EOS, BOS and pad of the tiny tokenizer) inside a batch keeps its clean residual; every
+    other position gets the edit. Special positions are attention sinks the SAE never saw (the cache skips them)."""
+    subject, model, blocks, _ = loaded
+    tokens = torch.tensor([[5, 17, 0, 33, 80, 0, 120, 7], [0, 44, 12, 90, 3, 61, 0, 8]])  # (2, T)
+    latent, value = 9, 3.0
+    real = [(b, t, value) for b in range(2) for t in range(tokens.shape[1]) if tokens[b, t] != 0]
+    with replace_input(blocks[2], add_by_hand(real, latent, subject.sae, subject.normalizer.eps)):
+        with torch.no_grad():
+            expected = model(input_ids=tokens).logits
+    got = logits(model, blocks, tokens, target_for(subject, [Edit(latent, "direction", value)]), "delta")
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_hooks_are_removed_after_an_exception(loaded: tuple) -> None:
     subject, model, blocks, tokens = loaded
     with pytest.raises(RuntimeError, match="boom"):
-        with steering(blocks, [target_for(subject, [Edit(3, "add", 20.0)])], "delta", Positions(), 10):
+        with steering(model, blocks, [target_for(subject, [Edit(3, "add", 20.0)])], "delta", Positions(), 10):
             raise RuntimeError("boom")
     assert all(len(b._forward_pre_hooks) == 0 for b in blocks)
+    assert not model.get_input_embeddings()._forward_pre_hooks and not model._forward_hooks
 
 
 @pytest.mark.parametrize(
@@ -185,7 +202,7 @@ def test_route_edit_lands_at_the_routed_layer_only(route: tuple) -> None:
     subject, model, blocks = route
     router, tokens, latent, value = subject.sae, torch.tensor([[5, 17, 33, 80, 120, 7, 64, 200]]), 9, 3.0
     target = Target(
-        router.sae, router.cfg.layers[0], subject.normalizer, [Edit(latent, "direction", value)], {}, router
+        router.sae, router.cfg.layers[0], subject.normalizer, [Edit(latent, "direction", value)], SPECIAL, {}, router
     )
     got = routed_logits(model, blocks, target, "delta", Positions("last"), tokens, tokens.shape[1])
     choice, weight = route_choice(model, blocks, router, subject.normalizer, tokens)
@@ -206,10 +223,28 @@ def test_route_edit_lands_at_the_routed_layer_only(route: tuple) -> None:
     assert (got[0, -1] - clean[0, -1]).abs().max() > 1e-3  # the edit does something
 
 
+def test_routed_edits_skip_special_tokens(route: tuple) -> None:
+    """A RouteSAE edit lands at each real token's routed layer (divided by its weight), never on <|endoftext|>."""
+    subject, model, blocks = route
+    router, latent, value = subject.sae, 9, 3.0
+    tokens = torch.tensor([[0, 5, 17, 0, 33, 80, 120]])  # (1, T)
+    edit = [Edit(latent, "direction", value)]
+    target = Target(router.sae, router.cfg.layers[0], subject.normalizer, edit, SPECIAL, {}, router)
+    got = routed_logits(model, blocks, target, "delta", Positions(), tokens, tokens.shape[1])
+    choice, weight = route_choice(model, blocks, router, subject.normalizer, tokens)
+    hooks = {}
+    for i, layer in enumerate(router.cfg.layers):
+        rows = [(0, t, value / float(weight[0, t])) for t in range(7) if tokens[0, t] != 0 and choice[0, t] == i]
+        hooks[layer] = add_by_hand(rows, latent, router.sae, subject.normalizer.eps)
+    with replacing(blocks, hooks), torch.no_grad():
+        expected = model(input_ids=tokens).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_routed_hooks_are_gone_after_an_exception(route: tuple) -> None:
     subject, model, blocks = route
     router = subject.sae
-    target = Target(router.sae, router.cfg.layers[0], subject.normalizer, [Edit(3, "scale", 0.0)], {}, router)
+    target = Target(router.sae, router.cfg.layers[0], subject.normalizer, [Edit(3, "scale", 0.0)], SPECIAL, {}, router)
 
     def boom(module, args, output):  # noqa: ANN001, ANN202 - raises after the routed hooks are in place
         raise RuntimeError("boom")

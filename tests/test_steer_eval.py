@@ -5,7 +5,11 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -16,16 +20,22 @@ from pipeline.extract.stage import extract
 from pipeline.fit.config import FitConfig
 from pipeline.fit.stage import fit
 from pipeline.infra.errors import UserError
+from pipeline.llm.hooks import replace_input
 from pipeline.llm.unembed import unembedding
+from pipeline.sae import logits as logits_module
 from pipeline.sae.logits import logit_effects, output_scores
-from pipeline.sae.subject import load_llm, load_subject
+from pipeline.sae.subject import load_cache_tokenizer, load_llm, load_subject
+from pipeline.sae.topk import Latents, TopKSAE
 from pipeline.steer.config import SteerConfig
+from pipeline.steer.dose import Bench, Setting, held_out_cost
 from pipeline.steer.evaluation import evaluate_steering
 from pipeline.steer.judge import judge_messages
 from tests.support.caches import tiny_extract_config
 from tests.support.standin_openai import Script, standin_env
+from tests.support.steer_by_hand import add_by_hand, greedy_by_hand
 
 CPU = torch.device("cpu")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -161,8 +171,6 @@ def test_llm_judge_rates_cached_and_capped(run: str, tmp_path: Path, monkeypatch
         out = evaluate_steering(cfg).local()
         sent = script.requests
         evaluate_steering(cfg)  # every answer is cached now
-        with pytest.raises(UserError, match="above --max-cost"):
-            evaluate_steering(dataclasses.replace(cfg, judge_model="gpt-4o", max_cost=1e-9, prompts=["new"]))
     assert sent == 4 and script.requests == 4  # 2 strengths x 2 prompts, then nothing more
     generations = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     concept = json.loads((out / "summary.json").read_text())["concepts"]["3"]
@@ -191,3 +199,150 @@ def test_without_key_the_judge_is_skipped(run: str, tmp_path: Path, monkeypatch:
     out = evaluate_steering(cfg).local()
     (row,) = csv.DictReader((out / "steering.csv").open())
     assert row["concept"] == "" and json.loads((out / "summary.json").read_text())["judge"].startswith("skipped")
+
+
+def test_steering_cost_is_kl_clean_to_steered_by_hand(run: str) -> None:
+    """At one held-out position: kl = KL(p_clean || p_steered) = sum_v p (log p - log q) and logprob_gain = the
+    change of the promoted tokens' log-mass, from logits of a direction edit written out by hand (the EOS at
+    position 2 is not edited)."""
+    subject = load_subject(run, CPU)
+    model, blocks = load_llm(subject.cache, CPU)
+    tokens = torch.tensor([[5, 17, 0, 33, 80, 120, 7, 64]])  # (1, T)
+    mask = torch.zeros_like(tokens, dtype=torch.bool)
+    mask[0, 5] = True  # the one position the cost is read at
+    latent, strength, promoted = 3, 60.0, torch.tensor([1, 2, 40])
+    bench = Bench(
+        subject, subject.sae, model, blocks, None, [], tokens, mask, {latent: promoted}, {}, "delta", frozenset({0})
+    )
+    ((kl, gain),) = held_out_cost(bench, [Setting(latent, strength)], batch_size=1).values()
+    rows = [(0, t, strength) for t in range(tokens.shape[1]) if t != 2]
+    with torch.no_grad():
+        clean = model(input_ids=tokens).logits[0, 5].double().log_softmax(-1)  # (V,) log p
+        with replace_input(blocks[2], add_by_hand(rows, latent, subject.sae, subject.normalizer.eps)):
+            steered = model(input_ids=tokens).logits[0, 5].double().log_softmax(-1)  # (V,) log q
+    expected = float((clean.exp() * (clean - steered)).sum())
+    reverse = float((steered.exp() * (steered - clean)).sum())
+    assert abs(reverse - expected) > 1e-3 * expected, (expected, reverse)  # 10x the tolerance below: a swap shows
+    assert kl == pytest.approx(expected, rel=1e-4)
+    assert gain == pytest.approx(float(steered[promoted].logsumexp(0) - clean[promoted].logsumexp(0)), rel=1e-4)
+
+
+@torch.no_grad()
+def code_by_hand(model: torch.nn.Module, sae: TopKSAE, seq: torch.Tensor, start: int) -> Latents:
+    """The SAE's code of positions start.. of ``seq`` (1, T) as the clean model reads it at layer 2 (HF
+    hidden_states[2] = the input of block 2), standardized per token with the cache's eps."""
+    h = model(input_ids=seq, output_hidden_states=True).hidden_states[2][0, start:].float()  # (n, D)
+    return sae.encode((h - h.mean(-1, keepdim=True)) / (h.std(-1, keepdim=True) + 1e-6))
+
+
+def test_effect_column_is_the_hand_counted_activation(run: str, tmp_path: Path) -> None:
+    """effect = the feature's activation summed over the generated tokens / their number; here the greedy
+    generations and their read-back are written out by hand, for the unedited and a steered setting."""
+    subject = load_subject(run, CPU)
+    model, blocks = load_llm(subject.cache, CPU)
+    assert subject.normalizer.eps == 1e-6
+    ids = load_cache_tokenizer(subject.cache)("the cat", return_tensors="pt").input_ids  # (1, T)
+    unedited = greedy_by_hand(model, blocks[2], ids, 4, (0, 0.0, subject.sae, 1e-6))
+    code = code_by_hand(model, subject.sae, unedited, ids.shape[1])
+    latent = int(code.indices.flatten()[code.acts.flatten().argmax()])  # fires on the unedited continuation
+    cfg = SteerConfig(
+        run=run,
+        evaluate=True,
+        eval_features=[latent],
+        strengths=[0.0, 3.0],
+        heldout_tokens=16,
+        max_new_tokens=4,
+        prompts=["the cat"],
+        out=str(tmp_path / "o"),
+        device="cpu",
+    )
+    rows = list(csv.DictReader((evaluate_steering(cfg).local() / "steering.csv").open()))
+    for row in rows:
+        seq = greedy_by_hand(model, blocks[2], ids, 4, (latent, float(row["strength"]), subject.sae, 1e-6))
+        code = code_by_hand(model, subject.sae, seq, ids.shape[1])
+        count = float((code.acts * (code.indices == latent)).sum()) / (seq.shape[1] - ids.shape[1])
+        assert float(row["effect"]) == pytest.approx(count, rel=1e-4, abs=1e-5)
+    assert float(rows[0]["effect"]) > 0.1  # the unedited row is a real count, not a zero that any mutant matches
+
+
+def test_features_are_selected_on_prompts_the_evaluation_never_generates_from(
+    run: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The output score that picks the features is measured on a prompt that no evaluated generation starts with."""
+    selection: list[list[int]] = []
+    real = logits_module.output_scores
+
+    def spy(model: torch.nn.Module, block: torch.nn.Module, prompt: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        selection.append(prompt.tolist())
+        return real(model, block, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(logits_module, "output_scores", spy)
+    cfg = SteerConfig(run=run, evaluate=True, n_features=1, strengths=[0.0], heldout_tokens=16, max_new_tokens=2)
+    out = evaluate_steering(dataclasses.replace(cfg, out=str(tmp_path), device="cpu")).local()
+    tokenizer = load_cache_tokenizer(load_subject(run, CPU).cache)
+    started = {json.loads(line)["prompt"] for line in (out / "generations.jsonl").read_text().splitlines()}
+    assert selection and len(started) == 3
+    for prompt in started:
+        ids = tokenizer(prompt).input_ids
+        assert all(ids[: len(chosen)] != chosen for chosen in selection), prompt
+
+
+def test_judge_cost_is_checked_before_any_request_and_the_grid_is_kept(
+    run: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An estimate above --max-cost sends nothing, and the grid computed before it is written, judge columns empty."""
+    cfg = SteerConfig(
+        run=run,
+        evaluate=True,
+        eval_features=[3],
+        strengths=[0.0, 8.0],
+        heldout_tokens=32,
+        max_new_tokens=3,
+        prompts=["the cat"],
+        judge_model="gpt-4o",
+        max_cost=1e-9,
+        cache_root=str(tmp_path),
+        out=str(tmp_path / "o"),
+        device="cpu",
+    )
+    script = Script(rule=judge_rule)
+    with standin_env(script, monkeypatch, "sk-judge"):
+        with pytest.raises(UserError, match=r"above --max-cost .* the judge's ratings is written to"):
+            evaluate_steering(cfg)
+    assert script.requests == 0
+    rows = list(csv.DictReader((tmp_path / "o" / "steering.csv").open()))
+    assert [(r["feature"], float(r["strength"])) for r in rows] == [("3", 0.0), ("3", 8.0)]
+    assert float(rows[1]["kl"]) > 0 and all(r["concept"] == r["fluency"] == "" for r in rows)
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["judge"].startswith("refused")
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()} if folder.exists() else {}
+
+
+def test_a_run_killed_while_writing_leaves_the_old_result_or_none(
+    run: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGKILL with steering.csv and generations.jsonl of the new grid written, the plot not yet: the folder is the
+    previous result, byte for byte, or absent; no visible half-written folder is left beside it."""
+    out = tmp_path / "steer"
+    args = [
+        "steer", run, "--evaluate", "--eval-feature", "3", "--strength", "0", "--heldout-tokens", "16",
+        "--max-new-tokens", "2", "--prompt", "the cat", "--out", str(out), "--device", "cpu",
+    ]  # fmt: skip
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)  # no judge: the grid alone
+    env = {**os.environ, "SAE_PIPE_QUIET": "1"}
+
+    def killed(*more: str) -> None:
+        command = [sys.executable, "-m", "tests.support.killpoint", "steer-write", "1", "--", *args, *more]
+        proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == -9, proc.stdout + proc.stderr
+
+    killed("--strength", "8")
+    assert not out.exists()
+    assert CliRunner().invoke(app, args).exit_code == 0
+    before = snapshot(out)
+    assert set(before) == {"steering.csv", "generations.jsonl", "dose_response.png", "summary.json", "steering.html"}
+    killed("--strength", "8")
+    assert snapshot(out) == before
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == ["steer"]

@@ -1,6 +1,6 @@
 """Steering evaluation: for each feature and strength, what a `direction` edit achieves and what it costs.
 
-Effect, on generations from neutral prompts (the edit applied at every position):
+Effect, on generations from neutral prompts (the edit applied at every position but special tokens):
   activation     the feature's mean activation on the generated tokens, read back by the *clean*
                  model and the SAE: does the steered text itself carry the feature?
   logprob_gain   on held-out cache text, the mean gain in log-probability of the feature's 10 most
@@ -31,7 +31,8 @@ from pipeline.steer.edits import Edit, Positions
 from pipeline.steer.generation import generate
 from pipeline.steer.intervene import Target, routed_generate, routed_logits, steering
 
-NEUTRAL_PROMPTS = ("I think that", "The most important thing is", "Once upon a time,")
+# Generations start here; none overlaps SCORE_PROMPT (pipeline/sae/logits.py), where features are selected.
+NEUTRAL_PROMPTS = ("The most important thing is", "Once upon a time,", "Here is what happened:")
 
 
 class Setting(NamedTuple):
@@ -56,12 +57,14 @@ class Bench:
     promoted: dict[int, Tensor]  # latent -> (10,) its most promoted token ids
     a_max: dict[int, float]  # latent -> largest activation in the feature table
     mode: str  # delta | replace
+    special: frozenset[int]  # token ids never edited (BOS, EOS, pad)
     router: RouteSAE | None = None  # the RouteSAE, for routed runs
     unedited: dict[tuple[int, ...], Tensor] = field(default_factory=dict)  # prompt ids -> its unedited generation
 
     def target(self, setting: Setting) -> Target:
         edit = Edit(setting.feature, "direction", setting.strength)
-        return Target(self.sae, self.subject.layers[0], self.subject.normalizer, [edit], self.a_max, self.router)
+        layer, normalizer = self.subject.layers[0], self.subject.normalizer
+        return Target(self.sae, layer, normalizer, [edit], self.special, self.a_max, self.router)
 
 
 @torch.no_grad()
@@ -120,7 +123,7 @@ def steered_logits(bench: Bench, target: Target, tokens: Tensor) -> Tensor:
     everywhere = Positions("all")
     if bench.router is not None:
         return routed_logits(bench.model, bench.blocks, target, bench.mode, everywhere, tokens, tokens.shape[1])
-    with steering(bench.blocks, [target], bench.mode, everywhere, tokens.shape[1]):
+    with steering(bench.model, bench.blocks, [target], bench.mode, everywhere, tokens.shape[1]):
         return bench.model(input_ids=tokens).logits
 
 
@@ -130,7 +133,7 @@ def steered_generation(bench: Bench, target: Target, ids: Tensor, max_new_tokens
     if bench.router is not None:
         options = (max_new_tokens, False, 1.0, 0)
         return routed_generate(bench.model, bench.blocks, target, bench.mode, everywhere, ids, options)
-    with steering(bench.blocks, [target], bench.mode, everywhere, ids.shape[1]):
+    with steering(bench.model, bench.blocks, [target], bench.mode, everywhere, ids.shape[1]):
         return generate(bench.model, ids, max_new_tokens, sample=False, temperature=1.0, seed=0)
 
 

@@ -70,11 +70,17 @@ class Positions:
         if text in POSITIONS:
             return cls(text)
         try:
-            return cls("indices", tuple(int(v) for v in text.split(",")))
+            indices = tuple(int(v) for v in text.split(","))
         except ValueError:
             raise UserError(
                 f"cannot read --positions {text!r}: use {', '.join(POSITIONS)} or comma-separated indices."
             ) from None
+        if min(indices) < 0:
+            raise UserError(
+                f"--positions {text}: positions count from 0 (the first prompt token) and cannot be negative; "
+                "use `last` for the prompt's last token."
+            )
+        return cls("indices", indices)
 
     def mask(self, start: int, length: int, prompt_len: int, device: torch.device) -> Tensor:
         """(length,) bool: which of the absolute positions start .. start + length - 1 are edited."""

@@ -7,6 +7,7 @@ feature's largest activation. See :mod:`pipeline.steer.dose` for what is measure
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pyarrow as pa
@@ -18,49 +19,38 @@ from pipeline.infra.console import Stopwatch, say
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
 from pipeline.llm.unembed import unembedding
-from pipeline.sae.logits import feature_output_scores, logit_effects
+from pipeline.sae.logits import SCORE_PROMPT, feature_output_scores, logit_effects
 from pipeline.steer.config import SteerConfig
 from pipeline.steer.dose import NEUTRAL_PROMPTS, Bench, Setting, generation_effect, held_out_cost
 from pipeline.steer.generation import check_length
-from pipeline.steer.judge import judge
+from pipeline.steer.judge import plan_judge
 from pipeline.steer.report import write_outputs
-from pipeline.steer.stage import Session, feature_table, max_activations, open_session, prompt_list
+from pipeline.steer.stage import Session, feature_table, max_activations, open_session, prompt_list, special_ids
 
 PROMOTED = 10  # promoted tokens whose log-probability gain counts as effect
 
 
 def evaluate_steering(cfg: SteerConfig) -> Folder:
-    """Run the grid and write steering.csv, generations.jsonl, dose_response.png and steering.html."""
-    if not cfg.strengths or not all(abs(s) < 1e6 for s in cfg.strengths):
-        raise UserError("--strengths must list finite numbers, e.g. 0,2,4,8.")
-    if cfg.heldout_tokens < 1 or cfg.batch_size < 1 or cfg.n_features < 1:
-        raise UserError("--heldout-tokens, --batch-size and --n-features must be at least 1.")
+    """Run the grid and write steering.csv, generations.jsonl, dose_response.png and steering.html.
+
+    The judge's cost is estimated before any request; the grid is written before the judge is asked (or
+    refused for its cost), so nothing computed is lost."""
+    check_evaluation(cfg)
+    prompts = evaluation_prompts(cfg, selected=not cfg.eval_features)
     clock = Stopwatch()
     session = open_session(cfg)
+    out = output_folder(session, cfg)
     table = feature_table(session.subject, cfg)
     a_max = max_activations(table)
     w_u = unembedding(session.model).to(session.device)  # (V, D)
     scores = choose_features(session, cfg, table, w_u, a_max)
-    bench = make_bench(session, cfg, list(scores), w_u, a_max)
+    bench = make_bench(session, cfg, prompts, list(scores), w_u, a_max)
     strengths = sorted({float(s) for s in cfg.strengths})
-    settings = [Setting(f, s) for f in scores for s in strengths]
-    cost = held_out_cost(bench, settings, cfg.batch_size)
-    rows, generations = [], []
-    for setting in settings:
-        activation, perplexity, texts = generation_effect(bench, setting, cfg.max_new_tokens)
-        kl, gain = cost[setting]
-        rows.append(
-            {**setting._asdict(), "effect": activation, "logprob_gain": gain, "kl": kl, "perplexity": perplexity}
-        )
-        generations += [{**setting._asdict(), "prompt": p, "text": t} for p, t in zip(_prompts(cfg), texts)]
+    rows, generations = run_grid(bench, [Setting(f, s) for f in scores for s in strengths], prompts, cfg)
     words = {f: [session.tokenizer.decode([int(t)]) for t in bench.promoted[f]] for f in scores}
     concepts = feature_concepts(session, cfg, words)
-    judged = rate_generations(cfg, generations, concepts)
-    for row in rows:
-        mine = [g for g in generations if (g["feature"], g["strength"]) == (row["feature"], row["strength"])]
-        for column in ("concept", "fluency"):
-            values = [g[column] for g in mine if g.get(column) is not None]
-            row[column] = sum(values) / len(values) if values else None
+    settings = ClientSettings(cfg.judge_model, cfg.base_url, temperature=0.0, max_answer_tokens=30)
+    plan = plan_judge(generations, concepts, settings, cfg.max_cost, Folder.at(cfg.cache_root))
     summary = {
         "run": session.subject.folder.name,
         "layers": session.subject.layers,
@@ -68,17 +58,85 @@ def evaluate_steering(cfg: SteerConfig) -> Folder:
         "features": {str(f): {"output_score": s, "a_max": a_max.get(f, 1.0)} for f, s in scores.items()},
         "promoted": {str(f): words[f] for f in scores},
         "concepts": {str(f): concepts[f] for f in scores},
-        "judge": cfg.judge_model if judged else "skipped (no OPENAI_API_KEY)",
+        "judge": plan.status,
         "strengths": strengths,
         "heldout_positions": int(bench.mask.sum()),
-        "prompts": _prompts(cfg),
+        "prompts": prompts,
         "max_new_tokens": cfg.max_new_tokens,
         "seconds": round(clock.seconds, 1),
     }
-    out = Folder.at(cfg.out) if cfg.out else Folder.at(cfg.cache_root).child("steer", session.subject.folder.name)
-    write_outputs(out, summary, rows, generations)
+    write_outputs(out, summary, rows, generations)  # whatever was computed, before any request or refusal
+    if plan.refusal:
+        raise UserError(f"{plan.refusal} The grid without the judge's ratings is written to {out.url}.")
+    if plan.client is not None:
+        add_ratings(rows, generations, plan.ask())
+        write_outputs(out, {**summary, "judge": settings.model}, rows, generations)
     say(f"steering evaluation: {len(scores)} features x {len(strengths)} strengths in {clock.seconds:.0f} s")
     return out
+
+
+def check_evaluation(cfg: SteerConfig) -> None:
+    """One clear error for evaluation options that cannot give a valid grid."""
+    if not cfg.strengths or not all(abs(s) < 1e6 for s in cfg.strengths):
+        raise UserError("--strengths must list finite numbers, e.g. 0,2,4,8.")
+    if cfg.heldout_tokens < 1 or cfg.batch_size < 1 or cfg.n_features < 1:
+        raise UserError("--heldout-tokens, --batch-size and --n-features must be at least 1.")
+    if not (math.isfinite(cfg.max_cost) and cfg.max_cost >= 0):
+        raise UserError(f"--max-cost {cfg.max_cost:g} must be a finite number of USD >= 0 (0 = no cap).")
+
+
+def output_folder(session: Session, cfg: SteerConfig) -> Folder:
+    """Where the grid goes; a folder holding something else is refused (it would be replaced whole)."""
+    name = session.subject.folder.name
+    out = Folder.at(cfg.out) if cfg.out else Folder.at(cfg.cache_root).child("steer", name)
+    if out.exists() and out.list() and not out.exists("steering.csv"):
+        raise UserError(
+            f"--out {out.url} exists and is not a steering result (no steering.csv); it would be replaced "
+            "whole: give a new or empty folder, or a previous `steer --evaluate` output."
+        )
+    return out
+
+
+def evaluation_prompts(cfg: SteerConfig, selected: bool) -> list[str]:
+    """The prompts generations start from; when features are selected by output score, none of them may
+    start with the prompt that score is measured on (a selection tested on its own prompt flatters itself)."""
+    prompts = prompt_list(cfg) or list(NEUTRAL_PROMPTS)
+    shared = [p for p in prompts if p.strip().startswith(SCORE_PROMPT)]
+    if selected and shared:
+        raise UserError(
+            f"--prompt {shared[0]!r} overlaps {SCORE_PROMPT!r}, the prompt features are selected on by output "
+            "score; evaluate on other prompts, or name the features with --eval-feature."
+        )
+    return prompts
+
+
+def run_grid(
+    bench: Bench, settings: list[Setting], prompts: list[str], cfg: SteerConfig
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """One row per setting (effect, log-prob gain, KL, perplexity; judge columns empty) and its generations."""
+    cost = held_out_cost(bench, settings, cfg.batch_size)
+    rows: list[dict[str, Any]] = []
+    generations: list[dict[str, Any]] = []
+    for setting in settings:
+        activation, perplexity, texts = generation_effect(bench, setting, cfg.max_new_tokens)
+        kl, gain = cost[setting]
+        measured = {"effect": activation, "logprob_gain": gain, "kl": kl, "perplexity": perplexity}
+        rows.append({**setting._asdict(), **measured, "concept": None, "fluency": None})
+        generations += [{**setting._asdict(), "prompt": p, "text": t} for p, t in zip(prompts, texts)]
+    return rows, generations
+
+
+def add_ratings(
+    rows: list[dict[str, Any]], generations: list[dict[str, Any]], ratings: list[tuple[int, int] | None]
+) -> None:
+    """The judge's concept and fluency on each generation, and their means on each row."""
+    for generation, rating in zip(generations, ratings):
+        generation["concept"], generation["fluency"] = rating if rating else (None, None)
+    for row in rows:
+        mine = [g for g in generations if (g["feature"], g["strength"]) == (row["feature"], row["strength"])]
+        for column in ("concept", "fluency"):
+            values = [g[column] for g in mine if g.get(column) is not None]
+            row[column] = sum(values) / len(values) if values else None
 
 
 def choose_features(
@@ -91,8 +149,18 @@ def choose_features(
         raise UserError(f"--eval-features {bad} out of range; this SAE has latents 0..{n_latents - 1}.")
     candidates = list(cfg.eval_features) or (sorted(a_max) if a_max else list(range(n_latents)))
     if table is not None and "output_score" in table.column_names:
-        known = dict(zip(table["latent"].to_pylist(), table["output_score"].to_pylist()))
-        scores = torch.tensor([float(known[i]) for i in candidates])
+        known = table_scores(table)
+        unscored = [i for i in candidates if i not in known]
+        if cfg.eval_features and unscored:
+            raise UserError(
+                f"--eval-feature {unscored[0]} has no output score in the run's feature table: it never fired on "
+                "`interpret`'s tokens, so it has no largest activation to scale strengths by; pick latents that "
+                "fired (features.parquet, count > 0)."
+            )
+        candidates = [i for i in candidates if i in known]
+        if not candidates:
+            raise UserError("no latent has an output score in the run's feature table; re-run `sae-pipe interpret`.")
+        scores = torch.tensor([known[i] for i in candidates])
     else:
         scores = feature_output_scores(
             session.model,
@@ -110,6 +178,16 @@ def choose_features(
     return {candidates[int(i)]: float(scores[i]) for i in keep}
 
 
+def table_scores(table: pa.Table) -> dict[int, float]:
+    """latent -> output score from `interpret`'s table, for the latents that have one (dead ones do not)."""
+    data = table.select(["latent", "output_score"]).to_pydict()
+    return {
+        int(latent): float(score)
+        for latent, score in zip(data["latent"], data["output_score"])
+        if score is not None and math.isfinite(score)
+    }
+
+
 def feature_concepts(session: Session, cfg: SteerConfig, words: dict[int, list[str]]) -> dict[int, str]:
     """What the judge looks for: the feature's explanation from `interpret`, else its top promoted tokens."""
     interpret = Folder.at(cfg.cache_root).child("interpret", session.subject.folder.name).local()
@@ -120,21 +198,17 @@ def feature_concepts(session: Session, cfg: SteerConfig, words: dict[int, list[s
     return concepts
 
 
-def rate_generations(cfg: SteerConfig, generations: list[dict[str, Any]], concepts: dict[int, str]) -> bool:
-    """Add the LLM judge's concept and fluency ratings to each generation; False when it was skipped."""
-    settings = ClientSettings(cfg.judge_model, cfg.base_url, temperature=0.0, max_answer_tokens=30)
-    ratings = judge(generations, concepts, settings, cfg.max_cost, Folder.at(cfg.cache_root))
-    for generation, rating in zip(generations, ratings or []):
-        generation["concept"], generation["fluency"] = rating if rating else (None, None)
-    return ratings is not None
-
-
 def make_bench(
-    session: Session, cfg: SteerConfig, features: list[int], w_u: torch.Tensor, a_max: dict[int, float]
+    session: Session,
+    cfg: SteerConfig,
+    texts: list[str],
+    features: list[int],
+    w_u: torch.Tensor,
+    a_max: dict[int, float],
 ) -> Bench:
-    """Prompts, held-out text and each feature's promoted tokens, loaded once."""
+    """Prompts ``texts``, held-out text and each feature's promoted tokens, loaded once."""
     tokens, mask = session.subject.cache.heldout_sequences(cfg.heldout_tokens)
-    prompts = [session.tokenizer(p, return_tensors="pt").input_ids.to(session.device) for p in _prompts(cfg)]
+    prompts = [session.tokenizer(p, return_tensors="pt").input_ids.to(session.device) for p in texts]
     for ids in prompts:
         check_length(session.model, ids.shape[1] + cfg.max_new_tokens)
     directions = session.sae.W_dec[torch.tensor(features, device=session.device)]  # (F, D)
@@ -151,9 +225,6 @@ def make_bench(
         promoted={f: promoted[i] for i, f in enumerate(features)},
         a_max=a_max,
         mode=cfg.mode,
+        special=special_ids(session.tokenizer),
         router=session.router,
     )
-
-
-def _prompts(cfg: SteerConfig) -> list[str]:
-    return prompt_list(cfg) or list(NEUTRAL_PROMPTS)

@@ -17,6 +17,12 @@ w; the SAE encodes w * x there, so the code's change is divided by w on the way 
 of `evaluate`). Edits land at each token's routed layer only. Routing needs every routed layer of a
 token before the first of them runs, so routed generation recomputes the whole sequence each step
 (no KV cache): slower, and exact.
+
+Special-token positions (BOS, EOS, pad) are never edited: they are attention sinks with huge norms that
+the SAE never saw (the cache leaves them out, `evaluate` and `circuit` skip them). The hooks read each
+forward's token ids from the input embedding's own input, so this holds during KV-cached generation too.
+Every edited forward checks that its logits are finite: an edit too large for the model's numbers is one
+clear error, never an empty or garbage continuation.
 """
 
 from __future__ import annotations
@@ -24,11 +30,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from pipeline.cache.normalize import Normalizer
+from pipeline.infra.errors import UserError
 from pipeline.llm.hooks import replace_input, replacing
 from pipeline.sae.route import RouteSAE
 from pipeline.sae.routing import route_choice
@@ -46,8 +54,32 @@ class Target:
     layer: int  # model layer (input of block `layer`); for a RouteSAE, the one being edited
     normalizer: Normalizer  # the cache's normalization
     edits: list[Edit]
+    special: frozenset[int]  # token ids never edited (BOS, EOS, pad: attention sinks with huge norms)
     a_max: dict[int, float] = field(default_factory=dict)  # latent -> largest activation (direction edits)
     router: RouteSAE | None = None  # set for RouteSAE runs
+
+
+@dataclass
+class Tally:
+    """How many token positions edits landed on (a position counts once per forward that edits it)."""
+
+    positions: int = 0
+
+
+def editable(tokens: Tensor, target: Target) -> Tensor:
+    """(B, T) bool: the positions whose token is not one of the target's special tokens."""
+    special = torch.tensor(sorted(target.special), dtype=tokens.dtype, device=tokens.device)
+    return ~torch.isin(tokens, special)
+
+
+def check_finite(logits: Tensor, target: Target) -> None:
+    """One clear error when an edit pushed the model past its number range (inf / NaN logits)."""
+    if not bool(torch.isfinite(logits).all()):
+        edits = " ".join(f"{e.latent}={e.kind}:{e.value:g}" for e in target.edits)
+        raise UserError(
+            f"the edit {edits} overflows the model's numbers (its logits become inf / NaN), so the edited text "
+            "would be garbage; use a smaller value (activations are of the order of the feature's a_max)."
+        )
 
 
 def code_change(target: Target, latents: Latents) -> Tensor:
@@ -76,31 +108,46 @@ def edit_hidden(h: Tensor, target: Target, mode: str, weight: Tensor | None = No
 
 @contextmanager
 def steering(
-    blocks: nn.ModuleList, targets: list[Target], mode: str, positions: Positions, prompt_len: int
-) -> Iterator[None]:
-    """Apply every target's edits during one `generate` (or one forward) of a single sequence.
+    model: nn.Module, blocks: nn.ModuleList, targets: list[Target], mode: str, positions: Positions, prompt_len: int
+) -> Iterator[Tally]:
+    """Apply every target's edits during one `generate` (or one forward) of a single sequence; yields a
+    :class:`Tally` of the positions edited.
 
     Positions are absolute: the first call sees the prompt, each later call (KV cache) one new token.
     """
     seen = {id(t): 0 for t in targets}
+    tokens: list[Tensor] = []  # the token ids (B, T) of the forward running now
+    tally = Tally()
+
+    def read_tokens(module: nn.Module, args: tuple[Any, ...]) -> None:
+        tokens[:] = [args[0]]
 
     def make_edit(target: Target):  # noqa: ANN202 - a hook function
-        def edit(h: Tensor) -> Tensor:  # (1, T, D)
+        def edit(h: Tensor) -> Tensor:  # (B, T, D)
             start = seen[id(target)]
             seen[id(target)] = start + h.shape[1]
-            where = positions.mask(start, h.shape[1], prompt_len, h.device)  # (T,)
+            where = positions.mask(start, h.shape[1], prompt_len, h.device)[None]  # (1, T)
+            where = where & editable(tokens[0], target)  # (B, T): never a special token
             if not bool(where.any()):
                 return h
+            tally.positions += int(where.sum())
             out = h.clone()
-            out[:, where] = edit_hidden(h[:, where].flatten(0, 1), target, mode).view(h.shape[0], -1, h.shape[-1])
+            out[where] = edit_hidden(h[where], target, mode)  # (M, D) rows of the edited positions
             return out
 
         return edit
 
+    def check(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if tally.positions:
+            check_finite(output.logits, targets[0])
+
     with ExitStack() as stack:
+        embedding = cast(nn.Module, model.get_input_embeddings())  # type: ignore[operator]
+        stack.callback(embedding.register_forward_pre_hook(read_tokens).remove)
+        stack.callback(model.register_forward_hook(check).remove)
         for target in targets:
             stack.enter_context(replace_input(blocks[target.layer], make_edit(target)))
-        yield
+        yield tally
 
 
 @torch.no_grad()
@@ -112,12 +159,15 @@ def routed_logits(
     positions: Positions,
     tokens: Tensor,
     prompt_len: int,
+    tally: Tally | None = None,
 ) -> Tensor:
-    """Logits (B, T, V) of ``tokens`` with a RouteSAE's edits applied at each token's routed layer."""
+    """Logits (B, T, V) of ``tokens`` with a RouteSAE's edits applied at each token's routed layer
+    (counted into ``tally`` when given)."""
     router = target.router
     assert router is not None, "routed_logits needs a RouteSAE target"
     choice, weight = route_choice(model, blocks, router, target.normalizer, tokens)  # (B, T), (B, T)
     where = positions.mask(0, tokens.shape[1], prompt_len, tokens.device)[None] & (choice >= 0)  # (B, T)
+    where &= editable(tokens, target)  # (B, T): never a special token
 
     def make_edit(here: Tensor, at: Target):  # noqa: ANN202 - a hook function
         def edit(h: Tensor) -> Tensor:  # (B, T, D)
@@ -134,7 +184,12 @@ def routed_logits(
         for i, layer in enumerate(router.cfg.layers)
     }
     with replacing(blocks, edits):
-        return model(input_ids=tokens).logits
+        logits = model(input_ids=tokens).logits  # (B, T, V)
+    if target.edits and bool(where.any()):
+        check_finite(logits, target)
+        if tally is not None:
+            tally.positions += int(where.sum())
+    return logits
 
 
 @torch.no_grad()
@@ -146,14 +201,17 @@ def routed_generate(
     positions: Positions,
     ids: Tensor,
     options: tuple[int, bool, float, int],
+    tally: Tally | None = None,
 ) -> Tensor:
-    """Generation (1, T + new) with routed edits; options = (max_new_tokens, sample, temperature, seed)."""
+    """Generation (1, T + new) with routed edits; options = (max_new_tokens, sample, temperature, seed);
+    the edited positions of every step are counted into ``tally`` when given."""
     max_new_tokens, sample, temperature, seed = options
     generator = torch.Generator(device=ids.device).manual_seed(seed)
     eos = getattr(model.generation_config, "eos_token_id", None)
     seq = ids
     for _ in range(max_new_tokens):
-        logits = routed_logits(model, blocks, target, mode, positions, seq, ids.shape[1])[:, -1].float()  # (1, V)
+        logits = routed_logits(model, blocks, target, mode, positions, seq, ids.shape[1], tally)  # (1, T', V)
+        logits = logits[:, -1].float()  # (1, V)
         if sample:
             token = torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator)  # (1, 1)
         else:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.infra.chat import AnswerCache, Budget, ChatClient, ClientSettings, Messages, api_key_present
 from pipeline.infra.console import say
-from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
 
 SYSTEM = (
@@ -39,20 +39,37 @@ def parse_rating(text: str) -> tuple[int, int] | None:
     return ratings if ratings and all(0 <= r <= 2 for r in ratings) else None
 
 
-def judge(
+@dataclass
+class JudgePlan:
+    """The judge's requests and their estimated cost, worked out before anything is sent."""
+
+    status: str  # what summary.json says about the judge
+    refusal: str = ""  # why nothing is sent (the estimate is above --max-cost), else ""
+    client: ChatClient | None = None  # set when the judge will be asked
+    requests: list[Messages] = field(default_factory=list)
+
+    def ask(self) -> list[tuple[int, int] | None]:
+        """A rating per request (None where the answer was unusable or not sent)."""
+        assert self.client is not None, "ask() needs a plan that sends requests"
+        replies = self.client.ask_all(self.requests)
+        return [parse_rating(reply.get("text", "")) if reply.get("text") else None for reply in replies]
+
+
+def plan_judge(
     generations: list[dict[str, Any]], concepts: dict[int, str], settings: ClientSettings, max_cost: float, root: Folder
-) -> list[tuple[int, int] | None] | None:
-    """A rating per generation (None where the answer was unusable), or None when no key is set."""
+) -> JudgePlan:
+    """Estimate the judge's cost of rating every generation and check it against ``max_cost``; sends nothing."""
     if not api_key_present():
         say("steer: OPENAI_API_KEY is not set; the LLM judge is skipped (concept and fluency stay empty).")
-        return None
+        return JudgePlan("skipped (no OPENAI_API_KEY)")
     client = ChatClient(settings, AnswerCache(root.child("steer", ".answers")), Budget(max_cost))
     requests = [judge_messages(concepts[g["feature"]], g["prompt"], g["text"]) for g in generations]
     estimate = client.estimate(requests)
     say(estimate.line("cost estimate, judge"))
     if max_cost > 0 and (estimate.usd or 0.0) > max_cost:
-        raise UserError(
+        refusal = (
             f"the judge's estimated cost ${estimate.usd:.4f} is above --max-cost ${max_cost:g}; nothing was sent. "
             "Raise --max-cost, judge fewer settings, or use a cheaper --judge-model."
         )
-    return [parse_rating(reply.get("text", "")) if reply.get("text") else None for reply in client.ask_all(requests)]
+        return JudgePlan(f"refused: estimated ${estimate.usd:.4f} is above --max-cost ${max_cost:g}", refusal)
+    return JudgePlan(f"{settings.model} (ratings pending)", client=client, requests=requests)

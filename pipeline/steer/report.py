@@ -18,17 +18,19 @@ COLUMNS = ("feature", "strength", "effect", "logprob_gain", "kl", "perplexity", 
 def write_outputs(
     out: Folder, summary: dict[str, Any], rows: list[dict[str, Any]], generations: list[dict[str, Any]]
 ) -> None:
-    """Every file is written whole under a temporary name and renamed, so a crash leaves no torn file."""
+    """The folder is written whole (`Folder.replaced`): a run killed while writing leaves the previous
+    result or none, never a new steering.csv beside an old plot or summary."""
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows({k: _round(row[k]) for k in COLUMNS} for row in rows)
-    out.write_bytes(text.getvalue().encode(), "steering.csv")
-    out.write_bytes("".join(json.dumps(g) + "\n" for g in generations).encode(), "generations.jsonl")
-    plot = dose_response_png(rows)
-    out.write_bytes(plot, "dose_response.png")
-    out.write_json(summary, "summary.json")
-    out.write_bytes(render(summary, rows, generations, plot).encode(), "steering.html")
+    with out.replaced() as tmp:
+        tmp.write_bytes(text.getvalue().encode(), "steering.csv")
+        tmp.write_bytes("".join(json.dumps(g) + "\n" for g in generations).encode(), "generations.jsonl")
+        plot = dose_response_png(rows)
+        tmp.write_bytes(plot, "dose_response.png")
+        tmp.write_json(summary, "summary.json")
+        tmp.write_bytes(render(summary, rows, generations, plot).encode(), "steering.html")
 
 
 def dose_response_png(rows: list[dict[str, Any]]) -> bytes:

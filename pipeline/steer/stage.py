@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -20,7 +21,9 @@ from pipeline.sae.topk import TopKSAE
 from pipeline.steer.config import SteerConfig
 from pipeline.steer.edits import Positions, parse_edit
 from pipeline.steer.generation import check_length, generate
-from pipeline.steer.intervene import MODES, Target, routed_generate, steering
+from pipeline.steer.intervene import MODES, Tally, Target, routed_generate, steering
+
+MIN_TEMPERATURE = 0.01  # below it sampling is greedy decoding in all but name, and logits / t overflow
 
 
 class Session(NamedTuple):
@@ -39,8 +42,7 @@ def open_session(cfg: SteerConfig) -> Session:
     """Load the run, the model its cache came from and the tokenizer."""
     if cfg.mode not in MODES:
         raise UserError(f"unknown --mode {cfg.mode!r}; use one of {', '.join(MODES)}.")
-    if cfg.max_new_tokens < 1:
-        raise UserError("--max-new-tokens must be at least 1.")
+    check_decoding(cfg)
     device = resolve_device(cfg.device)
     subject = load_subject(cfg.run, device, cfg.cache or None)
     router = subject.sae if isinstance(subject.sae, RouteSAE) else None
@@ -52,6 +54,19 @@ def open_session(cfg: SteerConfig) -> Session:
     model, blocks = load_llm(subject.cache, device)
     tokenizer = load_cache_tokenizer(subject.cache)
     return Session(subject, core_sae(subject.sae), router, model, blocks, tokenizer, device)
+
+
+def check_decoding(cfg: SteerConfig) -> None:
+    """One clear error for decoding options no generation can honour."""
+    if cfg.max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be at least 1.")
+    if cfg.sample and not (math.isfinite(cfg.temperature) and cfg.temperature >= MIN_TEMPERATURE):
+        raise UserError(
+            f"--temperature {cfg.temperature:g} cannot sample: give a finite temperature >= {MIN_TEMPERATURE:g} "
+            "with --sample (1 = the model's own distribution), or leave out --sample for greedy decoding."
+        )
+    if not 0 <= cfg.seed < 2**63:
+        raise UserError(f"--seed {cfg.seed} is out of range; give a seed between 0 and 2**63 - 1.")
 
 
 def steer(cfg: SteerConfig) -> list[dict[str, Any]]:
@@ -67,15 +82,23 @@ def steer(cfg: SteerConfig) -> list[dict[str, Any]]:
         ids = session.tokenizer(prompt, return_tensors="pt").input_ids.to(session.device)  # (1, T)
         check_length(session.model, ids.shape[1] + cfg.max_new_tokens)
         options = (cfg.max_new_tokens, cfg.sample, cfg.temperature, cfg.seed)
+        tally = Tally()
         if session.router is not None:  # same loop both times, so the only difference is the edit
             unedited = routed_generate(
                 session.model, session.blocks, replace(target, edits=[]), cfg.mode, positions, ids, options
             )
-            edited = routed_generate(session.model, session.blocks, target, cfg.mode, positions, ids, options)
+            edited = routed_generate(session.model, session.blocks, target, cfg.mode, positions, ids, options, tally)
         else:
             unedited = generate(session.model, ids, *options)
-            with steering(session.blocks, [target], cfg.mode, positions, ids.shape[1]):
+            with steering(session.model, session.blocks, [target], cfg.mode, positions, ids.shape[1]) as tally:
                 edited = generate(session.model, ids, *options)
+        if not tally.positions:
+            raise UserError(
+                f"--positions {cfg.positions} edits no position of the prompt {prompt!r} ({ids.shape[1]} tokens, "
+                f"then {edited.shape[1] - ids.shape[1]} generated; special tokens are never edited), so the "
+                "'edited' text would be the unedited one: give positions inside the generation (0 = the first "
+                "prompt token), all, prompt, generated (with --max-new-tokens >= 2) or last."
+            )
         decode = session.tokenizer.decode
         records.append(
             {
@@ -98,7 +121,14 @@ def make_target(session: Session, cfg: SteerConfig) -> Target:
     subject = session.subject
     edits = [parse_edit(text, session.sae.cfg.n_latents) for text in cfg.features]
     a_max = max_activations(feature_table(subject, cfg))
-    return Target(session.sae, subject.layers[0], subject.normalizer, edits, a_max, session.router)
+    special = special_ids(session.tokenizer)
+    return Target(session.sae, subject.layers[0], subject.normalizer, edits, special, a_max, session.router)
+
+
+def special_ids(tokenizer: Any) -> frozenset[int]:
+    """The tokenizer's special token ids (BOS, EOS, pad...): positions an edit never touches."""
+    named = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    return frozenset(tokenizer.all_special_ids) | {int(i) for i in named if i is not None}
 
 
 def feature_table(subject: Subject, cfg: SteerConfig) -> pa.Table | None:
@@ -107,7 +137,18 @@ def feature_table(subject: Subject, cfg: SteerConfig) -> pa.Table | None:
     table = Path(cfg.feature_table) if cfg.feature_table else default
     if cfg.feature_table and not table.is_file():
         raise UserError(f"--feature-table {cfg.feature_table} does not exist; `sae-pipe interpret RUN` writes one.")
-    return pq.read_table(table) if table.is_file() else None
+    if not table.is_file():
+        return None
+    try:
+        data = pq.read_table(table)
+    except (pa.ArrowException, OSError):
+        raise UserError(f"{table} is not a parquet file; `sae-pipe interpret RUN` writes features.parquet.") from None
+    missing = {"latent", "max_act"} - set(data.column_names)
+    if missing:
+        raise UserError(
+            f"{table} lacks the column(s) {', '.join(sorted(missing))}; `sae-pipe interpret RUN` writes one."
+        )
+    return data
 
 
 def max_activations(table: pa.Table | None) -> dict[int, float]:
@@ -115,14 +156,22 @@ def max_activations(table: pa.Table | None) -> dict[int, float]:
     if table is None:
         return {}
     data = table.select(["latent", "max_act"]).to_pydict()
-    return {int(latent): float(value) for latent, value in zip(data["latent"], data["max_act"]) if value > 0}
+    return {int(latent): float(value) for latent, value in zip(data["latent"], data["max_act"]) if value and value > 0}
 
 
 def prompt_list(cfg: SteerConfig) -> list[str]:
-    """--prompt values, then the lines of --prompts-file."""
+    """--prompt values, then the lines of --prompts-file; an empty prompt or file is one clear error."""
+    if any(not p.strip() for p in cfg.prompts):
+        raise UserError("--prompt is empty: give text to generate from, e.g. --prompt 'The weather today'.")
     if not cfg.prompts_file:
         return list(cfg.prompts)
     file = Path(cfg.prompts_file)
     if not file.is_file():
         raise UserError(f"--prompts-file {cfg.prompts_file} does not exist.")
-    return list(cfg.prompts) + [line for line in file.read_text().splitlines() if line.strip()]
+    try:
+        lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        raise UserError(f"--prompts-file {cfg.prompts_file} is not UTF-8 text; save it as UTF-8.") from None
+    if not lines:
+        raise UserError(f"--prompts-file {cfg.prompts_file} holds no prompt; write one prompt per line.")
+    return list(cfg.prompts) + lines
