@@ -194,6 +194,38 @@ def test_parse_answer() -> None:
     assert parse_answer("no idea") is None
 
 
+@pytest.mark.parametrize(
+    "answer, expected",
+    [
+        # the prompt's template echoed back: not an answer, whatever its first alternative says
+        (
+            '{"category": "low-level" | "high-level" | "undiscernible", "score": 1-5, "explanation": "<one sentence>"}',
+            None,
+        ),
+        ('"category": "low-level" | "high-level" | "undiscernible",\n"score": 4,\n"explanation": "Numbers."', None),
+        # JSON with a trailing comma: the values are unambiguous, and none of the syntax leaks into the text
+        (
+            '{\n"category": "high-level",\n"score": 4,\n"explanation": "Extract information from text.",}',
+            ("high-level", 4, "Extract information from text."),
+        ),
+        ('Category: high-level\nScore: 4\nExplanation: Extract information.", "score": 4}', None),
+        ('{"category": "low-level", "score": 1.5, "explanation": "Commas."}', None),  # not 1: malformed
+        ("Category: low-level\nScore: 1.5\nExplanation: Commas.", None),
+        ('{"category": "low-level", "score": true, "explanation": "Commas."}', None),
+        ('{"category": "low-level", "score": 4.0, "explanation": "Commas."}', ("low-level", 4, "Commas.")),
+        (
+            '**Category:** Low-level\n**Score:** 4/5\n**Explanation:** The word "the".',
+            ("low-level", 4, 'The word "the".'),
+        ),
+        ('{"category": "low-level", "score": 3, "explanation": ""}', None),  # no explanation
+        ("Category: low-level\nCategory: high-level\nScore: 3\nExplanation: Both.", None),  # two answers
+    ],
+)
+def test_parse_answer_is_strict_where_leniency_invents(answer: str, expected: tuple | None) -> None:
+    parsed = parse_answer(answer)
+    assert (parsed and (parsed["category"], parsed["score"], parsed["explanation"])) == expected
+
+
 def test_bad_inputs(run: str, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="not an SAE run folder"):
         interpret(icfg(str(tmp_path), tmp_path / "out"))

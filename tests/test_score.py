@@ -15,8 +15,8 @@ import pytest
 
 from pipeline.cache.reader import ActivationCache
 from pipeline.infra.errors import UserError
-from pipeline.interpret.compare import interpret_all
 from pipeline.interpret.checks import check_config
+from pipeline.interpret.compare import interpret_all
 from pipeline.interpret.score import parse_verdicts, probabilities
 from pipeline.interpret.splits import scoring_rows
 from pipeline.interpret.stage import interpret
@@ -237,6 +237,8 @@ def test_verdicts_and_probabilities_parse() -> None:
     assert parse_verdicts("Sure: [1, 0, 1]", 3) == [1, 0, 1]
     assert parse_verdicts("[1, 0]", 3) is None and parse_verdicts("[1, 2, 0]", 3) is None
     assert parse_verdicts("[true, false, true]", 3) is None and parse_verdicts("no", 3) is None
+    assert parse_verdicts("For three excerpts: [1, 0, 1]. Mine: [0, 0, 1]", 3) is None  # which list is the answer?
+    assert parse_verdicts('["1", "0"]', 2) is None and parse_verdicts("[0.5, 1]", 2) is None
     tokens = [
         {"token": "[", "top": {}},
         {"token": "1", "top": {"1": np.log(0.8), "0": np.log(0.2)}},

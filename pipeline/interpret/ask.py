@@ -38,13 +38,14 @@ class Asker:
         self.cfg, self.tables, self.latents = cfg, tables, latents
         cache = AnswerCache(Folder.at(cfg.cache_root).child("interpret", ".answers"))
         budget = Budget(cfg.max_cost)
-        explainer = ClientSettings(cfg.model, cfg.base_url, cfg.concurrency, cfg.max_retries)
+        explainer = ClientSettings(cfg.model, cfg.base_url, cfg.concurrency, cfg.max_retries, cfg.timeout)
         self.explainer = ChatClient(explainer, cache, budget)
         scorer = ClientSettings(
             cfg.scorer_model,
             cfg.scorer_base_url or cfg.base_url,
             cfg.concurrency,
             cfg.max_retries,
+            cfg.timeout,
             temperature=0.0,  # the verdict the scorer thinks most likely
             max_answer_tokens=10 + 4 * cfg.score_batch,  # "[1, 0, ...]" and a little slack
             logprobs=cfg.logprobs,

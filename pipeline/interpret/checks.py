@@ -47,6 +47,7 @@ RULES: dict[str, Rule] = {
     "bootstrap": RESAMPLES,
     "concurrency": AT_LEAST_1,
     "max_retries": NOT_NEGATIVE,
+    "timeout": AT_LEAST_1,
     "seed": NOT_NEGATIVE,
     "threshold": ANY,
     "theta": ANY,

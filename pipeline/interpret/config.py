@@ -42,6 +42,7 @@ class InterpretConfig:
     bootstrap: int = setting(1000, "bootstrap resamples of features for the 95 % intervals")
     concurrency: int = setting(4, "requests in flight")
     max_retries: int = setting(4, "per request (429, 5xx, timeouts), with backoff")
+    timeout: float = setting(60.0, "seconds a request may take before it is retried (a slow local server needs more)")
     seed: int = setting(0, "feature sampling, the train/test split, excerpt order")
     logit_effects: bool = setting(
         True, "add each feature's promoted / suppressed tokens and output score (loads the LLM)"

@@ -129,7 +129,8 @@ def main() -> None:
             model="smollm2-135m",
             scorer_model="smollm2-135m",
             score=["detection", "fuzzing"],
-            score_quantiles=2,  # 4 activating + 4 silent test excerpts per feature: 2 prompts per scorer
+            score_quantiles=1,  # 2 activating + 2 silent test excerpts per feature: 1 prompt per scorer
+            timeout=900.0,  # a CPU build of llama.cpp on a busy machine can take minutes per answer
             concurrency=1,  # one llama.cpp slot
             logit_effects=False,
             device="cpu",
