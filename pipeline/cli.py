@@ -198,6 +198,7 @@ def interpret(
     control: Annotated[bool | None, opt(InterpretConfig, "control")] = None,
     bootstrap: Annotated[int | None, opt(InterpretConfig, "bootstrap")] = None,
     concurrency: Annotated[int | None, opt(InterpretConfig, "concurrency")] = None,
+    timeout: Annotated[float | None, opt(InterpretConfig, "timeout")] = None,
     seed: Annotated[int | None, opt(InterpretConfig, "seed")] = None,
     protocol: Annotated[bool | None, opt(InterpretConfig, "protocol")] = None,
     cache: Annotated[str | None, opt(InterpretConfig, "cache")] = None,
