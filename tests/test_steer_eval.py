@@ -287,6 +287,30 @@ def test_features_are_selected_on_prompts_the_evaluation_never_generates_from(
         assert all(ids[: len(chosen)] != chosen for chosen in selection), prompt
 
 
+def test_unreadable_judge_answers_are_asked_again(run: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An answer that is not two ratings leaves the cell empty and is not cached: the next run asks again."""
+    cfg = SteerConfig(
+        run=run,
+        evaluate=True,
+        eval_features=[3],
+        strengths=[0.0],
+        heldout_tokens=16,
+        max_new_tokens=2,
+        prompts=["the cat", "a dog"],
+        cache_root=str(tmp_path),
+        out=str(tmp_path / "o"),
+        device="cpu",
+    )
+    garbled = Script(rule=lambda body: ("concept: high, fluency: fine", None))
+    with standin_env(garbled, monkeypatch, "sk-judge"):
+        (row,) = csv.DictReader((evaluate_steering(cfg).local() / "steering.csv").open())
+    assert garbled.requests == 2 and row["concept"] == ""
+    script = Script(rule=judge_rule)
+    with standin_env(script, monkeypatch, "sk-judge"):
+        (row,) = csv.DictReader((evaluate_steering(cfg).local() / "steering.csv").open())
+    assert script.requests == 2 and row["concept"] != ""
+
+
 def test_judge_cost_is_checked_before_any_request_and_the_grid_is_kept(
     run: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

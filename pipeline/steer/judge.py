@@ -1,7 +1,8 @@
 """An optional LLM judge of steered generations: concept presence and fluency, 0-2 each (the AxBench
 style of rating), asked only when OPENAI_API_KEY is set. The concept is the feature's explanation from
 `interpret` when there is one, else its most promoted tokens. Same client, answer cache, retries and
-cost cap as `interpret` (:mod:`pipeline.infra.chat`): a re-run pays nothing twice.
+cost cap as `interpret` (:mod:`pipeline.infra.chat`): a re-run pays nothing twice, and re-asks what it could
+not read.
 """
 
 from __future__ import annotations
@@ -51,8 +52,13 @@ class JudgePlan:
     def ask(self) -> list[tuple[int, int] | None]:
         """A rating per request (None where the answer was unusable or not sent)."""
         assert self.client is not None, "ask() needs a plan that sends requests"
-        replies = self.client.ask_all(self.requests)
+        replies = self.client.ask_all(self.requests, accept=usable)
         return [parse_rating(reply.get("text", "")) if reply.get("text") else None for reply in replies]
+
+
+def usable(_: int, text: str) -> bool:
+    """Whether a judge's answer is two ratings; one that is not is never cached, so a re-run asks again."""
+    return parse_rating(text) is not None
 
 
 def plan_judge(
@@ -64,7 +70,7 @@ def plan_judge(
         return JudgePlan("skipped (no OPENAI_API_KEY)")
     client = ChatClient(settings, AnswerCache(root.child("steer", ".answers")), Budget(max_cost))
     requests = [judge_messages(concepts[g["feature"]], g["prompt"], g["text"]) for g in generations]
-    estimate = client.estimate(requests)
+    estimate = client.estimate(requests, accept=usable)
     say(estimate.line("cost estimate, judge"))
     if max_cost > 0 and (estimate.usd or 0.0) > max_cost:
         refusal = (
