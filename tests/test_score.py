@@ -17,6 +17,7 @@ from pipeline.cache.reader import ActivationCache
 from pipeline.infra.errors import UserError
 from pipeline.interpret.checks import check_config
 from pipeline.interpret.compare import interpret_all
+from pipeline.interpret.explain import parse_answer
 from pipeline.interpret.score import parse_verdicts, probabilities
 from pipeline.interpret.splits import scoring_rows
 from pipeline.interpret.stage import interpret
@@ -368,3 +369,13 @@ def test_a_scorer_that_never_says_active_has_undefined_precision(
     assert len(scored) == 4 and scored.detection_precision.isna().all() and (scored.detection_recall == 0).all()
     html = (tmp_path / "out" / "report.html").read_text()
     assert "<td>n/a</td>" in html
+
+
+def test_real_answers_of_a_small_local_model_parse_as_a_reader_reads_them() -> None:
+    """Answers recorded from SmolLM2-135M behind llama-cpp-python's server (tests/fixtures/real_answers.json;
+    each ``expected`` written by hand after reading the answer)."""
+    recorded = json.loads((Path(__file__).parent / "fixtures" / "real_answers.json").read_text())
+    assert len(recorded) >= 3 and {r["role"] for r in recorded} >= {"explainer", "detection"}
+    for r in recorded:
+        got = parse_answer(r["answer"]) if r["role"] == "explainer" else parse_verdicts(r["answer"], r["n"])
+        assert got == r["expected"], (r["why"], got)
