@@ -87,6 +87,8 @@ def fit(
     routing: Annotated[str | None, opt(FitConfig, "routing")] = None,
     aggregate: Annotated[str | None, opt(FitConfig, "aggregate")] = None,
     lr: Annotated[float | None, opt(FitConfig, "lr")] = None,
+    router_lr: Annotated[float | None, opt(FitConfig, "router_lr")] = None,
+    recipe: Annotated[str | None, opt(FitConfig, "recipe")] = None,
     optimizer: Annotated[str | None, opt(FitConfig, "optimizer")] = None,
     schedule: Annotated[str | None, opt(FitConfig, "schedule")] = None,
     batch_size: Annotated[int | None, opt(FitConfig, "batch_size")] = None,

@@ -12,12 +12,29 @@ from pipeline.infra.errors import UserError
 from pipeline.infra.params import setting
 
 OPTIMIZERS = ("adam", "signum")
-SCHEDULES = ("warmup-decay", "constant")
+SCHEDULES = ("warmup-decay", "constant", "reference")
+RECIPES = ("sae-pipe", "reference")
+# What `--recipe reference` fixes: the RouteSAE reference implementation's training (swei2001/RouteSAEs,
+# src/utils.py: Adam 5e-4 with betas 0.9/0.999 on every parameter, router included, its warm-up/decay
+# schedule, no auxiliary loss); 8192 tokens per step as its run scripts use. Its decoder renormalization
+# every 100 steps (instead of every step, with tangent gradients) is Training.recipe's job in fit.train.
+REFERENCE_RECIPE: dict[str, Any] = {
+    "lr": 5e-4,
+    "router_lr": 5e-4,
+    "optimizer": "adam",
+    "betas": (0.9, 0.999),
+    "schedule": "reference",
+    "batch_size": 8192,
+    "aux_alpha": 0.0,
+    "revive": 0.0,
+    "route_balance": 0.0,
+}
 SWEEPABLE = (
     "k",
     "latents",
     "expansion",
     "lr",
+    "router_lr",
     "optimizer",
     "seed",
     "layer",
@@ -46,9 +63,19 @@ class FitConfig:
     routing: str = setting("hard", "route: hard | soft")
     aggregate: str = setting("sum", "route: sum | mean of the routed layers as router input")
     lr: float = setting(0.0, "peak learning rate (0 = auto: Adam, by latents, run length and batch; see fit/optim.py)")
+    router_lr: float = setting(
+        0.0, "route: the router's peak learning rate (0 = auto: 5e-4, the reference's; see fit/optim.py)"
+    )
+    recipe: str = setting(
+        "sae-pipe",
+        "sae-pipe | reference (route: the RouteSAE paper's training: lr 5e-4 for all, batch 8192, its schedule, "
+        "decoder renormalized every 100 steps, no AuxK)",
+    )
     optimizer: str = setting("adam", "adam | signum")
     betas: tuple[float, float] = setting((0.9, 0.999), "Adam betas (signum: betas[0] is the momentum)")
-    schedule: str = setting("warmup-decay", "warmup-decay (5 % warmup, decay over the last 20 %) | constant")
+    schedule: str = setting(
+        "warmup-decay", "warmup-decay (5 % warmup, decay over the last 20 %) | constant | reference (RouteSAE's)"
+    )
     batch_size: int = setting(4096, "tokens per step")
     max_tokens: int = setting(0, "training tokens (0 = the whole training split, `epochs` times)")
     epochs: int = setting(0, "passes over the training split (0 = one; a larger budget needs --epochs)")
@@ -84,6 +111,8 @@ class Training:
     resolved. cfg.json's ``training`` block and the run's folder hash are this object."""
 
     lr: float  # peak learning rate
+    router_lr: float  # RouteSAE: the router's peak learning rate
+    recipe: str  # sae-pipe | reference
     optimizer: str  # adam | signum
     betas: tuple[float, float]  # Adam betas (signum: betas[0] is the momentum)
     schedule: str  # warmup-decay | constant
@@ -104,10 +133,13 @@ class Training:
             raise UserError(f"unknown optimizer {self.optimizer!r}; use one of {', '.join(OPTIMIZERS)}.")
         if self.schedule not in SCHEDULES:
             raise UserError(f"unknown lr schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}.")
-        if min(self.max_tokens, self.epochs, self.lr, self.route_balance, self.revive) < 0 or self.batch_size < 1:
+        if self.recipe not in RECIPES:
+            raise UserError(f"unknown recipe {self.recipe!r}; use one of {', '.join(RECIPES)}.")
+        numbers = (self.max_tokens, self.epochs, self.lr, self.router_lr, self.route_balance, self.revive)
+        if min(numbers) < 0 or self.batch_size < 1:
             raise UserError(
-                "--batch-size must be positive; --lr (0 = auto), --max-tokens, --epochs, --route-balance and "
-                "--revive must be >= 0."
+                "--batch-size must be positive; --lr (0 = auto), --router-lr (0 = auto), --max-tokens, --epochs, "
+                "--route-balance and --revive must be >= 0."
             )
 
     @classmethod
@@ -115,3 +147,24 @@ class Training:
         """The training block of ``cfg``, with ``resolved`` values (lr, k_aux) in place of the automatic ones."""
         names = [f.name for f in dataclasses.fields(cls)]
         return cls(**{name: resolved.get(name, getattr(cfg, name)) for name in names})
+
+
+def with_recipe(cfg: FitConfig) -> FitConfig:
+    """``cfg`` with its recipe's fixed settings in place; a setting the user moved away from both its
+    default and the recipe's value is refused rather than silently overridden."""
+    if cfg.recipe not in RECIPES:
+        raise UserError(f"unknown recipe {cfg.recipe!r}; use one of {', '.join(RECIPES)}.")
+    if cfg.recipe == "sae-pipe":
+        return cfg
+    defaults = FitConfig()
+    clash = [
+        f"--{key.replace('_', '-')} {getattr(cfg, key)}"
+        for key, value in REFERENCE_RECIPE.items()
+        if getattr(cfg, key) not in (value, getattr(defaults, key)) or key in cfg.sweep
+    ]
+    if clash:
+        raise UserError(
+            f"--recipe {cfg.recipe} fixes {', '.join(REFERENCE_RECIPE)}; drop {', '.join(clash)} "
+            "or train with the default recipe."
+        )
+    return dataclasses.replace(cfg, **REFERENCE_RECIPE)

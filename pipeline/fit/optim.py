@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -11,7 +12,7 @@ from torch import Tensor, nn
 class Signum(torch.optim.Optimizer):
     """SignSGD with momentum: m = beta m + (1 - beta) g;  p -= lr sign(m)."""
 
-    def __init__(self, params: Iterable[Tensor], lr: float, momentum: float = 0.9) -> None:
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float, momentum: float = 0.9) -> None:
         super().__init__(params, {"lr": lr, "momentum": momentum})
 
     @torch.no_grad()
@@ -61,13 +62,27 @@ def auto_lr(optimizer: str, n_latents: int, tokens: int, batch_size: int = REFER
     return 5e-3 * (16384 / n_latents) ** 0.5
 
 
+ROUTER_LR = 5e-4  # RouteSAE's router: the reference's rate (issue 29: ten times more collapses the routing)
+
+
+def param_groups(model: nn.Module, lr: float, router_lr: float) -> list[dict[str, Any]]:
+    """The SAE's parameters at ``lr`` and a RouteSAE's router at ``router_lr``, each group with its peak
+    rate as ``base_lr`` so the schedule scales both."""
+    router = [p for name, p in model.named_parameters() if name.startswith("router.")]
+    rest = [p for name, p in model.named_parameters() if not name.startswith("router.")]
+    groups = [{"params": rest, "lr": lr, "base_lr": lr}]
+    if router:
+        groups.append({"params": router, "lr": router_lr, "base_lr": router_lr})
+    return groups
+
+
 def make_optimizer(
-    name: str, model: nn.Module, lr: float, betas: tuple[float, float], device: torch.device
+    name: str, groups: list[dict[str, Any]], betas: tuple[float, float], device: torch.device
 ) -> torch.optim.Optimizer:
-    """Adam (fused kernel on CPU and CUDA) or Signum."""
+    """Adam (fused kernel on CPU and CUDA) or Signum over parameter ``groups`` (see param_groups)."""
     if name == "signum":  # names are checked once, by fit.config.Training
-        return Signum(model.parameters(), lr=lr, momentum=betas[0])
-    return torch.optim.Adam(model.parameters(), lr=lr, betas=betas, fused=device.type in ("cpu", "cuda"))
+        return Signum(groups, lr=groups[0]["lr"], momentum=betas[0])
+    return torch.optim.Adam(groups, lr=groups[0]["lr"], betas=betas, fused=device.type in ("cpu", "cuda"))
 
 
 WARMUP_SHARE = 0.05  # of all steps, linear warmup from ~0
@@ -77,9 +92,12 @@ DECAY_SHARE = 0.2  # of all steps at the end, linear decay to 0 (warmup-decay on
 def lr_factor(step: int, total: int, schedule: str) -> float:
     """Multiplier of the base lr at ``step`` (0-based) of ``total``.
 
-    ``warmup-decay`` (the RouteSAE schedule): linear warmup over the first 5 % of steps, constant,
-    then linear decay to zero over the last 20 %. ``constant``: the same warmup, then constant.
+    ``warmup-decay``: linear warmup over the first 5 % of steps, constant, then linear decay to zero over
+    the last 20 %. ``constant``: the same warmup, then constant. ``reference``: the RouteSAE reference's
+    schedule as its code computes it (see reference_factor).
     """
+    if schedule == "reference":
+        return reference_factor(step, total)
     warm = int(total * WARMUP_SHARE)
     if step < warm:
         return (step + 1) / warm
@@ -89,3 +107,18 @@ def lr_factor(step: int, total: int, schedule: str) -> float:
     if step < decay_start:
         return 1.0
     return max(total - step, 0) / max(total - decay_start, 1)
+
+
+def reference_factor(step: int, total: int) -> float:
+    """The RouteSAE reference's multiplier at ``step`` (its LinearWarmupLR, src/utils.py), quirks kept so a
+    comparison with the paper is like for like: warmup from 0 over W = int(0.05 total) steps (the first
+    step has lr 0), constant until total - total // 5, then (total - step - W) / (total - W - total // 5),
+    which drops at once to about 0.2 of the peak (not from 1) and reaches 0 at total - W, where it stays.
+    """
+    warm = int(total * WARMUP_SHARE)
+    if step < warm:
+        return step / max(1, warm)
+    decay_start = total - total // 5
+    if step < decay_start:
+        return 1.0
+    return max(0.0, (total - step - warm) / max(1, total - warm - total // 5))

@@ -17,7 +17,7 @@ from typing import Any
 
 from pipeline.cache.reader import ActivationCache
 from pipeline.fit.config import SWEEPABLE, FitConfig, Training
-from pipeline.fit.optim import auto_lr
+from pipeline.fit.optim import ROUTER_LR, auto_lr
 from pipeline.infra.console import say
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
@@ -81,12 +81,13 @@ def plan_run(cfg: FitConfig, cache: ActivationCache) -> RunPlan:
     training = Training.of(
         cfg,
         lr=cfg.lr or auto_lr(cfg.optimizer, n_latents, run_tokens(cfg, cache.rows("train")), cfg.batch_size),
+        router_lr=(cfg.router_lr or ROUTER_LR) if cfg.arch == "route" else 0.0,
         k_aux=cfg.k_aux or d_in // 2,
         dead_tokens=cfg.dead_tokens or auto_dead_tokens(n_latents, cfg.k),
     )
     record = {
         "sae": sae.to_dict(),
-        "training": dataclasses.asdict(training),
+        "training": _training_record(training),
         "cache": {
             "key": cache.key,
             "path": cache.folder.url,
@@ -101,6 +102,17 @@ def plan_run(cfg: FitConfig, cache: ActivationCache) -> RunPlan:
     digest = hashlib.sha256(json.dumps(hashed, sort_keys=True, default=str).encode()).hexdigest()[:8]
     name = f"{cache.key.split('-L')[0]}-{cfg.arch}-{layer_span(layers)}-n{n_latents}-k{cfg.k}-{digest}"
     return RunPlan(cfg, sae, training, Folder.at(out_root(cfg)).child(name), record)
+
+
+def _training_record(training: Training) -> dict[str, Any]:
+    """cfg.json's training block. Settings at their no-op value (a TopK run's router_lr, the default recipe)
+    are left out, so runs trained before those settings existed keep their folder names."""
+    record = dataclasses.asdict(training)
+    if record["router_lr"] == 0.0:
+        del record["router_lr"]
+    if record["recipe"] == "sae-pipe":
+        del record["recipe"]
+    return record
 
 
 def run_tokens(cfg: FitConfig, train_rows: int, world: int = 1) -> int:

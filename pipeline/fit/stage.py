@@ -12,7 +12,7 @@ import torch
 
 from pipeline.cache.reader import ActivationCache
 from pipeline.cache.stream import ActivationStream, StreamSpec
-from pipeline.fit.config import FitConfig
+from pipeline.fit.config import FitConfig, with_recipe
 from pipeline.fit.feed import device_batches
 from pipeline.fit.plan import RunPlan, check_shared, expand_sweep, needs_training, plan_run, run_tokens, spread
 from pipeline.fit.state import drop_state
@@ -45,6 +45,7 @@ def fit(cfg: FitConfig, ranks: Ranks | None = None) -> list[Folder]:
     with the weights of a one-process sweep. A single SAE is trained by all ranks together (DDP).
     """
     ranks = ranks or Ranks.from_env()
+    cfg = with_recipe(cfg)
     cache = open_cache(cfg)
     plans = [plan_run(member, cache) for member in expand_sweep(cfg)]
     check_shared(plans)
@@ -191,6 +192,8 @@ def _loop(
 def _finish(plan: RunPlan, member: Member, steps: int) -> None:
     """Write final weights and a complete cfg.json; drop the resumable state."""
     flush_log(member)
+    if plan.training.recipe == "reference":  # the reference renormalizes once more before saving
+        member.model.normalize_decoder()
     save_weights(plan.folder, member.model)
     last = _last_log(plan.folder)
     write_cfg(plan.folder, {"status": "complete", **plan.record, "steps": steps, "result": {**summary(member), **last}})

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.fit.config import Training
-from pipeline.fit.optim import lr_factor, make_optimizer
+from pipeline.fit.optim import lr_factor, make_optimizer, param_groups
 from pipeline.fit.state import TrainingState, load_state, save_state
 from pipeline.infra.distributed import Ranks
 from pipeline.infra.files import Folder
@@ -25,6 +25,7 @@ from pipeline.sae.quality import Reconstruction
 from pipeline.sae.route import RouteSAE, build_sae, core_sae
 from pipeline.sae.topk import SaeConfig, SaeOutput, TopKSAE
 
+REFERENCE_RENORM = 100  # the RouteSAE reference renormalizes decoder columns every 100 batches (its --steps)
 LOG_FIELDS = ["step", "tokens", "nmse", "fvu", "l0", "dead_share", "aux_loss", "lr", "tokens_per_s"]
 
 
@@ -58,8 +59,11 @@ def make_member(
     """A freshly initialized member (seeded), or the member restored from its training state."""
     generator = torch.Generator().manual_seed(settings.seed)
     model = build_sae(sae_cfg, generator).to(device).train()
-    core_sae(model).tangent_decoder_grad = True
-    optimizer = make_optimizer(settings.optimizer, model, settings.lr, settings.betas, device)
+    # sae-pipe keeps decoder rows on the unit sphere every step (tangent gradients + renormalization); the
+    # reference recipe lets them drift and renormalizes every REFERENCE_RENORM steps, as its code does
+    core_sae(model).tangent_decoder_grad = settings.recipe != "reference"
+    groups = param_groups(model, settings.lr, settings.router_lr)
+    optimizer = make_optimizer(settings.optimizer, groups, settings.betas, device)
     member = Member(
         folder,
         sae_cfg,
@@ -136,10 +140,11 @@ def train_step(member: Member, x: Tensor, total_steps: int, chosen: Tensor | Non
         loss = loss + s.route_balance * balance_loss(out.layer_weights)
     loss.backward()
     for group in member.optimizer.param_groups:
-        group["lr"] = s.lr * lr_factor(member.step, total_steps, s.schedule)
+        group["lr"] = group["base_lr"] * lr_factor(member.step, total_steps, s.schedule)
     member.optimizer.step()
     member.optimizer.zero_grad(set_to_none=True)
-    member.model.normalize_decoder()
+    if s.recipe != "reference" or member.step % REFERENCE_RENORM == 0:
+        member.model.normalize_decoder()
     revive(member, out, dead)
     _update_dead(member, out, len(x))
     member.step += 1
@@ -152,6 +157,7 @@ def train_step(member: Member, x: Tensor, total_steps: int, chosen: Tensor | Non
         "aux_loss": float(aux.detach()),
         "dead_share": float(dead.float().mean()),  # never active in the last dead_tokens tokens
         "lr": member.optimizer.param_groups[0]["lr"],
+        **({"router_lr": member.optimizer.param_groups[1]["lr"]} if len(member.optimizer.param_groups) > 1 else {}),
         **_routing(member, out),
     }
 
@@ -240,7 +246,7 @@ def log_fields(sae_cfg: SaeConfig) -> list[str]:
     """log.csv columns: LOG_FIELDS, plus the router's entropy and per-layer shares for a RouteSAE."""
     if sae_cfg.arch != "route":
         return LOG_FIELDS
-    return [*LOG_FIELDS, "route_entropy", *(f"share_L{layer}" for layer in sae_cfg.layers)]
+    return [*LOG_FIELDS, "router_lr", "route_entropy", *(f"share_L{layer}" for layer in sae_cfg.layers)]
 
 
 def flush_log(member: Member) -> None:

@@ -1,0 +1,107 @@
+"""RouteSAE training: the router's own learning rate and the paper's reference recipe, each checked
+against a step computed by hand."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.fit.config import FitConfig, Training, with_recipe
+from pipeline.fit.optim import lr_factor
+from pipeline.fit.train import make_member, train_step
+from pipeline.infra.errors import UserError
+from pipeline.infra.files import Folder
+from pipeline.sae.topk import SaeConfig
+
+CPU = torch.device("cpu")
+ROUTE = SaeConfig("route", 8, 32, 2, [1, 2, 3])
+
+
+def member(tmp_path: Path, cfg: FitConfig) -> object:
+    settings = Training.of(cfg, dead_tokens=10**9, k_aux=4)
+    return make_member(Folder.at(tmp_path / "run"), ROUTE, settings, False, [0, 1, 2], CPU)
+
+
+def test_the_router_steps_at_its_own_rate(tmp_path: Path) -> None:
+    """Adam's first step is lr x g / (|g| + eps) for every parameter, with its own group's lr."""
+    m = member(tmp_path, FitConfig(arch="route", lr=1e-2, router_lr=1e-4, schedule="constant"))
+    with torch.no_grad():  # with both biases at zero the NMSE ignores the routed input's scale: no router gradient
+        m.model.sae.b_dec.copy_(torch.randn(8, generator=torch.Generator().manual_seed(2)))
+    before = copy.deepcopy(m.model.state_dict())
+    grads: dict[str, torch.Tensor] = {}
+    step = m.optimizer.step
+
+    def record_then_step() -> None:
+        grads.update(router=m.model.router.weight.grad.clone(), W_enc=m.model.sae.W_enc.grad.clone())
+        step()
+
+    m.optimizer.step = record_then_step
+    train_step(m, torch.randn(64, 3, 8, generator=torch.Generator().manual_seed(0)), total_steps=10)
+    for name, key, lr in (("router", "router.weight", 1e-4), ("W_enc", "sae.W_enc", 1e-2)):
+        g = grads[name]
+        expected = before[key] - lr * g / (g.abs() + 1e-8)
+        now = m.model.router.weight if name == "router" else m.model.sae.W_enc
+        torch.testing.assert_close(now.detach(), expected, rtol=0, atol=1e-7)
+    assert grads["router"].abs().max() > 1e-6  # the router did get a gradient to step on
+
+
+def test_the_reference_schedule_at_a_few_steps() -> None:
+    # by hand from the reference's LinearWarmupLR with 100 steps: W = 5, decay from step 80 as (95 - s) / 75
+    steps = (0, 3, 5, 79, 80, 90, 94, 95, 99)
+    expected = [0.0, 0.6, 1.0, 1.0, 0.2, 5 / 75, 1 / 75, 0.0, 0.0]
+    assert [lr_factor(s, 100, "reference") for s in steps] == pytest.approx(expected)
+
+
+def reference_step(model: dict[str, torch.Tensor], xs: torch.Tensor, opt: torch.optim.Optimizer, lr: float) -> None:
+    """One step of the paper's training written out: router on the summed layers, hard routing scaled by
+    the top weight, top-2 of the pre-activations, normalized MSE per token, plain Adam."""
+    weights = torch.softmax(xs.sum(1) @ model["router"].T, dim=-1)  # (B, L)
+    top, layer = weights.max(dim=-1)  # (B,)
+    x = xs[torch.arange(len(xs)), layer] * top[:, None]  # (B, D)
+    pre = (x - model["b_dec"]) @ model["W_enc"].T + model["b_enc"]  # (B, N)
+    vals, idx = pre.topk(2, dim=-1)
+    z = torch.zeros_like(pre).scatter(-1, idx, vals.relu())  # (B, N)
+    x_hat = z @ model["W_dec"] + model["b_dec"]  # (B, D)
+    loss = ((x_hat - x).pow(2).sum(-1) / x.pow(2).sum(-1)).mean()
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def test_the_reference_recipe_takes_the_steps_of_the_paper(tmp_path: Path) -> None:
+    cfg = with_recipe(FitConfig(arch="route", recipe="reference"))
+    assert (cfg.lr, cfg.router_lr, cfg.batch_size, cfg.aux_alpha, cfg.schedule) == (5e-4, 5e-4, 8192, 0.0, "reference")
+    m = member(tmp_path, cfg)
+    with torch.no_grad():  # nonzero biases give the router a real gradient (see the test above)
+        m.model.sae.b_dec.copy_(torch.randn(8, generator=torch.Generator().manual_seed(2)))
+    sd = m.model.state_dict()
+    mine = {
+        "router": sd["router.weight"].clone().requires_grad_(),
+        **{name: sd[f"sae.{name}"].clone().requires_grad_() for name in ("W_enc", "b_enc", "W_dec", "b_dec")},
+    }
+    opt = torch.optim.Adam(list(mine.values()), lr=5e-4, betas=(0.9, 0.999))
+    gen = torch.Generator().manual_seed(1)
+    total = 200  # warmup over 10 steps: lr 0 at step 0, 5e-5 at step 1, ...
+    for step in range(3):
+        xs = torch.randn(32, 3, 8, generator=gen)
+        train_step(m, xs, total_steps=total)
+        reference_step(mine, xs, opt, 5e-4 * step / 10)
+        if step % 100 == 0:  # the reference renormalizes decoder atoms after batch 0, 100, 200, ...
+            with torch.no_grad():
+                mine["W_dec"] /= mine["W_dec"].norm(dim=1, keepdim=True)
+    torch.testing.assert_close(m.model.router.weight.detach(), mine["router"].detach(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(m.model.sae.W_dec.detach(), mine["W_dec"].detach(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(m.model.sae.W_enc.detach(), mine["W_enc"].detach(), rtol=1e-4, atol=1e-6)
+    assert (m.model.sae.W_dec.norm(dim=1) - 1).abs().max() > 1e-6  # atoms drift between renormalizations
+
+
+def test_the_reference_recipe_refuses_settings_it_would_override() -> None:
+    with pytest.raises(UserError, match="--recipe reference fixes .*drop --batch-size 2048"):
+        with_recipe(FitConfig(arch="route", recipe="reference", batch_size=2048))
+    with pytest.raises(UserError, match="drop --lr"):
+        with_recipe(FitConfig(arch="route", recipe="reference", sweep={"lr": [1e-3, 2e-3]}))
