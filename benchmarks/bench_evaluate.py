@@ -30,8 +30,8 @@ from torch import nn
 from benchmarks.report import publish
 from pipeline.evaluate.config import EvaluateConfig
 from pipeline.evaluate.stage import evaluate
+from pipeline.live.subject import load_llm, load_subject
 from pipeline.llm.replay import resume, stem
-from pipeline.sae.subject import load_llm, load_subject
 
 
 class Bare(NamedTuple):

@@ -42,10 +42,10 @@ from pipeline.extract.config import ExtractConfig
 from pipeline.extract.stage import extract
 from pipeline.fit.config import FitConfig
 from pipeline.fit.stage import fit
+from pipeline.interop.export import export_run
+from pipeline.interop.importing import import_checkpoint
 from pipeline.sae.dense import JumpReluSAE, ReluSAE
-from pipeline.sae.export import export_run
 from pipeline.sae.folder import load_sae
-from pipeline.sae.importing import import_checkpoint
 from pipeline.sae.topk import TopKSAE
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -26,7 +26,7 @@ import torch
 
 from benchmarks.report import publish
 from pipeline.infra.files import Folder
-from pipeline.sae.subject import Subject, load_subject
+from pipeline.live.subject import Subject, load_subject
 
 
 class Floor(NamedTuple):

@@ -13,7 +13,7 @@ def export(
     out: Annotated[str, typer.Option("--out", help="New folder to write (must not exist or be empty).")],
 ) -> None:
     """Write a run in the layout SAELens or sparsify loads; prints the folder to load from."""
-    from pipeline.sae.export import export_run
+    from pipeline.interop.export import export_run
 
     typer.echo(export_run(run, fmt, out).url)
 
@@ -43,6 +43,6 @@ def import_(
     cache_root: Annotated[str, typer.Option(help="Root of saes/ (default run folders go there).")] = "cache",
 ) -> None:
     """Import a SAELens or sparsify SAE as a run folder (every command that takes a run takes it); prints it last."""
-    from pipeline.sae.importing import import_checkpoint
+    from pipeline.interop.importing import import_checkpoint
 
     typer.echo(import_checkpoint(source, fmt, hookpoint, model, out, force, cache_root).url)

@@ -22,7 +22,7 @@ from pipeline.extract.config import ExtractConfig
 from pipeline.extract.stage import extract
 from pipeline.fit.config import FitConfig
 from pipeline.fit.stage import fit
-from pipeline.sae.importing import import_checkpoint
+from pipeline.interop.importing import import_checkpoint
 from tests.support.caches import synthetic_cache
 from tests.support.foreign import bad_checkpoints
 

@@ -30,11 +30,11 @@ from pipeline.fit.config import FitConfig
 from pipeline.fit.stage import fit
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
+from pipeline.live.subject import load_llm, load_subject
 from pipeline.llm.hooks import replacing, run_to_layers
 from pipeline.llm.model import load_tokenizer, resolve_model
 from pipeline.llm.replay import resume, stem
 from pipeline.sae.folder import save_weights
-from pipeline.sae.subject import load_llm, load_subject
 from pipeline.sae.topk import SaeConfig, TopKSAE
 from tests.support.caches import tiny_extract_config
 

@@ -11,9 +11,9 @@ import torch
 from pipeline.fit.config import FitConfig
 from pipeline.fit.stage import fit
 from pipeline.infra.errors import UserError
-from pipeline.sae.export import export_run
+from pipeline.interop.export import export_run
+from pipeline.interop.importing import read_checkpoint
 from pipeline.sae.folder import load_sae
-from pipeline.sae.importing import read_checkpoint
 from tests.support.caches import synthetic_cache
 
 

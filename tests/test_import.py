@@ -22,12 +22,12 @@ from pipeline.extract.stage import extract
 from pipeline.fit.config import FitConfig
 from pipeline.fit.stage import fit
 from pipeline.infra.errors import UserError
+from pipeline.interop.export import export_run
+from pipeline.interop.foreign import whole
+from pipeline.interop.importing import import_checkpoint, same_model
 from pipeline.interpret.config import InterpretConfig
 from pipeline.interpret.stage import interpret
-from pipeline.sae.export import export_run
 from pipeline.sae.folder import load_sae
-from pipeline.sae.foreign import whole
-from pipeline.sae.importing import import_checkpoint, same_model
 from pipeline.steer.config import SteerConfig
 from pipeline.steer.stage import steer
 from tests.support.foreign import D, N, reference, their_tensors, write_saelens, write_sparsify

@@ -17,9 +17,9 @@ from pipeline.infra.errors import UserError
 from pipeline.interpret.explain import parse_answer
 from pipeline.interpret.splits import scoring_rows
 from pipeline.interpret.stage import interpret
+from pipeline.live.subject import load_llm
 from pipeline.llm.model import load_tokenizer, resolve_model
 from pipeline.sae.folder import load_sae
-from pipeline.sae.subject import load_llm
 from tests.support.interpret_run import icfg, train_run
 from tests.support.standin_openai import Script, standin_env
 

@@ -7,14 +7,16 @@ import ast
 from tests.support.imports import ROOT, imports_of, package_of
 
 # package -> the packages it may import (besides itself). The order of layers:
-# infra < llm < cache < sae < one package per stage < cli; stages/ sits on top of everything.
+# infra < llm < cache < sae < live, interop < one package per stage < cli; stages/ sits on top of everything.
 LOWER = {
     "infra": set(),
     "llm": {"infra"},
     "cache": {"infra", "llm"},
     "sae": {"infra", "llm", "cache"},
+    "live": {"infra", "llm", "cache", "sae"},  # an SAE inside the running LLM
+    "interop": {"infra", "llm", "cache", "sae"},  # SAELens / sparsify formats
 }
-STAGE_BASE = {"infra", "llm", "cache", "sae"}
+STAGE_BASE = {"infra", "llm", "cache", "sae", "live", "interop"}
 ALLOWED = {
     **LOWER,
     "extract": STAGE_BASE,

@@ -17,9 +17,9 @@ from pipeline.extract.stage import extract
 from pipeline.fit.config import FitConfig
 from pipeline.fit.stage import fit
 from pipeline.infra.errors import UserError
+from pipeline.live.routing import route_choice
+from pipeline.live.subject import load_llm, load_subject
 from pipeline.llm.hooks import replace_input, replacing
-from pipeline.sae.routing import route_choice
-from pipeline.sae.subject import load_llm, load_subject
 from pipeline.sae.topk import SaeConfig, TopKSAE
 from pipeline.steer.config import SteerConfig
 from pipeline.steer.edits import Edit, Positions, parse_edit

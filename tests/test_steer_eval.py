@@ -20,11 +20,11 @@ from pipeline.extract.stage import extract
 from pipeline.fit.config import FitConfig
 from pipeline.fit.stage import fit
 from pipeline.infra.errors import UserError
+from pipeline.live import logits as logits_module
+from pipeline.live.logits import logit_effects, output_scores
+from pipeline.live.subject import load_cache_tokenizer, load_llm, load_subject
 from pipeline.llm.hooks import replace_input
 from pipeline.llm.unembed import unembedding
-from pipeline.sae import logits as logits_module
-from pipeline.sae.logits import logit_effects, output_scores
-from pipeline.sae.subject import load_cache_tokenizer, load_llm, load_subject
 from pipeline.sae.topk import Latents, TopKSAE
 from pipeline.steer.config import SteerConfig
 from pipeline.steer.dose import Bench, Setting, held_out_cost

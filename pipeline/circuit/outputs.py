@@ -29,7 +29,7 @@ from torch import Tensor
 from pipeline.circuit.measures import Score
 from pipeline.infra.console import Stopwatch
 from pipeline.infra.files import Folder
-from pipeline.sae.subject import Subject
+from pipeline.live.subject import Subject
 
 GOOD = 0.8  # faithfulness a circuit must reach to be chosen for being small
 TOP_TOKENS = 5  # top-activating tokens shown per latent

@@ -27,8 +27,8 @@ from pipeline.infra.device import resolve_device
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
 from pipeline.infra.receipts import file_digest
+from pipeline.live.subject import Subject, load_llm, load_subject
 from pipeline.llm.model import load_tokenizer, resolve_model
-from pipeline.sae.subject import Subject, load_llm, load_subject
 from pipeline.sae.topk import TopKSAE
 
 PARTS = ("train", "val", "test")

@@ -20,11 +20,11 @@ from pipeline.infra.console import progress_bar, say
 from pipeline.infra.device import DTYPES, resolve_device
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
+from pipeline.live.routing import route_choice
+from pipeline.live.subject import Subject, load_llm, load_subject
 from pipeline.llm.divergence import kl_sum, log_probs, next_token_ce_sum, reference
 from pipeline.sae.quality import Reconstruction
 from pipeline.sae.route import RouteSAE
-from pipeline.sae.routing import route_choice
-from pipeline.sae.subject import Subject, load_llm, load_subject
 from pipeline.sae.topk import SaeOutput
 
 FAST_BATCH = 4096  # held-out rows per SAE forward

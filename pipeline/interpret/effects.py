@@ -4,7 +4,7 @@
   suppresses / suppresses_logit  the 10 it lowers most
   output_score                   (1 - best_rank / |V|) * max_prob of the top-20 promoted tokens when
                                  the feature is pushed at the end of a neutral prompt (live latents only)
-Definitions: :mod:`pipeline.sae.logits`.
+Definitions: :mod:`pipeline.live.logits`.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from __future__ import annotations
 import pyarrow as pa
 import torch
 
+from pipeline.live.logits import feature_output_scores, logit_effects
+from pipeline.live.subject import Subject, load_cache_tokenizer, load_llm
 from pipeline.llm.unembed import unembedding
-from pipeline.sae.logits import feature_output_scores, logit_effects
 from pipeline.sae.route import core_sae
-from pipeline.sae.subject import Subject, load_cache_tokenizer, load_llm
 
 TOP = 10  # promoted and suppressed tokens kept per feature
 

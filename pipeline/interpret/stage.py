@@ -55,7 +55,7 @@ from pipeline.interpret.protocol import ProtocolSettings, apply_protocol
 from pipeline.interpret.report import render_report
 from pipeline.interpret.splits import ScoringPlan, scoring_rows, select_tests, window_columns
 from pipeline.interpret.stats import METRICS
-from pipeline.sae.subject import Subject, load_cache_tokenizer, load_subject
+from pipeline.live.subject import Subject, load_cache_tokenizer, load_subject
 
 
 def interpret(cfg: InterpretConfig) -> dict[str, Any]:

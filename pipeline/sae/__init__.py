@@ -1,2 +1,2 @@
-"""Sparse autoencoders: the TopK SAE and RouteSAE modules, their fused kernels, the run folder
-(cfg.json + sae.safetensors), loading a run with its cache for downstream stages, and export."""
+"""Sparse autoencoders and nothing else: the TopK SAE and RouteSAE modules, the inference-only dense SAEs,
+their fused kernels, reconstruction quality and the run folder (cfg.json + sae.safetensors)."""

@@ -22,16 +22,16 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.infra.console import progress_bar
+from pipeline.live.subject import Subject
 from pipeline.llm.divergence import ce_per_position, kl_sum, log_probs, reference
 from pipeline.llm.hooks import run_to_layers
 from pipeline.sae.route import RouteSAE
-from pipeline.sae.subject import Subject
 from pipeline.sae.topk import Latents, TopKSAE
 from pipeline.steer.edits import Edit, Positions
 from pipeline.steer.generation import generate
 from pipeline.steer.intervene import Target, routed_generate, routed_logits, steering
 
-# Generations start here; none overlaps SCORE_PROMPT (pipeline/sae/logits.py), where features are selected.
+# Generations start here; none overlaps SCORE_PROMPT (pipeline/live/logits.py), where features are selected.
 NEUTRAL_PROMPTS = ("The most important thing is", "Once upon a time,", "Here is what happened:")
 
 

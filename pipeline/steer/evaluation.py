@@ -18,8 +18,8 @@ from pipeline.infra.chat import ClientSettings
 from pipeline.infra.console import Stopwatch, say
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
+from pipeline.live.logits import SCORE_PROMPT, feature_output_scores, logit_effects
 from pipeline.llm.unembed import unembedding
-from pipeline.sae.logits import SCORE_PROMPT, feature_output_scores, logit_effects
 from pipeline.steer.config import SteerConfig
 from pipeline.steer.dose import NEUTRAL_PROMPTS, Bench, Setting, generation_effect, held_out_cost
 from pipeline.steer.generation import check_length

@@ -37,9 +37,9 @@ from torch import Tensor, nn
 
 from pipeline.cache.normalize import Normalizer
 from pipeline.infra.errors import UserError
+from pipeline.live.routing import route_choice
 from pipeline.llm.hooks import replace_input, replacing
 from pipeline.sae.route import RouteSAE
-from pipeline.sae.routing import route_choice
 from pipeline.sae.topk import Latents, TopKSAE
 from pipeline.steer.edits import Edit, Positions
 

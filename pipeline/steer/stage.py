@@ -15,8 +15,8 @@ from torch import nn
 from pipeline.infra.device import resolve_device
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
+from pipeline.live.subject import Subject, load_cache_tokenizer, load_llm, load_subject
 from pipeline.sae.route import RouteSAE, core_sae
-from pipeline.sae.subject import Subject, load_cache_tokenizer, load_llm, load_subject
 from pipeline.sae.topk import TopKSAE
 from pipeline.steer.config import SteerConfig
 from pipeline.steer.edits import Positions, parse_edit

@@ -1,5 +1,5 @@
 """A run together with the cache it was trained on, checked to belong together (an imported run:
-the cache it is given, read through :mod:`pipeline.sae.borrowed`)."""
+the cache it is given, read through :mod:`pipeline.live.borrowed`)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pipeline.cache.reader import ActivationCache
 from pipeline.infra.device import resolve_dtype
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
+from pipeline.live.borrowed import Borrowed, ModelOnly
 from pipeline.llm.model import find_blocks, fingerprint_model, load_model, load_tokenizer, resolve_model
-from pipeline.sae.borrowed import Borrowed, ModelOnly
 from pipeline.sae.folder import load_sae
 from pipeline.sae.route import RouteSAE
 from pipeline.sae.topk import TopKSAE

@@ -26,12 +26,12 @@ from pipeline.cache.normalize import LAYER_NORM
 from pipeline.infra.console import say
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder, Memo
+from pipeline.interop.foreign import Foreign, read_json
+from pipeline.interop.saelens import is_saelens, read_saelens
+from pipeline.interop.saelens_fields import CENTRE, REGISTRY_CENTRED, TL_LAYER_NORM
+from pipeline.interop.sparsify import BLOCK_OUTPUT, EMBEDDINGS, is_sparsify, read_sparsify
 from pipeline.llm.model import BUILTIN_MODELS, ModelSource, fingerprint_model, model_shape, resolve_model
 from pipeline.sae.folder import read_cfg, save_weights, write_cfg
-from pipeline.sae.foreign import Foreign, read_json
-from pipeline.sae.saelens import is_saelens, read_saelens
-from pipeline.sae.saelens_fields import CENTRE, REGISTRY_CENTRED, TL_LAYER_NORM
-from pipeline.sae.sparsify import BLOCK_OUTPUT, EMBEDDINGS, is_sparsify, read_sparsify
 
 FORMATS = ("auto", "saelens", "sparsify")
 

@@ -19,8 +19,8 @@ Conventions and how they map (exactly, or refused):
   e.g. ``standardize`` with eps 1e-6, which SAELens approximates by ``layer_norm``): read back as it was.
 * ``model_from_pretrained_kwargs.center_writing_weights``: TransformerLens then centres every write to the
   residual stream of a LayerNorm model, so the SAE reads x - mean(x); mapped to our ``center`` flag
-  (pipeline.sae.importing decides it against the model, which SAELens's config does not describe).
-* Every other field is in exactly one table of :mod:`pipeline.sae.saelens_fields` (applied here, or shown
+  (pipeline.interop.importing decides it against the model, which SAELens's config does not describe).
+* Every other field is in exactly one table of :mod:`pipeline.interop.saelens_fields` (applied here, or shown
   not to change what the SAE computes); a field in none of them is refused.
 """
 
@@ -34,8 +34,8 @@ import torch
 
 from pipeline.cache.normalize import LAYER_NORM, Normalizer
 from pipeline.infra.errors import UserError
-from pipeline.sae.foreign import Foreign, check_arch, check_fields, check_tensors, load_tensors, read_json, whole
-from pipeline.sae.saelens_fields import APPLIED, CENTRE, KNOWN, OWN, SAME_STREAM
+from pipeline.interop.foreign import Foreign, check_arch, check_fields, check_tensors, load_tensors, read_json, whole
+from pipeline.interop.saelens_fields import APPLIED, CENTRE, KNOWN, OWN, SAME_STREAM
 from pipeline.sae.topk import SaeConfig
 
 CFG, WEIGHTS, SCALER = "cfg.json", "sae_weights.safetensors", "activation_scaler.json"

@@ -1,6 +1,6 @@
 """A checkpoint of another library, read into sae-pipe's conventions (the shared half of import).
 
-:mod:`pipeline.sae.saelens` and :mod:`pipeline.sae.sparsify` each turn their folder into a
+:mod:`pipeline.interop.saelens` and :mod:`pipeline.interop.sparsify` each turn their folder into a
 :class:`Foreign`: tensors renamed and laid out as our SAE modules hold them (``W_enc (N, D)``,
 ``W_dec (N, D)``), conventions mapped (with a note for each), the hook translated to our layer index.
 Here: loading safetensors safely, checking the tensors, the config's numbers and its field names
@@ -41,7 +41,7 @@ class Foreign:
     context_size: int | None = None  # tokens per training sequence, when stated
     notes: list[str] = field(default_factory=list)  # every convention mapped, in words
     centred: bool | None = False  # SAELens: read from a TransformerLens model with centred writing weights
-    # (None: a pre-6 config that does not say); resolved against the model by pipeline.sae.importing
+    # (None: a pre-6 config that does not say); resolved against the model by pipeline.interop.importing
     dtype: str | None = None  # the dtype the checkpoint states it computes in (ours: float32)
 
     @property

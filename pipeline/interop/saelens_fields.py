@@ -2,7 +2,7 @@
 
 Read from sae-lens 6.54.12 (its SAEConfig, architecture and training configs, SAEMetadata, and the runner
 fields that versions before 6 saved flat into cfg.json) and transformer-lens 3.9.0 (the model keywords).
-A field in no table is refused by :func:`pipeline.sae.saelens.read_saelens`: it could change what the SAE
+A field in no table is refused by :func:`pipeline.interop.saelens.read_saelens`: it could change what the SAE
 computes.
 """
 

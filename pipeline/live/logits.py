@@ -23,9 +23,9 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.cache.normalize import Normalizer
+from pipeline.live.routing import route_choice
 from pipeline.llm.hooks import replace_input
 from pipeline.sae.route import RouteSAE, core_sae
-from pipeline.sae.routing import route_choice
 from pipeline.sae.topk import TopKSAE
 
 SCORE_TOKENS = 20  # promoted tokens an output score looks at (the published recipe's number)

@@ -1,5 +1,5 @@
-"""Writing a run in the folder layouts SAELens and sparsify load (their conventions: :mod:`pipeline.sae.saelens`,
-:mod:`pipeline.sae.sparsify`; reading them back is `sae-pipe import`).
+"""Writing a run in the folder layouts SAELens and sparsify load (their conventions: :mod:`pipeline.interop.saelens`,
+:mod:`pipeline.interop.sparsify`; reading them back is `sae-pipe import`).
 
 * ``saelens``: ``cfg.json`` + ``sae_weights.safetensors``; loads with ``sae_lens.SAE.load_from_disk``. TopK
   and the imported relu / jumprelu / gated SAEs. Per-token standardization maps to ``normalize_activations:
@@ -22,11 +22,11 @@ from safetensors.torch import save_file
 
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
+from pipeline.interop.saelens import OWN, saelens_files
+from pipeline.interop.saelens import WEIGHTS as SAELENS_WEIGHTS
+from pipeline.interop.sparsify import WEIGHTS as SPARSIFY_WEIGHTS
+from pipeline.interop.sparsify import sparsify_files
 from pipeline.sae.folder import load_sae
-from pipeline.sae.saelens import OWN, saelens_files
-from pipeline.sae.saelens import WEIGHTS as SAELENS_WEIGHTS
-from pipeline.sae.sparsify import WEIGHTS as SPARSIFY_WEIGHTS
-from pipeline.sae.sparsify import sparsify_files
 from pipeline.sae.topk import TopKSAE
 
 FORMATS = ("saelens", "sparsify")
