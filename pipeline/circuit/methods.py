@@ -56,7 +56,7 @@ class Lens(NamedTuple):
         return logit_diff(self.model, self.blocks, self.sites, "clean", batch, masking)
 
     def ones(self) -> list[Tensor]:
-        return [torch.ones(s.sae.cfg.n_latents, device=s.sae.W_dec.device) for s in self.sites]
+        return [torch.ones(s.sae.cfg.n_latents, device=s.sae.device) for s in self.sites]
 
 
 def train_masks(

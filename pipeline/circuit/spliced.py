@@ -108,23 +108,16 @@ def position_keep(keep: Tensor, real: Tensor) -> Tensor:
     return keep[rows[:, None].expand_as(real)[real]]  # (M, N)
 
 
-def dense_code(sae: TopKSAE, x: Tensor) -> Tensor:
-    """The SAE's TopK code of ``x`` (M, D) as a dense (M, N) tensor, differentiable in x."""
-    pre = torch.addmm(sae.b_enc, x - sae.b_dec, sae.W_enc.t()).relu()  # (M, N)
-    acts, indices = pre.topk(sae.cfg.k, dim=-1)  # (M, k)
-    return torch.zeros_like(pre).scatter(-1, indices, acts)
-
-
 def _site_edit(site: Site, real: Tensor, keep: Tensor | None, ablate: Tensor | None, record: list[Tensor]) -> Any:
     def edit(h: Tensor) -> Tensor:  # (B, T, D)
         x, (_, scale) = site.normalizer.normalize(h[real], site.layer)  # (M, D), scale (M, 1) or ()
-        z = dense_code(site.sae, x)  # (M, N)
+        z = site.sae.dense_code(x)  # (M, N)
         record.append(z)
         if keep is None or ablate is None:
             return h
         change = (1 - position_keep(keep, real)) * (ablate - z)  # (M, N): z' - z
         out = h.clone()
-        out[real] = (h[real].float() + (change @ site.sae.W_dec) * scale).to(h.dtype)
+        out[real] = (h[real].float() + site.sae.write(change) * scale).to(h.dtype)
         return out
 
     return edit
@@ -189,7 +182,7 @@ def ablation_values(
 ) -> list[Tensor]:
     """Per site (N,): each latent's mean over the real positions of the train patch prompts, or zeros."""
     if how == "zero":
-        return [torch.zeros(s.sae.cfg.n_latents, device=s.sae.W_dec.device) for s in sites]
+        return [torch.zeros(s.sae.cfg.n_latents, device=s.sae.device) for s in sites]
     record: list[list[Tensor]] = [[] for _ in sites]
     for batch in train:
         logit_diff(model, blocks, sites, "patch", batch, None, record)

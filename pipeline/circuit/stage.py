@@ -112,7 +112,7 @@ class Split(NamedTuple):
 
 def prepare(cfg: CircuitConfig, pairs: list[Pair], seed: int, spliced: Lens, special: set[int]) -> Split:
     """The split of ``pairs`` drawn by ``seed``, batched, with its ablation values and ends."""
-    device = spliced.sites[0].sae.W_dec.device
+    device = spliced.sites[0].sae.device
     train, val, test = (
         batches(part, cfg.batch_size, special, device) for part in split(pairs, cfg.val_share, cfg.test_share, seed)
     )
@@ -192,7 +192,7 @@ def masks(cfg: CircuitConfig, part: Split) -> list[Found]:
     """The mask method's circuits, one per lambda, trained together on ``part``'s train pairs."""
     lams = sorted(cfg.lambdas)
     train = part.ends["train"]
-    targets = list(train.full.to(part.lens.sites[0].sae.W_dec.device).split([len(b.clean) for b in part.train]))
+    targets = list(train.full.to(part.lens.sites[0].sae.device).split([len(b.clean) for b in part.train]))
     hyper = MaskHyper(cfg.steps, cfg.lr, cfg.t_max)
     trained = train_masks(part.lens, part.train, targets, train.gap, lams, hyper, part.seed)
     return [judged(part, "mask", lam, [m > 0 for m in logits], logits) for lam, logits in zip(lams, trained)]

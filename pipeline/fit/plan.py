@@ -24,7 +24,8 @@ from pipeline.infra.files import Folder
 from pipeline.infra.params import coerce
 from pipeline.llm.layers import layer_span, parse_layers, route_range
 from pipeline.sae.folder import read_cfg
-from pipeline.sae.topk import INFERENCE_ONLY, TRAINABLE, SaeConfig
+from pipeline.sae.interface import inference_only_archs, trainable_archs
+from pipeline.sae.topk import SaeConfig
 
 
 @dataclass
@@ -66,10 +67,10 @@ def parse_sweep(items: list[str]) -> dict[str, list[str]]:
 
 def plan_run(cfg: FitConfig, cache: ActivationCache) -> RunPlan:
     """Resolve layers and sizes, check them against the cache, and name the run folder."""
-    if cfg.arch in INFERENCE_ONLY:
+    if cfg.arch in inference_only_archs():
         raise UserError(
             f"--arch {cfg.arch} is inference-only here (SAEs brought in with `sae-pipe import`); "
-            f"fit trains {' or '.join(TRAINABLE)}."
+            f"fit trains {' or '.join(trainable_archs())}."
         )
     layers = _layers(cfg, cache)
     d_in = cache.d_model

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import io
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -20,9 +20,10 @@ from pipeline.fit.optim import lr_factor, make_optimizer, param_groups
 from pipeline.fit.state import TrainingState, load_state, save_state
 from pipeline.infra.distributed import Ranks
 from pipeline.infra.files import Folder
+from pipeline.sae.interface import build_sae
 from pipeline.sae.kernels import aux_decode, select_topk
 from pipeline.sae.quality import Reconstruction
-from pipeline.sae.route import RouteSAE, build_sae, core_sae
+from pipeline.sae.route import RouteSAE, core_sae
 from pipeline.sae.topk import SaeConfig, SaeOutput, TopKSAE
 
 REFERENCE_RENORM = 100  # the RouteSAE reference renormalizes decoder columns every 100 batches (its --steps)
@@ -58,7 +59,7 @@ def make_member(
 ) -> Member:
     """A freshly initialized member (seeded), or the member restored from its training state."""
     generator = torch.Generator().manual_seed(settings.seed)
-    model = build_sae(sae_cfg, generator).to(device).train()
+    model = cast(TopKSAE | RouteSAE, build_sae(sae_cfg, generator).to(device).train())  # what fit trains
     # sae-pipe keeps decoder rows on the unit sphere every step (tangent gradients + renormalization); the
     # reference recipe lets them drift and renormalizes every REFERENCE_RENORM steps, as its code does
     core_sae(model).tangent_decoder_grad = settings.recipe != "reference"

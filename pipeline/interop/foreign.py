@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from pipeline.cache.normalize import Normalizer
 from pipeline.infra.errors import UserError
-from pipeline.sae.route import build_sae
+from pipeline.sae.interface import build_sae
 from pipeline.sae.topk import SaeConfig, TopKSAE
 
 PICKLES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")

@@ -15,7 +15,6 @@ import torch
 from pipeline.live.logits import feature_output_scores, logit_effects
 from pipeline.live.subject import Subject, load_cache_tokenizer, load_llm
 from pipeline.llm.unembed import unembedding
-from pipeline.sae.route import core_sae
 
 TOP = 10  # promoted and suppressed tokens kept per feature
 
@@ -35,7 +34,7 @@ def effect_columns(s: Subject, features: pa.Table) -> dict[str, dict[int, object
     model, blocks = load_llm(s.cache, device)
     tokenizer = load_cache_tokenizer(s.cache)
     w_u = unembedding(model).to(device)  # (V, D)
-    effects = logit_effects(core_sae(s.sae).W_dec, w_u, TOP)
+    effects = logit_effects(s.sae.directions(), w_u, TOP)
     words = {int(t): tokenizer.decode([int(t)]) for t in torch.cat([effects.top_ids, effects.bottom_ids]).unique()}
     data = features.select(["latent", "max_act"]).to_pydict()
     a_max = {int(i): float(m) for i, m in zip(data["latent"], data["max_act"]) if m > 0}

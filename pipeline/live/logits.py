@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from pipeline.cache.normalize import Normalizer
 from pipeline.live.routing import route_choice
 from pipeline.llm.hooks import replace_input
-from pipeline.sae.route import RouteSAE, core_sae
+from pipeline.sae.route import RouteSAE
 from pipeline.sae.topk import TopKSAE
 
 SCORE_TOKENS = 20  # promoted tokens an output score looks at (the published recipe's number)
@@ -126,7 +126,7 @@ def feature_output_scores(
     if isinstance(sae, RouteSAE):
         choice, weight = route_choice(model, blocks, sae, normalizer, ids[None])  # (1, T), (1, T)
         layer, gain = sae.cfg.layers[int(choice[0, -1])], 1 / float(weight[0, -1])
-    directions = core_sae(sae).W_dec[torch.tensor(latents, device=w_u.device)]  # (F, D)
+    directions = sae.directions(latents)  # (F, D)
     promoted = logit_effects(directions, w_u, SCORE_TOKENS).top_ids.to(w_u.device)  # (F, 20)
     push = torch.tensor([gain * SCORE_PUSH * a_max.get(i, 1.0) for i in latents], device=w_u.device)  # (F,)
     return output_scores(model, blocks[layer], ids, directions, promoted, push, normalizer, layer)

@@ -18,9 +18,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from pipeline.sae.interface import register
 from pipeline.sae.topk import Latents, SaeConfig, TopKSAE, pack
 
 
+@register("relu")
 class ReluSAE(TopKSAE):
     """SAELens ``standard``: a ReLU encoder."""
 
@@ -38,7 +40,11 @@ class ReluSAE(TopKSAE):
         """Every active latent of ``x`` (B, D) (or its k largest, or those above ``theta``)."""
         return pack(self.code(x), k, theta)
 
+    def dense_code(self, x: Tensor) -> Tensor:
+        return self.code(x)
 
+
+@register("jumprelu")
 class JumpReluSAE(ReluSAE):
     """SAELens ``jumprelu``: a latent fires only above its own threshold."""
 
@@ -51,6 +57,7 @@ class JumpReluSAE(ReluSAE):
         return pre.relu() * (pre > self.threshold)
 
 
+@register("gated")
 class GatedSAE(ReluSAE):
     """SAELens ``gated``: a gate path (sign of ``pre``) times a magnitude path sharing W_enc's directions."""
 
@@ -64,6 +71,3 @@ class GatedSAE(ReluSAE):
         gate = torch.addmm(self.b_enc, centered, self.W_enc.t()) > 0  # (B, N)
         w_mag = self.W_enc * self.r_mag.exp()[:, None]  # (N, D)
         return gate * torch.addmm(self.b_mag, centered, w_mag.t()).relu()
-
-
-DENSE_SAES: dict[str, type[ReluSAE]] = {"relu": ReluSAE, "jumprelu": JumpReluSAE, "gated": GatedSAE}

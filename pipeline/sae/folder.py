@@ -8,7 +8,7 @@ Loads use safetensors and JSON only, never pickle.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -17,7 +17,8 @@ from torch import nn
 from pipeline.cache.manifest import check_format
 from pipeline.infra.errors import CorruptError, UserError
 from pipeline.infra.files import Folder
-from pipeline.sae.route import RouteSAE, build_sae
+from pipeline.sae.interface import build_sae
+from pipeline.sae.route import RouteSAE
 from pipeline.sae.topk import SaeConfig, TopKSAE
 
 RUN_FORMAT = "sae-pipe/sae"
@@ -61,7 +62,7 @@ def load_sae(where: str | Folder, device: torch.device | str = "cpu") -> tuple[T
         )
     if not folder.exists("sae.safetensors"):
         raise UserError(f"run {folder.url} has no sae.safetensors; re-run `sae-pipe fit` for it.")
-    model = build_sae(SaeConfig(**cfg["sae"]), device=device)
+    model = cast(TopKSAE | RouteSAE, build_sae(SaeConfig(**cfg["sae"]), device=device))  # every arch is one
     try:
         model.load_state_dict(load_file(str(folder.local() / "sae.safetensors"), device=str(device)))
     except (RuntimeError, OSError, ValueError) as err:

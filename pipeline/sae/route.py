@@ -7,14 +7,17 @@ weights pick the input: ``hard`` routing feeds the top layer's activation times 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
-from pipeline.sae.dense import DENSE_SAES
+from pipeline.sae.interface import SAE, register
 from pipeline.sae.topk import Latents, SaeConfig, SaeOutput, TopKSAE
 
 
-class RouteSAE(nn.Module):
+@register("route", trainable=True)
+class RouteSAE(SAE):
     """A layer router plus a shared TopK SAE."""
 
     def __init__(
@@ -55,6 +58,13 @@ class RouteSAE(nn.Module):
         latents = self.sae.encode(x, k, theta, low_precision)
         return SaeOutput(x, self.sae.decode(latents), latents, weights, choice)
 
+    def dense_code(self, x: Tensor) -> Tensor:
+        """The dense code of an already routed input (M, D)."""
+        return self.sae.dense_code(x)
+
+    def directions(self, latents: Sequence[int] | Tensor | None = None) -> Tensor:
+        return self.sae.directions(latents)
+
     def normalize_decoder(self) -> None:
         self.sae.normalize_decoder()
 
@@ -62,12 +72,3 @@ class RouteSAE(nn.Module):
 def core_sae(model: TopKSAE | RouteSAE) -> TopKSAE:
     """The TopK SAE inside a model: the model itself, or a RouteSAE's shared SAE."""
     return model.sae if isinstance(model, RouteSAE) else model
-
-
-def build_sae(
-    cfg: SaeConfig, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
-) -> TopKSAE | RouteSAE:
-    """The module for ``cfg.arch``."""
-    if cfg.arch == "route":
-        return RouteSAE(cfg, generator, device)
-    return DENSE_SAES.get(cfg.arch, TopKSAE)(cfg, generator, device)

@@ -9,6 +9,7 @@ Decoder rows (dictionary atoms, ``W_dec[i]``) have unit norm. Training uses the 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
@@ -16,11 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.infra.errors import UserError
+from pipeline.sae.interface import REGISTRY, SAE, inference_only_archs, register
 from pipeline.sae.kernels import Encoder, SparseDecode, TopKEncode
-
-TRAINABLE = ("topk", "route")  # what `fit` trains
-INFERENCE_ONLY = ("relu", "jumprelu", "gated")  # imported SAEs (pipeline.sae.dense): no top-k, k = 0
-ARCHS = TRAINABLE + INFERENCE_ONLY
 
 
 @dataclass
@@ -36,9 +34,9 @@ class SaeConfig:
     aggregate: str = "sum"  # route: router input is the sum | mean of the routed layers
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
-            raise UserError(f"unknown architecture {self.arch!r}; use one of {', '.join(ARCHS)}.")
-        if self.arch in INFERENCE_ONLY:
+        if self.arch not in REGISTRY:
+            raise UserError(f"unknown architecture {self.arch!r}; use one of {', '.join(REGISTRY)}.")
+        if self.arch in inference_only_archs():
             if self.k != 0:
                 raise UserError(f"a {self.arch} SAE has no top-k: its k must be 0 (got {self.k}).")
         elif not 0 < self.k < self.n_latents:
@@ -77,7 +75,8 @@ class SaeOutput(NamedTuple):
     layer_choice: Tensor | None  # (B,) RouteSAE hard routing: index into cfg.layers, else None
 
 
-class TopKSAE(nn.Module):
+@register("topk", trainable=True)
+class TopKSAE(SAE):
     """Encoder, decoder and biases of one TopK SAE."""
 
     def __init__(
@@ -107,6 +106,18 @@ class TopKSAE(nn.Module):
         (kernels.select_topk), with their exact activations."""
         acts, indices = TopKEncode.apply(x, self.W_enc, self.b_enc, self.b_dec, chosen.shape[1], False, chosen)
         return Latents(acts, indices)
+
+    def dense_code(self, x: Tensor) -> Tensor:
+        """The top-k code of ``x`` (M, D) as a dense (M, N) tensor, differentiable in x."""
+        pre = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc.t()).relu()  # (M, N)
+        acts, indices = pre.topk(self.cfg.k, dim=-1)  # (M, k)
+        return torch.zeros_like(pre).scatter(-1, indices, acts)
+
+    def directions(self, latents: Sequence[int] | Tensor | None = None) -> Tensor:
+        """Decoder rows (F, D): each latent's unit write direction."""
+        if latents is None:
+            return self.W_dec
+        return self.W_dec[torch.as_tensor(latents, device=self.W_dec.device)]
 
     def encoder(self) -> Encoder:
         """What a shared top-k selection needs of this SAE."""

@@ -211,7 +211,7 @@ def make_bench(
     prompts = [session.tokenizer(p, return_tensors="pt").input_ids.to(session.device) for p in texts]
     for ids in prompts:
         check_length(session.model, ids.shape[1] + cfg.max_new_tokens)
-    directions = session.sae.W_dec[torch.tensor(features, device=session.device)]  # (F, D)
+    directions = session.sae.directions(features)  # (F, D)
     promoted = logit_effects(directions, w_u, PROMOTED).top_ids.to(session.device)  # (F, 10)
     return Bench(
         subject=session.subject,

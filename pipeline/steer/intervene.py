@@ -89,7 +89,7 @@ def code_change(target: Target, latents: Latents) -> Tensor:
     for edit in target.edits:
         old = (latents.acts * (latents.indices == edit.latent)).sum(-1)  # (M,)
         new = edit.new_value(old, target.a_max.get(edit.latent, 1.0))  # (M,)
-        change += (new - old)[:, None] * sae.W_dec[edit.latent]
+        change += (new - old)[:, None] * sae.directions([edit.latent])
     return change
 
 
