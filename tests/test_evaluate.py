@@ -14,13 +14,13 @@ from pipeline.cache.normalize import Normalizer
 from pipeline.cache.reader import ActivationCache
 from pipeline.evaluate.compare import find_runs
 from pipeline.evaluate.config import EvaluateConfig
-from pipeline.evaluate.splice import route_edits
 from pipeline.evaluate.stage import evaluate
 from pipeline.extract.stage import extract
 from pipeline.fit.config import FitConfig
 from pipeline.fit.stage import fit
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
+from pipeline.live.splice import route_edits
 from pipeline.llm.hooks import replace_input
 from pipeline.llm.model import find_blocks
 from pipeline.sae.folder import save_weights
@@ -269,7 +269,7 @@ def test_n_runs_cost_one_forward_below_the_layer_and_two_plus_n_above(
 
 def test_a_model_replay_cannot_rebuild_runs_whole_forwards(tiny_llama: Path) -> None:
     """Logits that are not head(final norm(h)) (here scaled, as a soft-capped model's are) fail the check."""
-    from pipeline.evaluate.splice import replays_exactly
+    from pipeline.live.splice import replays_exactly
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     ids = torch.randint(1, 500, (2, 16))

@@ -12,12 +12,12 @@ from typer.testing import CliRunner
 
 from pipeline.cache.normalize import Normalizer
 from pipeline.cli import app
-from pipeline.evaluate.splice import logits_with, topk_edits
 from pipeline.extract.stage import extract
 from pipeline.fit.config import FitConfig
 from pipeline.fit.stage import fit
 from pipeline.infra.errors import UserError
 from pipeline.live.routing import route_choice
+from pipeline.live.splice import logits_with, topk_edits
 from pipeline.live.subject import load_llm, load_subject
 from pipeline.llm.hooks import replace_input, replacing
 from pipeline.sae.topk import SaeConfig, TopKSAE

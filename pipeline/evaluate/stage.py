@@ -15,12 +15,12 @@ import torch
 
 from pipeline.evaluate.config import METRICS, OPT_IN, SPLICES, EvaluateConfig
 from pipeline.evaluate.metrics import DEFINITIONS, ce_recovered
-from pipeline.evaluate.splice import Branches, replays_exactly, route_edits, topk_edits, zero_edits
 from pipeline.infra.console import progress_bar, say
 from pipeline.infra.device import DTYPES, resolve_device
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
 from pipeline.live.routing import route_choice
+from pipeline.live.splice import Branches, replays_exactly, route_edits, topk_edits, zero_edits
 from pipeline.live.subject import Subject, load_llm, load_subject
 from pipeline.llm.divergence import kl_sum, log_probs, next_token_ce_sum, reference
 from pipeline.sae.quality import Reconstruction

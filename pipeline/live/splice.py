@@ -1,4 +1,4 @@
-"""Splicing an SAE into the LLM: replace the residual stream at its layer with the reconstruction.
+"""Splicing an SAE into the running LLM: replace the residual stream at its layer with the reconstruction.
 
 The live activation is normalized exactly as the cache was (per-token statistics for
 ``standardize``, the cache's factor for ``scale``), encoded, decoded and de-normalized. Only real
