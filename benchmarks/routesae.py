@@ -1,15 +1,18 @@
-"""The RouteSAE paper's comparison, scaled to this machine: single-layer TopK SAEs at three layers
-against RouteSAE variants over layers 7..22 of SmolLM2, at equal latents and k.
+"""The RouteSAE paper's comparison, scaled to this machine: single-layer TopK SAEs against RouteSAEs over
+layers 7..22 of SmolLM2, at equal latents, k and training tokens.
 
-    python -m benchmarks.routesae                    # whole built-in corpus, 2M training tokens
-    python -m benchmarks.routesae --tokens 400000 --write
-    python -m benchmarks.routesae --cache CACHE --balance 0.01 0.05 --write   # an existing 7..22 cache
+    python -m benchmarks.routesae                    # whole built-in corpus, 2M training tokens per SAE
+    python -m benchmarks.routesae --extract-tokens 120000 --tokens 400000 --write
+    python -m benchmarks.routesae --cache CACHE --router-lr 5e-4 1e-3 --seeds 0 1 --topk-layers 14
 
-Variants: TopK at layers 7, 14, 22 (one sweep, one read); RouteSAE with the reference's start (b_dec
-at zero, sae-pipe's default now), with sae-pipe's old start (b_dec at the first batch's unrouted mean)
-and with the opt-in load-balancing loss. Every run is evaluated on held-out rows (NMSE, dead share,
-dense latents, routing shares) and spliced into the model (KL per token, CE recovered). Explanation
-scores need an API key and are not run here. Never run inside the tests.
+Variants, each a sweep from one read of the cache: TopK at --topk-layers (7, 14, 22); RouteSAE at
+sae-pipe's recipe, one member per router rate (--router-lr, 0 = the default, fit.optim.ROUTER_LR) and seed;
+RouteSAE with `--recipe reference` (the paper's training), one member per seed; optionally the opt-in
+load-balancing loss (--balance). Per run: the top layer's share of the training batches over training (from
+log.csv), and over all held-out rows NMSE, FVU, dead share, live features and routing shares; KL per token
+and CE recovered with the SAE spliced in over --kl-tokens held-out tokens (0 = skip). Run folders stay in
+--out, so a second call with the same settings only evaluates. Explanation scores need an API key and are
+not run here. Never run inside the tests.
 """
 
 from __future__ import annotations
@@ -19,9 +22,8 @@ import os
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import argparse
-import contextlib
-import tempfile
-from collections.abc import Iterator
+import csv
+import json
 from pathlib import Path
 from typing import Any
 
@@ -33,62 +35,84 @@ from pipeline.evaluate.config import EvaluateConfig
 from pipeline.evaluate.stage import evaluate
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.stage import extract
-from pipeline.fit import stage as fit_stage
 from pipeline.fit.config import FitConfig
 from pipeline.fit.stage import fit
-from pipeline.fit.train import Member
-from pipeline.sae.route import core_sae
+
+POINTS = (0.1, 0.25, 0.5, 1.0)  # shares of training at which the routing is reported
 
 
-@contextlib.contextmanager
-def old_start() -> Iterator[None]:
-    """sae-pipe's start before issue 14: b_dec at the first batch's unweighted mean over routed layers."""
-    real = fit_stage.init_pre_bias
-
-    def mean_start(member: Member, x: torch.Tensor) -> None:
-        with torch.no_grad():
-            core_sae(member.model).b_dec.copy_(x.mean(dim=1).mean(dim=0))
-
-    fit_stage.init_pre_bias = mean_start  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        fit_stage.init_pre_bias = real
-
-
-def runs(cache: str, args: argparse.Namespace, out: Path) -> dict[str, str]:
-    """Train every variant; return name -> run folder."""
-    base = {"cache": cache, "latents": args.latents, "k": args.k, "max_tokens": args.tokens, "out": str(out)}
+def runs(cache: str, args: argparse.Namespace) -> list[str]:
+    """Train (or find) every variant; return the run folders."""
+    base = {"cache": cache, "latents": args.latents, "k": args.k, "max_tokens": args.tokens, "out": args.out}
     base["epochs"] = -(-args.tokens // args.rows)  # enough passes for the budget
-    found: dict[str, str] = {}
-    topk = fit(FitConfig(**base, sweep={"layer": [7, 14, 22]}))  # type: ignore[arg-type]
-    for layer, run in zip((7, 14, 22), topk, strict=True):
-        found[f"TopK L{layer}"] = run.url
     route = {**base, "arch": "route", "route_layers": "7:22"}
-    found["RouteSAE, reference start (default)"] = fit(FitConfig(**route))[0].url  # type: ignore[arg-type]
-    if args.old_start:
-        with old_start():
-            old = FitConfig(**{**route, "out": str(out / "old")})  # type: ignore[arg-type]
-            found["RouteSAE, old mean start"] = fit(old)[0].url
-    for weight in args.balance:
-        balanced = fit(FitConfig(**route, route_balance=weight))[0]  # type: ignore[arg-type]
-        found[f"RouteSAE + balance loss {weight:g}"] = balanced.url
+    configs = [
+        FitConfig(**base, sweep={"layer": args.topk_layers}),  # type: ignore[arg-type]
+        FitConfig(**route, sweep={"router_lr": args.router_lr, "seed": args.seeds}),  # type: ignore[arg-type]
+        FitConfig(**route, recipe="reference", sweep={"seed": args.seeds}),  # type: ignore[arg-type]
+        *(FitConfig(**route, route_balance=w, sweep={"seed": args.seeds}) for w in args.balance),  # type: ignore[arg-type]
+    ]
+    return [folder.url for cfg in configs for folder in fit(cfg)]
+
+
+def label(cfg: dict[str, Any]) -> str:
+    """A run's row name from its cfg.json."""
+    sae, training = cfg["sae"], cfg["training"]
+    if sae["arch"] != "route":
+        return f"TopK L{sae['layers'][0]}"
+    if training.get("recipe") == "reference":
+        name = "RouteSAE, reference recipe"
+    elif training.get("route_balance"):
+        name = f"RouteSAE + balance loss {training['route_balance']:g}"
+    else:
+        name = f"RouteSAE, router lr {training['router_lr']:.2g} (SAE lr {training['lr']:.2g})"
+    return f"{name}, seed {training['seed']}"
+
+
+def top_shares(run: Path) -> list[float]:
+    """The top layer's share of the training batches at each of POINTS: per layer, the mean share over the
+    logged steps of the tenth of training that ends there, then the largest layer's."""
+    with open(run / "log.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    layers = [key for key in rows[0] if key.startswith("share_L")]
+    last = int(rows[-1]["step"])
+    found = []
+    for point in POINTS:
+        window = [r for r in rows if point - 0.1 < int(r["step"]) / last <= point] or rows[:1]
+        found.append(max(sum(float(r[layer]) for r in window) / len(window) for layer in layers))
     return found
 
 
-def lines(results: dict[str, dict[str, Any]]) -> list[str]:
+def measure(run: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Held-out metrics of one run (NMSE and routing over all held-out rows; KL / CE over kl_tokens)."""
+    (m,) = evaluate(EvaluateConfig(runs=[run], metrics=["nmse"], max_tokens=0, out=args.out + "/evaluate"))
+    if args.kl_tokens:
+        spliced = EvaluateConfig(runs=[run], max_tokens=args.kl_tokens, out=args.out + "/evaluate-kl")
+        (kl,) = evaluate(spliced)
+        m = {**m, "kl_per_token": kl["kl_per_token"], "ce_recovered": kl["ce_recovered"]}
+    folder = Path(run)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    m["name"], m["tokens"] = label(cfg), cfg["steps"] * cfg["training"]["batch_size"]
+    if cfg["sae"]["arch"] == "route":
+        m["train_top"] = top_shares(folder)
+    return m
+
+
+def lines(results: list[dict[str, Any]]) -> list[str]:
+    points = " / ".join(f"{p:.0%}" for p in POINTS)
     rows = [
-        "| SAE | NMSE | FVU | dead share | features alive (> 1e-4 of tokens) | KL / token | CE recovered "
-        "| top layer share | routing shares (layer: share >= 5 %) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| SAE | tokens | top layer share, training batches at {points} | top layer share, held-out | NMSE | "
+        "FVU | dead share | features alive (> 1e-4 of tokens) | KL / token | CE recovered |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, m in results.items():
+    for m in results:
+        train = " / ".join(f"{s:.0%}" for s in m["train_top"]) if "train_top" in m else "-"
         shares = m.get("routing_shares", {})
-        big = ", ".join(f"{layer}: {s:.0%}" for layer, s in shares.items() if s >= 0.05) or "-"
-        top = f"{m['top_route_share']:.0%}" if "top_route_share" in m else "-"
+        top = f"{m['top_route_share']:.0%} (L{max(shares, key=shares.get)})" if shares else "-"
+        kl = f"{m['kl_per_token']:.4f} | {m['ce_recovered']:.3f}" if "kl_per_token" in m else "- | -"
         rows.append(
-            f"| {name} | {m['nmse']:.4f} | {m['fvu']:.4f} | {m['dead_share']:.2%} | {m['live_latents']} "
-            f"| {m['kl_per_token']:.4f} | {m['ce_recovered']:.3f} | {top} | {big} |"
+            f"| {m['name']} | {m['tokens']:,} | {train} | {top} | {m['nmse']:.4f} | {m['fvu']:.4f} "
+            f"| {m['dead_share']:.2%} | {m['live_latents']} | {kl} |"
         )
     return rows
 
@@ -98,28 +122,24 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2_000_000, help="training tokens per SAE")
     parser.add_argument("--latents", type=int, default=4096)
     parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--balance", type=float, nargs="+", default=[0.05], help="weights of the balance-loss variants")
-    parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument("--router-lr", type=float, nargs="+", default=[0.0], help="router rates (0 = the default)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--topk-layers", type=int, nargs="+", default=[7, 14, 22])
+    parser.add_argument("--balance", type=float, nargs="*", default=[], help="weights of balance-loss variants")
+    parser.add_argument("--kl-tokens", type=int, default=8192, help="held-out tokens for KL / CE (0 = skip)")
     parser.add_argument("--extract-tokens", type=int, default=0, help="cache size (0 = the whole built-in corpus)")
     parser.add_argument("--cache-root", default="cache")
     parser.add_argument("--cache", default="", help="an existing cache of layers 7..22 (default: extract one)")
-    parser.add_argument("--no-old-start", dest="old_start", action="store_false", help="skip the old-start variant")
+    parser.add_argument("--out", default="cache/routesae-bench", help="run folders and their metrics")
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--write", action="store_true", help="add the table to benchmarks/RESULTS.md")
     args = parser.parse_args()
-    torch.set_num_threads(2)
-    spec = ExtractConfig(layers="7:22", max_tokens=args.extract_tokens, shard_mb=256, cache_root=args.cache_root)
+    torch.set_num_threads(args.threads)
+    spec = ExtractConfig(layers="7:22", max_tokens=args.extract_tokens, cache_root=args.cache_root)
     cache = ActivationCache.open(args.cache).folder if args.cache else extract(spec)
     args.rows = int(cache.read_json("manifest.json")["rows"]["train"])
-    with tempfile.TemporaryDirectory() as scratch:
-        found = runs(cache.url, args, Path(scratch))
-        results = {}
-        for name, run in found.items():
-            (m,) = evaluate(EvaluateConfig(runs=[run], max_tokens=args.eval_tokens, out=scratch))
-            (fast,) = evaluate(EvaluateConfig(runs=[run], metrics=["nmse"], max_tokens=0, out=scratch))
-            keep = ("nmse", "fvu", "dead_share", "live_latents", "routing_shares", "top_route_share")
-            results[name] = {**m, **{k: fast[k] for k in keep if k in fast}}
-    table = lines(results)
-    publish(table, "RouteSAE against single-layer TopK", "benchmarks.routesae", args.write)
+    results = [measure(run, args) for run in runs(cache.url, args)]
+    publish(lines(results), "RouteSAE against single-layer TopK", "benchmarks.routesae", args.write)
 
 
 if __name__ == "__main__":
