@@ -17,6 +17,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import click
 import typer
+from rich.markup import escape
 
 from pipeline.cli_cache import JsonOpt, ParamsOpt, cache_app, opt, params_of
 from pipeline.cli_circuit import circuit
@@ -282,14 +283,23 @@ app.command()(export)
 app.command("import")(import_)
 
 
+# Usage errors: click's, and those of the copy of click that typer >= 0.20 carries (other classes).
+USAGE_ERRORS: tuple[type[click.ClickException], ...] = tuple(
+    {click.ClickException, *(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")}
+)
+
+
 def _run_app() -> None:
     try:
         app(standalone_mode=False)
     except typer.Abort:
         console.print("aborted")
         sys.exit(130)
-    except click.ClickException as err:  # usage errors: click's own message and exit code
-        err.show()
+    except USAGE_ERRORS as err:  # one line like a user error's, with click's exit code (2 for usage)
+        ctx = getattr(err, "ctx", None)  # usage errors know their command; other click errors do not
+        where = f"; see `{ctx.command_path} --help`" if ctx else ""
+        message = " ".join(err.format_message().split()).rstrip(".")
+        console.print(f"[bold red]error:[/] {escape(message)}{where}", highlight=False, soft_wrap=True)
         sys.exit(err.exit_code)
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+from pipeline.infra.errors import UserError
 from pipeline.infra.params import setting
 
 METRICS = ("nmse", "kl", "ce")  # the default set
@@ -36,3 +38,7 @@ class EvaluateConfig:
     )
     out: str = setting("", "where metrics go (default <cache_root>/evaluate/<run>/metrics.json)")
     cache_root: str = setting("cache", "root of evaluate/")
+
+    def __post_init__(self) -> None:
+        if self.theta is not None and not math.isfinite(self.theta):  # NaN fires nothing, inf nothing, -inf all
+            raise UserError(f"--theta {self.theta} must be a finite number (a latent is active above it).")

@@ -8,6 +8,7 @@ without loading the model, and any difference gets a new folder.
 from __future__ import annotations
 
 import itertools
+import math
 import shutil
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -112,6 +113,8 @@ def _check_config(cfg: ExtractConfig) -> None:
         raise UserError("--max-tokens must be >= 0 (0 = whole corpus) and --batch-size >= 1.")
     if not 0 <= cfg.heldout < 1:
         raise UserError(f"heldout share {cfg.heldout} must be in [0, 1).")
+    if not 0 < cfg.shard_mb < math.inf:
+        raise UserError(f"--shard-mb {cfg.shard_mb} must be a finite number above 0.")
     if cfg.backend == "memmap" and not Folder.at(cfg.cache_root).is_local:
         raise UserError("the memmap backend needs a local --cache-root; use --backend zarr for URLs.")
 

@@ -5,6 +5,7 @@ loop and written to cfg.json from the same object."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,12 @@ REFERENCE_RECIPE: dict[str, Any] = {
     "revive": 0.0,
     "route_balance": 0.0,
 }
+# Numbers of fit that are counts, seeds, rates or weights: NaN, infinite or negative ones are refused.
+NON_NEGATIVE = (
+    *("lr", "router_lr", "aux_alpha", "revive", "route_balance", "max_tokens", "epochs", "seed"),
+    *("data_seed", "latents", "expansion", "dead_tokens", "k_aux"),
+)
+MAX_LATENTS = 2**24  # the largest SAEs published have 16M latents; more is a typo (10**18 overflows torch)
 SWEEPABLE = (
     "k",
     "latents",
@@ -103,6 +110,16 @@ class FitConfig:
     cache_root: str = setting("cache", "root of activations/ and saes/")
     resume: bool = setting(False, "continue incomplete runs with identical settings")
     overwrite: bool = setting(False, "retrain runs that already finished")
+
+    def __post_init__(self) -> None:
+        for name in NON_NEGATIVE:  # refused before anything is read, with the option and its value
+            value = getattr(self, name)
+            if not 0 <= value < math.inf:
+                raise UserError(f"--{name.replace('_', '-')} {value} must be a finite number >= 0.")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size {self.batch_size} must be at least 1.")
+        if self.latents > MAX_LATENTS:
+            raise UserError(f"--latents {self.latents} is more than {MAX_LATENTS:,} (2^24) latents.")
 
 
 @dataclass(frozen=True)

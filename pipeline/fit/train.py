@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -19,6 +20,7 @@ from pipeline.fit.config import Training
 from pipeline.fit.optim import lr_factor, make_optimizer, param_groups
 from pipeline.fit.state import TrainingState, load_state, save_state
 from pipeline.infra.distributed import Ranks
+from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
 from pipeline.sae.interface import build_sae
 from pipeline.sae.kernels import aux_decode, select_topk
@@ -134,6 +136,11 @@ def train_step(member: Member, x: Tensor, total_steps: int, chosen: Tensor | Non
     out: SaeOutput = net(x, low_precision=member.low_precision, **({} if chosen is None else {"chosen": chosen}))
     quality = Reconstruction()
     nmse = quality.add(out.x, out.x_hat)
+    if not math.isfinite(quality.nmse):  # one sync: the metrics below read it anyway
+        raise UserError(
+            f"training diverged at step {member.step}: the reconstruction error is {quality.nmse}; "
+            "lower --lr (0 = the automatic one)."
+        )
     dead = member.since_fired >= s.dead_tokens  # (N,)
     aux = _aux_loss(member, out, dead) if bool(dead.any()) and s.aux_alpha > 0 else torch.zeros((), device=x.device)
     loss = nmse + s.aux_alpha * aux

@@ -17,12 +17,14 @@ import hashlib
 import json
 import math
 import os
+import re
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
 
 # USD per million (input, output) tokens: OpenAI's list prices (platform.openai.com/docs/pricing).
@@ -54,6 +56,13 @@ class ClientSettings:
     temperature: float = 0.1  # the RouteSAE protocol's explainer temperature
     max_answer_tokens: int = 200  # completion budget per request
     logprobs: bool = False  # ask for the answer tokens' log-probabilities
+
+    def __post_init__(self) -> None:
+        if self.base_url and not re.match(r"https?://[^/\s]", self.base_url):  # else: retries, then a vague failure
+            raise UserError(
+                f"base URL {self.base_url!r} is not an http(s):// address; give the server's, e.g. "
+                "http://127.0.0.1:8080/v1."
+            )
 
 
 def api_key_present() -> bool:

@@ -28,6 +28,13 @@ def is_url(where: str | Path) -> bool:
     return "://" in text and not text.startswith("file://")
 
 
+def _makedirs(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    try:
+        fs.makedirs(path, exist_ok=True)
+    except (NotADirectoryError, FileExistsError):  # a file where a folder goes (a mistyped --out)
+        raise UserError(f"cannot make folder {path}: it or a folder above it is a file.") from None
+
+
 @dataclass(frozen=True)
 class Folder:
     """A folder addressed by a local path or an fsspec URL."""
@@ -80,7 +87,7 @@ class Folder:
         return self.fs.exists(self.path(*parts))
 
     def makedirs(self, *parts: str) -> None:
-        self.fs.makedirs(self.path(*parts), exist_ok=True)
+        _makedirs(self.fs, self.path(*parts))
 
     def list(self, *parts: str) -> list[str]:
         if not self.exists(*parts):
@@ -101,7 +108,7 @@ class Folder:
 
     def write_bytes(self, data: bytes, *parts: str) -> None:
         target = self.path(*parts)
-        self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+        _makedirs(self.fs, target.rsplit("/", 1)[0])
         if not self.is_local:
             self.fs.pipe_file(target, data)  # one PUT: object stores make it atomic
             return

@@ -46,9 +46,14 @@ def load_params(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"params file {path} does not exist.")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"params file {path} is not valid YAML: {err}") from None
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise UserError(f"params file {path} is not UTF-8 text (byte {err.start}); save it as UTF-8.") from None
+    except yaml.YAMLError as err:  # its message spans lines (a snippet with a caret): one line here
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or "cannot be parsed"
+        raise UserError(f"params file {path} is not valid YAML{where}: {problem}.") from None
     if not isinstance(data, dict):
         raise UserError(f"params file {path} must hold sections (model, data, extract, fit, ...).")
     return data

@@ -24,12 +24,14 @@ PART_OF_MAX: Rule = (lambda v: 0 < v <= 1, "in (0, 1]")
 ANY: Rule = (lambda v: True, "a finite number")
 # fewer resamples cannot place the 2.5 % and 97.5 % tails of the interval between two of them
 RESAMPLES: Rule = (lambda v: 100 <= v <= MAX_BOOTSTRAP, f"between 100 and {MAX_BOOTSTRAP:,}")
+MAX_BINS = 1000  # activation-quantile bins: more than a feature's examples leaves all but a few empty
+BINS: Rule = (lambda v: 1 <= v <= MAX_BINS, f"between 1 and {MAX_BINS:,}")
 
 RULES: dict[str, Rule] = {
     "max_tokens": NOT_NEGATIVE,
     "batch_size": AT_LEAST_1,
     "top": NOT_NEGATIVE,
-    "quantile_bins": AT_LEAST_1,
+    "quantile_bins": BINS,
     "per_bin": NOT_NEGATIVE,
     "random_examples": NOT_NEGATIVE,
     "window": NOT_NEGATIVE,
@@ -39,7 +41,7 @@ RULES: dict[str, Rule] = {
     "report_features": NOT_NEGATIVE,
     "max_cost": NOT_NEGATIVE,
     "test_share": SHARE,
-    "score_quantiles": AT_LEAST_1,
+    "score_quantiles": BINS,
     "score_per_quantile": AT_LEAST_1,
     "score_hard": FRACTION,
     "score_batch": AT_LEAST_1,

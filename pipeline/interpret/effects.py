@@ -12,6 +12,7 @@ from __future__ import annotations
 import pyarrow as pa
 import torch
 
+from pipeline.infra.errors import UserError
 from pipeline.live.logits import feature_output_scores, logit_effects
 from pipeline.live.subject import Subject, load_cache_tokenizer, load_llm
 from pipeline.llm.unembed import unembedding
@@ -39,6 +40,8 @@ def effect_columns(s: Subject, features: pa.Table) -> dict[str, dict[int, object
     data = features.select(["latent", "max_act"]).to_pydict()
     a_max = {int(i): float(m) for i, m in zip(data["latent"], data["max_act"]) if m > 0}
     live = sorted(a_max)
+    if not live:  # nothing to score, explain or show
+        raise UserError("no latent fires on the held-out tokens scanned; lower --theta or raise --max-tokens.")
     scores = feature_output_scores(model, blocks, tokenizer, s.sae, s.layers[0], s.normalizer, w_u, live, a_max)
     latents = range(len(effects.top_ids))
     return {

@@ -117,7 +117,7 @@ class TopKSAE(SAE):
         """Decoder rows (F, D): each latent's unit write direction."""
         if latents is None:
             return self.W_dec
-        return self.W_dec[torch.as_tensor(latents, device=self.W_dec.device)]
+        return self.W_dec[torch.as_tensor(latents, dtype=torch.long, device=self.W_dec.device)]  # [] too
 
     def encoder(self) -> Encoder:
         """What a shared top-k selection needs of this SAE."""
