@@ -44,9 +44,9 @@ from pipeline.fit.config import FitConfig
 from pipeline.fit.stage import fit
 from pipeline.interop.export import export_run
 from pipeline.interop.importing import import_checkpoint
-from pipeline.sae.dense import JumpReluSAE, ReluSAE
+from pipeline.sae.archs.relu import JumpReluSAE, ReluSAE
+from pipeline.sae.archs.topk import TopKSAE
 from pipeline.sae.folder import load_sae
-from pipeline.sae.topk import TopKSAE
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYER, MODEL = 6, "smollm2-135m"

@@ -31,7 +31,8 @@ from pipeline.circuit.spliced import Batch, Site, ablation_values, answer_logits
 from pipeline.circuit.tasks import generate
 from pipeline.llm.model import find_blocks, load_model, load_tokenizer, resolve_model
 from pipeline.llm.replay import resume
-from pipeline.sae.topk import SaeConfig, TopKSAE
+from pipeline.sae.archs.topk import TopKSAE
+from pipeline.sae.interface import SaeConfig
 
 CPU = torch.device("cpu")
 

@@ -25,8 +25,8 @@ from pipeline.fit.optim import auto_lr
 from pipeline.fit.train import init_pre_bias, make_member, train_step
 from pipeline.infra.device import keep_freed_memory
 from pipeline.infra.files import Folder
+from pipeline.sae.interface import SaeConfig
 from pipeline.sae.kernels import use_low_precision
-from pipeline.sae.topk import SaeConfig
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:

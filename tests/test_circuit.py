@@ -34,8 +34,9 @@ from pipeline.live.subject import load_llm, load_subject
 from pipeline.llm.hooks import replacing, run_to_layers
 from pipeline.llm.model import load_tokenizer, resolve_model
 from pipeline.llm.replay import resume, stem
+from pipeline.sae.archs.topk import TopKSAE
 from pipeline.sae.folder import save_weights
-from pipeline.sae.topk import SaeConfig, TopKSAE
+from pipeline.sae.interface import SaeConfig
 from tests.support.caches import tiny_extract_config
 
 CPU = torch.device("cpu")

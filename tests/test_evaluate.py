@@ -23,9 +23,10 @@ from pipeline.infra.files import Folder
 from pipeline.live.splice import route_edits
 from pipeline.llm.hooks import replace_input
 from pipeline.llm.model import find_blocks
+from pipeline.sae.archs.route import RouteSAE
+from pipeline.sae.archs.topk import TopKSAE
 from pipeline.sae.folder import save_weights
-from pipeline.sae.route import RouteSAE
-from pipeline.sae.topk import SaeConfig, TopKSAE
+from pipeline.sae.interface import SaeConfig
 from tests.support.caches import tiny_extract_config
 
 

@@ -18,7 +18,7 @@ from pipeline.fit.plan import expand_sweep, parse_sweep
 from pipeline.fit.stage import fit
 from pipeline.fit.train import make_member, train_step
 from pipeline.infra.errors import UserError
-from pipeline.sae.topk import SaeConfig
+from pipeline.sae.interface import SaeConfig
 from tests.support.caches import synthetic_cache
 
 CPU = torch.device("cpu")
@@ -363,7 +363,7 @@ def test_too_few_routed_layers_are_refused(tmp_path: Path) -> None:
 
 
 def test_balance_loss_is_one_when_even_and_pulls_towards_even() -> None:
-    from pipeline.fit.train import balance_loss
+    from pipeline.sae.archs.route import balance_loss
 
     assert float(balance_loss(torch.full((8, 4), 0.25))) == pytest.approx(1.0)
     assert float(balance_loss(torch.eye(4)[[2] * 8])) == pytest.approx(4.0)  # every token to one layer

@@ -248,8 +248,8 @@ def test_route_tables_report_unscaled_activations_and_layers(tmp_path: Path) -> 
 
     from pipeline.cache.reader import ActivationCache
     from pipeline.interpret.features import collect
-    from pipeline.sae.route import RouteSAE
-    from pipeline.sae.topk import SaeConfig
+    from pipeline.sae.archs.route import RouteSAE
+    from pipeline.sae.interface import SaeConfig
     from tests.support.caches import synthetic_cache
 
     cache = ActivationCache.open(synthetic_cache(tmp_path, [64], layers=(1, 2, 3), d=16, heldout_rows=40))

@@ -11,8 +11,7 @@ import torch
 from pipeline.fit.config import FitConfig, Training
 from pipeline.fit.train import make_member, train_step
 from pipeline.infra.files import Folder
-from pipeline.sae.interface import REGISTRY, build_sae, trainable_archs
-from pipeline.sae.topk import Latents, SaeConfig
+from pipeline.sae.interface import REGISTRY, Latents, SaeConfig, build_sae, trainable_archs
 
 D, N = 8, 32
 

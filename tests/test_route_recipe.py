@@ -14,7 +14,7 @@ from pipeline.fit.optim import lr_factor
 from pipeline.fit.train import make_member, train_step
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
-from pipeline.sae.topk import SaeConfig
+from pipeline.sae.interface import SaeConfig
 
 CPU = torch.device("cpu")
 ROUTE = SaeConfig("route", 8, 32, 2, [1, 2, 3])

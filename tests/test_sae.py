@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from pipeline.sae import kernels
-from pipeline.sae.route import RouteSAE
-from pipeline.sae.topk import SaeConfig, TopKSAE
+from pipeline.sae.archs.route import RouteSAE
+from pipeline.sae.archs.topk import TopKSAE
+from pipeline.sae.interface import SaeConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

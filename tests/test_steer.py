@@ -20,7 +20,8 @@ from pipeline.live.routing import route_choice
 from pipeline.live.splice import logits_with, topk_edits
 from pipeline.live.subject import load_llm, load_subject
 from pipeline.llm.hooks import replace_input, replacing
-from pipeline.sae.topk import SaeConfig, TopKSAE
+from pipeline.sae.archs.topk import TopKSAE
+from pipeline.sae.interface import SaeConfig
 from pipeline.steer.config import SteerConfig
 from pipeline.steer.edits import Edit, Positions, parse_edit
 from pipeline.steer.intervene import Target, edit_hidden, routed_logits, steering

@@ -25,7 +25,8 @@ from pipeline.live.logits import logit_effects, output_scores
 from pipeline.live.subject import load_cache_tokenizer, load_llm, load_subject
 from pipeline.llm.hooks import replace_input
 from pipeline.llm.unembed import unembedding
-from pipeline.sae.topk import Latents, TopKSAE
+from pipeline.sae.archs.topk import TopKSAE
+from pipeline.sae.interface import Latents
 from pipeline.steer.config import SteerConfig
 from pipeline.steer.dose import Bench, Setting, held_out_cost
 from pipeline.steer.evaluation import evaluate_steering

@@ -27,7 +27,7 @@ from pipeline.cache.normalize import Normalizer
 from pipeline.circuit.tasks import Pair
 from pipeline.llm.hooks import replacing
 from pipeline.llm.replay import Stem, resume, stem
-from pipeline.sae.topk import TopKSAE
+from pipeline.sae.archs.topk import TopKSAE
 
 
 class Site(NamedTuple):

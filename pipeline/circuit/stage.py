@@ -29,7 +29,7 @@ from pipeline.infra.files import Folder
 from pipeline.infra.receipts import file_digest
 from pipeline.live.subject import Subject, load_llm, load_subject
 from pipeline.llm.model import load_tokenizer, resolve_model
-from pipeline.sae.topk import TopKSAE
+from pipeline.sae.archs.topk import TopKSAE
 
 PARTS = ("train", "val", "test")
 SOLVED = 0.5  # a task the model gets right on fewer train pairs than this is reported as not solved

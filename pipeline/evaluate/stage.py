@@ -23,9 +23,9 @@ from pipeline.live.routing import route_choice
 from pipeline.live.splice import Branches, replays_exactly, route_edits, topk_edits, zero_edits
 from pipeline.live.subject import Subject, load_llm, load_subject
 from pipeline.llm.divergence import kl_sum, log_probs, next_token_ce_sum, reference
+from pipeline.sae.archs.route import RouteSAE
+from pipeline.sae.interface import SaeOutput
 from pipeline.sae.quality import Reconstruction
-from pipeline.sae.route import RouteSAE
-from pipeline.sae.topk import SaeOutput
 
 FAST_BATCH = 4096  # held-out rows per SAE forward
 DENSE = 0.1  # a latent firing on more than this share of tokens counts as dense

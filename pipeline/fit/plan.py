@@ -24,8 +24,7 @@ from pipeline.infra.files import Folder
 from pipeline.infra.params import coerce
 from pipeline.llm.layers import layer_span, parse_layers, route_range
 from pipeline.sae.folder import read_cfg
-from pipeline.sae.interface import inference_only_archs, trainable_archs
-from pipeline.sae.topk import SaeConfig
+from pipeline.sae.interface import SaeConfig, inference_only_archs, trainable_archs
 
 
 @dataclass

@@ -11,7 +11,7 @@ import csv
 import io
 import math
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -22,14 +22,13 @@ from pipeline.fit.state import TrainingState, load_state, save_state
 from pipeline.infra.distributed import Ranks
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
-from pipeline.sae.interface import build_sae
-from pipeline.sae.kernels import aux_decode, select_topk
+from pipeline.sae.interface import SAE, SaeConfig, SaeOutput, Step, build_sae
+from pipeline.sae.kernels import Encoder, select_topk
 from pipeline.sae.quality import Reconstruction
-from pipeline.sae.route import RouteSAE, core_sae
-from pipeline.sae.topk import SaeConfig, SaeOutput, TopKSAE
 
-REFERENCE_RENORM = 100  # the RouteSAE reference renormalizes decoder columns every 100 batches (its --steps)
-LOG_FIELDS = ["step", "tokens", "nmse", "fvu", "l0", "dead_share", "aux_loss", "lr", "tokens_per_s"]
+# log.csv: these, the architecture's loss terms, LOG_TAIL, then the architecture's own step metrics
+LOG_HEAD = ["step", "tokens", "nmse", "fvu", "l0", "dead_share"]
+LOG_TAIL = ["lr", "tokens_per_s"]
 
 
 @dataclass
@@ -41,7 +40,7 @@ class Member:
     settings: Training  # resolved and validated once, by fit.plan
     low_precision: bool  # bf16 encoder GEMM
     layer_pos: list[int]  # its layers' positions on the stream's layer axis
-    model: TopKSAE | RouteSAE  # the SAE itself
+    model: SAE  # the SAE itself
     optimizer: torch.optim.Optimizer
     since_fired: Tensor  # (N,) tokens since each latent last fired
     ranks: Ranks = field(default_factory=Ranks)  # the processes training it together (torchrun)
@@ -61,10 +60,8 @@ def make_member(
 ) -> Member:
     """A freshly initialized member (seeded), or the member restored from its training state."""
     generator = torch.Generator().manual_seed(settings.seed)
-    model = cast(TopKSAE | RouteSAE, build_sae(sae_cfg, generator).to(device).train())  # what fit trains
-    # sae-pipe keeps decoder rows on the unit sphere every step (tangent gradients + renormalization); the
-    # reference recipe lets them drift and renormalizes every REFERENCE_RENORM steps, as its code does
-    core_sae(model).tangent_decoder_grad = settings.recipe != "reference"
+    model = build_sae(sae_cfg, generator).to(device).train()
+    model.prepare_training(settings)
     groups = param_groups(model, settings.lr, settings.router_lr)
     optimizer = make_optimizer(settings.optimizer, groups, settings.betas, device)
     member = Member(
@@ -86,8 +83,9 @@ def make_member(
 
 
 def member_input(member: Member, batch: Tensor) -> Tensor:
-    """The member's view of a layer-major batch (L, B, D): (B, D) for TopK, (B, L', D) for RouteSAE."""
-    if member.sae_cfg.arch == "route":
+    """The member's view of a layer-major batch (L, B, D): (B, L', D) for a multi-layer SAE (RouteSAE),
+    else (B, D)."""
+    if member.model.multi_layer:
         pos = member.layer_pos
         if pos == list(range(pos[0], pos[0] + len(pos))):  # consecutive layers: a view, not a 16-layer copy
             return batch[pos[0] : pos[0] + len(pos)].transpose(0, 1)
@@ -95,35 +93,33 @@ def member_input(member: Member, batch: Tensor) -> Tensor:
     return batch[member.layer_pos[0]]
 
 
-def init_pre_bias(member: Member, x: Tensor) -> None:
-    """TopK: set b_dec to the data mean of the first batch (the geometric center of the inputs).
+def step_of(member: Member, total_steps: int) -> Step:
+    """What the architecture's hooks are told about the member's next step."""
+    dead = member.since_fired >= member.settings.dead_tokens  # (N,)
+    progress = member.step / max(total_steps, 1)
+    return Step(member.step, progress, dead, member.low_precision, member.ranks.average_)
 
-    RouteSAE keeps b_dec at zero, as the reference does: its input is ``w * x``, whose mean the router
-    moves. Neither start keeps the router from collapsing on SmolLM2 (benchmarks/RESULTS.md: zero start
-    99 % of tokens to one layer, mean start 54 %); `--route-balance` does, at a cost in NMSE.
-    """
-    if member.sae_cfg.arch == "route":
-        return
-    sae = core_sae(member.model)
-    with torch.no_grad():  # the same on every rank: the mean of the ranks' first batches
-        sae.b_dec.copy_(member.ranks.average_((x.mean(dim=1) if x.ndim == 3 else x).mean(dim=0)))
+
+def init_pre_bias(member: Member, x: Tensor) -> None:
+    """The architecture's data-dependent start from the member's first batch ``x`` (TopK: b_dec = its mean)."""
+    member.model.start(x, step_of(member, 1))
 
 
 def shared_selection(members: list[Member], batch: Tensor) -> list[Tensor | None]:
-    """Top-k indices of the TopK members, chosen by encoder GEMMs shared by the members reading the same
-    layer (kernels.select_topk); None for a RouteSAE, whose input is its own router's mix.
+    """Top-k indices of the members whose architecture shares its selection (TopK), chosen by encoder GEMMs
+    shared by the members reading the same layer (kernels.select_topk); None for the others.
 
     Each member's slice of the shared GEMM is the GEMM it would run alone, and it is selected before any
     member steps, so every member trains exactly as it would alone.
     """
-    groups: dict[tuple[int, bool], list[int]] = {}
+    groups: dict[tuple[int, bool], list[tuple[int, Encoder]]] = {}
     for i, member in enumerate(members):
-        if member.sae_cfg.arch == "topk":
-            groups.setdefault((member.layer_pos[0], member.low_precision), []).append(i)
+        encoder = member.model.shared_encoder()
+        if encoder is not None:
+            groups.setdefault((member.layer_pos[0], member.low_precision), []).append((i, encoder))
     chosen: list[Tensor | None] = [None] * len(members)
     for (pos, low_precision), group in groups.items():
-        encoders = [core_sae(members[i].model).encoder() for i in group]
-        for i, indices in zip(group, select_topk(batch[pos], encoders, low_precision)):
+        for (i, _), indices in zip(group, select_topk(batch[pos], [e for _, e in group], low_precision)):
             chosen[i] = indices
     return chosen
 
@@ -131,7 +127,7 @@ def shared_selection(members: list[Member], batch: Tensor) -> list[Tensor | None
 def train_step(member: Member, x: Tensor, total_steps: int, chosen: Tensor | None = None) -> dict[str, float]:
     """One optimizer step on batch ``x`` (with the top-k indices ``chosen`` by a shared selection); returns
     its metrics."""
-    s = member.settings
+    s, step = member.settings, step_of(member, total_steps)
     net = member.net or member.model
     out: SaeOutput = net(x, low_precision=member.low_precision, **({} if chosen is None else {"chosen": chosen}))
     quality = Reconstruction()
@@ -141,19 +137,14 @@ def train_step(member: Member, x: Tensor, total_steps: int, chosen: Tensor | Non
             f"training diverged at step {member.step}: the reconstruction error is {quality.nmse}; "
             "lower --lr (0 = the automatic one)."
         )
-    dead = member.since_fired >= s.dead_tokens  # (N,)
-    aux = _aux_loss(member, out, dead) if bool(dead.any()) and s.aux_alpha > 0 else torch.zeros((), device=x.device)
-    loss = nmse + s.aux_alpha * aux
-    if s.route_balance > 0 and out.layer_weights is not None:
-        loss = loss + s.route_balance * balance_loss(out.layer_weights)
+    terms = member.model.loss_terms(out, step, s)
+    loss = sum((term.weight * term.value for term in terms), nmse)
     loss.backward()
     for group in member.optimizer.param_groups:
         group["lr"] = group["base_lr"] * lr_factor(member.step, total_steps, s.schedule)
     member.optimizer.step()
     member.optimizer.zero_grad(set_to_none=True)
-    if s.recipe != "reference" or member.step % REFERENCE_RENORM == 0:
-        member.model.normalize_decoder()
-    revive(member, out, dead)
+    member.model.after_step(out, step, s)
     _update_dead(member, out, len(x))
     member.step += 1
     with torch.no_grad():
@@ -162,75 +153,12 @@ def train_step(member: Member, x: Tensor, total_steps: int, chosen: Tensor | Non
         "nmse": quality.nmse,
         "fvu": quality.fvu,
         "l0": float(l0),
-        "aux_loss": float(aux.detach()),
-        "dead_share": float(dead.float().mean()),  # never active in the last dead_tokens tokens
+        **{term.name: float(term.value.detach()) for term in terms},
+        "dead_share": float(step.dead.float().mean()),  # never active in the last dead_tokens tokens
         "lr": member.optimizer.param_groups[0]["lr"],
         **({"router_lr": member.optimizer.param_groups[1]["lr"]} if len(member.optimizer.param_groups) > 1 else {}),
-        **_routing(member, out),
+        **member.model.step_metrics(out),
     }
-
-
-def _routing(member: Member, out: SaeOutput) -> dict[str, float]:
-    """RouteSAE: the batch's share of tokens per routed layer (hard) or mean weight (soft), and the
-    entropy of the router's mean distribution in nats (log L = uniform, 0 = one layer takes all)."""
-    if out.layer_weights is None:
-        return {}
-    with torch.no_grad():
-        if out.layer_choice is not None:
-            shares = torch.bincount(out.layer_choice, minlength=out.layer_weights.shape[1]).double()  # (L,)
-            shares /= shares.sum()
-        else:
-            shares = out.layer_weights.double().mean(0)  # (L,)
-        entropy = float(-(shares * shares.clamp_min(1e-12).log()).sum())
-    return {
-        "route_entropy": entropy,
-        **{f"share_L{layer}": float(s) for layer, s in zip(member.sae_cfg.layers, shares)},
-    }
-
-
-def balance_loss(weights: Tensor) -> Tensor:
-    """L * sum_l p_l^2 over the batch's mean routing probabilities p (B, L) -> (L,): 1 when the router
-    spreads tokens evenly, L when it sends all of them to one layer. Not in the RouteSAE paper: an
-    opt-in guard against router collapse (`--route-balance`, weight 0 by default)."""
-    mean = weights.mean(0)  # (L,)
-    return len(mean) * mean.square().sum()
-
-
-def _aux_loss(member: Member, out: SaeOutput, dead: Tensor) -> Tensor:
-    """AuxK: the top dead latents reconstruct what the live ones missed (a normalized MSE)."""
-    sae = core_sae(member.model)
-    dead_ids = dead.nonzero().squeeze(1)  # (n_dead,)
-    k_aux = min(member.settings.k_aux, len(dead_ids) - 1)
-    if k_aux < 1:
-        return torch.zeros((), device=out.x.device)
-    residual = (out.x - out.x_hat).detach()  # (B, D)
-    guess = aux_decode(
-        out.x.detach(),
-        sae.W_enc[dead_ids],
-        sae.b_enc[dead_ids],
-        sae.b_dec.detach(),
-        sae.W_dec[dead_ids],
-        k_aux,
-        member.low_precision,
-    )
-    return (guess - residual).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
-
-
-def revive(member: Member, out: SaeOutput, dead: Tensor) -> None:
-    """Raise the encoder bias of every dead latent by ``revive`` x the batch's mean k-th activation.
-
-    A latent dies when its pre-activation is negative on every token: no gradient reaches it, and AuxK,
-    which reads ReLU'd pre-activations, sees zeros. The rise, repeated each step it stays dead, brings its
-    best tokens above zero, where AuxK trains it, and then into the top k. Measured on the demo cache
-    (benchmarks/RESULTS.md): 4096 latents at lr 8e-3, 0.2 with an 8,192-token threshold turns 13 % dead
-    latents into 0.8-0.95 % at the same FVU; at 16384 latents it did not help.
-    """
-    if member.settings.revive <= 0 or not bool(dead.any()):
-        return
-    with torch.no_grad():
-        kth = out.latents.acts.min(dim=1).values.clamp_min(0).mean()  # the top-k threshold's scale
-        kth = member.ranks.average_(kth.reshape(1))  # every rank adds the same: replicas stay equal
-        core_sae(member.model).b_enc[dead] += member.settings.revive * kth
 
 
 def _update_dead(member: Member, out: SaeOutput, tokens: int) -> None:
@@ -250,11 +178,9 @@ def checkpoint(member: Member) -> None:
     )
 
 
-def log_fields(sae_cfg: SaeConfig) -> list[str]:
-    """log.csv columns: LOG_FIELDS, plus the router's entropy and per-layer shares for a RouteSAE."""
-    if sae_cfg.arch != "route":
-        return LOG_FIELDS
-    return [*LOG_FIELDS, "router_lr", "route_entropy", *(f"share_L{layer}" for layer in sae_cfg.layers)]
+def log_fields(model: SAE) -> list[str]:
+    """log.csv columns: the common ones around the architecture's loss terms, then its own metrics."""
+    return [*LOG_HEAD, *model.loss_names, *LOG_TAIL, *model.log_fields()]
 
 
 def flush_log(member: Member) -> None:
@@ -264,7 +190,7 @@ def flush_log(member: Member) -> None:
     path = member.folder.local() / "log.csv"
     new = not path.exists() or member.log_rows == 0
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, log_fields(member.sae_cfg), extrasaction="ignore")
+    writer = csv.DictWriter(buffer, log_fields(member.model), extrasaction="ignore")
     if new:
         writer.writeheader()
     writer.writerows(member.pending_log)

@@ -26,8 +26,8 @@ from pipeline.interop.saelens import OWN, saelens_files
 from pipeline.interop.saelens import WEIGHTS as SAELENS_WEIGHTS
 from pipeline.interop.sparsify import WEIGHTS as SPARSIFY_WEIGHTS
 from pipeline.interop.sparsify import sparsify_files
+from pipeline.sae.archs.topk import TopKSAE
 from pipeline.sae.folder import load_sae
-from pipeline.sae.topk import TopKSAE
 
 FORMATS = ("saelens", "sparsify")
 

@@ -21,8 +21,8 @@ from safetensors.torch import load_file
 
 from pipeline.cache.normalize import Normalizer
 from pipeline.infra.errors import UserError
-from pipeline.sae.interface import build_sae
-from pipeline.sae.topk import SaeConfig, TopKSAE
+from pipeline.sae.archs.topk import TopKSAE
+from pipeline.sae.interface import SaeConfig, build_sae
 
 PICKLES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
 

@@ -36,7 +36,7 @@ from pipeline.cache.normalize import LAYER_NORM, Normalizer
 from pipeline.infra.errors import UserError
 from pipeline.interop.foreign import Foreign, check_arch, check_fields, check_tensors, load_tensors, read_json, whole
 from pipeline.interop.saelens_fields import APPLIED, CENTRE, KNOWN, OWN, SAME_STREAM
-from pipeline.sae.topk import SaeConfig
+from pipeline.sae.interface import SaeConfig
 
 CFG, WEIGHTS, SCALER = "cfg.json", "sae_weights.safetensors", "activation_scaler.json"
 ARCHITECTURES = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}  # theirs -> ours

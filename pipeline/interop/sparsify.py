@@ -28,7 +28,7 @@ import torch
 from pipeline.cache.normalize import Normalizer
 from pipeline.infra.errors import UserError
 from pipeline.interop.foreign import Foreign, check_arch, check_fields, check_tensors, load_tensors, read_json, whole
-from pipeline.sae.topk import SaeConfig
+from pipeline.sae.interface import SaeConfig
 
 CFG, WEIGHTS, RUN_CFG = "cfg.json", "sae.safetensors", "config.json"
 BLOCK_OUTPUT = re.compile(r"(?:[A-Za-z_][\w.]*\.)?(?:layers|h|blocks|layer)\.(\d+)")

@@ -16,8 +16,8 @@ import torch
 from pipeline.cache.contexts import HeldoutIndex, decode_windows
 from pipeline.cache.reader import ActivationCache
 from pipeline.infra.console import Bar
-from pipeline.sae.route import RouteSAE
-from pipeline.sae.topk import TopKSAE
+from pipeline.sae.archs.route import RouteSAE
+from pipeline.sae.archs.topk import TopKSAE
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
 HIST_BINS = 20

@@ -25,8 +25,8 @@ from torch import Tensor, nn
 from pipeline.cache.normalize import Normalizer
 from pipeline.live.routing import route_choice
 from pipeline.llm.hooks import replace_input
-from pipeline.sae.route import RouteSAE
-from pipeline.sae.topk import TopKSAE
+from pipeline.sae.archs.route import RouteSAE
+from pipeline.sae.archs.topk import TopKSAE
 
 SCORE_TOKENS = 20  # promoted tokens an output score looks at (the published recipe's number)
 SCORE_PROMPT = "I think that"  # the neutral prompt a feature is pushed at

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from pipeline.cache.normalize import Normalizer
 from pipeline.llm.hooks import run_to_layers
-from pipeline.sae.route import RouteSAE
+from pipeline.sae.archs.route import RouteSAE
 
 
 @torch.no_grad()

@@ -18,8 +18,8 @@ from pipeline.cache.normalize import Normalizer
 from pipeline.llm.hooks import replacing
 from pipeline.llm.replay import resume, stem
 from pipeline.llm.unembed import final_norm
-from pipeline.sae.route import RouteSAE
-from pipeline.sae.topk import TopKSAE
+from pipeline.sae.archs.route import RouteSAE
+from pipeline.sae.archs.topk import TopKSAE
 
 Edit = Callable[[Tensor], Tensor]  # (B, T, D) hidden state -> replacement
 

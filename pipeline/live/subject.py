@@ -15,9 +15,9 @@ from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
 from pipeline.live.borrowed import Borrowed, ModelOnly
 from pipeline.llm.model import find_blocks, fingerprint_model, load_model, load_tokenizer, resolve_model
+from pipeline.sae.archs.route import RouteSAE
+from pipeline.sae.archs.topk import TopKSAE
 from pipeline.sae.folder import load_sae
-from pipeline.sae.route import RouteSAE
-from pipeline.sae.topk import TopKSAE
 
 
 @dataclass

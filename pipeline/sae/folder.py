@@ -17,9 +17,9 @@ from torch import nn
 from pipeline.cache.manifest import check_format
 from pipeline.infra.errors import CorruptError, UserError
 from pipeline.infra.files import Folder
-from pipeline.sae.interface import build_sae
-from pipeline.sae.route import RouteSAE
-from pipeline.sae.topk import SaeConfig, TopKSAE
+from pipeline.sae.archs.route import RouteSAE
+from pipeline.sae.archs.topk import TopKSAE
+from pipeline.sae.interface import SaeConfig, build_sae
 
 RUN_FORMAT = "sae-pipe/sae"
 RUN_FORMAT_VERSION = 1

@@ -10,13 +10,107 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, TypeVar
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, ClassVar, NamedTuple, Protocol, TypeVar
 
 import torch
 from torch import Tensor, nn
 
+from pipeline.infra.errors import UserError
+
 if TYPE_CHECKING:
-    from pipeline.sae.topk import Latents, SaeConfig
+    from pipeline.sae.kernels import Encoder
+
+
+@dataclass
+class SaeConfig:
+    """Architecture of one SAE (the ``sae`` block of cfg.json)."""
+
+    arch: str = "topk"  # topk | route | relu | jumprelu | gated (the last three: imported, inference only)
+    d_in: int = 576  # input width: the model's hidden size
+    n_latents: int = 4096  # dictionary size
+    k: int = 32  # active latents per token (0 for the inference-only architectures)
+    layers: list[int] = field(default_factory=list)  # model layer(s) read: [L] for topk, the routed range for route
+    routing: str = "hard"  # route: hard (top layer times its weight) | soft (weighted sum of layers)
+    aggregate: str = "sum"  # route: router input is the sum | mean of the routed layers
+
+    def __post_init__(self) -> None:
+        if self.arch not in REGISTRY:
+            raise UserError(f"unknown architecture {self.arch!r}; use one of {', '.join(REGISTRY)}.")
+        if self.arch in inference_only_archs():
+            if self.k != 0:
+                raise UserError(f"a {self.arch} SAE has no top-k: its k must be 0 (got {self.k}).")
+        elif not 0 < self.k < self.n_latents:
+            raise UserError(f"k={self.k} must be between 1 and the number of latents - 1 ({self.n_latents - 1}).")
+        if self.routing not in ("hard", "soft") or self.aggregate not in ("sum", "mean"):
+            raise UserError(f"routing must be hard|soft and aggregate sum|mean (got {self.routing}, {self.aggregate}).")
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+class Latents(NamedTuple):
+    """Sparse code of a batch: k (activation, latent id) pairs per token."""
+
+    acts: Tensor  # (B, k) non-negative activations (zeros pad rows with fewer active latents)
+    indices: Tensor  # (B, k) latent ids
+
+
+def pack(code: Tensor, k: int | None = None, theta: float | None = None) -> Latents:
+    """A dense non-negative code (B, N) as padded Latents: its entries above ``theta`` (if given), at most
+    ``k`` per token (if given), as many columns as the busiest token needs (zeros pad the others)."""
+    if theta is not None:
+        code = code * (code > theta)  # (B, N)
+    width = max(int((code > 0).sum(dim=1).max()), 1) if code.shape[0] else 1
+    acts, indices = code.topk(min(width, k) if k else width, dim=-1)  # (B, width)
+    return Latents(acts, indices)
+
+
+class SaeOutput(NamedTuple):
+    """Everything one forward computes."""
+
+    x: Tensor  # (B, D) what was reconstructed (for RouteSAE, the routed input)
+    x_hat: Tensor  # (B, D) reconstruction
+    latents: Latents  # the sparse code
+    layer_weights: Tensor | None  # (B, L) RouteSAE router softmax, else None
+    layer_choice: Tensor | None  # (B,) RouteSAE hard routing: index into cfg.layers, else None
+
+
+class LossTerm(NamedTuple):
+    """One term of an architecture's training loss besides the reconstruction's normalized MSE."""
+
+    name: str  # its log.csv column
+    weight: float  # what the term counts for in the loss
+    value: Tensor  # () the unweighted term, logged as is
+
+
+class Step(NamedTuple):
+    """What a training hook knows about the step besides the batch."""
+
+    number: int  # 0-based step number
+    progress: float  # share of the run's steps done before this one, in [0, 1)
+    dead: Tensor  # (N,) bool: latents idle for the run's dead_tokens
+    low_precision: bool  # bf16 encoder GEMM
+    average: Callable[[Tensor], Tensor]  # mean over the processes training this SAE (identity on one)
+
+
+class Knobs(Protocol):
+    """The training settings an architecture's hooks read (fit.config.Training has them all)."""
+
+    @property
+    def recipe(self) -> str: ...  # sae-pipe | reference
+
+    @property
+    def k_aux(self) -> int: ...  # AuxK latents
+
+    @property
+    def aux_alpha(self) -> float: ...  # AuxK loss weight
+
+    @property
+    def revive(self) -> float: ...  # per-step rise of a dead latent's encoder bias, in mean k-th activations
+
+    @property
+    def route_balance(self) -> float: ...  # weight of the router's load-balancing loss
 
 
 class SAE(nn.Module, ABC):
@@ -53,6 +147,38 @@ class SAE(nn.Module, ABC):
 
     def normalize_decoder(self) -> None:
         """Keep decoder rows at unit norm (architectures without that constraint leave this as it is)."""
+
+    # --- training: `fit` calls these hooks and nothing else, so a trainable architecture overrides them ---
+
+    multi_layer: ClassVar[bool] = False  # reads all of cfg.layers at once, (B, L, D), instead of one (B, D)
+    loss_names: ClassVar[tuple[str, ...]] = ()  # the loss terms logged in log.csv, after dead_share
+
+    def prepare_training(self, knobs: Knobs) -> None:
+        """Settle how the parameters are trained, once, before the first step."""
+
+    def start(self, x: Tensor, step: Step) -> None:
+        """Data-dependent initialization from the first batch ``x``."""
+
+    def shared_encoder(self) -> Encoder | None:
+        """The encoder a sweep may run in one GEMM with the other members reading the same layer (TopK),
+        or None when this architecture selects its latents itself."""
+        return None
+
+    def loss_terms(self, out: SaeOutput, step: Step, knobs: Knobs) -> list[LossTerm]:
+        """The terms added to the normalized MSE of ``out`` (auxiliary losses, sparsity penalties)."""
+        return []
+
+    def after_step(self, out: SaeOutput, step: Step, knobs: Knobs) -> None:
+        """Per-step updates after the optimizer step (decoder norms, thresholds, dead-latent care)."""
+        self.normalize_decoder()
+
+    def step_metrics(self, out: SaeOutput) -> dict[str, float]:
+        """Architecture-specific numbers of one step for log.csv (see log_fields)."""
+        return {}
+
+    def log_fields(self) -> list[str]:
+        """The log.csv columns step_metrics adds, after the common ones."""
+        return []
 
 
 REGISTRY: dict[str, type[SAE]] = {}  # arch -> class, filled by @register as each module is imported

@@ -25,8 +25,9 @@ from pipeline.infra.console import progress_bar
 from pipeline.live.subject import Subject
 from pipeline.llm.divergence import ce_per_position, kl_sum, log_probs, reference
 from pipeline.llm.hooks import run_to_layers
-from pipeline.sae.route import RouteSAE
-from pipeline.sae.topk import Latents, TopKSAE
+from pipeline.sae.archs.route import RouteSAE
+from pipeline.sae.archs.topk import TopKSAE
+from pipeline.sae.interface import Latents
 from pipeline.steer.edits import Edit, Positions
 from pipeline.steer.generation import generate
 from pipeline.steer.intervene import Target, routed_generate, routed_logits, steering

@@ -39,8 +39,9 @@ from pipeline.cache.normalize import Normalizer
 from pipeline.infra.errors import UserError
 from pipeline.live.routing import route_choice
 from pipeline.llm.hooks import replace_input, replacing
-from pipeline.sae.route import RouteSAE
-from pipeline.sae.topk import Latents, TopKSAE
+from pipeline.sae.archs.route import RouteSAE
+from pipeline.sae.archs.topk import TopKSAE
+from pipeline.sae.interface import Latents
 from pipeline.steer.edits import Edit, Positions
 
 MODES = ("delta", "replace")

@@ -16,8 +16,8 @@ from pipeline.infra.device import resolve_device
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
 from pipeline.live.subject import Subject, load_cache_tokenizer, load_llm, load_subject
-from pipeline.sae.route import RouteSAE, core_sae
-from pipeline.sae.topk import TopKSAE
+from pipeline.sae.archs.route import RouteSAE, core_sae
+from pipeline.sae.archs.topk import TopKSAE
 from pipeline.steer.config import SteerConfig
 from pipeline.steer.edits import Positions, parse_edit
 from pipeline.steer.generation import check_length, generate

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from pipeline.llm.hooks import replace_input
-from pipeline.sae.topk import TopKSAE
+from pipeline.sae.archs.topk import TopKSAE
 
 SPECIAL = 0  # the tiny tokenizer's one special token, <|endoftext|> (EOS = BOS = pad)
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from pipeline.sae.interface import register
-from pipeline.sae.topk import Latents, SaeConfig, TopKSAE, pack
+from pipeline.sae.archs.topk import TopKSAE
+from pipeline.sae.interface import Latents, SaeConfig, pack, register
 
 
 @register("relu")

@@ -12,13 +12,16 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from pipeline.sae.interface import SAE, register
-from pipeline.sae.topk import Latents, SaeConfig, SaeOutput, TopKSAE
+from pipeline.sae.archs.topk import TopKSAE
+from pipeline.sae.interface import SAE, Knobs, Latents, LossTerm, SaeConfig, SaeOutput, Step, register
 
 
 @register("route", trainable=True)
 class RouteSAE(SAE):
     """A layer router plus a shared TopK SAE."""
+
+    multi_layer = True
+    loss_names = ("aux_loss",)
 
     def __init__(
         self, cfg: SaeConfig, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
@@ -67,6 +70,45 @@ class RouteSAE(SAE):
 
     def normalize_decoder(self) -> None:
         self.sae.normalize_decoder()
+
+    # --- training hooks: the shared SAE's (AuxK, revive, decoder norms; b_dec stays at zero, as the
+    # reference keeps it: its input is ``w * x``, whose mean the router moves) plus the router's own ---
+
+    def prepare_training(self, knobs: Knobs) -> None:
+        self.sae.prepare_training(knobs)
+
+    def loss_terms(self, out: SaeOutput, step: Step, knobs: Knobs) -> list[LossTerm]:
+        terms = self.sae.loss_terms(out, step, knobs)
+        if knobs.route_balance > 0 and out.layer_weights is not None:
+            terms.append(LossTerm("balance_loss", knobs.route_balance, balance_loss(out.layer_weights)))
+        return terms
+
+    def after_step(self, out: SaeOutput, step: Step, knobs: Knobs) -> None:
+        self.sae.after_step(out, step, knobs)
+
+    def step_metrics(self, out: SaeOutput) -> dict[str, float]:
+        """The batch's share of tokens per routed layer (hard) or mean weight (soft), and the entropy of the
+        router's mean distribution in nats (log L = uniform, 0 = one layer takes all)."""
+        assert out.layer_weights is not None  # a RouteSAE forward always routes
+        with torch.no_grad():
+            if out.layer_choice is not None:
+                shares = torch.bincount(out.layer_choice, minlength=out.layer_weights.shape[1]).double()  # (L,)
+                shares /= shares.sum()
+            else:
+                shares = out.layer_weights.double().mean(0)  # (L,)
+            entropy = float(-(shares * shares.clamp_min(1e-12).log()).sum())
+        return {"route_entropy": entropy, **{f"share_L{layer}": float(s) for layer, s in zip(self.cfg.layers, shares)}}
+
+    def log_fields(self) -> list[str]:
+        return ["router_lr", "route_entropy", *(f"share_L{layer}" for layer in self.cfg.layers)]
+
+
+def balance_loss(weights: Tensor) -> Tensor:
+    """L * sum_l p_l^2 over the batch's mean routing probabilities p (B, L) -> (L,): 1 when the router
+    spreads tokens evenly, L when it sends all of them to one layer. Not in the RouteSAE paper: an
+    opt-in guard against router collapse (`--route-balance`, weight 0 by default)."""
+    mean = weights.mean(0)  # (L,)
+    return len(mean) * mean.square().sum()
 
 
 def core_sae(model: TopKSAE | RouteSAE) -> TopKSAE:
