@@ -103,6 +103,11 @@ def fit(
     aux_alpha: Annotated[float | None, opt(FitConfig, "aux_alpha")] = None,
     revive: Annotated[float | None, opt(FitConfig, "revive")] = None,
     route_balance: Annotated[float | None, opt(FitConfig, "route_balance")] = None,
+    prefixes: Annotated[str | None, opt(FitConfig, "prefixes")] = None,
+    multi_topk: Annotated[bool | None, opt(FitConfig, "multi_topk")] = None,
+    sparsity_coeff: Annotated[float | None, opt(FitConfig, "sparsity_coeff")] = None,
+    sparsity_warmup: Annotated[float | None, opt(FitConfig, "sparsity_warmup")] = None,
+    bandwidth: Annotated[float | None, opt(FitConfig, "bandwidth")] = None,
     sweep: Annotated[list[str] | None, opt(FitConfig, "sweep")] = None,
     out: Annotated[str | None, opt(FitConfig, "out")] = None,
     resume: Annotated[bool | None, opt(FitConfig, "resume")] = None,
@@ -111,7 +116,7 @@ def fit(
     device: Annotated[str | None, opt(FitConfig, "device")] = None,
     params: ParamsOpt = None,
 ) -> None:
-    """Train TopK / RouteSAE SAEs on a cache (a sweep from one read); prints one run folder per line."""
+    """Train SAEs of any trainable architecture on a cache (a sweep from one read); prints one run folder per line."""
     overrides = {k: v for k, v in locals().items() if k != "params"}
     from pipeline.fit.plan import parse_sweep
     from pipeline.fit.stage import fit as run_fit

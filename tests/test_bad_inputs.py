@@ -261,7 +261,7 @@ CASES = [
     ("import: centring not stated", "import {uncentred}", 2, "does not say whether its GPT2LMHeadModel was loaded"),
     ("imported run without a cache", "evaluate {imported}", 2, "was imported and has no activation cache of its own"),
     ("imported run, cache it cannot read", "evaluate {imported} --cache {cache} --metrics nmse", 2, "cannot read:"),
-    ("hand-edited k of an imported SAE", "evaluate {badk}", 2, "a jumprelu SAE has no top-k: its k must be 0"),
+    ("hand-edited k of an imported SAE", "evaluate {badk}", 2, "k=-1 must be between 0 and the number of latents"),
     ("imported run, other model's cache", "evaluate {imported} --cache {synthetic}", 2, "give a cache of that model"),
     ("circuit: no run", "circuit --task sva", 2, "no run given: pass one TopK run folder per layer"),
     ("circuit: RouteSAE run", "circuit {route}", 2, "circuits are found over TopK runs"),
@@ -368,7 +368,7 @@ def places(tiny_llama: Path, jsonl_corpus: Path, tmp_path_factory: pytest.TempPa
     badk = tmp / "badk"
     shutil.copytree(imported.local(), badk)
     edited = json.loads((badk / "cfg.json").read_text())
-    (badk / "cfg.json").write_text(json.dumps({**edited, "sae": {**edited["sae"], "k": 5}}))
+    (badk / "cfg.json").write_text(json.dumps({**edited, "sae": {**edited["sae"], "k": -1}}))
     synthrun = fit(FitConfig(cache=synthetic.url, latents=128, k=4, batch_size=64, out=out, device="cpu"))[0]
     for name, line in TASK_FILES.items():
         (tmp / f"{name}.jsonl").write_text(json.dumps(GOOD_PAIR) + "\n" + line + "\n")

@@ -140,7 +140,7 @@ def test_sweeps_from_the_cli_and_from_params_are_typed() -> None:
     members = expand_sweep(cli)
     assert len(members) == 4 and {(m.k, m.lr, m.optimizer) for m in members} >= {(32, 0.001, "adam")}
     assert [m.k for m in expand_sweep(FitConfig(sweep={"k": 16}))] == [16]  # a scalar is a one-value sweep
-    with pytest.raises(UserError, match="key one of k, latents"):
+    with pytest.raises(UserError, match="key one of arch, k, latents"):
         parse_sweep(["batch_size=1,2"])
     with pytest.raises(UserError, match="sweep k: 'x' is not a valid int"):
         expand_sweep(FitConfig(sweep={"k": ["x"]}))

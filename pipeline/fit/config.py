@@ -12,7 +12,7 @@ from typing import Any
 from pipeline.infra.errors import UserError
 from pipeline.infra.params import setting
 
-OPTIMIZERS = ("adam", "signum")
+OPTIMIZERS = ("adam", "signum", "muon")
 SCHEDULES = ("warmup-decay", "constant", "reference")
 RECIPES = ("sae-pipe", "reference")
 # What `--recipe reference` fixes: the RouteSAE reference implementation's training (swei2001/RouteSAEs,
@@ -33,10 +33,11 @@ REFERENCE_RECIPE: dict[str, Any] = {
 # Numbers of fit that are counts, seeds, rates or weights: NaN, infinite or negative ones are refused.
 NON_NEGATIVE = (
     *("lr", "router_lr", "aux_alpha", "revive", "route_balance", "max_tokens", "epochs", "seed"),
-    *("data_seed", "latents", "expansion", "dead_tokens", "k_aux"),
+    *("data_seed", "latents", "expansion", "dead_tokens", "k_aux", "sparsity_coeff", "sparsity_warmup", "bandwidth"),
 )
 MAX_LATENTS = 2**24  # the largest SAEs published have 16M latents; more is a typo (10**18 overflows torch)
 SWEEPABLE = (
+    "arch",
     "k",
     "latents",
     "expansion",
@@ -53,6 +54,11 @@ SWEEPABLE = (
     "dead_tokens",
     "revive",
     "schedule",
+    "sparsity_coeff",
+    "sparsity_warmup",
+    "bandwidth",
+    "prefixes",
+    "multi_topk",
 )
 
 
@@ -61,12 +67,21 @@ class FitConfig:
     """Everything `sae-pipe fit` needs; every field also lives in params.yaml's fit section."""
 
     cache: str = setting("", "cache folder or URL (the DVC stage passes the one extract made)")
-    arch: str = setting("topk", "topk | route")
+    arch: str = setting("topk", "topk | batchtopk | matryoshka | jumprelu | standard | gated | route")
     layer: int | None = setting(None, "topk: model layer to train on (default: the cache's only layer)")
     route_layers: str = setting("", "route: layers to route over (default: n/4..3n/4 within the cache)")
     latents: int = setting(0, "dictionary size (0 = expansion x hidden size)")
     expansion: int = setting(8, "latents per input dimension, when latents = 0")
     k: int = setting(32, "active latents per token")
+    prefixes: str = setting(
+        "", "matryoshka: nested dictionary sizes, comma-separated, the last = latents (default: n/16, n/8, n/4, n/2, n)"
+    )
+    multi_topk: bool = setting(False, "topk, batchtopk: also train the code at 4k, so one SAE serves several k")
+    sparsity_coeff: float = setting(
+        0.0, "standard, gated: L1 weight; jumprelu: L0 weight (0 = auto: adjusted while training so mean L0 meets k)"
+    )
+    sparsity_warmup: float = setting(0.05, "standard, gated, jumprelu: share of the run over which the penalty rises")
+    bandwidth: float = setting(0.0, "jumprelu: width of the straight-through estimator's kernel (0 = auto)")
     routing: str = setting("hard", "route: hard | soft")
     aggregate: str = setting("sum", "route: sum | mean of the routed layers as router input")
     lr: float = setting(0.0, "peak learning rate (0 = auto: Adam, by latents, run length and batch; see fit/optim.py)")
@@ -78,7 +93,7 @@ class FitConfig:
         "sae-pipe | reference (route: the RouteSAE paper's training: lr 5e-4 for all, batch 8192, its schedule, "
         "decoder renormalized every 100 steps, no AuxK)",
     )
-    optimizer: str = setting("adam", "adam | signum")
+    optimizer: str = setting("adam", "adam | signum | muon")
     betas: tuple[float, float] = setting((0.9, 0.999), "Adam betas (signum: betas[0] is the momentum)")
     schedule: str = setting(
         "warmup-decay", "warmup-decay (5 % warmup, decay over the last 20 %) | constant | reference (RouteSAE's)"
@@ -130,7 +145,7 @@ class Training:
     lr: float  # peak learning rate
     router_lr: float  # RouteSAE: the router's peak learning rate
     recipe: str  # sae-pipe | reference
-    optimizer: str  # adam | signum
+    optimizer: str  # adam | signum | muon
     betas: tuple[float, float]  # Adam betas (signum: betas[0] is the momentum)
     schedule: str  # warmup-decay | constant
     batch_size: int  # tokens per step
@@ -144,6 +159,10 @@ class Training:
     revive: float  # per-step rise of a dead latent's encoder bias, in mean k-th activations
     route_balance: float  # weight of the router's load-balancing loss
     precision: str  # encoder GEMM precision
+    multi_topk: bool  # also train the code at 4k
+    sparsity_coeff: float  # L1 (standard, gated) or L0 (jumprelu) weight; 0 = adjusted to meet k
+    sparsity_warmup: float  # share of the run over which the sparsity penalty rises
+    bandwidth: float  # jumprelu: straight-through kernel width (0 = auto)
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:

@@ -104,15 +104,22 @@ def plan_run(cfg: FitConfig, cache: ActivationCache) -> RunPlan:
     return RunPlan(cfg, sae, training, Folder.at(out_root(cfg)).child(name), record)
 
 
+# Settings added after runs were first named, at their default: left out of cfg.json's training block, so
+# runs trained before they existed keep their folder names (a TopK run's router_lr is 0: no router).
+LATER_DEFAULTS: dict[str, Any] = {
+    "router_lr": 0.0,
+    "recipe": "sae-pipe",
+    "multi_topk": False,
+    "sparsity_coeff": 0.0,
+    "sparsity_warmup": 0.05,
+    "bandwidth": 0.0,
+}
+
+
 def _training_record(training: Training) -> dict[str, Any]:
-    """cfg.json's training block. Settings at their no-op value (a TopK run's router_lr, the default recipe)
-    are left out, so runs trained before those settings existed keep their folder names."""
+    """cfg.json's training block, without the LATER_DEFAULTS settings that are at their default."""
     record = dataclasses.asdict(training)
-    if record["router_lr"] == 0.0:
-        del record["router_lr"]
-    if record["recipe"] == "sae-pipe":
-        del record["recipe"]
-    return record
+    return {k: v for k, v in record.items() if k not in LATER_DEFAULTS or v != LATER_DEFAULTS[k]}
 
 
 def run_tokens(cfg: FitConfig, train_rows: int, world: int = 1) -> int:

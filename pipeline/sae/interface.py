@@ -26,27 +26,30 @@ if TYPE_CHECKING:
 class SaeConfig:
     """Architecture of one SAE (the ``sae`` block of cfg.json)."""
 
-    arch: str = "topk"  # topk | route | relu | jumprelu | gated (the last three: imported, inference only)
+    arch: str = "topk"  # a key of REGISTRY: topk | route | ... (see pipeline/sae/archs/)
     d_in: int = 576  # input width: the model's hidden size
     n_latents: int = 4096  # dictionary size
-    k: int = 32  # active latents per token (0 for the inference-only architectures)
+    k: int = 32  # top-k architectures: active latents per token; the others: the L0 trained for (0 = imported)
     layers: list[int] = field(default_factory=list)  # model layer(s) read: [L] for topk, the routed range for route
     routing: str = "hard"  # route: hard (top layer times its weight) | soft (weighted sum of layers)
     aggregate: str = "sum"  # route: router input is the sum | mean of the routed layers
+    prefixes: list[int] = field(default_factory=list)  # matryoshka: nested dictionary sizes, the last = n_latents
 
     def __post_init__(self) -> None:
         if self.arch not in REGISTRY:
             raise UserError(f"unknown architecture {self.arch!r}; use one of {', '.join(REGISTRY)}.")
-        if self.arch in inference_only_archs():
-            if self.k != 0:
-                raise UserError(f"a {self.arch} SAE has no top-k: its k must be 0 (got {self.k}).")
-        elif not 0 < self.k < self.n_latents:
-            raise UserError(f"k={self.k} must be between 1 and the number of latents - 1 ({self.n_latents - 1}).")
+        low = 1 if REGISTRY[self.arch].top_k else 0  # a threshold code needs no k: imported ones have none
+        if not low <= self.k < self.n_latents:
+            raise UserError(f"k={self.k} must be between {low} and the number of latents - 1 ({self.n_latents - 1}).")
         if self.routing not in ("hard", "soft") or self.aggregate not in ("sum", "mean"):
             raise UserError(f"routing must be hard|soft and aggregate sum|mean (got {self.routing}, {self.aggregate}).")
 
     def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+        """cfg.json's sae block; prefixes only where set, so runs named before they existed keep their names."""
+        record = asdict(self)
+        if not self.prefixes:
+            del record["prefixes"]
+        return record
 
 
 class Latents(NamedTuple):
@@ -112,6 +115,18 @@ class Knobs(Protocol):
     @property
     def route_balance(self) -> float: ...  # weight of the router's load-balancing loss
 
+    @property
+    def multi_topk(self) -> bool: ...  # also train the code at 4k
+
+    @property
+    def sparsity_coeff(self) -> float: ...  # L1 (standard, gated) or L0 (jumprelu) weight; 0 = adjusted to meet k
+
+    @property
+    def sparsity_warmup(self) -> float: ...  # share of the run over which the sparsity penalty rises
+
+    @property
+    def bandwidth(self) -> float: ...  # jumprelu: straight-through kernel width (0 = auto)
+
 
 class SAE(nn.Module, ABC):
     """An SAE as every stage sees it; ``cfg`` is the ``sae`` block of its cfg.json."""
@@ -151,6 +166,7 @@ class SAE(nn.Module, ABC):
     # --- training: `fit` calls these hooks and nothing else, so a trainable architecture overrides them ---
 
     multi_layer: ClassVar[bool] = False  # reads all of cfg.layers at once, (B, L, D), instead of one (B, D)
+    top_k: ClassVar[bool] = True  # its code keeps the k largest latents (else a threshold decides; k may be 0)
     loss_names: ClassVar[tuple[str, ...]] = ()  # the loss terms logged in log.csv, after dead_share
 
     def prepare_training(self, knobs: Knobs) -> None:

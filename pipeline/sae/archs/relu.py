@@ -26,6 +26,8 @@ from pipeline.sae.interface import Latents, SaeConfig, pack, register
 class ReluSAE(TopKSAE):
     """SAELens ``standard``: a ReLU encoder."""
 
+    top_k = False
+
     def pre_acts(self, x: Tensor) -> Tensor:
         """Encoder pre-activations (B, N)."""
         return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc.t())
