@@ -1,11 +1,13 @@
 """Writing a run in the folder layouts SAELens and sparsify load (their conventions: :mod:`pipeline.interop.saelens`,
 :mod:`pipeline.interop.sparsify`; reading them back is `sae-pipe import`).
 
-* ``saelens``: ``cfg.json`` + ``sae_weights.safetensors``; loads with ``sae_lens.SAE.load_from_disk``. TopK
-  and the imported relu / jumprelu / gated SAEs. Per-token standardization maps to ``normalize_activations:
-  layer_norm`` (SAELens adds 1e-5 to the std where we add 1e-6, and scales back by std, not std + eps:
-  close, not exact); an imported ``layer_norm`` maps back exactly; a `scale` factor is folded into the
-  weights. The hook is ``blocks.L.hook_resid_pre``.
+* ``saelens``: ``cfg.json`` + ``sae_weights.safetensors``; loads with ``sae_lens.SAE.load_from_disk``. Every
+  single-layer architecture, as SAELens's inference classes name them (:data:`pipeline.interop.saelens.THEIRS`):
+  topk, standard (relu), jumprelu and gated as themselves; batchtopk and matryoshka (at full size) as a jumprelu
+  SAE whose every latent has the one batch threshold, as SAELens saves its own BatchTopK trainers. Per-token
+  standardization maps to ``normalize_activations: layer_norm`` (SAELens adds 1e-5 to the std where we add
+  1e-6, and scales back by std, not std + eps: close, not exact); an imported ``layer_norm`` maps back exactly;
+  a `scale` factor is folded into the weights. The hook is ``blocks.L.hook_resid_pre``.
 * ``sparsify``: ``layers.<L-1>/cfg.json`` + ``sae.safetensors``; loads with ``sparsify.SparseCoder.load_from_disk``.
   TopK only. sparsify hooks a block's *output*, so our layer L (input of block L) is its ``layers.<L-1>``.
   sparsify has no input normalization: with `standardize` the caller must standardize inputs and
@@ -19,14 +21,14 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
-from pipeline.interop.saelens import OWN, saelens_files
+from pipeline.interop.saelens import OWN, THEIRS, saelens_files
 from pipeline.interop.saelens import WEIGHTS as SAELENS_WEIGHTS
 from pipeline.interop.sparsify import WEIGHTS as SPARSIFY_WEIGHTS
 from pipeline.interop.sparsify import sparsify_files
-from pipeline.sae.archs.topk import TopKSAE
 from pipeline.sae.folder import load_sae
 
 FORMATS = ("saelens", "sparsify")
@@ -37,10 +39,16 @@ def export_run(run: str, fmt: str, out: str) -> Folder:
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}.")
     model, cfg = load_sae(run)
-    if not isinstance(model, TopKSAE):
+    arch = cfg["sae"]["arch"]
+    if model.multi_layer:
         raise UserError("RouteSAEs cannot be exported: neither SAELens nor sparsify represents the layer router.")
-    if fmt == "sparsify" and cfg["sae"]["arch"] != "topk":
-        raise UserError(f"sparsify has TopK SAEs only; export this {cfg['sae']['arch']} SAE with --format saelens.")
+    if arch not in THEIRS:
+        raise UserError(f"sae-pipe has no SAELens form for {arch} SAEs; it exports {', '.join(sorted(THEIRS))}.")
+    if fmt == "sparsify" and arch != "topk":
+        raise UserError(
+            f"sparsify holds TopK SAEs only; export this {arch} SAE with --format saelens (it takes "
+            f"{', '.join(sorted(THEIRS))}); --format sparsify takes topk."
+        )
     tensors, normalization = _folded(model, cfg)
     folder = Folder.at(out)
     if folder.exists() and folder.list():
@@ -50,7 +58,7 @@ def export_run(run: str, fmt: str, out: str) -> Folder:
     return _sparsify(folder, tensors, cfg, normalization)
 
 
-def _folded(model: TopKSAE, cfg: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _folded(model: nn.Module, cfg: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Weights (float32) with a `scale` normalization factor folded in (x' = c x), and the normalization left."""
     norm = cfg["cache"]["normalization"]
     tensors = {name: value.detach().float().clone() for name, value in model.state_dict().items()}

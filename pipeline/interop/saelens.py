@@ -40,7 +40,17 @@ from pipeline.sae.interface import SaeConfig
 
 CFG, WEIGHTS, SCALER = "cfg.json", "sae_weights.safetensors", "activation_scaler.json"
 ARCHITECTURES = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}  # theirs -> ours
-THEIRS = {ours: theirs for theirs, ours in ARCHITECTURES.items()}
+# ours -> theirs, for export. SAELens saves its BatchTopK and Matryoshka BatchTopK trainers as inference JumpReLU
+# SAEs: the one batch-estimated threshold becomes every latent's threshold (sae_lens/saes/batchtopk_sae.py,
+# BatchTopKTrainingSAE.process_state_dict_for_saving_inference, inherited by matryoshka_batchtopk_sae.py; the config
+# from get_inference_config_class = JumpReLUSAEConfig) and the trainer is named in metadata.training_architecture
+# (sae_lens/saes/sae.py, _metadata_with_training_info). Neither trainer is an inference class SAE.load_from_disk
+# builds. A Matryoshka SAE exports at its full size (the inference form of its outer prefix).
+THEIRS = {
+    **{ours: theirs for theirs, ours in ARCHITECTURES.items()},
+    **{"standard": "standard", "batchtopk": "jumprelu", "matryoshka": "jumprelu"},
+}
+TRAINED_AS = {"batchtopk": "batchtopk", "matryoshka": "matryoshka_batchtopk"}  # SAELens's names of those trainers
 LAYER_NORM_EPS = 1e-5  # SAELens's, fixed in its code
 HOOK = re.compile(r"blocks\.(\d+)\.hook_resid_(pre|post)")
 VERSION = "6.54.12"  # the version whose loader the written layout was checked against
@@ -117,6 +127,9 @@ def read_saelens(folder: Path) -> Foreign:
         tensors["threshold"] = tensors.pop("log_threshold").float().exp()
         notes.append("threshold = exp(log_threshold) (an older JumpReLU file)")
     check_tensors(folder, tensors, their_shapes(THEIRS[arch], d_in, d_sae))
+    trainer = (raw["metadata"] if isinstance(raw.get("metadata"), dict) else {}).get("training_architecture")
+    if trainer not in (None, s["architecture"]):
+        notes.append(f"trained as {trainer}, saved in its inference form {s['architecture']}")
     own = s.get(OWN)
     return Foreign(
         "saelens",
@@ -232,9 +245,13 @@ def _normalization(method: str, folder: Path, layer: int, notes: list[str]) -> N
 
 
 def saelens_files(
-    arch: str, tensors: dict[str, torch.Tensor], sizes: dict[str, int], normalize: str, meta: dict[str, Any]
+    arch: str, tensors: dict[str, torch.Tensor], sizes: dict[str, Any], normalize: str, meta: dict[str, Any]
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """cfg.json and the weights of an SAE in SAELens's layout (our tensors already have `scale` folded in)."""
+    trained: dict[str, Any] = {}
+    if arch in TRAINED_AS:  # as SAELens records the trainer of an SAE it saves in inference form
+        details = {"k": sizes["k"], **({"matryoshka_widths": sizes["prefixes"]} if sizes.get("prefixes") else {})}
+        trained = {"training_architecture": TRAINED_AS[arch], "training_architecture_details": details}
     config = {
         "architecture": THEIRS[arch],
         "d_in": sizes["d_in"],
@@ -245,8 +262,19 @@ def saelens_files(
         "apply_b_dec_to_input": True,
         "reshape_activations": "none",
         "normalize_activations": normalize,
-        "metadata": {"sae_lens_version": VERSION, **meta},
+        "metadata": {"sae_lens_version": VERSION, **meta, **trained},
     }
-    weights = {("b_gate" if arch == "gated" and n == "b_enc" else n): v.contiguous() for n, v in tensors.items()}
-    weights["W_enc"] = tensors["W_enc"].T.contiguous()  # (D, N)
-    return config, weights
+    return config, their_weights(THEIRS[arch], tensors, sizes["n_latents"])
+
+
+def their_weights(theirs: str, t: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+    """Our tensors under the names SAELens's ``theirs`` architecture loads; training-only state stays out."""
+    weights = {"W_enc": t["W_enc"].T, "W_dec": t["W_dec"], "b_dec": t["b_dec"]}  # W_enc (D, N)
+    if theirs == "gated":
+        weights.update(b_gate=t["b_enc"], r_mag=t["r_mag"], b_mag=t["b_mag"])
+    else:
+        weights["b_enc"] = t["b_enc"]
+    if theirs == "jumprelu":  # SAELens's inference JumpReLU loads `threshold` only (no log_threshold conversion)
+        threshold = t["threshold"] if "threshold" in t else t["log_threshold"].exp()  # (N,) or () for BatchTopK
+        weights["threshold"] = threshold.expand(n)  # (N,)
+    return {name: value.contiguous() for name, value in weights.items()}

@@ -36,6 +36,8 @@ TRAINING = frozenset(  # how the weights were found (losses, optimizer, schedule
         "log_to_wandb", "wandb_project", "wandb_entity", "wandb_id", "wandb_log_frequency",
         "eval_every_n_wandb_logs", "logger", "run_name", "n_eval_batches", "eval_batch_size_prompts", "hook_eval",
         "hook_point_eval", "n_batches_for_norm_estimate", "sae_lens_training_version", "seed", "verbose",
+        # the trainer of an SAE saved in inference form (BatchTopK, Matryoshka BatchTopK as jumprelu) and its settings
+        "training_architecture", "training_architecture_details",
     }
 )  # fmt: skip
 DATA = frozenset(  # which text fed the model while training (dataset, packing, BOS, special tokens, positions):
