@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
 from pipeline.interop.export import export_run
 from pipeline.interop.importing import read_checkpoint
@@ -123,3 +124,15 @@ def test_every_arch_exports_as_saelens_computes_it_and_imports_back(
     imported = read_checkpoint(folder).module()
     with torch.no_grad():
         torch.testing.assert_close(imported.dense_code(x), code, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "jumprelu"])
+def test_sparsify_refuses_what_it_cannot_hold_and_names_the_format_that_can(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, arch: str
+) -> None:
+    if arch not in REGISTRY:
+        monkeypatch.setitem(REGISTRY, arch, STAND_INS.get(arch, ReluSAE))
+    run, _ = run_folder(tmp_path, arch, "none")
+    with pytest.raises(UserError, match=f"sparsify holds TopK SAEs only; export this {arch} SAE with --format saelens"):
+        export_run(run, "sparsify", str(tmp_path / "export"))
+    assert not (tmp_path / "export").exists()

@@ -54,6 +54,14 @@ SAELENS_CASES = [  # (id, architecture, config options, legacy flat config, hook
     ("legacy-topk", "topk", {}, True, "blocks.3.hook_resid_pre", 3),
     ("legacy-standard", "standard", {}, True, "blocks.1.hook_resid_pre", 1),
     ("legacy-jumprelu-log-threshold", "jumprelu", {}, True, "blocks.1.hook_resid_pre", 1),
+    (  # SAELens saves its BatchTopK trainer as jumprelu, naming the trainer in metadata (save_inference_model)
+        "batchtopk-saved-as-jumprelu",
+        "jumprelu",
+        {"meta": {"training_architecture": "batchtopk", "training_architecture_details": {"k": 8.0}}},
+        False,
+        "blocks.1.hook_resid_pre",
+        1,
+    ),
 ]
 
 
