@@ -35,6 +35,7 @@ class Signum(torch.optim.Optimizer):
 
 REFERENCE_TOKENS = 800_000  # run length the size rule was fitted at (the demo: 2 epochs of the built-in corpus)
 REFERENCE_BATCH = 4096  # tokens per step the size and length rules were fitted at
+MUON_LR = 2e-3  # sparsify's default for Muon, which it keeps for every dictionary size (trainer.py)
 
 
 def auto_lr(optimizer: str, n_latents: int, tokens: int, batch_size: int = REFERENCE_BATCH) -> float:
@@ -53,8 +54,11 @@ def auto_lr(optimizer: str, n_latents: int, tokens: int, batch_size: int = REFER
     0.5 % of FVU against 1.2e-2, with none silent either way. The batch factor is Adam's square-root
     scaling rule: at 16384 latents and 0.8M tokens it gives 1e-3 at batch 1024 and 5e-4 at 256, each with
     a better FVU than 2e-3 at 4096 (0.104 against 0.111) and a similar silent share (3.1 / 2.4 % against
-    2.9 %); larger batches keep the measured rate. Signum is not re-measured.
+    2.9 %); larger batches keep the measured rate. Signum is not re-measured. Muon: 2e-3 at every size
+    (MUON_LR, sparsify's default).
     """
+    if optimizer == "muon":
+        return MUON_LR
     if optimizer == "adam":
         size = 2e-3 * max(1.0, 16384 / n_latents) ** 0.65
         length = min(1.0, REFERENCE_TOKENS / max(tokens, 1)) ** 0.25
@@ -79,10 +83,82 @@ def param_groups(model: nn.Module, lr: float, router_lr: float) -> list[dict[str
 def make_optimizer(
     name: str, groups: list[dict[str, Any]], betas: tuple[float, float], device: torch.device
 ) -> torch.optim.Optimizer:
-    """Adam (fused kernel on CPU and CUDA) or Signum over parameter ``groups`` (see param_groups)."""
+    """Adam (fused kernel on CPU and CUDA), Signum, or Muon with Adam (MuonAdam) over parameter ``groups``
+    (see param_groups)."""
     if name == "signum":  # names are checked once, by fit.config.Training
         return Signum(groups, lr=groups[0]["lr"], momentum=betas[0])
-    return torch.optim.Adam(groups, lr=groups[0]["lr"], betas=betas, fused=device.type in ("cpu", "cuda"))
+    fused = device.type in ("cpu", "cuda")
+    if name == "muon":
+        return MuonAdam(groups, betas, fused)
+    return torch.optim.Adam(groups, lr=groups[0]["lr"], betas=betas, fused=fused)
+
+
+class MuonAdam(torch.optim.Optimizer):
+    """Muon (torch.optim.Muon) on the SAE's weight matrices, Adam on the rest, as one optimizer.
+
+    Muon is defined for matrices only: it steps along the orthogonalized Nesterov momentum U V^T (five
+    Newton-Schulz iterations, in bf16) of each matrix. The split is sparsify's (trainer.py: Muon for every
+    parameter with ndim >= 2, torch.optim.Adam for the rest at the same lr), and so is the step size: lr x
+    0.2 sqrt(max(rows, cols)) (its muon.py; torch's ``adjust_lr_fn="match_rms_adamw"``, Moonshot's rule
+    that gives the update the RMS of an AdamW step), with momentum 0.95 and decoupled weight decay 0.1
+    (the default of both). Only the first group (the SAE's own parameters) goes to Muon: a RouteSAE's
+    router maps to one logit per layer, a classifier head, which Muon's author leaves to AdamW
+    (kellerjordan.github.io/posts/muon), and its rate was measured for Adam.
+
+    ``param_groups`` lists Muon's groups, then Adam's (the router first), each with its ``base_lr`` so the
+    schedule scales all of them; ``state_dict`` numbers the parameters across both, so a checkpoint holds
+    one optimizer state.
+    """
+
+    def __init__(self, groups: list[dict[str, Any]], betas: tuple[float, float], fused: bool) -> None:
+        first, *others = groups
+        matrices = [p for p in first["params"] if p.ndim == 2]
+        rest = [p for p in first["params"] if p.ndim != 2]
+        self.parts: list[torch.optim.Optimizer] = [
+            torch.optim.Muon([{**first, "params": matrices}], lr=first["lr"], adjust_lr_fn="match_rms_adamw")
+        ]
+        adam_groups = [g for g in [*others, {**first, "params": rest}] if g["params"]]
+        if adam_groups:
+            self.parts.append(torch.optim.Adam(adam_groups, lr=first["lr"], betas=betas, fused=fused))
+        super().__init__([p for g in groups for p in g["params"]], {})
+        self.param_groups = [g for part in self.parts for g in part.param_groups]  # the parts' own dicts
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for part in self.parts:
+            part.step()
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """The parts' states as one torch state_dict: parameter ids run on from one part to the next."""
+        state: dict[int, Any] = {}
+        groups: list[dict[str, Any]] = []
+        offset = 0
+        for part in self.parts:
+            own = part.state_dict()
+            state.update({offset + pid: slots for pid, slots in own["state"].items()})
+            groups += [{**g, "params": [offset + pid for pid in g["params"]]} for g in own["param_groups"]]
+            offset += sum(len(g["params"]) for g in own["param_groups"])
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Give each part its share of a state_dict written by ``state_dict``."""
+        first_group = offset = 0
+        for part in self.parts:
+            groups = state_dict["param_groups"][first_group : first_group + len(part.param_groups)]
+            count = sum(len(g["params"]) for g in groups)
+            part.load_state_dict(
+                {
+                    "state": {pid - offset: s for pid, s in state_dict["state"].items() if 0 <= pid - offset < count},
+                    "param_groups": [{**g, "params": [pid - offset for pid in g["params"]]} for g in groups],
+                }
+            )
+            first_group, offset = first_group + len(groups), offset + count
+        self.param_groups = [g for part in self.parts for g in part.param_groups]  # loading made new dicts
 
 
 WARMUP_SHARE = 0.05  # of all steps, linear warmup from ~0

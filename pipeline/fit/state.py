@@ -92,5 +92,9 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
             state.setdefault(int(pid), {})[slot] = value
     for pid, slots in meta["scalars"].items():
         state.setdefault(int(pid), {}).update(slots)
-    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
+    # JSON made lists of the groups' tuples (Adam's betas, Muon's Newton-Schulz coefficients)
+    groups = [
+        {k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
+        for g in meta["param_groups"]
+    ]
     return {"state": state, "param_groups": groups}
