@@ -25,6 +25,7 @@ ALLOWED = {
     "interpret": STAGE_BASE,
     "steer": STAGE_BASE,
     "circuit": STAGE_BASE,
+    "cli": {*STAGE_BASE, "extract", "fit", "evaluate", "interpret", "steer", "circuit"},  # the top: may import all
 }
 
 

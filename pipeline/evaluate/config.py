@@ -17,7 +17,7 @@ SPLICES = ("scaled", "paper")
 class EvaluateConfig:
     """Everything `sae-pipe evaluate` needs; every field also lives in params.yaml's evaluate section."""
 
-    runs: list[str] = setting(doc="run folders to evaluate", factory=list)
+    runs: list[str] = setting(doc="run folder(s) printed by `sae-pipe fit`", factory=list)
     max_tokens: int = setting(0, "held-out tokens to use (0 = all the held-out split has)")
     batch_size: int = setting(4, "sequences per LLM forward")
     metrics: list[str] = setting(

@@ -11,7 +11,7 @@ from pipeline.infra.params import setting
 class InterpretConfig:
     """Everything `sae-pipe interpret` needs; every field also lives in params.yaml's interpret section."""
 
-    run: str = setting("", "run folder")
+    run: str = setting("", "a run folder printed by `sae-pipe fit`")
     cache: str = setting("", "cache to read (default: the one in the run's cfg.json; must be that one)")
     max_tokens: int = setting(100_000, "held-out tokens to scan (0 = all)")
     batch_size: int = setting(4096, "rows per SAE forward")

@@ -1,39 +1,21 @@
-"""`sae-pipe cache ...`: list, inspect, verify and repair activation caches; and the option helpers every
-command module shares."""
+"""`sae-pipe cache ...`: list, inspect, verify and repair activation caches."""
 
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
+from pipeline.cli.options import JsonOpt
 from pipeline.infra.console import console
-from pipeline.infra.params import doc
 
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect and check activation caches.")
 
 CacheRootOpt = Annotated[
     str | None, typer.Option("--cache-root", help="Root folder (or fsspec URL) of the caches [default: cache].")
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout (its last line).")]
-ParamsOpt = Annotated[
-    str | None,
-    typer.Option("--params", help="Read defaults from this params.yaml (options given on the command line win)."),
-]
 CachePathArg = Annotated[str, typer.Argument(help="A cache folder (cache/activations/<key>) or URL.")]
-
-
-def opt(cls: type, name: str, *decls: str) -> Any:
-    """The option of config field ``name``: its help is the field's doc, written once in the config."""
-    return typer.Option(*(decls or (f"--{name.replace('_', '-')}",)), help=doc(cls, name))
-
-
-def params_of(path: str | None) -> dict[str, Any] | None:
-    """The --params file's sections, or None without one."""
-    from pipeline.infra.params import load_params
-
-    return load_params(path) if path else None
 
 
 @cache_app.command("list")

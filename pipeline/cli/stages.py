@@ -1,0 +1,160 @@
+"""The stage commands (extract, fit, evaluate, interpret, steer, circuit): each option is generated from the
+stage's config (pipeline/cli/options.py); a body here only builds the config and prints what a script wants."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from pipeline.circuit.config import CircuitConfig
+from pipeline.cli.options import Configured, Form, Given, JsonOpt, commas, configured
+from pipeline.evaluate.config import EvaluateConfig
+from pipeline.extract.config import ExtractConfig
+from pipeline.fit.config import FitConfig
+from pipeline.infra.console import console
+from pipeline.interpret.config import InterpretConfig
+from pipeline.steer.config import SteerConfig
+
+
+def _sweep(items: list[str], flag: str) -> dict[str, list[str]]:
+    from pipeline.fit.plan import parse_sweep
+
+    return parse_sweep(items)
+
+
+# --all FOLDER: every finished run in it. Not a setting: it adds to the runs the command is given.
+EvaluateAll = Annotated[
+    str | None,
+    typer.Option("--all", help="Evaluate every finished run in this folder and write a comparison table and plots."),
+]
+InterpretAll = Annotated[
+    str | None, typer.Option("--all", help="Interpret every finished run in this folder and write a comparison page.")
+]
+# steer's repeatable options are singular (one edit, prompt, latent or strength per use); their fields are lists.
+SINGULAR = {"features": "feature", "prompts": "prompt", "eval_features": "eval_feature", "strengths": "strength"}
+
+
+@configured(Configured(ExtractConfig, "extract", shared=("model", "data")))
+def extract(given: Given[ExtractConfig]) -> None:
+    """Run the LLM once and cache normalized hidden states; prints the cache folder last."""
+    from pipeline.extract.stage import extract as run_extract
+    from pipeline.infra.distributed import Ranks
+
+    cfg = given.config()
+    ranks = Ranks.from_env()
+    folder = run_extract(cfg, ranks)
+    if ranks.is_main:  # under torchrun, one line from rank 0
+        typer.echo(folder.url)
+
+
+@configured(Configured(FitConfig, "fit", forms={"sweep": Form(list[str] | None, _sweep)}))
+def fit(given: Given[FitConfig]) -> None:
+    """Train SAEs of any trainable architecture on a cache (a sweep from one read); prints one run folder per line."""
+    from pipeline.fit.stage import fit as run_fit
+    from pipeline.infra.distributed import Ranks
+
+    cfg = given.config()
+    ranks = Ranks.from_env()
+    folders = run_fit(cfg, ranks)
+    if ranks.is_main:
+        for folder in folders:
+            typer.echo(folder.url)
+
+
+@configured(
+    Configured(
+        EvaluateConfig,
+        "evaluate",
+        arguments=("runs",),
+        forms={"metrics": commas()},
+        extras={"all_in": (EvaluateAll, None), "as_json": (JsonOpt, False)},
+    )
+)
+def evaluate(given: Given[EvaluateConfig]) -> None:
+    """Reconstruction metrics on held-out tokens, and KL / CE with the SAE spliced into the LLM."""
+    from pipeline.evaluate.compare import find_runs, one_line, write_comparison
+    from pipeline.evaluate.stage import evaluate as run_evaluate
+    from pipeline.infra.files import Folder
+
+    all_in = given.extras["all_in"]
+    cfg = given.config(runs=(given.overrides["runs"] or []) + (find_runs(all_in) if all_in else []))
+    results = run_evaluate(cfg)
+    if all_in:
+        root = Folder.at(cfg.out) if cfg.out else Folder.at(cfg.cache_root).child("evaluate")
+        for path in write_comparison(results, root):
+            console.print(f"wrote {path}")
+    if given.extras["as_json"]:
+        typer.echo(json.dumps(results[0] if len(results) == 1 else results))
+    else:
+        typer.echo("\n".join(map(one_line, results)))
+
+
+@configured(
+    Configured(
+        InterpretConfig,
+        "interpret",
+        arguments=("run",),
+        forms={"score": commas(empty=[])},  # --score "" turns the scorers of params.yaml off
+        extras={"all_in": (InterpretAll, None)},
+    )
+)
+def interpret(given: Given[InterpretConfig]) -> None:
+    """Feature tables (parquet), GPT-4o explanations, their scores on held-out examples and an HTML report;
+    prints the output folder (with --all, the comparison page)."""
+    from pipeline.evaluate.compare import find_runs
+    from pipeline.interpret.compare import interpret_all
+    from pipeline.interpret.stage import interpret as run_interpret
+
+    cfg = given.config()
+    all_in, run = given.extras["all_in"], given.overrides["run"]
+    if all_in:
+        typer.echo(interpret_all(cfg, ([run] if run else []) + find_runs(all_in)))
+    else:
+        typer.echo(run_interpret(cfg)["out"])
+
+
+@configured(
+    Configured(
+        SteerConfig,
+        "steer",
+        arguments=("run",),
+        required=("run",),
+        names=SINGULAR,
+        extras={"as_json": (JsonOpt, False)},
+    )
+)
+def steer(given: Given[SteerConfig]) -> None:
+    """Generate with and without latent edits, side by side (with --json: one object per prompt).
+
+    With --evaluate: measure effect against cost for features x strengths; prints the output folder last."""
+    cfg = given.config()
+    if cfg.evaluate:
+        from pipeline.steer.evaluation import evaluate_steering
+
+        typer.echo(evaluate_steering(cfg).url)
+        return
+    from pipeline.steer.stage import steer as run_steer
+
+    for record in run_steer(cfg):
+        if given.extras["as_json"]:
+            typer.echo(json.dumps(record))
+        else:
+            typer.echo(f"prompt:   {record['prompt']}\nunedited: {record['unedited']}\nedited:   {record['edited']}\n")
+
+
+@configured(
+    Configured(
+        CircuitConfig,
+        "circuit",
+        arguments=("runs",),
+        forms={"method": commas(), "lambdas": commas(float), **{n: commas(int) for n in ("sizes", "layers", "seeds")}},
+    )
+)
+def circuit(given: Given[CircuitConfig]) -> None:
+    """Find the SAE latents a task needs (learned masks, integrated gradients, attribution patching), choose a
+    circuit on validation pairs and measure every circuit on held-out test pairs; prints the output folder last."""
+    from pipeline.circuit.stage import circuit as run_circuit
+
+    typer.echo(run_circuit(given.config()).url)
