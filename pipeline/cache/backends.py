@@ -6,6 +6,8 @@ cached layers, ``n`` = rows of the split):
     train/act, heldout/act        (L, n, D)  float16 (or float32, or int8), layer-major so that one
                                              layer is one contiguous block
     train/scale, heldout/scale    (L, n)     float32 per-token scales of an int8 cache only
+    */mlp_in, */mlp_out           (L, n, D)  the MLP sites, when extracted (pipeline.llm.sites), with their
+    */mlp_in_scale, ...           (L, n)     own int8 scales
     */token, */doc                (n,)       int32 token id, document id
     */pos                         (n,)       uint16 position in the packed sequence
     heldout/seq                   (n,)       int32 row of heldout/sequences it comes from

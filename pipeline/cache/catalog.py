@@ -35,6 +35,7 @@ def list_caches(cache_root: str) -> list[dict[str, Any]]:
                 "model": spec["model"]["name"],
                 "dataset": spec["corpus"]["dataset"],
                 "layers": spec["layers"],
+                "sites": spec.get("sites", ["resid"]),
                 "rows": manifest.get("rows", {}).get("total"),
                 "bytes": manifest.get("bytes"),
                 "backend": spec["backend"],
@@ -49,13 +50,14 @@ def summarize(cache: ActivationCache) -> dict[str, Any]:
     manifest = cache.manifest
     rows = manifest["rows"]
     layers = cache.layers
-    data_bytes = rows["total"] * len(layers) * cache.d_model * np.dtype(manifest["spec"]["dtype"]).itemsize
+    blocks = len(layers) * len(cache.sites)  # (L, n, D) arrays per site
+    data_bytes = rows["total"] * blocks * cache.d_model * np.dtype(manifest["spec"]["dtype"]).itemsize
     info = {key: value for key, value in manifest.items() if key != "shards"}
     info["path"] = cache.folder.url
     info["n_shards"] = len(manifest["shards"])
     info["disk"] = {
         "bytes": manifest["bytes"],
-        "bytes_per_token_per_layer": manifest["bytes"] / max(rows["total"] * len(layers), 1),
+        "bytes_per_token_per_layer": manifest["bytes"] / max(rows["total"] * blocks, 1),
         "activation_bytes": data_bytes,
         "overhead_share": manifest["bytes"] / max(data_bytes, 1) - 1,
     }
@@ -106,7 +108,7 @@ def catalog_rows(caches: list[dict[str, Any]]) -> list[tuple[str, ...]]:
             c["key"],
             c["status"],
             str(c.get("model", "")),
-            str(c.get("layers", "")),
+            str(c.get("layers", "")) + "".join(f" +{s}" for s in c.get("sites", []) if s != "resid"),
             f"{c['rows']:,}" if c.get("rows") else "-",
             f"{c['bytes'] / 2**20:,.1f}" if c.get("bytes") else "-",
             str(c.get("backend", "")),

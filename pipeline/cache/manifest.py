@@ -24,6 +24,12 @@ LAYER_CONVENTION = (
 SPLITS = ("train", "heldout")
 
 
+def site_arrays(site: str) -> tuple[str, str]:
+    """A site's activation array and its int8 scale array: ``act`` / ``scale`` for the residual stream (as
+    every cache has held them), ``mlp_in`` / ``mlp_in_scale`` and so on for the MLP sites."""
+    return ("act", "scale") if site == "resid" else (site, f"{site}_scale")
+
+
 def cache_key(spec: dict[str, Any]) -> str:
     """A readable prefix plus a hash of the whole spec: equal specs, equal folders."""
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]

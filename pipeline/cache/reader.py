@@ -12,7 +12,8 @@ import numpy as np
 
 from pipeline.cache import compact
 from pipeline.cache.backends import STORE_DTYPES, get_backend
-from pipeline.cache.manifest import read_manifest, shard_name
+from pipeline.cache.manifest import read_manifest, shard_name, site_arrays
+from pipeline.cache.normalize import Normalizer
 from pipeline.infra.errors import CorruptError, UserError
 from pipeline.infra.files import Folder
 
@@ -59,6 +60,18 @@ class ActivationCache:
         return list(self.manifest["spec"]["layers"])
 
     @property
+    def sites(self) -> list[str]:
+        """What is stored per layer (pipeline.llm.sites): resid, plus mlp_in / mlp_out where extracted."""
+        return list(self.manifest["spec"].get("sites", ["resid"]))
+
+    def site_normalizer(self, site: str = "resid") -> Normalizer:
+        """How a site's rows were normalized (the MLP sites: one `scale` factor per layer, see extract)."""
+        if site not in self.sites:
+            raise UserError(f"cache {self.key} holds {', '.join(self.sites)}, not {site}; extract it with --sites.")
+        data = self.manifest["normalization"] if site == "resid" else self.manifest["site_normalization"][site]
+        return Normalizer.from_dict(data)
+
+    @property
     def d_model(self) -> int:
         return int(self.manifest["d_model"])
 
@@ -94,16 +107,17 @@ class ActivationCache:
         self._check_dtype(shard, name)
         self.backend.read_into(self.folder.child("shards", shard_name(shard)), name, first, out)
 
-    def layer_rows(self, shard: int, split: str, position: int) -> np.ndarray:
-        """One layer's rows (n, D) of a shard's split as float32, decoded when the cache is int8."""
-        codes = self.read(shard, f"{split}/act", position)  # (n, D)
+    def layer_rows(self, shard: int, split: str, position: int, site: str = "resid") -> np.ndarray:
+        """One layer's rows (n, D) of a shard's split at ``site`` as float32, decoded when the cache is int8."""
+        act, scale = site_arrays(site)
+        codes = self.read(shard, f"{split}/{act}", position)  # (n, D)
         if self.compact:
-            return compact.dequantize(codes, self.read(shard, f"{split}/scale", position))
+            return compact.dequantize(codes, self.read(shard, f"{split}/{scale}", position))
         return codes.astype(np.float32)
 
     def _check_dtype(self, shard: int, name: str) -> None:
         """Refuse activations stored in another dtype than the manifest says (raw reads would misread them)."""
-        if not name.endswith("/act") or (shard, name) in self._dtype_checked:
+        if name.split("/")[-1] not in [site_arrays(s)[0] for s in self.sites] or (shard, name) in self._dtype_checked:
             return
         stored = self.backend.dtype(self.folder.child("shards", shard_name(shard)), name)
         if stored != np.dtype(STORE_DTYPES[self.dtype]):
@@ -118,15 +132,21 @@ class ActivationCache:
         """Held-out rows shard by shard as float32 (shard, (n, L, D)) for ``layers``, at most ``max_rows`` (0 = all)."""
         return self.split_rows("heldout", layers, max_rows)
 
-    def split_rows(self, split: str, layers: list[int], max_rows: int = 0) -> Iterator[tuple[int, np.ndarray]]:
-        """Rows of ``split`` (train | heldout) shard by shard, in stored order, as :meth:`heldout_rows` gives them."""
+    def split_rows(
+        self, split: str, layers: list[int], max_rows: int = 0, site: str = "resid"
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """Rows of ``split`` (train | heldout) at ``site``, shard by shard, in stored order, as
+        :meth:`heldout_rows` gives them."""
         left = max_rows or self.rows(split)
         positions = [self.layer_index(layer) for layer in layers]
+        if site not in self.sites:
+            raise UserError(f"cache {self.key} holds {', '.join(self.sites)}, not {site}; extract it with --sites.")
         for record in self.shards:
             n = min(record["rows"][split], left)
             if n <= 0:
                 continue
-            yield record["index"], np.stack([self.layer_rows(record["index"], split, p)[:n] for p in positions], 1)
+            rows = [self.layer_rows(record["index"], split, p, site)[:n] for p in positions]  # L x (n, D)
+            yield record["index"], np.stack(rows, 1)  # (n, L, D)
             left -= n
 
     def heldout_sequences(self, max_tokens: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.cache.compact import SCALE_DTYPE, dequantize
+from pipeline.cache.manifest import site_arrays
 from pipeline.cache.reader import ActivationCache
+from pipeline.infra.errors import UserError
 
 MOVE_BYTES = 16 * 2**20  # rows moved per copy when the pool is compacted
 
@@ -33,24 +35,35 @@ class StreamSpec:
     prefetch: int = 4  # batches prepared ahead
     rank: int = 0  # this process reads shards rank, rank + world, ...
     world: int = 1
+    sites: tuple[str, ...] = ("resid",)  # with MLP sites, axis 0 is site-major: (S * L, B, D), same rows
 
 
 class ActivationStream:
     """Iterates over fixed-size batches (L, B, D) of training rows, epoch after epoch.
 
-    Batches are layer-major like the cache: ``batch[i]`` is one layer's (B, D) block, contiguous. They
+    Batches are layer-major like the cache: ``batch[i]`` is one layer's (B, D) block, contiguous; a stream
+    of several sites serves, for each site in turn, its layers' blocks of the same rows (transcoders read
+    mlp_in and mlp_out of one token side by side). They
     come in the cache's dtype (float16 or float32), or decoded to float32 from an int8 cache, whose pool
     keeps the codes and their per-token scales (a quarter of float32's memory).
     """
 
     def __init__(self, cache: ActivationCache, spec: StreamSpec) -> None:
         self.cache, self.spec = cache, spec
-        self.layer_pos = [cache.layer_index(layer) for layer in spec.layers]
+        positions = [cache.layer_index(layer) for layer in spec.layers]
+        missing = [site for site in spec.sites if site not in cache.sites]
+        if missing:
+            raise UserError(
+                f"cache {cache.key} holds {', '.join(cache.sites)}, not {', '.join(missing)}; "
+                "extract it with --sites resid,mlp_in,mlp_out."
+            )
+        # (activation array, its int8 scale array, layer position) of each block on the batch's axis 0
+        self.blocks = [(*site_arrays(site), pos) for site in spec.sites for pos in positions]
         self.shard_rows = {r["index"]: int(r["rows"]["train"]) for r in cache.shards if r["rows"]["train"] > 0}
         self.shards = sorted(self.shard_rows)[spec.rank :: spec.world]
         self.rows = sum(self.shard_rows[i] for i in self.shards)
-        row_bytes = len(self.layer_pos) * cache.d_model * np.dtype(cache.manifest["spec"]["dtype"]).itemsize
-        row_bytes += len(self.layer_pos) * np.dtype(SCALE_DTYPE).itemsize if cache.compact else 0
+        row_bytes = len(self.blocks) * cache.d_model * np.dtype(cache.manifest["spec"]["dtype"]).itemsize
+        row_bytes += len(self.blocks) * np.dtype(SCALE_DTYPE).itemsize if cache.compact else 0
         largest = max(self.shard_rows.values(), default=1)
         wanted = max(int(spec.pool_mb * 2**20) // row_bytes, 2 * (largest + spec.batch_size))  # room to refill
         self.pool_rows = min(wanted, self.rows + spec.batch_size)  # never more than the data needs
@@ -97,9 +110,9 @@ class ActivationStream:
         size = self.spec.batch_size
         if self._pool is None:
             dtype = self.cache.manifest["spec"]["dtype"]
-            self._pool = np.empty((len(self.layer_pos), self.pool_rows, self.cache.d_model), dtype=dtype)
+            self._pool = np.empty((len(self.blocks), self.pool_rows, self.cache.d_model), dtype=dtype)
             if self.cache.compact:
-                self._scales = np.empty((len(self.layer_pos), self.pool_rows), dtype=SCALE_DTYPE)
+                self._scales = np.empty((len(self.blocks), self.pool_rows), dtype=SCALE_DTYPE)
         pool = self._pool  # (L, rows, D)
         filled = 0
         for _ in range(epochs):
@@ -134,10 +147,10 @@ class ActivationStream:
         return keep
 
     def _read_into(self, pool: np.ndarray, start: int, shard: int) -> int:
-        """Read one shard's training rows of the requested layers straight into the pool; return their count."""
+        """Read one shard's training rows of the requested blocks straight into the pool; return their count."""
         rows = self.shard_rows[shard]
-        for i, pos in enumerate(self.layer_pos):
-            self.cache.read_into(shard, "train/act", pos, pool[i, start : start + rows])  # (n, D), contiguous
+        for i, (act, scale, pos) in enumerate(self.blocks):
+            self.cache.read_into(shard, f"train/{act}", pos, pool[i, start : start + rows])  # (n, D), contiguous
             if self._scales is not None:
-                self.cache.read_into(shard, "train/scale", pos, self._scales[i, start : start + rows])  # (n,)
+                self.cache.read_into(shard, f"train/{scale}", pos, self._scales[i, start : start + rows])  # (n,)
         return rows

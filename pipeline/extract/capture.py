@@ -9,10 +9,11 @@ import torch
 from torch import nn
 
 from pipeline.cache.compact import COMPACT, quantize
+from pipeline.cache.manifest import site_arrays
 from pipeline.cache.normalize import Normalizer
 from pipeline.extract.packing import ShardPlan
 from pipeline.infra.console import Bar
-from pipeline.llm.hooks import run_to_layers
+from pipeline.llm.hooks import run_to_sites
 
 TORCH_STORE = {"float16": torch.float16, "float32": torch.float32}  # int8: pipeline.cache.compact
 
@@ -24,35 +25,44 @@ class Capturer:
     model: nn.Module
     blocks: nn.ModuleList
     layers: list[int]
-    normalizer: Normalizer
+    normalizers: dict[str, Normalizer]  # site -> its normalization (pipeline.llm.sites)
     store_dtype: str
     batch_size: int
     device: torch.device
 
     @torch.inference_mode()
-    def raw_sample(self, plan: ShardPlan) -> dict[int, torch.Tensor]:
-        """Un-normalized stored rows ``{layer: (N, D)}`` of the plan's first batch (for `scale`)."""
+    def raw_sample(self, plan: ShardPlan) -> dict[tuple[str, int], torch.Tensor]:
+        """Un-normalized stored rows ``{(site, layer): (N, D)}`` of the plan's first batch (for `scale`)."""
         ids = torch.from_numpy(plan.tokens[: self.batch_size]).to(self.device)
         keep = torch.from_numpy(plan.keep[: self.batch_size]).to(self.device)
-        hidden = run_to_layers(self.model, self.blocks, ids, self.layers)
-        return {layer: h[keep].float() for layer, h in hidden.items()}
+        hidden = run_to_sites(self.model, self.blocks, ids, self.layers, tuple(self.normalizers))
+        return {where: h[keep].float() for where, h in hidden.items()}
+
+    def fit_scales(self, plan: ShardPlan) -> None:
+        """Estimate every site's `scale` factors from the plan's first batch."""
+        sample = self.raw_sample(plan)
+        for site, normalizer in self.normalizers.items():
+            normalizer.fit_scales({layer: x for (s, layer), x in sample.items() if s == site})
 
     @torch.inference_mode()
     def shard_arrays(self, plan: ShardPlan, progress: Bar | None = None) -> dict[str, np.ndarray]:
-        """All arrays of one shard (see pipeline.cache.backends for the layout): act (L, n, D), and scale
-        (L, n) for an int8 cache."""
-        names = ["act", "scale"] if self.store_dtype == COMPACT else ["act"]
+        """All arrays of one shard (see pipeline.cache.backends for the layout): act (L, n, D) and each MLP
+        site's (L, n, D), with their scales (L, n) for an int8 cache."""
         parts: dict[str, list[list[np.ndarray]]] = {
-            f"{split}/{name}": [[] for _ in self.layers] for split in ("train", "heldout") for name in names
+            f"{split}/{name}": [[] for _ in self.layers]
+            for split in ("train", "heldout")
+            for site in self.normalizers
+            for name in site_arrays(site)[: 2 if self.store_dtype == COMPACT else 1]
         }
         for start in range(0, len(plan.tokens), self.batch_size):
             stop = start + self.batch_size
             ids = torch.from_numpy(plan.tokens[start:stop]).to(self.device)  # (B, T)
             keep = torch.from_numpy(plan.keep[start:stop]).to(self.device)  # (B, T)
             held = torch.from_numpy(plan.heldout[start:stop]).to(self.device)[:, None]  # (B, 1)
-            hidden = run_to_layers(self.model, self.blocks, ids, self.layers)
-            for i, layer in enumerate(self.layers):
-                stored = self._stored(self.normalizer.normalize(hidden[layer], layer)[0])  # name -> (B, T, ...)
+            hidden = run_to_sites(self.model, self.blocks, ids, self.layers, tuple(self.normalizers))
+            for (site, layer), h in hidden.items():
+                i = self.layers.index(layer)
+                stored = self._stored(self.normalizers[site].normalize(h, layer)[0], site)  # name -> (B, T, ...)
                 for name, x in stored.items():
                     parts[f"train/{name}"][i].append(x[keep & ~held].cpu().numpy())
                     parts[f"heldout/{name}"][i].append(x[keep & held].cpu().numpy())
@@ -61,12 +71,13 @@ class Capturer:
         arrays = {name: np.stack([np.concatenate(p) for p in layer_parts]) for name, layer_parts in parts.items()}
         return {**arrays, **row_metadata(plan)}
 
-    def _stored(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Normalized rows (B, T, D) as stored: cast, or int8 codes and per-token scales."""
+    def _stored(self, x: torch.Tensor, site: str) -> dict[str, torch.Tensor]:
+        """Normalized rows (B, T, D) of ``site`` as stored: cast, or int8 codes and per-token scales."""
+        act, scale = site_arrays(site)
         if self.store_dtype == COMPACT:
-            codes, scale = quantize(x)  # (B, T, D), (B, T)
-            return {"act": codes, "scale": scale}
-        return {"act": x.to(TORCH_STORE[self.store_dtype])}
+            codes, scales = quantize(x)  # (B, T, D), (B, T)
+            return {act: codes, scale: scales}
+        return {act: x.to(TORCH_STORE[self.store_dtype])}
 
 
 def row_metadata(plan: ShardPlan) -> dict[str, np.ndarray]:

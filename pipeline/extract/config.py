@@ -18,6 +18,7 @@ class ExtractConfig:
     text_column: str = setting("text", "column with the document text")
     dataset_config: str | None = setting(None, "hub dataset configuration name")
     layers: str = setting("12", "6 | 3,7,11 | 3:11 | all | route")
+    sites: str = setting("resid", "resid, plus mlp_in and/or mlp_out (an MLP's input and output: transcoders)")
     ctx_len: int = setting(256, "tokens per packed sequence")
     max_tokens: int = setting(20_000, "stored rows in total (0 = the whole corpus)")
     batch_size: int = setting(8, "sequences per forward pass")

@@ -40,6 +40,7 @@ from pipeline.llm.model import (
     model_shape,
     resolve_model,
 )
+from pipeline.llm.sites import parse_sites
 
 PACKING = "eos-joined, split_special_tokens, tail dropped, special positions not stored"
 
@@ -71,10 +72,11 @@ def prepare(cfg: ExtractConfig, ranks: Ranks | None = None) -> Prepared:
             "was built for; use --ctx-len of at most that."
         )
     layers = parse_layers(cfg.layers, n_layers)
+    sites = parse_sites(cfg.sites)
     corpus = CorpusSpec(cfg.dataset, cfg.split, cfg.text_column, cfg.dataset_config)
     device = (ranks or Ranks()).device(cfg.device)
     itemsize = np.dtype(STORE_DTYPES[cfg.dtype]).itemsize
-    seq_bytes = cfg.ctx_len * len(layers) * d_model * itemsize
+    seq_bytes = cfg.ctx_len * len(sites) * len(layers) * d_model * itemsize
     spec = {
         "model": {
             "name": source.name,
@@ -88,6 +90,7 @@ def prepare(cfg: ExtractConfig, ranks: Ranks | None = None) -> Prepared:
         "packing": PACKING,
         "ctx_len": cfg.ctx_len,
         "layers": layers,
+        **({"sites": sites} if sites != ["resid"] else {}),  # absent for residual-only caches: their keys stay
         "normalize": {"method": cfg.normalize, "eps": Normalizer().eps},
         "dtype": cfg.dtype,
         "backend": cfg.backend,
@@ -194,17 +197,24 @@ class _Worker:
         cfg = prep.cfg
         device = prep.device
         model = load_model(prep.source, device, resolve_dtype(cfg.compute_dtype, device), cfg.trust_remote_code)
-        self.capturer = Capturer(
-            model, find_blocks(model), prep.spec["layers"], Normalizer(cfg.normalize), cfg.dtype, cfg.batch_size, device
-        )
+        sites = prep.spec.get("sites", ["resid"])
+        # The MLP sites are scaled, not standardized per token: a transcoder's output is mapped back to the
+        # model by a constant, where a per-token std of the MLP's output would need the output it predicts.
+        normalizers = {site: Normalizer(cfg.normalize if site == "resid" else "scale") for site in sites}
+        blocks = find_blocks(model)
+        self.capturer = Capturer(model, blocks, prep.spec["layers"], normalizers, cfg.dtype, cfg.batch_size, device)
         self.folder = prep.folder
         if ranks.is_main and not prep.folder.exists("manifest.json"):
-            self.capturer.normalizer.fit_scales(self.capturer.raw_sample(first))
-            facts = {**prep.facts, "normalization": self.capturer.normalizer.to_dict()}
+            self.capturer.fit_scales(first)
+            facts = {**prep.facts, **_normalization_facts(normalizers)}
             prep.folder.write_json(new_manifest(prep.folder.name, prep.spec, facts), "manifest.json")
         ranks.barrier()  # every rank reads the same normalization constants below
         self.manifest = read_manifest(prep.folder, need_complete=False)
-        self.capturer.normalizer = Normalizer.from_dict(self.manifest["normalization"])
+        site_norms = self.manifest.get("site_normalization", {})
+        for site in sites:
+            self.capturer.normalizers[site] = Normalizer.from_dict(
+                self.manifest["normalization"] if site == "resid" else site_norms[site]
+            )
         self.writer = ShardWriter(prep.folder, get_backend(cfg.backend))
 
     def submit(self, plan: ShardPlan, bar: Bar) -> None:
@@ -221,11 +231,18 @@ class _Worker:
         self.writer.close(raise_errors)
 
 
+def _normalization_facts(normalizers: dict[str, Normalizer]) -> dict[str, Any]:
+    """The manifest's ``normalization`` (the residual stream's, as always) and, with MLP sites, theirs."""
+    others = {site: n.to_dict() for site, n in normalizers.items() if site != "resid"}
+    return {"normalization": normalizers["resid"].to_dict(), **({"site_normalization": others} if others else {})}
+
+
 def _check_disk(prep: Prepared, done: dict[int, dict[str, Any]]) -> None:
     """Print the estimated size; refuse up front when the disk cannot hold it."""
     cfg = prep.cfg
     itemsize = np.dtype(STORE_DTYPES[cfg.dtype]).itemsize
-    per_row = len(prep.spec["layers"]) * prep.facts["d_model"] * itemsize + 10
+    blocks = len(prep.spec["layers"]) * len(prep.spec.get("sites", ["resid"]))
+    per_row = blocks * prep.facts["d_model"] * itemsize + 10
     if cfg.max_tokens == 0:
         say(f"extracting {prep.folder.name}: whole corpus, {per_row:,} bytes per stored token")
         return

@@ -13,6 +13,8 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from pipeline.llm.sites import find_mlp
+
 
 class StopForward(Exception):
     """Raised inside the last needed block's pre-hook: the blocks above it never run."""
@@ -23,20 +25,33 @@ def _hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
 
 
 @contextmanager
-def capture(blocks: nn.ModuleList, layers: list[int]) -> Iterator[dict[int, torch.Tensor]]:
-    """Record the input of each block in ``layers`` and end the forward at the last of them."""
-    captured: dict[int, torch.Tensor] = {}
+def capture(
+    blocks: nn.ModuleList, layers: list[int], sites: tuple[str, ...] = ("resid",)
+) -> Iterator[dict[tuple[str, int], torch.Tensor]]:
+    """Record ``{(site, layer): tensor}`` for every site and layer (pipeline.llm.sites) and end the forward
+    as soon as the last of them is known: at block ``max(layers)``'s input, or after its MLP."""
+    captured: dict[tuple[str, int], torch.Tensor] = {}
     last = max(layers)
+    mlp = any(site != "resid" for site in sites)
 
-    def make_hook(layer: int) -> Callable[..., None]:
+    def pre_hook(layer: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            captured[layer] = _hidden(args, kwargs)
+            captured["resid", layer] = _hidden(args, kwargs)
+            if layer == last and not mlp:
+                raise StopForward
+
+        return hook
+
+    def mlp_hook(layer: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
+            captured["mlp_in", layer], captured["mlp_out", layer] = args[0], output
             if layer == last:
                 raise StopForward
 
         return hook
 
-    handles = [blocks[layer].register_forward_pre_hook(make_hook(layer), with_kwargs=True) for layer in layers]
+    handles = [blocks[layer].register_forward_pre_hook(pre_hook(layer), with_kwargs=True) for layer in layers]
+    handles += [find_mlp(blocks[layer]).register_forward_hook(mlp_hook(layer)) for layer in layers if mlp]
     try:
         yield captured
     finally:
@@ -44,17 +59,24 @@ def capture(blocks: nn.ModuleList, layers: list[int]) -> Iterator[dict[int, torc
             handle.remove()
 
 
-def run_to_layers(
-    model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, layers: list[int]
-) -> dict[int, torch.Tensor]:
-    """Residual streams ``{layer: (B, T, D)}`` from one forward that stops after the last layer."""
-    with capture(blocks, layers) as captured:
+def run_to_sites(
+    model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, layers: list[int], sites: tuple[str, ...]
+) -> dict[tuple[str, int], torch.Tensor]:
+    """``{(site, layer): (B, T, D)}`` from one forward that stops as soon as the last of them is known."""
+    with capture(blocks, layers, sites) as captured:
         try:
             base = cast(nn.Module, model.base_model)  # no LM head: the base model only
             base(input_ids=input_ids, use_cache=False)
         except StopForward:
             pass
-    return captured
+    return {(site, layer): captured[site, layer] for site in sites for layer in layers}
+
+
+def run_to_layers(
+    model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, layers: list[int]
+) -> dict[int, torch.Tensor]:
+    """Residual streams ``{layer: (B, T, D)}`` from one forward that stops after the last layer."""
+    return {layer: h for (_, layer), h in run_to_sites(model, blocks, input_ids, layers, ("resid",)).items()}
 
 
 @contextmanager
