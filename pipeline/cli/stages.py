@@ -19,6 +19,7 @@ from pipeline.steer.config import SteerConfig
 
 
 def _sweep(items: list[str], flag: str) -> dict[str, list[str]]:
+    """--sweep k=32,64 --sweep lr=1e-3 as FitConfig.sweep's mapping (fit types the values)."""
     from pipeline.fit.plan import parse_sweep
 
     return parse_sweep(items)
@@ -68,7 +69,7 @@ def fit(given: Given[FitConfig]) -> None:
         EvaluateConfig,
         "evaluate",
         arguments=("runs",),
-        forms={"metrics": commas()},
+        forms={"metrics": commas(), "suite": commas(empty=[])},
         extras={"all_in": (EvaluateAll, None), "as_json": (JsonOpt, False)},
     )
 )
