@@ -1,7 +1,8 @@
 """DVC stage `circuit`: params [circuit] + cache/fit.json -> cache/circuits/<task>-<hash>/ and the metrics
-cache/circuit.json. The TopK runs of the fit receipt are the SAEs (the first run of each layer); RouteSAE
-runs are skipped with a note. The metrics name the output folder relative to the cache root, so
-`dvc metrics diff` compares results, not the checkouts (or `dvc exp` temp folders) they ran in."""
+cache/circuit.json. The single-layer runs of the fit receipt are the SAEs, of any architecture (the first run
+of each layer); routed (multi-layer) runs are skipped with a note. The metrics name the output folder
+relative to the cache root, so `dvc metrics diff` compares results, not the checkouts (or `dvc exp` temp
+folders) they ran in."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pipeline.infra.files import Folder
 from pipeline.infra.params import build_config, load_params
 from pipeline.infra.receipts import read_receipt, write_receipt
 from pipeline.sae.folder import read_cfg
+from pipeline.sae.interface import REGISTRY
 
 PARAMS = "params.yaml"
 
@@ -28,8 +30,8 @@ def main() -> None:
     runs: dict[int, str] = {}
     for run in read_receipt("fit", cfg.cache_root)["runs"]:
         sae = read_cfg(Folder.at(run["path"]))["sae"]
-        if sae["arch"] != "topk":
-            say(f"circuit: skipping {sae['arch']} run {run['path']} (circuits are found over TopK runs)")
+        if REGISTRY[sae["arch"]].multi_layer:
+            say(f"circuit: skipping {sae['arch']} run {run['path']} (circuits are found over single-layer runs)")
         elif sae["layers"][0] in runs:
             say(f"circuit: skipping {run['path']}: layer {sae['layers'][0]} already has {runs[sae['layers'][0]]}")
         else:

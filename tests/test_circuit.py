@@ -21,7 +21,7 @@ from pipeline.circuit.config import CircuitConfig
 from pipeline.circuit.measures import Score, ends, measure
 from pipeline.circuit.methods import Lens, MaskHyper, attributions, top_circuits, train_masks
 from pipeline.circuit.outputs import Found, chosen
-from pipeline.circuit.spliced import Batch, Masking, Site, ablation_values, batches, logit_diff
+from pipeline.circuit.spliced import Batch, Masking, ablation_values, batches, logit_diff
 from pipeline.circuit.stage import circuit
 from pipeline.circuit.tasks import NAMES, VERBS, Pair, encode, generate, read_jsonl, split
 from pipeline.cli import app
@@ -30,6 +30,7 @@ from pipeline.fit.config import FitConfig
 from pipeline.fit.stage import fit
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
+from pipeline.live.edit import Site
 from pipeline.live.subject import load_llm, load_subject
 from pipeline.llm.hooks import replacing, run_to_layers
 from pipeline.llm.model import load_tokenizer, resolve_model
@@ -56,7 +57,7 @@ def runs(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> list[str
 def lensed(runs: list[str]) -> tuple:
     subjects = [load_subject(run, CPU) for run in runs]
     model, blocks = load_llm(subjects[0].cache, CPU)
-    sites = [Site(s.layers[0], s.sae, s.normalizer, s.folder.name) for s in subjects]  # type: ignore[arg-type]
+    sites = [s.site() for s in subjects]
     generator = torch.Generator().manual_seed(3)
     pairs = []
     for _ in range(6):

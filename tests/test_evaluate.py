@@ -20,7 +20,9 @@ from pipeline.fit.config import FitConfig
 from pipeline.fit.stage import fit
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
-from pipeline.live.splice import route_edits
+from pipeline.live.edit import EditSpec, Mode, Site
+from pipeline.live.routing import Routing
+from pipeline.live.splice import site_edits
 from pipeline.llm.hooks import replace_input
 from pipeline.llm.model import find_blocks
 from pipeline.sae.archs.route import RouteSAE
@@ -139,6 +141,12 @@ def test_hooks_are_removed_even_after_an_error(tiny_llama: Path) -> None:
     assert not block._forward_pre_hooks
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, before, atol=0, rtol=0)
+
+
+def route_edits(sae: RouteSAE, norm: Normalizer, mask, choice, weight, k, theta, undo_weight: bool = True) -> dict:  # noqa: ANN001
+    """evaluate's splice of a routed SAE (pipeline.live), each token at its routed layer."""
+    spec = EditSpec(Mode.REPLACE, k=k, theta=theta, undo_weight=undo_weight)
+    return site_edits(Site(sae.cfg.layers[0], sae, norm, "route"), mask, spec, Routing(choice, weight))
 
 
 def test_route_splice_touches_only_the_routed_layer() -> None:

@@ -8,10 +8,22 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.cache.normalize import Normalizer
+from pipeline.circuit.methods import Lens
+from pipeline.circuit.spliced import ablation_values, batches, single_layer
+from pipeline.circuit.tasks import Pair
 from pipeline.fit.config import FitConfig, Training
 from pipeline.fit.train import make_member, train_step
+from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
+from pipeline.live.edit import Change, EditSpec, Mode, Site
+from pipeline.live.routing import Routing
+from pipeline.live.splice import site_edits
+from pipeline.llm.hooks import replacing
+from pipeline.llm.model import find_blocks
 from pipeline.sae.interface import REGISTRY, Latents, SaeConfig, build_sae, trainable_archs
+from pipeline.steer.edits import Edit
+from pipeline.steer.intervene import Target
 
 D, N = 8, 32
 
@@ -59,3 +71,118 @@ def test_every_trainable_arch_takes_a_training_step(arch: str, tmp_path: Path) -
     assert 0 < metrics["nmse"] < 10
     moved = [k for k, v in member.model.state_dict().items() if not torch.equal(v, before[k])]
     assert any("W_enc" in k for k in moved) and any("W_dec" in k for k in moved)
+
+
+# --- inside the running model: the splice, a steering edit and a circuit mask, through pipeline/live only ---
+
+SPECIAL = frozenset({0})  # the token no edit touches
+TOKENS = torch.tensor([[5, 0, 17, 33, 9], [0, 44, 12, 0, 3]])  # (B, T) with special positions
+MASK = TOKENS != 0  # (B, T) real positions, written out
+
+
+def live_site(arch: str) -> tuple[Site, Routing | None]:
+    """A float32 random SAE of ``arch`` at layer 1, standardized, and (routed SAEs) a routing drawn at random."""
+    sae = random_sae(arch).float()
+    site = Site(sae.cfg.layers[0], sae, Normalizer("standardize"), arch)
+    if not site.routed:
+        return site, None
+    gen = torch.Generator().manual_seed(4)
+    choice = torch.randint(0, len(site.layers), TOKENS.shape, generator=gen)  # (B, T)
+    return site, Routing(choice, 0.5 + torch.rand(TOKENS.shape, generator=gen))
+
+
+def by_hand(h: torch.Tensor, layer: int, site: Site, routing: Routing | None) -> tuple:
+    """Per token of ``h`` (B, T, D) at ``layer``: whether it is edited there, its standardized x, std and weight."""
+    mean, std = h.mean(-1, keepdim=True), h.std(-1, keepdim=True) + 1e-6  # (B, T, 1) Bessel std + eps
+    here, w = MASK.clone(), torch.ones(TOKENS.shape)
+    if routing is not None:
+        here &= routing.choice == site.layers.index(layer)
+        w = routing.weight
+    return here, (h - mean) / std, mean, std, w[..., None]
+
+
+def unchanged(code: torch.Tensor | Latents) -> Change:
+    """z' = z: a change of zeros (on one latent of a sparse code, on all of a dense one)."""
+    if isinstance(code, Latents):
+        return Change(torch.zeros(len(code.acts), 1), torch.tensor([3]))
+    return Change(torch.zeros_like(code))
+
+
+@pytest.mark.parametrize("dense", [False, True])
+@pytest.mark.parametrize("arch", sorted(REGISTRY))
+def test_an_unchanged_code_is_the_identity_in_delta_and_the_reconstruction_in_replace(arch: str, dense: bool) -> None:
+    """delta: h exactly (the SAE's error passes through); replace: the SAE's reconstruction de-standardized,
+    divided by the routing weight for a routed SAE, at real positions (routed: at the token's layer) only."""
+    site, routing = live_site(arch)
+    delta = site_edits(site, MASK, EditSpec(Mode.DELTA, unchanged, dense), routing)
+    replace = site_edits(site, MASK, EditSpec(Mode.REPLACE, unchanged, dense), routing)
+    assert set(delta) == set(replace) == set(site.layers)
+    for layer in site.layers:
+        h = 3 * torch.randn(*TOKENS.shape, D, generator=torch.Generator().manual_seed(layer)) + 1  # (B, T, D)
+        assert torch.equal(delta[layer](h), h)
+        here, x, mean, std, w = by_hand(h, layer, site, routing)
+        x_hat = site.sae.decode(site.sae.encode((x * w)[here])) / w[here]  # (M, D)
+        expected = h.clone()
+        expected[here] = x_hat * std[here] + mean[here]
+        torch.testing.assert_close(replace[layer](h), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", sorted(REGISTRY))
+def test_every_arch_steers_by_hand(arch: str) -> None:
+    """A direction edit adds value * a_max * std * d_i / w and a set edit (value - z_i) * std * d_i / w at the real
+    positions (routed: at each token's layer), in delta mode; d_i the latent's write direction."""
+    site, routing = live_site(arch)
+    latent, value, a_max = 3, 2.0, 1.5
+    for kind in ("direction", "set"):
+        target = Target(site, [Edit(latent, kind, value)], SPECIAL, {latent: a_max})
+        edits = site_edits(site, MASK, target.spec("delta"), routing)
+        for layer in site.layers:
+            h = torch.randn(*TOKENS.shape, D, generator=torch.Generator().manual_seed(layer))  # (B, T, D)
+            here, x, _, std, w = by_hand(h, layer, site, routing)
+            old = site.sae.dense_code((x * w).flatten(0, 1))[:, latent].view(TOKENS.shape)[..., None]  # (B, T, 1)
+            step = value * a_max if kind == "direction" else value - old  # (B, T, 1) or ()
+            expected = torch.where(here[..., None], h + step * std / w * site.sae.directions([latent])[0], h)
+            torch.testing.assert_close(edits[layer](h), expected, atol=1e-5, rtol=1e-5)
+
+
+def tiny_model() -> tuple[torch.nn.Module, torch.nn.ModuleList]:
+    """A random 3-block Llama of width D (no file, a few milliseconds)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=D, intermediate_size=16, num_hidden_layers=3, num_attention_heads=2
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).eval().requires_grad_(False)
+    return model, find_blocks(model)
+
+
+@pytest.mark.parametrize("arch", sorted(REGISTRY))
+def test_every_single_layer_arch_takes_a_circuit_mask(arch: str) -> None:
+    """Every latent kept is the clean model; every latent zero-ablated is h - std * W^T z at the real positions
+    (the error kept), by hand; the mask has a gradient. A routed SAE is refused with one clear error."""
+    site, _ = live_site(arch)
+    if site.routed:
+        with pytest.raises(UserError, match="circuits are found over single-layer runs"):
+            single_layer(site)
+        return
+    model, blocks = tiny_model()
+    pairs = [Pair([5, 0, 17, 33], [5, 0, 17, 40], 7, 9), Pair([0, 44, 12, 3], [0, 44, 12, 8], 7, 9)]
+    (batch,) = batches(pairs, 2, set(SPECIAL), torch.device("cpu"))
+    lens = Lens(model, blocks, [single_layer(site)], ablation_values(model, blocks, [site], [batch], "zero"))
+
+    def zero_ablated(h: torch.Tensor) -> torch.Tensor:
+        std = h.std(-1, keepdim=True) + 1e-6
+        z = site.sae.dense_code(((h - h.mean(-1, keepdim=True)) / std).flatten(0, 1))  # (B * T, N)
+        return torch.where(batch.real[..., None], h - std * (z @ site.sae.directions()).view(h.shape), h)
+
+    with torch.no_grad():
+        clean = model(input_ids=batch.clean).logits[:, -1]
+        with replacing(blocks, {site.layer: zero_ablated}):
+            ablated = model(input_ids=batch.clean).logits[:, -1]
+    keep = [torch.ones(N, requires_grad=True)]
+    ld = lens.ld(batch, keep)
+    torch.testing.assert_close(ld, clean[:, 7] - clean[:, 9], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lens.ld(batch, [torch.zeros(N)]), ablated[:, 7] - ablated[:, 9], atol=1e-5, rtol=1e-4)
+    (grad,) = torch.autograd.grad(ld.sum(), keep)
+    assert bool(grad.abs().gt(0).any())

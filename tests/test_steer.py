@@ -16,15 +16,16 @@ from pipeline.extract.stage import extract
 from pipeline.fit.config import FitConfig
 from pipeline.fit.stage import fit
 from pipeline.infra.errors import UserError
+from pipeline.live.edit import EditSpec, Mode, Site, edit_rows
 from pipeline.live.routing import route_choice
-from pipeline.live.splice import logits_with, topk_edits
+from pipeline.live.splice import logits_with, site_edits
 from pipeline.live.subject import load_llm, load_subject
 from pipeline.llm.hooks import replace_input, replacing
 from pipeline.sae.archs.topk import TopKSAE
 from pipeline.sae.interface import SaeConfig
 from pipeline.steer.config import SteerConfig
 from pipeline.steer.edits import Edit, Positions, parse_edit
-from pipeline.steer.intervene import Target, edit_hidden, routed_logits, steering
+from pipeline.steer.intervene import Target, routed_logits, steering
 from pipeline.steer.stage import steer
 from tests.support.caches import tiny_extract_config
 from tests.support.steer_by_hand import add_by_hand
@@ -55,7 +56,14 @@ def logits(model: torch.nn.Module, blocks: torch.nn.ModuleList, tokens: torch.Te
 
 
 def target_for(subject, edits: list[Edit]) -> Target:  # noqa: ANN001
-    return Target(subject.sae, 2, subject.normalizer, edits, SPECIAL)
+    return Target(subject.site(), edits, SPECIAL)
+
+
+def edit_hidden(h: torch.Tensor, sae: TopKSAE, edits: list[Edit], mode: str) -> torch.Tensor:
+    """The rows ``h`` (M, D) of layer 0's input after the edits (standardized as the cache was)."""
+    target = Target(Site(0, sae, Normalizer("standardize"), "sae"), edits, SPECIAL)
+    with torch.no_grad():
+        return edit_rows(h, target.site, target.spec(mode))
 
 
 def test_scale_one_is_exactly_the_clean_model(loaded: tuple) -> None:
@@ -77,7 +85,7 @@ def test_ablating_an_inactive_latent_changes_nothing_there() -> None:
     h = torch.randn(6, 16)
     code = sae.encode(Normalizer("standardize").normalize(h, 0)[0])
     inactive = next(i for i in range(64) if not bool((code.indices[0] == i).any()))
-    out = edit_hidden(h, Target(sae, 0, Normalizer("standardize"), [Edit(inactive, "scale", 0.0)], SPECIAL), "delta")
+    out = edit_hidden(h, sae, [Edit(inactive, "scale", 0.0)], "delta")
     fired = (code.indices == inactive) & (code.acts > 0)  # (6, k)
     unchanged = ~fired.any(-1)
     assert bool(unchanged[0])
@@ -93,7 +101,7 @@ def test_ablating_every_active_latent_removes_the_decoded_code() -> None:
     x, (mean, std) = norm.normalize(h, 0)
     code = sae.encode(x)
     edits = [Edit(int(i), "scale", 0.0) for i, a in zip(code.indices[0], code.acts[0]) if a > 0]
-    out = edit_hidden(h, Target(sae, 0, norm, edits, SPECIAL), "delta")
+    out = edit_hidden(h, sae, edits, "delta")
     decoded = (code.acts[0][:, None] * sae.W_dec[code.indices[0]]).sum(0)  # W_dec^T z, no bias
     torch.testing.assert_close(out, h - std * decoded)
 
@@ -102,7 +110,7 @@ def test_replace_without_edits_is_the_splice(loaded: tuple) -> None:
     subject, model, blocks, tokens = loaded
     mask = torch.ones_like(tokens, dtype=torch.bool)
     with torch.no_grad():
-        spliced = logits_with(model, blocks, tokens, topk_edits(subject.sae, subject.normalizer, 2, mask, None, None))
+        spliced = logits_with(model, blocks, tokens, site_edits(subject.site(), mask, EditSpec(Mode.REPLACE)))
     torch.testing.assert_close(
         logits(model, blocks, tokens, target_for(subject, [Edit(0, "scale", 1.0)]), "replace"), spliced
     )
@@ -202,11 +210,9 @@ def test_route_edit_lands_at_the_routed_layer_only(route: tuple) -> None:
     """A direction edit at the last token equals adding value / w * std * d_i at that token's routed layer."""
     subject, model, blocks = route
     router, tokens, latent, value = subject.sae, torch.tensor([[5, 17, 33, 80, 120, 7, 64, 200]]), 9, 3.0
-    target = Target(
-        router.sae, router.cfg.layers[0], subject.normalizer, [Edit(latent, "direction", value)], SPECIAL, {}, router
-    )
+    target = Target(subject.site(), [Edit(latent, "direction", value)], SPECIAL)
     got = routed_logits(model, blocks, target, "delta", Positions("last"), tokens, tokens.shape[1])
-    choice, weight = route_choice(model, blocks, router, subject.normalizer, tokens)
+    choice, weight = route_choice(model, blocks, subject.site(), tokens)
     layer, w = router.cfg.layers[int(choice[0, -1])], float(weight[0, -1])
 
     def add(h: torch.Tensor) -> torch.Tensor:  # written out by hand: the residual of the last token only
@@ -230,9 +236,9 @@ def test_routed_edits_skip_special_tokens(route: tuple) -> None:
     router, latent, value = subject.sae, 9, 3.0
     tokens = torch.tensor([[0, 5, 17, 0, 33, 80, 120]])  # (1, T)
     edit = [Edit(latent, "direction", value)]
-    target = Target(router.sae, router.cfg.layers[0], subject.normalizer, edit, SPECIAL, {}, router)
+    target = Target(subject.site(), edit, SPECIAL)
     got = routed_logits(model, blocks, target, "delta", Positions(), tokens, tokens.shape[1])
-    choice, weight = route_choice(model, blocks, router, subject.normalizer, tokens)
+    choice, weight = route_choice(model, blocks, subject.site(), tokens)
     hooks = {}
     for i, layer in enumerate(router.cfg.layers):
         rows = [(0, t, value / float(weight[0, t])) for t in range(7) if tokens[0, t] != 0 and choice[0, t] == i]
@@ -244,8 +250,7 @@ def test_routed_edits_skip_special_tokens(route: tuple) -> None:
 
 def test_routed_hooks_are_gone_after_an_exception(route: tuple) -> None:
     subject, model, blocks = route
-    router = subject.sae
-    target = Target(router.sae, router.cfg.layers[0], subject.normalizer, [Edit(3, "scale", 0.0)], SPECIAL, {}, router)
+    target = Target(subject.site(), [Edit(3, "scale", 0.0)], SPECIAL)
 
     def boom(module, args, output):  # noqa: ANN001, ANN202 - raises after the routed hooks are in place
         raise RuntimeError("boom")

@@ -21,8 +21,9 @@ from pipeline.fit.config import FitConfig
 from pipeline.fit.stage import fit
 from pipeline.infra.errors import UserError
 from pipeline.live import logits as logits_module
+from pipeline.live.edit import Mode
 from pipeline.live.logits import logit_effects, output_scores
-from pipeline.live.subject import load_cache_tokenizer, load_llm, load_subject
+from pipeline.live.subject import Live, load_cache_tokenizer, load_llm, load_subject
 from pipeline.llm.hooks import replace_input
 from pipeline.llm.unembed import unembedding
 from pipeline.sae.archs.topk import TopKSAE
@@ -212,9 +213,8 @@ def test_steering_cost_is_kl_clean_to_steered_by_hand(run: str) -> None:
     mask = torch.zeros_like(tokens, dtype=torch.bool)
     mask[0, 5] = True  # the one position the cost is read at
     latent, strength, promoted = 3, 60.0, torch.tensor([1, 2, 40])
-    bench = Bench(
-        subject, subject.sae, model, blocks, None, [], tokens, mask, {latent: promoted}, {}, "delta", frozenset({0})
-    )
+    live = Live(subject, model, blocks, None, frozenset({0}))
+    bench = Bench(live, [], tokens, mask, {latent: promoted}, {}, Mode.DELTA)
     ((kl, gain),) = held_out_cost(bench, [Setting(latent, strength)], batch_size=1).values()
     rows = [(0, t, strength) for t in range(tokens.shape[1]) if t != 2]
     with torch.no_grad():

@@ -15,7 +15,7 @@ ABLATIONS = ("mean", "zero")
 class CircuitConfig:
     """Everything `sae-pipe circuit` needs."""
 
-    runs: list[str] = setting(doc="TopK run folders printed by `sae-pipe fit`, one per layer", factory=list)
+    runs: list[str] = setting(doc="single-layer run folders printed by `sae-pipe fit`, one per layer", factory=list)
     layers: list[int] = setting(doc="SAE layers to use among the runs (empty = every run's layer)", factory=list)
     task: str = setting("sva", "sva | ioi | code | a JSONL file of contrastive pairs")
     pairs: int = setting(128, "pairs a built-in task generates (train, validation and test together)")

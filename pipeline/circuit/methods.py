@@ -27,8 +27,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from pipeline.circuit.spliced import Batch, Masking, Site, logit_diff, tiled
+from pipeline.circuit.spliced import Batch, Masking, logit_diff, tiled
 from pipeline.infra.console import progress_bar
+from pipeline.live.edit import Site
 
 MASK_INIT = 1.0  # initial logit: soft mask sigmoid(1) = 0.73 at T = 1, every latent starts mostly kept
 INIT_NOISE = 0.1  # spread of the initial logits (about one Adam step): two seeds start from different masks

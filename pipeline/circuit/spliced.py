@@ -1,10 +1,11 @@
 """The model with SAEs spliced in at a few residual layers, each latent behind a mask.
 
 At a site (an SAE at layer L) the live input h of block L is normalized as the cache was (x, per-token
-scale s) and encoded to its dense TopK code z. A latent's kept share ``keep`` in [0, 1] mixes its live
-value with its ablated value a (its mean over the train patch prompts, or zero):
+scale s) and encoded to its dense code z (``SAE.dense_code``, differentiable in x, any architecture). A
+latent's kept share ``keep`` in [0, 1] mixes its live value with its ablated value a (its mean over the
+train patch prompts, or zero), and the change reaches the model as a delta edit (:mod:`pipeline.live.edit`):
 
-    z' = keep * z + (1 - keep) * a          h' = h + s * W_dec^T (z' - z)
+    z' = keep * z + (1 - keep) * a          h' = h + s * W^T (z' - z)
 
 Only the change in the code reaches the residual stream, so the SAE's reconstruction error x - x_hat
 stays in as an always-on node: with every latent kept, z' = z and h' = h exactly (the clean model).
@@ -17,26 +18,18 @@ only the blocks from there up (:mod:`pipeline.llm.replay`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Literal, NamedTuple, cast
+from typing import Literal, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
 
-from pipeline.cache.normalize import Normalizer
 from pipeline.circuit.tasks import Pair
+from pipeline.infra.errors import UserError
+from pipeline.live.edit import Change, CodeEdit, EditSpec, Mode, Site
+from pipeline.live.splice import Edit, real_positions, site_edits
 from pipeline.llm.hooks import replacing
 from pipeline.llm.replay import Stem, resume, stem
-from pipeline.sae.archs.topk import TopKSAE
-
-
-class Site(NamedTuple):
-    """One SAE in the circuit: its layer, its TopK SAE and the cache's normalization."""
-
-    layer: int
-    sae: TopKSAE
-    normalizer: Normalizer
-    name: str  # the run folder's name
+from pipeline.sae.interface import Latents
 
 
 class Batch(NamedTuple):
@@ -60,6 +53,19 @@ class Masking(NamedTuple):
     ablate: list[Tensor]  # (N,) each
 
 
+def single_layer(site: Site) -> Site:
+    """``site``, refused when its SAE is routed: a routed SAE (RouteSAE) reads each token at the layer its router
+    picks from the clean forward, so one of its latents is no fixed node of the model, the router's hard choice
+    has no gradient for a mask, and its error node would be spread over every routed layer."""
+    if site.routed:
+        raise UserError(
+            f"run {site.name} is a {site.sae.cfg.arch} SAE, which routes each token to its own layer; a circuit's "
+            "nodes are latents at fixed layers, so circuits are found over single-layer runs (one per layer, any "
+            "architecture); train them with `sae-pipe fit --sweep layer=...`."
+        )
+    return site
+
+
 def batches(pairs: list[Pair], size: int, special: set[int], device: torch.device) -> list[Batch]:
     """Pairs grouped by prompt length (no padding: the last position is the answer's), ``size`` at most."""
     by_length: dict[int, list[Pair]] = {}
@@ -71,8 +77,7 @@ def batches(pairs: list[Pair], size: int, special: set[int], device: torch.devic
             chunk = group[start : start + size]
             clean = torch.tensor([p.clean for p in chunk], device=device)  # (B, T)
             patch = torch.tensor([p.patch for p in chunk], device=device)  # (B, T)
-            specials = torch.tensor(sorted(special), device=device, dtype=clean.dtype)
-            real = ~torch.isin(clean, specials) & ~torch.isin(patch, specials)  # (B, T): read in both runs
+            real = real_positions(clean, special) & real_positions(patch, special)  # (B, T): read in both runs
             out.append(
                 Batch(
                     clean,
@@ -108,19 +113,18 @@ def position_keep(keep: Tensor, real: Tensor) -> Tensor:
     return keep[rows[:, None].expand_as(real)[real]]  # (M, N)
 
 
-def _site_edit(site: Site, real: Tensor, keep: Tensor | None, ablate: Tensor | None, record: list[Tensor]) -> Any:
-    def edit(h: Tensor) -> Tensor:  # (B, T, D)
-        x, (_, scale) = site.normalizer.normalize(h[real], site.layer)  # (M, D), scale (M, 1) or ()
-        z = site.sae.dense_code(x)  # (M, N)
+def masked(real: Tensor, keep: Tensor | None, ablate: Tensor | None, record: list[Tensor]) -> CodeEdit:
+    """The change of a site's dense code z (M, N) at the real positions ``real`` (B, T): ``(1 - keep) * (a - z)``
+    (None without a mask); every code is appended to ``record``."""
+
+    def change(z: Tensor | Latents) -> Change | None:
+        assert isinstance(z, Tensor), "a mask edits the dense code"
         record.append(z)
         if keep is None or ablate is None:
-            return h
-        change = (1 - position_keep(keep, real)) * (ablate - z)  # (M, N): z' - z
-        out = h.clone()
-        out[real] = (h[real].float() + site.sae.write(change) * scale).to(h.dtype)
-        return out
+            return None
+        return Change((1 - position_keep(keep, real)) * (ablate - z))  # (M, N): z' - z
 
-    return edit
+    return change
 
 
 def stem_of(model: nn.Module, blocks: nn.ModuleList, layer: int, batch: Batch, side: Side) -> Stem | None:
@@ -143,16 +147,11 @@ def logit_diff(
     """logit(clean answer) - logit(patch answer) at the last position of ``side``'s prompts (B,), with
     ``masking`` applied (None: every latent kept); ``record`` collects each site's code (M, N) as it ran."""
     codes: list[list[Tensor]] = record if record is not None else [[] for _ in sites]
-    edits: dict[int, Callable[[Tensor], Tensor]] = {
-        site.layer: _site_edit(
-            site,
-            batch.real,
-            masking.keep[i] if masking else None,
-            masking.ablate[i] if masking else None,
-            codes[i],
-        )
-        for i, site in enumerate(sites)
-    }
+    edits: dict[int, Edit] = {}
+    for i, site in enumerate(sites):
+        keep, ablate = (masking.keep[i], masking.ablate[i]) if masking else (None, None)
+        spec = EditSpec(Mode.DELTA, masked(batch.real, keep, ablate, codes[i]), dense=True)
+        edits.update(site_edits(site, batch.real, spec))
     start = stem_of(model, blocks, min(s.layer for s in sites), batch, side)
     with replacing(blocks, edits):
         if start is not None:  # only the blocks from the first site up

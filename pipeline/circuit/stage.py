@@ -20,16 +20,14 @@ from pipeline.circuit.config import ABLATIONS, METHODS, CircuitConfig
 from pipeline.circuit.measures import Ends, ends, faithfulness, jaccard, measure
 from pipeline.circuit.methods import Lens, MaskHyper, attributions, top_circuits, train_masks
 from pipeline.circuit.outputs import Found, write_outputs
-from pipeline.circuit.spliced import Batch, Site, ablation_values, batches
+from pipeline.circuit.spliced import Batch, ablation_values, batches, single_layer
 from pipeline.circuit.tasks import Pair, load_task, split
 from pipeline.infra.console import Stopwatch, say
 from pipeline.infra.device import resolve_device
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
 from pipeline.infra.receipts import file_digest
-from pipeline.live.subject import Subject, load_llm, load_subject
-from pipeline.llm.model import load_tokenizer, resolve_model
-from pipeline.sae.archs.topk import TopKSAE
+from pipeline.live.subject import Subject, go_live, load_subject
 
 PARTS = ("train", "val", "test")
 SOLVED = 0.5  # a task the model gets right on fewer train pairs than this is reported as not solved
@@ -61,16 +59,12 @@ def check(cfg: CircuitConfig) -> None:
 
 
 def open_sites(runs: list[str], layers: list[int], device: torch.device) -> list[Subject]:
-    """The runs to splice, one TopK run per layer, all from caches of one model."""
+    """The runs to splice, one single-layer run per layer (any architecture), all from caches of one model."""
     if not runs:
-        raise UserError("no run given: pass one TopK run folder per layer, e.g. `sae-pipe circuit RUN_L6 RUN_L12`.")
+        raise UserError("no run given: pass one SAE run folder per layer, e.g. `sae-pipe circuit RUN_L6 RUN_L12`.")
     subjects = [load_subject(run, device) for run in runs]
     for s in subjects:
-        if not isinstance(s.sae, TopKSAE) or s.cfg["sae"]["arch"] != "topk":
-            raise UserError(
-                f"run {s.folder.name} is a {s.cfg['sae']['arch']} SAE; circuits are found over TopK runs "
-                "(one per layer); train them with `sae-pipe fit --sweep layer=...`."
-            )
+        single_layer(s.site())
     chosen = [s for s in subjects if not layers or s.layers[0] in layers]
     missing = sorted(set(layers) - {s.layers[0] for s in chosen})
     if missing:
@@ -145,14 +139,14 @@ def circuit(cfg: CircuitConfig) -> Folder:
     clock = Stopwatch()
     device = resolve_device(cfg.device)
     subjects = open_sites(cfg.runs, cfg.layers, device)
-    spec = subjects[0].cache.manifest["spec"]["model"]
-    tokenizer = load_tokenizer(resolve_model(spec["name"], spec.get("revision")))
-    pairs = load_task(cfg.task, tokenizer, cfg.pairs, cfg.seed)
-    model, blocks = load_llm(subjects[0].cache, device)
-    model.requires_grad_(False)  # only the masks learn; no gradient buffers for the model's weights
-    special = set(tokenizer.all_special_ids)
-    sites = [Site(s.layers[0], s.sae.requires_grad_(False), s.normalizer, s.folder.name) for s in subjects]  # type: ignore[arg-type]
-    spliced = Lens(model, blocks, sites, [])  # the ablation values come with each split
+    live = go_live(subjects[0])  # the model every run's cache came from
+    pairs = load_task(cfg.task, live.tokenizer, cfg.pairs, cfg.seed)
+    live.model.requires_grad_(False)  # only the masks learn; no gradient buffers for the model's weights
+    sites = [s.site() for s in subjects]
+    for site in sites:
+        site.sae.requires_grad_(False)
+    spliced = Lens(live.model, live.blocks, sites, [])  # the ablation values come with each split
+    special = set(live.special)
     main = prepare(cfg, pairs, cfg.seed, spliced, special)
     counts = {k: sum(len(b.clean) for b in getattr(main, k)) for k in PARTS}
     train = main.ends["train"]

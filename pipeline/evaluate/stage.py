@@ -19,11 +19,11 @@ from pipeline.infra.console import progress_bar, say
 from pipeline.infra.device import DTYPES, resolve_device
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
+from pipeline.live.edit import EditSpec, Mode
 from pipeline.live.routing import route_choice
-from pipeline.live.splice import Branches, replays_exactly, route_edits, topk_edits, zero_edits
+from pipeline.live.splice import Branches, replays_exactly, site_edits, zero_edits
 from pipeline.live.subject import Subject, load_llm, load_subject
 from pipeline.llm.divergence import kl_sum, log_probs, next_token_ce_sum, reference
-from pipeline.sae.archs.route import RouteSAE
 from pipeline.sae.interface import SaeOutput
 from pipeline.sae.quality import Reconstruction
 
@@ -67,7 +67,7 @@ def evaluate(cfg: EvaluateConfig) -> list[dict[str, Any]]:
 def _check_spliceable(s: Subject, cfg: EvaluateConfig) -> None:
     """A soft-routed RouteSAE reconstructs a mix of layers, which no single layer of the model can take
     back, so KL / CE would measure something it was not trained on: refuse them (the reference does too)."""
-    if s.is_route and s.sae.cfg.routing == "soft" and {"kl", "ce"} & set(cfg.metrics):
+    if s.soft_routed and {"kl", "ce"} & set(cfg.metrics):
         raise UserError(
             f"run {s.folder.name} uses soft routing: its reconstruction mixes layers and cannot be spliced "
             "into one layer, so KL / CE are not defined for it. Evaluate it with --metrics nmse, or train "
@@ -216,22 +216,14 @@ def _batch(
     shared["ce_clean"] += next_token_ce_sum(clean_lp, tokens, mask)
     shared["kl_positions"] += int(mask.sum())
     shared["ce_positions"] += int((mask[:, :-1] & mask[:, 1:]).sum())  # a real token predicted from a real one
-    first = group[0]
-    if isinstance(first.sae, RouteSAE):  # RouteSAEs are evaluated alone: the routing is theirs
-        choice, weight = route_choice(model, blocks, first.sae, first.normalizer, tokens)
-        zero = zero_edits(first.layers, [mask & (choice == i) for i in range(len(first.layers))])
-    else:
-        zero = zero_edits(first.layers, [mask])
-    zeroed = log_probs(branches.edited(zero))
+    first = group[0].site()  # a routed SAE is evaluated alone: the routing is its own
+    routing = route_choice(model, blocks, first, tokens) if first.routed else None
+    zeroed = log_probs(branches.edited(zero_edits(first, mask, routing)))
     shared["ce_zero"] += next_token_ce_sum(zeroed, tokens, mask)
     shared["kl_zero"] += kl_sum(clean, zeroed)
+    splice = EditSpec(Mode.REPLACE, k=cfg.infer_k, theta=cfg.theta, undo_weight=cfg.splice == "scaled")
     for s in group:
-        if isinstance(s.sae, RouteSAE):
-            undo = cfg.splice == "scaled"
-            edits = route_edits(s.sae, s.normalizer, mask, choice, weight, cfg.infer_k, cfg.theta, undo)
-        else:
-            edits = topk_edits(s.sae, s.normalizer, s.layers[0], mask, cfg.infer_k, cfg.theta)
-        spliced = log_probs(branches.edited(edits))
+        spliced = log_probs(branches.edited(site_edits(s.site(), mask, splice, routing)))
         sums[id(s)]["kl"] += kl_sum(clean, spliced)
         sums[id(s)]["ce_spliced"] += next_token_ce_sum(spliced, tokens, mask)
 

@@ -16,8 +16,7 @@ import torch
 from pipeline.cache.contexts import HeldoutIndex, decode_windows
 from pipeline.cache.reader import ActivationCache
 from pipeline.infra.console import Bar
-from pipeline.sae.archs.route import RouteSAE
-from pipeline.sae.archs.topk import TopKSAE
+from pipeline.sae.interface import SAE
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
 HIST_BINS = 20
@@ -59,7 +58,7 @@ class Activations:
 
 @torch.no_grad()
 def collect(
-    sae: TopKSAE | RouteSAE,
+    sae: SAE,
     layers: list[int],
     route: bool,
     cache: ActivationCache,

@@ -23,10 +23,10 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.cache.normalize import Normalizer
+from pipeline.live.edit import Site, moved
 from pipeline.live.routing import route_choice
 from pipeline.llm.hooks import replace_input
-from pipeline.sae.archs.route import RouteSAE
-from pipeline.sae.archs.topk import TopKSAE
+from pipeline.sae.interface import SAE
 
 SCORE_TOKENS = 20  # promoted tokens an output score looks at (the published recipe's number)
 SCORE_PROMPT = "I think that"  # the neutral prompt a feature is pushed at
@@ -87,8 +87,7 @@ def output_scores(
 
         def add_at_last(h: Tensor, step: Tensor = step) -> Tensor:  # (b, 1, D): the last token only
             out = h.clone()
-            scale = normalizer.normalize(h[:, -1], layer)[1][1]  # (b, 1) or ()
-            out[:, -1] = (h[:, -1].float() + step * scale).to(h.dtype)
+            out[:, -1] = moved(h[:, -1], step, normalizer.normalize(h[:, -1], layer)[1][1])  # scale (b, 1) or ()
             return out
 
         cache = None
@@ -111,7 +110,7 @@ def feature_output_scores(
     model: nn.Module,
     blocks: nn.ModuleList,
     tokenizer: Any,
-    sae: TopKSAE | RouteSAE,
+    sae: SAE,
     layer: int,
     normalizer: Normalizer,
     w_u: Tensor,
@@ -119,13 +118,14 @@ def feature_output_scores(
     a_max: dict[int, float],
 ) -> Tensor:
     """Output scores (F,) of ``latents``, each pushed by SCORE_PUSH x its largest activation (1 when
-    unknown) at the last token of SCORE_PROMPT, at ``layer``; a RouteSAE pushes at the layer that token is
+    unknown) at the last token of SCORE_PROMPT, at ``layer``; a routed SAE pushes at the layer that token is
     routed to, divided by its routing weight (its code lives in w * x)."""
     ids = torch.tensor(tokenizer(SCORE_PROMPT).input_ids, device=w_u.device)  # (T,)
     gain = 1.0
-    if isinstance(sae, RouteSAE):
-        choice, weight = route_choice(model, blocks, sae, normalizer, ids[None])  # (1, T), (1, T)
-        layer, gain = sae.cfg.layers[int(choice[0, -1])], 1 / float(weight[0, -1])
+    site = Site(layer, sae, normalizer, "")
+    if site.routed:
+        choice, weight = route_choice(model, blocks, site, ids[None])  # (1, T), (1, T)
+        layer, gain = site.layers[int(choice[0, -1])], 1 / float(weight[0, -1])
     directions = sae.directions(latents)  # (F, D)
     promoted = logit_effects(directions, w_u, SCORE_TOKENS).top_ids.to(w_u.device)  # (F, 20)
     push = torch.tensor([gain * SCORE_PUSH * a_max.get(i, 1.0) for i in latents], device=w_u.device)  # (F,)

@@ -1,25 +1,26 @@
-"""Splicing an SAE into the running LLM: replace the residual stream at its layer with the reconstruction.
+"""Splicing an SAE into the running LLM: the hooks that apply an edit (:mod:`pipeline.live.edit`) to the real
+positions of a forward, at the SAE's layer or, for a hard-routing SAE, at each token's routed layer.
 
-The live activation is normalized exactly as the cache was (per-token statistics for
-``standardize``, the cache's factor for ``scale``), encoded, decoded and de-normalized. Only real
-(non-special) positions are replaced, the positions the SAE was trained on. For a hard-routing
-RouteSAE, the router (run on the clean activations) picks one layer per token, and the token is
-replaced at that layer only, with the routing weight undone (or not: ``--splice paper``).
+Real positions are the ones the SAE was trained on: the cache leaves special tokens (BOS, EOS, pad:
+attention sinks with huge norms) out, so every edit skips them (:func:`real_positions`). The router,
+run on the clean activations, picks one layer per token (:mod:`pipeline.live.routing`); the token is
+edited at that layer only. Evaluating a splice runs the blocks below the layer once per batch
+(:class:`Branches`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from pipeline.cache.normalize import Normalizer
+from pipeline.live.edit import EditSpec, Site, edit_rows
+from pipeline.live.routing import Routing
 from pipeline.llm.hooks import replacing
 from pipeline.llm.replay import resume, stem
 from pipeline.llm.unembed import final_norm
-from pipeline.sae.archs.route import RouteSAE
-from pipeline.sae.archs.topk import TopKSAE
 
 Edit = Callable[[Tensor], Tensor]  # (B, T, D) hidden state -> replacement
 
@@ -71,64 +72,60 @@ def replays_exactly(model: nn.Module, blocks: nn.ModuleList, tokens: Tensor, lay
     return all(float((b - whole).abs().max() / scale) < 1e-4 for b in (branches.clean(), branches.edited({})))
 
 
-def _replace(h: Tensor, where: Tensor, values: Tensor) -> Tensor:
+def special_ids(tokenizer: Any) -> frozenset[int]:
+    """The tokenizer's special token ids (BOS, EOS, pad...): positions no edit touches."""
+    named = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    return frozenset(tokenizer.all_special_ids) | {int(i) for i in named if i is not None}
+
+
+def real_positions(tokens: Tensor, special: frozenset[int] | set[int]) -> Tensor:
+    """(B, T) bool: the positions of ``tokens`` (B, T) whose token is not special (the ones the cache stored)."""
+    ids = torch.tensor(sorted(special), dtype=tokens.dtype, device=tokens.device)
+    return ~torch.isin(tokens, ids)
+
+
+def spliced(h: Tensor, where: Tensor, rows: Callable[[Tensor], Tensor]) -> Tensor:
+    """``h`` (B, T, D) with its rows at ``where`` (B, T) replaced by ``rows`` of them (M, D) -> (M, D)."""
+    if not bool(where.any()):
+        return h
     out = h.clone()
-    out[where] = values.to(h.dtype)
+    out[where] = rows(h[where]).to(h.dtype)
     return out
 
 
-def topk_edits(
-    sae: TopKSAE, normalizer: Normalizer, layer: int, mask: Tensor, k: int | None, theta: float | None
-) -> dict[int, Edit]:
-    """Replace real positions (``mask``, (B, T)) at ``layer`` with the SAE reconstruction."""
+class Placement(NamedTuple):
+    """Where a site's edit lands in one block's input."""
 
-    def edit(h: Tensor) -> Tensor:
-        x, stats = normalizer.normalize(h[mask], layer)  # (M, D)
-        x_hat = sae(x, k=k, theta=theta).x_hat
-        return _replace(h, mask, normalizer.denormalize(x_hat, stats))
-
-    return {layer: edit}
+    layer: int
+    where: Tensor  # (B, T) the positions edited there
+    weight: Tensor | None  # (B, T) routing weights (a routed SAE), else None
 
 
-def zero_edits(layers: list[int], masks: list[Tensor]) -> dict[int, Edit]:
-    """Zero the residual stream at each layer's masked positions."""
+def placements(site: Site, mask: Tensor, routing: Routing | None) -> list[Placement]:
+    """The site's layer with ``mask`` (B, T); with ``routing``, each routed layer with the masked tokens
+    routed there (other positions stay clean)."""
+    if routing is None:
+        return [Placement(site.layer, mask, None)]
+    return [Placement(layer, mask & (routing.choice == i), routing.weight) for i, layer in enumerate(site.layers)]
 
-    def zeroing(mask: Tensor) -> Edit:
-        return lambda h: _replace(h, mask, torch.zeros_like(h[mask]))
 
-    return {layer: zeroing(mask) for layer, mask in zip(layers, masks)}
+def site_edits(site: Site, mask: Tensor, spec: EditSpec, routing: Routing | None = None) -> dict[int, Edit]:
+    """Block-input edits applying ``spec`` at the real positions ``mask`` (B, T), each token at its routed layer
+    when ``routing`` is given (a routed site needs it)."""
+    assert routing is not None or not site.routed, f"{site.name} is routed: its edits need a Routing"
+
+    def at(place: Placement) -> Edit:
+        here = site._replace(layer=place.layer)
+        weight = None if place.weight is None else place.weight[place.where]  # (M,)
+        return lambda h: spliced(h, place.where, lambda rows: edit_rows(rows, here, spec, weight))
+
+    return {place.layer: at(place) for place in placements(site, mask, routing)}
 
 
-def route_edits(
-    sae: RouteSAE,
-    normalizer: Normalizer,
-    mask: Tensor,
-    choice: Tensor,
-    weight: Tensor,
-    k: int | None,
-    theta: float | None,
-    undo_weight: bool = True,
-) -> dict[int, Edit]:
-    """At each routed layer, replace the real positions routed there; other positions stay clean.
+def zero_edits(site: Site, mask: Tensor, routing: Routing | None = None) -> dict[int, Edit]:
+    """Zero the residual stream at the site's masked positions (each at its routed layer, with ``routing``)."""
 
-    The SAE reconstructs ``w * x`` (w = the routing weight). ``undo_weight`` splices ``x_hat / w``, an
-    activation on the model's own scale (`--splice scaled`, our default); without it ``x_hat`` goes in
-    as it is, as the RouteSAE reference does (`--splice paper`: KL comparable with the paper's, but it
-    also measures the damage of shrinking the residual stream by w).
-    """
-    edits: dict[int, Edit] = {}
-    for i, layer in enumerate(sae.cfg.layers):
-        here = mask & (choice == i)  # (B, T)
+    def zeroing(where: Tensor) -> Edit:
+        return lambda h: spliced(h, where, torch.zeros_like)
 
-        def edit(h: Tensor, here: Tensor = here, layer: int = layer) -> Tensor:
-            if not bool(here.any()):
-                return h
-            x, stats = normalizer.normalize(h[here], layer)  # (M, D)
-            w = weight[here][:, None]  # (M, 1)
-            x_hat = sae.decode(sae.encode(x * w, k=k, theta=theta))
-            if undo_weight:
-                x_hat = x_hat / w
-            return _replace(h, here, normalizer.denormalize(x_hat, stats))
-
-        edits[layer] = edit
-    return edits
+    return {place.layer: zeroing(place.where) for place in placements(site, mask, routing)}

@@ -1,5 +1,6 @@
 """A run together with the cache it was trained on, checked to belong together (an imported run:
-the cache it is given, read through :mod:`pipeline.live.borrowed`)."""
+the cache it is given, read through :mod:`pipeline.live.borrowed`), and a run inside the model that cache
+came from (:class:`Live`), loaded once by the stages that edit it."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ from pipeline.infra.device import resolve_dtype
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
 from pipeline.live.borrowed import Borrowed, ModelOnly
+from pipeline.live.edit import Site
+from pipeline.live.splice import special_ids
 from pipeline.llm.model import find_blocks, fingerprint_model, load_model, load_tokenizer, resolve_model
-from pipeline.sae.archs.route import RouteSAE
-from pipeline.sae.archs.topk import TopKSAE
 from pipeline.sae.folder import load_sae
+from pipeline.sae.interface import SAE
 
 
 @dataclass
@@ -25,7 +27,7 @@ class Subject:
     """One run being evaluated: its SAE, cfg.json and the cache it was trained on."""
 
     folder: Folder
-    sae: TopKSAE | RouteSAE
+    sae: SAE
     cfg: dict[str, Any]
     cache: ActivationCache
     normalizer: Normalizer
@@ -37,7 +39,17 @@ class Subject:
 
     @property
     def is_route(self) -> bool:
-        return self.cfg["sae"]["arch"] == "route"
+        """Whether the SAE reads several layers through a router (RouteSAE)."""
+        return self.sae.multi_layer
+
+    @property
+    def soft_routed(self) -> bool:
+        """A routed SAE whose code mixes layers: no single layer of the model can take it back."""
+        return self.is_route and self.sae.cfg.routing == "soft"
+
+    def site(self) -> Site:
+        """The SAE at its place in the model (its first layer; a routed SAE's first routed layer)."""
+        return Site(self.layers[0], self.sae, self.normalizer, self.folder.name)
 
     @property
     def has_activations(self) -> bool:
@@ -92,6 +104,32 @@ def _imported_cache(run: str, cfg: dict[str, Any], cache_path: str | None) -> Ac
             f"{Folder.at(run).name} reads; give a cache of that model."
         )
     return Borrowed(cache, run, cfg)
+
+
+@dataclass
+class Live:
+    """A run inside the running model: the run, the model its cache came from, its tokenizer."""
+
+    subject: Subject
+    model: torch.nn.Module
+    blocks: torch.nn.ModuleList
+    tokenizer: Any  # the model's Hugging Face tokenizer
+    special: frozenset[int]  # token ids no edit touches (BOS, EOS, pad...)
+
+    @property
+    def site(self) -> Site:
+        return self.subject.site()
+
+    @property
+    def device(self) -> torch.device:
+        return self.subject.sae.device
+
+
+def go_live(subject: Subject, dtype: str = "cache") -> Live:
+    """``subject`` with the model and tokenizer of its cache, on the SAE's device."""
+    model, blocks = load_llm(subject.cache, subject.sae.device, dtype)
+    tokenizer = load_cache_tokenizer(subject.cache)
+    return Live(subject, model, blocks, tokenizer, special_ids(tokenizer))
 
 
 def load_llm(

@@ -11,7 +11,7 @@ from pipeline.infra.params import setting
 class SteerConfig:
     """Everything `sae-pipe steer` needs."""
 
-    run: str = setting("", "a TopK run folder printed by `sae-pipe fit`")
+    run: str = setting("", "a run folder printed by `sae-pipe fit` (or `sae-pipe import`)")
     features: list[str] = setting(
         doc="LATENT=KIND:VALUE edits (scale | add | set | direction), repeatable", factory=list
     )

@@ -16,18 +16,16 @@ lands at each token's routed layer and the activation is read from the routed co
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from pipeline.infra.console import progress_bar
-from pipeline.live.subject import Subject
+from pipeline.live.edit import Mode
+from pipeline.live.routing import clean_code
+from pipeline.live.subject import Live
 from pipeline.llm.divergence import ce_per_position, kl_sum, log_probs, reference
-from pipeline.llm.hooks import run_to_layers
-from pipeline.sae.archs.route import RouteSAE
-from pipeline.sae.archs.topk import TopKSAE
-from pipeline.sae.interface import Latents
 from pipeline.steer.edits import Edit, Positions
 from pipeline.steer.generation import generate
 from pipeline.steer.intervene import Target, routed_generate, routed_logits, steering
@@ -47,25 +45,21 @@ class Setting(NamedTuple):
 class Bench:
     """What one evaluation loads once and reuses for every setting."""
 
-    subject: Subject
-    sae: TopKSAE  # the run's SAE
-    model: nn.Module
-    blocks: nn.ModuleList
-    tokenizer: Any  # the model's Hugging Face tokenizer
+    live: Live  # the run inside its model
     prompts: list[Tensor]  # (1, T) token ids of each neutral prompt
     heldout: Tensor  # (S, T) held-out token ids
     mask: Tensor  # (S, T) positions whose token is real text (stored in the cache)
     promoted: dict[int, Tensor]  # latent -> (10,) its most promoted token ids
     a_max: dict[int, float]  # latent -> largest activation in the feature table
-    mode: str  # delta | replace
-    special: frozenset[int]  # token ids never edited (BOS, EOS, pad)
-    router: RouteSAE | None = None  # the RouteSAE, for routed runs
+    mode: Mode
     unedited: dict[tuple[int, ...], Tensor] = field(default_factory=dict)  # prompt ids -> its unedited generation
+
+    def __post_init__(self) -> None:
+        self.mode = Mode(self.mode)  # "delta" from the config
 
     def target(self, setting: Setting) -> Target:
         edit = Edit(setting.feature, "direction", setting.strength)
-        layer, normalizer = self.subject.layers[0], self.subject.normalizer
-        return Target(self.sae, layer, normalizer, [edit], self.special, self.a_max, self.router)
+        return Target(self.live.site, [edit], self.live.special, self.a_max)
 
 
 @torch.no_grad()
@@ -77,11 +71,11 @@ def held_out_cost(bench: Bench, settings: list[Setting], batch_size: int) -> dic
         for start in range(0, len(bench.heldout), batch_size):
             tokens = bench.heldout[start : start + batch_size]  # (B, T)
             mask = bench.mask[start : start + batch_size]  # (B, T)
-            clean = log_probs(bench.model(input_ids=tokens).logits)  # (B, T, V)
+            clean = log_probs(bench.live.model(input_ids=tokens).logits)  # (B, T, V)
             kept = reference(clean[mask])  # once per batch, shared by every setting's KL
             positions += int(mask.sum())
             for s in settings:
-                if s.strength == 0 and bench.mode == "delta":
+                if s.strength == 0 and bench.mode is Mode.DELTA:
                     continue  # adds exactly nothing: KL and gain are 0 without a forward
                 steered = log_probs(steered_logits(bench, bench.target(s), tokens))  # (B, T, V)
                 sums[s][0] += kl_sum(kept, steered[mask])
@@ -100,10 +94,10 @@ def generation_effect(bench: Bench, setting: Setting, max_new_tokens: int) -> tu
     for ids in bench.prompts:
         full = _generation(bench, target, ids, max_new_tokens, setting.strength)  # (1, T + n)
         new = slice(ids.shape[1], full.shape[1])
-        texts.append(bench.tokenizer.decode(full[0, new], skip_special_tokens=True))
-        latents = clean_code(bench, full)  # (T + n, k): the clean model re-reads it
+        texts.append(bench.live.tokenizer.decode(full[0, new], skip_special_tokens=True))
+        latents = clean_code(bench.live.model, bench.live.blocks, bench.live.site, full)  # (T + n, k): re-read
         activation += float((latents.acts[new] * (latents.indices[new] == setting.feature)).sum())
-        logits = bench.model(input_ids=full).logits  # (1, T + n, V)
+        logits = bench.live.model(input_ids=full).logits  # (1, T + n, V)
         nll += float(ce_per_position(logits, full)[0, ids.shape[1] - 1 :].sum())  # predicting the new tokens
         count += full.shape[1] - ids.shape[1]
     return activation / max(count, 1), float(torch.tensor(nll / max(count, 1)).exp()), texts
@@ -111,7 +105,7 @@ def generation_effect(bench: Bench, setting: Setting, max_new_tokens: int) -> tu
 
 def _generation(bench: Bench, target: Target, ids: Tensor, max_new_tokens: int, strength: float) -> Tensor:
     """The steered generation; strength 0 in delta mode is the unedited model, generated once per prompt."""
-    if strength != 0 or bench.mode != "delta":
+    if strength != 0 or bench.mode is not Mode.DELTA:
         return steered_generation(bench, target, ids, max_new_tokens)
     key = tuple(ids[0].tolist())
     if key not in bench.unedited:
@@ -120,31 +114,18 @@ def _generation(bench: Bench, target: Target, ids: Tensor, max_new_tokens: int, 
 
 
 def steered_logits(bench: Bench, target: Target, tokens: Tensor) -> Tensor:
-    """Logits (B, T, V) with the target's edits at every position (at each token's routed layer for a RouteSAE)."""
-    everywhere = Positions("all")
-    if bench.router is not None:
-        return routed_logits(bench.model, bench.blocks, target, bench.mode, everywhere, tokens, tokens.shape[1])
-    with steering(bench.model, bench.blocks, [target], bench.mode, everywhere, tokens.shape[1]):
-        return bench.model(input_ids=tokens).logits
+    """Logits (B, T, V) with the target's edits at every position (at each token's routed layer when routed)."""
+    model, blocks, everywhere = bench.live.model, bench.live.blocks, Positions("all")
+    if target.site.routed:
+        return routed_logits(model, blocks, target, bench.mode, everywhere, tokens, tokens.shape[1])
+    with steering(model, blocks, [target], bench.mode, everywhere, tokens.shape[1]):
+        return model(input_ids=tokens).logits
 
 
 def steered_generation(bench: Bench, target: Target, ids: Tensor, max_new_tokens: int) -> Tensor:
     """Greedy generation (1, T + n) with the edits at every position."""
-    everywhere = Positions("all")
-    if bench.router is not None:
-        options = (max_new_tokens, False, 1.0, 0)
-        return routed_generate(bench.model, bench.blocks, target, bench.mode, everywhere, ids, options)
-    with steering(bench.model, bench.blocks, [target], bench.mode, everywhere, ids.shape[1]):
-        return generate(bench.model, ids, max_new_tokens, sample=False, temperature=1.0, seed=0)
-
-
-def clean_code(bench: Bench, tokens: Tensor) -> Latents:
-    """The SAE's code (B*T, k) of the clean model's activations for ``tokens`` (routed, for a RouteSAE)."""
-    layers = bench.subject.layers
-    hidden = run_to_layers(bench.model, bench.blocks, tokens, layers)
-    xs = torch.stack(
-        [bench.subject.normalizer.normalize(hidden[layer], layer)[0] for layer in layers], dim=2
-    )  # (B, T, L, D)
-    if bench.router is not None:
-        return bench.router(xs.flatten(0, 1)).latents
-    return bench.sae.encode(xs[:, :, 0].flatten(0, 1))
+    model, blocks, everywhere = bench.live.model, bench.live.blocks, Positions("all")
+    if target.site.routed:
+        return routed_generate(model, blocks, target, bench.mode, everywhere, ids, (max_new_tokens, False, 1.0, 0))
+    with steering(model, blocks, [target], bench.mode, everywhere, ids.shape[1]):
+        return generate(model, ids, max_new_tokens, sample=False, temperature=1.0, seed=0)

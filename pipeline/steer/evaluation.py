@@ -18,14 +18,16 @@ from pipeline.infra.chat import ClientSettings
 from pipeline.infra.console import Stopwatch, say
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
+from pipeline.live.edit import Mode
 from pipeline.live.logits import SCORE_PROMPT, feature_output_scores, logit_effects
+from pipeline.live.subject import Live
 from pipeline.llm.unembed import unembedding
 from pipeline.steer.config import SteerConfig
 from pipeline.steer.dose import NEUTRAL_PROMPTS, Bench, Setting, generation_effect, held_out_cost
 from pipeline.steer.generation import check_length
 from pipeline.steer.judge import plan_judge
 from pipeline.steer.report import write_outputs
-from pipeline.steer.stage import Session, feature_table, max_activations, open_session, prompt_list, special_ids
+from pipeline.steer.stage import feature_table, max_activations, open_session, prompt_list
 
 PROMOTED = 10  # promoted tokens whose log-probability gain counts as effect
 
@@ -85,7 +87,7 @@ def check_evaluation(cfg: SteerConfig) -> None:
         raise UserError(f"--max-cost {cfg.max_cost:g} must be a finite number of USD >= 0 (0 = no cap).")
 
 
-def output_folder(session: Session, cfg: SteerConfig) -> Folder:
+def output_folder(session: Live, cfg: SteerConfig) -> Folder:
     """Where the grid goes; a folder holding something else is refused (it would be replaced whole)."""
     name = session.subject.folder.name
     out = Folder.at(cfg.out) if cfg.out else Folder.at(cfg.cache_root).child("steer", name)
@@ -140,10 +142,10 @@ def add_ratings(
 
 
 def choose_features(
-    session: Session, cfg: SteerConfig, table: pa.Table | None, w_u: torch.Tensor, a_max: dict[int, float]
+    session: Live, cfg: SteerConfig, table: pa.Table | None, w_u: torch.Tensor, a_max: dict[int, float]
 ) -> dict[int, float]:
     """latent -> output score of the features to evaluate: the given ones, else the best-scoring live ones."""
-    n_latents = session.sae.cfg.n_latents
+    n_latents = session.subject.sae.cfg.n_latents
     bad = [i for i in cfg.eval_features if not 0 <= i < n_latents]
     if bad:
         raise UserError(f"--eval-features {bad} out of range; this SAE has latents 0..{n_latents - 1}.")
@@ -188,7 +190,7 @@ def table_scores(table: pa.Table) -> dict[int, float]:
     }
 
 
-def feature_concepts(session: Session, cfg: SteerConfig, words: dict[int, list[str]]) -> dict[int, str]:
+def feature_concepts(session: Live, cfg: SteerConfig, words: dict[int, list[str]]) -> dict[int, str]:
     """What the judge looks for: the feature's explanation from `interpret`, else its top promoted tokens."""
     interpret = Folder.at(cfg.cache_root).child("interpret", session.subject.folder.name).local()
     concepts = {f: "text about tokens like " + ", ".join(repr(w) for w in ws[:5]) for f, ws in words.items()}
@@ -199,7 +201,7 @@ def feature_concepts(session: Session, cfg: SteerConfig, words: dict[int, list[s
 
 
 def make_bench(
-    session: Session,
+    session: Live,
     cfg: SteerConfig,
     texts: list[str],
     features: list[int],
@@ -211,20 +213,14 @@ def make_bench(
     prompts = [session.tokenizer(p, return_tensors="pt").input_ids.to(session.device) for p in texts]
     for ids in prompts:
         check_length(session.model, ids.shape[1] + cfg.max_new_tokens)
-    directions = session.sae.directions(features)  # (F, D)
+    directions = session.subject.sae.directions(features)  # (F, D)
     promoted = logit_effects(directions, w_u, PROMOTED).top_ids.to(session.device)  # (F, 10)
     return Bench(
-        subject=session.subject,
-        sae=session.sae,
-        model=session.model,
-        blocks=session.blocks,
-        tokenizer=session.tokenizer,
+        live=session,
         prompts=prompts,
         heldout=torch.from_numpy(tokens).long().to(session.device),
         mask=torch.from_numpy(mask).to(session.device),
         promoted={f: promoted[i] for i, f in enumerate(features)},
         a_max=a_max,
-        mode=cfg.mode,
-        special=special_ids(session.tokenizer),
-        router=session.router,
+        mode=Mode(cfg.mode),
     )

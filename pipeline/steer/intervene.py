@@ -1,63 +1,51 @@
 """Editing latents inside the running model, exactly.
 
-At the SAE's layer the live activation h is normalized as the cache was (x, with per-token stats),
-encoded to its code z, and the edits give z'. Two modes say what reaches the next block:
+A target's edits become one change of the code per edited position (:func:`latent_change`), applied by
+:mod:`pipeline.live.edit` in either mode: ``delta`` (h + s * W^T (z' - z): no edit, or scale 1, is h
+exactly) or ``replace`` (the edited reconstruction). Hooks are removed in ``finally``.
 
-    delta    h + s * W_dec^T (z' - z)     only the change in the decoded code; everything the SAE
-                                          does not edit, its reconstruction error included, passes
-                                          through untouched (no edit, or scale 1: h exactly)
-    replace  denorm(W_dec^T z' + b_dec)   the edited reconstruction (the RouteSAE reference's hook):
-                                          the SAE's error is applied as well
+Routed SAEs (RouteSAE, hard routing): a clean pass of the same tokens gives each token its layer and
+weight (:mod:`pipeline.live.routing`); edits land at each token's routed layer only. Routing needs every
+routed layer of a token before the first of them runs, so routed generation recomputes the whole
+sequence each step (no KV cache): slower, and exact.
 
-s is the token's own normalization scale (its std for `standardize`; the mean cancels in a
-difference). Hooks are removed in ``finally``.
-
-RouteSAE runs (hard routing): a clean pass of the same tokens gives each token its layer l and weight
-w; the SAE encodes w * x there, so the code's change is divided by w on the way back (the scaled splice
-of `evaluate`). Edits land at each token's routed layer only. Routing needs every routed layer of a
-token before the first of them runs, so routed generation recomputes the whole sequence each step
-(no KV cache): slower, and exact.
-
-Special-token positions (BOS, EOS, pad) are never edited: they are attention sinks with huge norms that
-the SAE never saw (the cache leaves them out, `evaluate` and `circuit` skip them). The hooks read each
-forward's token ids from the input embedding's own input, so this holds during KV-cached generation too.
-Every edited forward checks that its logits are finite: an edit too large for the model's numbers is one
-clear error, never an empty or garbage continuation.
+Special-token positions (BOS, EOS, pad) are never edited (:func:`pipeline.live.splice.real_positions`).
+The hooks read each forward's token ids from the input embedding's own input, so this holds during
+KV-cached generation too. Every edited forward checks that its logits are finite: an edit too large for
+the model's numbers is one clear error, never an empty or garbage continuation.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from pipeline.cache.normalize import Normalizer
 from pipeline.infra.errors import UserError
+from pipeline.live.edit import Change, CodeEdit, EditSpec, Mode, Site, edit_rows
 from pipeline.live.routing import route_choice
+from pipeline.live.splice import real_positions, site_edits, spliced
 from pipeline.llm.hooks import replace_input, replacing
-from pipeline.sae.archs.route import RouteSAE
-from pipeline.sae.archs.topk import TopKSAE
 from pipeline.sae.interface import Latents
 from pipeline.steer.edits import Edit, Positions
-
-MODES = ("delta", "replace")
 
 
 @dataclass
 class Target:
-    """The edits of one SAE: at its layer (TopK) or at each token's routed layer (RouteSAE)."""
+    """The edits of one SAE: at its layer, or at each token's routed layer (a routed SAE)."""
 
-    sae: TopKSAE  # the SAE (a RouteSAE's shared TopK SAE)
-    layer: int  # model layer (input of block `layer`); for a RouteSAE, the one being edited
-    normalizer: Normalizer  # the cache's normalization
+    site: Site  # the SAE, its layer and the cache's normalization
     edits: list[Edit]
     special: frozenset[int]  # token ids never edited (BOS, EOS, pad: attention sinks with huge norms)
     a_max: dict[int, float] = field(default_factory=dict)  # latent -> largest activation (direction edits)
-    router: RouteSAE | None = None  # set for RouteSAE runs
+
+    def spec(self, mode: Mode | str) -> EditSpec:
+        """The edit of the code in ``mode``."""
+        return EditSpec(Mode(mode), latent_change(self))
 
 
 @dataclass
@@ -65,12 +53,6 @@ class Tally:
     """How many token positions edits landed on (a position counts once per forward that edits it)."""
 
     positions: int = 0
-
-
-def editable(tokens: Tensor, target: Target) -> Tensor:
-    """(B, T) bool: the positions whose token is not one of the target's special tokens."""
-    special = torch.tensor(sorted(target.special), dtype=tokens.dtype, device=tokens.device)
-    return ~torch.isin(tokens, special)
 
 
 def check_finite(logits: Tensor, target: Target) -> None:
@@ -83,33 +65,29 @@ def check_finite(logits: Tensor, target: Target) -> None:
         )
 
 
-def code_change(target: Target, latents: Latents) -> Tensor:
-    """W_dec^T (z' - z) for a batch of codes (M, k): the edits' change to the reconstruction (M, D)."""
-    sae = target.sae
-    change = torch.zeros(latents.acts.shape[0], sae.cfg.d_in, device=latents.acts.device)  # (M, D)
-    for edit in target.edits:
-        old = (latents.acts * (latents.indices == edit.latent)).sum(-1)  # (M,)
-        new = edit.new_value(old, target.a_max.get(edit.latent, 1.0))  # (M,)
-        change += (new - old)[:, None] * sae.directions([edit.latent])
+def latent_change(target: Target) -> CodeEdit:
+    """z' - z on the edited latents, from a sparse code (M, k): (M, F) values on the F edited latents."""
+
+    def change(code: Tensor | Latents) -> Change:
+        assert isinstance(code, Latents), "steering edits the sparse code"
+        columns = []
+        for edit in target.edits:
+            old = (code.acts * (code.indices == edit.latent)).sum(-1)  # (M,)
+            columns.append(edit.new_value(old, target.a_max.get(edit.latent, 1.0)) - old)
+        ids = torch.tensor([e.latent for e in target.edits], dtype=torch.long, device=code.acts.device)
+        return Change(torch.stack(columns, dim=1), ids)  # (M, F), (F,)
+
     return change
-
-
-@torch.no_grad()
-def edit_hidden(h: Tensor, target: Target, mode: str, weight: Tensor | None = None) -> Tensor:
-    """The edited version of the rows ``h`` (M, D) of the residual stream; ``weight`` (M,): RouteSAE
-    routing weights (the SAE sees w * x, so its change reaches x divided by w)."""
-    x, stats = target.normalizer.normalize(h, target.layer)  # (M, D)
-    w = weight[:, None] if weight is not None else torch.ones((), device=h.device)  # (M, 1) or ()
-    latents = target.sae.encode(x * w)
-    change = code_change(target, latents)  # (M, D), in the SAE's input space
-    if mode == "delta":
-        return (h.float() + change / w * stats[1]).to(h.dtype)
-    return target.normalizer.denormalize((target.sae.decode(latents) + change) / w, stats).to(h.dtype)
 
 
 @contextmanager
 def steering(
-    model: nn.Module, blocks: nn.ModuleList, targets: list[Target], mode: str, positions: Positions, prompt_len: int
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    targets: list[Target],
+    mode: Mode | str,
+    positions: Positions,
+    prompt_len: int,
 ) -> Iterator[Tally]:
     """Apply every target's edits during one `generate` (or one forward) of a single sequence; yields a
     :class:`Tally` of the positions edited.
@@ -124,17 +102,17 @@ def steering(
         tokens[:] = [args[0]]
 
     def make_edit(target: Target):  # noqa: ANN202 - a hook function
+        assert not target.site.routed, "a routed SAE edits through routed_logits / routed_generate"
+        spec = target.spec(mode)
+
         def edit(h: Tensor) -> Tensor:  # (B, T, D)
             start = seen[id(target)]
             seen[id(target)] = start + h.shape[1]
             where = positions.mask(start, h.shape[1], prompt_len, h.device)[None]  # (1, T)
-            where = where & editable(tokens[0], target)  # (B, T): never a special token
-            if not bool(where.any()):
-                return h
+            where = where & real_positions(tokens[0], target.special)  # (B, T): never a special token
             tally.positions += int(where.sum())
-            out = h.clone()
-            out[where] = edit_hidden(h[where], target, mode)  # (M, D) rows of the edited positions
-            return out
+            with torch.no_grad():  # steering never differentiates through an edit
+                return spliced(h, where, lambda rows: edit_rows(rows, target.site, spec))
 
         return edit
 
@@ -147,7 +125,7 @@ def steering(
         stack.callback(embedding.register_forward_pre_hook(read_tokens).remove)
         stack.callback(model.register_forward_hook(check).remove)
         for target in targets:
-            stack.enter_context(replace_input(blocks[target.layer], make_edit(target)))
+            stack.enter_context(replace_input(blocks[target.site.layer], make_edit(target)))
         yield tally
 
 
@@ -156,37 +134,23 @@ def routed_logits(
     model: nn.Module,
     blocks: nn.ModuleList,
     target: Target,
-    mode: str,
+    mode: Mode | str,
     positions: Positions,
     tokens: Tensor,
     prompt_len: int,
     tally: Tally | None = None,
 ) -> Tensor:
-    """Logits (B, T, V) of ``tokens`` with a RouteSAE's edits applied at each token's routed layer
-    (counted into ``tally`` when given)."""
-    router = target.router
-    assert router is not None, "routed_logits needs a RouteSAE target"
-    choice, weight = route_choice(model, blocks, router, target.normalizer, tokens)  # (B, T), (B, T)
-    where = positions.mask(0, tokens.shape[1], prompt_len, tokens.device)[None] & (choice >= 0)  # (B, T)
-    where &= editable(tokens, target)  # (B, T): never a special token
-
-    def make_edit(here: Tensor, at: Target):  # noqa: ANN202 - a hook function
-        def edit(h: Tensor) -> Tensor:  # (B, T, D)
-            if not bool(here.any()) or not at.edits:
-                return h
-            out = h.clone()
-            out[here] = edit_hidden(h[here], at, mode, weight[here])
-            return out
-
-        return edit
-
-    edits = {
-        layer: make_edit(where & (choice == i), replace(target, layer=layer))
-        for i, layer in enumerate(router.cfg.layers)
-    }
+    """Logits (B, T, V) of ``tokens`` with a routed SAE's edits applied at each token's routed layer
+    (counted into ``tally`` when given); no edits: the clean model."""
+    assert target.site.routed, "routed_logits needs a routed SAE's target"
+    where = positions.mask(0, tokens.shape[1], prompt_len, tokens.device)[None]  # (1, T)
+    where = where & real_positions(tokens, target.special)  # (B, T): never a special token
+    edits = {}
+    if target.edits and bool(where.any()):
+        edits = site_edits(target.site, where, target.spec(mode), route_choice(model, blocks, target.site, tokens))
     with replacing(blocks, edits):
         logits = model(input_ids=tokens).logits  # (B, T, V)
-    if target.edits and bool(where.any()):
+    if edits:
         check_finite(logits, target)
         if tally is not None:
             tally.positions += int(where.sum())
@@ -198,7 +162,7 @@ def routed_generate(
     model: nn.Module,
     blocks: nn.ModuleList,
     target: Target,
-    mode: str,
+    mode: Mode | str,
     positions: Positions,
     ids: Tensor,
     options: tuple[int, bool, float, int],

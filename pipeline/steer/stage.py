@@ -2,58 +2,39 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
-from torch import nn
 
 from pipeline.infra.device import resolve_device
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
-from pipeline.live.subject import Subject, load_cache_tokenizer, load_llm, load_subject
-from pipeline.sae.archs.route import RouteSAE, core_sae
-from pipeline.sae.archs.topk import TopKSAE
+from pipeline.live.edit import MODES
+from pipeline.live.subject import Live, Subject, go_live, load_subject
 from pipeline.steer.config import SteerConfig
 from pipeline.steer.edits import Positions, parse_edit
 from pipeline.steer.generation import check_length, generate
-from pipeline.steer.intervene import MODES, Tally, Target, routed_generate, steering
+from pipeline.steer.intervene import Tally, Target, routed_generate, steering
 
 MIN_TEMPERATURE = 0.01  # below it sampling is greedy decoding in all but name, and logits / t overflow
 
 
-class Session(NamedTuple):
-    """A run, its model and tokenizer, loaded once per command."""
-
-    subject: Subject
-    sae: TopKSAE  # the run's SAE (a RouteSAE's shared SAE)
-    router: RouteSAE | None  # the RouteSAE itself, for routed runs
-    model: nn.Module
-    blocks: nn.ModuleList
-    tokenizer: Any  # the model's Hugging Face tokenizer
-    device: torch.device
-
-
-def open_session(cfg: SteerConfig) -> Session:
+def open_session(cfg: SteerConfig) -> Live:
     """Load the run, the model its cache came from and the tokenizer."""
     if cfg.mode not in MODES:
         raise UserError(f"unknown --mode {cfg.mode!r}; use one of {', '.join(MODES)}.")
     check_decoding(cfg)
-    device = resolve_device(cfg.device)
-    subject = load_subject(cfg.run, device, cfg.cache or None)
-    router = subject.sae if isinstance(subject.sae, RouteSAE) else None
-    if router is not None and router.cfg.routing != "hard":
+    subject = load_subject(cfg.run, resolve_device(cfg.device), cfg.cache or None)
+    if subject.soft_routed:
         raise UserError(
             f"run {subject.folder.name} uses soft routing: its code mixes layers, so an edit has no single "
             "layer to land on; steer a hard-routed run (fit --routing hard, the default)."
         )
-    model, blocks = load_llm(subject.cache, device)
-    tokenizer = load_cache_tokenizer(subject.cache)
-    return Session(subject, core_sae(subject.sae), router, model, blocks, tokenizer, device)
+    return go_live(subject)
 
 
 def check_decoding(cfg: SteerConfig) -> None:
@@ -83,9 +64,9 @@ def steer(cfg: SteerConfig) -> list[dict[str, Any]]:
         check_length(session.model, ids.shape[1] + cfg.max_new_tokens)
         options = (cfg.max_new_tokens, cfg.sample, cfg.temperature, cfg.seed)
         tally = Tally()
-        if session.router is not None:  # same loop both times, so the only difference is the edit
+        if target.site.routed:  # same loop both times, so the only difference is the edit
             unedited = routed_generate(
-                session.model, session.blocks, replace(target, edits=[]), cfg.mode, positions, ids, options
+                session.model, session.blocks, dataclasses.replace(target, edits=[]), cfg.mode, positions, ids, options
             )
             edited = routed_generate(session.model, session.blocks, target, cfg.mode, positions, ids, options, tally)
         else:
@@ -114,21 +95,13 @@ def steer(cfg: SteerConfig) -> list[dict[str, Any]]:
     return records
 
 
-def make_target(session: Session, cfg: SteerConfig) -> Target:
+def make_target(session: Live, cfg: SteerConfig) -> Target:
     """The run's SAE with the parsed edits and, for direction edits, each feature's largest activation."""
     if not cfg.features:
         raise UserError("no edit: pass --feature LATENT=KIND:VALUE, e.g. --feature 1592=scale:0.")
-    subject = session.subject
-    edits = [parse_edit(text, session.sae.cfg.n_latents) for text in cfg.features]
-    a_max = max_activations(feature_table(subject, cfg))
-    special = special_ids(session.tokenizer)
-    return Target(session.sae, subject.layers[0], subject.normalizer, edits, special, a_max, session.router)
-
-
-def special_ids(tokenizer: Any) -> frozenset[int]:
-    """The tokenizer's special token ids (BOS, EOS, pad...): positions an edit never touches."""
-    named = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    return frozenset(tokenizer.all_special_ids) | {int(i) for i in named if i is not None}
+    edits = [parse_edit(text, session.subject.sae.cfg.n_latents) for text in cfg.features]
+    a_max = max_activations(feature_table(session.subject, cfg))
+    return Target(session.site, edits, session.special, a_max)
 
 
 def feature_table(subject: Subject, cfg: SteerConfig) -> pa.Table | None:
