@@ -24,6 +24,10 @@ class EvaluateConfig:
         doc="comma list of nmse (cache only), kl, ce (need the LLM), train_dead (opt-in: reads the training split)",
         factory=lambda: list(METRICS),
     )
+    suite: list[str] = setting(
+        doc="comma list of SAEBench-format metric families written per run: core, geometry (empty = none)",
+        factory=lambda: ["core"],
+    )
     infer_k: int | None = setting(None, "encode with this k instead of the trained one")
     theta: float | None = setting(None, "encode with a threshold instead of top-k")
     splice: str = setting(

@@ -8,13 +8,15 @@ batch (splice.Branches): N runs cost 1 forward below the layer and 2 + N above i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 
 from pipeline.evaluate.config import METRICS, OPT_IN, SPLICES, EvaluateConfig
+from pipeline.evaluate.core import CoreTap
 from pipeline.evaluate.metrics import DEFINITIONS, ce_recovered
+from pipeline.evaluate.suites import check_suites, suite_taps, write_suites
 from pipeline.infra.console import progress_bar, say
 from pipeline.infra.device import DTYPES, resolve_device
 from pipeline.infra.errors import UserError
@@ -47,13 +49,15 @@ def evaluate(cfg: EvaluateConfig) -> list[dict[str, Any]]:
         raise UserError(f"unknown --compute-dtype {cfg.compute_dtype!r}; use one of cache, auto, {', '.join(DTYPES)}.")
     if cfg.batch_size < 1 or cfg.max_tokens < 0:
         raise UserError("--batch-size must be at least 1 and --max-tokens not negative (0 = all held-out tokens).")
+    check_suites(cfg.suite)
     device = resolve_device(cfg.device)
     subjects = [load_subject(run, device, cfg.cache or None) for run in cfg.runs]
+    taps = {id(s): suite_taps(s, cfg) for s in subjects}  # suites summing over the held-out pass below
     for subject in subjects:
         subject.check_infer_k(cfg.infer_k)
         _check_spliceable(subject, cfg)
         if "nmse" in cfg.metrics or subject.has_activations:  # an imported run may have only tokens (kl, ce)
-            subject.result = fast_metrics(subject, cfg)
+            subject.result = fast_metrics(subject, cfg, list(taps[id(subject)].values()))
         if "train_dead" in cfg.metrics:
             subject.result["train_dead_share"] = train_dead_share(subject, cfg)
     if {"kl", "ce"} & set(cfg.metrics):
@@ -61,7 +65,10 @@ def evaluate(cfg: EvaluateConfig) -> list[dict[str, Any]]:
             model, blocks = load_llm(same_cache[0].cache, device, cfg.compute_dtype)  # once per cache, not per layer
             for group in _group_by(same_cache, _forward_key):
                 spliced_metrics(group, cfg, model, blocks)
-    return [write_metrics(s, cfg) for s in subjects]
+    results = [write_metrics(s, cfg) for s in subjects]
+    for s in subjects:
+        write_suites(s, cfg, taps[id(s)])
+    return results
 
 
 def _check_spliceable(s: Subject, cfg: EvaluateConfig) -> None:
@@ -88,8 +95,8 @@ def _group_by(subjects: list[Subject], key: Callable[[Subject], tuple[str, ...]]
 
 
 @torch.no_grad()
-def fast_metrics(s: Subject, cfg: EvaluateConfig) -> dict[str, Any]:
-    """nmse, fvu, l0, dead share (and routing shares) over held-out rows of the cache."""
+def fast_metrics(s: Subject, cfg: EvaluateConfig, taps: Sequence[CoreTap] = ()) -> dict[str, Any]:
+    """nmse, fvu, l0, dead share (and routing shares) over held-out rows of the cache; ``taps`` see every batch."""
     available = s.cache.rows("heldout")
     if available == 0:
         raise UserError(
@@ -108,6 +115,8 @@ def fast_metrics(s: Subject, cfg: EvaluateConfig) -> dict[str, Any]:
     quality, l0_sum = Reconstruction(), 0.0
     for out in _encoded(s, cfg, "heldout", cfg.max_tokens):
         quality.add(out.x, out.x_hat)
+        for tap in taps:
+            tap.add(out)
         fired = out.latents.acts > 0  # (b, k)
         l0_sum += float(fired.sum())
         fires += torch.bincount(out.latents.indices[fired], minlength=n_latents)
