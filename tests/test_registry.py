@@ -16,7 +16,7 @@ from pipeline.fit.config import FitConfig, Training
 from pipeline.fit.train import make_member, train_step
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
-from pipeline.live.edit import Change, EditSpec, Mode, Site
+from pipeline.live.edit import Change, EditSpec, Mode, Site, edit_rows
 from pipeline.live.routing import Routing
 from pipeline.live.splice import site_edits
 from pipeline.llm.hooks import replacing
@@ -91,6 +91,15 @@ def live_site(arch: str) -> tuple[Site, Routing | None]:
     return site, Routing(choice, 0.5 + torch.rand(TOKENS.shape, generator=gen))
 
 
+def refused(site: Site) -> bool:
+    """An SAE outside the residual stream (a transcoder) is refused by every edit, with one clear error."""
+    if site.resid:
+        return False
+    with pytest.raises(UserError, match="take SAEs of the residual stream"):
+        edit_rows(torch.randn(3, D), site, EditSpec(Mode.DELTA))
+    return True
+
+
 def by_hand(h: torch.Tensor, layer: int, site: Site, routing: Routing | None) -> tuple:
     """Per token of ``h`` (B, T, D) at ``layer``: whether it is edited there, its standardized x, std and weight."""
     mean, std = h.mean(-1, keepdim=True), h.std(-1, keepdim=True) + 1e-6  # (B, T, 1) Bessel std + eps
@@ -114,6 +123,8 @@ def test_an_unchanged_code_is_the_identity_in_delta_and_the_reconstruction_in_re
     """delta: h exactly (the SAE's error passes through); replace: the SAE's reconstruction de-standardized,
     divided by the routing weight for a routed SAE, at real positions (routed: at the token's layer) only."""
     site, routing = live_site(arch)
+    if refused(site):
+        return
     delta = site_edits(site, MASK, EditSpec(Mode.DELTA, unchanged, dense), routing)
     replace = site_edits(site, MASK, EditSpec(Mode.REPLACE, unchanged, dense), routing)
     assert set(delta) == set(replace) == set(site.layers)
@@ -132,6 +143,8 @@ def test_every_arch_steers_by_hand(arch: str) -> None:
     """A direction edit adds value * a_max * std * d_i / w and a set edit (value - z_i) * std * d_i / w at the real
     positions (routed: at each token's layer), in delta mode; d_i the latent's write direction."""
     site, routing = live_site(arch)
+    if refused(site):
+        return
     latent, value, a_max = 3, 2.0, 1.5
     for kind in ("direction", "set"):
         target = Target(site, [Edit(latent, kind, value)], SPECIAL, {latent: a_max})
@@ -162,6 +175,8 @@ def test_every_single_layer_arch_takes_a_circuit_mask(arch: str) -> None:
     """Every latent kept is the clean model; every latent zero-ablated is h - std * W^T z at the real positions
     (the error kept), by hand; the mask has a gradient. A routed SAE is refused with one clear error."""
     site, _ = live_site(arch)
+    if refused(site):
+        return
     if site.routed:
         with pytest.raises(UserError, match="circuits are found over single-layer runs"):
             single_layer(site)

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from pipeline.cache.normalize import Normalizer
+from pipeline.infra.errors import UserError
 from pipeline.sae.interface import SAE, Latents, pack
 
 
@@ -52,7 +53,26 @@ class Site(NamedTuple):
     @property
     def routed(self) -> bool:
         """Whether the SAE reads several layers through a router (each token edited at its routed layer)."""
-        return self.sae.multi_layer
+        return self.sae.multi_layer and self.resid
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        """The cache sites the SAE reads (a transcoder: an MLP's input and output; an SAE: the residual stream)."""
+        return tuple(getattr(self.sae, "sites", ("resid",)))
+
+    @property
+    def resid(self) -> bool:
+        """Whether the SAE reads and writes the residual stream, where every edit here lands."""
+        return self.sites == ("resid",)
+
+    def check(self) -> Site:
+        """This site, refused with one clear error when its SAE does not live in the residual stream."""
+        if not self.resid:
+            raise UserError(
+                f"run {self.name} is a {self.sae.cfg.arch} SAE of the sites {', '.join(self.sites)}; splicing, "
+                "steering and circuits take SAEs of the residual stream (not transcoders) for now."
+            )
+        return self
 
     @property
     def layers(self) -> list[int]:
@@ -101,7 +121,7 @@ def moved(h: Tensor, change: Tensor, scale: Tensor) -> Tensor:
 def edit_rows(h: Tensor, site: Site, spec: EditSpec, weight: Tensor | None = None) -> Tensor:
     """The rows ``h`` (M, D) of block ``site.layer``'s input after ``spec``; ``weight`` (M,): a routed SAE's
     routing weights of these rows (None: a one-layer SAE)."""
-    x, stats = site.normalizer.normalize(h, site.layer)  # (M, D)
+    x, stats = site.check().normalizer.normalize(h, site.layer)  # (M, D)
     w = weight[:, None] if weight is not None else torch.ones((), device=h.device)  # (M, 1) or ()
     x = x * w if weight is not None else x
     code = site.sae.dense_code(x) if spec.dense else site.sae.encode(x, spec.k, spec.theta)  # (M, N) | Latents
