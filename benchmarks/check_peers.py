@@ -4,11 +4,14 @@
 
 On real SmolLM2-135M activations (layer 6, a few thousand tokens of the built-in corpus, extracted
 offline from the GGUF model):
-  (a) TopK runs of ours (trained on a standardized and on a raw cache) are exported in both layouts,
-      loaded by each package (benchmarks/peers/peer_side.py, in the peers' venv) and their codes and
-      reconstructions compared with ours;
+  (a) runs of ours are exported, loaded by each package (benchmarks/peers/peer_side.py, in the peers'
+      venv) and their codes and reconstructions compared with ours: TopK (trained on a standardized and
+      on a raw cache) in both layouts, and every other trainable single-layer architecture (standard,
+      jumprelu, gated, batchtopk, matryoshka: trained on the raw cache) in SAELens's, which loads each
+      as the inference class it names (batchtopk and matryoshka: JumpReLUSAE);
   (b) SAEs created and saved with each package's own API (every supported architecture and
-      convention, random weights) are imported with `sae-pipe import` and compared again.
+      convention, random weights; SAELens's BatchTopK and Matryoshka BatchTopK trainers saved in their
+      inference form) are imported with `sae-pipe import` and compared again.
 Prints, per case and package version, the largest absolute and relative (to the largest value)
 differences of the code and of the reconstruction over rows where both fire the same latents, and
 the rows where they do not: "ties" (every latent firing on one side only sits within TIE of its
@@ -44,9 +47,8 @@ from pipeline.fit.config import FitConfig
 from pipeline.fit.stage import fit
 from pipeline.interop.export import export_run
 from pipeline.interop.importing import import_checkpoint
-from pipeline.sae.archs.relu import JumpReluSAE, ReluSAE
-from pipeline.sae.archs.topk import TopKSAE
 from pipeline.sae.folder import load_sae
+from pipeline.sae.interface import REGISTRY, trainable_archs
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYER, MODEL = 6, "smollm2-135m"
@@ -63,22 +65,22 @@ def rows(cache: str) -> np.ndarray:
 def ours(run: str, x: np.ndarray, raw: bool, k: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Our dense code, reconstruction and firing margins on x (``raw``: the model's rows, normalized here)."""
     sae, cfg = load_sae(run)
-    assert isinstance(sae, TopKSAE)
+    assert not sae.multi_layer
     normalizer = Normalizer.from_dict(cfg["cache"]["normalization"] if raw else {"method": "none"})
     x_n, stats = normalizer.normalize(torch.from_numpy(x), LAYER)
     with torch.no_grad():
         out = sae(x_n, k=k)
-        margin = margins(sae, x_n, k or sae.cfg.k).numpy()
+        margin = margins(sae.state_dict(), x_n, k or sae.cfg.k, sae.top_k).numpy()
     code = torch.zeros(len(x), cfg["sae"]["n_latents"]).scatter(-1, out.latents.indices, out.latents.acts)
     return code.numpy(), normalizer.denormalize(out.x_hat, stats).numpy(), margin
 
 
-def margins(sae: TopKSAE, x: torch.Tensor, k: int) -> torch.Tensor:
+def margins(w: dict[str, torch.Tensor], x: torch.Tensor, k: int, top_k: bool) -> torch.Tensor:
     """Per latent, the quantity whose sign decides whether it fires (B, N): near 0, rounding decides."""
-    pre = torch.addmm(sae.b_enc, x - sae.b_dec, sae.W_enc.t())  # (B, N); gated: the gate's pre-activation
-    if isinstance(sae, JumpReluSAE):
-        return pre - sae.threshold.clamp_min(0)
-    if isinstance(sae, ReluSAE):  # relu, gated
+    pre = torch.addmm(w["b_enc"], x - w["b_dec"], w["W_enc"].t())  # (B, N); gated: the gate's pre-activation
+    if "threshold" in w:  # jumprelu (per latent), batchtopk and matryoshka (one): ReLU(pre) * (pre > threshold)
+        return pre - w["threshold"].clamp_min(0)
+    if not top_k:  # standard, gated
         return pre
     top = pre.relu().topk(k + 1, dim=-1).values  # (B, k + 1)
     return pre - (top[:, k - 1 : k] + top[:, k:]) / 2  # against the midpoint of the k-th and (k+1)-th
@@ -104,6 +106,11 @@ def differences(mine: tuple[np.ndarray, ...], theirs: tuple[np.ndarray, np.ndarr
     }
 
 
+def exported_archs() -> list[str]:
+    """Every architecture `fit` trains on one layer (RouteSAE's router has no counterpart in either package)."""
+    return [arch for arch in trainable_archs() if not REGISTRY[arch].multi_layer]
+
+
 def prepare(work: Path) -> list[dict[str, Any]]:
     """Caches, our runs, their exports and our outputs on the export's input; the (a) case list."""
     base: dict[str, Any] = {"model": MODEL, "layers": str(LAYER), "ctx_len": 128, "max_tokens": 6144, "heldout": 0.25}
@@ -119,26 +126,20 @@ def prepare(work: Path) -> list[dict[str, Any]]:
         "out": str(work / "saes"),
         "device": "cpu",
     }
+    plan = [("topk", "standardize", std), *((arch, "none", raw) for arch in exported_archs())]
     cases = []
-    for method, cache in (("standardize", std), ("none", raw)):
-        run = fit(FitConfig(cache=cache.url, precision="float32", **settings))[0].url
+    for arch, method, cache in plan:
+        run = fit(FitConfig(cache=cache.url, arch=arch, precision="float32", **settings))[0].url
         x_n = Normalizer(method).normalize(torch.from_numpy(x), LAYER)[0].numpy()
         np.save(work / f"{method}.npy", x_n)
-        for package in ("saelens", "sparsify"):
-            folder = export_run(run, package, str(work / "exports" / f"{package}-{method}")).url
+        for package in ("saelens", "sparsify") if arch == "topk" else ("saelens",):  # sparsify holds TopK only
+            name = f"{package}-{arch}-{method}"
+            folder = export_run(run, package, str(work / "exports" / name)).url
             takes_raw = package == "saelens"  # SAELens normalizes (layer_norm) itself; sparsify cannot
-            name = f"{package}-{method}"
             np.savez(work / "a" / f"{name}.ours.npz", *ours(run, x if takes_raw else x_n, raw=takes_raw))
             exact = not (takes_raw and method == "standardize")
-            cases.append(
-                {
-                    "name": name,
-                    "package": package,
-                    "folder": folder,
-                    "exact": exact,
-                    "input": "raw.npy" if takes_raw else f"{method}.npy",
-                }
-            )
+            case = {"name": name, "package": package, "arch": arch, "folder": folder, "exact": exact}
+            cases.append({**case, "input": "raw.npy" if takes_raw else f"{method}.npy"})
     (work / "cases_a.json").write_text(json.dumps(cases, indent=1))
     return cases
 
@@ -185,7 +186,9 @@ def main() -> None:
         for case in cases:
             mine, theirs = np.load(work / "a" / f"{case['name']}.ours.npz"), np.load(work / "a" / f"{case['name']}.npz")
             diff = differences((mine["arr_0"], mine["arr_1"], mine["arr_2"]), (theirs["code"], theirs["out"]))
-            row = {"direction": "a: ours -> export", "case": case["name"], "package": case["package"], "arch": "topk"}
+            loaded = json.loads((work / "a" / f"{case['name']}.json").read_text())["loaded"]
+            row = {"direction": "a: ours -> export", "package": case["package"], "arch": case["arch"]}
+            row["case"] = f"{case['name']} as {loaded}"
             row["exact"] = case["exact"]
             results.append({**row, **diff})
         results += compare_b(work, np.load(work / "raw.npy"))
@@ -200,7 +203,7 @@ def report(results: list[dict[str, Any]], versions: dict[str, str], n_rows: int)
         + ", ".join(f"{k} {v}" for k, v in versions.items())
     )
     print(
-        f"{'direction':22} {'case':40} {'code abs':>9} {'code rel':>9} {'out abs':>9} {'out rel':>9}"
+        f"{'direction':22} {'case':56} {'code abs':>9} {'code rel':>9} {'out abs':>9} {'out rel':>9}"
         f" {'ties':>5} {'other':>5} ok?"
     )
     failed = 0
@@ -209,17 +212,17 @@ def report(results: list[dict[str, Any]], versions: dict[str, str], n_rows: int)
         failed += not ok
         verdict = ("ok" if ok else "FAIL") + ("" if r["exact"] else f" (approximate mapping, limit {APPROXIMATE:g})")
         print(
-            f"{r['direction']:22} {r['package'] + '/' + r['case']:40} {r['code_abs']:9.2e} {r['code_rel']:9.2e} "
+            f"{r['direction']:22} {r['package'] + '/' + r['case']:56} {r['code_abs']:9.2e} {r['code_rel']:9.2e} "
             f"{r['out_abs']:9.2e} {r['out_rel']:9.2e} {r['tied_rows']:5d} {r['untied_rows']:5d}  {verdict}"
         )
     print(f"largest differences per package and architecture (exact cases; limit {TOLERANCE:g} relative):")
     for package in ("saelens", "sparsify"):
         version = versions["sae-lens" if package == "saelens" else "eai-sparsify"]
-        for arch in ("standard", "topk", "jumprelu", "gated"):
+        for arch in sorted({r["arch"] for r in results}):
             same = [r for r in results if r["package"] == package and r["exact"] and r["arch"] == arch]
             if same:
                 worst = {k: max(r[k] for r in same) for k in ("code_abs", "code_rel", "out_abs", "out_rel")}
-                print(f"  {package} {version} {arch:9} " + ", ".join(f"{k} {v:.2e}" for k, v in worst.items()))
+                print(f"  {package} {version} {arch:10} " + ", ".join(f"{k} {v:.2e}" for k, v in worst.items()))
     print("check-peers: " + ("all cases agree" if not failed else f"{failed} case(s) FAILED"))
     return failed
 

@@ -4,9 +4,12 @@
 
 Reads WORK/raw.npy (real SmolLM2 residual-stream rows) and WORK/cases_a.json (sae-pipe's exports),
 then writes, as each package computes them:
-  (a) WORK/a/<case>.npz: code (dense, (B, N)) and out (B, D) of every export, loaded with the package;
+  (a) WORK/a/<case>.npz: code (dense, (B, N)) and out (B, D) of every export, loaded with the package,
+      and WORK/a/<case>.json the class the package loaded it as;
   (b) WORK/b/<case>/: an SAE created and saved with the package's own API (random weights, every
-      supported architecture and convention), WORK/b/<case>.npz its code and out on the raw rows,
+      supported architecture and convention; SAELens's BatchTopK and Matryoshka BatchTopK trainers saved
+      as SAELens's training runner saves them, save_inference_model), WORK/b/<case>.npz its code and out
+      on the raw rows, as the package computes them once it has loaded the folder,
       and WORK/cases_b.json listing them.
 WORK/versions.json records the package versions.
 """
@@ -57,10 +60,13 @@ def load_exports(work: Path) -> None:
     for case in json.loads((work / "cases_a.json").read_text()):
         x = torch.from_numpy(np.load(work / case["input"]))
         if case["package"] == "saelens":
-            code, out = saelens_outputs(SAE.load_from_disk(case["folder"]), x)
+            sae = SAE.load_from_disk(case["folder"])
+            code, out = saelens_outputs(sae, x)
         else:
-            code, out = sparsify_outputs(SparseCoder.load_from_disk(case["folder"]), x)
+            sae = SparseCoder.load_from_disk(case["folder"])
+            code, out = sparsify_outputs(sae, x)
         save(work / "a" / f"{case['name']}.npz", code, out)
+        (work / "a" / f"{case['name']}.json").write_text(json.dumps({"loaded": type(sae).__name__}))
 
 
 def randomize(sae: torch.nn.Module, x: torch.Tensor, seed: int) -> None:
@@ -137,6 +143,38 @@ def make_saelens(work: Path, x: torch.Tensor) -> list[dict[str, Any]]:
     return cases
 
 
+def make_saelens_trainers(work: Path, x: torch.Tensor) -> list[dict[str, Any]]:
+    """(b) BatchTopK and Matryoshka BatchTopK training SAEs saved in their inference form (a jumprelu SAE, the
+    decoder norms folded in, the batch threshold on every latent), then loaded back with SAE.load_from_disk."""
+    import sae_lens
+    from sae_lens import SAE
+    from sae_lens.saes.sae import SAEMetadata
+
+    trainers = {
+        "batchtopk": (sae_lens.BatchTopKTrainingSAE, sae_lens.BatchTopKTrainingSAEConfig, {}),
+        "matryoshka": (
+            sae_lens.MatryoshkaBatchTopKTrainingSAE,
+            sae_lens.MatryoshkaBatchTopKTrainingSAEConfig,
+            {"matryoshka_widths": [D_SAE // 8, D_SAE // 2, D_SAE]},
+        ),
+    }
+    cases = []
+    for seed, (arch, (sae_cls, cfg_cls, options)) in enumerate(trainers.items(), start=50):
+        meta = SAEMetadata(model_name=MODEL, hook_name=LAYER_HOOK)
+        sae = sae_cls(cfg_cls(d_in=x.shape[1], d_sae=D_SAE, k=K, metadata=meta, **options))
+        randomize(sae, x, seed)
+        with torch.no_grad():  # a threshold inside the spread of the (decoder-norm rescaled) pre-activations
+            pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc  # (B, N)
+            sae.topk_threshold.fill_(float((pre * sae.W_dec.norm(dim=-1)).relu().quantile(0.99)))
+        name = f"{sae_cls.__name__}-saved"
+        folder = work / "b" / name
+        sae.save_inference_model(folder)
+        code, out = saelens_outputs(SAE.load_from_disk(folder), x)
+        save(work / "b" / f"{name}.npz", code, out)
+        cases.append({"name": name, "package": "saelens", "arch": arch, "folder": str(folder)})
+    return cases
+
+
 def make_sparsify(work: Path, x: torch.Tensor) -> list[dict[str, Any]]:
     """(b) SAEs built and saved with sparsify's API, in a run folder naming the model."""
     from sparsify import SparseCoder, SparseCoderConfig
@@ -165,7 +203,7 @@ def main(work: Path) -> None:
     torch.set_num_threads(2)
     x = torch.from_numpy(np.load(work / "raw.npy"))
     load_exports(work)
-    cases = make_saelens(work, x) + make_sparsify(work, x)
+    cases = make_saelens(work, x) + make_saelens_trainers(work, x) + make_sparsify(work, x)
     (work / "cases_b.json").write_text(json.dumps(cases, indent=1))
     versions = {p: importlib.metadata.version(p) for p in ("sae-lens", "eai-sparsify", "torch")}
     (work / "versions.json").write_text(json.dumps(versions))
