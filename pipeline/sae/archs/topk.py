@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.sae.interface import SAE, Knobs, Latents, LossTerm, SaeConfig, SaeOutput, Step, pack, register
@@ -123,11 +124,14 @@ def auxk_loss(sae: TopKSAE, out: SaeOutput, step: Step, k_aux: int) -> Tensor:
     if k_aux < 1:
         return torch.zeros((), device=out.x.device)
     residual = (out.x - out.x_hat).detach()  # (B, D)
-    w_dec, b_dec = sae.W_dec[dead_ids], sae.b_dec.detach()  # (n_dead, D), (D,)
+    # the dead rows with a sparse gradient (their rows only), which autograd adds into the dense one of the
+    # main loss in place: plain indexing would zero-fill and add a whole (N, D) gradient per matrix
+    w_enc, w_dec = (F.embedding(dead_ids, w, sparse=True) for w in (sae.W_enc, sae.W_dec))  # (n_dead, D) each
     guess = aux_decode(
-        out.x.detach(), sae.W_enc[dead_ids], sae.b_enc[dead_ids], b_dec, w_dec, k_aux, step.low_precision
+        out.encoded.detach(), w_enc, sae.b_enc[dead_ids], sae.pre_bias.detach(), w_dec, k_aux, step.low_precision
     )
-    return (guess - residual).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
+    spread = (residual - residual.mean(0)).pow(2).sum()  # about the mean (torch.var over dim 0 is slower)
+    return F.mse_loss(guess, residual, reduction="sum") / spread.clamp_min(1e-12)  # one fused pass
 
 
 def revive(sae: TopKSAE, out: SaeOutput, step: Step, rate: float) -> None:
