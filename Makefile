@@ -43,13 +43,17 @@ bench: setup $(BENCH_VENV)/.installed
 	$(BIN)/python -m benchmarks.peer_quality --peer-python $(BENCH_VENV)/bin/python --write
 
 # SAELens / sparsify interop against the real packages, both directions, on real SmolLM2 activations.
+# Then every SAEBench-format file `evaluate --suite` wrote, validated with sae-bench's own output classes.
+SAEBENCH_ROOTS ?= cache/evaluate
 check-peers: setup $(BENCH_VENV)/.installed
 	$(BIN)/python -m benchmarks.check_peers --peer-python $(BENCH_VENV)/bin/python
+	$(BENCH_VENV)/bin/python benchmarks/check_saebench.py $(SAEBENCH_ROOTS)
 
 $(BENCH_VENV)/.installed: benchmarks/peers/requirements.txt
 	$(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/pip install --quiet $(TORCH_SPEC)
 	$(BENCH_VENV)/bin/pip install --quiet -r benchmarks/peers/requirements.txt
+	$(BENCH_VENV)/bin/pip install --quiet --no-deps sae-bench==0.6.0  # its output schema classes need only pydantic
 	touch $(BENCH_VENV)/.installed
 
 # Interpret with scoring against a real OpenAI-compatible server on loopback: llama-cpp-python's server serving
