@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import re
 import typing
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,7 @@ from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
 from pipeline.infra.params import coerce
 from pipeline.llm.layers import layer_span, parse_layers, route_range
+from pipeline.sae.archs.matryoshka import check_prefixes, default_prefixes
 from pipeline.sae.folder import read_cfg
 from pipeline.sae.interface import SaeConfig, inference_only_archs, trainable_archs
 
@@ -74,7 +76,8 @@ def plan_run(cfg: FitConfig, cache: ActivationCache) -> RunPlan:
     layers = _layers(cfg, cache)
     d_in = cache.d_model
     n_latents = cfg.latents or cfg.expansion * d_in
-    sae = SaeConfig(cfg.arch, d_in, n_latents, cfg.k, layers, cfg.routing, cfg.aggregate)
+    prefixes = nested_sizes(cfg.prefixes, n_latents) if cfg.arch == "matryoshka" else []
+    sae = SaeConfig(cfg.arch, d_in, n_latents, cfg.k, layers, cfg.routing, cfg.aggregate, prefixes)
     if min(cfg.log_every, cfg.checkpoint_every) < 0:
         raise UserError("log_every and checkpoint_every must be >= 0.")
     spec = cache.manifest["spec"]
@@ -102,6 +105,18 @@ def plan_run(cfg: FitConfig, cache: ActivationCache) -> RunPlan:
     digest = hashlib.sha256(json.dumps(hashed, sort_keys=True, default=str).encode()).hexdigest()[:8]
     name = f"{cache.key.split('-L')[0]}-{cfg.arch}-{layer_span(layers)}-n{n_latents}-k{cfg.k}-{digest}"
     return RunPlan(cfg, sae, training, Folder.at(out_root(cfg)).child(name), record)
+
+
+def nested_sizes(text: str, n_latents: int) -> list[int]:
+    """Matryoshka's prefixes from --prefixes ("256,1024,4096"; "/" or spaces also separate them, so a sweep
+    can list several), by default n/16, n/8, n/4, n/2, n; checked: increasing, the last = n_latents."""
+    if not text.strip():
+        return default_prefixes(n_latents)
+    try:
+        sizes = [int(part) for part in re.split(r"[,/\s]+", text.strip())]
+    except ValueError:
+        raise UserError(f"--prefixes {text!r} must be whole numbers, e.g. 256,1024,4096.") from None
+    return check_prefixes(sizes, n_latents)
 
 
 # Settings added after runs were first named, at their default: left out of cfg.json's training block, so

@@ -17,8 +17,12 @@ from torch import Tensor, nn
 
 from pipeline.sae.interface import SAE, Knobs, Latents, LossTerm, SaeConfig, SaeOutput, Step, pack, register
 from pipeline.sae.kernels import Encoder, SparseDecode, TopKEncode, aux_decode
+from pipeline.sae.quality import Reconstruction
 
 REFERENCE_RENORM = 100  # the RouteSAE reference renormalizes decoder rows every 100 batches (its --steps)
+# multi-TopK (sparsify's multi_topk): the code at 4k also reconstructs, its loss weighted 1/8 as in sparsify's
+# trainer (loss = fvu + auxk_alpha * auxk_loss + multi_topk_fvu / 8), so one SAE serves k up to 4k
+MULTI_TOPK_FACTOR, MULTI_TOPK_WEIGHT = 4, 1 / 8
 
 
 @register("topk", trainable=True)
@@ -39,6 +43,7 @@ class TopKSAE(SAE):
         self.W_dec = nn.Parameter((w_enc / w_enc.norm(dim=1, keepdim=True)).to(device))  # tied init, unit rows
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, device=device))
         self.tangent_decoder_grad = False  # training sets it: W_dec gradients stay tangent to unit rows
+        self.multi_topk = False  # training sets it: also train the code at MULTI_TOPK_FACTOR x k
 
     def encode(
         self, x: Tensor, k: int | None = None, theta: float | None = None, low_precision: bool = False
@@ -97,6 +102,7 @@ class TopKSAE(SAE):
         # sae-pipe keeps decoder rows on the unit sphere every step (tangent gradients + renormalization);
         # the reference recipe lets them drift and renormalizes every REFERENCE_RENORM steps, as its code does
         self.tangent_decoder_grad = knobs.recipe != "reference"
+        self.multi_topk = knobs.multi_topk
 
     @torch.no_grad()
     def start(self, x: Tensor, step: Step) -> None:
@@ -104,12 +110,20 @@ class TopKSAE(SAE):
         on every rank: the mean of the ranks' first batches."""
         self.b_dec.copy_(step.average(x.mean(dim=0)))
 
-    def shared_encoder(self) -> Encoder:
+    def shared_encoder(self) -> Encoder | None:
         return self.encoder()
 
     def loss_terms(self, out: SaeOutput, step: Step, knobs: Knobs) -> list[LossTerm]:
         aux = auxk_loss(self, out, step, knobs.k_aux) if knobs.aux_alpha > 0 and bool(step.dead.any()) else None
-        return [LossTerm("aux_loss", knobs.aux_alpha, torch.zeros((), device=out.x.device) if aux is None else aux)]
+        terms = [LossTerm("aux_loss", knobs.aux_alpha, torch.zeros((), device=out.x.device) if aux is None else aux)]
+        if self.multi_topk:  # the training code at 4k, by this architecture's own rule, and its normalized MSE
+            wide_k = min(MULTI_TOPK_FACTOR * self.cfg.k, self.cfg.n_latents)
+            wide = self(out.x, k=wide_k, low_precision=step.low_precision)
+            terms.append(LossTerm("multi_topk_loss", MULTI_TOPK_WEIGHT, Reconstruction().add(out.x, wide.x_hat)))
+        return terms
+
+    def log_fields(self) -> list[str]:
+        return ["multi_topk_loss"] if self.multi_topk else []  # a loss term, logged only where it is trained
 
     def after_step(self, out: SaeOutput, step: Step, knobs: Knobs) -> None:
         if knobs.recipe != "reference" or step.number % REFERENCE_RENORM == 0:
