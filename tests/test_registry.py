@@ -66,7 +66,9 @@ def test_every_trainable_arch_takes_a_training_step(arch: str, tmp_path: Path) -
     settings = Training.of(FitConfig(arch=arch, lr=1e-2, schedule="constant"), dead_tokens=10**9, k_aux=4)
     member = make_member(Folder.at(tmp_path), sae_cfg, settings, False, list(range(len(layers))), torch.device("cpu"))
     before = {k: v.clone() for k, v in member.model.state_dict().items()}
-    x = torch.randn(64, *([len(layers)] if arch == "route" else []), D, generator=torch.Generator().manual_seed(3))
+    blocks = len(layers) * len(REGISTRY[arch].sites)  # what one row holds: routed layers, or a transcoder's pair
+    shape = (64, blocks, D) if REGISTRY[arch].multi_layer else (64, D)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
     metrics = train_step(member, x, total_steps=10)
     assert 0 < metrics["nmse"] < 10
     moved = [k for k, v in member.model.state_dict().items() if not torch.equal(v, before[k])]

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from pipeline.circuit.tasks import Pair
 from pipeline.infra.errors import UserError
 from pipeline.live.edit import Change, CodeEdit, EditSpec, Mode, Site
-from pipeline.live.splice import Edit, real_positions, site_edits
+from pipeline.live.splice import Edits, real_positions, site_edits
 from pipeline.llm.hooks import replacing
 from pipeline.llm.replay import Stem, resume, stem
 from pipeline.sae.interface import Latents
@@ -147,7 +147,7 @@ def logit_diff(
     """logit(clean answer) - logit(patch answer) at the last position of ``side``'s prompts (B,), with
     ``masking`` applied (None: every latent kept); ``record`` collects each site's code (M, N) as it ran."""
     codes: list[list[Tensor]] = record if record is not None else [[] for _ in sites]
-    edits: dict[int, Edit] = {}
+    edits: Edits = {}
     for i, site in enumerate(sites):
         keep, ablate = (masking.keep[i], masking.ablate[i]) if masking else (None, None)
         spec = EditSpec(Mode.DELTA, masked(batch.real, keep, ablate, codes[i]), dense=True)

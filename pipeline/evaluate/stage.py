@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from pipeline.evaluate.config import METRICS, OPT_IN, SPLICES, EvaluateConfig
@@ -83,8 +84,9 @@ def _check_spliceable(s: Subject, cfg: EvaluateConfig) -> None:
 
 
 def _forward_key(s: Subject) -> tuple[str, ...]:
-    """Runs that can share clean/zeroed forwards: same single layer (a RouteSAE routes alone)."""
-    return ("route", s.folder.name) if s.is_route else (str(s.layers[0]),)
+    """Runs that can share clean/zeroed forwards: same single layer and sites (a transcoder's baseline ablates
+    the MLP, an SAE's the residual stream); a RouteSAE routes alone."""
+    return ("route", s.folder.name) if s.site().routed else (str(s.layers[0]), *s.sae.sites)
 
 
 def _group_by(subjects: list[Subject], key: Callable[[Subject], tuple[str, ...]]) -> list[list[Subject]]:
@@ -160,10 +162,12 @@ def _encoded(s: Subject, cfg: EvaluateConfig, split: str, max_rows: int = 0) -> 
     """The SAE's output for the cache's rows of ``split``, FAST_BATCH rows at a time, encoded as asked
     (``--infer-k`` / ``--theta``)."""
     device = next(s.sae.parameters()).device
-    for _, rows in s.cache.split_rows(split, s.layers, max_rows):
+    reads = [s.cache.split_rows(split, s.layers, max_rows, site) for site in s.sae.sites]  # shard-aligned
+    for parts in zip(*reads):
+        rows = np.concatenate([part for _, part in parts], axis=1)  # (n, S * L, D): layers, or a transcoder's pair
         for start in range(0, len(rows), FAST_BATCH):
-            x = torch.from_numpy(rows[start : start + FAST_BATCH]).to(device=device, dtype=torch.float32)  # (b, L, D)
-            yield s.sae(x if s.is_route else x[:, 0], k=cfg.infer_k, theta=cfg.theta)
+            x = torch.from_numpy(rows[start : start + FAST_BATCH]).to(device=device, dtype=torch.float32)  # (b, ., D)
+            yield s.sae(x if s.sae.multi_layer else x[:, 0], k=cfg.infer_k, theta=cfg.theta)
 
 
 @torch.no_grad()

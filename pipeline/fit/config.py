@@ -59,6 +59,7 @@ SWEEPABLE = (
     "bandwidth",
     "prefixes",
     "multi_topk",
+    "skip",
 )
 
 
@@ -67,7 +68,7 @@ class FitConfig:
     """Everything `sae-pipe fit` needs; every field also lives in params.yaml's fit section."""
 
     cache: str = setting("", "cache folder or URL (the DVC stage passes the one extract made)")
-    arch: str = setting("topk", "topk | batchtopk | matryoshka | jumprelu | standard | gated | route")
+    arch: str = setting("topk", "topk | batchtopk | matryoshka | jumprelu | standard | gated | route | transcoder")
     layer: int | None = setting(None, "topk: model layer to train on (default: the cache's only layer)")
     route_layers: str = setting("", "route: layers to route over (default: n/4..3n/4 within the cache)")
     latents: int = setting(0, "dictionary size (0 = expansion x hidden size)")
@@ -76,6 +77,7 @@ class FitConfig:
     prefixes: str = setting(
         "", "matryoshka: nested dictionary sizes, comma-separated, the last = latents (default: n/16, n/8, n/4, n/2, n)"
     )
+    skip: bool = setting(False, "transcoder: add a linear skip path from the MLP's input (a skip transcoder)")
     multi_topk: bool = setting(False, "topk, batchtopk: also train the code at 4k, so one SAE serves several k")
     sparsity_coeff: float = setting(
         0.0, "standard, gated: L1 weight; jumprelu: L0 weight (0 = auto: adjusted while training so mean L0 meets k)"

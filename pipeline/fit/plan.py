@@ -26,7 +26,7 @@ from pipeline.infra.params import coerce
 from pipeline.llm.layers import layer_span, parse_layers, route_range
 from pipeline.sae.archs.matryoshka import check_prefixes, default_prefixes
 from pipeline.sae.folder import read_cfg
-from pipeline.sae.interface import SaeConfig, inference_only_archs, trainable_archs
+from pipeline.sae.interface import REGISTRY, SaeConfig, inference_only_archs, trainable_archs
 
 
 @dataclass
@@ -77,7 +77,9 @@ def plan_run(cfg: FitConfig, cache: ActivationCache) -> RunPlan:
     d_in = cache.d_model
     n_latents = cfg.latents or cfg.expansion * d_in
     prefixes = nested_sizes(cfg.prefixes, n_latents) if cfg.arch == "matryoshka" else []
-    sae = SaeConfig(cfg.arch, d_in, n_latents, cfg.k, layers, cfg.routing, cfg.aggregate, prefixes)
+    if cfg.skip and cfg.arch != "transcoder":
+        raise UserError(f"--skip adds a skip path to a transcoder; --arch {cfg.arch} has none (use --arch transcoder).")
+    sae = SaeConfig(cfg.arch, d_in, n_latents, cfg.k, layers, cfg.routing, cfg.aggregate, prefixes, cfg.skip)
     if min(cfg.log_every, cfg.checkpoint_every) < 0:
         raise UserError("log_every and checkpoint_every must be >= 0.")
     spec = cache.manifest["spec"]
@@ -97,13 +99,15 @@ def plan_run(cfg: FitConfig, cache: ActivationCache) -> RunPlan:
             "model": spec["model"],
             "layers": cache.layers,
             "normalization": cache.manifest["normalization"],
+            **_site_normalization(cfg.arch, cache),
             "ctx_len": spec["ctx_len"],
             "layer_convention": cache.manifest["layer_convention"],
         },
     }
     hashed = {**record, "cache": {k: v for k, v in record["cache"].items() if k != "path"}}  # the key names it
     digest = hashlib.sha256(json.dumps(hashed, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    name = f"{cache.key.split('-L')[0]}-{cfg.arch}-{layer_span(layers)}-n{n_latents}-k{cfg.k}-{digest}"
+    arch = f"{cfg.arch}-skip" if cfg.skip else cfg.arch
+    name = f"{cache.key.split('-L')[0]}-{arch}-{layer_span(layers)}-n{n_latents}-k{cfg.k}-{digest}"
     return RunPlan(cfg, sae, training, Folder.at(out_root(cfg)).child(name), record)
 
 
@@ -160,6 +164,13 @@ def out_root(cfg: FitConfig) -> str:
     return cfg.out or str(Folder.at(cfg.cache_root).child("saes").url)
 
 
+def _site_normalization(arch: str, cache: ActivationCache) -> dict[str, Any]:
+    """How the MLP sites an architecture reads were scaled (transcoders), for splicing it back; nothing for
+    the residual-stream architectures, whose cfg.json stays as it was."""
+    sites = [site for site in REGISTRY[arch].sites if site != "resid"]
+    return {"site_normalization": {site: cache.site_normalizer(site).to_dict() for site in sites}} if sites else {}
+
+
 def _layers(cfg: FitConfig, cache: ActivationCache) -> list[int]:
     held = cache.layers
     if cfg.arch == "route":
@@ -182,6 +193,12 @@ def _layers(cfg: FitConfig, cache: ActivationCache) -> list[int]:
         for layer in layers:
             cache.layer_index(layer)  # names the cache's layers when one is missing
         return layers
+    missing = [site for site in REGISTRY[cfg.arch].sites if site not in cache.sites]
+    if missing:
+        raise UserError(
+            f"--arch {cfg.arch} reads {', '.join(missing)}, which cache {cache.key} does not hold; extract it with "
+            "--sites resid,mlp_in,mlp_out."
+        )
     if cfg.layer is None:
         if len(held) > 1:
             raise UserError(f"cache {cache.key} holds layers {held}: pass --layer with one of them.")

@@ -62,7 +62,9 @@ class ModelOnly(ActivationCache):
     def read_into(self, shard: int, name: str, first: Any, out: np.ndarray) -> None:
         self._refuse()
 
-    def split_rows(self, split: str, layers: list[int], max_rows: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+    def split_rows(
+        self, split: str, layers: list[int], max_rows: int = 0, site: str = "resid"
+    ) -> Iterator[tuple[int, np.ndarray]]:
         self._refuse()
 
     def heldout_sequences(self, max_tokens: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -96,10 +98,12 @@ class Borrowed(ActivationCache):
     def usable(self) -> bool:
         return self.refusal is None
 
-    def split_rows(self, split: str, layers: list[int], max_rows: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+    def split_rows(
+        self, split: str, layers: list[int], max_rows: int = 0, site: str = "resid"
+    ) -> Iterator[tuple[int, np.ndarray]]:
         if self.refusal is not None:
             raise UserError(self.refusal)
-        for shard, rows in super().split_rows(split, layers, max_rows):
+        for shard, rows in super().split_rows(split, layers, max_rows, site):
             if self.raw:
                 x = torch.from_numpy(rows.astype(np.float32))  # (n, L, D) as the model computed them
                 normalized = [self.normalizer.normalize(x[:, i], layer)[0] for i, layer in enumerate(layers)]

@@ -47,8 +47,14 @@ class Site(NamedTuple):
 
     layer: int  # model layer (input of block `layer`); a routed SAE's first routed layer
     sae: SAE
-    normalizer: Normalizer
+    normalizer: Normalizer  # of what the SAE reads: the residual stream, or a transcoder's MLP input
     name: str  # the run folder's name
+    target: Normalizer | None = None  # a transcoder: its MLP output's, to map the prediction back
+
+    @property
+    def transcodes(self) -> bool:
+        """Whether the SAE reads block ``layer``'s MLP input and stands in for that MLP's output."""
+        return self.sites == ("mlp_in", "mlp_out")
 
     @property
     def routed(self) -> bool:
@@ -116,6 +122,21 @@ def moved(h: Tensor, change: Tensor, scale: Tensor) -> Tensor:
     """h + s * change: a change (M, D) of the normalized input mapped into the rows ``h`` (M, D) of the residual
     stream by each token's scale ``scale`` (M, 1) or ()."""
     return (h.float() + change * scale).to(h.dtype)
+
+
+def edit_mlp_rows(x_in: Tensor, out: Tensor, site: Site, spec: EditSpec) -> Tensor:
+    """The rows ``out`` (M, D) of a transcoder's MLP output after ``spec``, the MLP's input rows ``x_in`` (M, D)
+    encoded: delta moves the output by the change's write; replace puts the edited prediction in its place."""
+    assert site.target is not None, f"{site.name} transcodes: its Site needs the MLP output's normalization"
+    x, _ = site.normalizer.normalize(x_in, site.layer)  # (M, D)
+    code = site.sae.dense_code(x) if spec.dense else site.sae.encode(x, spec.k, spec.theta)  # (M, N) | Latents
+    change = spec.change(code) if spec.change is not None else None
+    shift = written(site.sae, change) if change is not None else None  # (M, D) in the output's scaled space
+    stats = site.target.normalize(out, site.layer)[1]  # the MLP sites' scale: one constant per layer
+    if spec.mode is Mode.DELTA:
+        return out if shift is None else moved(out, shift, stats[1])
+    y_hat = site.sae.output(x, code if isinstance(code, Latents) else pack(code))  # (M, D)
+    return site.target.denormalize(y_hat if shift is None else y_hat + shift, stats).to(out.dtype)
 
 
 def edit_rows(h: Tensor, site: Site, spec: EditSpec, weight: Tensor | None = None) -> Tensor:

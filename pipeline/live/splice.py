@@ -16,16 +16,18 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from pipeline.live.edit import EditSpec, Site, edit_rows
+from pipeline.live.edit import EditSpec, Site, edit_mlp_rows, edit_rows
 from pipeline.live.routing import Routing
-from pipeline.llm.hooks import replacing
+from pipeline.llm.hooks import MlpOut, replacing
 from pipeline.llm.replay import resume, stem
 from pipeline.llm.unembed import final_norm
 
 Edit = Callable[[Tensor], Tensor]  # (B, T, D) hidden state -> replacement
+MlpEdit = Callable[[Tensor, Tensor], Tensor]  # (B, T, D) MLP input, its output -> the output's replacement
+Edits = dict[int | MlpOut, Callable[..., Tensor]]  # block L's input (int key) or its MLP's output (MlpOut)
 
 
-def logits_with(model: nn.Module, blocks: nn.ModuleList, tokens: Tensor, edits: dict[int, Edit]) -> Tensor:
+def logits_with(model: nn.Module, blocks: nn.ModuleList, tokens: Tensor, edits: Edits) -> Tensor:
     """Logits (B, T, V) of a forward in which block L's input h becomes ``edits[L](h)``."""
     with replacing(blocks, edits):
         return model(input_ids=tokens, use_cache=False).logits
@@ -51,7 +53,7 @@ class Branches:
             return logits_with(self.model, self.blocks, self.tokens, {})[self.at]
         return self.head(self.start.last[self.at])
 
-    def edited(self, edits: dict[int, Edit]) -> Tensor:
+    def edited(self, edits: Edits) -> Tensor:
         """Logits (n, V) with ``edits`` (at ``layer`` or above), at the marked positions."""
         if self.start is None:
             return logits_with(self.model, self.blocks, self.tokens, edits)[self.at]
@@ -93,6 +95,19 @@ def spliced(h: Tensor, where: Tensor, rows: Callable[[Tensor], Tensor]) -> Tenso
     return out
 
 
+def mlp_edit(where: Tensor, rows: Callable[[Tensor, Tensor], Tensor]) -> MlpEdit:
+    """An MLP-output edit: the output's rows at ``where`` (B, T) become ``rows(input rows, output rows)`` (M, D)."""
+
+    def edit(x_in: Tensor, out: Tensor) -> Tensor:
+        if not bool(where.any()):
+            return out
+        new = out.clone()
+        new[where] = rows(x_in[where], out[where]).to(out.dtype)
+        return new
+
+    return edit
+
+
 class Placement(NamedTuple):
     """Where a site's edit lands in one block's input."""
 
@@ -109,10 +124,12 @@ def placements(site: Site, mask: Tensor, routing: Routing | None) -> list[Placem
     return [Placement(layer, mask & (routing.choice == i), routing.weight) for i, layer in enumerate(site.layers)]
 
 
-def site_edits(site: Site, mask: Tensor, spec: EditSpec, routing: Routing | None = None) -> dict[int, Edit]:
+def site_edits(site: Site, mask: Tensor, spec: EditSpec, routing: Routing | None = None) -> Edits:
     """Block-input edits applying ``spec`` at the real positions ``mask`` (B, T), each token at its routed layer
-    when ``routing`` is given (a routed site needs it)."""
+    when ``routing`` is given (a routed site needs it); a transcoder's edit of its MLP's output."""
     assert routing is not None or not site.routed, f"{site.name} is routed: its edits need a Routing"
+    if site.transcodes:
+        return {MlpOut(site.layer): mlp_edit(mask, lambda a, b: edit_mlp_rows(a, b, site, spec))}
 
     def at(place: Placement) -> Edit:
         here = site._replace(layer=place.layer)
@@ -122,8 +139,11 @@ def site_edits(site: Site, mask: Tensor, spec: EditSpec, routing: Routing | None
     return {place.layer: at(place) for place in placements(site, mask, routing)}
 
 
-def zero_edits(site: Site, mask: Tensor, routing: Routing | None = None) -> dict[int, Edit]:
-    """Zero the residual stream at the site's masked positions (each at its routed layer, with ``routing``)."""
+def zero_edits(site: Site, mask: Tensor, routing: Routing | None = None) -> Edits:
+    """Zero the residual stream at the site's masked positions (each at its routed layer, with ``routing``); a
+    transcoder's baseline zeroes its MLP's output there instead (the MLP ablated)."""
+    if site.transcodes:
+        return {MlpOut(site.layer): mlp_edit(mask, lambda a, b: torch.zeros_like(b))}
 
     def zeroing(where: Tensor) -> Edit:
         return lambda h: spliced(h, where, torch.zeros_like)

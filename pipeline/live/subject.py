@@ -48,8 +48,13 @@ class Subject:
         return self.is_route and self.sae.cfg.routing == "soft"
 
     def site(self) -> Site:
-        """The SAE at its place in the model (its first layer; a routed SAE's first routed layer)."""
-        return Site(self.layers[0], self.sae, self.normalizer, self.folder.name)
+        """The SAE at its place in the model (its first layer; a routed SAE's first routed layer); a transcoder
+        with its MLP sites' normalizations (cfg.json's cache block records them)."""
+        sites = self.sae.sites
+        if sites == ("resid",):
+            return Site(self.layers[0], self.sae, self.normalizer, self.folder.name)
+        norms = {k: Normalizer.from_dict(v) for k, v in self.cfg["cache"].get("site_normalization", {}).items()}
+        return Site(self.layers[0], self.sae, norms[sites[0]], self.folder.name, norms.get(sites[-1]))
 
     @property
     def has_activations(self) -> bool:

@@ -6,9 +6,9 @@ serves capture (extract) and splicing (evaluate). Hooks are always removed in ``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import nn
@@ -96,10 +96,30 @@ def replace_input(block: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) 
         handle.remove()
 
 
+class MlpOut(NamedTuple):
+    """A hook point besides the block inputs: the output of block ``layer``'s MLP (what it adds to the residual)."""
+
+    layer: int
+
+
 @contextmanager
-def replacing(blocks: nn.ModuleList, edits: dict[int, Callable[[torch.Tensor], torch.Tensor]]) -> Iterator[None]:
-    """Feed ``edits[L](h)`` to block L instead of its input h, for every L in ``edits``, while open."""
+def replace_mlp_output(mlp: nn.Module, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Let ``mlp`` return ``fn(its input, its output)`` while the context is open."""
+    handle = mlp.register_forward_hook(lambda module, args, output: fn(args[0], output))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def replacing(blocks: nn.ModuleList, edits: Mapping[int | MlpOut, Callable[..., torch.Tensor]]) -> Iterator[None]:
+    """While open: block L's input h becomes ``edits[L](h)``; with an :class:`MlpOut` key, block L's MLP output
+    becomes ``edits[MlpOut(L)](mlp input, mlp output)``."""
     with ExitStack() as stack:
-        for layer, fn in edits.items():
-            stack.enter_context(replace_input(blocks[layer], fn))
+        for where, fn in edits.items():
+            if isinstance(where, MlpOut):
+                stack.enter_context(replace_mlp_output(find_mlp(blocks[where.layer]), fn))
+            else:
+                stack.enter_context(replace_input(blocks[where], fn))
         yield

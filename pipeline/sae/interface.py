@@ -34,6 +34,7 @@ class SaeConfig:
     routing: str = "hard"  # route: hard (top layer times its weight) | soft (weighted sum of layers)
     aggregate: str = "sum"  # route: router input is the sum | mean of the routed layers
     prefixes: list[int] = field(default_factory=list)  # matryoshka: nested dictionary sizes, the last = n_latents
+    skip: bool = False  # transcoder: a linear skip path from the MLP's input adds to the output
 
     def __post_init__(self) -> None:
         if self.arch not in REGISTRY:
@@ -45,10 +46,13 @@ class SaeConfig:
             raise UserError(f"routing must be hard|soft and aggregate sum|mean (got {self.routing}, {self.aggregate}).")
 
     def to_dict(self) -> dict[str, object]:
-        """cfg.json's sae block; prefixes only where set, so runs named before they existed keep their names."""
+        """cfg.json's sae block; prefixes and skip only where set, so runs named before they existed keep their
+        names."""
         record = asdict(self)
         if not self.prefixes:
             del record["prefixes"]
+        if not self.skip:
+            del record["skip"]
         return record
 
 
@@ -77,6 +81,12 @@ class SaeOutput(NamedTuple):
     latents: Latents  # the sparse code
     layer_weights: Tensor | None  # (B, L) RouteSAE router softmax, else None
     layer_choice: Tensor | None  # (B,) RouteSAE hard routing: index into cfg.layers, else None
+    source: Tensor | None = None  # (B, D) what was encoded, where it is not x (a transcoder's MLP input)
+
+    @property
+    def encoded(self) -> Tensor:
+        """The encoder's input: x itself for an SAE."""
+        return self.x if self.source is None else self.source
 
 
 class LossTerm(NamedTuple):
@@ -151,6 +161,11 @@ class SAE(nn.Module, ABC):
     def directions(self, latents: Sequence[int] | Tensor | None = None) -> Tensor:
         """Write directions (F, D) of ``latents`` (all N when None): what one unit of each adds to x_hat."""
 
+    def output(self, x: Tensor, latents: Latents) -> Tensor:
+        """What the SAE puts in place of its target, from its input ``x`` (B, D) and that input's code: the
+        reconstruction (a transcoder adds its skip path of ``x``)."""
+        return self.decode(latents)
+
     def write(self, code: Tensor) -> Tensor:
         """The decoder's linear part on a dense code (M, N) -> (M, D), no bias: the reconstruction's change
         when the code changes by ``code``."""
@@ -167,6 +182,7 @@ class SAE(nn.Module, ABC):
 
     multi_layer: ClassVar[bool] = False  # reads all of cfg.layers at once, (B, L, D), instead of one (B, D)
     top_k: ClassVar[bool] = True  # its code keeps the k largest latents (else a threshold decides; k may be 0)
+    sites: ClassVar[tuple[str, ...]] = ("resid",)  # cache sites it reads per layer (pipeline.llm.sites)
     loss_names: ClassVar[tuple[str, ...]] = ()  # the loss terms logged in log.csv, after dead_share
 
     def prepare_training(self, knobs: Knobs) -> None:

@@ -1,0 +1,61 @@
+"""Transcoders: a TopK code of an MLP's input that reconstructs the MLP's output (Dunefsky et al., 2024).
+
+    z     = TopK_k( ReLU( W_enc x_in + b_enc ) )          no pre-bias: input and output are different spaces
+    y_hat = W_dec^T z + b_dec  (+ W_skip x_in)              b_dec is the output's bias; W_skip: skip transcoder
+
+``x_in`` is the cache's ``mlp_in`` site and the target ``y`` its ``mlp_out`` (pipeline.llm.sites), read as
+a pair of the same tokens. Decoder rows keep unit norm as in the TopK SAE, so a latent's write direction
+into the residual stream is its decoder row. The skip path (Paulo et al., 2025) starts at zero, as in
+sparsify. Training reuses the TopK SAE's kernels, AuxK and revive unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.sae.archs.topk import TopKSAE
+from pipeline.sae.interface import Latents, SaeConfig, SaeOutput, Step, register
+
+
+@register("transcoder", trainable=True)
+class Transcoder(TopKSAE):
+    """A TopK transcoder from an MLP's input to its output, with an optional linear skip path."""
+
+    multi_layer = True  # its input is the (B, 2, D) pair (mlp_in, mlp_out) of one layer
+    sites = ("mlp_in", "mlp_out")
+
+    def __init__(
+        self, cfg: SaeConfig, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+    ) -> None:
+        super().__init__(cfg, generator, device)
+        self.no_pre_bias: Tensor
+        self.register_buffer("no_pre_bias", torch.zeros(cfg.d_in, device=device), persistent=False)
+        self.W_skip = nn.Parameter(torch.zeros(cfg.d_in, cfg.d_in, device=device)) if cfg.skip else None  # (D, D)
+
+    @property
+    def pre_bias(self) -> Tensor:
+        return self.no_pre_bias
+
+    def output(self, x: Tensor, latents: Latents) -> Tensor:
+        """The decoder's output (B, D) plus the skip path of the input ``x`` (B, D), where there is one."""
+        y_hat = self.decode(latents)
+        return y_hat if self.W_skip is None else y_hat + x @ self.W_skip.t()
+
+    def forward(
+        self,
+        x: Tensor,
+        k: int | None = None,
+        theta: float | None = None,
+        low_precision: bool = False,
+        chosen: Tensor | None = None,
+    ) -> SaeOutput:
+        """``x`` is the pair (B, 2, D): the MLP's input and the output to reconstruct."""
+        x_in, target = x[:, 0], x[:, 1]  # (B, D) each
+        latents = self.encode(x_in, k, theta, low_precision) if chosen is None else self.encode_chosen(x_in, chosen)
+        return SaeOutput(target, self.output(x_in, latents), latents, None, None, x_in)
+
+    @torch.no_grad()
+    def start(self, x: Tensor, step: Step) -> None:
+        """b_dec starts at the mean MLP output of the first batch."""
+        self.b_dec.copy_(step.average(x[:, 1].mean(dim=0)))

@@ -1,0 +1,133 @@
+"""Transcoders: a TopK code of an MLP's input that reconstructs its output, trained from the cache's MLP sites."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.cache.normalize import Normalizer
+from pipeline.cache.reader import ActivationCache
+from pipeline.evaluate.config import EvaluateConfig
+from pipeline.evaluate.stage import evaluate
+from pipeline.extract.stage import extract
+from pipeline.fit.config import FitConfig
+from pipeline.fit.stage import fit
+from pipeline.infra.errors import UserError
+from pipeline.live.edit import EditSpec, Mode, Site
+from pipeline.live.splice import logits_with, site_edits, zero_edits
+from pipeline.llm.divergence import kl_sum, log_probs, reference
+from pipeline.llm.model import find_blocks
+from pipeline.llm.sites import SITES
+from pipeline.sae.archs.transcoder import Transcoder
+from pipeline.sae.folder import load_sae
+from pipeline.sae.interface import SaeConfig
+from tests.support.caches import tiny_extract_config
+
+
+@pytest.fixture(scope="module")
+def site_cache(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    root = tmp_path_factory.mktemp("sites")
+    return extract(tiny_extract_config(tiny_llama, root, max_tokens=2000, sites="resid,mlp_in,mlp_out")).url
+
+
+def test_forward_is_the_transcoder_formula_written_out() -> None:
+    """y_hat = W_dec^T TopK(ReLU(W_enc x_in + b_enc)) + b_dec + W_skip x_in: no pre-bias on the input, the target
+    is the pair's second row, and the code is the input's."""
+    torch.manual_seed(0)
+    model = Transcoder(SaeConfig("transcoder", 6, 16, 3, [1], skip=True))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    pair = torch.randn(5, 2, 6)  # (B, 2, D): mlp_in, mlp_out
+    out = model(pair)
+    x_in = pair[:, 0]
+    pre = (x_in @ model.W_enc.T + model.b_enc).relu()  # (B, N)
+    top = pre.topk(3, dim=1)
+    code = torch.zeros_like(pre).scatter(1, top.indices, top.values)
+    expected = code @ model.W_dec + model.b_dec + x_in @ model.W_skip.T  # (B, D)
+    torch.testing.assert_close(out.x_hat, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.x, pair[:, 1])
+    torch.testing.assert_close(out.encoded, x_in)
+
+
+def test_fit_trains_a_skip_transcoder_from_the_mlp_sites(site_cache: str, tmp_path: Path) -> None:
+    base = {"cache": site_cache, "layer": 1, "latents": 128, "k": 8, "batch_size": 128, "epochs": 3}
+    common = {**base, "out": str(tmp_path), "device": "cpu", "log_every": 2, "pool_mb": 1, "precision": "float32"}
+    (run,) = fit(FitConfig(arch="transcoder", skip=True, lr=3e-3, **common))  # type: ignore[arg-type]
+    cfg = run.read_json("cfg.json")
+    assert "transcoder-skip" in run.name and cfg["sae"]["skip"] is True
+    assert cfg["cache"]["site_normalization"]["mlp_out"]["method"] == "scale"  # how to map y_hat back
+    log = np.genfromtxt(f"{run.url}/log.csv", delimiter=",", names=True)
+    assert log["fvu"][-1] < 0.6 * log["fvu"][0], (log["fvu"][0], log["fvu"][-1])
+    model, _ = load_sae(run)  # on held-out pairs read from the cache by site: it predicts mlp_out from mlp_in
+    cache = ActivationCache.open(site_cache)
+    x_in, y = (np.concatenate([r[:, 0] for _, r in cache.split_rows("heldout", [1], site=s)]) for s in SITES[1:])
+    with torch.no_grad():
+        y_hat = model(torch.from_numpy(np.stack([x_in, y], 1))).x_hat.numpy()  # (n, D)
+    fvu = ((y - y_hat) ** 2).sum() / ((y - y.mean(0)) ** 2).sum()
+    assert fvu < 0.9, fvu  # a random tiny MLP in 45 steps; predicting mlp_in instead scores above 1
+    (metrics,) = evaluate(EvaluateConfig(runs=[run.url], out=str(tmp_path / "eval"), device="cpu"))
+    assert metrics["fvu"] == pytest.approx(float(fvu), rel=1e-3)  # of the MLP's output, on the same pairs
+    assert 0 < metrics["kl_per_token"] < metrics["kl_zero_per_token"]  # the baseline: the MLP ablated
+
+
+def test_a_cache_without_mlp_sites_is_refused(tiny_llama: Path, tmp_path: Path) -> None:
+    cache = extract(tiny_extract_config(tiny_llama, tmp_path, max_tokens=200)).url
+    with pytest.raises(UserError, match="extract it with --sites resid,mlp_in,mlp_out"):
+        fit(FitConfig(cache=cache, arch="transcoder", layer=1, latents=64, k=4, out=str(tmp_path / "o"), device="cpu"))
+    with pytest.raises(UserError, match="--skip adds a skip path to a transcoder"):
+        fit(FitConfig(cache=cache, arch="topk", skip=True, layer=1, latents=64, k=4, out=str(tmp_path / "o")))
+
+
+def _linear_mlp_model(folder: Path) -> tuple[torch.nn.Module, torch.nn.ModuleList, torch.Tensor]:
+    """The tiny Llama with block 1's MLP replaced by a linear map A (D, D): a map a transcoder can match exactly."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    blocks = find_blocks(model)
+    linear = torch.nn.Linear(64, 64, bias=False)
+    with torch.no_grad():
+        linear.weight.normal_(0, 0.3)
+    blocks[1].mlp = linear
+    return model, blocks, linear.weight.detach().clone()
+
+
+def test_a_transcoder_equal_to_its_mlp_splices_in_with_kl_zero(tiny_llama: Path) -> None:
+    """A skip transcoder whose skip path is the (linear) MLP, scaled between the sites' normalizations, spliced
+    at the MLP's output changes nothing (KL ~ 0); a wrong map, or the MLP ablated, does; special tokens stay."""
+    model, blocks, a = _linear_mlp_model(tiny_llama)
+    s_in, s_out = 2.0, 0.5  # the sites' `scale` factors: x_n = s_in x_in, y = y_n / s_out
+    sae = Transcoder(SaeConfig("transcoder", 64, 32, 4, [1], skip=True)).eval()
+    with torch.no_grad():
+        sae.W_dec.zero_()
+        sae.W_skip.copy_(a * s_out / s_in)  # type: ignore[union-attr]
+    site = Site(1, sae, Normalizer("scale", scales={1: s_in}), "t", Normalizer("scale", scales={1: s_out}))
+    tokens = torch.randint(8, 100, (2, 10))
+    tokens[:, 3] = 7  # a special token (not the pad id, whose embedding is zero): never edited
+    mask = tokens != 7
+    spec = EditSpec(Mode.REPLACE)
+    with torch.no_grad():
+        clean_logits = logits_with(model, blocks, tokens, {})[mask]  # (n, V)
+        exact_logits = logits_with(model, blocks, tokens, site_edits(site, mask, spec))[mask]
+        sae.W_skip.mul_(1.5)  # type: ignore[union-attr]
+        wrong_logits = logits_with(model, blocks, tokens, site_edits(site, mask, spec))[mask]
+        clean = reference(log_probs(clean_logits))
+        kl_exact, kl_wrong = (kl_sum(clean, log_probs(x)) for x in (exact_logits, wrong_logits))
+        torch.testing.assert_close(exact_logits, clean_logits, atol=1e-5, rtol=1e-5)
+        assert (wrong_logits - clean_logits).abs().max() > 1e-3
+        assert kl_exact < 1e-3 * kl_wrong, (kl_exact, kl_wrong)  # the random tiny model's KLs are small anyway
+        received: list[torch.Tensor] = []
+        hook = blocks[2].register_forward_pre_hook(
+            lambda m, args, kw: received.append(args[0] if args else kw["hidden_states"]), with_kwargs=True
+        )
+        try:
+            logits_with(model, blocks, tokens, zero_edits(site, mask))
+            logits_with(model, blocks, tokens, {})
+        finally:
+            hook.remove()
+    ablated_in, clean_in = received  # block 2's input: block 1's residual + attention + its MLP's (ablated) output
+    torch.testing.assert_close(ablated_in[~mask], clean_in[~mask])  # the special position kept its MLP output
+    assert not torch.allclose(ablated_in[mask], clean_in[mask])
