@@ -41,6 +41,7 @@ bench: setup $(BENCH_VENV)/.installed
 	$(BIN)/python -m benchmarks.recipe --write
 	$(BIN)/python -m benchmarks.routesae --write
 	$(BIN)/python -m benchmarks.peer_quality --peer-python $(BENCH_VENV)/bin/python --write
+	$(BIN)/python -m benchmarks.archs --peer-python $(BENCH_VENV)/bin/python --write
 
 # SAELens / sparsify interop against the real packages, both directions, on real SmolLM2 activations.
 # Then every SAEBench-format file `evaluate --suite` wrote, validated with sae-bench's own output classes.

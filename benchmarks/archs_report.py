@@ -1,0 +1,149 @@
+"""benchmarks/archs.py's bookkeeping: Pareto frontiers, the issue's bar per architecture, table, CSV and picture."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks.report import publish
+
+HERE = Path(__file__).resolve().parent
+BAR_L0 = 32  # the issue's Done-when: at L0 32, FVU no worse than the peer's, >= 3x its tokens/s, < 1 % dead
+SPEEDUP, DEAD = 3.0, 0.01
+
+
+def pareto(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point dominates (lower-or-equal L0 and value, one strictly lower; both
+    minimized), ordered by L0. Points with a NaN are never on it."""
+    ok = [i for i, p in enumerate(points) if not any(math.isnan(t) for t in p)]
+    front = [
+        i
+        for i in ok
+        if not any(points[j][0] <= points[i][0] and points[j][1] <= points[i][1] and points[j] != points[i] for j in ok)
+    ]
+    return sorted(front, key=lambda i: points[i])
+
+
+def at_l0(points: Sequence[tuple[float, float]], l0: float) -> float | None:
+    """The value at ``l0``, linear in log L0 between the nearest points on each side; None outside their range."""
+    below = [p for p in points if p[0] <= l0]
+    above = [p for p in points if p[0] >= l0]
+    if not below or not above:
+        return None
+    (a, va), (b, vb) = max(below), min(above)
+    if a == b:
+        return va
+    t = (math.log(l0) - math.log(a)) / (math.log(b) - math.log(a))
+    return va + t * (vb - va)
+
+
+def bar(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per architecture of ours run at target BAR_L0: its FVU against the paired peer's at our measured L0
+    (the peer's runs interpolated over log L0), tokens/s ratio, dead share, and whether each part holds."""
+    rows = []
+    for ours in [r for r in results if r["pair"] and r["target"] == BAR_L0]:
+        peers = [r for r in results if r["name"] == ours["pair"]]
+        if not peers:
+            continue
+        peer_fvu = at_l0(sorted((p["l0"], p["fvu"]) for p in peers), ours["l0"])
+        speed = ours["tokens_per_s"] / (sum(p["tokens_per_s"] for p in peers) / len(peers))
+        row = {"arch": ours["name"], "peer": ours["pair"], "fvu": ours["fvu"], "peer_fvu": peer_fvu, "speedup": speed}
+        row |= {"dead_share": ours["dead_share"], "l0": ours["l0"], "peer_l0s": sorted(p["l0"] for p in peers)}
+        row["fvu_ok"] = peer_fvu is not None and ours["fvu"] <= peer_fvu
+        row["pass"] = row["fvu_ok"] and speed >= SPEEDUP and ours["dead_share"] < DEAD
+        rows.append(row)
+    return rows
+
+
+def _cell(value: Any, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def table(results: list[dict[str, Any]]) -> list[str]:
+    """Markdown: one row per run, the Pareto-optimal ones (L0-vs-FVU, L0-vs-KL, over all runs) marked."""
+    fvu_front = set(pareto([(r["l0"], r["fvu"]) for r in results]))
+    kl_front = set(pareto([(r["l0"], r.get("kl_per_token", math.nan)) for r in results]))
+    head = "| contender | target / l1 | L0 | FVU | KL/token | CE rec. | dead | dense | tok/s | peak RSS MiB | load |"
+    lines = [head, "|" + "---|" * 11]
+    for i, r in enumerate(results):
+        setting = f"{r['target']:g}" if r["target"] is not None else f"l1 {r['setting']['coeff']:g}"
+        marks = ("F" if i in fvu_front else "") + ("K" if i in kl_front else "")
+        lines.append(
+            f"| {r['name']}{' (' + marks + ')' if marks else ''} | {setting} | {r['l0']:.1f} | {r['fvu']:.4f} | "
+            f"{_cell(r.get('kl_per_token'), '.4f')} | {_cell(r.get('ce_recovered'), '.4f')} | "
+            f"{r['dead_share']:.2%} | {r['dense_latents']} | {r['tokens_per_s']:,.0f} | {r['peak_rss_mb']:,.0f} | "
+            f"{r['load_after']} |"
+        )
+    return lines
+
+
+def verdicts(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per architecture: the bar's three parts with the numbers."""
+    return [
+        f"- {r['arch']} vs {r['peer']}: FVU {r['fvu']:.4f} vs {_cell(r['peer_fvu'], '.4f')} at L0 {r['l0']:.1f} "
+        f"(peer L0s {', '.join(f'{v:.1f}' for v in r['peer_l0s'])}) {'ok' if r['fvu_ok'] else '**worse/unknown**'}; "
+        f"tokens/s {r['speedup']:.2f}x {'ok' if r['speedup'] >= SPEEDUP else '**< 3x**'}; dead "
+        f"{r['dead_share']:.2%} {'ok' if r['dead_share'] < DEAD else '**>= 1 %**'}: "
+        f"{'PASS' if r['pass'] else '**FAIL**'}"
+        for r in rows
+    ]
+
+
+def write_csv(results: list[dict[str, Any]], path: Path) -> None:
+    """The runs as a DVC scatter-plot CSV (x l0, y fvu or kl_per_token, one series per contender)."""
+    with path.open("w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["contender", "target", "l0", "fvu", "kl_per_token", "ce_recovered", "dead_share", "tokens_per_s"])
+        for r in results:
+            out.writerow(
+                [r["name"], r["target"], f"{r['l0']:.3f}", f"{r['fvu']:.5f}", r.get("kl_per_token", ""),
+                 r.get("ce_recovered", ""), f"{r['dead_share']:.5f}", f"{r['tokens_per_s']:.0f}"]
+            )  # fmt: skip
+
+
+def picture(results: list[dict[str, Any]], path: Path) -> None:
+    """L0 vs FVU and L0 vs KL per token, one marker series per contender, the overall frontiers as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for ax, key, label in ((axes[0], "fvu", "held-out FVU"), (axes[1], "kl_per_token", "KL per token")):
+        runs = [r for r in results if r.get(key) is not None]
+        for name in dict.fromkeys(r["name"] for r in runs):
+            mine = [r for r in runs if r["name"] == name]
+            style = "o-" if mine[0]["library"] == "sae-pipe" else "s--"
+            ax.plot(*zip(*sorted((r["l0"], r[key]) for r in mine)), style, label=name, alpha=0.8)
+        front = [runs[i] for i in pareto([(r["l0"], r[key]) for r in runs])]
+        ax.plot([r["l0"] for r in front], [r[key] for r in front], "k:", lw=2, label="Pareto frontier")
+        ax.set(xscale="log", yscale="log", xlabel="L0 (held-out)", ylabel=label)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def publish_all(results: list[dict[str, Any]], args: argparse.Namespace, cache_key: str) -> None:
+    """Table, bar, CSV and picture; with --write into RESULTS.md (the picture and CSV next to it)."""
+    write_csv(results, HERE / "archs.csv")
+    picture(results, HERE / "archs.png")
+    lines = [
+        f"Cache `{cache_key}`, {args.latents} latents, {args.tokens:,} training tokens each, batch 4096; scored on "
+        "every held-out row (FVU, L0, dead = fires on no held-out row, dense = fires on > 10 % of them); KL/CE: "
+        f"`sae-pipe evaluate --metrics kl,ce --max-tokens {args.kl_tokens}`. (F)/(K): on the L0-vs-FVU / "
+        "L0-vs-KL Pareto frontier. tok/s: training tokens / training seconds (ours: the whole fit call; "
+        "SAELens: SAETrainer.fit(); sparsify: its steps). load: the 1-min load average after the run "
+        "(2 shared cores). Picture: benchmarks/archs.png; data: benchmarks/archs.csv.",
+        "",
+        *table(results),
+        "",
+        f"Bar at L0 {BAR_L0} (issue 30): FVU no worse than the peer's, >= {SPEEDUP:g}x its tokens/s, < 1 % dead.",
+        "",
+        *verdicts(bar(results)),
+    ]
+    publish(lines, "architectures at equal tokens (issue 30)", "benchmarks.archs", args.write)
