@@ -75,8 +75,7 @@ def saelens_sae(arch: str, d_in: int, n: int, k: int, coeff: float, widths: list
 def saelens_train(x: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
     """SAETrainer.fit() on the rows (one shuffled order, cycled), then save_inference_model into args.out."""
     import sae_lens
-    from sae_lens import SAE
-    from sae_lens import LanguageModelSAERunnerConfig
+    from sae_lens import SAE, LanguageModelSAERunnerConfig
     from sae_lens.config import LoggingConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
