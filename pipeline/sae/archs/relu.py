@@ -1,75 +1,144 @@
-"""Inference-only SAEs imported from SAELens: ReLU ("standard"), JumpReLU and Gated.
+"""The standard SAE: a ReLU encoder trained with an L1 penalty, the base of the threshold SAEs.
 
-They share the TopK SAE's parameters and its linear decoder, ``x_hat = W_dec^T z + b_dec``, and
-differ only in how the code z is computed (``pre = W_enc (x - b_dec) + b_enc``):
+    pre   = W_enc (x - b_dec) + b_enc                          (B, N)
+    z     = ReLU(pre)
+    x_hat = W_dec^T z + b_dec
 
-    relu       z = ReLU(pre)
-    jumprelu   z = ReLU(pre) * [pre > threshold]               (a learned threshold per latent)
-    gated      z = [pre > 0] * ReLU(W_mag (x - b_dec) + b_mag)  W_mag = exp(r_mag) * W_enc row-wise;
-               ``b_enc`` is the gate bias (SAELens ``b_gate``)
+Trained as SAELens's ``StandardTrainingSAE`` (sae_lens/saes/standard_sae.py, ``calculate_aux_loss``) and
+Anthropic's April 2024 update: decoder rows are free and the penalty is ``sum_i z_i ||W_dec_i||`` (so
+shrinking z by growing W_dec buys nothing), its coefficient warmed up linearly (Cunningham et al. 2023
+train the same ReLU code with a plain L1 and unit decoder rows). Scale and coefficient: see
+:mod:`pipeline.sae.archs.sparsity`. ``k`` is the target L0, not a top-k: ``--sparsity-coeff 0`` steers
+the coefficient until the batch mean L0 meets it.
 
-Because decoding is the TopK SAE's, every stage that splices, edits or tabulates a TopK SAE takes
-these as they are; `encode` returns the same padded ``Latents``. They are never trained here
-(`fit` refuses them); an inference ``k`` keeps the k largest latents, ``theta`` a threshold.
+SAELens's ``standard`` SAEs brought in by `sae-pipe import` carry the name ``relu`` (as runs imported
+before training existed do); a trained one carries ``standard``. Both are this class.
 """
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor, nn
+from typing import ClassVar
 
+import torch
+from torch import Tensor
+
+from pipeline.sae.archs.sparsity import SparsityControl, check_target, dead_pre_act_loss, firing_quantile
 from pipeline.sae.archs.topk import TopKSAE
-from pipeline.sae.interface import Latents, SaeConfig, pack, register
+from pipeline.sae.interface import Knobs, Latents, LossTerm, SaeConfig, SaeOutput, Step, pack, register
 
 
 @register("relu")
+@register("standard", trainable=True)
 class ReluSAE(TopKSAE):
-    """SAELens ``standard``: a ReLU encoder."""
+    """SAELens ``standard``: a ReLU encoder; the base of the threshold SAEs (jumprelu, gated)."""
 
     top_k = False
+    loss_names: ClassVar[tuple[str, ...]] = ("sparsity_loss", "dead_loss")  # type: ignore[assignment]  # TopK: tuple[str]
+    start_coeff: ClassVar[float] = 5.0  # the automatic coefficient's first value: Anthropic's / SAELens's L1
+    unit_decoder: ClassVar[bool] = False  # decoder rows kept at unit norm while training
+
+    def __init__(self, cfg: SaeConfig, generator: torch.Generator | None = None, device: torch.device | str = "cpu"):
+        super().__init__(cfg, generator, device)
+        self.control = SparsityControl(self.start_coeff)
+        self.pre: Tensor | None = None  # (B, N) the last training forward's pre-activations, for the loss
+        self.coeff_now = 0.0  # the penalty's weight in the last step (log.csv)
 
     def pre_acts(self, x: Tensor) -> Tensor:
-        """Encoder pre-activations (B, N)."""
+        """Encoder pre-activations (B, N): W_enc (x - b_dec) + b_enc. In training b_dec is folded into the bias,
+        so its gradient is one product with W_enc, not a (B, N) x (N, D) GEMM (x needs none there)."""
+        if self.training:
+            return torch.addmm(torch.addmv(self.b_enc, self.W_enc, self.b_dec, alpha=-1), x, self.W_enc.t())
         return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc.t())
 
-    def code(self, x: Tensor) -> Tensor:
-        """The dense code z (B, N)."""
-        return self.pre_acts(x).relu()
+    def activate(self, pre: Tensor) -> Tensor:
+        """The dense code z (B, N) from the pre-activations."""
+        return pre.relu()
 
     def encode(
         self, x: Tensor, k: int | None = None, theta: float | None = None, low_precision: bool = False
     ) -> Latents:
         """Every active latent of ``x`` (B, D) (or its k largest, or those above ``theta``)."""
-        return pack(self.code(x), k, theta)
+        return pack(self.activate(self.pre_acts(x)), k, theta)
 
     def dense_code(self, x: Tensor) -> Tensor:
-        return self.code(x)
+        return self.activate(self.pre_acts(x))
 
-
-@register("jumprelu")
-class JumpReluSAE(ReluSAE):
-    """SAELens ``jumprelu``: a latent fires only above its own threshold."""
-
-    def __init__(self, cfg: SaeConfig, generator: torch.Generator | None = None, device: torch.device | str = "cpu"):
-        super().__init__(cfg, generator, device)
-        self.threshold = nn.Parameter(torch.zeros(cfg.n_latents, device=device))
-
-    def code(self, x: Tensor) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        k: int | None = None,
+        theta: float | None = None,
+        low_precision: bool = False,
+        chosen: Tensor | None = None,
+    ) -> SaeOutput:
         pre = self.pre_acts(x)  # (B, N)
-        return pre.relu() * (pre > self.threshold)
+        if self.training:
+            self.pre = pre
+        latents = pack(self.activate(pre), k, theta)  # as wide as the busiest token: decoding stays sparse
+        return SaeOutput(x, self.decode(latents), latents, None, None)
 
+    def normalize_decoder(self) -> None:
+        if self.unit_decoder:
+            super().normalize_decoder()
 
-@register("gated")
-class GatedSAE(ReluSAE):
-    """SAELens ``gated``: a gate path (sign of ``pre``) times a magnitude path sharing W_enc's directions."""
+    # --- training hooks (pipeline.sae.interface.SAE) ---
 
-    def __init__(self, cfg: SaeConfig, generator: torch.Generator | None = None, device: torch.device | str = "cpu"):
-        super().__init__(cfg, generator, device)
-        self.r_mag = nn.Parameter(torch.zeros(cfg.n_latents, device=device))
-        self.b_mag = nn.Parameter(torch.zeros(cfg.n_latents, device=device))
+    def prepare_training(self, knobs: Knobs) -> None:
+        check_target(self.cfg.k, knobs)
+        self.tangent_decoder_grad = self.unit_decoder
 
-    def code(self, x: Tensor) -> Tensor:
-        centered = x - self.b_dec  # (B, D)
-        gate = torch.addmm(self.b_enc, centered, self.W_enc.t()) > 0  # (B, N)
-        w_mag = self.W_enc * self.r_mag.exp()[:, None]  # (N, D)
-        return gate * torch.addmm(self.b_mag, centered, w_mag.t()).relu()
+    @torch.no_grad()
+    def start(self, x: Tensor, step: Step) -> None:
+        """b_dec at the data mean (as TopK); with a target L0, each latent's firing point at the pre-activation
+        that k / N of the batch exceeds (see sparsity.firing_quantile)."""
+        super().start(x, step)
+        if self.cfg.k > 0:
+            self.set_firing_point(firing_quantile(self.pre_acts(x), self.cfg.k, step))
+
+    def set_firing_point(self, quantile: Tensor) -> None:
+        """Make each latent fire where its pre-activation exceeds ``quantile`` (N,)."""
+        self.b_enc.sub_(quantile)
+
+    def shared_encoder(self) -> None:  # type: ignore[override]  # TopK's returns its encoder
+        return None  # a threshold code selects its own latents
+
+    def loss_terms(self, out: SaeOutput, step: Step, knobs: Knobs) -> list[LossTerm]:
+        assert self.pre is not None, "loss_terms follows a training forward"
+        x_sq = out.x.pow(2).sum(1).clamp_min(1e-12)  # (B,)
+        norms = self.W_dec.norm(dim=1)  # (N,) in the graph: growing a row does not shrink the penalty
+        penalized = self.penalized(out, self.pre)
+        self.coeff_now = self.control.coeff(knobs, step)
+        return [
+            LossTerm("sparsity_loss", self.coeff_now, self.penalty(penalized, norms, x_sq)),
+            LossTerm("dead_loss", knobs.aux_alpha, self.dead_loss(self.pre, norms.detach(), step, x_sq)),
+            *self.extra_terms(out, penalized, x_sq),
+        ]
+
+    def penalized(self, out: SaeOutput, pre: Tensor) -> Latents:
+        """The code the penalty weighs: z itself (gated: the gate's ReLU'd pre-activations)."""
+        return out.latents
+
+    def penalty(self, code: Latents, norms: Tensor, x_sq: Tensor) -> Tensor:
+        """The sparsity penalty: mean over tokens of sum_i z_i ||W_dec_i|| / ||x||^2."""
+        return ((code.acts * norms[code.indices]).sum(1) / x_sq).mean()
+
+    def dead_loss(self, pre: Tensor, norms: Tensor, step: Step, x_sq: Tensor) -> Tensor:
+        """Dead latents' pre-activations pulled up to 0, where ReLU starts passing them."""
+        return dead_pre_act_loss(pre, 0.0, norms, step, x_sq)
+
+    def extra_terms(self, out: SaeOutput, penalized: Latents, x_sq: Tensor) -> list[LossTerm]:
+        """Terms an architecture adds besides its penalty and the dead latents' loss (gated's auxiliary one)."""
+        return []
+
+    def after_step(self, out: SaeOutput, step: Step, knobs: Knobs) -> None:
+        self.pre = None
+        self.normalize_decoder()
+        if knobs.sparsity_coeff == 0:
+            l0 = (out.latents.acts > 0).sum(1).float().mean().reshape(1)  # (1,)
+            self.control.update(float(step.average(l0)), self.cfg.k)
+
+    def step_metrics(self, out: SaeOutput) -> dict[str, float]:
+        return {"sparsity_coeff": self.coeff_now}
+
+    def log_fields(self) -> list[str]:
+        return ["sparsity_coeff"]

@@ -1,0 +1,51 @@
+"""The Gated SAE (Rajamanoharan et al. 2024, "Improving Dictionary Learning with Gated Sparse
+Autoencoders"): whether a latent fires and how strongly are decided by two paths sharing W_enc.
+
+    pi_gate = W_enc (x - b_dec) + b_enc                      (B, N) ``b_enc`` is SAELens's ``b_gate``
+    pi_mag  = exp(r_mag) * (W_enc (x - b_dec)) + b_mag       the same GEMM, rescaled per latent
+    z       = H(pi_gate) * ReLU(pi_mag)
+    x_hat   = W_dec^T z + b_dec
+
+H passes no gradient, so the gate learns from two terms of the loss besides the reconstruction: the
+sparsity penalty sum_i ReLU(pi_gate)_i ||W_dec_i|| (SAELens's ``GatedTrainingSAE.calculate_aux_loss``:
+decoder rows free, weighted by their norms; ReluSAE.penalty), and the auxiliary reconstruction ||x - x_hat_frozen||^2 of
+ReLU(pi_gate) through a frozen copy of the decoder (the paper's L_aux: it trains the gate to pick latents
+that reconstruct, without moving the decoder). All terms over ||x||^2 (pipeline.sae.archs.sparsity).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.sae.archs.relu import ReluSAE
+from pipeline.sae.interface import Latents, LossTerm, SaeConfig, SaeOutput, pack, register
+from pipeline.sae.kernels import SparseDecode
+
+
+@register("gated", trainable=True)
+class GatedSAE(ReluSAE):
+    """SAELens ``gated``: a gate path (sign of ``pre``) times a magnitude path sharing W_enc's directions."""
+
+    loss_names: ClassVar[tuple[str, ...]] = ("sparsity_loss", "dead_loss", "aux_recon_loss")
+
+    def __init__(self, cfg: SaeConfig, generator: torch.Generator | None = None, device: torch.device | str = "cpu"):
+        super().__init__(cfg, generator, device)
+        self.r_mag = nn.Parameter(torch.zeros(cfg.n_latents, device=device))
+        self.b_mag = nn.Parameter(torch.zeros(cfg.n_latents, device=device))
+
+    def activate(self, pre: Tensor) -> Tensor:
+        magnitude = (self.r_mag.exp() * (pre - self.b_enc) + self.b_mag).relu()  # (B, N) pi_mag, ReLU'd
+        return (pre > 0) * magnitude
+
+    def penalized(self, out: SaeOutput, pre: Tensor) -> Latents:
+        """ReLU(pi_gate), packed: its support is the gate's, about L0 wide."""
+        return pack(pre.relu())
+
+    def extra_terms(self, out: SaeOutput, penalized: Latents, x_sq: Tensor) -> list[LossTerm]:
+        """The auxiliary reconstruction of ReLU(pi_gate) through the frozen decoder, over ||x||^2."""
+        acts, indices = penalized
+        frozen = SparseDecode.apply(acts, indices, self.W_dec.detach(), False) + self.b_dec.detach()  # (B, D)
+        return [LossTerm("aux_recon_loss", 1.0, ((out.x - frozen).pow(2).sum(1) / x_sq).mean())]

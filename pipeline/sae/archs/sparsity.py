@@ -1,0 +1,95 @@
+"""What the threshold SAEs (standard, jumprelu, gated) share in training: the sparsity penalty's
+coefficient (fixed and warmed up, or steered to a target L0), the data-dependent start that puts
+every latent at the target firing rate, and the loss that brings dead latents back.
+
+Scale convention. Every term is a per-token quantity divided by ``||x||^2``, as the normalized MSE is:
+
+    loss = mean_tokens (||x - x_hat||^2 + c * penalty(x)) / ||x||^2
+
+so at the input scale the published coefficients were fitted at, ``c`` is the published coefficient:
+Anthropic's April 2024 update and SAELens (``StandardTrainingSAE``: ``l1_coefficient * sum_i z_i ||W_dec_i||``
+added to the summed squared error, inputs scaled to ``||x|| ~ sqrt(d)`` as sae-pipe's standardized caches
+are); for JumpReLU, SAELens's ``l0_coefficient`` at that scale (Rajamanoharan et al. 2024's lambda is
+fitted at ``E||x||^2 = 1``: multiply it by d).
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor
+
+from pipeline.infra.errors import UserError
+from pipeline.sae.interface import Knobs, Step
+
+# The automatic coefficient: a PI controller on log(c) driven by e = log(batch mean L0 / k), clipped to
+# [-1, 1] so one odd batch cannot throw it. The integral gain makes c move by at most 5 % a step (a
+# doubling of the coefficient takes ~14 steps of L0 at e x k), slow beside the hundreds of steps the
+# weights need to follow it, so it does not oscillate; the proportional term answers at once.
+GAIN_I = 0.15
+GAIN_P = 1.0
+
+
+class SparsityControl:
+    """The sparsity penalty's coefficient during training.
+
+    ``coeff > 0``: fixed, warmed up linearly from 0 over the first ``warmup`` share of the run (SAELens's
+    ``l1_warm_up_steps``, as a share). ``coeff == 0`` (auto): adapted every step so the batch mean L0 meets
+    ``target``; no warm-up, since the controller itself starts from ``start`` and a warm-up factor would
+    only make it wind up. Its state is a pair of floats, identical on every rank (fed the ranks' mean L0).
+    """
+
+    def __init__(self, start: float) -> None:
+        self.start = start  # the auto coefficient's first value (the published one at our scale)
+        self.integral = math.log(start)  # the controller's integral part, in log(c)
+        self.log_coeff = self.integral  # what the penalty is weighted by now, in log(c)
+
+    def coeff(self, knobs: Knobs, step: Step) -> float:
+        """The penalty's weight this step."""
+        if knobs.sparsity_coeff > 0:
+            ramp = min(1.0, step.progress / knobs.sparsity_warmup) if knobs.sparsity_warmup > 0 else 1.0
+            return knobs.sparsity_coeff * ramp
+        return math.exp(self.log_coeff)
+
+    def update(self, l0: float, target: int) -> None:
+        """One controller step after a batch whose mean L0 (over all ranks) was ``l0``."""
+        error = max(-1.0, min(1.0, math.log(max(l0, 1e-3) / target)))
+        self.integral += GAIN_I * error
+        self.log_coeff = self.integral + GAIN_P * error
+
+
+def check_target(k: int, knobs: Knobs) -> None:
+    """The automatic coefficient needs a target L0."""
+    if knobs.sparsity_coeff == 0 and k < 1:
+        raise UserError(
+            "--sparsity-coeff 0 adjusts the penalty to meet the target L0 --k, but --k is 0; "
+            "give a target L0 with --k or a fixed coefficient with --sparsity-coeff."
+        )
+
+
+def firing_quantile(pre: Tensor, k: int, step: Step) -> Tensor:
+    """Per latent (N,), the pre-activation that ``k / N`` of the batch ``pre`` (B, N) exceeds: a threshold
+    there makes every latent fire at the mean rate of a code with L0 = k, so training starts at the target
+    L0 with no latent dead. The ranks' quantiles are averaged, so all ranks start alike."""
+    rows, n = pre.shape
+    rank = min(rows, max(1, round(rows * (1 - k / n))))  # kthvalue is 1-based
+    return step.average(pre.kthvalue(rank, dim=0).values)  # (N,)
+
+
+def dead_pre_act_loss(pre: Tensor, floor: Tensor | float, scale: Tensor | float, step: Step, x_sq: Tensor) -> Tensor:
+    """Dead latents' pre-activation loss: per token, sum over dead latents i of ReLU(floor_i - pre_i) x
+    scale_i (the decoder row norm), over ||x||^2, mean over tokens.
+
+    Anthropic's pre-activation loss (Circuits Updates, January 2025), which SAELens's JumpReLU trainer
+    (``calculate_pre_act_loss``) applies to dead latents only, as here. A latent whose pre-activation never
+    reaches its threshold gets no gradient from the reconstruction; this raises it towards the threshold
+    on every token, most on those nearest, until it fires and the reconstruction takes over. AuxK does not
+    serve: it reads ReLU'd pre-activations, which a dead ReLU latent has none of.
+    """
+    dead = step.dead.nonzero().squeeze(1)  # (n_dead,)
+    if len(dead) == 0:
+        return pre.new_zeros(())
+    floor = floor[dead] if isinstance(floor, Tensor) else floor
+    scale = scale[dead] if isinstance(scale, Tensor) else scale
+    below = (floor - pre[:, dead]).relu() * scale  # (B, n_dead)
+    return (below.sum(1) / x_sq).mean()
