@@ -23,7 +23,7 @@ from pipeline.fit.config import FitConfig
 from pipeline.infra.params import DATA_KEYS, MODEL_KEYS, doc, setting
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = {"extract", "fit", "evaluate", "interpret", "steer", "circuit"}
+STAGES = {"extract", "fit", "finetune", "evaluate", "interpret", "steer", "circuit"}
 # Options that are not settings: --params (the file the settings come from), --json (the form of the output),
 # --all (a folder whose runs are added to the run list).
 NOT_SETTINGS = {"params", "as_json", "all_in"}

@@ -10,6 +10,7 @@ import yaml
 from pipeline.circuit.config import CircuitConfig
 from pipeline.evaluate.config import EvaluateConfig
 from pipeline.extract.config import ExtractConfig
+from pipeline.finetune.config import FinetuneConfig
 from pipeline.fit.config import FitConfig
 from pipeline.infra.params import build_config, load_params
 from pipeline.interpret.config import InterpretConfig
@@ -26,7 +27,7 @@ def imported_code(stage: str) -> set[str]:
     return {f"stages/{stage}.py"} | {f"pipeline/{p}" for p in packages if p != "pipeline"}
 
 
-@pytest.mark.parametrize("stage", ["extract", "fit", "evaluate", "interpret", "steer", "circuit"])
+@pytest.mark.parametrize("stage", ["extract", "fit", "finetune", "evaluate", "interpret", "steer", "circuit"])
 def test_code_deps_are_exactly_the_imports(stage: str) -> None:
     declared = {d for d in STAGES[stage]["deps"] if d.startswith(("pipeline", "stages"))}
     assert declared == imported_code(stage)
@@ -43,11 +44,12 @@ def test_params_are_tracked_and_valid() -> None:
     params = load_params(ROOT / "params.yaml")
     tracked = set(STAGES["extract"]["params"])
     assert {f"model.{k}" for k in params["model"]} | {f"data.{k}" for k in params["data"]} | {"extract"} == tracked
-    for stage in ("fit", "evaluate", "interpret", "steer", "circuit"):
+    for stage in ("fit", "finetune", "evaluate", "interpret", "steer", "circuit"):
         assert STAGES[stage]["params"] == [stage]
     build_config(ExtractConfig, params, "extract", {}, shared=("model", "data"))  # unknown keys would raise
     configs = [
         (FitConfig, "fit"),
+        (FinetuneConfig, "finetune"),
         (EvaluateConfig, "evaluate"),
         (InterpretConfig, "interpret"),
         (SteerConfig, "steer"),

@@ -21,11 +21,21 @@ ALLOWED = {
     **LOWER,
     "extract": STAGE_BASE,
     "fit": STAGE_BASE,
+    "finetune": STAGE_BASE,
     "evaluate": STAGE_BASE,
     "interpret": STAGE_BASE,
     "steer": STAGE_BASE,
     "circuit": STAGE_BASE,
-    "cli": {*STAGE_BASE, "extract", "fit", "evaluate", "interpret", "steer", "circuit"},  # the top: may import all
+    "cli": {
+        *STAGE_BASE,
+        "extract",
+        "fit",
+        "finetune",
+        "evaluate",
+        "interpret",
+        "steer",
+        "circuit",
+    },  # the top: may import all
 }
 
 

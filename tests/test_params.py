@@ -10,6 +10,7 @@ import pytest
 from pipeline.circuit.config import CircuitConfig
 from pipeline.evaluate.config import EvaluateConfig
 from pipeline.extract.config import ExtractConfig
+from pipeline.finetune.config import FinetuneConfig
 from pipeline.fit.config import FitConfig
 from pipeline.infra.params import DATA_KEYS, MODEL_KEYS, doc
 from pipeline.interpret.config import InterpretConfig
@@ -21,6 +22,7 @@ SECTIONS = {
     "data": (ExtractConfig, DATA_KEYS),
     "extract": (ExtractConfig, None),
     "fit": (FitConfig, None),
+    "finetune": (FinetuneConfig, None),
     "evaluate": (EvaluateConfig, None),
     "interpret": (InterpretConfig, None),
     "steer": (SteerConfig, None),
@@ -65,7 +67,9 @@ def test_a_stale_comment_is_caught() -> None:
     assert mismatches(stale) == ["fit.k: 'active latents (old wording)' != 'active latents per token'"]
 
 
-@pytest.mark.parametrize("cls", [ExtractConfig, FitConfig, EvaluateConfig, InterpretConfig, SteerConfig, CircuitConfig])
+@pytest.mark.parametrize(
+    "cls", [ExtractConfig, FitConfig, FinetuneConfig, EvaluateConfig, InterpretConfig, SteerConfig, CircuitConfig]
+)
 def test_every_field_has_a_doc(cls: type) -> None:
     import dataclasses
 

@@ -33,7 +33,15 @@ app = typer.Typer(
 app.add_typer(cache_app, name="cache")
 
 
-for command in (stages.extract, stages.fit, stages.evaluate, stages.interpret, stages.steer, stages.circuit):
+for command in (
+    stages.extract,
+    stages.fit,
+    stages.finetune,
+    stages.evaluate,
+    stages.interpret,
+    stages.steer,
+    stages.circuit,
+):
     app.command()(command)
 app.command()(export)
 app.command("import")(import_)

@@ -45,6 +45,7 @@ ParamsOpt = Annotated[
 PARAMS_ONLY: dict[str, tuple[str, ...]] = {
     "extract": ("dataset_config",),
     "fit": ("betas", "log_every", "checkpoint_every", "pool_mb", "verify"),
+    "finetune": ("enabled",),
     "interpret": (
         *("quantile_bins", "per_bin", "random_examples", "after", "min_count", "report_features"),
         *("logprobs", "max_retries", "logit_effects", "threshold"),

@@ -1,4 +1,4 @@
-"""The stage commands (extract, fit, evaluate, interpret, steer, circuit): each option is generated from the
+"""The stage commands (extract, fit, finetune, evaluate, interpret, steer, circuit): each option is generated from the
 stage's config (pipeline/cli/options.py); a body here only builds the config and prints what a script wants."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pipeline.circuit.config import CircuitConfig
 from pipeline.cli.options import Configured, Form, Given, JsonOpt, commas, configured
 from pipeline.evaluate.config import EvaluateConfig
 from pipeline.extract.config import ExtractConfig
+from pipeline.finetune.config import FinetuneConfig
 from pipeline.fit.config import FitConfig
 from pipeline.infra.console import console
 from pipeline.interpret.config import InterpretConfig
@@ -62,6 +63,15 @@ def fit(given: Given[FitConfig]) -> None:
     if ranks.is_main:
         for folder in folders:
             typer.echo(folder.url)
+
+
+@configured(Configured(FinetuneConfig, "finetune", arguments=("run",), required=("run",)))
+def finetune(given: Given[FinetuneConfig]) -> None:
+    """Train a run further with its SAE spliced into the LLM, on the model's KL (or CE) on the cache's training
+    sequences, into a new run folder (the parent is never written); prints the new run folder."""
+    from pipeline.finetune.stage import run
+
+    typer.echo(run(given.config()).folder.url)
 
 
 @configured(

@@ -36,14 +36,24 @@ def reference(clean_log_probs: Tensor) -> Reference:
     return Reference(probs, torch.linalg.vecdot(probs, clean_log_probs))
 
 
+def kl_rows(clean: Reference, other_log_probs: Tensor) -> Tensor:
+    """KL(p_clean || p_other) = sum_v p log p - sum_v p log q per position (n,), differentiable in the other."""
+    return clean.neg_entropy - torch.linalg.vecdot(clean.probs, other_log_probs)
+
+
 def kl_sum(clean: Reference, other_log_probs: Tensor) -> float:
-    """Sum over positions of KL(p_clean || p_other) = sum_v p log p - sum_v p log q."""
-    return float((clean.neg_entropy - torch.linalg.vecdot(clean.probs, other_log_probs)).sum())
+    """Sum over positions of KL(p_clean || p_other)."""
+    return float(kl_rows(clean, other_log_probs).sum())
+
+
+def next_token_log_likelihoods(log_probs: Tensor, tokens: Tensor, mask: Tensor) -> Tensor:
+    """log q(tokens[:, t+1]) (m,) at every real position t whose next token is real too, from ``log_probs``
+    (n, V) at the positions ``mask`` (B, T) marks, in their order."""
+    following = torch.roll(tokens, -1, dims=1)[mask]  # (n,) the next token of each real position
+    scored = F.pad(mask[:, 1:], (0, 1))[mask]  # (n,) whether that next token is real (never past the end)
+    return log_probs[scored].gather(1, following[scored, None])[:, 0]
 
 
 def next_token_ce_sum(log_probs: Tensor, tokens: Tensor, mask: Tensor) -> float:
-    """Summed cross-entropy of predicting tokens[:, t+1] at every real position t whose next token is
-    real too, from ``log_probs`` (n, V) at the positions ``mask`` (B, T) marks, in their order."""
-    following = torch.roll(tokens, -1, dims=1)[mask]  # (n,) the next token of each real position
-    scored = F.pad(mask[:, 1:], (0, 1))[mask]  # (n,) whether that next token is real (never past the end)
-    return -float(log_probs[scored].gather(1, following[scored, None]).sum())
+    """Summed next-token cross-entropy over the positions :func:`next_token_log_likelihoods` scores."""
+    return -float(next_token_log_likelihoods(log_probs, tokens, mask).sum())

@@ -1,0 +1,61 @@
+"""The fine-tuning loss of one batch: the run spliced into the running model (evaluate's splice,
+pipeline.live), scored by the model's own next-token distribution.
+
+    kl   mean over real positions of KL(p_clean || p_spliced) = sum_v p_clean (log p_clean - log p_spliced)
+         (the number evaluate reports as kl_per_token)
+    ce   mean over real positions whose next token is real of -log p_spliced(next token)
+    + mse_weight x the reconstruction's normalized MSE at the layer (the loss `fit` trained on)
+
+The blocks below the layer run once, without a graph (llm/replay.py ``stem``); gradients reach only the
+parameters that require them, the SAE's.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from pipeline.live.edit import EditSpec, Mode, Site
+from pipeline.live.splice import Branches, site_edits
+from pipeline.live.subject import Live
+from pipeline.llm.divergence import kl_rows, log_probs, next_token_log_likelihoods, reference
+from pipeline.llm.hooks import run_to_layers
+from pipeline.sae.quality import Reconstruction
+
+SPLICE = EditSpec(Mode.REPLACE)  # the SAE's reconstruction in place of the residual stream, as evaluate splices
+
+
+class Terms(NamedTuple):
+    """One batch's loss and its parts."""
+
+    total: Tensor  # () what is minimized
+    model: Tensor  # () the KL or CE part
+    mse: Tensor  # () the normalized MSE (0 when not asked for)
+
+
+def batch_loss(live: Live, tokens: Tensor, mask: Tensor, loss: str, mse_weight: float, replay: bool) -> Terms:
+    """The loss of ``tokens`` (B, T) with the run spliced in at the real positions ``mask`` (B, T)."""
+    site = live.site
+    branches = Branches(live.model, live.blocks, tokens, site.layer, replay, at=mask)
+    spliced = log_probs(branches.edited(site_edits(site, mask, SPLICE)))  # (n, V)
+    if loss == "kl":
+        with torch.no_grad():
+            clean = reference(log_probs(branches.clean()))  # (n, V)
+        model = kl_rows(clean, spliced).mean()
+    else:
+        model = -next_token_log_likelihoods(spliced, tokens, mask).mean()
+    mse = reconstruction_loss(site, branches, mask) if mse_weight > 0 else torch.zeros((), device=tokens.device)
+    return Terms(model + mse_weight * mse, model.detach(), mse.detach())
+
+
+def reconstruction_loss(site: Site, branches: Branches, mask: Tensor) -> Tensor:
+    """Normalized MSE () of the SAE on the layer's rows at the real positions, normalized as the cache was."""
+    if branches.start is not None:
+        h = branches.start.hidden  # (B, T, D)
+    else:
+        with torch.no_grad():
+            h = run_to_layers(branches.model, branches.blocks, branches.tokens, [site.layer])[site.layer]
+    x, _ = site.normalizer.normalize(h[mask].float(), site.layer)  # (n, D)
+    return Reconstruction().add(x, site.sae.decode(site.sae.encode(x)))

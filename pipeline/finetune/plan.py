@@ -1,0 +1,55 @@
+"""Which training sequences each step reads, and where the new run goes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import numpy as np
+
+from pipeline.finetune.config import FinetuneConfig
+from pipeline.infra.errors import UserError
+from pipeline.infra.files import Folder
+from pipeline.live.subject import Subject
+
+MAX_PASSES = 100  # more passes over the training split than this is a typo in --max-tokens
+
+SETTINGS = ("loss", "mse_weight", "max_tokens", "batch_size", "lr", "seed")  # what makes one fine-tuning another
+
+
+def settings(cfg: FinetuneConfig) -> dict[str, Any]:
+    """The settings recorded in the new run's cfg.json (and hashed into its name)."""
+    return {name: getattr(cfg, name) for name in SETTINGS}
+
+
+def batches(real: np.ndarray, cfg: FinetuneConfig) -> list[np.ndarray]:
+    """Sequence ids per step: ``batch_size`` sequences at a time in a seeded order (a fresh one per pass),
+    until the steps hold ``max_tokens`` real positions; ``real`` (S,) counts each sequence's."""
+    total = int(real.sum())
+    passes = -(-cfg.max_tokens // max(total, 1))
+    if total == 0 or passes > MAX_PASSES:
+        raise UserError(
+            f"--max-tokens {cfg.max_tokens:,} is {passes} passes over the {total:,} training tokens of the run's "
+            f"cache; at most {MAX_PASSES} are allowed."
+        )
+    rng = np.random.default_rng(cfg.seed)
+    order = np.concatenate([rng.permutation(len(real)) for _ in range(passes + 1)])
+    steps = order[: len(order) // cfg.batch_size * cfg.batch_size].reshape(-1, cfg.batch_size)  # (n, B)
+    covered = np.cumsum(real[steps].sum(1))  # (n,) tokens seen after each step
+    return list(steps[: int(np.searchsorted(covered, cfg.max_tokens)) + 1])
+
+
+def target(cfg: FinetuneConfig, subject: Subject) -> Folder:
+    """The new run's folder: ``--out``, or one named after the parent and the settings under <cache_root>/finetune."""
+    parent = subject.folder
+    if cfg.out:
+        out = Folder.at(cfg.out)
+    else:
+        digest = hashlib.sha256(json.dumps([parent.name, settings(cfg)], sort_keys=True).encode()).hexdigest()[:8]
+        out = Folder.at(cfg.cache_root).child("finetune", f"{parent.name}-ft{cfg.loss}-{digest}")
+    if out.url.rstrip("/") == parent.url.rstrip("/") or out.url.startswith(parent.url.rstrip("/") + "/"):
+        raise UserError(f"--out {out.url} is the run being fine-tuned (or inside it); the parent is never written.")
+    if out.exists() and out.list() and not out.exists("cfg.json"):
+        raise UserError(f"--out {out.url} holds something that is not a run; it would be replaced. Choose another.")
+    return out

@@ -1,0 +1,47 @@
+"""DVC stage `finetune`: params [finetune] + cache/fit.json -> cache/finetune/<run>-ft<loss>-<hash>/ and the
+receipt cache/finetune.json. Off by default (``enabled: false``: the stage writes an empty folder and a receipt
+saying so); on, every run of the fit receipt that finetune takes (single-layer SAEs of the residual stream) is
+fine-tuned into its own folder; routed runs and transcoders are skipped with a note."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from pipeline.finetune.config import FinetuneConfig
+from pipeline.finetune.stage import run
+from pipeline.infra.console import guarded, say
+from pipeline.infra.files import Folder
+from pipeline.infra.params import build_config, load_params
+from pipeline.infra.receipts import file_digest, portable, read_receipt, write_receipt
+from pipeline.sae.folder import read_cfg
+from pipeline.sae.interface import REGISTRY
+
+PARAMS = "params.yaml"
+
+
+def main() -> None:
+    cfg = build_config(FinetuneConfig, load_params(PARAMS), "finetune", {})
+    Path(cfg.cache_root, "finetune").mkdir(parents=True, exist_ok=True)  # the stage's output, even when off
+    runs = []
+    for parent in read_receipt("fit", cfg.cache_root)["runs"] if cfg.enabled else []:
+        arch = REGISTRY[read_cfg(Folder.at(parent["path"]))["sae"]["arch"]]
+        if arch.multi_layer or arch.sites != ("resid",):
+            say(f"finetune: skipping {parent['path']} (finetune takes single-layer SAEs of the residual stream)")
+            continue
+        result = run(dataclasses.replace(cfg, run=parent["path"]))
+        runs.append(
+            {
+                "name": result.folder.name,
+                "path": portable(result.folder.url),
+                "parent": result.parent,
+                "sae_sha256": file_digest(result.folder.local() / "sae.safetensors"),
+                "first_loss": round(result.first_loss, 6),
+                "last_loss": round(result.last_loss, 6),
+            }
+        )
+    write_receipt("finetune", {"enabled": cfg.enabled, "loss": cfg.loss, "runs": runs}, cfg.cache_root)
+
+
+if __name__ == "__main__":
+    guarded(main)
