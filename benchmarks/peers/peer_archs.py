@@ -97,6 +97,12 @@ def saelens_train(x: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
     trainer.fit()
     train_s = time.perf_counter() - start
     sae.save_inference_model(args.out)
+    # SAETrainer.fit records end-of-training stats in the metadata; sae-pipe's import does not know these two
+    # descriptive fields yet and refuses unknown ones, so they move from cfg.json into our RESULT.
+    cfg_path = Path(args.out) / "cfg.json"
+    saved = json.loads(cfg_path.read_text())
+    stats = {key: saved["metadata"].pop(key) for key in ("l0", "num_dead_features") if key in saved["metadata"]}
+    cfg_path.write_text(json.dumps(saved))
     loaded = SAE.load_from_disk(args.out)
     held = torch.from_numpy(np.load(args.heldout))
     with torch.no_grad():
@@ -110,6 +116,7 @@ def saelens_train(x: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
         "setting": {"coeff": args.coeff} if args.arch in ("standard", "gated") else {"k": args.k},
         "train_s": train_s,
         "rss_before_steps_mb": rss_before,
+        "trainer_stats": stats,
         **_fvu_l0(held, x_hat, torch.cat(codes)),
     }
 
