@@ -255,7 +255,7 @@ def test_route_tables_report_unscaled_activations_and_layers(tmp_path: Path) -> 
     cache = ActivationCache.open(synthetic_cache(tmp_path, [64], layers=(1, 2, 3), d=16, heldout_rows=40))
     torch.manual_seed(0)
     sae = RouteSAE(SaeConfig("route", 16, 64, 4, [1, 2, 3]))
-    acts = collect(sae, [1, 2, 3], True, cache, 0, 16, None, None)
+    acts = collect(sae, [1, 2, 3], cache, 0, 16, None, None)
     xs = torch.from_numpy(np.concatenate([a for _, a in cache.heldout_rows([1, 2, 3])])).float()  # (R, L, D)
     with torch.no_grad():
         logits = xs.sum(1) @ sae.router.weight.T  # (R, L), by hand

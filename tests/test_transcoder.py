@@ -16,6 +16,7 @@ from pipeline.extract.stage import extract
 from pipeline.fit.config import FitConfig
 from pipeline.fit.stage import fit
 from pipeline.infra.errors import UserError
+from pipeline.interpret.features import collect
 from pipeline.live.edit import EditSpec, Mode, Site
 from pipeline.live.splice import logits_with, site_edits, zero_edits
 from pipeline.llm.divergence import kl_sum, log_probs, reference
@@ -72,6 +73,9 @@ def test_fit_trains_a_skip_transcoder_from_the_mlp_sites(site_cache: str, tmp_pa
     (metrics,) = evaluate(EvaluateConfig(runs=[run.url], out=str(tmp_path / "eval"), device="cpu"))
     assert metrics["fvu"] == pytest.approx(float(fvu), rel=1e-3)  # of the MLP's output, on the same pairs
     assert 0 < metrics["kl_per_token"] < metrics["kl_zero_per_token"]  # the baseline: the MLP ablated
+    with torch.no_grad():  # interpret's tables encode the MLP's input rows, as evaluate does
+        acts = collect(model, [1], cache, 0, 64, None, None)
+    assert acts.n_rows == len(x_in) and len(acts.latent) == pytest.approx(metrics["l0"] * len(x_in))
 
 
 def test_a_cache_without_mlp_sites_is_refused(tiny_llama: Path, tmp_path: Path) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from pipeline.evaluate.config import METRICS, OPT_IN, SPLICES, EvaluateConfig
@@ -25,7 +24,7 @@ from pipeline.infra.files import Folder
 from pipeline.live.edit import EditSpec, Mode
 from pipeline.live.routing import route_choice
 from pipeline.live.splice import Branches, replays_exactly, site_edits, zero_edits
-from pipeline.live.subject import Subject, load_llm, load_subject
+from pipeline.live.subject import Subject, encode_rows, load_llm, load_subject
 from pipeline.llm.divergence import kl_sum, log_probs, next_token_ce_sum, reference
 from pipeline.sae.interface import SaeOutput
 from pipeline.sae.quality import Reconstruction
@@ -161,13 +160,7 @@ def train_dead_share(s: Subject, cfg: EvaluateConfig) -> float:
 def _encoded(s: Subject, cfg: EvaluateConfig, split: str, max_rows: int = 0) -> Iterator[SaeOutput]:
     """The SAE's output for the cache's rows of ``split``, FAST_BATCH rows at a time, encoded as asked
     (``--infer-k`` / ``--theta``)."""
-    device = next(s.sae.parameters()).device
-    reads = [s.cache.split_rows(split, s.layers, max_rows, site) for site in s.sae.sites]  # shard-aligned
-    for parts in zip(*reads):
-        rows = np.concatenate([part for _, part in parts], axis=1)  # (n, S * L, D): layers, or a transcoder's pair
-        for start in range(0, len(rows), FAST_BATCH):
-            x = torch.from_numpy(rows[start : start + FAST_BATCH]).to(device=device, dtype=torch.float32)  # (b, ., D)
-            yield s.sae(x if s.sae.multi_layer else x[:, 0], k=cfg.infer_k, theta=cfg.theta)
+    return encode_rows(s.sae, s.cache, s.layers, split, max_rows, FAST_BATCH, cfg.infer_k, cfg.theta)
 
 
 @torch.no_grad()

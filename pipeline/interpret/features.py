@@ -16,6 +16,7 @@ import torch
 from pipeline.cache.contexts import HeldoutIndex, decode_windows
 from pipeline.cache.reader import ActivationCache
 from pipeline.infra.console import Bar
+from pipeline.live.subject import encode_rows
 from pipeline.sae.interface import SAE
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
@@ -60,7 +61,6 @@ class Activations:
 def collect(
     sae: SAE,
     layers: list[int],
-    route: bool,
     cache: ActivationCache,
     max_rows: int,
     batch: int,
@@ -72,24 +72,21 @@ def collect(
     device = next(sae.parameters()).device
     parts: dict[str, list[np.ndarray]] = {"latent": [], "act": [], "row": [], "layer": [], "row_layer": []}
     base = 0
-    for _, rows in cache.heldout_rows(layers, max_rows):
-        for start in range(0, len(rows), batch):
-            x = torch.from_numpy(rows[start : start + batch]).to(device=device, dtype=torch.float32)  # (b, L, D)
-            out = sae(x if route else x[:, 0], k=k, theta=theta)
-            fired = out.latents.acts > 0  # (b, k)
-            acts = out.latents.acts  # (b, k)
-            row_ids = torch.arange(base, base + len(x), device=device)[:, None].expand_as(fired)
-            if out.layer_choice is not None:  # hard routing: the SAE saw w * x; report the coefficient of x
-                weight = out.layer_weights.gather(1, out.layer_choice[:, None])  # (b, 1)
-                acts = acts / weight
-                parts["layer"].append(out.layer_choice[:, None].expand_as(fired)[fired].cpu().numpy().astype(np.int16))
-                parts["row_layer"].append(out.layer_choice.cpu().numpy().astype(np.int16))
-            parts["latent"].append(out.latents.indices[fired].cpu().numpy().astype(np.int32))
-            parts["act"].append(acts[fired].cpu().numpy().astype(np.float32))
-            parts["row"].append(row_ids[fired].cpu().numpy())
-            base += len(x)
-            if progress is not None:
-                progress.advance(0, len(x))
+    for out in encode_rows(sae, cache, layers, "heldout", max_rows, batch, k, theta):
+        fired = out.latents.acts > 0  # (b, k)
+        acts = out.latents.acts  # (b, k)
+        row_ids = torch.arange(base, base + len(fired), device=device)[:, None].expand_as(fired)
+        if out.layer_choice is not None and out.layer_weights is not None:  # hard routing: the SAE saw w * x
+            weight = out.layer_weights.gather(1, out.layer_choice[:, None])  # (b, 1)
+            acts = acts / weight
+            parts["layer"].append(out.layer_choice[:, None].expand_as(fired)[fired].cpu().numpy().astype(np.int16))
+            parts["row_layer"].append(out.layer_choice.cpu().numpy().astype(np.int16))
+        parts["latent"].append(out.latents.indices[fired].cpu().numpy().astype(np.int32))
+        parts["act"].append(acts[fired].cpu().numpy().astype(np.float32))
+        parts["row"].append(row_ids[fired].cpu().numpy())
+        base += len(fired)
+        if progress is not None:
+            progress.advance(0, len(fired))
     return _group(parts, base, int(sae.cfg.n_latents))
 
 

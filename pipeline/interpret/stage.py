@@ -117,9 +117,7 @@ def build_tables(s: Subject, cfg: InterpretConfig) -> tuple[dict[str, pa.Table],
     latents sampled for the explainer."""
     tokenizer = load_cache_tokenizer(s.cache)
     with progress_bar("interpret", min(cfg.max_tokens or s.cache.rows("heldout"), s.cache.rows("heldout"))) as bar:
-        acts = collect(
-            s.sae, s.layers, s.is_route, s.cache, cfg.max_tokens, cfg.batch_size, cfg.infer_k, cfg.theta, bar
-        )
+        acts = collect(s.sae, s.layers, s.cache, cfg.max_tokens, cfg.batch_size, cfg.infer_k, cfg.theta, bar)
     features = feature_table(acts, s.layers if s.is_route else None)
     index = HeldoutIndex.load(s.cache, acts.n_rows)
     test = scoring_rows(index.sequence, index.doc, cfg.test_share, cfg.seed)

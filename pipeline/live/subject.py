@@ -4,9 +4,11 @@ came from (:class:`Live`), loaded once by the stages that edit it."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from pipeline.cache.normalize import Normalizer
@@ -19,7 +21,28 @@ from pipeline.live.edit import Site
 from pipeline.live.splice import special_ids
 from pipeline.llm.model import find_blocks, fingerprint_model, load_model, load_tokenizer, resolve_model
 from pipeline.sae.folder import load_sae
-from pipeline.sae.interface import SAE
+from pipeline.sae.interface import SAE, SaeOutput
+
+
+def encode_rows(
+    sae: SAE,
+    cache: ActivationCache,
+    layers: list[int],
+    split: str,
+    max_rows: int = 0,
+    batch: int = 4096,
+    k: int | None = None,
+    theta: float | None = None,
+) -> Iterator[SaeOutput]:
+    """The SAE's output on the cache's rows of ``split`` (at most ``max_rows``; 0 = all), ``batch`` rows at a
+    time, each row as the SAE reads it: one layer, a routed SAE's layers, or a transcoder's MLP input and
+    output (its sites, read shard-aligned); ``k`` / ``theta`` override the inference rule."""
+    reads = [cache.split_rows(split, layers, max_rows, site) for site in sae.sites]
+    for parts in zip(*reads):
+        rows = np.concatenate([part for _, part in parts], axis=1)  # (n, S * L, D)
+        for start in range(0, len(rows), batch):
+            x = torch.from_numpy(rows[start : start + batch]).to(device=sae.device, dtype=torch.float32)  # (b, ., D)
+            yield sae(x if sae.multi_layer else x[:, 0], k=k, theta=theta)
 
 
 @dataclass
@@ -39,8 +62,8 @@ class Subject:
 
     @property
     def is_route(self) -> bool:
-        """Whether the SAE reads several layers through a router (RouteSAE)."""
-        return self.sae.multi_layer
+        """Whether the SAE reads several layers of the residual stream through a router (RouteSAE)."""
+        return self.sae.multi_layer and self.sae.sites == ("resid",)
 
     @property
     def soft_routed(self) -> bool:
