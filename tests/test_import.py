@@ -57,7 +57,14 @@ SAELENS_CASES = [  # (id, architecture, config options, legacy flat config, hook
     (  # SAELens saves its BatchTopK trainer as jumprelu, naming the trainer in metadata (save_inference_model)
         "batchtopk-saved-as-jumprelu",
         "jumprelu",
-        {"meta": {"training_architecture": "batchtopk", "training_architecture_details": {"k": 8.0}}},
+        {  # SAETrainer.fit also records the last batch's L0 and dead count
+            "meta": {
+                "training_architecture": "batchtopk",
+                "training_architecture_details": {"k": 8.0},
+                "l0": 7.9,
+                "num_dead_features": 3,
+            }
+        },
         False,
         "blocks.1.hook_resid_pre",
         1,

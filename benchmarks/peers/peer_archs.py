@@ -97,12 +97,8 @@ def saelens_train(x: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
     trainer.fit()
     train_s = time.perf_counter() - start
     sae.save_inference_model(args.out)
-    # SAETrainer.fit records end-of-training stats in the metadata; sae-pipe's import does not know these two
-    # descriptive fields yet and refuses unknown ones, so they move from cfg.json into our RESULT.
-    cfg_path = Path(args.out) / "cfg.json"
-    saved = json.loads(cfg_path.read_text())
-    stats = {key: saved["metadata"].pop(key) for key in ("l0", "num_dead_features") if key in saved["metadata"]}
-    cfg_path.write_text(json.dumps(saved))
+    saved = json.loads((Path(args.out) / "cfg.json").read_text())  # SAETrainer.fit's end-of-training stats
+    stats = {key: saved["metadata"][key] for key in ("l0", "num_dead_features") if key in saved["metadata"]}
     loaded = SAE.load_from_disk(args.out)
     held = torch.from_numpy(np.load(args.heldout))
     with torch.no_grad():

@@ -38,6 +38,8 @@ TRAINING = frozenset(  # how the weights were found (losses, optimizer, schedule
         "hook_point_eval", "n_batches_for_norm_estimate", "sae_lens_training_version", "seed", "verbose",
         # the trainer of an SAE saved in inference form (BatchTopK, Matryoshka BatchTopK as jumprelu) and its settings
         "training_architecture", "training_architecture_details",
+        # what SAETrainer.fit records of the trained SAE at its end (the last batch's L0, its dead count): facts
+        "l0", "num_dead_features",
     }
 )  # fmt: skip
 DATA = frozenset(  # which text fed the model while training (dataset, packing, BOS, special tokens, positions):
