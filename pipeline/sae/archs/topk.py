@@ -50,19 +50,19 @@ class TopKSAE(SAE):
     ) -> Latents:
         """Top-k latents of ``x`` (B, D); with ``theta``, every latent whose activation exceeds it."""
         if theta is not None:
-            return pack(torch.addmm(self.b_enc, x - self.b_dec, self.W_enc.t()).relu(), theta=theta)  # (B, N) in
-        acts, indices = TopKEncode.apply(x, self.W_enc, self.b_enc, self.b_dec, k or self.cfg.k, low_precision)
+            return pack(torch.addmm(self.b_enc, x - self.pre_bias, self.W_enc.t()).relu(), theta=theta)  # (B, N) in
+        acts, indices = TopKEncode.apply(x, self.W_enc, self.b_enc, self.pre_bias, k or self.cfg.k, low_precision)
         return Latents(acts, indices)
 
     def encode_chosen(self, x: Tensor, chosen: Tensor) -> Latents:
         """The latents ``chosen`` (B, k) for ``x`` by a top-k selection shared with other SAEs
         (kernels.select_topk), with their exact activations."""
-        acts, indices = TopKEncode.apply(x, self.W_enc, self.b_enc, self.b_dec, chosen.shape[1], False, chosen)
+        acts, indices = TopKEncode.apply(x, self.W_enc, self.b_enc, self.pre_bias, chosen.shape[1], False, chosen)
         return Latents(acts, indices)
 
     def dense_code(self, x: Tensor) -> Tensor:
         """The top-k code of ``x`` (M, D) as a dense (M, N) tensor, differentiable in x."""
-        pre = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc.t()).relu()  # (M, N)
+        pre = torch.addmm(self.b_enc, x - self.pre_bias, self.W_enc.t()).relu()  # (M, N)
         acts, indices = pre.topk(self.cfg.k, dim=-1)  # (M, k)
         return torch.zeros_like(pre).scatter(-1, indices, acts)
 
@@ -72,9 +72,14 @@ class TopKSAE(SAE):
             return self.W_dec
         return self.W_dec[torch.as_tensor(latents, dtype=torch.long, device=self.W_dec.device)]  # [] too
 
+    @property
+    def pre_bias(self) -> Tensor:
+        """What the encoder subtracts from its input first: b_dec, the data's center (a transcoder: nothing)."""
+        return self.b_dec
+
     def encoder(self) -> Encoder:
         """What a shared top-k selection needs of this SAE."""
-        return Encoder(self.W_enc.detach(), self.b_enc.detach(), self.b_dec.detach(), self.cfg.k)
+        return Encoder(self.W_enc.detach(), self.b_enc.detach(), self.pre_bias.detach(), self.cfg.k)
 
     def decode(self, latents: Latents) -> Tensor:
         """Reconstruction (B, D) from a sparse code."""
