@@ -125,6 +125,9 @@ class FitConfig:
     )
     out: str = setting("", "folder for run folders (default <cache_root>/saes)")
     cache_root: str = setting("cache", "root of activations/ and saes/")
+    wandb: str = setting(
+        "", "Weights & Biases project to log training to (needs `pip install sae-pipe[wandb]`; empty = off)"
+    )
     resume: bool = setting(False, "continue incomplete runs with identical settings")
     overwrite: bool = setting(False, "retrain runs that already finished")
 

@@ -16,6 +16,7 @@ from pipeline.fit.config import FitConfig, with_recipe
 from pipeline.fit.feed import device_batches
 from pipeline.fit.plan import RunPlan, check_shared, expand_sweep, needs_training, plan_run, run_tokens, spread
 from pipeline.fit.state import drop_state
+from pipeline.fit.tracking import Tracker, tracker
 from pipeline.fit.train import (
     Member,
     checkpoint,
@@ -52,13 +53,14 @@ def fit(cfg: FitConfig, ranks: Ranks | None = None) -> list[Folder]:
     with ExitStack() as locks:  # a second process for the same run waits, then finds it trained
         for plan in sorted(plans, key=lambda p: p.folder.name):
             locks.enter_context(exclusive(plan.folder, "fit", enabled=ranks.world == 1))
+        track = locks.enter_context(tracker(cfg.wandb, plans))  # W&B runs, with --wandb
         todo = _todo(plans, ranks)
         if ranks.world > 1 and len(todo) >= ranks.world:  # a sweep under torchrun: whole members per rank
             mine = spread(todo, ranks.world)[ranks.rank]
             say(f"rank {ranks.rank} trains {len(mine)} of the sweep's {len(todo)} members")
-            _train(mine, cache, cfg, ranks.alone())
+            _train(mine, cache, cfg, ranks.alone(), track)
         elif todo:  # one SAE (or fewer members than ranks): DDP, every rank a share of each batch
-            _train(todo, cache, cfg, ranks)
+            _train(todo, cache, cfg, ranks, track)
     ranks.barrier()  # under torchrun no rank returns before every run is written
     return [p.folder for p in plans]
 
@@ -108,7 +110,7 @@ def _total_steps(cfg: FitConfig, stream: ActivationStream, ranks: Ranks) -> tupl
     return epochs, steps
 
 
-def _train(plans: list[RunPlan], cache: ActivationCache, cfg: FitConfig, ranks: Ranks) -> None:
+def _train(plans: list[RunPlan], cache: ActivationCache, cfg: FitConfig, ranks: Ranks, track: Tracker) -> None:
     """Build the stream and the members, then run the shared loop."""
     layers = sorted({layer for p in plans for layer in p.sae.layers})
     if cfg.verify:
@@ -120,16 +122,21 @@ def _train(plans: list[RunPlan], cache: ActivationCache, cfg: FitConfig, ranks: 
     device = ranks.device(cfg.device)
     if device.type == "cpu":
         keep_freed_memory()
+    starts = [{"status": "training", **plan.record, "steps": steps} for plan in plans]
+    for plan, start in zip(plans, starts):
+        if ranks.is_main:  # before any folder is made: W&B may refuse
+            track.start(plan, start)
     members = []
-    for plan in plans:
+    for plan, start in zip(plans, starts):
         plan.folder.makedirs()
         if ranks.is_main and not plan.folder.exists("cfg.json"):
-            write_cfg(plan.folder, {"status": "training", **plan.record, "steps": steps})
+            write_cfg(plan.folder, start)
         members.append(_member(plan, layers, device, ranks))
-    _loop(members, stream, epochs, steps, cfg, ranks)
+    _loop(members, stream, epochs, steps, cfg, ranks, track)
     if ranks.is_main:
         for plan, member in zip(plans, members):
             _finish(plan, member, steps)
+            track.finish(plan.folder)
 
 
 def _member(plan: RunPlan, layers: list[int], device: torch.device, ranks: Ranks) -> Member:
@@ -152,7 +159,13 @@ def _verify(cache: ActivationCache, layers: list[int]) -> None:
 
 
 def _loop(
-    members: list[Member], stream: ActivationStream, epochs: int, steps: int, cfg: FitConfig, ranks: Ranks
+    members: list[Member],
+    stream: ActivationStream,
+    epochs: int,
+    steps: int,
+    cfg: FitConfig,
+    ranks: Ranks,
+    track: Tracker,
 ) -> None:
     """Feed every batch to every member that has not seen it yet; log and checkpoint as configured."""
     start = min(m.step for m in members)
@@ -181,6 +194,7 @@ def _loop(
                             "tokens_per_s": round(rate, 1),
                         }
                     )
+                    track.log(member)
             if cfg.log_every and (step + 1) % cfg.log_every == 0:
                 window = (step + 1, clock.seconds)
             bar.update(0, advance=cfg.batch_size, status=f"nmse {metrics['nmse']:.3f} L0 {metrics['l0']:.0f}")
