@@ -25,9 +25,6 @@ from pipeline.circuit.spliced import Batch, Masking, ablation_values, batches, l
 from pipeline.circuit.stage import circuit
 from pipeline.circuit.tasks import NAMES, VERBS, Pair, encode, generate, read_jsonl, split
 from pipeline.cli import app
-from pipeline.extract.stage import extract
-from pipeline.fit.config import FitConfig
-from pipeline.fit.stage import fit
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
 from pipeline.live.edit import Site
@@ -38,7 +35,6 @@ from pipeline.llm.replay import resume, stem
 from pipeline.sae.archs.topk import TopKSAE
 from pipeline.sae.folder import save_weights
 from pipeline.sae.interface import SaeConfig
-from tests.support.caches import tiny_extract_config
 
 CPU = torch.device("cpu")
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,11 +42,9 @@ PLANTED = 24  # pairs of the planted task
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    root = tmp_path_factory.mktemp("circuit")
-    cache = extract(tiny_extract_config(tiny_llama, root, layers="1,2"))
-    cfg = FitConfig(cache=cache.url, latents=128, k=8, batch_size=256, out=str(root / "saes"), sweep={"layer": [1, 2]})
-    return [folder.url for folder in fit(cfg)]
+def runs(layer_runs: list[str]) -> list[str]:
+    """TopK runs (128 latents, k 8) on layers 1 and 2 of one cache (conftest.py, shared, read only)."""
+    return layer_runs
 
 
 @pytest.fixture(scope="module")

@@ -35,11 +35,9 @@ SPECIAL = frozenset({0})  # the tiny tokenizer's one special token, <|endoftext|
 
 
 @pytest.fixture(scope="module")
-def run(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
-    root = tmp_path_factory.mktemp("steer")
-    cache = extract(tiny_extract_config(tiny_llama, root, layers="1,2"))
-    cfg = FitConfig(cache=cache.url, layer=2, latents=128, k=8, batch_size=256, out=str(root / "saes"), device="cpu")
-    return fit(cfg)[0].url
+def run(layer_runs: list[str]) -> str:
+    """The layer-2 TopK run (128 latents, k 8) of a cache of layers 1 and 2 (conftest.py, shared, read only)."""
+    return layer_runs[1]
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,6 @@ import torch
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.extract.stage import extract
-from pipeline.fit.config import FitConfig
-from pipeline.fit.stage import fit
 from pipeline.infra.errors import UserError
 from pipeline.live import logits as logits_module
 from pipeline.live.edit import Mode
@@ -32,7 +29,6 @@ from pipeline.steer.config import SteerConfig
 from pipeline.steer.dose import Bench, Setting, held_out_cost
 from pipeline.steer.evaluation import evaluate_steering
 from pipeline.steer.judge import judge_messages
-from tests.support.caches import tiny_extract_config
 from tests.support.standin_openai import Script, standin_env
 from tests.support.steer_by_hand import add_by_hand, greedy_by_hand
 
@@ -41,11 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def run(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
-    root = tmp_path_factory.mktemp("steer-eval")
-    cache = extract(tiny_extract_config(tiny_llama, root, layers="2"))
-    cfg = FitConfig(cache=cache.url, latents=128, k=8, batch_size=256, out=str(root / "saes"), device="cpu")
-    return fit(cfg)[0].url
+def run(layer_runs: list[str]) -> str:
+    """The layer-2 TopK run (128 latents, k 8) shared with the steering tests (conftest.py, read only)."""
+    return layer_runs[1]
 
 
 def test_logit_effects_rank_tokens_by_their_readout() -> None:
