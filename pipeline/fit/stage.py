@@ -6,10 +6,12 @@ while it trains); :mod:`pipeline.fit.plan` decides the runs and their folders.
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import ExitStack
 
 import torch
 
+from pipeline.cache.manifest import site_arrays
 from pipeline.cache.reader import ActivationCache
 from pipeline.cache.stream import ActivationStream, StreamSpec
 from pipeline.fit.config import FitConfig, with_recipe
@@ -34,7 +36,9 @@ from pipeline.infra.distributed import Ranks, wrap_ddp
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
 from pipeline.infra.locks import exclusive
+from pipeline.llm.sites import SITES
 from pipeline.sae.folder import save_weights, write_cfg
+from pipeline.sae.interface import REGISTRY
 from pipeline.sae.kernels import use_low_precision
 
 
@@ -113,11 +117,12 @@ def _total_steps(cfg: FitConfig, stream: ActivationStream, ranks: Ranks) -> tupl
 def _train(plans: list[RunPlan], cache: ActivationCache, cfg: FitConfig, ranks: Ranks, track: Tracker) -> None:
     """Build the stream and the members, then run the shared loop."""
     layers = sorted({layer for p in plans for layer in p.sae.layers})
+    wanted = {site for p in plans for site in REGISTRY[p.sae.arch].sites}
+    sites = tuple(site for site in SITES if site in wanted)  # transcoders read mlp_in and mlp_out
     if cfg.verify:
-        _verify(cache, layers)
-    stream = ActivationStream(
-        cache, StreamSpec(layers, cfg.batch_size, cfg.data_seed, cfg.pool_mb, rank=ranks.rank, world=ranks.world)
-    )
+        _verify(cache, layers, sites)
+    spec = StreamSpec(layers, cfg.batch_size, cfg.data_seed, cfg.pool_mb, rank=ranks.rank, world=ranks.world)
+    stream = ActivationStream(cache, dataclasses.replace(spec, sites=sites))
     epochs, steps = _total_steps(cfg, stream, ranks)
     device = ranks.device(cfg.device)
     if device.type == "cpu":
@@ -131,7 +136,7 @@ def _train(plans: list[RunPlan], cache: ActivationCache, cfg: FitConfig, ranks: 
         plan.folder.makedirs()
         if ranks.is_main and not plan.folder.exists("cfg.json"):
             write_cfg(plan.folder, start)
-        members.append(_member(plan, layers, device, ranks))
+        members.append(_member(plan, _blocks(plan, layers, sites), device, ranks))
     _loop(members, stream, epochs, steps, cfg, ranks, track)
     if ranks.is_main:
         for plan, member in zip(plans, members):
@@ -139,11 +144,15 @@ def _train(plans: list[RunPlan], cache: ActivationCache, cfg: FitConfig, ranks: 
             track.finish(plan.folder)
 
 
-def _member(plan: RunPlan, layers: list[int], device: torch.device, ranks: Ranks) -> Member:
+def _blocks(plan: RunPlan, layers: list[int], sites: tuple[str, ...]) -> list[int]:
+    """Where the run's (site, layer) blocks lie on the stream's site-major axis 0."""
+    arch_sites = REGISTRY[plan.sae.arch].sites
+    return [sites.index(site) * len(layers) + layers.index(x) for site in arch_sites for x in plan.sae.layers]
+
+
+def _member(plan: RunPlan, blocks: list[int], device: torch.device, ranks: Ranks) -> Member:
     low_precision = use_low_precision(device, plan.training.precision)
-    member = make_member(
-        plan.folder, plan.sae, plan.training, low_precision, [layers.index(x) for x in plan.sae.layers], device
-    )
+    member = make_member(plan.folder, plan.sae, plan.training, low_precision, blocks, device)
     member.ranks = ranks
     if ranks.world > 1:
         member.net = wrap_ddp(member.model, device)
@@ -152,9 +161,11 @@ def _member(plan: RunPlan, layers: list[int], device: torch.device, ranks: Ranks
     return member
 
 
-def _verify(cache: ActivationCache, layers: list[int]) -> None:
+def _verify(cache: ActivationCache, layers: list[int], sites: tuple[str, ...]) -> None:
     """Refuse a cache whose training data fails its checksums (the same message as `cache verify`)."""
-    wanted = [f"train/act[{cache.layer_index(layer)}]" for layer in layers] + ["train/scale"] * cache.compact
+    arrays = [site_arrays(site) for site in sites]
+    wanted = [f"train/{act}[{cache.layer_index(layer)}]" for act, _ in arrays for layer in layers]
+    wanted += [f"train/{scale}" for _, scale in arrays] * cache.compact
     cache.require_valid(only=wanted)
 
 
