@@ -58,7 +58,7 @@ def saelens_sae(arch: str, d_in: int, n: int, k: int, coeff: float, widths: list
 
     if arch not in NAMES:
         raise SystemExit(f"SAELens arch {arch!r}: use one of {', '.join(NAMES)}")
-    options = {
+    options: dict[str, Any] = {
         "batchtopk": {"k": k},
         "matryoshka": {"k": k, "matryoshka_widths": widths},
         "jumprelu": {"jumprelu_sparsity_loss_mode": "quadratic", "target_l0": k},
