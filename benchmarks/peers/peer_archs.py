@@ -58,13 +58,14 @@ def saelens_sae(arch: str, d_in: int, n: int, k: int, coeff: float, widths: list
 
     if arch not in NAMES:
         raise SystemExit(f"SAELens arch {arch!r}: use one of {', '.join(NAMES)}")
-    options: dict[str, Any] = {
+    choices: dict[str, dict[str, Any]] = {
         "batchtopk": {"k": k},
         "matryoshka": {"k": k, "matryoshka_widths": widths},
         "jumprelu": {"jumprelu_sparsity_loss_mode": "quadratic", "target_l0": k},
         "standard": {"l1_coefficient": coeff},
         "gated": {"l1_coefficient": coeff},
-    }[arch]
+    }
+    options = choices[arch]
     meta = SAEMetadata(model_name=MODEL, hook_name=HOOK, sae_pipe_normalization=NORMALIZATION)
     cfg = getattr(sae_lens, f"{NAMES[arch]}TrainingSAEConfig")(
         d_in=d_in, d_sae=n, dtype="float32", device="cpu", metadata=meta, **options
