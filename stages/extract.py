@@ -6,8 +6,9 @@ from pipeline.cache.reader import ActivationCache
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.stage import extract
 from pipeline.infra.console import guarded
+from pipeline.infra.files import sha256_file
 from pipeline.infra.params import build_config, load_params
-from pipeline.infra.receipts import file_digest, portable, write_receipt
+from pipeline.infra.receipts import portable, write_receipt
 
 PARAMS = "params.yaml"
 
@@ -22,7 +23,7 @@ def main() -> None:
             "cache": portable(cache.folder.url),
             "key": cache.key,
             "rows": cache.manifest["rows"],
-            "manifest_sha256": file_digest(manifest),
+            "manifest_sha256": sha256_file(manifest),
         },
         cfg.cache_root,
     )

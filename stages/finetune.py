@@ -11,9 +11,9 @@ from pathlib import Path
 from pipeline.finetune.config import FinetuneConfig
 from pipeline.finetune.stage import run
 from pipeline.infra.console import guarded, say
-from pipeline.infra.files import Folder
+from pipeline.infra.files import Folder, sha256_file
 from pipeline.infra.params import build_config, load_params
-from pipeline.infra.receipts import file_digest, portable, read_receipt, write_receipt
+from pipeline.infra.receipts import portable, read_receipt, write_receipt
 from pipeline.sae.folder import read_cfg
 from pipeline.sae.interface import REGISTRY
 
@@ -35,7 +35,7 @@ def main() -> None:
                 "name": result.folder.name,
                 "path": portable(result.folder.url),
                 "parent": result.parent,
-                "sae_sha256": file_digest(result.folder.local() / "sae.safetensors"),
+                "sae_sha256": sha256_file(result.folder.local() / "sae.safetensors"),
                 "first_loss": round(result.first_loss, 6),
                 "last_loss": round(result.last_loss, 6),
             }

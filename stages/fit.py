@@ -12,8 +12,9 @@ from pathlib import Path
 from pipeline.fit.config import FitConfig
 from pipeline.fit.stage import fit
 from pipeline.infra.console import guarded
+from pipeline.infra.files import sha256_file
 from pipeline.infra.params import build_config, load_params
-from pipeline.infra.receipts import file_digest, portable, read_receipt, write_receipt
+from pipeline.infra.receipts import portable, read_receipt, write_receipt
 
 PARAMS = "params.yaml"
 
@@ -32,7 +33,7 @@ def main() -> None:
         {
             "cache_key": receipt["key"],
             "runs": [
-                {"name": r.name, "path": portable(r.url), "sae_sha256": file_digest(r.local() / "sae.safetensors")}
+                {"name": r.name, "path": portable(r.url), "sae_sha256": sha256_file(r.local() / "sae.safetensors")}
                 for r in runs
             ],
         },

@@ -25,8 +25,7 @@ from pipeline.circuit.tasks import Pair, load_task, split
 from pipeline.infra.console import Stopwatch, say
 from pipeline.infra.device import resolve_device
 from pipeline.infra.errors import UserError
-from pipeline.infra.files import Folder
-from pipeline.infra.receipts import file_digest
+from pipeline.infra.files import Folder, sha256_file
 from pipeline.live.subject import Subject, go_live, load_subject
 
 PARTS = ("train", "val", "test")
@@ -85,10 +84,10 @@ def out_folder(cfg: CircuitConfig, subjects: list[Subject]) -> Folder:
     if cfg.out:
         return Folder.at(cfg.out)
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("runs", "device", "cache_root", "out")}
-    settings["saes"] = [file_digest(s.folder.local() / "sae.safetensors") for s in subjects]
+    settings["saes"] = [sha256_file(s.folder.local() / "sae.safetensors") for s in subjects]
     task = Path(cfg.task)
     if task.is_file():
-        settings["task_file"] = file_digest(task)
+        settings["task_file"] = sha256_file(task)
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     return Folder.at(cfg.cache_root).child("circuits", f"{task.stem}-{digest}")
 

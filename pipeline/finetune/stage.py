@@ -25,8 +25,7 @@ from pipeline.finetune.sequences import Sequences, Specials, training_sequences
 from pipeline.infra.console import progress_bar, say
 from pipeline.infra.device import resolve_device
 from pipeline.infra.errors import UserError
-from pipeline.infra.files import Folder
-from pipeline.infra.receipts import file_digest
+from pipeline.infra.files import Folder, sha256_file
 from pipeline.live.splice import real_positions, replays_exactly
 from pipeline.live.subject import Live, Subject, go_live, load_subject
 from pipeline.sae.folder import save_weights, write_cfg
@@ -136,7 +135,7 @@ def write_run(
     record["finetune"] = {
         "parent": parent.name,
         "parent_path": parent.url,
-        "parent_sae_sha256": file_digest(parent.local() / "sae.safetensors"),
+        "parent_sae_sha256": sha256_file(parent.local() / "sae.safetensors"),
         **settings(cfg),
         "compute_dtype": cfg.compute_dtype,
     }

@@ -6,9 +6,7 @@ downstream stage depends on exactly those results and not on everything else und
 
 from __future__ import annotations
 
-import hashlib
 import os
-from pathlib import Path
 from typing import Any
 
 from pipeline.infra.errors import UserError
@@ -19,10 +17,6 @@ def portable(path: str) -> str:
     """A path relative to the working directory when it lies below it (receipts stay relocatable)."""
     relative = os.path.relpath(path)
     return path if relative.startswith("..") else relative
-
-
-def file_digest(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def write_receipt(stage: str, data: dict[str, Any], cache_root: str = "cache") -> None:
