@@ -1,10 +1,11 @@
 """Every option of every command, fed hostile values: it ends in exit 0 with a valid result, or in one
 `error:` line (exit 2, or 3 / 4 for an incomplete / corrupt input) with no traceback and no result left.
 
-The options are read from the Typer app itself, so an option is walked the day it is added. Numbers get
-NaN, inf, -inf, a negative, zero and a huge value; text gets an empty string and an unknown name; an option
-whose help names a file, folder, path, root or URL also gets a missing, an empty, a non-UTF-8 and a malformed
-file. The other options stay at cheap valid values (a tiny random Llama, a 1200-row cache, a 128-latent run),
+The options are read from the Typer app itself, so an option is walked the day it is added. Floats get
+NaN, inf, -inf, a negative, zero and a huge value, integers the same less inf and -inf (the parser refuses
+them as it refuses NaN); text gets an empty string and an unknown name; an option whose help names a file,
+folder, path, root or URL also gets a missing, an empty, a non-UTF-8 and a malformed file. The other
+options stay at cheap valid values (a tiny random Llama, a 1200-row cache, a 128-latent run, a 40-line corpus),
 and a case that is still working after a few seconds has taken its value as a real job: it is stopped there,
 like a killed run, and whatever result it left must read back whole.
 """
@@ -33,6 +34,9 @@ from tests.support.foreign import write_saelens
 from tests.support.standin_openai import Script, rule_model, standin_server
 
 NUMBERS = ("nan", "inf", "-inf", "-1", "0", str(10**18))  # 10**18 also reads as a float: 1e18
+# An integer option refuses nan, inf and -inf alike, while parsing, before our code sees them: one class,
+# walked as nan (test_integer_options_refuse_every_non_number_while_parsing checks the other two).
+INTEGERS = ("nan", "-1", "0", str(10**18))
 TEXTS = ("", "no-such-name")
 FILES = ("{case}/missing", "{hostile}/empty", "{hostile}/latin1", "{hostile}/malformed")
 FILE_WORDS = re.compile(r"\b(file|folder|path|url|root|params\.yaml|parquet|jsonl)\b", re.IGNORECASE)
@@ -44,6 +48,7 @@ SECONDS = 15.0  # a case still working after this has accepted its value as a re
 BASE: dict[str, dict[str, str]] = {
     "extract": {"model": "{tiny}", "layers": "1", "ctx_len": "16", "max_tokens": "64", "batch_size": "4"},
     "fit": {"cache": "{cache}", "latents": "64", "k": "4", "batch_size": "64", "max_tokens": "256"},
+    "finetune": {"run": "{run}", "max_tokens": "64", "batch_size": "2"},
     "evaluate": {"runs": "{run}", "max_tokens": "64"},
     "interpret": {"run": "{run}", "explainer": "none", "max_tokens": "128", "features": "2", "top": "3"},
     "steer": {"run": "{run}", "feature": "5=add:2", "prompt": "hi", "max_new_tokens": "2"},
@@ -80,6 +85,7 @@ CONTEXT: dict[tuple[str, str], dict[str, str | None]] = {
     **{("circuit", name): {"method": "ig", "sizes": "1"} for name in ("sizes", "ig_steps")},
     ("circuit", "seeds"): {"seeds": "1"},
     ("evaluate", "all_in"): {"runs": None},
+    ("extract", "max_tokens"): {"dataset": "{docs}"},  # 0 and 10**18 mean the whole corpus: a small one
     ("interpret", "all_in"): {"run": None},
 }
 
@@ -111,8 +117,10 @@ def hostile(param: Any) -> list[str | None]:
     if getattr(param, "is_flag", False):
         return [None]
     annotation = str(param.type_descriptor.annotation)
-    if "int" in annotation or "float" in annotation:
+    if "float" in annotation:
         return list(NUMBERS)
+    if "int" in annotation:
+        return list(INTEGERS)
     texts: list[str | None] = list(TEXTS)
     return texts + list(FILES) if FILE_WORDS.search(param.help or param.name or "") else texts
 
@@ -173,8 +181,11 @@ def places(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     write_saelens(world / "sae", "topk", str(tiny_llama))
     pair = {"clean_prefix": "The pilot", "patch_prefix": "The pilots", "clean_answer": " is", "patch_answer": " are"}
     (world / "task.jsonl").write_text((json.dumps(pair) + "\n") * 12)
+    docs = (json.dumps({"text": f"Document {i} is short, about {i * 7} words."}) + "\n" for i in range(40))
+    (world / "docs.jsonl").write_text("".join(docs))  # the whole corpus in a second (~500 tokens)
     found = {"tiny": str(tiny_llama), "cache": cache.url, "run": run.url, "sae": str(world / "sae")}
-    found |= {"task": str(world / "task.jsonl"), "root": str(world), **hostile_files(world / "hostile")}
+    found |= {"task": str(world / "task.jsonl"), "docs": str(world / "docs.jsonl"), "root": str(world)}
+    found |= hostile_files(world / "hostile")
     with standin_server(Script(rule=answer)) as url:
         yield warmed({**found, "url": url}, tmp_path_factory.mktemp("walk-warm"))
 
@@ -296,10 +307,40 @@ def test_hostile_value(
 
 
 def test_the_walk_covers_every_parameter() -> None:
-    """Every parameter of every command is walked, numbers with all six values, and the flag counts add up."""
+    """Every parameter of every command is walked, floats with all six numbers, integers with their four."""
     walked = {(c.command, c.name) for c in CASES}
     declared = {(name, p.name) for name, cmd in commands() for p in cmd.params}
     assert walked == declared and len(declared) > 150
-    numbers = [c for c in CASES if c.value in ("nan", "-inf")]
-    assert {c.value for c in CASES if (c.command, c.name) == ("circuit", "lr")} == set(NUMBERS)
-    assert len(numbers) == 2 * len({(c.command, c.name) for c in numbers})
+    values: dict[tuple[str, str], set[str | None]] = {}
+    for c in CASES:
+        values.setdefault((c.command, c.name), set()).add(c.value)
+    floats, integers = numeric_options(float), numeric_options(int)
+    assert ("circuit", "lr") in floats and ("fit", "max_tokens") in integers
+    assert len(floats) >= 25 and len(integers) >= 40
+    assert all(values[key] == set(NUMBERS) for key in floats)
+    assert all(values[key] == set(INTEGERS) for key in integers)
+    assert not [key for key, found in values.items() if "nan" in found and key not in floats | integers]
+
+
+def numeric_options(kind: type) -> set[tuple[str, str]]:
+    """(command, parameter) of every option declared as ``kind`` (int or float), alone or as a list."""
+    return {
+        (name, p.name)
+        for name, cmd in commands()
+        for p in cmd.params
+        if str(p.type_descriptor.annotation) in (str(kind), f"list[{kind.__name__}]")
+    }
+
+
+def test_integer_options_refuse_every_non_number_while_parsing() -> None:
+    """nan, inf and -inf given to an integer option stop in the parser, which names the option: no stage code
+    runs, so the walk feeds them nan alone (and sees that one reach the user as one `error:` line)."""
+    places = dict.fromkeys(("tiny", "cache", "run", "sae", "task", "docs", "root", "hostile", "url", "case"), "x")
+    for command, name in sorted(numeric_options(int)):
+        cmd = dict(commands())[command]
+        flag = next(p.opts[0] for p in cmd.params if p.name == name and p.opts[0].startswith("-"))
+        for value in ("nan", "inf", "-inf"):
+            line = argv(command, places, Case(command, name, flag, value))
+            with pytest.raises(typer.BadParameter) as refused:
+                cmd.make_context(command, line[len(command.split()) :])
+            assert refused.value.param is not None and refused.value.param.name == name, (command, name, value)
