@@ -57,6 +57,12 @@ def test_every_arch_encodes_decodes_and_writes_consistently(arch: str) -> None:
     # write directions are what one unit of a latent adds
     torch.testing.assert_close(sae.directions([3, 5]), sae.write(torch.eye(N, dtype=x.dtype)[[3, 5]]))
     assert sae.device == torch.device("cpu")
+    # the encoder's rows and bias: a firing latent's activation is its pre-activation (x - pre-bias) . row + bias
+    rows, bias = sae.encoder_rows()  # (N, D), (N,)
+    assert rows.shape == (N, D) and bias.shape == (N,) and not rows.requires_grad
+    if arch not in ("gated", "route"):  # gated: the magnitude path's bias; route: the router's input
+        pre = (x - sae.pre_bias) @ rows.T + bias  # (16, N)
+        torch.testing.assert_close(dense[dense > 0], pre[dense > 0])
 
 
 @pytest.mark.parametrize("arch", trainable_archs())

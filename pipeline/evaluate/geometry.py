@@ -49,20 +49,11 @@ def max_cosine(rows: Tensor) -> tuple[Tensor, Tensor]:
     return best.double(), which
 
 
-def encoder_rows(sae: SAE) -> tuple[Tensor, Tensor]:
-    """The encoder's rows (N, D) and the bias added to them (N,): the ``W_enc`` every architecture stores
-    and its ``b_enc`` (gated: ``b_mag``, the magnitude path's, as SAEBench reads it)."""
-    params = {name.rsplit(".", 1)[-1]: p.detach() for name, p in sae.named_parameters()}
-    weight = params["W_enc"]  # (N, D)
-    bias = params.get("b_mag", params.get("b_enc", torch.zeros(len(weight), device=weight.device)))  # (N,)
-    return weight, bias
-
-
 @torch.no_grad()
 def latent_geometry(sae: SAE) -> Geometry:
     """Every per-latent statistic of the SAE's weights."""
     decoder = sae.directions().detach()  # (N, D)
-    encoder, bias = encoder_rows(sae)  # (N, D), (N,)
+    encoder, bias = sae.encoder_rows()  # (N, D), (N,)
     max_dec, nearest = max_cosine(decoder)
     max_enc, _ = max_cosine(encoder)
     aligned = torch.nn.functional.cosine_similarity(encoder.double(), decoder.double(), dim=1)  # (N,)

@@ -158,6 +158,10 @@ class SAE(nn.Module, ABC):
         """The inference code of ``x`` (M, D) as a dense (M, N) tensor, differentiable in ``x``."""
 
     @abstractmethod
+    def encoder_rows(self) -> tuple[Tensor, Tensor]:
+        """The encoder's rows (N, D) and the bias (N,) added to them, detached: what each latent reads."""
+
+    @abstractmethod
     def directions(self, latents: Sequence[int] | Tensor | None = None) -> Tensor:
         """Write directions (F, D) of ``latents`` (all N when None): what one unit of each adds to x_hat."""
 

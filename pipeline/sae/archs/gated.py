@@ -36,6 +36,11 @@ class GatedSAE(ReluSAE):
         self.r_mag = nn.Parameter(torch.zeros(cfg.n_latents, device=device))
         self.b_mag = nn.Parameter(torch.zeros(cfg.n_latents, device=device))
 
+    def encoder_rows(self) -> tuple[Tensor, Tensor]:
+        """W_enc (both paths read along its rows) and the magnitude path's bias b_mag, as SAEBench reads a gated
+        SAE's encoder."""
+        return self.W_enc.detach(), self.b_mag.detach()
+
     def activate(self, pre: Tensor) -> Tensor:
         magnitude = (self.r_mag.exp() * (pre - self.b_enc) + self.b_mag).relu()  # (B, N) pi_mag, ReLU'd
         return (pre > 0) * magnitude

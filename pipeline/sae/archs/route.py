@@ -65,6 +65,9 @@ class RouteSAE(SAE):
         """The dense code of an already routed input (M, D)."""
         return self.sae.dense_code(x)
 
+    def encoder_rows(self) -> tuple[Tensor, Tensor]:
+        return self.sae.encoder_rows()
+
     def directions(self, latents: Sequence[int] | Tensor | None = None) -> Tensor:
         return self.sae.directions(latents)
 

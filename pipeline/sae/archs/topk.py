@@ -66,6 +66,9 @@ class TopKSAE(SAE):
         acts, indices = pre.topk(self.cfg.k, dim=-1)  # (M, k)
         return torch.zeros_like(pre).scatter(-1, indices, acts)
 
+    def encoder_rows(self) -> tuple[Tensor, Tensor]:
+        return self.W_enc.detach(), self.b_enc.detach()
+
     def directions(self, latents: Sequence[int] | Tensor | None = None) -> Tensor:
         """Decoder rows (F, D): each latent's unit write direction."""
         if latents is None:
