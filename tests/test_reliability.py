@@ -26,6 +26,7 @@ from pipeline.infra.errors import UserError
 from tests.support.caches import synthetic_cache, tiny_extract_args, tiny_extract_config, tree_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
+BACKENDS = ("zarr", "memmap")
 
 
 def run(*args: str, kill: tuple[str, int] | None = None, check: bool = True) -> subprocess.CompletedProcess:
@@ -45,11 +46,18 @@ def last_line(proc: subprocess.CompletedProcess) -> Path:
     return Path(proc.stdout.strip().splitlines()[-1])
 
 
+def tiny_args(tiny_llama: Path, root: Path, backend: str, corpus: Path) -> list[str]:
+    """The tiny extraction's arguments, on a local corpus: a fresh process then skips gathering the built-in one."""
+    return tiny_extract_args(tiny_llama, root, backend, dataset=corpus)
+
+
 @pytest.fixture(scope="module")
-def reference(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Uninterrupted caches to compare against, one per backend."""
+def reference(tiny_llama: Path, jsonl_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Uninterrupted caches to compare against, one per backend (in this process: the same bytes as the CLI's,
+    which the kill and concurrency tests below compare with)."""
     root = tmp_path_factory.mktemp("ref")
-    return {b: last_line(run(*tiny_extract_args(tiny_llama, root / b, b))) for b in ("zarr", "memmap")}
+    corpus = str(jsonl_corpus)
+    return {b: extract(tiny_extract_config(tiny_llama, root / b, backend=b, dataset=corpus)).local() for b in BACKENDS}
 
 
 @pytest.mark.parametrize(
@@ -57,14 +65,14 @@ def reference(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     [("forward", 7, "zarr"), ("shard-write", 3, "memmap"), ("shard-write", 2, "zarr"), ("manifest", 2, "zarr")],
 )
 def test_kill_during_extract_then_rerun_is_byte_identical(
-    tiny_llama: Path, tmp_path: Path, reference: dict, point: str, count: int, backend: str
+    tiny_llama: Path, jsonl_corpus: Path, tmp_path: Path, reference: dict, point: str, count: int, backend: str
 ) -> None:
-    killed = run(*tiny_extract_args(tiny_llama, tmp_path, backend), kill=(point, count))
+    killed = run(*tiny_args(tiny_llama, tmp_path, backend, jsonl_corpus), kill=(point, count))
     assert killed.returncode == -9, killed.stderr
     partial = next(p for p in (tmp_path / "activations").iterdir() if not p.name.startswith("."))
     with pytest.raises(UserError, match="incomplete"):
         ActivationCache.open(partial)  # no reader ever sees a partial cache
-    resumed = last_line(run(*tiny_extract_args(tiny_llama, tmp_path, backend)))
+    resumed = last_line(run(*tiny_args(tiny_llama, tmp_path, backend, jsonl_corpus)))
     assert tree_bytes(resumed) == tree_bytes(reference[backend])
     assert not [p for p in (resumed / "shards").iterdir() if p.name.startswith(".")]  # no temporary leftovers
 
@@ -113,8 +121,10 @@ def _params(root: Path, every: int) -> Path:
     return path
 
 
-def test_corruption_is_named_by_verify_and_fit_and_repaired(tiny_llama: Path, tmp_path: Path) -> None:
-    folder = last_line(run(*tiny_extract_args(tiny_llama, tmp_path, "memmap")))
+def test_corruption_is_named_by_verify_and_fit_and_repaired(
+    tiny_llama: Path, jsonl_corpus: Path, tmp_path: Path
+) -> None:
+    folder = last_line(run(*tiny_args(tiny_llama, tmp_path, "memmap", jsonl_corpus)))
     flipped = folder / "shards" / "000001" / "train" / "act.npy"
     data = bytearray(flipped.read_bytes())
     data[300] ^= 0x01
@@ -133,7 +143,7 @@ def test_corruption_is_named_by_verify_and_fit_and_repaired(tiny_llama: Path, tm
     )
     assert flipped.exists() and truncated.exists()  # nothing deleted
     assert run("cache", "repair", str(folder)).stdout.startswith("dropped shard(s) 1, 2")
-    run(*tiny_extract_args(tiny_llama, tmp_path, "memmap"))
+    run(*tiny_args(tiny_llama, tmp_path, "memmap", jsonl_corpus))
     assert run("cache", "verify", str(folder)).stdout.startswith("ok")
 
 
@@ -156,8 +166,10 @@ def test_two_fits_read_one_cache_at_once(tmp_path: Path) -> None:
         assert json.loads((Path(out.split()[-1]) / "cfg.json").read_text())["status"] == "complete"
 
 
-def test_two_extracts_of_one_key_never_corrupt_it(tiny_llama: Path, tmp_path: Path, reference: dict) -> None:
-    args = [sys.executable, "-m", "pipeline.cli", *tiny_extract_args(tiny_llama, tmp_path, "zarr")]
+def test_two_extracts_of_one_key_never_corrupt_it(
+    tiny_llama: Path, jsonl_corpus: Path, tmp_path: Path, reference: dict
+) -> None:
+    args = [sys.executable, "-m", "pipeline.cli", *tiny_args(tiny_llama, tmp_path, "zarr", jsonl_corpus)]
     procs = [
         subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
     ]
@@ -175,7 +187,7 @@ def test_not_enough_disk_is_refused_up_front(tiny_llama: Path, tmp_path: Path, m
 
 
 def test_disk_full_mid_write_leaves_a_resumable_cache(
-    tiny_llama: Path, tmp_path: Path, reference: dict, monkeypatch: pytest.MonkeyPatch
+    tiny_llama: Path, jsonl_corpus: Path, tmp_path: Path, reference: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real = store.MemmapBackend.write
     calls = {"n": 0}
@@ -187,7 +199,7 @@ def test_disk_full_mid_write_leaves_a_resumable_cache(
         real(self, folder, arrays)
 
     monkeypatch.setattr(store.MemmapBackend, "write", full_disk)
-    cfg = tiny_extract_config(tiny_llama, tmp_path, backend="memmap")
+    cfg = tiny_extract_config(tiny_llama, tmp_path, backend="memmap", dataset=str(jsonl_corpus))
     with pytest.raises(UserError, match="is full .* re-run the same command to resume"):
         extract(cfg)
     monkeypatch.setattr(store.MemmapBackend, "write", real)

@@ -137,9 +137,11 @@ def tiny_extract_config(model_dir: Path, root: Path, **changes: object) -> Extra
     return ExtractConfig(**{**TINY_EXTRACT, "model": str(model_dir), "cache_root": str(root), **changes})
 
 
-def tiny_extract_args(model_dir: Path, root: Path, backend: str = "zarr") -> list[str]:
-    """The same extraction as `sae-pipe extract` arguments."""
+def tiny_extract_args(model_dir: Path, root: Path, backend: str = "zarr", dataset: Path | None = None) -> list[str]:
+    """The same extraction as `sae-pipe extract` arguments (a local ``dataset`` spares a fresh process the
+    seconds it takes to gather the built-in corpus)."""
     argv = ["extract", "--model", str(model_dir), "--cache-root", str(root), "--backend", backend]
+    argv += ["--dataset", str(dataset)] if dataset else []
     for key, value in TINY_EXTRACT.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
     return argv

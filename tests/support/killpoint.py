@@ -46,7 +46,7 @@ def arm(point: str, count: int) -> None:
     from pipeline.fit import stage as fit
 
     if point == "forward":
-        _on_call(capture, "run_to_layers", count)
+        _on_call(capture, "run_to_sites", count)
     elif point == "shard-write":
 
         def half(original: Callable[..., None], self: Any, folder: Any, arrays: dict) -> None:
