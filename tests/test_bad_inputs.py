@@ -205,9 +205,9 @@ CASES = [
         "export: sparsify of a non-TopK SAE",
         "export {imported} --format sparsify --out {tmp}/z",
         2,
-        "sparsify has TopK SAEs only",
+        "sparsify holds TopK SAEs only",
     ),
-    ("fit: inference-only architecture", "fit --cache {cache} --arch jumprelu", 2, "is inference-only here"),
+    ("fit: inference-only architecture", "fit --cache {cache} --arch relu", 2, "is inference-only here"),
     ("import: not a checkpoint", "import {empty} --model {tiny}", 2, "holds no SAE checkpoint"),
     (
         "import: neither folder nor repo id",
