@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 from pipeline.cache.normalize import Normalizer
 from pipeline.cache.reader import ActivationCache
 from pipeline.cli import app
-from pipeline.llm.model import find_blocks, load_model, load_tokenizer, resolve_model
+from pipeline.extract import stage as extract_stage
+from pipeline.llm.model import ModelSource, find_blocks, load_model, load_tokenizer, resolve_model
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
@@ -32,8 +33,30 @@ def smollm2() -> tuple[torch.nn.Module, object]:
     return load_model(source, torch.device("cpu"), torch.float32), load_tokenizer(source)
 
 
+@pytest.fixture()
+def loads(smollm2: tuple, monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
+    """The loads `extract` asks for, answered with the module's one SmolLM2 (parsing the GGUF file takes longer
+    than the extraction): each must be the same file, on the CPU, in float32 (auto's choice there)."""
+    asked: list[tuple] = []
+    expected = resolve_model("smollm2-135m")
+
+    def model(source: ModelSource, device: torch.device, dtype: torch.dtype, trust: bool = False) -> torch.nn.Module:
+        asked.append(("model", source, device, dtype))
+        assert (source, device, dtype) == (expected, torch.device("cpu"), torch.float32)
+        return smollm2[0]
+
+    def tokenizer(source: ModelSource, trust: bool = False) -> object:
+        asked.append(("tokenizer", source))
+        assert source == expected
+        return smollm2[1]
+
+    monkeypatch.setattr(extract_stage, "load_model", model)
+    monkeypatch.setattr(extract_stage, "load_tokenizer", tokenizer)
+    return asked
+
+
 @pytest.mark.parametrize("backend", ["zarr", "memmap"])
-def test_extract_smollm2_builtin(backend: str, tmp_path: Path, smollm2: tuple) -> None:
+def test_extract_smollm2_builtin(backend: str, tmp_path: Path, smollm2: tuple, loads: list[tuple]) -> None:
     args = [
         "extract",
         "--model",
@@ -54,6 +77,7 @@ def test_extract_smollm2_builtin(backend: str, tmp_path: Path, smollm2: tuple) -
         "cpu",
     ]
     folder = cli(*args)
+    assert [load[0] for load in loads] == ["tokenizer", "model"]
     info = json.loads(cli("cache", "info", folder, "--json"))
     assert info["rows"]["total"] == 3000 and info["spec"]["layers"] == [3, 12]
     for stats in info["sample_stats"].values():
@@ -61,7 +85,7 @@ def test_extract_smollm2_builtin(backend: str, tmp_path: Path, smollm2: tuple) -
     assert info["disk"]["overhead_share"] < 0.02
     start = time.perf_counter()
     assert cli(*args) == folder  # a cache hit: no model load
-    assert time.perf_counter() - start < 10
+    assert time.perf_counter() - start < 10 and len(loads) == 2
     assert cli("cache", "verify", folder).startswith("ok")
     _compare_with_hidden_states(ActivationCache.open(folder), *smollm2)
 
