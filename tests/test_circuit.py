@@ -352,8 +352,8 @@ def test_stage_metrics_name_the_output_folder_relative_to_the_cache_root(
 
 
 @pytest.mark.slow  # loads SmolLM2's tokenizer (the GGUF file) to check the names of ioi
-def test_smollm2_takes_every_built_in_task() -> None:
-    tokenizer = load_tokenizer(resolve_model("smollm2-135m"))
+def test_smollm2_takes_every_built_in_task(smollm2: tuple) -> None:
+    tokenizer = smollm2[1]
     whole = {"sva": {v for pair in VERBS for v in pair}, "ioi": {f" {name}" for name in NAMES}}
     whole["code"] = {*"0123456789", tokenizer.decode(tokenizer("Traceback", add_special_tokens=False).input_ids[:1])}
     for task, answers in whole.items():

@@ -1,8 +1,12 @@
 """`dvc repro` end to end in a git copy of the repo (real SmolLM2, a few thousand tokens), then
-`dvc exp run -S fit.k=... -S fit.sweep=...` re-runs fit, evaluate and interpret but not extract."""
+`dvc exp run -S fit.k=... -S fit.sweep=...` re-runs fit, evaluate and interpret but not extract.
+
+SmolLM2 is handed to the stages as a model folder (its GGUF file de-quantized once, here): each stage is its
+own process, and parsing the GGUF file costs each one more than its work. test_real_model covers the GGUF path."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -11,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 pytestmark = pytest.mark.slow
@@ -47,7 +52,24 @@ def git(repo: Path, *args: str) -> None:
     )
 
 
-def test_repro_then_reuse_extract(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def smollm2_folder(smollm2: tuple, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M's weights (float32, as the stages load the GGUF file on a CPU) and tokenizer, saved as a folder
+    (through a plain copy of the model: transformers refuses to save one loaded from GGUF)."""
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = smollm2
+    config = copy.deepcopy(model.config)
+    config.__dict__.pop("quantization_config", None)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    folder = tmp_path_factory.mktemp("models") / "smollm2"
+    plain.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_repro_then_reuse_extract(tmp_path: Path, smollm2_folder: Path) -> None:
     repo = tmp_path / "repo"
     repo.mkdir()
     for name in ("pipeline", "stages"):
@@ -57,6 +79,7 @@ def test_repro_then_reuse_extract(tmp_path: Path) -> None:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for section, values in SMALL.items():
         params[section].update(values)
+    params["model"]["name"] = str(smollm2_folder)
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     git(repo, "init", "-q")
     ok(dvc(repo, "init", "-q"))

@@ -15,7 +15,7 @@ from pipeline.cache.normalize import Normalizer
 from pipeline.cache.reader import ActivationCache
 from pipeline.cli import app
 from pipeline.extract import stage as extract_stage
-from pipeline.llm.model import ModelSource, find_blocks, load_model, load_tokenizer, resolve_model
+from pipeline.llm.model import ModelSource, find_blocks, resolve_model
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
@@ -27,15 +27,9 @@ def cli(*args: str) -> str:
     return result.stdout.strip().splitlines()[-1]
 
 
-@pytest.fixture(scope="module")
-def smollm2() -> tuple[torch.nn.Module, object]:
-    source = resolve_model("smollm2-135m")
-    return load_model(source, torch.device("cpu"), torch.float32), load_tokenizer(source)
-
-
 @pytest.fixture()
 def loads(smollm2: tuple, monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
-    """The loads `extract` asks for, answered with the module's one SmolLM2 (parsing the GGUF file takes longer
+    """The loads `extract` asks for, answered with the session's one SmolLM2 (parsing the GGUF file takes longer
     than the extraction): each must be the same file, on the CPU, in float32 (auto's choice there)."""
     asked: list[tuple] = []
     expected = resolve_model("smollm2-135m")
