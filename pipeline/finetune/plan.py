@@ -33,6 +33,11 @@ def batches(real: np.ndarray, cfg: FinetuneConfig) -> list[np.ndarray]:
             f"--max-tokens {cfg.max_tokens:,} is {passes} passes over the {total:,} training tokens of the run's "
             f"cache; at most {MAX_PASSES} are allowed."
         )
+    if cfg.batch_size > len(real):
+        raise UserError(
+            f"--batch-size {cfg.batch_size:,} is more than the {len(real):,} training sequences of the run's cache; "
+            "lower it."
+        )
     rng = np.random.default_rng(cfg.seed)
     order = np.concatenate([rng.permutation(len(real)) for _ in range(passes + 1)])
     steps = order[: len(order) // cfg.batch_size * cfg.batch_size].reshape(-1, cfg.batch_size)  # (n, B)

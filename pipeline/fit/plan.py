@@ -68,6 +68,8 @@ def parse_sweep(items: list[str]) -> dict[str, list[str]]:
 
 def plan_run(cfg: FitConfig, cache: ActivationCache) -> RunPlan:
     """Resolve layers and sizes, check them against the cache, and name the run folder."""
+    if cfg.arch not in REGISTRY:
+        raise UserError(f"unknown --arch {cfg.arch!r}; fit trains {', '.join(trainable_archs())}.")
     if cfg.arch in inference_only_archs():
         raise UserError(
             f"--arch {cfg.arch} is inference-only here (SAEs brought in with `sae-pipe import`); "
