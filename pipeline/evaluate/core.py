@@ -67,6 +67,11 @@ def row_sums(x: Tensor, x_hat: Tensor) -> dict[str, Tensor]:
     }
 
 
+def ratio(a: float, b: float) -> float:
+    """a / b, NaN where b is 0 (written as -1 in SAEBench's files, as sae-bench writes NaN)."""
+    return a / b if b else float("nan")
+
+
 @dataclass
 class CoreTap:
     """Running sums of the core metrics over the held-out rows one SAE reconstructs."""
@@ -101,15 +106,15 @@ class CoreTap:
         n, s = self.rows, {k: float(v) for k, v in self.sums.items()}
         about_mean = s["x2"] - float(torch.as_tensor(self.x_sum).square().sum()) / n
         return {
-            "explained_variance": 1 - s["err"] / about_mean,
-            "explained_variance_about_zero": 1 - s["err"] / s["x2"],
+            "explained_variance": 1 - ratio(s["err"], about_mean),
+            "explained_variance_about_zero": 1 - ratio(s["err"], s["x2"]),
             "explained_variance_legacy": s["legacy"] / n,
             "mse": s["err"] / (n * len(torch.as_tensor(self.x_sum))),
             "cossim": s["cos"] / n,
             "l2_norm_in": s["norm_in"] / n,
             "l2_norm_out": s["norm_out"] / n,
             "l2_ratio": s["ratio"] / n,
-            "relative_reconstruction_bias": s["x_hat2"] / s["dot"],
+            "relative_reconstruction_bias": ratio(s["x_hat2"], s["dot"]),  # NaN for an all-zero reconstruction
             "l0": s["l0"] / n,
             "l1": s["l1"] / n,
         }
