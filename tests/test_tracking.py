@@ -70,6 +70,9 @@ def offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     root.mkdir()
     for name, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(root), "WANDB_SILENT": "true"}.items():
         monkeypatch.setenv(name, value)
+    import wandb
+
+    wandb.teardown()  # W&B reads these once per process: an earlier test's --wandb (the option walk) set it up online
     return root
 
 
