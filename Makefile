@@ -45,10 +45,13 @@ bench: setup $(BENCH_VENV)/.installed
 
 # SAELens / sparsify interop against the real packages, both directions, on real SmolLM2 activations.
 # Then every SAEBench-format file `evaluate --suite` wrote, validated with sae-bench's own output classes.
-SAEBENCH_ROOTS ?= cache/evaluate
+# check_peers' caches and SAEs, kept so that evaluate can write SAEBench files for sae-bench's classes to check
+PEERS_WORK ?= .check-peers
 check-peers: setup $(BENCH_VENV)/.installed
-	$(BIN)/python -m benchmarks.check_peers --peer-python $(BENCH_VENV)/bin/python
-	$(BENCH_VENV)/bin/python benchmarks/check_saebench.py $(SAEBENCH_ROOTS)
+	rm -rf $(PEERS_WORK)
+	$(BIN)/python -m benchmarks.check_peers --peer-python $(BENCH_VENV)/bin/python --work $(PEERS_WORK)
+	$(BIN)/sae-pipe evaluate --all $(PEERS_WORK)/saes --metrics nmse --suite core,geometry --cache-root $(PEERS_WORK) --device cpu
+	$(BENCH_VENV)/bin/python benchmarks/check_saebench.py $(PEERS_WORK)/evaluate
 
 $(BENCH_VENV)/.installed: benchmarks/peers/requirements.txt
 	$(PYTHON) -m venv $(BENCH_VENV)
