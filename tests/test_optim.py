@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.fit import stage as fit_module
-from pipeline.fit.optim import make_optimizer, param_groups
+from pipeline.fit.optim import make_optimizer
 from pipeline.fit.stage import fit
 from pipeline.sae.archs.topk import TopKSAE
 from pipeline.sae.interface import SaeConfig
@@ -25,7 +25,7 @@ def test_muon_steps_matrices_along_the_orthogonalized_gradient_and_biases_by_ada
     Newton-Schulz iterations leave S' within [0.68, 1.14] of 1 (Keller Jordan's coefficients) and the
     singular vectors those of G to bf16 precision. A bias takes Adam's first step, lr x sign(g)."""
     sae = TopKSAE(SaeConfig("topk", 4, 6, 2, [0]), torch.Generator().manual_seed(0))
-    opt = make_optimizer("muon", param_groups(sae, LR, 0.0), (0.9, 0.999), torch.device("cpu"))
+    opt = make_optimizer("muon", [{"params": list(sae.parameters()), "lr": LR}], (0.9, 0.999), torch.device("cpu"))
     before = {name: p.detach().clone() for name, p in sae.named_parameters()}
     grads = {
         name: torch.randn(p.shape, generator=torch.Generator().manual_seed(i))

@@ -79,6 +79,8 @@ def test_every_trainable_arch_takes_a_training_step(arch: str, tmp_path: Path) -
     assert 0 < metrics["nmse"] < 10
     moved = [k for k, v in member.model.state_dict().items() if not torch.equal(v, before[k])]
     assert any("W_enc" in k for k in moved) and any("W_dec" in k for k in moved)
+    grouped = [id(p) for group in member.optimizer.param_groups for p in group["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in member.model.parameters())  # each parameter trained, once
 
 
 # --- inside the running model: the splice, a steering edit and a circuit mask, through pipeline/live only ---

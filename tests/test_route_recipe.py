@@ -25,9 +25,17 @@ def member(tmp_path: Path, cfg: FitConfig) -> object:
     return make_member(Folder.at(tmp_path / "run"), ROUTE, settings, False, [0, 1, 2], CPU)
 
 
-def test_the_router_steps_at_its_own_rate(tmp_path: Path) -> None:
-    """Adam's first step is lr x g / (|g| + eps) for every parameter, with its own group's lr."""
-    m = member(tmp_path, FitConfig(arch="route", lr=1e-2, router_lr=1e-4, schedule="constant"))
+def first_step(g: torch.Tensor, lr: float, optimizer: str) -> torch.Tensor:
+    """A parameter's change in its first step from rest, written out: Adam's m / (sqrt(v) + eps) is
+    g / (|g| + eps) (bias-corrected, m = (1 - b1) g, v = (1 - b2) g^2); Signum's is sign((1 - beta) g)."""
+    return -lr * (g.sign() if optimizer == "signum" else g / (g.abs() + 1e-8))
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "signum", "muon"])
+def test_the_router_steps_at_its_own_rate(tmp_path: Path, optimizer: str) -> None:
+    """The router steps at router_lr, the SAE at lr, under every optimizer (Muon: the router is Adam's)."""
+    cfg = FitConfig(arch="route", lr=1e-2, router_lr=1e-4, schedule="constant", optimizer=optimizer)
+    m = member(tmp_path, cfg)
     with torch.no_grad():  # with both biases at zero the NMSE ignores the routed input's scale: no router gradient
         m.model.sae.b_dec.copy_(torch.randn(8, generator=torch.Generator().manual_seed(2)))
     before = copy.deepcopy(m.model.state_dict())
@@ -35,16 +43,15 @@ def test_the_router_steps_at_its_own_rate(tmp_path: Path) -> None:
     step = m.optimizer.step
 
     def record_then_step() -> None:
-        grads.update(router=m.model.router.weight.grad.clone(), W_enc=m.model.sae.W_enc.grad.clone())
+        grads.update(router=m.model.router.weight.grad.clone(), b_enc=m.model.sae.b_enc.grad.clone())
         step()
 
     m.optimizer.step = record_then_step
     train_step(m, torch.randn(64, 3, 8, generator=torch.Generator().manual_seed(0)), total_steps=10)
-    for name, key, lr in (("router", "router.weight", 1e-4), ("W_enc", "sae.W_enc", 1e-2)):
-        g = grads[name]
-        expected = before[key] - lr * g / (g.abs() + 1e-8)
-        now = m.model.router.weight if name == "router" else m.model.sae.W_enc
-        torch.testing.assert_close(now.detach(), expected, rtol=0, atol=1e-7)
+    # a vector (b_enc) stays off Muon, so the SAE's rate shows under every optimizer
+    for name, key, lr in (("router", "router.weight", 1e-4), ("b_enc", "sae.b_enc", 1e-2)):
+        now = m.model.state_dict()[key]
+        torch.testing.assert_close(now, before[key] + first_step(grads[name], lr, optimizer), rtol=0, atol=1e-7)
     assert grads["router"].abs().max() > 1e-6  # the router did get a gradient to step on
 
 

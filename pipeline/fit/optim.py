@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 
 class Signum(torch.optim.Optimizer):
@@ -71,25 +71,12 @@ def auto_lr(optimizer: str, n_latents: int, tokens: int, batch_size: int = REFER
     return 5e-3 * (16384 / n_latents) ** 0.5
 
 
-ROUTER_LR = 5e-4  # RouteSAE's router: the reference's rate (issue 29: ten times more collapses the routing)
-
-
-def param_groups(model: nn.Module, lr: float, router_lr: float) -> list[dict[str, Any]]:
-    """The SAE's parameters at ``lr`` and a RouteSAE's router at ``router_lr``, each group with its peak
-    rate as ``base_lr`` so the schedule scales both."""
-    router = [p for name, p in model.named_parameters() if name.startswith("router.")]
-    rest = [p for name, p in model.named_parameters() if not name.startswith("router.")]
-    groups = [{"params": rest, "lr": lr, "base_lr": lr}]
-    if router:
-        groups.append({"params": router, "lr": router_lr, "base_lr": router_lr})
-    return groups
-
-
 def make_optimizer(
     name: str, groups: list[dict[str, Any]], betas: tuple[float, float], device: torch.device
 ) -> torch.optim.Optimizer:
     """Adam (fused kernel on CPU and CUDA), Signum, or Muon with Adam (MuonAdam) over parameter ``groups``
-    (see param_groups)."""
+    (the architecture's, SAE.param_groups), each given its peak rate as ``base_lr``, which the schedule scales."""
+    groups = [{**group, "base_lr": group["lr"]} for group in groups]
     if name == "signum":  # names are checked once, by fit.config.Training
         return Signum(groups, lr=groups[0]["lr"], momentum=betas[0])
     fused = device.type in ("cpu", "cuda")

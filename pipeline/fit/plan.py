@@ -11,20 +11,18 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import re
 import typing
 from dataclasses import dataclass
 from typing import Any
 
 from pipeline.cache.reader import ActivationCache
 from pipeline.fit.config import SWEEPABLE, FitConfig, Training
-from pipeline.fit.optim import ROUTER_LR, auto_lr
+from pipeline.fit.optim import auto_lr
 from pipeline.infra.console import say
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
 from pipeline.infra.params import coerce
 from pipeline.llm.layers import layer_span, parse_layers, route_range
-from pipeline.sae.archs.matryoshka import check_prefixes, default_prefixes
 from pipeline.sae.folder import read_cfg
 from pipeline.sae.interface import REGISTRY, SaeConfig, inference_only_archs, trainable_archs
 
@@ -78,17 +76,20 @@ def plan_run(cfg: FitConfig, cache: ActivationCache) -> RunPlan:
     layers = _layers(cfg, cache)
     d_in = cache.d_model
     n_latents = cfg.latents or cfg.expansion * d_in
-    prefixes = nested_sizes(cfg.prefixes, n_latents) if cfg.arch == "matryoshka" else []
+    sae_class = REGISTRY[cfg.arch]
+    prefixes = sae_class.plan_prefixes(cfg.prefixes, n_latents)
     if cfg.skip and cfg.arch != "transcoder":
         raise UserError(f"--skip adds a skip path to a transcoder; --arch {cfg.arch} has none (use --arch transcoder).")
     sae = SaeConfig(cfg.arch, d_in, n_latents, cfg.k, layers, cfg.routing, cfg.aggregate, prefixes, cfg.skip)
     if min(cfg.log_every, cfg.checkpoint_every) < 0:
         raise UserError("log_every and checkpoint_every must be >= 0.")
     spec = cache.manifest["spec"]
+    router = sae_class.default_router_lr  # 0 for an architecture without a router: --router-lr is ignored
+    router_lr = (cfg.router_lr or router) if router else 0.0
     training = Training.of(
         cfg,
         lr=cfg.lr or auto_lr(cfg.optimizer, n_latents, run_tokens(cfg, cache.rows("train")), cfg.batch_size),
-        router_lr=(cfg.router_lr or ROUTER_LR) if cfg.arch == "route" else 0.0,
+        router_lr=router_lr,
         k_aux=cfg.k_aux or d_in // 2,
         dead_tokens=cfg.dead_tokens or auto_dead_tokens(n_latents, cfg.k),
     )
@@ -111,18 +112,6 @@ def plan_run(cfg: FitConfig, cache: ActivationCache) -> RunPlan:
     arch = f"{cfg.arch}-skip" if cfg.skip else cfg.arch
     name = f"{cache.key.split('-L')[0]}-{arch}-{layer_span(layers)}-n{n_latents}-k{cfg.k}-{digest}"
     return RunPlan(cfg, sae, training, Folder.at(out_root(cfg)).child(name), record)
-
-
-def nested_sizes(text: str, n_latents: int) -> list[int]:
-    """Matryoshka's prefixes from --prefixes ("256,1024,4096"; "/" or spaces also separate them, so a sweep
-    can list several), by default n/16, n/8, n/4, n/2, n; checked: increasing, the last = n_latents."""
-    if not text.strip():
-        return default_prefixes(n_latents)
-    try:
-        sizes = [int(part) for part in re.split(r"[,/\s]+", text.strip())]
-    except ValueError:
-        raise UserError(f"--prefixes {text!r} must be whole numbers, e.g. 256,1024,4096.") from None
-    return check_prefixes(sizes, n_latents)
 
 
 # Settings added after runs were first named, at their default: left out of cfg.json's training block, so
@@ -175,7 +164,7 @@ def _site_normalization(arch: str, cache: ActivationCache) -> dict[str, Any]:
 
 def _layers(cfg: FitConfig, cache: ActivationCache) -> list[int]:
     held = cache.layers
-    if cfg.arch == "route":
+    if REGISTRY[cfg.arch].multi_layer:
         if len(held) < 2:
             raise UserError(
                 f"RouteSAE needs a multi-layer cache; {cache.key} holds only layer {held}. "
@@ -231,7 +220,7 @@ def spread(plans: list[RunPlan], world: int) -> list[list[RunPlan]]:
 
 
 def _cost(plan: RunPlan) -> int:
-    return plan.sae.n_latents * plan.sae.d_in * (len(plan.sae.layers) if plan.sae.arch == "route" else 1)
+    return plan.sae.n_latents * plan.sae.d_in * len(plan.sae.layers)  # one layer but for multi-layer SAEs
 
 
 def needs_training(plan: RunPlan) -> bool:

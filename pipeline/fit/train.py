@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.fit.config import Training
-from pipeline.fit.optim import lr_factor, make_optimizer, param_groups
+from pipeline.fit.optim import lr_factor, make_optimizer
 from pipeline.fit.state import TrainingState, load_state, save_state
 from pipeline.infra.distributed import Ranks
 from pipeline.infra.errors import UserError
@@ -62,8 +62,7 @@ def make_member(
     generator = torch.Generator().manual_seed(settings.seed)
     model = build_sae(sae_cfg, generator).to(device).train()
     model.prepare_training(settings)
-    groups = param_groups(model, settings.lr, settings.router_lr)
-    optimizer = make_optimizer(settings.optimizer, groups, settings.betas, device)
+    optimizer = make_optimizer(settings.optimizer, model.param_groups(settings), settings.betas, device)
     member = Member(
         folder,
         sae_cfg,
@@ -140,8 +139,9 @@ def train_step(member: Member, x: Tensor, total_steps: int, chosen: Tensor | Non
     terms = member.model.loss_terms(out, step, s)
     loss = sum((term.weight * term.value for term in terms), nmse)
     loss.backward()
-    for group in member.optimizer.param_groups:
-        group["lr"] = group["base_lr"] * lr_factor(member.step, total_steps, s.schedule)
+    factor = lr_factor(member.step, total_steps, s.schedule)
+    for group in member.optimizer.param_groups:  # every group (the SAE's, a router's) on one schedule
+        group["lr"] = group["base_lr"] * factor
     member.optimizer.step()
     member.optimizer.zero_grad(set_to_none=True)
     member.model.after_step(out, step, s)
@@ -155,8 +155,8 @@ def train_step(member: Member, x: Tensor, total_steps: int, chosen: Tensor | Non
         "l0": float(l0),
         **{term.name: float(term.value.detach()) for term in terms},
         "dead_share": float(step.dead.float().mean()),  # never active in the last dead_tokens tokens
-        "lr": member.optimizer.param_groups[0]["lr"],
-        **({"router_lr": member.optimizer.param_groups[1]["lr"]} if len(member.optimizer.param_groups) > 1 else {}),
+        "lr": s.lr * factor,
+        "router_lr": s.router_lr * factor,  # a column where the architecture logs it (RouteSAE)
         **member.model.step_metrics(out),
     }
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, ClassVar, NamedTuple, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -111,6 +111,12 @@ class Knobs(Protocol):
     """The training settings an architecture's hooks read (fit.config.Training has them all)."""
 
     @property
+    def lr(self) -> float: ...  # peak learning rate of the SAE's own parameters
+
+    @property
+    def router_lr(self) -> float: ...  # peak learning rate of a router (0 where there is none)
+
+    @property
     def recipe(self) -> str: ...  # sae-pipe | reference
 
     @property
@@ -188,6 +194,18 @@ class SAE(nn.Module, ABC):
     top_k: ClassVar[bool] = True  # its code keeps the k largest latents (else a threshold decides; k may be 0)
     sites: ClassVar[tuple[str, ...]] = ("resid",)  # cache sites it reads per layer (pipeline.llm.sites)
     loss_names: ClassVar[tuple[str, ...]] = ()  # the loss terms logged in log.csv, after dead_share
+    default_router_lr: ClassVar[float] = 0.0  # a router's peak lr when --router-lr is 0 (0: no router)
+
+    @classmethod
+    def plan_prefixes(cls, text: str, n_latents: int) -> list[int]:
+        """cfg.prefixes from --prefixes ``text`` (nested dictionaries; none for most architectures)."""
+        return []
+
+    def param_groups(self, knobs: Knobs) -> list[dict[str, Any]]:
+        """The parameters as torch optimizer groups, each ``{"params": [...], "lr": peak lr}``, together every
+        parameter once. The first holds the dictionary (Muon steps its matrices); the schedule scales all
+        groups' rates by the same factor."""
+        return [{"params": list(self.parameters()), "lr": knobs.lr}]
 
     def prepare_training(self, knobs: Knobs) -> None:
         """Settle how the parameters are trained, once, before the first step."""

@@ -19,6 +19,8 @@ the full code restricted to those latents.
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from pipeline.infra.errors import UserError
@@ -54,6 +56,18 @@ class MatryoshkaSAE(BatchTopKSAE):
     ) -> None:
         super().__init__(cfg, generator, device)
         self.prefixes = check_prefixes(cfg.prefixes or default_prefixes(cfg.n_latents), cfg.n_latents)
+
+    @classmethod
+    def plan_prefixes(cls, text: str, n_latents: int) -> list[int]:
+        """The prefixes from --prefixes ("256,1024,4096"; "/" or spaces also separate them, so a sweep can
+        list several), by default n/16, n/8, n/4, n/2, n; checked: increasing, the last = n_latents."""
+        if not text.strip():
+            return default_prefixes(n_latents)
+        try:
+            sizes = [int(part) for part in re.split(r"[,/\s]+", text.strip())]
+        except ValueError:
+            raise UserError(f"--prefixes {text!r} must be whole numbers, e.g. 256,1024,4096.") from None
+        return check_prefixes(sizes, n_latents)
 
     def prefix_nmse(self, out: SaeOutput, size: int) -> torch.Tensor:
         """() the NMSE of ``out.x`` reconstructed by the latents below ``size`` of ``out``'s code alone."""

@@ -8,12 +8,17 @@ weights pick the input: ``hard`` routing feeds the top layer's activation times 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from pipeline.sae.archs.topk import TopKSAE
 from pipeline.sae.interface import SAE, Knobs, Latents, LossTerm, SaeConfig, SaeOutput, Step, register
+
+# The router's default peak lr: the reference's rate (swei2001/RouteSAEs, one Adam at 5e-4 for every
+# parameter). The SAE's automatic rate, ten times more, collapses the routing (issue 29, docs/ROUTESAE.md).
+ROUTER_LR = 5e-4
 
 
 @register("route", trainable=True)
@@ -22,6 +27,7 @@ class RouteSAE(SAE):
 
     multi_layer = True
     loss_names = ("aux_loss",)
+    default_router_lr = ROUTER_LR
 
     def __init__(
         self, cfg: SaeConfig, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
@@ -76,6 +82,13 @@ class RouteSAE(SAE):
 
     # --- training hooks: the shared SAE's (AuxK, revive, decoder norms; b_dec stays at zero, as the
     # reference keeps it: its input is ``w * x``, whose mean the router moves) plus the router's own ---
+
+    def param_groups(self, knobs: Knobs) -> list[dict[str, Any]]:
+        """The shared SAE at the SAE's rate, the router in a group of its own at ``knobs.router_lr``."""
+        return [
+            {"params": list(self.sae.parameters()), "lr": knobs.lr},
+            {"params": [self.router.weight], "lr": knobs.router_lr},
+        ]
 
     def prepare_training(self, knobs: Knobs) -> None:
         self.sae.prepare_training(knobs)
