@@ -88,7 +88,7 @@ class FitConfig:
     aggregate: str = setting("sum", "route: sum | mean of the routed layers as router input")
     lr: float = setting(0.0, "peak learning rate (0 = auto: Adam, by latents, run length and batch; see fit/optim.py)")
     router_lr: float = setting(
-        0.0, "route: the router's peak learning rate (0 = auto: 5e-4, the reference's; see fit/optim.py)"
+        0.0, "route: the router's peak learning rate (0 = auto: 5e-4, the reference's; see sae/archs/route.py)"
     )
     recipe: str = setting(
         "sae-pipe",
