@@ -2,17 +2,19 @@
 layers 7..22 of SmolLM2, at equal latents, k and training tokens.
 
     python -m benchmarks.routesae                    # whole built-in corpus, 2M training tokens per SAE
+    python -m benchmarks.routesae --cache CACHE      # issue 29: a cache of layers 7..22, two seeds each
     python -m benchmarks.routesae --extract-tokens 120000 --tokens 400000 --write
     python -m benchmarks.routesae --cache CACHE --router-lr 5e-4 1e-3 --seeds 0 1 --topk-layers 14
 
-Variants, each a sweep from one read of the cache: TopK at --topk-layers (7, 14, 22); RouteSAE at
-sae-pipe's recipe, one member per router rate (--router-lr, 0 = the default, fit.optim.ROUTER_LR) and seed;
-RouteSAE with `--recipe reference` (the paper's training), one member per seed; optionally the opt-in
-load-balancing loss (--balance). Per run: the top layer's share of the training batches over training (from
-log.csv), and over all held-out rows NMSE, FVU, dead share, live features and routing shares; KL per token
-and CE recovered with the SAE spliced in over --kl-tokens held-out tokens (0 = skip). Run folders stay in
---out, so a second call with the same settings only evaluates. Explanation scores need an API key and are
-not run here. Never run inside the tests.
+Variants, each a sweep from one read of the cache, every one at each of --seeds (0 1): TopK at --topk-layers
+(7, 14, 22); RouteSAE at sae-pipe's recipe, one member per router rate (--router-lr, 0 = the default,
+pipeline.sae.archs.route.ROUTER_LR); RouteSAE with `--recipe reference` (the paper's training); optionally
+the opt-in load-balancing loss (--balance). Per run: the top layer's share of the training batches over
+training (from log.csv), and over all held-out rows NMSE, FVU, dead share, live features, the top layer's
+share and how many routed layers get under 5 % of the rows; KL per token and CE recovered with the SAE
+spliced in over --kl-tokens held-out tokens (0 = skip). Every number, with each layer's held-out share,
+also goes to <--out>/routesae.json. Run folders stay in --out, so a second call with the same settings
+only evaluates. Explanation scores need an API key and are not run here. Never run inside the tests.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from pipeline.fit.config import FitConfig
 from pipeline.fit.stage import fit
 
 POINTS = (0.1, 0.25, 0.5, 1.0)  # shares of training at which the routing is reported
+MINOR = 0.05  # a routed layer getting less than this share of the held-out rows counts as left out
 
 
 def runs(cache: str, args: argparse.Namespace) -> list[str]:
@@ -47,7 +50,7 @@ def runs(cache: str, args: argparse.Namespace) -> list[str]:
     base["epochs"] = -(-args.tokens // args.rows)  # enough passes for the budget
     route = {**base, "arch": "route", "route_layers": "7:22"}
     configs = [
-        FitConfig(**base, sweep={"layer": args.topk_layers}),  # type: ignore[arg-type]
+        FitConfig(**base, sweep={"layer": args.topk_layers, "seed": args.seeds}),  # type: ignore[arg-type]
         FitConfig(**route, sweep={"router_lr": args.router_lr, "seed": args.seeds}),  # type: ignore[arg-type]
         FitConfig(**route, recipe="reference", sweep={"seed": args.seeds}),  # type: ignore[arg-type]
         *(FitConfig(**route, route_balance=w, sweep={"seed": args.seeds}) for w in args.balance),  # type: ignore[arg-type]
@@ -59,7 +62,7 @@ def label(cfg: dict[str, Any]) -> str:
     """A run's row name from its cfg.json."""
     sae, training = cfg["sae"], cfg["training"]
     if sae["arch"] != "route":
-        return f"TopK L{sae['layers'][0]}"
+        return f"TopK L{sae['layers'][0]}, seed {training['seed']}"
     if training.get("recipe") == "reference":
         name = "RouteSAE, reference recipe"
     elif training.get("route_balance"):
@@ -101,17 +104,19 @@ def measure(run: str, args: argparse.Namespace) -> dict[str, Any]:
 def lines(results: list[dict[str, Any]]) -> list[str]:
     points = " / ".join(f"{p:.0%}" for p in POINTS)
     rows = [
-        f"| SAE | tokens | top layer share, training batches at {points} | top layer share, held-out | NMSE | "
-        "FVU | dead share | features alive (> 1e-4 of tokens) | KL / token | CE recovered |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| SAE | tokens | top layer share, training batches at {points} | top layer share, held-out | "
+        f"layers under {MINOR:.0%}, held-out | NMSE | FVU | dead share | features alive (> 1e-4 of tokens) | "
+        "KL / token | CE recovered |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in results:
         train = " / ".join(f"{s:.0%}" for s in m["train_top"]) if "train_top" in m else "-"
         shares = m.get("routing_shares", {})
         top = f"{m['top_route_share']:.0%} (L{max(shares, key=shares.get)})" if shares else "-"
+        minor = f"{sum(s < MINOR for s in shares.values())} of {len(shares)}" if shares else "-"
         kl = f"{m['kl_per_token']:.4f} | {m['ce_recovered']:.3f}" if "kl_per_token" in m else "- | -"
         rows.append(
-            f"| {m['name']} | {m['tokens']:,} | {train} | {top} | {m['nmse']:.4f} | {m['fvu']:.4f} "
+            f"| {m['name']} | {m['tokens']:,} | {train} | {top} | {minor} | {m['nmse']:.4f} | {m['fvu']:.4f} "
             f"| {m['dead_share']:.2%} | {m['live_latents']} | {kl} |"
         )
     return rows
@@ -139,6 +144,7 @@ def main() -> None:
     cache = ActivationCache.open(args.cache).folder if args.cache else extract(spec)
     args.rows = int(cache.read_json("manifest.json")["rows"]["train"])
     results = [measure(run, args) for run in runs(cache.url, args)]
+    Path(args.out, "routesae.json").write_text(json.dumps(results, indent=1, default=str))
     publish(lines(results), "RouteSAE against single-layer TopK", "benchmarks.routesae", args.write)
 
 
