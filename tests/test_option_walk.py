@@ -64,7 +64,7 @@ WHERE = {"device": "cpu", "cache_root": "{case}"}  # every command that has them
 SCORING = {"explainer": "openai", "score": "detection", "test_share": "0.5", "bootstrap": "100", "features": "1"}
 JUDGED = {"evaluate": "", "feature": None, "prompt": "hi", "eval_feature": "3", "strength": "1", "heldout_tokens": "64"}
 CONTEXT: dict[tuple[str, str], dict[str, str | None]] = {
-    **{("interpret", name): SCORING for name in ("model", "base_url", "max_cost", "concurrency", "timeout")},
+    **{("interpret", name): SCORING for name in ("explainer_model", "base_url", "max_cost", "concurrency", "timeout")},
     **{
         ("interpret", name): SCORING
         for name in ("score", "scorer_model", "scorer_base_url", "test_share", "score_quantiles")

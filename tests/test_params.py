@@ -12,7 +12,8 @@ from pipeline.evaluate.config import EvaluateConfig
 from pipeline.extract.config import ExtractConfig
 from pipeline.finetune.config import FinetuneConfig
 from pipeline.fit.config import FitConfig
-from pipeline.infra.params import DATA_KEYS, MODEL_KEYS, doc
+from pipeline.infra.errors import UserError
+from pipeline.infra.params import DATA_KEYS, MODEL_KEYS, build_config, doc
 from pipeline.interpret.config import InterpretConfig
 from pipeline.steer.config import SteerConfig
 
@@ -74,3 +75,13 @@ def test_every_field_has_a_doc(cls: type) -> None:
     import dataclasses
 
     assert all(f.metadata.get("doc") for f in dataclasses.fields(cls))
+
+
+def test_an_old_key_is_named_with_its_new_place() -> None:
+    """interpret's explainer was `model` until the LLM studied kept that name alone: the error says the new key."""
+    old = {"interpret": {"model": "gpt-4o", "features": 5}}
+    with pytest.raises(UserError) as caught:
+        build_config(InterpretConfig, old, "interpret", {})
+    assert "interpret.model is now interpret.explainer_model" in str(caught.value)
+    renamed = build_config(InterpretConfig, {"interpret": {"explainer_model": "m"}}, "interpret", {})
+    assert renamed.explainer_model == "m"

@@ -46,9 +46,10 @@ Accept = Callable[[int, str], bool]  # (index of the request, answer text) -> us
 
 @dataclass
 class ClientSettings:
-    """How one model is called."""
+    """How one model is called (its name comes from the caller's config: interpret's explainer and scorer,
+    steer's judge)."""
 
-    model: str = "gpt-4o"  # chat model name
+    model: str  # chat model name
     base_url: str = ""  # OpenAI-compatible server ("" = OPENAI_BASE_URL or api.openai.com)
     concurrency: int = 4  # requests in flight
     max_retries: int = 4  # per request, with exponential backoff (429, 5xx, timeouts)

@@ -24,6 +24,10 @@ MODEL_KEYS = {
     "trust_remote_code": "trust_remote_code",
 }
 DATA_KEYS = {"dataset": "dataset", "split": "split", "text_column": "text_column", "config": "dataset_config"}
+# Keys an older params.yaml may still have: (section, key) -> where the setting lives now
+MOVED = {
+    ("interpret", "model"): "interpret.explainer_model (the explainer's chat model; `model` is the LLM studied)",
+}
 
 
 def setting(default: Any = dataclasses.MISSING, doc: str = "", factory: Callable[[], Any] | None = None) -> Any:
@@ -68,6 +72,9 @@ def section_values(
         raise UserError(f"params section [{section}] must be a mapping of keys to values.")
     known = keys if keys is not None else {f: f for f in fields}
     unknown = sorted(set(values) - set(known))
+    moved = [f"{section}.{key} is now {MOVED[section, key]}" for key in unknown if (section, key) in MOVED]
+    if moved:
+        raise UserError(f"params.yaml has a renamed key: {'; '.join(moved)}. Rename it there.")
     if unknown:
         raise UserError(
             f"params section [{section}] has unknown key(s) {', '.join(unknown)}; "

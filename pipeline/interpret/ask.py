@@ -38,7 +38,7 @@ class Asker:
         self.cfg, self.tables, self.latents = cfg, tables, latents
         cache = AnswerCache(Folder.at(cfg.cache_root).child("interpret", ".answers"))
         budget = Budget(cfg.max_cost)
-        explainer = ClientSettings(cfg.model, cfg.base_url, cfg.concurrency, cfg.max_retries, cfg.timeout)
+        explainer = ClientSettings(cfg.explainer_model, cfg.base_url, cfg.concurrency, cfg.max_retries, cfg.timeout)
         self.explainer = ChatClient(explainer, cache, budget)
         scorer = ClientSettings(
             cfg.scorer_model,
@@ -103,9 +103,10 @@ class Asker:
         _said_stopped("explainer", self.explainer, sum(r["status"] in ("failed", "not sent") for r in records))
         _said_malformed(
             "explainer",
-            self.cfg.model,
+            self.cfg.explainer_model,
             [r["status"] for r in records],
-            "a larger --model, or one that follows the line format (Category: ..., Score: 1-5, Explanation: ...)",
+            "a larger --explainer-model, or one that follows the line format "
+            "(Category: ..., Score: 1-5, Explanation: ...)",
         )
         return records
 

@@ -25,7 +25,7 @@ class InterpretConfig:
     min_count: int = setting(5, "a latent needs this many activations to be explained")
     report_features: int = setting(100, "latents with a section in the report")
     explainer: str = setting("openai", "openai | none")
-    model: str = setting("gpt-4o", "explainer model")
+    explainer_model: str = setting("gpt-4o", "explainer model")
     base_url: str = setting("", "OpenAI-compatible server (default: OPENAI_BASE_URL, else api.openai.com)")
     score: list[str] = setting(doc="scorers of the explanations on held-out examples: detection, fuzzing", factory=list)
     scorer_model: str = setting("gpt-4o-mini", "scorer model")

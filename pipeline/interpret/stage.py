@@ -103,7 +103,7 @@ def _explain_and_score(
     for name, table in tables.items():
         pq.write_table(table, out.local() / f"{name}.parquet")
     records = asker.explain(out)
-    summary.update({"explanations": "skipped"} if records is None else summarize(records, cfg.model))
+    summary.update({"explanations": "skipped"} if records is None else summarize(records, cfg.explainer_model))
     scored, per_feature = asker.score(records, out)
     summary.update(scored)
     if per_feature:

@@ -126,7 +126,7 @@ def main() -> None:
             out=str(work / "interpret"),
             cache_root=str(work),
             features=args.features,
-            model="smollm2-135m",
+            explainer_model="smollm2-135m",
             scorer_model="smollm2-135m",
             score=["detection", "fuzzing"],
             score_quantiles=1,  # 2 activating + 2 silent test excerpts per feature: 1 prompt per scorer
