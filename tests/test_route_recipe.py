@@ -60,6 +60,9 @@ def test_the_reference_schedule_at_a_few_steps() -> None:
     steps = (0, 3, 5, 79, 80, 90, 94, 95, 99)
     expected = [0.0, 0.6, 1.0, 1.0, 0.2, 5 / 75, 1 / 75, 0.0, 0.0]
     assert [lr_factor(s, 100, "reference") for s in steps] == pytest.approx(expected)
+    # 37 steps: W = int(1.85) = 1, decay from 37 - 37 // 5 = 30 as (36 - s) / 29, zero from step 36
+    steps = (0, 1, 29, 30, 35, 36)
+    assert [lr_factor(s, 37, "reference") for s in steps] == pytest.approx([0.0, 1.0, 1.0, 6 / 29, 1 / 29, 0.0])
 
 
 def reference_step(model: dict[str, torch.Tensor], xs: torch.Tensor, opt: torch.optim.Optimizer, lr: float) -> None:
