@@ -125,6 +125,6 @@ def test_a_params_key_without_field_is_caught() -> None:
         "learning_rate"
     }
     spec, command = stage_commands()["extract"]
-    assert mismatch(spec, command, {"model": {"name": "x", "dtype": "auto", "colour": 1}})[
+    assert mismatch(spec, command, {"model": {"name": "x", "revision": "main", "colour": 1}})[
         "params.yaml key without field"
     ] == {"model.colour"}

@@ -77,11 +77,18 @@ def test_every_field_has_a_doc(cls: type) -> None:
     assert all(f.metadata.get("doc") for f in dataclasses.fields(cls))
 
 
-def test_an_old_key_is_named_with_its_new_place() -> None:
-    """interpret's explainer was `model` until the LLM studied kept that name alone: the error says the new key."""
-    old = {"interpret": {"model": "gpt-4o", "features": 5}}
+@pytest.mark.parametrize(
+    ("cls", "stage", "old", "now"),
+    [
+        # interpret's explainer was `model` until the LLM studied kept that name alone
+        (InterpretConfig, "interpret", {"interpret": {"model": "gpt-4o", "features": 5}}, "interpret.explainer_model"),
+        # model.device / model.dtype looked global but reached only extract
+        (ExtractConfig, "extract", {"model": {"name": "m", "device": "cpu"}}, "extract.device"),
+        (ExtractConfig, "extract", {"model": {"dtype": "float32"}}, "extract.compute_dtype"),
+    ],
+)
+def test_a_moved_key_is_named_with_its_new_place(cls: type, stage: str, old: dict, now: str) -> None:
     with pytest.raises(UserError) as caught:
-        build_config(InterpretConfig, old, "interpret", {})
-    assert "interpret.model is now interpret.explainer_model" in str(caught.value)
-    renamed = build_config(InterpretConfig, {"interpret": {"explainer_model": "m"}}, "interpret", {})
-    assert renamed.explainer_model == "m"
+        build_config(cls, old, stage, {}, shared=("model",))
+    section, key = next((s, k) for s, v in old.items() for k in v if k not in ("name", "features"))
+    assert f"{section}.{key} is now {now}" in str(caught.value)

@@ -19,14 +19,15 @@ T = TypeVar("T")
 MODEL_KEYS = {
     "name": "model",
     "revision": "revision",
-    "device": "device",
-    "dtype": "compute_dtype",
     "trust_remote_code": "trust_remote_code",
 }
 DATA_KEYS = {"dataset": "dataset", "split": "split", "text_column": "text_column", "config": "dataset_config"}
 # Keys an older params.yaml may still have: (section, key) -> where the setting lives now
 MOVED = {
     ("interpret", "model"): "interpret.explainer_model (the explainer's chat model; `model` is the LLM studied)",
+    # only extract read them: every other stage picks its own device (--device) and precision
+    ("model", "device"): "extract.device",
+    ("model", "dtype"): "extract.compute_dtype",
 }
 
 
@@ -74,7 +75,7 @@ def section_values(
     unknown = sorted(set(values) - set(known))
     moved = [f"{section}.{key} is now {MOVED[section, key]}" for key in unknown if (section, key) in MOVED]
     if moved:
-        raise UserError(f"params.yaml has a renamed key: {'; '.join(moved)}. Rename it there.")
+        raise UserError(f"params.yaml has a key that moved: {'; '.join(moved)}. Move it there.")
     if unknown:
         raise UserError(
             f"params section [{section}] has unknown key(s) {', '.join(unknown)}; "
