@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from pipeline.evaluate.config import EvaluateConfig
 from pipeline.extract.config import ExtractConfig
 from pipeline.finetune.config import FinetuneConfig
 from pipeline.fit.config import FitConfig
+from pipeline.infra import settings
 from pipeline.infra.errors import UserError
 from pipeline.infra.params import DATA_KEYS, MODEL_KEYS, build_config, doc
 from pipeline.interpret.config import InterpretConfig
@@ -68,12 +70,11 @@ def test_a_stale_comment_is_caught() -> None:
     assert mismatches(stale) == ["fit.k: 'active latents (old wording)' != 'active latents per token'"]
 
 
-@pytest.mark.parametrize(
-    "cls", [ExtractConfig, FitConfig, FinetuneConfig, EvaluateConfig, InterpretConfig, SteerConfig, CircuitConfig]
-)
-def test_every_field_has_a_doc(cls: type) -> None:
-    import dataclasses
+CONFIGS = [ExtractConfig, FitConfig, FinetuneConfig, EvaluateConfig, InterpretConfig, SteerConfig, CircuitConfig]
 
+
+@pytest.mark.parametrize("cls", CONFIGS)
+def test_every_field_has_a_doc(cls: type) -> None:
     assert all(f.metadata.get("doc") for f in dataclasses.fields(cls))
 
 
@@ -92,3 +93,17 @@ def test_a_moved_key_is_named_with_its_new_place(cls: type, stage: str, old: dic
         build_config(cls, old, stage, {}, shared=("model",))
     section, key = next((s, k) for s, v in old.items() for k in v if k not in ("name", "features"))
     assert f"{section}.{key} is now {now}" in str(caught.value)
+
+
+def test_shared_settings_are_the_one_declaration() -> None:
+    """device and cache_root in every config, compute_dtype where a cache is replayed (extract's is its own):
+    the default and doc of pipeline/infra/settings.py, not a copy that could drift."""
+    shared = {"device": settings.device, "cache_root": settings.cache_root, "compute_dtype": settings.compute_dtype}
+    seen = []
+    for cls in CONFIGS:
+        for field in dataclasses.fields(cls):
+            if field.name in shared and (cls, field.name) != (ExtractConfig, "compute_dtype"):
+                one = shared[field.name]()
+                assert (field.default, field.metadata) == (one.default, one.metadata), (cls.__name__, field.name)
+                seen.append(field.name)
+    assert (seen.count("device"), seen.count("cache_root"), seen.count("compute_dtype")) == (7, 7, 2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline.infra import settings
 from pipeline.infra.params import setting
 
 METHODS = ("mask", "ig", "ig_layer", "attrib")
@@ -44,6 +45,6 @@ class CircuitConfig:
     t_max: float = setting(100.0, "mask: final temperature of the soft mask sigmoid(m * T), T = t_max ** progress")
     ig_steps: int = setting(10, "ig, ig_layer: interpolation steps from ablated to clean latents")
     batch_size: int = setting(32, "pairs per forward")
-    device: str = setting("auto", "auto | cpu | cuda | cuda:N")
-    cache_root: str = setting("cache", "root of interpret/ (feature tables) and circuits/ (outputs)")
+    device: str = settings.device()
+    cache_root: str = settings.cache_root()
     out: str = setting("", "output folder (default: <cache-root>/circuits/<task>-<hash>)")

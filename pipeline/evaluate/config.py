@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from pipeline.infra import settings
 from pipeline.infra.errors import UserError
 from pipeline.infra.params import setting
 
@@ -36,12 +37,10 @@ class EvaluateConfig:
     cache: str = setting(
         "", "imported runs: a cache of their model (held-out tokens for kl/ce; nmse needs their layer, raw)"
     )
-    device: str = setting("auto", "auto | cpu | cuda | cuda:N")
-    compute_dtype: str = setting(
-        "cache", "model precision: cache (the one the cache was extracted in) | auto | float32 | bfloat16"
-    )
+    device: str = settings.device()
+    compute_dtype: str = settings.compute_dtype()
     out: str = setting("", "where metrics go (default <cache_root>/evaluate/<run>/metrics.json)")
-    cache_root: str = setting("cache", "root of evaluate/")
+    cache_root: str = settings.cache_root()
 
     def __post_init__(self) -> None:
         if self.theta is not None and not math.isfinite(self.theta):  # NaN fires nothing, inf nothing, -inf all

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline.infra import settings
 from pipeline.infra.params import setting
 
 
@@ -27,7 +28,7 @@ class ExtractConfig:
     backend: str = setting("zarr", "zarr | memmap")
     heldout: float = setting(0.05, "share of sequences held out from training")
     shard_mb: float = setting(256.0, "target size of one shard")
-    cache_root: str = setting("cache", "activations go to <cache_root>/activations/<key>")
-    device: str = setting("auto", "auto | cpu | cuda | cuda:N")
+    cache_root: str = settings.cache_root()
+    device: str = settings.device()
     compute_dtype: str = setting("auto", "model precision: auto (bf16 on GPU, float32 on CPU) | float32 | bfloat16")
     trust_remote_code: bool = setting(False, "allow model code from the hub (off unless you trust it)")

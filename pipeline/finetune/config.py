@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from pipeline.infra import settings
 from pipeline.infra.device import DTYPES
 from pipeline.infra.errors import UserError
 from pipeline.infra.params import setting
@@ -23,12 +24,10 @@ class FinetuneConfig:
     batch_size: int = setting(4, "sequences per step")
     lr: float = setting(1e-4, "Adam learning rate, decayed linearly to 0 over the run")
     seed: int = setting(0, "order of the training sequences")
-    device: str = setting("auto", "auto | cpu | cuda | cuda:N")
-    compute_dtype: str = setting(
-        "cache", "model precision: cache (the one the cache was extracted in) | auto | float32 | bfloat16"
-    )
+    device: str = settings.device()
+    compute_dtype: str = settings.compute_dtype()
     out: str = setting("", "the new run folder (default <cache_root>/finetune/<run>-ft<loss>-<hash>)")
-    cache_root: str = setting("cache", "root of finetune/")
+    cache_root: str = settings.cache_root()
     enabled: bool = setting(False, "DVC stage: fine-tune the fit stage's runs (off: the stage writes nothing)")
 
     def __post_init__(self) -> None:

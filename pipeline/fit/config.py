@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.infra import settings
 from pipeline.infra.errors import UserError
 from pipeline.infra.params import setting
 
@@ -115,7 +116,7 @@ class FitConfig:
         0.0, "route: weight of a load-balancing loss on the router (not in the paper; 0 = off)"
     )
     precision: str = setting("auto", "encoder GEMM: auto (bf16 where the hardware has it) | float32 | bfloat16")
-    device: str = setting("auto", "auto | cpu | cuda | cuda:N")
+    device: str = settings.device()
     log_every: int = setting(10, "steps between log.csv rows (0 = the last step only)")
     checkpoint_every: int = setting(100, "steps between resumable states (0 = none)")
     pool_mb: float = setting(1024.0, "shuffle pool size")
@@ -124,7 +125,7 @@ class FitConfig:
         doc="key=v1,v2 (repeatable; in params.yaml a mapping): train every combination from one read", factory=dict
     )
     out: str = setting("", "folder for run folders (default <cache_root>/saes)")
-    cache_root: str = setting("cache", "root of activations/ and saes/")
+    cache_root: str = settings.cache_root()
     wandb: str = setting(
         "", "Weights & Biases project to log training to (needs `pip install sae-pipe[wandb]`; empty = off)"
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline.infra import settings
 from pipeline.infra.params import setting
 
 
@@ -51,6 +52,6 @@ class InterpretConfig:
     threshold: float = setting(10.0, "protocol: minimum activation")
     infer_k: int | None = setting(None, "encode with this k")
     theta: float | None = setting(None, "encode with a threshold")
-    device: str = setting("auto", "auto | cpu | cuda | cuda:N")
+    device: str = settings.device()
     out: str = setting("", "output folder (default <cache_root>/interpret/<run>)")
-    cache_root: str = setting("cache", "root of interpret/")
+    cache_root: str = settings.cache_root()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline.infra import settings
 from pipeline.infra.params import setting
 
 
@@ -25,8 +26,8 @@ class SteerConfig:
     seed: int = setting(0, "seed of the sampling, the same for the unedited and the edited generation")
     cache: str = setting("", "activation cache (default: the run's own; an imported run names one of its model)")
     feature_table: str = setting("", "features.parquet for direction strengths (default: the run's interpret table)")
-    device: str = setting("auto", "auto | cpu | cuda | cuda:N")
-    cache_root: str = setting("cache", "root of interpret/ (the feature table) and steer/ (evaluation outputs)")
+    device: str = settings.device()
+    cache_root: str = settings.cache_root()
     evaluate: bool = setting(False, "measure effect against cost over features x strengths (writes steering.csv)")
     out: str = setting("", "folder for the evaluation's outputs (default: <cache-root>/steer/<run>)")
     eval_features: list[int] = setting(doc="latents to evaluate (default: the best by output score)", factory=list)
