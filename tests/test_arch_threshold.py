@@ -142,7 +142,20 @@ def test_automatic_coefficient_brings_l0_to_the_target(arch: str, tmp_path: Path
     data = sparse_rows(256 * 200, active=8)
     member.model.start(data[:256], step_of(member, 1))
     l0 = [train_step(member, batch, 200)["l0"] for batch in data.split(256)]
-    assert abs(np.mean(l0[-20:]) / k - 1) < 0.2, (np.mean(l0[-20:]), member.model.control.log_coeff)
+    assert abs(np.mean(l0[-20:]) / k - 1) < 0.2, (np.mean(l0[-20:]), member.model.control.u)
+
+
+def test_jumprelu_coefficient_turns_negative_to_reach_a_target_above_what_reconstruction_wants(tmp_path: Path) -> None:
+    """Rows of 2 atoms: the reconstruction is best served by ~2 firing latents, so a target of 8 can only
+    be met by rewarding firing (a negative coefficient); a coefficient kept positive leaves L0 below it."""
+    k = 8
+    settings = knobs(arch="jumprelu", lr=5e-3, schedule="constant", sparsity_coeff=0.0)
+    member = make_member(Folder.at(tmp_path), SaeConfig("jumprelu", 16, 64, k, [0]), settings, False, [0], CPU)
+    data = sparse_rows(256 * 200, active=2)
+    member.model.start(data[:256], step_of(member, 1))
+    l0 = [train_step(member, batch, 200)["l0"] for batch in data.split(256)]
+    assert abs(np.mean(l0[-20:]) / k - 1) < 0.1, (np.mean(l0[-20:]), member.model.control.u)  # unsigned: 6.8
+    assert member.model.coeff_now < 0, member.model.coeff_now
 
 
 @pytest.mark.parametrize("arch", ["standard", "jumprelu", "gated"])

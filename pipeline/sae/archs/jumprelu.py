@@ -82,6 +82,7 @@ class JumpReluSAE(ReluSAE):
 
     start_coeff: ClassVar[float] = 1.0  # SAELens's l0_coefficient default
     unit_decoder: ClassVar[bool] = True
+    signed_penalty: ClassVar[bool] = True  # L0 is bounded: a negative coefficient may pull L0 up to the target
 
     def __init__(self, cfg: SaeConfig, generator: torch.Generator | None = None, device: torch.device | str = "cpu"):
         super().__init__(cfg, generator, device)

@@ -36,10 +36,11 @@ class ReluSAE(TopKSAE):
     loss_names: ClassVar[tuple[str, ...]] = ("sparsity_loss", "dead_loss")  # type: ignore[assignment]  # TopK: tuple[str]
     start_coeff: ClassVar[float] = 5.0  # the automatic coefficient's first value: Anthropic's / SAELens's L1
     unit_decoder: ClassVar[bool] = False  # decoder rows kept at unit norm while training
+    signed_penalty: ClassVar[bool] = False  # the automatic coefficient may turn negative (sparsity.SparsityControl)
 
     def __init__(self, cfg: SaeConfig, generator: torch.Generator | None = None, device: torch.device | str = "cpu"):
         super().__init__(cfg, generator, device)
-        self.control = SparsityControl(self.start_coeff)
+        self.control = SparsityControl(self.start_coeff, self.signed_penalty)
         self.pre: Tensor | None = None  # (B, N) the last training forward's pre-activations, for the loss
         self.coeff_now = 0.0  # the penalty's weight in the last step (log.csv)
 

@@ -22,9 +22,9 @@ from torch import Tensor
 from pipeline.infra.errors import UserError
 from pipeline.sae.interface import Knobs, Step
 
-# The automatic coefficient: a PI controller on log(c) driven by e = log(batch mean L0 / k), clipped to
-# [-1, 1] so one odd batch cannot throw it. The integral gain makes c move by at most 5 % a step (a
-# doubling of the coefficient takes ~14 steps of L0 at e x k), slow beside the hundreds of steps the
+# The automatic coefficient: a PI controller driven by e = log(batch mean L0 / k), clipped to [-1, 1] so one
+# odd batch cannot throw it, acting on log(c). The integral gain makes c move by at most 15 % a step (a
+# doubling of the coefficient takes ~5 steps of L0 at e x k), slow beside the hundreds of steps the
 # weights need to follow it, so it does not oscillate; the proportional term answers at once.
 GAIN_I = 0.15
 GAIN_P = 1.0
@@ -37,25 +37,33 @@ class SparsityControl:
     ``l1_warm_up_steps``, as a share). ``coeff == 0`` (auto): adapted every step so the batch mean L0 meets
     ``target``; no warm-up, since the controller itself starts from ``start`` and a warm-up factor would
     only make it wind up. Its state is a pair of floats, identical on every rank (fed the ranks' mean L0).
+
+    ``signed``: the controller acts on u with c = start x sinh(u) instead of c = exp(u). For large u the two
+    agree (a step of u scales c by e^step), but sinh crosses zero, so c can turn negative and reward firing.
+    JumpReLU needs that: its reconstruction alone already prefers a sparse code (on SmolLM2 at layer 12, with
+    the penalty at 1e-6, the L0 of a k = 32 target fell to 14 and stayed), so a target above that L0 is out of
+    reach of any positive coefficient. Only a bounded penalty may be signed: JumpReLU's L0 is at most N, while
+    a negative L1 (standard, gated) would reward unbounded activations.
     """
 
-    def __init__(self, start: float) -> None:
+    def __init__(self, start: float, signed: bool = False) -> None:
         self.start = start  # the auto coefficient's first value (the published one at our scale)
-        self.integral = math.log(start)  # the controller's integral part, in log(c)
-        self.log_coeff = self.integral  # what the penalty is weighted by now, in log(c)
+        self.signed = signed
+        self.integral = math.asinh(1.0) if signed else math.log(start)  # the controller's integral part, in u
+        self.u = self.integral  # what the penalty's weight is a function of now
 
     def coeff(self, knobs: Knobs, step: Step) -> float:
         """The penalty's weight this step."""
         if knobs.sparsity_coeff > 0:
             ramp = min(1.0, step.progress / knobs.sparsity_warmup) if knobs.sparsity_warmup > 0 else 1.0
             return knobs.sparsity_coeff * ramp
-        return math.exp(self.log_coeff)
+        return self.start * math.sinh(self.u) if self.signed else math.exp(self.u)
 
     def update(self, l0: float, target: int) -> None:
         """One controller step after a batch whose mean L0 (over all ranks) was ``l0``."""
         error = max(-1.0, min(1.0, math.log(max(l0, 1e-3) / target)))
         self.integral += GAIN_I * error
-        self.log_coeff = self.integral + GAIN_P * error
+        self.u = self.integral + GAIN_P * error
 
 
 def check_target(k: int, knobs: Knobs) -> None:
