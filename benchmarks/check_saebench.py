@@ -2,6 +2,8 @@
 output classes (run with the peers' python, where sae-bench 0.6.0 is installed; `make check-peers`).
 
   core               sae-bench's CoreEvalOutput (evals/core/eval_output.py), as its own writer builds it
+  absorption_first_letter  its AbsorptionEvalOutput (evals/absorption/eval_output.py)
+  sparse_probing     its SparseProbingEvalOutput (evals/sparse_probing/eval_output.py)
   sae_pipe_geometry  a family SAEBench does not have: declared here on sae-bench's base classes
                      (BaseEvalOutput, BaseEvalConfig, BaseMetricCategories, BaseMetrics, BaseResultDetail),
                      so their validators (flat metrics, categories of metrics, epoch millis) apply
@@ -22,6 +24,7 @@ from typing import Any
 
 from pydantic import Field, TypeAdapter
 from pydantic.dataclasses import dataclass
+from sae_bench.evals.absorption.eval_output import AbsorptionEvalOutput
 from sae_bench.evals.base_eval_output import (
     BaseEvalConfig,
     BaseEvalOutput,
@@ -30,6 +33,7 @@ from sae_bench.evals.base_eval_output import (
     BaseResultDetail,
 )
 from sae_bench.evals.core.eval_output import CoreEvalOutput
+from sae_bench.evals.sparse_probing.eval_output import SparseProbingEvalOutput
 
 
 @dataclass
@@ -97,7 +101,12 @@ class GeometryEvalOutput(BaseEvalOutput[GeometryEvalConfig, GeometryCategories, 
     eval_type_id: str = Field(default="sae_pipe_geometry")
 
 
-SCHEMAS: dict[str, Any] = {"core": CoreEvalOutput, "sae_pipe_geometry": GeometryEvalOutput}
+SCHEMAS: dict[str, Any] = {
+    "core": CoreEvalOutput,
+    "absorption_first_letter": AbsorptionEvalOutput,
+    "sparse_probing": SparseProbingEvalOutput,
+    "sae_pipe_geometry": GeometryEvalOutput,
+}
 
 
 def unknown_fields(doc: dict[str, Any], parsed: Any) -> list[str]:
@@ -131,7 +140,8 @@ def check(path: Path) -> str:
 def main(roots: list[str]) -> int:
     files = sorted(f for root in roots for f in Path(root).glob("**/saebench/*/*_eval_results.json"))
     if not files:
-        print(f"no SAEBench result files under {', '.join(roots)}: run `sae-pipe evaluate --suite core,geometry`")
+        suites = "core,absorption,probing,geometry"
+        print(f"no SAEBench result files under {', '.join(roots)}: run `sae-pipe evaluate --suite {suites}`")
         return 1
     lines = [check(f) for f in files]
     print("\n".join(lines))

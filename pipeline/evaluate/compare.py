@@ -6,6 +6,7 @@ import csv
 import io
 from typing import Any
 
+from pipeline.evaluate.page import write_page
 from pipeline.infra.files import Folder
 
 COLUMNS = [
@@ -42,7 +43,8 @@ def find_runs(root: str) -> list[str]:
 
 
 def write_comparison(results: list[dict[str, Any]], out: Folder) -> list[str]:
-    """``comparison.csv``, ``comparison.md``, ``l0_vs_nmse.png`` and (with KL) ``l0_vs_kl.png``."""
+    """``comparison.csv``, ``comparison.md``, ``comparison.html`` (every plot and the suites' numbers),
+    ``l0_vs_nmse.png`` and (with KL) ``l0_vs_kl.png``."""
     rows = [{c: _cell(r.get(c)) for c in COLUMNS} for r in sorted(results, key=lambda r: (r["layers"], r["l0"]))]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, COLUMNS)
@@ -52,7 +54,7 @@ def write_comparison(results: list[dict[str, Any]], out: Folder) -> list[str]:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(str(row[c]) for c in COLUMNS) + " |" for row in rows]
     out.write_bytes(("\n".join(lines) + "\n").encode(), "comparison.md")
-    written = ["comparison.csv", "comparison.md", _plot(results, "nmse", out)]
+    written = ["comparison.csv", "comparison.md", write_page(results, out), _plot(results, "nmse", out)]
     if all("kl_per_token" in r for r in results):
         written.append(_plot(results, "kl_per_token", out))
     return [out.path(name) for name in written]

@@ -26,8 +26,14 @@ class EvaluateConfig:
         factory=lambda: list(METRICS),
     )
     suite: list[str] = setting(
-        doc="comma list of SAEBench-format metric families written per run: core, geometry (empty = none)",
+        doc="comma list of SAEBench-format metric families written per run: core, absorption, probing, geometry "
+        "(empty = none)",
         factory=lambda: ["core"],
+    )
+    probe_words: int = setting(40, "absorption suite: words per first letter run through the LLM (once per layer)")
+    probe_tokens: int = setting(65536, "probing suite: cache rows (held-out first) pooled into documents (0 = all)")
+    probe_label: str = setting(
+        "", "probing suite: a JSONL corpus's column to classify documents by (the built-in corpus has its own tasks)"
     )
     infer_k: int | None = setting(None, "encode with this k instead of the trained one")
     theta: float | None = setting(None, "encode with a threshold instead of top-k")

@@ -2,11 +2,13 @@
 SAEBench's output format (:mod:`pipeline.interop.saebench`).
 
 A suite may ride along the held-out pass that computes nmse (a *tap* sees every batch of the SAE's output,
-so the cache is read once for all suites) and gets the spliced forwards' KL / CE after it; none re-runs
-the LLM.
+so the cache is read once for all suites) and gets the spliced forwards' KL / CE after it.
 
-  core      SAEBench's core metrics (pipeline/evaluate/core.py)
-  geometry  decoder cosine neighbours, encoder-decoder alignment, near duplicates (geometry.py)
+  core        SAEBench's core metrics (pipeline/evaluate/core.py)
+  absorption  first-letter feature absorption (absorption.py; the only suite with its own LLM forwards: one
+              short prompt per word, shared by every SAE at the layer)
+  probing     k-sparse probes on documents pooled from the cache (probing.py)
+  geometry    decoder cosine neighbours, encoder-decoder alignment, near duplicates (geometry.py)
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from typing import NamedTuple
 
 import torch
 
+from pipeline.evaluate.absorption import absorption_suite
 from pipeline.evaluate.config import EvaluateConfig
 from pipeline.evaluate.core import CoreTap, core_result, eval_config, heldout_keys
 from pipeline.evaluate.geometry import Geometry, geometry_result, latent_geometry
+from pipeline.evaluate.probing import probing_suite
 from pipeline.infra.console import say
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
@@ -46,6 +50,8 @@ def _core(s: Subject, cfg: EvaluateConfig, tap: CoreTap | None, g: Geometry) -> 
 
 SUITES: dict[str, Suite] = {
     "core": Suite(_core_tap, _core),
+    "absorption": Suite(lambda s, cfg: None, lambda s, cfg, tap, g: absorption_suite(s, cfg)),
+    "probing": Suite(lambda s, cfg: None, lambda s, cfg, tap, g: probing_suite(s, cfg)),
     "geometry": Suite(lambda s, cfg: None, lambda s, cfg, tap, g: geometry_result(g)),
 }
 

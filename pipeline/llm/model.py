@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from pipeline.infra.errors import UserError
-from pipeline.infra.files import Memo, sha256_file, sha256_files
+from pipeline.infra.files import Memo, sha256_file
 from pipeline.llm.hub import hub_commit
 
 # name -> (Python package that ships the file, file name inside it). The package is located with
@@ -83,8 +84,10 @@ def fingerprint_model(source: ModelSource, memo: Memo | None = None) -> dict[str
 
 
 def _folder_sha256(folder: Path, memo: Memo | None) -> str:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
-    return sha256_files(((str(file.relative_to(folder)), file) for file in files), memo)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        digest.update(f"{file.relative_to(folder)}={sha256_file(file, memo)}\n".encode())
+    return digest.hexdigest()
 
 
 def model_shape(
