@@ -12,6 +12,7 @@ from pipeline.circuit.config import CircuitConfig
 from pipeline.circuit.stage import circuit
 from pipeline.infra.console import guarded, say
 from pipeline.infra.files import Folder
+from pipeline.infra.layout import Layout
 from pipeline.infra.params import build_config, load_params
 from pipeline.infra.receipts import read_receipt, write_receipt
 from pipeline.sae.folder import read_cfg
@@ -22,7 +23,7 @@ PARAMS = "params.yaml"
 
 def relative_out(out: Folder, cfg: CircuitConfig) -> str:
     """The output folder as params.yaml places it: ``out`` when set, else its path below the cache root."""
-    return cfg.out or f"circuits/{out.name}"
+    return cfg.out or Layout(cfg.cache_root).relative(out)
 
 
 def main() -> None:

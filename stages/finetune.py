@@ -6,12 +6,12 @@ fine-tuned into its own folder; routed runs and transcoders are skipped with a n
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 from pipeline.finetune.config import FinetuneConfig
 from pipeline.finetune.stage import run
 from pipeline.infra.console import guarded, say
 from pipeline.infra.files import Folder, sha256_file
+from pipeline.infra.layout import Layout
 from pipeline.infra.params import build_config, load_params
 from pipeline.infra.receipts import portable, read_receipt, write_receipt
 from pipeline.sae.folder import read_cfg
@@ -22,7 +22,7 @@ PARAMS = "params.yaml"
 
 def main() -> None:
     cfg = build_config(FinetuneConfig, load_params(PARAMS), "finetune", {})
-    Path(cfg.cache_root, "finetune").mkdir(parents=True, exist_ok=True)  # the stage's output, even when off
+    Layout(cfg.cache_root).finetune().makedirs()  # the stage's output, even when off
     runs = []
     for parent in read_receipt("fit", cfg.cache_root)["runs"] if cfg.enabled else []:
         arch = REGISTRY[read_cfg(Folder.at(parent["path"]))["sae"]["arch"]]

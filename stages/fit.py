@@ -7,12 +7,12 @@ training curves are copied to cache/plots/fit/ for `dvc plots show`.
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 from pipeline.fit.config import FitConfig
 from pipeline.fit.stage import fit
 from pipeline.infra.console import guarded
 from pipeline.infra.files import sha256_file
+from pipeline.infra.layout import Layout
 from pipeline.infra.params import build_config, load_params
 from pipeline.infra.receipts import portable, read_receipt, write_receipt
 
@@ -23,7 +23,7 @@ def main() -> None:
     receipt = read_receipt("extract")
     cfg = build_config(FitConfig, load_params(PARAMS), "fit", {"cache": receipt["cache"], "overwrite": True})
     runs = fit(cfg)
-    plots = Path(cfg.cache_root) / "plots" / "fit"
+    plots = Layout(cfg.cache_root).plots("fit").local()
     shutil.rmtree(plots, ignore_errors=True)
     plots.mkdir(parents=True)
     for run in runs:

@@ -10,7 +10,7 @@ import dataclasses
 from typing import Any
 
 from pipeline.infra.console import guarded
-from pipeline.infra.files import Folder
+from pipeline.infra.layout import Layout
 from pipeline.infra.params import build_config, load_params
 from pipeline.infra.receipts import read_receipt, write_receipt
 from pipeline.interpret.compare import write_comparison
@@ -25,7 +25,7 @@ SCORE_KEYS = ["features"] + [f"{m}{end}" for m in ("balanced_accuracy", "auc") f
 def main() -> None:
     cfg = build_config(InterpretConfig, load_params(PARAMS), "interpret", {})
     summaries = [interpret(dataclasses.replace(cfg, run=run["path"])) for run in read_receipt("fit")["runs"]]
-    write_comparison(summaries, Folder.at(cfg.cache_root).child("interpret"))
+    write_comparison(summaries, Layout(cfg.cache_root).interpret())
     metrics = {s["run"]: _metrics(s) for s in summaries}
     write_receipt("interpret", {"runs": metrics}, cfg.cache_root)
 

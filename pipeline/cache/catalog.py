@@ -9,14 +9,14 @@ import numpy as np
 from pipeline.cache.manifest import read_manifest, shard_name
 from pipeline.cache.reader import ActivationCache
 from pipeline.infra.errors import UserError
-from pipeline.infra.files import Folder
+from pipeline.infra.layout import Layout
 
 STATS_ROWS = 4096  # rows sampled per layer for the mean/std check
 
 
 def list_caches(cache_root: str) -> list[dict[str, Any]]:
     """One summary line per folder under ``<cache_root>/activations`` (incomplete ones included)."""
-    root = Folder.at(cache_root).child("activations")
+    root = Layout(cache_root).activations()
     found: list[dict[str, Any]] = []
     for name in root.list():
         folder = root.child(name)

@@ -29,6 +29,7 @@ from torch import Tensor
 from pipeline.circuit.measures import Score
 from pipeline.infra.console import Stopwatch
 from pipeline.infra.files import Folder
+from pipeline.infra.layout import Layout
 from pipeline.live.subject import Subject
 
 GOOD = 0.8  # faithfulness a circuit must reach to be chosen for being small
@@ -81,21 +82,21 @@ def chosen(found: list[Found], why: str) -> Verdict:
 
 def feature_notes(cache_root: str, run: str) -> dict[int, dict[str, Any]]:
     """latent -> top tokens, explanation and report link from the run's `interpret` outputs (if any)."""
-    folder = Folder.at(cache_root).child("interpret", run).local()
+    found = Layout(cache_root).interpreted(run)
     notes: dict[int, dict[str, Any]] = {}
-    if (folder / "examples.parquet").is_file():
-        rows = pq.read_table(folder / "examples.parquet", columns=["latent", "kind", "rank", "token"]).to_pylist()
+    if found.examples.is_file():
+        rows = pq.read_table(found.examples, columns=["latent", "kind", "rank", "token"]).to_pylist()
         for row in sorted(rows, key=lambda r: r["rank"]):
             entry = notes.setdefault(int(row["latent"]), {"top_tokens": []})
             if row["kind"] == "top" and len(entry["top_tokens"]) < TOP_TOKENS:
                 entry["top_tokens"].append(row["token"])
-    if (folder / "explanations.parquet").is_file():
-        for row in pq.read_table(folder / "explanations.parquet", columns=["latent", "explanation"]).to_pylist():
+    if found.explanations.is_file():
+        for row in pq.read_table(found.explanations, columns=["latent", "explanation"]).to_pylist():
             if row["explanation"]:
                 notes.setdefault(int(row["latent"]), {})["explanation"] = row["explanation"]
-    if (folder / "report.html").is_file():
+    if found.report.is_file():
         for latent, entry in notes.items():
-            entry["report"] = f"{folder / 'report.html'}#f{latent}"
+            entry["report"] = f"{found.report}#f{latent}"
     return notes
 
 

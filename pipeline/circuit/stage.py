@@ -26,6 +26,7 @@ from pipeline.infra.console import Stopwatch, say
 from pipeline.infra.device import resolve_device
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder, sha256_file
+from pipeline.infra.layout import Layout
 from pipeline.live.subject import Subject, go_live, load_subject
 
 PARTS = ("train", "val", "test")
@@ -89,7 +90,7 @@ def out_folder(cfg: CircuitConfig, subjects: list[Subject]) -> Folder:
     if task.is_file():
         settings["task_file"] = sha256_file(task)
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    return Folder.at(cfg.cache_root).child("circuits", f"{task.stem}-{digest}")
+    return Layout(cfg.cache_root).circuits(f"{task.stem}-{digest}")
 
 
 class Split(NamedTuple):

@@ -88,12 +88,13 @@ def evaluate(given: Given[EvaluateConfig]) -> None:
     from pipeline.evaluate.compare import find_runs, one_line, write_comparison
     from pipeline.evaluate.stage import evaluate as run_evaluate
     from pipeline.infra.files import Folder
+    from pipeline.infra.layout import Layout
 
     all_in = given.extras["all_in"]
     cfg = given.config(runs=(given.overrides["runs"] or []) + (find_runs(all_in) if all_in else []))
     results = run_evaluate(cfg)
     if all_in:
-        root = Folder.at(cfg.out) if cfg.out else Folder.at(cfg.cache_root).child("evaluate")
+        root = Folder.at(cfg.out) if cfg.out else Layout(cfg.cache_root).evaluate()
         for path in write_comparison(results, root):
             console.print(f"wrote {path}")
     if given.extras["as_json"]:

@@ -21,6 +21,7 @@ from pipeline.infra.console import progress_bar, say
 from pipeline.infra.device import DTYPES, resolve_device
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
+from pipeline.infra.layout import Layout
 from pipeline.live.edit import EditSpec, Mode
 from pipeline.live.routing import route_choice
 from pipeline.live.splice import Branches, replays_exactly, site_edits, zero_edits
@@ -250,7 +251,7 @@ def write_metrics(s: Subject, cfg: EvaluateConfig) -> dict[str, Any]:
         **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in s.result.items()},
         "definitions": {k: v for k, v in DEFINITIONS.items() if k in s.result},
     }
-    root = Folder.at(cfg.out) if cfg.out else Folder.at(cfg.cache_root).child("evaluate")
+    root = Folder.at(cfg.out) if cfg.out else Layout(cfg.cache_root).evaluate()
     root.child(s.folder.name).write_json(metrics, "metrics.json")
     shown = {k: metrics[k] for k in ("nmse", "l0", "kl_per_token", "ce_recovered", "train_dead_share") if k in metrics}
     say(f"evaluated {s.folder.name}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))

@@ -26,6 +26,7 @@ from pipeline.evaluate.probing import probing_suite
 from pipeline.infra.console import say
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
+from pipeline.infra.layout import Layout
 from pipeline.interop.saebench import EvalResult, write_result
 from pipeline.live.subject import Subject
 
@@ -74,7 +75,7 @@ def write_suites(s: Subject, cfg: EvaluateConfig, taps: dict[str, CoreTap]) -> l
     if not cfg.suite:
         return []
     g = latent_geometry(s.sae)  # shared: core reports the per-latent cosines too
-    root = Folder.at(cfg.out) if cfg.out else Folder.at(cfg.cache_root).child("evaluate")
+    root = Folder.at(cfg.out) if cfg.out else Layout(cfg.cache_root).evaluate()
     written = []
     for name in cfg.suite:
         result = SUITES[name].result(s, cfg, taps.get(name), g)

@@ -29,6 +29,7 @@ from pipeline.infra.device import dtype_name, resolve_dtype
 from pipeline.infra.distributed import Ranks
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder, Memo
+from pipeline.infra.layout import Layout
 from pipeline.infra.locks import exclusive
 from pipeline.llm.layers import parse_layers
 from pipeline.llm.model import (
@@ -99,7 +100,7 @@ def prepare(cfg: ExtractConfig, ranks: Ranks | None = None) -> Prepared:
         "seqs_per_shard": max(1, int(cfg.shard_mb * 2**20) // seq_bytes),
     }
     facts = {"n_layers_model": n_layers, "d_model": d_model}
-    folder = Folder.at(cfg.cache_root).child("activations", cache_key(spec))
+    folder = Layout(cfg.cache_root).activations(cache_key(spec))
     return Prepared(cfg, source, corpus, spec, facts, folder, device)
 
 

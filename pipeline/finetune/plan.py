@@ -11,6 +11,7 @@ import numpy as np
 from pipeline.finetune.config import FinetuneConfig
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
+from pipeline.infra.layout import Layout
 from pipeline.live.subject import Subject
 
 MAX_PASSES = 100  # more passes over the training split than this is a typo in --max-tokens
@@ -52,7 +53,7 @@ def target(cfg: FinetuneConfig, subject: Subject) -> Folder:
         out = Folder.at(cfg.out)
     else:
         digest = hashlib.sha256(json.dumps([parent.name, settings(cfg)], sort_keys=True).encode()).hexdigest()[:8]
-        out = Folder.at(cfg.cache_root).child("finetune", f"{parent.name}-ft{cfg.loss}-{digest}")
+        out = Layout(cfg.cache_root).finetune(f"{parent.name}-ft{cfg.loss}-{digest}")
     if out.url.rstrip("/") == parent.url.rstrip("/") or out.url.startswith(parent.url.rstrip("/") + "/"):
         raise UserError(f"--out {out.url} is the run being fine-tuned (or inside it); the parent is never written.")
     if out.exists() and out.list() and not out.exists("cfg.json"):

@@ -21,6 +21,7 @@ from pipeline.fit.optim import auto_lr
 from pipeline.infra.console import say
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
+from pipeline.infra.layout import Layout
 from pipeline.infra.params import coerce
 from pipeline.llm.layers import layer_span, parse_layers, route_range
 from pipeline.sae.folder import read_cfg
@@ -152,7 +153,7 @@ def auto_dead_tokens(n_latents: int, k: int) -> int:
 
 
 def out_root(cfg: FitConfig) -> str:
-    return cfg.out or str(Folder.at(cfg.cache_root).child("saes").url)
+    return cfg.out or str(Layout(cfg.cache_root).saes().url)
 
 
 def _site_normalization(arch: str, cache: ActivationCache) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import os
 from typing import Any
 
 from pipeline.infra.errors import UserError
-from pipeline.infra.files import Folder
+from pipeline.infra.layout import Layout
 
 
 def portable(path: str) -> str:
@@ -20,11 +20,14 @@ def portable(path: str) -> str:
 
 
 def write_receipt(stage: str, data: dict[str, Any], cache_root: str = "cache") -> None:
-    Folder.at(cache_root).write_json({"stage": stage, **data}, f"{stage}.json")
+    layout = Layout(cache_root)
+    layout.folder.write_json({"stage": stage, **data}, layout.receipt(stage))
 
 
 def read_receipt(stage: str, cache_root: str = "cache") -> dict[str, Any]:
-    root = Folder.at(cache_root)
-    if not root.exists(f"{stage}.json"):
-        raise UserError(f"{cache_root}/{stage}.json is missing: run the `{stage}` stage first (dvc repro {stage}).")
-    return root.read_json(f"{stage}.json")
+    layout = Layout(cache_root)
+    if not layout.folder.exists(layout.receipt(stage)):
+        raise UserError(
+            f"{cache_root}/{layout.receipt(stage)} is missing: run the `{stage}` stage first (dvc repro {stage})."
+        )
+    return layout.folder.read_json(layout.receipt(stage))

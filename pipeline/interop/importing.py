@@ -26,6 +26,7 @@ from pipeline.cache.normalize import LAYER_NORM
 from pipeline.infra.console import say
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder, Memo
+from pipeline.infra.layout import Layout
 from pipeline.interop.foreign import Foreign, read_json
 from pipeline.interop.saelens import is_saelens, read_saelens
 from pipeline.interop.saelens_fields import CENTRE, REGISTRY_CENTRED, TL_LAYER_NORM
@@ -68,7 +69,7 @@ def import_checkpoint(
     if foreign.centred is not False:
         _centre(foreign, resolved)
     record = _record(foreign, spec, force)
-    target = Folder.at(out) if out else root.child("saes", run_name(foreign, spec["name"], record))
+    target = Folder.at(out) if out else Layout(cache_root).saes(run_name(foreign, spec["name"], record))
     if not out and _imported_before(target, record):
         say(f"already imported: {target.url}")
         return target

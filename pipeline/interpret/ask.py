@@ -19,6 +19,7 @@ from pipeline.infra.chat import AnswerCache, Budget, ChatClient, ClientSettings,
 from pipeline.infra.console import progress_bar, say
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
+from pipeline.infra.layout import Layout
 from pipeline.interpret.config import InterpretConfig
 from pipeline.interpret.explain import Explainer, usable
 from pipeline.interpret.score import Batch, ScoreSettings, build_batches, run_scorer
@@ -36,7 +37,7 @@ class Asker:
 
     def __init__(self, cfg: InterpretConfig, tables: dict[str, pa.Table], latents: list[int]) -> None:
         self.cfg, self.tables, self.latents = cfg, tables, latents
-        cache = AnswerCache(Folder.at(cfg.cache_root).child("interpret", ".answers"))
+        cache = AnswerCache(Layout(cfg.cache_root).answers("interpret"))
         budget = Budget(cfg.max_cost)
         explainer = ClientSettings(cfg.explainer_model, cfg.base_url, cfg.concurrency, cfg.max_retries, cfg.timeout)
         self.explainer = ChatClient(explainer, cache, budget)

@@ -37,6 +37,7 @@ from pipeline.infra.console import Stopwatch, progress_bar, say
 from pipeline.infra.device import resolve_device
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
+from pipeline.infra.layout import Layout
 from pipeline.interpret.ask import Asker
 from pipeline.interpret.checks import check_config
 from pipeline.interpret.config import InterpretConfig
@@ -64,7 +65,7 @@ def interpret(cfg: InterpretConfig) -> dict[str, Any]:
     clock = Stopwatch()
     subject = load_subject(cfg.run, resolve_device(cfg.device), cfg.cache or None)
     subject.check_infer_k(cfg.infer_k)
-    out = Folder.at(cfg.out) if cfg.out else Folder.at(cfg.cache_root).child("interpret", subject.folder.name)
+    out = Folder.at(cfg.out) if cfg.out else Layout(cfg.cache_root).interpret(subject.folder.name)
     tables, scanned, latents = build_tables(subject, cfg)
     if cfg.logit_effects:
         tables["features"] = with_columns(tables["features"], effect_columns(subject, tables["features"]), EFFECTS)

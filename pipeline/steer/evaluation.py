@@ -18,6 +18,7 @@ from pipeline.infra.chat import ClientSettings
 from pipeline.infra.console import Stopwatch, say
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
+from pipeline.infra.layout import Layout
 from pipeline.live.edit import Mode
 from pipeline.live.logits import SCORE_PROMPT, feature_output_scores, logit_effects
 from pipeline.live.subject import Live
@@ -52,7 +53,7 @@ def evaluate_steering(cfg: SteerConfig) -> Folder:
     words = {f: [session.tokenizer.decode([int(t)]) for t in bench.promoted[f]] for f in scores}
     concepts = feature_concepts(session, cfg, words)
     settings = ClientSettings(cfg.judge_model, cfg.base_url, temperature=0.0, max_answer_tokens=30)
-    plan = plan_judge(generations, concepts, settings, cfg.max_cost, Folder.at(cfg.cache_root))
+    plan = plan_judge(generations, concepts, settings, cfg.max_cost, Layout(cfg.cache_root).answers("steer"))
     summary = {
         "run": session.subject.folder.name,
         "layers": session.subject.layers,
@@ -90,7 +91,7 @@ def check_evaluation(cfg: SteerConfig) -> None:
 def output_folder(session: Live, cfg: SteerConfig) -> Folder:
     """Where the grid goes; a folder holding something else is refused (it would be replaced whole)."""
     name = session.subject.folder.name
-    out = Folder.at(cfg.out) if cfg.out else Folder.at(cfg.cache_root).child("steer", name)
+    out = Folder.at(cfg.out) if cfg.out else Layout(cfg.cache_root).steer(name)
     if out.exists() and out.list() and not out.exists("steering.csv"):
         raise UserError(
             f"--out {out.url} exists and is not a steering result (no steering.csv); it would be replaced "
@@ -192,10 +193,10 @@ def table_scores(table: pa.Table) -> dict[int, float]:
 
 def feature_concepts(session: Live, cfg: SteerConfig, words: dict[int, list[str]]) -> dict[int, str]:
     """What the judge looks for: the feature's explanation from `interpret`, else its top promoted tokens."""
-    interpret = Folder.at(cfg.cache_root).child("interpret", session.subject.folder.name).local()
+    explanations = Layout(cfg.cache_root).interpreted(session.subject.folder.name).explanations
     concepts = {f: "text about tokens like " + ", ".join(repr(w) for w in ws[:5]) for f, ws in words.items()}
-    if (interpret / "explanations.parquet").is_file():
-        data = pq.read_table(interpret / "explanations.parquet", columns=["latent", "explanation"]).to_pydict()
+    if explanations.is_file():
+        data = pq.read_table(explanations, columns=["latent", "explanation"]).to_pydict()
         concepts.update({int(i): e for i, e in zip(data["latent"], data["explanation"]) if i in words and e})
     return concepts
 

@@ -62,13 +62,17 @@ def usable(_: int, text: str) -> bool:
 
 
 def plan_judge(
-    generations: list[dict[str, Any]], concepts: dict[int, str], settings: ClientSettings, max_cost: float, root: Folder
+    generations: list[dict[str, Any]],
+    concepts: dict[int, str],
+    settings: ClientSettings,
+    max_cost: float,
+    answers: Folder,
 ) -> JudgePlan:
     """Estimate the judge's cost of rating every generation and check it against ``max_cost``; sends nothing."""
     if not api_key_present():
         say("steer: OPENAI_API_KEY is not set; the LLM judge is skipped (concept and fluency stay empty).")
         return JudgePlan("skipped (no OPENAI_API_KEY)")
-    client = ChatClient(settings, AnswerCache(root.child("steer", ".answers")), Budget(max_cost))
+    client = ChatClient(settings, AnswerCache(answers), Budget(max_cost))
     requests = [judge_messages(concepts[g["feature"]], g["prompt"], g["text"]) for g in generations]
     estimate = client.estimate(requests, accept=usable)
     say(estimate.line("cost estimate, judge"))

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 
 from pipeline.infra.device import resolve_device
 from pipeline.infra.errors import UserError
-from pipeline.infra.files import Folder
+from pipeline.infra.layout import Layout
 from pipeline.live.edit import MODES
 from pipeline.live.subject import Live, Subject, go_live, load_subject
 from pipeline.steer.config import SteerConfig
@@ -106,7 +106,7 @@ def make_target(session: Live, cfg: SteerConfig) -> Target:
 
 def feature_table(subject: Subject, cfg: SteerConfig) -> pa.Table | None:
     """The run's features.parquet (from `interpret`, or --feature-table), or None when there is none."""
-    default = Folder.at(cfg.cache_root).child("interpret", subject.folder.name).local() / "features.parquet"
+    default = Layout(cfg.cache_root).interpreted(subject.folder.name).features
     table = Path(cfg.feature_table) if cfg.feature_table else default
     if cfg.feature_table and not table.is_file():
         raise UserError(f"--feature-table {cfg.feature_table} does not exist; `sae-pipe interpret RUN` writes one.")
