@@ -18,7 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from pipeline.infra.errors import UserError
-from pipeline.infra.files import Memo, sha256_file
+from pipeline.infra.files import Memo, sha256_files
 from pipeline.llm.hub import hub_commit
 
 BUILTIN = "builtin"
@@ -71,10 +71,7 @@ def fingerprint_corpus(spec: CorpusSpec, memo: Memo | None = None) -> dict[str, 
         return {"sha256": str(memo.get(stamp))}
     files = _local_files(spec.dataset)
     if files is not None:
-        digest = hashlib.sha256()
-        for file in files:
-            digest.update(f"{file.name}={sha256_file(file, memo)}\n".encode())
-        return {"sha256": digest.hexdigest()}
+        return {"sha256": sha256_files(((file.name, file) for file in files), memo)}
     return {"commit": hub_commit(spec.dataset, spec.revision, repo_type="dataset")}
 
 

@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,4 +189,12 @@ def sha256_file(path: str | Path, memo: Memo | None = None) -> str:
             digest.update(block)
     if memo is not None:
         memo.set(stamp, digest.hexdigest())
+    return digest.hexdigest()
+
+
+def sha256_files(named: Iterable[tuple[str, Path]], memo: Memo | None = None) -> str:
+    """Content hash of several files, each under a name (a line ``name=<sha256_file>`` per file, in order)."""
+    digest = hashlib.sha256()
+    for name, path in named:
+        digest.update(f"{name}={sha256_file(path, memo)}\n".encode())
     return digest.hexdigest()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ import torch
 from torch import nn
 
 from pipeline.infra.errors import UserError
-from pipeline.infra.files import Memo, sha256_file
+from pipeline.infra.files import Memo, sha256_file, sha256_files
 from pipeline.llm.hub import hub_commit
 
 # name -> (Python package that ships the file, file name inside it). The package is located with
@@ -84,10 +83,8 @@ def fingerprint_model(source: ModelSource, memo: Memo | None = None) -> dict[str
 
 
 def _folder_sha256(folder: Path, memo: Memo | None) -> str:
-    digest = hashlib.sha256()
-    for file in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        digest.update(f"{file.relative_to(folder)}={sha256_file(file, memo)}\n".encode())
-    return digest.hexdigest()
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return sha256_files(((str(file.relative_to(folder)), file) for file in files), memo)
 
 
 def model_shape(
