@@ -11,7 +11,10 @@ offline from the GGUF model):
       as the inference class it names (batchtopk and matryoshka: JumpReLUSAE);
   (b) SAEs created and saved with each package's own API (every supported architecture and
       convention, random weights; SAELens's BatchTopK and Matryoshka BatchTopK trainers saved in their
-      inference form) are imported with `sae-pipe import` and compared again.
+      inference form) are imported with `sae-pipe import` and compared again;
+  (c) transcoders both ways (benchmarks/peer_transcoders.py): ours (with and without a skip path, trained
+      on SmolLM2's MLP input and output at the same layer) exported to sparsify and SAELens (no skip path)
+      and loaded by each, and the packages' own transcoders imported, compared on the MLP-input rows.
 Prints, per case and package version, the largest absolute and relative (to the largest value)
 differences of the code and of the reconstruction over rows where both fire the same latents, and
 the rows where they do not: "ties" (every latent firing on one side only sits within TIE of its
@@ -39,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks import peer_transcoders
 from pipeline.cache.normalize import Normalizer
 from pipeline.cache.reader import ActivationCache
 from pipeline.extract.config import ExtractConfig
@@ -140,6 +144,7 @@ def prepare(work: Path) -> list[dict[str, Any]]:
             exact = not (takes_raw and method == "standardize")
             case = {"name": name, "package": package, "arch": arch, "folder": folder, "exact": exact}
             cases.append({**case, "input": "raw.npy" if takes_raw else f"{method}.npy"})
+    cases += peer_transcoders.prepare(work, MODEL, LAYER, settings)
     (work / "cases_a.json").write_text(json.dumps(cases, indent=1))
     return cases
 
@@ -150,6 +155,11 @@ def compare_b(work: Path, x: np.ndarray) -> list[dict[str, Any]]:
     for case in json.loads((work / "cases_b.json").read_text()):
         run = import_checkpoint(case["folder"], model=MODEL, cache_root=str(work / "cache")).url
         theirs = np.load(work / "b" / f"{case['name']}.npz")
+        mine = (
+            peer_transcoders.transcoder_outputs(run, np.load(work / peer_transcoders.INPUT))
+            if case.get("transcoder")
+            else ours(run, x, raw=True)
+        )
         row = {
             "direction": "b: theirs -> import",
             "case": case["name"],
@@ -157,7 +167,7 @@ def compare_b(work: Path, x: np.ndarray) -> list[dict[str, Any]]:
             "arch": case["arch"],
         }
         row["exact"] = True
-        results.append({**row, **differences(ours(run, x, raw=True), (theirs["code"], theirs["out"]))})
+        results.append({**row, **differences(mine, (theirs["code"], theirs["out"]))})
         if case.get("multi_topk"):  # sparsify's forward returns the 4k reconstruction: our --infer-k 4k
             mine = ours(run, x, raw=True, k=4 * load_sae(run)[1]["sae"]["k"])
             diff = differences(mine, (theirs["forward_code"], theirs["forward"]))

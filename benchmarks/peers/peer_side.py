@@ -10,7 +10,8 @@ then writes, as each package computes them:
       supported architecture and convention; SAELens's BatchTopK and Matryoshka BatchTopK trainers saved
       as SAELens's training runner saves them, save_inference_model), WORK/b/<case>.npz its code and out
       on the raw rows, as the package computes them once it has loaded the folder,
-      and WORK/cases_b.json listing them.
+      and WORK/cases_b.json listing them;
+  transcoders both ways (peer_transcoders.py), on WORK/mlp_in.npy (real MLP-input rows).
 WORK/versions.json records the package versions.
 """
 
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import peer_transcoders  # this folder (the script's own) is on sys.path
 import torch
 
 D_SAE, K, SCALE = 2048, 16, 0.05  # latents, top-k, the expected_average factor (SmolLM2 rows are long)
@@ -64,7 +66,7 @@ def load_exports(work: Path) -> None:
             code, out = saelens_outputs(sae, x)
         else:
             sae = SparseCoder.load_from_disk(case["folder"])
-            code, out = sparsify_outputs(sae, x)
+            code, out = (peer_transcoders.sparsify_forward if case.get("transcoder") else sparsify_outputs)(sae, x)
         save(work / "a" / f"{case['name']}.npz", code, out)
         (work / "a" / f"{case['name']}.json").write_text(json.dumps({"loaded": type(sae).__name__}))
 
@@ -204,6 +206,9 @@ def main(work: Path) -> None:
     x = torch.from_numpy(np.load(work / "raw.npy"))
     load_exports(work)
     cases = make_saelens(work, x) + make_saelens_trainers(work, x) + make_sparsify(work, x)
+    mlp_in = peer_transcoders.load_input(work)
+    if mlp_in is not None:
+        cases += peer_transcoders.make(work, mlp_in, save)
     (work / "cases_b.json").write_text(json.dumps(cases, indent=1))
     versions = {p: importlib.metadata.version(p) for p in ("sae-lens", "eai-sparsify", "torch")}
     (work / "versions.json").write_text(json.dumps(versions))

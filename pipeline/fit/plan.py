@@ -165,7 +165,8 @@ def _site_normalization(arch: str, cache: ActivationCache) -> dict[str, Any]:
 
 def _layers(cfg: FitConfig, cache: ActivationCache) -> list[int]:
     held = cache.layers
-    if REGISTRY[cfg.arch].multi_layer:
+    sae_class = REGISTRY[cfg.arch]
+    if sae_class.multi_layer and sae_class.sites == ("resid",):  # routes over layers (a transcoder reads sites)
         if len(held) < 2:
             raise UserError(
                 f"RouteSAE needs a multi-layer cache; {cache.key} holds only layer {held}. "

@@ -12,7 +12,8 @@
   TopK only. sparsify hooks a block's *output*, so our layer L (input of block L) is its ``layers.<L-1>``.
   sparsify has no input normalization: with `standardize` the caller must standardize inputs and
   undo it on outputs (written to NOTE.md in the export). A `scale` factor is folded in.
-RouteSAEs are not exported: neither library has a router.
+RouteSAEs are not exported: neither library has a router. Transcoders: :mod:`pipeline.interop.transcoding`
+(sparsify's transcoding SparseCoder in ``layers.L.mlp``; SAELens: a topk SAE of the MLP's two hooks, no skip path).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import nn
 
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
+from pipeline.interop import transcoding
 from pipeline.interop.saelens import OWN, THEIRS, saelens_files
 from pipeline.interop.saelens import WEIGHTS as SAELENS_WEIGHTS
 from pipeline.interop.sparsify import WEIGHTS as SPARSIFY_WEIGHTS
@@ -40,6 +42,8 @@ def export_run(run: str, fmt: str, out: str) -> Folder:
         raise UserError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}.")
     model, cfg = load_sae(run)
     arch = cfg["sae"]["arch"]
+    if arch == "transcoder":
+        return _transcoder(model, cfg, fmt, out)
     if model.multi_layer:
         raise UserError("RouteSAEs cannot be exported: neither SAELens nor sparsify represents the layer router.")
     if arch not in THEIRS:
@@ -50,12 +54,36 @@ def export_run(run: str, fmt: str, out: str) -> Folder:
             f"{', '.join(sorted(THEIRS))}); --format sparsify takes topk."
         )
     tensors, normalization = _folded(model, cfg)
-    folder = Folder.at(out)
-    if folder.exists() and folder.list():
-        raise UserError(f"{out} exists and is not empty; choose a new --out folder (nothing was overwritten).")
+    folder = _empty(out)
     if fmt == "saelens":
         return _saelens(folder, tensors, cfg, normalization)
     return _sparsify(folder, tensors, cfg, normalization)
+
+
+def _empty(out: str) -> Folder:
+    folder = Folder.at(out)
+    if folder.exists() and folder.list():
+        raise UserError(f"{out} exists and is not empty; choose a new --out folder (nothing was overwritten).")
+    return folder
+
+
+def _transcoder(model: nn.Module, cfg: dict[str, Any], fmt: str, out: str) -> Folder:
+    """A (skip) transcoder: SAELens's topk SAE of the MLP's two hooks, or sparsify's transcoding SparseCoder."""
+    tensors, layer = transcoding.folded(model, cfg), cfg["sae"]["layers"][0]
+    if fmt == "saelens":
+        config, weights = transcoding.saelens_transcoder(tensors, cfg)
+        folder = _empty(out)
+        folder.makedirs()
+        folder.write_json(config, "cfg.json")
+        save_file(weights, str(folder.local() / SAELENS_WEIGHTS))
+        return folder
+    config, weights = transcoding.sparsify_transcoder(tensors, cfg)
+    hookpoint = transcoding.sparsify_hookpoint(layer)
+    target = _empty(out).child(hookpoint)
+    target.makedirs()
+    target.write_json(config, "cfg.json")
+    save_file(weights, str(target.local() / SPARSIFY_WEIGHTS))
+    return target
 
 
 def _folded(model: nn.Module, cfg: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -48,6 +48,11 @@ class Foreign:
     def layer(self) -> int:
         return self.sae.layers[0]
 
+    @property
+    def transcodes(self) -> bool:
+        """Whether it is a transcoder: it reads block ``layer``'s MLP input and predicts that MLP's output."""
+        return self.sae.arch == "transcoder"
+
     def module(self) -> TopKSAE:
         """The SAE module with these weights (eval mode, CPU)."""
         model = build_sae(self.sae)

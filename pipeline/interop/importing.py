@@ -31,7 +31,9 @@ from pipeline.interop.foreign import Foreign, read_json
 from pipeline.interop.saelens import is_saelens, read_saelens
 from pipeline.interop.saelens_fields import CENTRE, REGISTRY_CENTRED, TL_LAYER_NORM
 from pipeline.interop.sparsify import BLOCK_OUTPUT, EMBEDDINGS, is_sparsify, read_sparsify
+from pipeline.interop.transcoding import is_transcoder, read_saelens_transcoder, read_sparsify_transcoder
 from pipeline.llm.model import BUILTIN_MODELS, ModelSource, fingerprint_model, model_shape, resolve_model
+from pipeline.llm.sites import SITES
 from pipeline.sae.folder import read_cfg, save_weights, write_cfg
 
 FORMATS = ("auto", "saelens", "sparsify")
@@ -121,9 +123,10 @@ def read_checkpoint(folder: Path, fmt: str = "auto", hookpoint: str | None = Non
         )
     if fmt not in ("auto", found):
         raise UserError(f"{sae_dir} is a {found} checkpoint, not {fmt}; pass --format {found} (or auto).")
-    return (
-        read_saelens(sae_dir) if found == "saelens" else read_sparsify(sae_dir, _own_name(sae_dir, folder, hookpoint))
-    )
+    name = _own_name(sae_dir, folder, hookpoint)
+    if is_transcoder(sae_dir, found):
+        return read_saelens_transcoder(sae_dir) if found == "saelens" else read_sparsify_transcoder(sae_dir, name)
+    return read_saelens(sae_dir) if found == "saelens" else read_sparsify(sae_dir, name)
 
 
 def _pick(folder: Path, hookpoint: str | None) -> Path:
@@ -261,6 +264,8 @@ def _record(foreign: Foreign, spec: dict[str, Any], forced: bool) -> dict[str, A
             "model": spec,
             "layers": foreign.sae.layers,
             "normalization": foreign.normalization.to_dict(),
+            # a transcoder reads and writes its MLP's sites as they are (exports fold the cache's factors in)
+            **({"site_normalization": dict.fromkeys(SITES[1:], {"method": "none"})} if foreign.transcodes else {}),
             "ctx_len": foreign.context_size,
             "layer_convention": LAYER_CONVENTION,
         },

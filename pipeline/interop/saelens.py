@@ -116,7 +116,7 @@ def read_saelens(folder: Path) -> Foreign:
     k = whole(s, "k", folder / CFG) if arch == "topk" else 0
     if arch == "topk" and k >= d_sae:
         raise UserError(f"k={k} in {folder / CFG} is not below d_sae={d_sae}; a top-k SAE keeps fewer latents.")
-    _refuse_unmapped(s, arch, folder)
+    refuse_unmapped(s, arch, folder)
     layer = hook_layer(s.get("hook_name"), folder)
     stated = s.get("hook_layer")
     if stated is not None and stated != int(HOOK.fullmatch(str(s["hook_name"]))[1]):  # type: ignore[index]
@@ -135,7 +135,7 @@ def read_saelens(folder: Path) -> Foreign:
         "saelens",
         folder,
         SaeConfig(arch, d_in, d_sae, k, [layer]),
-        _ours(arch, tensors, s, notes),
+        ours_layout(arch, tensors, s, notes),
         Normalizer.from_dict(own)
         if own
         else _normalization(str(s.get("normalize_activations") or "none"), folder, layer, notes),
@@ -148,7 +148,7 @@ def read_saelens(folder: Path) -> Foreign:
     )
 
 
-def _refuse_unmapped(s: dict[str, Any], arch: str, folder: Path) -> None:
+def refuse_unmapped(s: dict[str, Any], arch: str, folder: Path) -> None:
     """Config values that change what the SAE reads or computes and have no exact equivalent here."""
     if s.get("reshape_activations", "none") != "none" or s.get("hook_head_index") is not None:
         raise UserError(f"checkpoint {folder} reads attention heads (hook_z); sae-pipe imports residual-stream SAEs.")
@@ -202,7 +202,9 @@ def centred(s: dict[str, Any], raw: dict[str, Any], folder: Path) -> bool | None
     return flag
 
 
-def _ours(arch: str, theirs: dict[str, torch.Tensor], s: dict[str, Any], notes: list[str]) -> dict[str, torch.Tensor]:
+def ours_layout(
+    arch: str, theirs: dict[str, torch.Tensor], s: dict[str, Any], notes: list[str]
+) -> dict[str, torch.Tensor]:
     """Their tensors in our names and layout, with the bias and decoder-norm conventions folded in."""
     t = {("b_enc" if name == "b_gate" else name): value.float() for name, value in theirs.items()}
     t["W_enc"] = t["W_enc"].T.contiguous()  # (N, D)

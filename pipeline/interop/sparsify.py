@@ -9,8 +9,8 @@ command line, a run-level ``config.json`` naming the ``model``.
   inside a block (``layers.6.mlp``) are not the residual stream: refused.
 * Only ``activation: topk`` SAEs are imported. ``multi_topk`` only adds a training loss: the SAE is
   imported with its k (sparsify's `encode`; its `forward` then returns the 4k reconstruction, which
-  ``--infer-k 4k`` reproduces). Transcoders and skip connections are refused: they are not SAEs of
-  one residual stream.
+  ``--infer-k 4k`` reproduces). Transcoders (``transcode``, with or without ``skip_connection``) are read by
+  :mod:`pipeline.interop.transcoding`; a skip connection on an SAE of the residual stream is refused.
 * sparsify has no input normalization. sae-pipe's own exports record theirs (and the model) in extra
   ``sae_pipe_*`` keys that sparsify ignores.
 * Every field of the hookpoint's cfg.json is in :data:`FIELDS`; any other field is refused. The run-level
@@ -41,8 +41,8 @@ FIELDS = {  # every field of sparsify 1.3.3's SparseCoderConfig (+ d_in and ours
     "expansion_factor": "the dictionary size when num_latents is 0",
     "k": "the latents kept per token",
     "multi_topk": "a training loss only; imported at k (see the note it leaves)",
-    "skip_connection": "refused (a W_skip term our SAEs lack)",
-    "transcode": "refused (reconstructs another site than it reads)",
+    "skip_connection": "a transcoder's W_skip path (pipeline.interop.transcoding); refused on an SAE",
+    "transcode": "a transcoder of an MLP (pipeline.interop.transcoding)",
     "normalize_decoder": "irrelevant: keeps decoder rows unit-norm while training; encode/decode use W_dec as stored",
     "sae_pipe_normalization": "sae-pipe's exports: the normalization the SAE expects",
     "sae_pipe_model": "sae-pipe's exports: the model",
@@ -72,12 +72,11 @@ def read_sparsify(folder: Path, hookpoint: str | None = None) -> Foreign:
     cfg = read_json(folder / CFG)
     check_fields(cfg, FIELDS, folder / CFG, "sparsify")
     check_arch(str(cfg.get("activation", "topk")), folder, {"topk": "topk"})
-    for flag, what in (("transcode", "a transcoder"), ("skip_connection", "an SAE with a skip connection")):
-        if cfg.get(flag):
-            raise UserError(
-                f"checkpoint {folder} is {what} ({flag}: true); sae-pipe imports SAEs that reconstruct one "
-                "residual stream, so it cannot splice this one."
-            )
+    if cfg.get("skip_connection") and not cfg.get("transcode"):
+        raise UserError(
+            f"checkpoint {folder} is an SAE with a skip connection (skip_connection: true, transcode: false); "
+            "sae-pipe imports skip paths on transcoders only (W_skip from an MLP's input to its output)."
+        )
     if "d_in" not in cfg:
         raise UserError(f"{folder / CFG} lacks d_in; it is not a complete sparsify config.")
     d_in, k = whole(cfg, "d_in", folder / CFG), whole(cfg, "k", folder / CFG, default=32)
@@ -103,13 +102,13 @@ def read_sparsify(folder: Path, hookpoint: str | None = None) -> Foreign:
         {RENAME[name]: value.float() for name, value in tensors.items()},
         normalization,
         name,
-        cfg.get("sae_pipe_model") or _run_model(folder),
+        cfg.get("sae_pipe_model") or run_model(folder),
         None,
         notes,
     )
 
 
-def _run_model(folder: Path) -> str | None:
+def run_model(folder: Path) -> str | None:
     """The model named by the run-level config.json (sparsify's command line writes it)."""
     for where in (folder.parent / RUN_CFG, folder.parent.parent / RUN_CFG):
         if where.is_file():

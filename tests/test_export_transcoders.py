@@ -1,0 +1,106 @@
+"""Transcoders export to sparsify's and SAELens's layouts and import back: the files compute, by the libraries'
+formulas written out here in numpy, the run's code and MLP-output prediction on the model's own activations
+(the sites' scale factors folded in), and `sae-pipe import` reads them back to the same code and prediction.
+
+sparsify 1.3.3 (sparse_coder.py, transcode: true): ``pre = x W^T + b`` (no pre-bias), the k largest of
+``relu(pre)``, ``y = z W_dec + b_dec (+ x W_skip^T)``. SAELens 6.x topk with ``apply_b_dec_to_input: false``:
+``pre = x W_enc + b_enc``, the k largest of ``relu(pre)``, ``y = z W_dec + b_dec``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.infra.errors import UserError
+from pipeline.infra.files import Folder
+from pipeline.interop.export import export_run
+from pipeline.interop.importing import import_checkpoint
+from pipeline.sae.archs.transcoder import Transcoder
+from pipeline.sae.folder import load_sae, save_weights, write_cfg
+from pipeline.sae.interface import SaeConfig
+
+D, N, K, LAYER, C_IN, C_OUT = 64, 128, 4, 1, 2.0, 0.5  # D: the tiny Llama's width
+
+
+def transcoder_run(root: Path, skip: bool, model: str = "tiny") -> tuple[str, Transcoder]:
+    """A run folder of a (skip) transcoder, every parameter random, its MLP sites scaled by C_IN and C_OUT."""
+    sae = Transcoder(SaeConfig("transcoder", D, N, K, [LAYER], skip=skip), torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in sae.named_parameters():
+            p.copy_((0.1 if name == "W_skip" else 0.3) * torch.randn(p.shape, generator=gen))
+    folder = Folder.at(str(root / f"run-{skip}"))
+    folder.makedirs()
+    sites = {s: {"method": "scale", "scales": {str(LAYER): c}} for s, c in (("mlp_in", C_IN), ("mlp_out", C_OUT))}
+    cache = {
+        "key": "k",
+        "model": {"name": model},
+        "ctx_len": 8,
+        "layers": [LAYER],
+        "normalization": {"method": "none"},
+    }
+    write_cfg(folder, {"status": "complete", "sae": sae.cfg.to_dict(), "cache": {**cache, "site_normalization": sites}})
+    save_weights(folder, sae)
+    return folder.url, sae.eval()
+
+
+def their_forward(folder: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The exported files' code (B, N) and prediction (B, D) of the MLP's output, by the library's formulas."""
+    cfg = json.loads((folder / "cfg.json").read_text())
+    sparsify = "transcode" in cfg
+    name = "sae.safetensors" if sparsify else "sae_weights.safetensors"
+    w = {key: t.double().numpy() for key, t in load_file(str(folder / name)).items()}
+    if sparsify:
+        assert cfg["transcode"] and cfg["skip_connection"] == ("W_skip" in w)
+        pre = x @ w["encoder.weight"].T + w["encoder.bias"]  # (B, N)
+    else:
+        assert cfg["apply_b_dec_to_input"] is False and cfg["architecture"] == "topk"
+        pre = x @ w["W_enc"] + w["b_enc"]  # (B, N)
+    code = np.maximum(pre, 0)
+    kth = np.sort(code, axis=1)[:, -cfg["k"]][:, None]  # (B, 1)
+    code = code * (code >= kth)
+    y = code @ w["W_dec"] + w["b_dec"] + (x @ w["W_skip"].T if "W_skip" in w else 0)  # (B, D)
+    return code, y
+
+
+def ours(sae: Transcoder, x: torch.Tensor, c_in: float, c_out: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The run's code (B, N) and prediction (B, D) for the MLP input ``x`` (B, D) as the model has it."""
+    with torch.no_grad():
+        latents = sae.encode(c_in * x)
+        code = torch.zeros(len(x), N).scatter(1, latents.indices, latents.acts)  # (B, N)
+        return code, sae.output(c_in * x, latents) / c_out
+
+
+@pytest.mark.parametrize(("fmt", "skip"), [("sparsify", False), ("sparsify", True), ("saelens", False)])
+def test_a_transcoder_exports_as_the_library_computes_it_and_imports_back(
+    tmp_path: Path, tiny_llama: Path, fmt: str, skip: bool
+) -> None:
+    run, sae = transcoder_run(tmp_path, skip, str(tiny_llama))
+    folder = Path(export_run(run, fmt, str(tmp_path / "export")).url)
+    assert folder.name == ("layers.1.mlp" if fmt == "sparsify" else "export")
+    x = torch.randn(64, D, generator=torch.Generator().manual_seed(2))  # the MLP's input rows
+    code, y = ours(sae, x, C_IN, C_OUT)
+    assert 0 < float((code > 0).float().mean()) < 0.5
+    their_code, their_y = their_forward(folder, x.double().numpy())
+    np.testing.assert_allclose(their_code, code.numpy(), atol=1e-5)
+    np.testing.assert_allclose(their_y, y.numpy(), atol=1e-5)
+    back = import_checkpoint(str(folder), model=str(tiny_llama), cache_root=str(tmp_path / "cache"))
+    imported, cfg = load_sae(back.url)
+    assert isinstance(imported, Transcoder) and imported.cfg.layers == [LAYER] and imported.cfg.skip == skip
+    back_code, back_y = ours(imported, x, 1.0, 1.0)  # imported: the sites as they are
+    torch.testing.assert_close(back_code, code, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(back_y, y, atol=1e-5, rtol=1e-5)
+    assert cfg["cache"]["site_normalization"] == {"mlp_in": {"method": "none"}, "mlp_out": {"method": "none"}}
+
+
+def test_saelens_refuses_a_skip_transcoder_and_names_sparsify(tmp_path: Path) -> None:
+    run, _ = transcoder_run(tmp_path, skip=True)
+    with pytest.raises(UserError, match="SAELens has no TopK skip transcoder.*--format sparsify"):
+        export_run(run, "saelens", str(tmp_path / "export"))
+    assert not (tmp_path / "export").exists()
