@@ -9,12 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.cache.reader import ActivationCache
 from pipeline.fit.config import FitConfig, Training, with_recipe
 from pipeline.fit.optim import lr_factor
+from pipeline.fit.plan import plan_run
 from pipeline.fit.train import make_member, train_step
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
 from pipeline.sae.interface import SaeConfig
+from tests.support.caches import synthetic_cache
 
 CPU = torch.device("cpu")
 ROUTE = SaeConfig("route", 8, 32, 2, [1, 2, 3])
@@ -115,3 +118,15 @@ def test_the_reference_recipe_refuses_settings_it_would_override() -> None:
         with_recipe(FitConfig(arch="route", recipe="reference", batch_size=2048))
     with pytest.raises(UserError, match="drop --lr"):
         with_recipe(FitConfig(arch="route", recipe="reference", sweep={"lr": [1e-3, 2e-3]}))
+
+
+def test_the_router_rate_is_resolved_for_routers_only(tmp_path: Path) -> None:
+    """0 means the reference's 5e-4 for a RouteSAE; an architecture without a router ignores --router-lr, so
+    its cfg.json (and folder name) stays as it was before the setting existed."""
+    cache = ActivationCache.open(synthetic_cache(tmp_path, [300], layers=(0, 1, 2)).url)
+    common = {"cache": cache.folder.url, "out": str(tmp_path / "o"), "latents": 64}
+    route = plan_run(FitConfig(arch="route", **common), cache).training  # type: ignore[arg-type]
+    chosen = plan_run(FitConfig(arch="route", router_lr=1e-3, **common), cache).training  # type: ignore[arg-type]
+    topk = plan_run(FitConfig(layer=1, router_lr=1e-3, **common), cache)  # type: ignore[arg-type]
+    assert (route.router_lr, chosen.router_lr, topk.training.router_lr) == (5e-4, 1e-3, 0.0)
+    assert "router_lr" not in topk.record["training"]
