@@ -16,14 +16,14 @@ from pipeline.fit.config import FitConfig, Training
 from pipeline.fit.train import make_member, train_step
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
-from pipeline.live.edit import Change, EditSpec, Mode, Site, edit_rows
+from pipeline.live.edit import Change, EditSpec, Mode, Site
 from pipeline.live.routing import Routing
 from pipeline.live.splice import site_edits
-from pipeline.llm.hooks import replacing
+from pipeline.llm.hooks import MlpOut, replacing
 from pipeline.llm.model import find_blocks
 from pipeline.sae.interface import REGISTRY, Latents, SaeConfig, build_sae, trainable_archs
-from pipeline.steer.edits import Edit
-from pipeline.steer.intervene import Target
+from pipeline.steer.edits import Edit, Positions
+from pipeline.steer.intervene import Target, steering
 
 D, N = 8, 32
 
@@ -31,12 +31,13 @@ D, N = 8, 32
 def random_sae(arch: str) -> torch.nn.Module:
     """An SAE of ``arch`` with every parameter random (thresholds, gates and biases included)."""
     routed = arch == "route"
-    cfg = SaeConfig(arch, D, N, 0 if arch in ("relu", "jumprelu", "gated") else 4, [1, 2] if routed else [1])
+    k = 0 if arch in ("relu", "jumprelu", "gated") else 4
+    cfg = SaeConfig(arch, D, N, k, [1, 2] if routed else [1], skip=arch == "transcoder")
     sae = build_sae(cfg, torch.Generator().manual_seed(0))
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in sae.named_parameters():
-            if "W_" not in name and "router" not in name:
+            if ("W_" not in name and "router" not in name) or name == "W_skip":  # the skip path starts at zero
                 p.copy_(0.3 * torch.randn(p.shape, generator=gen))
     return sae.double()
 
@@ -90,10 +91,17 @@ TOKENS = torch.tensor([[5, 0, 17, 33, 9], [0, 44, 12, 0, 3]])  # (B, T) with spe
 MASK = TOKENS != 0  # (B, T) real positions, written out
 
 
+C_IN, C_OUT = 2.0, 0.5  # a transcoder's MLP sites' scale factors: x = C_IN mlp_in, mlp_out = y / C_OUT
+
+
 def live_site(arch: str) -> tuple[Site, Routing | None]:
-    """A float32 random SAE of ``arch`` at layer 1, standardized, and (routed SAEs) a routing drawn at random."""
+    """A float32 random SAE of ``arch`` at layer 1, standardized (a transcoder: its MLP sites scaled), and
+    (routed SAEs) a routing drawn at random."""
     sae = random_sae(arch).float()
     site = Site(sae.cfg.layers[0], sae, Normalizer("standardize"), arch)
+    if sae.sites != ("resid",):
+        scaled = (Normalizer("scale", scales={1: c}) for c in (C_IN, C_OUT))
+        return Site(1, sae, next(scaled), arch, next(scaled)), None
     if not site.routed:
         return site, None
     gen = torch.Generator().manual_seed(4)
@@ -101,13 +109,15 @@ def live_site(arch: str) -> tuple[Site, Routing | None]:
     return site, Routing(choice, 0.5 + torch.rand(TOKENS.shape, generator=gen))
 
 
-def refused(site: Site) -> bool:
-    """An SAE outside the residual stream (a transcoder) is refused by every edit, with one clear error."""
-    if site.resid:
-        return False
-    with pytest.raises(UserError, match="take SAEs of the residual stream"):
-        edit_rows(torch.randn(3, D), site, EditSpec(Mode.DELTA))
-    return True
+def mlp_rows(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A transcoder's block-1 MLP input and output (B, T, D) each, on the model's scale."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*TOKENS.shape, D, generator=gen), 3 * torch.randn(*TOKENS.shape, D, generator=gen) + 1
+
+
+def mlp_code(site: Site, x_in: torch.Tensor) -> torch.Tensor:
+    """A transcoder's dense code (B, T, N) of the MLP input rows ``x_in`` (B, T, D), by hand: C_IN x_in."""
+    return site.sae.dense_code((C_IN * x_in).flatten(0, 1)).view(*x_in.shape[:2], N)
 
 
 def by_hand(h: torch.Tensor, layer: int, site: Site, routing: Routing | None) -> tuple:
@@ -133,10 +143,17 @@ def test_an_unchanged_code_is_the_identity_in_delta_and_the_reconstruction_in_re
     """delta: h exactly (the SAE's error passes through); replace: the SAE's reconstruction de-standardized,
     divided by the routing weight for a routed SAE, at real positions (routed: at the token's layer) only."""
     site, routing = live_site(arch)
-    if refused(site):
-        return
     delta = site_edits(site, MASK, EditSpec(Mode.DELTA, unchanged, dense), routing)
     replace = site_edits(site, MASK, EditSpec(Mode.REPLACE, unchanged, dense), routing)
+    if site.transcodes:  # the MLP's output: kept (delta), or the prediction from its input mapped back (replace)
+        assert set(delta) == set(replace) == {MlpOut(1)}
+        x_in, out = mlp_rows(0)
+        assert torch.equal(delta[MlpOut(1)](x_in, out), out)
+        x = C_IN * x_in[MASK]  # (M, D)
+        expected = out.clone()
+        expected[MASK] = site.sae.output(x, site.sae.encode(x)) / C_OUT
+        torch.testing.assert_close(replace[MlpOut(1)](x_in, out), expected, atol=1e-5, rtol=1e-5)
+        return
     assert set(delta) == set(replace) == set(site.layers)
     for layer in site.layers:
         h = 3 * torch.randn(*TOKENS.shape, D, generator=torch.Generator().manual_seed(layer)) + 1  # (B, T, D)
@@ -151,14 +168,21 @@ def test_an_unchanged_code_is_the_identity_in_delta_and_the_reconstruction_in_re
 @pytest.mark.parametrize("arch", sorted(REGISTRY))
 def test_every_arch_steers_by_hand(arch: str) -> None:
     """A direction edit adds value * a_max * std * d_i / w and a set edit (value - z_i) * std * d_i / w at the real
-    positions (routed: at each token's layer), in delta mode; d_i the latent's write direction."""
+    positions (routed: at each token's layer), in delta mode; d_i the latent's write direction (a transcoder: into
+    its MLP's output, divided by C_OUT). `steering` (one generation's hooks) edits the model as these edits do."""
     site, routing = live_site(arch)
-    if refused(site):
-        return
     latent, value, a_max = 3, 2.0, 1.5
     for kind in ("direction", "set"):
         target = Target(site, [Edit(latent, kind, value)], SPECIAL, {latent: a_max})
         edits = site_edits(site, MASK, target.spec("delta"), routing)
+        if not site.routed:
+            steered_as(target)
+        if site.transcodes:
+            x_in, out = mlp_rows(1)
+            step = value * a_max if kind == "direction" else value - mlp_code(site, x_in)[..., latent, None]
+            expected = torch.where(MASK[..., None], out + step / C_OUT * site.sae.directions([latent])[0], out)
+            torch.testing.assert_close(edits[MlpOut(1)](x_in, out), expected, atol=1e-5, rtol=1e-5)
+            continue
         for layer in site.layers:
             h = torch.randn(*TOKENS.shape, D, generator=torch.Generator().manual_seed(layer))  # (B, T, D)
             here, x, _, std, w = by_hand(h, layer, site, routing)
@@ -166,6 +190,21 @@ def test_every_arch_steers_by_hand(arch: str) -> None:
             step = value * a_max if kind == "direction" else value - old  # (B, T, 1) or ()
             expected = torch.where(here[..., None], h + step * std / w * site.sae.directions([latent])[0], h)
             torch.testing.assert_close(edits[layer](h), expected, atol=1e-5, rtol=1e-5)
+
+
+def steered_as(target: Target) -> None:
+    """In either mode, the logits of a forward under `steering` (every position but the special ones) are the
+    logits under the site's edits, and differ from the clean model's."""
+    model, blocks = tiny_model()
+    with torch.no_grad():
+        clean = model(input_ids=TOKENS).logits
+        for mode in ("delta", "replace"):
+            with replacing(blocks, site_edits(target.site, MASK, target.spec(mode))):
+                expected = model(input_ids=TOKENS).logits
+            with steering(model, blocks, [target], mode, Positions(), TOKENS.shape[1]) as tally:
+                steered = model(input_ids=TOKENS).logits
+            torch.testing.assert_close(steered, expected)
+            assert tally.positions == int(MASK.sum()) and not torch.allclose(steered, clean)
 
 
 def tiny_model() -> tuple[torch.nn.Module, torch.nn.ModuleList]:
@@ -183,10 +222,9 @@ def tiny_model() -> tuple[torch.nn.Module, torch.nn.ModuleList]:
 @pytest.mark.parametrize("arch", sorted(REGISTRY))
 def test_every_single_layer_arch_takes_a_circuit_mask(arch: str) -> None:
     """Every latent kept is the clean model; every latent zero-ablated is h - std * W^T z at the real positions
-    (the error kept), by hand; the mask has a gradient. A routed SAE is refused with one clear error."""
+    (the error kept; a transcoder: its MLP's output minus W^T z / C_OUT), by hand; the mask has a gradient. A routed
+    SAE is refused with one clear error."""
     site, _ = live_site(arch)
-    if refused(site):
-        return
     if site.routed:
         with pytest.raises(UserError, match="circuits are found over single-layer runs"):
             single_layer(site)
@@ -201,9 +239,14 @@ def test_every_single_layer_arch_takes_a_circuit_mask(arch: str) -> None:
         z = site.sae.dense_code(((h - h.mean(-1, keepdim=True)) / std).flatten(0, 1))  # (B * T, N)
         return torch.where(batch.real[..., None], h - std * (z @ site.sae.directions()).view(h.shape), h)
 
+    def zero_ablated_mlp(x_in: torch.Tensor, out: torch.Tensor) -> torch.Tensor:  # a transcoder: its MLP's output
+        written = mlp_code(site, x_in) @ site.sae.directions() / C_OUT  # (B, T, D)
+        return torch.where(batch.real[..., None], out - written, out)
+
+    ablation = {MlpOut(site.layer): zero_ablated_mlp} if site.transcodes else {site.layer: zero_ablated}
     with torch.no_grad():
         clean = model(input_ids=batch.clean).logits[:, -1]
-        with replacing(blocks, {site.layer: zero_ablated}):
+        with replacing(blocks, ablation):
             ablated = model(input_ids=batch.clean).logits[:, -1]
     keep = [torch.ones(N, requires_grad=True)]
     ld = lens.ld(batch, keep)

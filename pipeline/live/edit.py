@@ -75,8 +75,8 @@ class Site(NamedTuple):
         """This site, refused with one clear error when its SAE does not live in the residual stream."""
         if not self.resid:
             raise UserError(
-                f"run {self.name} is a {self.sae.cfg.arch} SAE of the sites {', '.join(self.sites)}; splicing, "
-                "steering and circuits take SAEs of the residual stream (not transcoders) for now."
+                f"run {self.name} is a {self.sae.cfg.arch} SAE of the sites {', '.join(self.sites)}: its edits land on "
+                "its MLP's output (pipeline.live.splice.site_edits), not on a block's input."
             )
         return self
 

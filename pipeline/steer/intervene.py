@@ -9,6 +9,9 @@ weight (:mod:`pipeline.live.routing`); edits land at each token's routed layer o
 routed layer of a token before the first of them runs, so routed generation recomputes the whole
 sequence each step (no KV cache): slower, and exact.
 
+Transcoders edit their MLP's output (the term block L adds to the residual stream): a latent's write
+direction is its decoder row there, mapped back by the MLP output's scale (:func:`pipeline.live.edit.edit_mlp_rows`).
+
 Special-token positions (BOS, EOS, pad) are never edited (:func:`pipeline.live.splice.real_positions`).
 The hooks read each forward's token ids from the input embedding's own input, so this holds during
 KV-cached generation too. Every edited forward checks that its logits are finite: an edit too large for
@@ -26,10 +29,10 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.infra.errors import UserError
-from pipeline.live.edit import Change, CodeEdit, EditSpec, Mode, Site, edit_rows
+from pipeline.live.edit import Change, CodeEdit, EditSpec, Mode, Site, edit_mlp_rows, edit_rows
 from pipeline.live.routing import route_choice
-from pipeline.live.splice import real_positions, site_edits, spliced
-from pipeline.llm.hooks import replace_input, replacing
+from pipeline.live.splice import Edits, mlp_edit, real_positions, site_edits, spliced
+from pipeline.llm.hooks import MlpOut, replacing
 from pipeline.sae.interface import Latents
 from pipeline.steer.edits import Edit, Positions
 
@@ -101,20 +104,34 @@ def steering(
     def read_tokens(module: nn.Module, args: tuple[Any, ...]) -> None:
         tokens[:] = [args[0]]
 
-    def make_edit(target: Target):  # noqa: ANN202 - a hook function
+    def landing(target: Target, length: int, device: torch.device) -> Tensor:
+        """The positions (B, T) of this forward's ``length`` tokens the target edits, counted into the tally."""
+        start = seen[id(target)]
+        seen[id(target)] = start + length
+        where = positions.mask(start, length, prompt_len, device)[None]  # (1, T)
+        where = where & real_positions(tokens[0], target.special)  # (B, T): never a special token
+        tally.positions += int(where.sum())
+        return where
+
+    def make_edit(target: Target) -> Edits:
+        """The target's hook: block L's input, or (a transcoder) block L's MLP output."""
         assert not target.site.routed, "a routed SAE edits through routed_logits / routed_generate"
         spec = target.spec(mode)
+        if target.site.transcodes:  # its latents write into the MLP's output, the term block L adds
+
+            def edit_mlp(x_in: Tensor, out: Tensor) -> Tensor:  # (B, T, D) each
+                where = landing(target, out.shape[1], out.device)
+                with torch.no_grad():
+                    return mlp_edit(where, lambda a, b: edit_mlp_rows(a, b, target.site, spec))(x_in, out)
+
+            return {MlpOut(target.site.layer): edit_mlp}
 
         def edit(h: Tensor) -> Tensor:  # (B, T, D)
-            start = seen[id(target)]
-            seen[id(target)] = start + h.shape[1]
-            where = positions.mask(start, h.shape[1], prompt_len, h.device)[None]  # (1, T)
-            where = where & real_positions(tokens[0], target.special)  # (B, T): never a special token
-            tally.positions += int(where.sum())
+            where = landing(target, h.shape[1], h.device)
             with torch.no_grad():  # steering never differentiates through an edit
                 return spliced(h, where, lambda rows: edit_rows(rows, target.site, spec))
 
-        return edit
+        return {target.site.layer: edit}
 
     def check(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if tally.positions:
@@ -124,8 +141,8 @@ def steering(
         embedding = cast(nn.Module, model.get_input_embeddings())  # type: ignore[operator]
         stack.callback(embedding.register_forward_pre_hook(read_tokens).remove)
         stack.callback(model.register_forward_hook(check).remove)
-        for target in targets:
-            stack.enter_context(replace_input(blocks[target.site.layer], make_edit(target)))
+        for target in targets:  # one context each: two targets may edit one layer
+            stack.enter_context(replacing(blocks, make_edit(target)))
         yield tally
 
 
