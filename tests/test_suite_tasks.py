@@ -129,3 +129,75 @@ def test_page_lists_every_run(tmp_path: Path) -> None:
     assert page.count("<svg") == 2 and "L0 vs absorption" in page  # nmse, and absorption for the run that has it
     assert page.count("<title>topk-8: L0 8, absorption 0.25</title>") == 1 and "<td>0.25</td>" in page
 
+
+
+def test_words_read_after_a_shared_prefix_match_whole_prompts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The examples' keys and values, computed once, give each word the activation its whole prompt gives."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.evaluate import letters
+    from pipeline.llm.hooks import run_to_layers
+    from pipeline.llm.model import find_blocks
+
+    monkeypatch.setattr(letters, "WORD_BATCH", 2)  # two batches: the second must not see the first's words
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    blocks = find_blocks(model)
+    prefix, suffix, words = [5, 6, 7, 8, 9], [11, 12], [20, 21, 22]
+    got = letters.word_activations(model, blocks, (prefix, suffix), words, 2)
+    whole = torch.tensor([[*prefix, w, *suffix] for w in words])
+    with torch.no_grad():
+        expected = run_to_layers(model, blocks, whole, [2])[2][:, len(prefix)]
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+# sae-bench 0.6.0's field names, written out from evals/absorption/eval_output.py and sparse_probing/eval_output.py
+ABSORPTION_MEAN = {
+    "mean_absorption_fraction_score", "mean_full_absorption_score", "mean_num_split_features",
+    "std_dev_absorption_fraction_score", "std_dev_full_absorption_score", "std_dev_num_split_features",
+}  # fmt: skip
+ABSORPTION_DETAIL = {
+    "first_letter", "mean_absorption_fraction", "full_absorption_rate", "num_full_absorption",
+    "num_probe_true_positives", "num_split_features",
+}  # fmt: skip
+PROBING = {side: {f"{side}_test_accuracy", *(f"{side}_top_{k}_test_accuracy" for k in (1, 2, 5, 20))}
+           for side in ("llm", "sae")}  # fmt: skip
+
+
+def test_evaluate_writes_absorption_and_probing(tiny_llama: Path, tmp_path: Path) -> None:
+    """The suites end to end on the tiny model: a JSONL corpus with a label column, one TopK run."""
+    import dataclasses
+    import json
+
+    from pipeline.evaluate.stage import evaluate
+    from pipeline.evaluate.config import EvaluateConfig
+    from pipeline.extract.stage import extract
+    from pipeline.extract.corpus import builtin_documents
+    from pipeline.fit.stage import fit
+    from pipeline.fit.config import FitConfig
+    from tests.support.caches import tiny_extract_config
+
+    corpus = tmp_path / "labelled.jsonl"
+    docs = [(doc[:120], "long" if len(doc) > 600 else "short") for doc in builtin_documents()[300:380]]
+    corpus.write_text("".join(json.dumps({"text": t, "size": label}) + "\n" for t, label in docs))
+    extract_cfg = tiny_extract_config(tiny_llama, tmp_path, layers="1", dataset=str(corpus), max_tokens=2400)
+    cache = extract(dataclasses.replace(extract_cfg, heldout=0.25)).url
+    fitted = FitConfig(cache=cache, layer=1, latents=32, k=4, batch_size=128, max_tokens=128, out=str(tmp_path / "s"))
+    run = fit(dataclasses.replace(fitted, device="cpu", precision="float32"))[0]
+    cfg = EvaluateConfig(
+        runs=[run.url], device="cpu", cache_root=str(tmp_path), suite=["absorption", "probing"], metrics=["nmse"],
+        probe_words=4, probe_label="size",
+    )  # fmt: skip
+    evaluate(cfg)
+    folder = tmp_path / "evaluate" / run.name / "saebench"
+    absorption = json.loads((folder / "absorption_first_letter" / f"sae-pipe_{run.name}_eval_results.json").read_text())
+    assert set(absorption["eval_result_metrics"]) == {"mean"}
+    assert set(absorption["eval_result_metrics"]["mean"]) == ABSORPTION_MEAN
+    assert all(set(d) == ABSORPTION_DETAIL for d in absorption["eval_result_details"])
+    assert sorted(absorption["eval_result_unstructured"]["probe_f1"]) == list(LETTERS)  # every probe's F1 shown
+    probing = json.loads((folder / "sparse_probing" / f"sae-pipe_{run.name}_eval_results.json").read_text())
+    assert {k: set(v) for k, v in probing["eval_result_metrics"].items()} == PROBING
+    assert "labelled.jsonl/size" in [d["dataset_name"] for d in probing["eval_result_details"]]
+    assert probing["eval_result_unstructured"]["documents"] > 30

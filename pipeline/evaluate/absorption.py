@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from pipeline.evaluate.config import EvaluateConfig
-from pipeline.evaluate.letters import ICL_EXAMPLES, LETTERS, SEED, TEMPLATE, LetterTask, letter_task
+from pipeline.evaluate.letters import ICL_EXAMPLES, LETTERS, SEED, TEMPLATE, WORD_BATCH, LetterTask, letter_task
 from pipeline.evaluate.probes import STEPS, f1, fit_probe, top_by_difference
 from pipeline.infra.console import say
 from pipeline.interop.saebench import EvalResult
@@ -142,7 +142,7 @@ def eval_config(s: Subject, cfg: EvaluateConfig, task: LetterTask) -> dict[str, 
         "max_k_value": MAX_K,
         "prompt_template": TEMPLATE,
         "prompt_token_pos": task.word_pos,
-        "llm_batch_size": cfg.batch_size * 8,
+        "llm_batch_size": WORD_BATCH,
         "llm_dtype": dtype,
         "k_sparse_probe_l1_decay": 0.0,  # latents ranked by their mean difference, not an L1 probe
         "k_sparse_probe_batch_size": int((~task.test).sum()),  # full batch

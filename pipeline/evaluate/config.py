@@ -30,7 +30,7 @@ class EvaluateConfig:
         "(empty = none)",
         factory=lambda: ["core"],
     )
-    probe_words: int = setting(40, "absorption suite: words per first letter run through the LLM (once per layer)")
+    probe_words: int = setting(200, "absorption suite: words per first letter run through the LLM (once per layer)")
     probe_tokens: int = setting(65536, "probing suite: cache rows (held-out first) pooled into documents (0 = all)")
     probe_label: str = setting(
         "", "probing suite: a JSONL corpus's column to classify documents by (the built-in corpus has its own tasks)"
