@@ -31,6 +31,7 @@ from torch import Tensor
 
 from pipeline.evaluate.config import EvaluateConfig
 from pipeline.evaluate.probes import accuracy, fit_probe, top_by_difference
+from pipeline.infra.console import say
 from pipeline.infra.errors import UserError
 from pipeline.interop.saebench import EvalResult
 from pipeline.live.subject import Subject, encode_rows, load_cache_tokenizer
@@ -161,8 +162,11 @@ def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} if rows else {}
 
 
-def probing_suite(s: Subject, cfg: EvaluateConfig) -> EvalResult:
-    """The probing suite of run ``s``."""
+def probing_suite(s: Subject, cfg: EvaluateConfig) -> EvalResult | None:
+    """The probing suite of run ``s`` (None, said, for an imported run without its layer's activations)."""
+    if not s.has_activations:
+        say(f"probing suite skipped for {s.folder.name}: its cache has no activation rows for its layer")
+        return None
     pooled = pool_documents(s, cfg)
     test = torch.from_numpy(np.random.default_rng(SEED).random(len(pooled.docs)) < TEST_SHARE)  # (P,) by document
     per_class: dict[str, dict[str, dict[str, float]]] = {}
