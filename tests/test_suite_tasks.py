@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from pipeline.evaluate.absorption import absorption_rows, summary, word_absorption
+from pipeline.evaluate.absorption import absorption_rows, ranked_latents, summary, word_absorption
 from pipeline.evaluate.letters import LETTERS, LetterTask
 from pipeline.evaluate.page import write_page
 from pipeline.evaluate.probes import f1, fit_probe
@@ -30,6 +30,14 @@ def test_word_absorption_by_hand() -> None:
     # silent -> 1, fully absorbed; word 2: main 0.5, absorber 1.2 (>= 0.4 of 1.7) -> 1.2 / (1.2 + 0.5)
     assert fraction.tolist() == pytest.approx([0.0, 1.0, 1.2 / 1.7])
     assert full.tolist() == [False, True, False]
+
+
+def test_letter_candidates_by_hand() -> None:
+    codes = torch.tensor([[3.0, 0.0, 1.0], [1.0, 0.0, 1.0], [0.0, 2.0, 1.0], [0.0, 0.0, 5.0]])  # (M, N)
+    ranked = ranked_latents(codes, torch.tensor([0, 0, 1, 1]))  # letters a, a, b, b
+    # a: means on a minus on the rest: [2 - 0, 0 - 1, 1 - 3] -> 0, 1, 2; b: [0 - 2, 1 - 0, 3 - 1] -> 2, 1, 0
+    assert ranked[0].tolist() == [0, 1, 2] and ranked[1].tolist() == [2, 1, 0]
+    assert ranked[2].tolist() == [1, 0, 2]  # c has no words: 0 minus the overall means [1, .5, 2]
 
 
 def test_f1_and_probe_by_hand() -> None:
@@ -128,7 +136,6 @@ def test_page_lists_every_run(tmp_path: Path) -> None:
         assert page.count(f"<title>{r['run']}: L0 {r['l0']:.4g}, nmse") == 1  # its point in the nmse plot
     assert page.count("<svg") == 2 and "L0 vs absorption" in page  # nmse, and absorption for the run that has it
     assert page.count("<title>topk-8: L0 8, absorption 0.25</title>") == 1 and "<td>0.25</td>" in page
-
 
 
 def test_words_read_after_a_shared_prefix_match_whole_prompts(monkeypatch: pytest.MonkeyPatch) -> None:

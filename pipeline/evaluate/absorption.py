@@ -35,7 +35,7 @@ from torch import Tensor
 
 from pipeline.evaluate.config import EvaluateConfig
 from pipeline.evaluate.letters import ICL_EXAMPLES, LETTERS, SEED, TEMPLATE, WORD_BATCH, LetterTask, letter_task
-from pipeline.evaluate.probes import STEPS, f1, fit_probe, top_by_difference
+from pipeline.evaluate.probes import STEPS, f1, fit_probe
 from pipeline.infra.console import say
 from pipeline.interop.saebench import EvalResult
 from pipeline.live.subject import Subject
@@ -53,16 +53,25 @@ MAX_ABSORBERS = 3
 EPS = 1e-8  # a main latent below this activation did not fire
 
 
-def main_latents(codes: Tensor, y: Tensor, test: Tensor) -> list[int]:
-    """The letter's split latents from the code (M, N), the letter's words ``y`` (M,) and the held-out words."""
-    best, chosen = -math.inf, []
-    for k in range(1, MAX_K + 1):
-        ids = top_by_difference(codes[~test], y[~test], k, signed=True)  # (k,)
-        probe = fit_probe(codes[~test][:, ids], y[~test])
-        score = f1(probe.score(codes[test][:, ids]) > 0, y[test])
+def ranked_latents(codes: Tensor, letter: Tensor) -> Tensor:
+    """For each letter, the MAX_K latents (26, K) whose mean on its words most exceeds their mean on the other
+    words, best first, from the code (M, N) of the training words and their letters (M,)."""
+    onehot = torch.nn.functional.one_hot(letter, len(LETTERS)).to(codes.dtype)  # (M, 26)
+    inside = (onehot.T @ codes) / onehot.sum(0)[:, None].clamp_min(1)  # (26, N)
+    # inside - overall mean = (share of other words) x (inside - mean on the other words): the same ranking
+    return (inside - codes.mean(0)).topk(min(MAX_K, codes.shape[1]), dim=1).indices
+
+
+def split_count(candidates: Tensor, y: Tensor, test: Tensor) -> int:
+    """How many of the ranked candidate latents' codes ``candidates`` (M, K), best first, are the letter's split
+    latents: k grows while the k-sparse probe's F1 on the held-out words rises by more than F1_JUMP."""
+    best, chosen = -math.inf, 0
+    for k in range(1, candidates.shape[1] + 1):
+        probe = fit_probe(candidates[~test, :k], y[~test])
+        score = f1(probe.score(candidates[test, :k]) > 0, y[test])
         if score <= best + F1_JUMP:
             break
-        best, chosen = score, ids.tolist()
+        best, chosen = score, k
     return chosen
 
 
@@ -90,10 +99,11 @@ def word_absorption(acts: Tensor, cos: Tensor, proj: Tensor, main: list[int]) ->
     return fraction, full
 
 
-def letter_row(task: LetterTask, codes: Tensor, cos: Tensor, i: int) -> dict[str, Any]:
-    """SAEBench's result detail of letter ``i`` from the code (M, N) and the decoder cosines (N,) with its probe."""
+def letter_row(task: LetterTask, codes: Tensor, cos: Tensor, ranked: Tensor, i: int) -> dict[str, Any]:
+    """SAEBench's result detail of letter ``i`` from the code (M, N), the decoder cosines (N,) with its probe
+    and its candidate latents ``ranked`` (K,)."""
     y = task.letter == i  # (M,)
-    main = main_latents(codes, y, task.test)
+    main = ranked[: split_count(codes[:, ranked], y, task.test)].tolist()
     probe = task.probes[i]
     positive = task.test & y & (probe.score(task.x) > 0)  # (M,) the probe's true positives
     unit = probe.weight / probe.weight.norm().clamp_min(1e-12)  # (D,)
@@ -157,12 +167,13 @@ def eval_config(s: Subject, cfg: EvaluateConfig, task: LetterTask) -> dict[str, 
 @torch.no_grad()
 def absorption_rows(task: LetterTask, sae: SAE) -> list[dict[str, Any]]:
     """Every letter's result detail for ``sae``."""
-    codes = torch.cat([sae.dense_code(chunk.float().to(sae.device)).double().cpu() for chunk in task.x.split(1024)])
+    codes = torch.cat([sae.dense_code(chunk.float().to(sae.device)).float().cpu() for chunk in task.x.split(1024)])
+    ranked = ranked_latents(codes[~task.test], task.letter[~task.test])  # (26, K)
     decoder = torch.nn.functional.normalize(sae.directions().detach().double().cpu(), dim=1)  # (N, D)
     rows = []
     for i, probe in enumerate(task.probes):
         cos = decoder @ (probe.weight / probe.weight.norm().clamp_min(1e-12))  # (N,)
-        rows.append(letter_row(task, codes, cos, i))
+        rows.append(letter_row(task, codes, cos, ranked[i], i))
     return rows
 
 

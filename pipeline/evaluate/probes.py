@@ -50,13 +50,11 @@ def fit_probe(x: Tensor, y: Tensor, l2: float = L2, steps: int = STEPS) -> Probe
     return Probe(w_x, b.detach() - (w_x * mean).sum())
 
 
-def top_by_difference(x: Tensor, y: Tensor, k: int, signed: bool = False) -> Tensor:
-    """The ``k`` columns of ``x`` (M, D) whose class means differ most: by absolute difference (SAEBench's
-    sparse probing), or only those larger on the positives ``y`` (M,) bool (``signed``: latents that fire for
-    the class, as the absorption suite's letter latents must)."""
+def top_by_difference(x: Tensor, y: Tensor, k: int) -> Tensor:
+    """The ``k`` columns of ``x`` (M, D) whose means on the positives ``y`` (M,) bool and on the rest differ
+    most, in absolute value (SAEBench's sparse probing)."""
     x = x.double()
-    diff = x[y].mean(0) - x[~y].mean(0)  # (D,)
-    return (diff if signed else diff.abs()).topk(min(k, x.shape[1])).indices  # (k,)
+    return (x[y].mean(0) - x[~y].mean(0)).abs().topk(min(k, x.shape[1])).indices  # (k,)
 
 
 def accuracy(probe: Probe, x: Tensor, y: Tensor) -> float:
