@@ -42,10 +42,10 @@ from benchmarks.child import own_peak_rss_mb, own_rss_mb, run_child
 from benchmarks.run import training_rows
 from pipeline.cache.reader import ActivationCache
 from pipeline.evaluate.stage import DENSE
+from pipeline.extract import stage as extract
 from pipeline.extract.config import ExtractConfig
-from pipeline.extract.stage import extract
+from pipeline.fit import stage as fit
 from pipeline.fit.config import FitConfig
-from pipeline.fit.stage import fit
 from pipeline.infra.params import build_config, load_params
 from pipeline.interop.importing import import_checkpoint
 from pipeline.sae.folder import load_sae
@@ -113,7 +113,7 @@ def ours_child(args: argparse.Namespace) -> dict[str, Any]:
     cfg = build_config(FitConfig, load_params(ROOT / "params.yaml"), "fit", overrides)
     rss_before = own_rss_mb()
     start = time.perf_counter()
-    (run,) = fit(cfg)
+    (run,) = fit.run(cfg).runs
     train_s = time.perf_counter() - start
     _, record = load_sae(run)
     training = record["training"]
@@ -218,7 +218,7 @@ def main() -> None:
         return
     if not args.cache:  # the demo's cache (params.yaml), as benchmarks.peer_quality finds or extracts it
         demo = load_params(ROOT / "params.yaml")
-        args.cache = extract(build_config(ExtractConfig, demo, "extract", {}, ("model", "data"))).url
+        args.cache = extract.run(build_config(ExtractConfig, demo, "extract", {}, ("model", "data"))).folder.url
     store, scratch = ActivationCache.open(args.cache), Path(args.scratch)
     paths = {"scratch": scratch, "runs": scratch / "runs", "peers": scratch / "peers", "held": scratch / "held.npy"}
     scratch.mkdir(parents=True, exist_ok=True)

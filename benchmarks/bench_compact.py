@@ -31,8 +31,8 @@ from pipeline.cache.manifest import cache_key, finish_manifest, new_manifest
 from pipeline.cache.reader import ActivationCache
 from pipeline.cache.stream import ActivationStream, StreamSpec
 from pipeline.cache.writer import commit_shard
+from pipeline.fit import stage as fit
 from pipeline.fit.config import FitConfig
-from pipeline.fit.stage import fit
 from pipeline.infra.files import Folder
 from pipeline.sae.folder import load_sae
 from pipeline.sae.quality import Reconstruction
@@ -88,7 +88,7 @@ def measure(f16: ActivationCache, i8: ActivationCache, args: argparse.Namespace,
     base = {"latents": args.latents, "k": args.k, "batch_size": 4096, "max_tokens": args.tokens, "device": "cpu"}
     fvu = {}
     for name, cache in (("float16", f16), ("int8", i8)):
-        (run,) = fit(FitConfig(cache=cache.folder.url, **base, out=f"{tmp}/saes-{name}", log_every=1000))
+        (run,) = fit.run(FitConfig(cache=cache.folder.url, **base, out=f"{tmp}/saes-{name}", log_every=1000)).runs
         fvu[name] = heldout_fvu(run, held)
     values = f16.rows("train") + f16.rows("heldout")
     size = {

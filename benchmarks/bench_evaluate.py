@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from benchmarks.report import publish
+from pipeline.evaluate import stage as evaluate
 from pipeline.evaluate.config import EvaluateConfig
-from pipeline.evaluate.stage import evaluate
 from pipeline.live.subject import load_llm, load_subject
 from pipeline.llm.replay import resume, stem
 
@@ -87,7 +87,7 @@ def evaluate_seconds(run: str, n_runs: int, tokens: int, batch_size: int, device
             device=str(device),
         )
         start = time.perf_counter()
-        evaluate(cfg)
+        evaluate.run(cfg)
         return time.perf_counter() - start
 
 

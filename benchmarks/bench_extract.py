@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
+from pipeline.extract import stage as extract
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.corpus import builtin_documents
 from pipeline.extract.packing import pack, token_stream
-from pipeline.extract.stage import extract
 from pipeline.infra.files import Folder
 from pipeline.llm.model import load_model, load_tokenizer, resolve_model
 
@@ -33,7 +33,7 @@ def _bare(model: torch.nn.Module, batches: list[torch.Tensor], head: bool) -> fl
 def timed_extract(cfg: ExtractConfig) -> tuple[Folder, float]:
     """Extract ``cfg`` into a new cache; its folder and tokens/s (tokenize, forward to the layer, normalize,
     write; the model load excluded, as extract_log.json times it)."""
-    folder = extract(cfg)
+    folder = extract.run(cfg).folder
     log, manifest = folder.read_json("extract_log.json"), folder.read_json("manifest.json")
     return folder, manifest["sequences"] * cfg.ctx_len / log["seconds"]
 

@@ -19,8 +19,8 @@ import numpy as np
 from benchmarks.report import publish
 from pipeline.cache.reader import ActivationCache
 from pipeline.cache.stream import ActivationStream, StreamSpec
+from pipeline.fit import stage as fit
 from pipeline.fit.config import FitConfig
-from pipeline.fit.stage import fit
 
 STEADY_ROWS = 400_000  # rows per reader measurement: the stream's start-up is not what a trainer waits on
 
@@ -91,13 +91,13 @@ def bench_sweep(cache: ActivationCache, tokens: int, **settings: Any) -> dict[st
         **settings,
     }
     with tempfile.TemporaryDirectory() as out:
-        fit(FitConfig(**{**base, "max_tokens": 8192}, out=str(Path(out) / "warm")))  # imports, first allocations
+        fit.run(FitConfig(**{**base, "max_tokens": 8192}, out=str(Path(out) / "warm")))  # imports, first allocations
         start = time.perf_counter()
         for seed in range(4):
-            fit(FitConfig(**base, seed=seed, out=str(Path(out) / "solo")))
+            fit.run(FitConfig(**base, seed=seed, out=str(Path(out) / "solo")))
         solo = time.perf_counter() - start
         start = time.perf_counter()
-        fit(FitConfig(**base, sweep={"seed": [0, 1, 2, 3]}, out=str(Path(out) / "sweep")))
+        fit.run(FitConfig(**base, sweep={"seed": [0, 1, 2, 3]}, out=str(Path(out) / "sweep")))
         sweep = time.perf_counter() - start
     print(f"  sweep {settings}: 4 separate {solo:.1f} s, one read {sweep:.1f} s", file=sys.stderr)
     return {

@@ -29,9 +29,9 @@ from typing import Any
 import torch
 
 from benchmarks.report import publish
+from pipeline.fit import stage as fit
 from pipeline.fit import stage as fit_stage
 from pipeline.fit.config import FitConfig
-from pipeline.fit.stage import fit
 from pipeline.fit.train import Member
 
 GRIDS = {
@@ -58,7 +58,7 @@ def unfused() -> Iterator[None]:
 def timed(cfgs: list[FitConfig]) -> float:
     start = time.perf_counter()
     for cfg in cfgs:
-        fit(cfg)
+        fit.run(cfg)
     return time.perf_counter() - start
 
 
@@ -115,7 +115,7 @@ def sweep_lines(
     base: dict[str, Any] = {"cache": cache, "latents": latents, "k": k, "batch_size": 4096, "max_tokens": tokens}
     base |= {"device": device, "verify": False, "log_every": 1000, "checkpoint_every": 0}
     with tempfile.TemporaryDirectory() as tmp:
-        fit(FitConfig(**{**base, "max_tokens": 8192}, out=f"{tmp}/warm"))  # imports, first allocations
+        fit.run(FitConfig(**{**base, "max_tokens": 8192}, out=f"{tmp}/warm"))  # imports, first allocations
         chosen = [list(GRIDS)[i] for i in grids]
         results = {name: bench_grid(base, GRIDS[name], repeats, Path(tmp) / name[:1]) for name in chosen}
     return table(results, tokens, base)

@@ -45,10 +45,10 @@ import torch
 from benchmarks import peer_transcoders
 from pipeline.cache.normalize import Normalizer
 from pipeline.cache.reader import ActivationCache
+from pipeline.extract import stage as extract
 from pipeline.extract.config import ExtractConfig
-from pipeline.extract.stage import extract
+from pipeline.fit import stage as fit
 from pipeline.fit.config import FitConfig
-from pipeline.fit.stage import fit
 from pipeline.interop.export import export_run
 from pipeline.interop.importing import import_checkpoint
 from pipeline.sae.folder import load_sae
@@ -118,8 +118,8 @@ def exported_archs() -> list[str]:
 def prepare(work: Path) -> list[dict[str, Any]]:
     """Caches, our runs, their exports and our outputs on the export's input; the (a) case list."""
     base: dict[str, Any] = {"model": MODEL, "layers": str(LAYER), "ctx_len": 128, "max_tokens": 6144, "heldout": 0.25}
-    std = extract(ExtractConfig(**base, cache_root=str(work / "cache")))
-    raw = extract(ExtractConfig(**base, normalize="none", dtype="float32", cache_root=str(work / "cache")))
+    std = extract.run(ExtractConfig(**base, cache_root=str(work / "cache"))).folder
+    raw = extract.run(ExtractConfig(**base, normalize="none", dtype="float32", cache_root=str(work / "cache"))).folder
     x = rows(raw.url)
     np.save(work / "raw.npy", x)
     settings: dict[str, Any] = {
@@ -133,7 +133,7 @@ def prepare(work: Path) -> list[dict[str, Any]]:
     plan = [("topk", "standardize", std), *((arch, "none", raw) for arch in exported_archs())]
     cases = []
     for arch, method, cache in plan:
-        run = fit(FitConfig(cache=cache.url, arch=arch, precision="float32", **settings))[0].url
+        run = fit.run(FitConfig(cache=cache.url, arch=arch, precision="float32", **settings)).runs[0].url
         x_n = Normalizer(method).normalize(torch.from_numpy(x), LAYER)[0].numpy()
         np.save(work / f"{method}.npy", x_n)
         for package in ("saelens", "sparsify") if arch == "topk" else ("saelens",):  # sparsify holds TopK only

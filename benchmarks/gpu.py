@@ -40,8 +40,8 @@ from benchmarks.report import publish
 from benchmarks.run import training_rows
 from pipeline.cache.reader import ActivationCache
 from pipeline.extract.config import ExtractConfig
+from pipeline.fit import stage as fit
 from pipeline.fit.config import FitConfig
-from pipeline.fit.stage import fit
 
 TITLE = "GPU: extract, fit, evaluate, sweep (issue 19)"
 
@@ -138,7 +138,7 @@ def timed_fit(cache: str, args: argparse.Namespace, sizes: Sizes, out: Path) -> 
         out=str(out),
     )
     start = time.perf_counter()
-    (run,) = fit(cfg)
+    (run,) = fit.run(cfg).runs
     seconds = time.perf_counter() - start
     return run.url, run.read_json("cfg.json")["steps"] * shape.batch_size / seconds
 

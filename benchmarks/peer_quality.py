@@ -45,10 +45,10 @@ from benchmarks.report import publish
 from benchmarks.run import training_rows
 from pipeline.cache.reader import ActivationCache
 from pipeline.evaluate.stage import DENSE
+from pipeline.extract import stage as extract
 from pipeline.extract.config import ExtractConfig
-from pipeline.extract.stage import extract
+from pipeline.fit import stage as fit
 from pipeline.fit.config import FitConfig
-from pipeline.fit.stage import fit
 from pipeline.infra.params import build_config, load_params
 from pipeline.sae.folder import load_sae
 from pipeline.sae.quality import Reconstruction
@@ -83,7 +83,7 @@ def sae_pipe_child(args: argparse.Namespace) -> dict[str, Any]:
     cfg = build_config(FitConfig, load_params(ROOT / "params.yaml"), "fit", {"cache": args.cache, "out": args.runs})
     rss_before = own_rss_mb()
     start = time.perf_counter()
-    (run,) = fit(cfg)
+    (run,) = fit.run(cfg).runs
     train_s = time.perf_counter() - start
     sae, record = load_sae(run)
     held = torch.from_numpy(np.load(args.heldout))  # (R, D)
@@ -212,9 +212,9 @@ def main() -> None:
     cache = args.cache
     if not cache:
         demo = {"cache_root": args.cache_root}
-        cache = extract(
+        cache = extract.run(
             build_config(ExtractConfig, load_params(ROOT / "params.yaml"), "extract", demo, ("model", "data"))
-        ).url
+        ).folder.url
     with tempfile.TemporaryDirectory(prefix="peer-quality-") as tmp:
         scratch = Path(args.scratch or tmp)
         scratch.mkdir(parents=True, exist_ok=True)

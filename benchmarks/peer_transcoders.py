@@ -17,10 +17,10 @@ import torch
 
 from pipeline.cache.normalize import Normalizer
 from pipeline.cache.reader import ActivationCache
+from pipeline.extract import stage as extract
 from pipeline.extract.config import ExtractConfig
-from pipeline.extract.stage import extract
+from pipeline.fit import stage as fit
 from pipeline.fit.config import FitConfig
-from pipeline.fit.stage import fit
 from pipeline.interop.export import export_run
 from pipeline.llm.sites import SITES
 from pipeline.sae.archs.transcoder import Transcoder
@@ -59,14 +59,16 @@ def prepare(work: Path, model: str, layer: int, settings: dict[str, Any]) -> lis
         model=model, layers=str(layer), ctx_len=128, max_tokens=6144, heldout=0.25, normalize="none",
         dtype="float32", sites=",".join(SITES), cache_root=str(work / "cache"),
     )  # fmt: skip
-    cache = extract(config).url
+    cache = extract.run(config).folder.url
     x = raw_rows(ActivationCache.open(cache), "mlp_in", layer)
     np.save(work / INPUT, x)
     cases = []
     for skip in (False, True):
-        run = fit(FitConfig(cache=cache, arch="transcoder", skip=skip, layer=layer, precision="float32", **settings))[
-            0
-        ].url
+        run = (
+            fit.run(FitConfig(cache=cache, arch="transcoder", skip=skip, layer=layer, precision="float32", **settings))
+            .runs[0]
+            .url
+        )
         arch = "skip-transcoder" if skip else "transcoder"
         for package in ("sparsify",) if skip else ("sparsify", "saelens"):
             name = f"{package}-{arch}"

@@ -29,12 +29,12 @@ from typing import Any
 import torch
 
 from benchmarks.report import publish
+from pipeline.evaluate import stage as evaluate
 from pipeline.evaluate.config import EvaluateConfig
-from pipeline.evaluate.stage import evaluate
+from pipeline.extract import stage as extract
 from pipeline.extract.config import ExtractConfig
-from pipeline.extract.stage import extract
+from pipeline.fit import stage as fit
 from pipeline.fit.config import FitConfig
-from pipeline.fit.stage import fit
 from pipeline.infra.params import build_config, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,9 +56,11 @@ def run_grid(cache: str, latents: int, args: argparse.Namespace, out: Path) -> l
             out=str(out),
             sweep={name: getattr(args, name) for name in SWEPT},
         )
-        runs = fit(cfg)
+        runs = fit.run(cfg).runs
         metrics = ["nmse", "train_dead"]
-        results = evaluate(EvaluateConfig(runs=[r.url for r in runs], metrics=metrics, max_tokens=0, out=str(out)))
+        results = evaluate.run(
+            EvaluateConfig(runs=[r.url for r in runs], metrics=metrics, max_tokens=0, out=str(out))
+        ).metrics
         for run, result in zip(runs, results, strict=True):
             record = run.read_json("cfg.json")
             training, tokens = record["training"], record["steps"] * record["training"]["batch_size"]
@@ -119,7 +121,7 @@ def main() -> None:
     torch.set_num_threads(2)
     params = load_params(ROOT / "params.yaml")
     demo = build_config(ExtractConfig, params, "extract", {"cache_root": args.cache_root}, shared=("model", "data"))
-    cache = extract(demo).url
+    cache = extract.run(demo).folder.url
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as scratch:
         for latents in args.latents:

@@ -33,12 +33,12 @@ import torch
 
 from benchmarks.report import publish
 from pipeline.cache.reader import ActivationCache
+from pipeline.evaluate import stage as evaluate
 from pipeline.evaluate.config import EvaluateConfig
-from pipeline.evaluate.stage import evaluate
+from pipeline.extract import stage as extract
 from pipeline.extract.config import ExtractConfig
-from pipeline.extract.stage import extract
+from pipeline.fit import stage as fit
 from pipeline.fit.config import FitConfig
-from pipeline.fit.stage import fit
 
 POINTS = (0.1, 0.25, 0.5, 1.0)  # shares of training at which the routing is reported
 MINOR = 0.05  # a routed layer getting less than this share of the held-out rows counts as left out
@@ -55,7 +55,7 @@ def runs(cache: str, args: argparse.Namespace) -> list[str]:
         FitConfig(**route, recipe="reference", sweep={"seed": args.seeds}),  # type: ignore[arg-type]
         *(FitConfig(**route, route_balance=w, sweep={"seed": args.seeds}) for w in args.balance),  # type: ignore[arg-type]
     ]
-    return [folder.url for cfg in configs for folder in fit(cfg)]
+    return [folder.url for cfg in configs for folder in fit.run(cfg).runs]
 
 
 def label(cfg: dict[str, Any]) -> str:
@@ -88,10 +88,10 @@ def top_shares(run: Path) -> list[float]:
 
 def measure(run: str, args: argparse.Namespace) -> dict[str, Any]:
     """Held-out metrics of one run (NMSE and routing over all held-out rows; KL / CE over kl_tokens)."""
-    (m,) = evaluate(EvaluateConfig(runs=[run], metrics=["nmse"], max_tokens=0, out=args.out + "/evaluate"))
+    (m,) = evaluate.run(EvaluateConfig(runs=[run], metrics=["nmse"], max_tokens=0, out=args.out + "/evaluate")).metrics
     if args.kl_tokens:
         spliced = EvaluateConfig(runs=[run], max_tokens=args.kl_tokens, out=args.out + "/evaluate-kl")
-        (kl,) = evaluate(spliced)
+        (kl,) = evaluate.run(spliced).metrics
         m = {**m, "kl_per_token": kl["kl_per_token"], "ce_recovered": kl["ce_recovered"]}
     folder = Path(run)
     cfg = json.loads((folder / "cfg.json").read_text())
@@ -141,7 +141,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     spec = ExtractConfig(layers="7:22", max_tokens=args.extract_tokens, cache_root=args.cache_root)
-    cache = ActivationCache.open(args.cache).folder if args.cache else extract(spec)
+    cache = ActivationCache.open(args.cache).folder if args.cache else extract.run(spec).folder
     args.rows = int(cache.read_json("manifest.json")["rows"]["train"])
     results = [measure(run, args) for run in runs(cache.url, args)]
     Path(args.out, "routesae.json").write_text(json.dumps(results, indent=1, default=str))

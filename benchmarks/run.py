@@ -27,8 +27,8 @@ from benchmarks.bench_fit import bench_fit, gemm_limits
 from benchmarks.bench_io import bench_disk, bench_reader, bench_sweep
 from benchmarks.report import machine, prepend
 from pipeline.cache.reader import ActivationCache
+from pipeline.extract import stage as extract
 from pipeline.extract.config import ExtractConfig
-from pipeline.extract.stage import extract
 from pipeline.infra.device import keep_freed_memory
 from pipeline.infra.params import build_config, load_params
 
@@ -50,11 +50,11 @@ class Caches(NamedTuple):
 def caches() -> Caches:
     demo = build_config(ExtractConfig, load_params(ROOT / "params.yaml"), "extract", {}, shared=("model", "data"))
     return Caches(
-        ActivationCache.open(extract(demo)),
-        ActivationCache.open(extract(ExtractConfig(layers="12", max_tokens=200_000, backend="memmap"))),
-        ActivationCache.open(extract(ExtractConfig(layers="route", max_tokens=100_000, shard_mb=256))),
+        ActivationCache.open(extract.run(demo).folder),
+        ActivationCache.open(extract.run(ExtractConfig(layers="12", max_tokens=200_000, backend="memmap")).folder),
+        ActivationCache.open(extract.run(ExtractConfig(layers="route", max_tokens=100_000, shard_mb=256)).folder),
         [
-            ActivationCache.open(extract(ExtractConfig(layers="3,12", max_tokens=20_000, backend=backend)))
+            ActivationCache.open(extract.run(ExtractConfig(layers="3,12", max_tokens=20_000, backend=backend)).folder)
             for backend in ("zarr", "memmap")
         ],
     )

@@ -22,7 +22,8 @@ from pipeline.steer.config import SteerConfig
 from pipeline.steer.edits import Positions
 from pipeline.steer.generation import generate
 from pipeline.steer.intervene import steering
-from pipeline.steer.stage import make_target, open_session
+from pipeline.steer.session import open_session
+from pipeline.steer.stage import make_target
 
 PROMPT = "The history of the printing press begins"
 

@@ -23,12 +23,12 @@ import csv
 from typing import Any
 
 from benchmarks.report import publish
+from pipeline.evaluate import stage as evaluate
 from pipeline.evaluate.config import EvaluateConfig
-from pipeline.evaluate.stage import evaluate
+from pipeline.extract import stage as extract
 from pipeline.extract.config import ExtractConfig
-from pipeline.extract.stage import extract
+from pipeline.fit import stage as fit
 from pipeline.fit.config import FitConfig
-from pipeline.fit.stage import fit
 from pipeline.infra.files import Folder
 
 
@@ -38,7 +38,7 @@ def runs(cache: str, args: argparse.Namespace) -> list[Folder]:
     out = {"out": args.out, "device": args.device}
     folders = []
     for arch, skip in (("topk", False), ("transcoder", False), ("transcoder", True)):
-        folders += fit(FitConfig(arch=arch, skip=skip, **common, **out))  # type: ignore[arg-type]
+        folders += fit.run(FitConfig(arch=arch, skip=skip, **common, **out)).runs  # type: ignore[arg-type]
     return folders
 
 
@@ -51,7 +51,9 @@ def tokens_per_s(run: Folder) -> float:
 
 def measure(run: Folder, args: argparse.Namespace) -> dict[str, Any]:
     out = f"{args.out}/eval/{run.name}"
-    (metrics,) = evaluate(EvaluateConfig(runs=[run.url], max_tokens=args.kl_tokens, out=out, device=args.device))
+    (metrics,) = evaluate.run(
+        EvaluateConfig(runs=[run.url], max_tokens=args.kl_tokens, out=out, device=args.device)
+    ).metrics
     return {"run": run.name, **metrics, "tokens_per_s": tokens_per_s(run)}
 
 
@@ -83,7 +85,7 @@ def main() -> None:
     spec = ExtractConfig(
         layers=str(args.layer), sites="resid,mlp_in,mlp_out", max_tokens=args.extract_tokens, cache_root=args.cache_root
     )
-    cache = extract(spec).url
+    cache = extract.run(spec).folder.url
     results = [measure(run, args) for run in runs(cache, args)]
     publish(lines(results), "SAE, transcoder and skip transcoder at one layer", "benchmarks.transcoders", args.write)
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from pipeline.cache.reader import ActivationCache
 from pipeline.extract.config import ExtractConfig
-from pipeline.extract.stage import extract
+from pipeline.extract.stage import run
 from pipeline.infra.console import guarded
 from pipeline.infra.files import sha256_file
 from pipeline.infra.params import build_config, load_params
@@ -15,15 +14,14 @@ PARAMS = "params.yaml"
 
 def main() -> None:
     cfg = build_config(ExtractConfig, load_params(PARAMS), "extract", {}, shared=("model", "data"))
-    cache = ActivationCache.open(extract(cfg))
-    manifest = cache.folder.local() / "manifest.json"
+    result = run(cfg)
     write_receipt(
         "extract",
         {
-            "cache": portable(cache.folder.url),
-            "key": cache.key,
-            "rows": cache.manifest["rows"],
-            "manifest_sha256": sha256_file(manifest),
+            "cache": portable(result.folder.url),
+            "key": result.manifest["key"],
+            "rows": result.manifest["rows"],
+            "manifest_sha256": sha256_file(result.folder.local() / "manifest.json"),
         },
         cfg.cache_root,
     )

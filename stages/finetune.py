@@ -1,7 +1,8 @@
 """DVC stage `finetune`: params [finetune] + cache/fit.json -> cache/finetune/<run>-ft<loss>-<hash>/ and the
 receipt cache/finetune.json. Off by default (``enabled: false``: the stage writes an empty folder and a receipt
 saying so); on, every run of the fit receipt that finetune takes (single-layer SAEs of the residual stream) is
-fine-tuned into its own folder; routed runs and transcoders are skipped with a note."""
+fine-tuned into its own folder; routed runs and transcoders are skipped with a note (pipeline/live/runs.py
+decides)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,12 @@ import dataclasses
 
 from pipeline.finetune.config import FinetuneConfig
 from pipeline.finetune.stage import run
-from pipeline.infra.console import guarded, say
-from pipeline.infra.files import Folder, sha256_file
+from pipeline.infra.console import guarded
+from pipeline.infra.files import sha256_file
 from pipeline.infra.layout import Layout
 from pipeline.infra.params import build_config, load_params
 from pipeline.infra.receipts import portable, read_receipt, write_receipt
-from pipeline.sae.folder import read_cfg
-from pipeline.sae.interface import REGISTRY
+from pipeline.live.runs import taken
 
 PARAMS = "params.yaml"
 
@@ -23,13 +23,10 @@ PARAMS = "params.yaml"
 def main() -> None:
     cfg = build_config(FinetuneConfig, load_params(PARAMS), "finetune", {})
     Layout(cfg.cache_root).finetune().makedirs()  # the stage's output, even when off
+    parents = [r["path"] for r in read_receipt("fit", cfg.cache_root)["runs"]] if cfg.enabled else []
     runs = []
-    for parent in read_receipt("fit", cfg.cache_root)["runs"] if cfg.enabled else []:
-        arch = REGISTRY[read_cfg(Folder.at(parent["path"]))["sae"]["arch"]]
-        if arch.multi_layer or arch.sites != ("resid",):
-            say(f"finetune: skipping {parent['path']} (finetune takes single-layer SAEs of the residual stream)")
-            continue
-        result = run(dataclasses.replace(cfg, run=parent["path"]))
+    for parent in taken("finetune", parents):
+        result = run(dataclasses.replace(cfg, run=parent))
         runs.append(
             {
                 "name": result.folder.name,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import shutil
 
 from pipeline.fit.config import FitConfig
-from pipeline.fit.stage import fit
+from pipeline.fit.stage import run
 from pipeline.infra.console import guarded
 from pipeline.infra.files import sha256_file
 from pipeline.infra.layout import Layout
@@ -22,12 +22,12 @@ PARAMS = "params.yaml"
 def main() -> None:
     receipt = read_receipt("extract")
     cfg = build_config(FitConfig, load_params(PARAMS), "fit", {"cache": receipt["cache"], "overwrite": True})
-    runs = fit(cfg)
+    runs = run(cfg).runs
     plots = Layout(cfg.cache_root).plots("fit").local()
     shutil.rmtree(plots, ignore_errors=True)
     plots.mkdir(parents=True)
-    for run in runs:
-        shutil.copyfile(run.local() / "log.csv", plots / f"{run.name}.csv")
+    for folder in runs:
+        shutil.copyfile(folder.local() / "log.csv", plots / f"{folder.name}.csv")
     write_receipt(
         "fit",
         {

@@ -6,16 +6,14 @@ mean balanced accuracy over features with its 95 % interval (`dvc metrics show`,
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from pipeline.infra.console import guarded
-from pipeline.infra.layout import Layout
 from pipeline.infra.params import build_config, load_params
 from pipeline.infra.receipts import read_receipt, write_receipt
-from pipeline.interpret.compare import write_comparison
 from pipeline.interpret.config import InterpretConfig
-from pipeline.interpret.stage import interpret
+from pipeline.interpret.stage import run
+from pipeline.live.runs import taken
 
 PARAMS = "params.yaml"
 KEEP = ("active_latents", "explained", "mean_score", "interpretable", "cost_usd", "scorer_cost_usd")
@@ -24,9 +22,8 @@ SCORE_KEYS = ["features"] + [f"{m}{end}" for m in ("balanced_accuracy", "auc") f
 
 def main() -> None:
     cfg = build_config(InterpretConfig, load_params(PARAMS), "interpret", {})
-    summaries = [interpret(dataclasses.replace(cfg, run=run["path"])) for run in read_receipt("fit")["runs"]]
-    write_comparison(summaries, Layout(cfg.cache_root).interpret())
-    metrics = {s["run"]: _metrics(s) for s in summaries}
+    result = run(cfg, taken("interpret", [r["path"] for r in read_receipt("fit")["runs"]]))
+    metrics = {s["run"]: _metrics(s) for s in result.summaries}
     write_receipt("interpret", {"runs": metrics}, cfg.cache_root)
 
 

@@ -113,17 +113,17 @@ def layer_runs(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     """Two TopK runs (128 latents, k 8) of the tiny Llama, on layers 1 and 2 of one cache of both: a sweep
     over the layer, whose members train exactly as they would alone. Shared by the steering and circuit
     tests, read only (checked at the end): a test that changes a run works on a copy."""
-    from pipeline.extract.stage import extract
+    from pipeline.extract import stage as extract
+    from pipeline.fit import stage as fit
     from pipeline.fit.config import FitConfig
-    from pipeline.fit.stage import fit
     from tests.support.caches import tiny_extract_config
 
     root = tmp_path_factory.mktemp("layer-runs")
-    cache = extract(tiny_extract_config(tiny_llama, root, layers="1,2"))
+    cache = extract.run(tiny_extract_config(tiny_llama, root, layers="1,2")).folder
     cfg = FitConfig(
         cache=cache.url, latents=128, k=8, batch_size=256, out=str(root / "saes"), device="cpu", sweep={"layer": [1, 2]}
     )
-    runs = [folder.url for folder in fit(cfg)]
+    runs = [folder.url for folder in fit.run(cfg).runs]
     before = _tree(root)
     yield runs
     assert _tree(root) == before, "a test wrote into the shared runs (layer_runs) or their cache"

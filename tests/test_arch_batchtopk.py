@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pipeline.fit import stage as fit
 from pipeline.fit.config import FitConfig, Training
-from pipeline.fit.stage import fit
 from pipeline.fit.train import make_member, train_step
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
@@ -149,7 +149,9 @@ def header(run: Folder) -> list[str]:
 
 
 def test_one_sweep_trains_every_architecture_as_each_trains_alone(cache: str, tmp_path: Path) -> None:  # noqa: F811
-    runs = fit(run_cfg(cache, tmp_path / "sweep", max_tokens=4096, sweep={"arch": ["topk", "batchtopk", "matryoshka"]}))
+    runs = fit.run(
+        run_cfg(cache, tmp_path / "sweep", max_tokens=4096, sweep={"arch": ["topk", "batchtopk", "matryoshka"]})
+    ).runs
     topk, btk, mat = sorted(runs, key=lambda r: ["topk", "batchtopk", "matryoshka"].index(arch_of(r)))
     assert header(topk) == LEGACY_TOPK_LOG and "prefixes" not in topk.read_json("cfg.json")["sae"]
     model, _ = load_sae(btk)
@@ -157,13 +159,13 @@ def test_one_sweep_trains_every_architecture_as_each_trains_alone(cache: str, tm
     assert header(btk) == [*LEGACY_TOPK_LOG, "threshold"]
     assert mat.read_json("cfg.json")["sae"]["prefixes"] == [8, 16, 32, 64, 128]  # n/16 ... n
     assert header(mat)[-4:] == ["prefix_8_nmse", "prefix_16_nmse", "prefix_32_nmse", "prefix_64_nmse"]
-    (solo,) = fit(run_cfg(cache, tmp_path / "solo", max_tokens=4096, arch="matryoshka"))
+    (solo,) = fit.run(run_cfg(cache, tmp_path / "solo", max_tokens=4096, arch="matryoshka")).runs
     for name, tensor in load_file(f"{solo.url}/sae.safetensors").items():
         torch.testing.assert_close(load_file(f"{mat.url}/sae.safetensors")[name], tensor, atol=1e-6, rtol=1e-5)
 
 
 def test_multi_topk_is_logged_only_where_it_is_trained(cache: str, tmp_path: Path) -> None:  # noqa: F811
-    (multi,) = fit(run_cfg(cache, tmp_path, arch="batchtopk", multi_topk=True, max_tokens=2048))
+    (multi,) = fit.run(run_cfg(cache, tmp_path, arch="batchtopk", multi_topk=True, max_tokens=2048)).runs
     assert header(multi) == [*LEGACY_TOPK_LOG, "multi_topk_loss", "threshold"]
     assert multi.read_json("cfg.json")["training"]["multi_topk"] is True
 
@@ -178,4 +180,4 @@ def arch_of(run: Folder) -> str:
 )
 def test_bad_prefixes_are_refused(cache: str, tmp_path: Path, prefixes: str, message: str) -> None:  # noqa: F811
     with pytest.raises(UserError, match=message):
-        fit(run_cfg(cache, tmp_path, arch="matryoshka", prefixes=prefixes))
+        fit.run(run_cfg(cache, tmp_path, arch="matryoshka", prefixes=prefixes))

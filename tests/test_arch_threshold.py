@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.evaluate import stage as evaluate
 from pipeline.evaluate.config import EvaluateConfig
-from pipeline.evaluate.stage import evaluate
+from pipeline.fit import stage as fit
 from pipeline.fit.config import FitConfig, Training
-from pipeline.fit.stage import fit
 from pipeline.fit.train import make_member, step_of, train_step
 from pipeline.infra.files import Folder
 from pipeline.sae.archs.gated import GatedSAE
@@ -161,10 +161,12 @@ def test_jumprelu_coefficient_turns_negative_to_reach_a_target_above_what_recons
 @pytest.mark.parametrize("arch", ["standard", "jumprelu", "gated"])
 def test_fit_trains_loads_and_evaluates_each_threshold_arch(arch: str, tmp_path: Path) -> None:
     cache = synthetic_cache(tmp_path, [3000, 2500, 2800], heldout_rows=64).url
-    (run,) = fit(run_cfg(cache, tmp_path, arch=arch, epochs=2, lr=1e-2))
+    (run,) = fit.run(run_cfg(cache, tmp_path, arch=arch, epochs=2, lr=1e-2)).runs
     header = (Path(run.url) / "log.csv").read_text().splitlines()[0].split(",")
     assert "sparsity_coeff" in header and "sparsity_loss" in header
     sae, cfg = load_sae(run)
     assert isinstance(sae, ReluSAE) and cfg["sae"]["arch"] == arch and cfg["result"]["sparsity_coeff"] > 0
-    (metrics,) = evaluate(EvaluateConfig(runs=[run.url], metrics=["nmse"], device="cpu", cache_root=str(tmp_path)))
+    (metrics,) = evaluate.run(
+        EvaluateConfig(runs=[run.url], metrics=["nmse"], device="cpu", cache_root=str(tmp_path))
+    ).metrics
     assert 0 < metrics["l0"] < 16 and metrics["fvu"] < 0.9  # k = 4 targeted; 64 true atoms, 3 per row

@@ -18,10 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.cli import main
+from pipeline.extract import stage as extract
 from pipeline.extract.config import ExtractConfig
-from pipeline.extract.stage import extract
+from pipeline.fit import stage as fit
 from pipeline.fit.config import FitConfig
-from pipeline.fit.stage import fit
 from pipeline.interop.importing import import_checkpoint
 from tests.support.caches import synthetic_cache
 from tests.support.foreign import bad_checkpoints
@@ -337,15 +337,21 @@ def steer_files(tmp: Path) -> dict[str, str]:
 def places(tiny_llama: Path, jsonl_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     tmp = tmp_path_factory.mktemp("bad")
     base = {"model": str(tiny_llama), "ctx_len": 32, "max_tokens": 1200, "cache_root": str(tmp), "device": "cpu"}
-    cache = extract(ExtractConfig(**base, layers="1", backend="memmap"))
-    multi = extract(ExtractConfig(**base, layers="1,3"))
+    cache = extract.run(ExtractConfig(**base, layers="1", backend="memmap")).folder
+    multi = extract.run(ExtractConfig(**base, layers="1,3")).folder
     out = str(tmp / "saes")
-    run = fit(FitConfig(cache=cache.url, latents=128, k=4, batch_size=256, out=out, device="cpu"))[0]
-    route = fit(FitConfig(cache=multi.url, arch="route", latents=128, k=4, batch_size=256, out=out, device="cpu"))[0]
-    soft = fit(FitConfig(cache=multi.url, arch="route", routing="soft", latents=128, k=4, batch_size=256, out=out))[0]
-    edges = extract(ExtractConfig(**{**base, "max_tokens": 300}, layers="0,3"))  # one layer of the 1..3 route range
-    unheld_cache = extract(ExtractConfig(**base, layers="1", heldout=0.0))
-    unheld = fit(FitConfig(cache=unheld_cache.url, latents=128, k=4, batch_size=256, out=out, device="cpu"))[0]
+    run = fit.run(FitConfig(cache=cache.url, latents=128, k=4, batch_size=256, out=out, device="cpu")).runs[0]
+    route = fit.run(
+        FitConfig(cache=multi.url, arch="route", latents=128, k=4, batch_size=256, out=out, device="cpu")
+    ).runs[0]
+    soft = fit.run(
+        FitConfig(cache=multi.url, arch="route", routing="soft", latents=128, k=4, batch_size=256, out=out)
+    ).runs[0]
+    edges = extract.run(
+        ExtractConfig(**{**base, "max_tokens": 300}, layers="0,3")
+    ).folder  # one layer of the 1..3 route range
+    unheld_cache = extract.run(ExtractConfig(**base, layers="1", heldout=0.0)).folder
+    unheld = fit.run(FitConfig(cache=unheld_cache.url, latents=128, k=4, batch_size=256, out=out, device="cpu")).runs[0]
     corrupt = tmp / "corrupt"
     shutil.copytree(cache.local(), corrupt)
     act = corrupt / "shards" / "000000" / "train" / "act.npy"
@@ -369,7 +375,7 @@ def places(tiny_llama: Path, jsonl_corpus: Path, tmp_path_factory: pytest.TempPa
     shutil.copytree(imported.local(), badk)
     edited = json.loads((badk / "cfg.json").read_text())
     (badk / "cfg.json").write_text(json.dumps({**edited, "sae": {**edited["sae"], "k": -1}}))
-    synthrun = fit(FitConfig(cache=synthetic.url, latents=128, k=4, batch_size=64, out=out, device="cpu"))[0]
+    synthrun = fit.run(FitConfig(cache=synthetic.url, latents=128, k=4, batch_size=64, out=out, device="cpu")).runs[0]
     for name, line in TASK_FILES.items():
         (tmp / f"{name}.jsonl").write_text(json.dumps(GOOD_PAIR) + "\n" + line + "\n")
     latin1 = json.dumps({**GOOD_PAIR, "clean_prefix": "Caf\u00e9"}, ensure_ascii=False).encode("latin-1")

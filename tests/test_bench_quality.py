@@ -80,16 +80,20 @@ def test_dead_floor_agrees_with_evaluate_on_heldout_and_training_rows(tmp_path: 
     """The benchmark's own per-block counting gives evaluate's dead_share (held-out) and
     train_dead_share (training) for the same run."""
     from benchmarks.dead_floor import measure
+    from pipeline.evaluate import stage as evaluate
     from pipeline.evaluate.config import EvaluateConfig
-    from pipeline.evaluate.stage import evaluate
+    from pipeline.fit import stage as fit
     from pipeline.fit.config import FitConfig
-    from pipeline.fit.stage import fit
     from tests.support.caches import synthetic_cache
 
     cache = synthetic_cache(tmp_path, [60, 50], layers=(12,), d=16, heldout_rows=24)
-    (run,) = fit(FitConfig(cache=cache.url, layer=12, latents=64, k=2, max_tokens=64, batch_size=32, out=str(tmp_path)))
+    (run,) = fit.run(
+        FitConfig(cache=cache.url, layer=12, latents=64, k=2, max_tokens=64, batch_size=32, out=str(tmp_path))
+    ).runs
     metrics = ["nmse", "train_dead"]
-    (result,) = evaluate(EvaluateConfig(runs=[run.url], metrics=metrics, max_tokens=0, out=str(tmp_path / "ev")))
+    (result,) = evaluate.run(
+        EvaluateConfig(runs=[run.url], metrics=metrics, max_tokens=0, out=str(tmp_path / "ev"))
+    ).metrics
     floor = measure(run.url, samples=3, seed=0)
     assert 0 < result["dead_share"] < 1 and 0 < result["train_dead_share"] < 1  # both counts have something to match
     assert floor.heldout == pytest.approx(result["dead_share"])

@@ -22,7 +22,7 @@ from pipeline.circuit.measures import Score, ends, measure
 from pipeline.circuit.methods import Lens, MaskHyper, attributions, top_circuits, train_masks
 from pipeline.circuit.outputs import Found, chosen
 from pipeline.circuit.spliced import Batch, Masking, ablation_values, batches, logit_diff
-from pipeline.circuit.stage import circuit
+from pipeline.circuit.stage import run
 from pipeline.circuit.tasks import NAMES, VERBS, Pair, encode, generate, read_jsonl, split
 from pipeline.cli import app
 from pipeline.infra.errors import UserError
@@ -321,7 +321,7 @@ def test_a_second_seed_reruns_the_mask_and_reports_the_overlap(
         cache_root=str(tmp_path),
         **settings,  # type: ignore[arg-type]
     )
-    out = circuit(cfg).local()
+    out = run(cfg).folder.local()
     found = json.loads((out / "circuit.json").read_text())
     by_seed = {c["seed"]: c for c in found["circuits"]}
     assert sorted(by_seed) == [0, 1] and found["circuit"]["seed"] == 0

@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.cache.reader import ActivationCache
+from pipeline.extract import stage as extract
 from pipeline.extract.config import ExtractConfig
-from pipeline.extract.stage import extract
-from pipeline.fit.stage import fit
+from pipeline.fit import stage as fit
 from tests.support.caches import synthetic_cache, tiny_extract_args, tree_bytes
 from tests.support.ddp_check import sweep_config
 
@@ -78,7 +78,7 @@ def test_sweep_spread_over_ranks_equals_one_process(tmp_path: Path) -> None:
     names = [set(r["weights"]) for r in ranks]
     assert len(names[0]) == len(names[1]) == 2 and not names[0] & names[1]  # two whole members each
     assert ranks[0]["steps"] == ranks[1]["steps"] == [50, 50]  # each rank reads all 6400 tokens
-    alone = fit(sweep_config(cache.url, str(tmp_path / "one"), spread=True))
+    alone = fit.run(sweep_config(cache.url, str(tmp_path / "one"), spread=True)).runs
     assert {f.name for f in alone} == names[0] | names[1]
     for folder in alone:
         spread = load_file(str(tmp_path / "out" / "saes" / folder.name / "sae.safetensors"))
@@ -96,8 +96,8 @@ def test_cache_behind_an_fsspec_url_round_trips(tiny_llama: Path, tmp_path: Path
         "device": "cpu",
         "shard_mb": 0.02,
     }
-    remote = ActivationCache.open(extract(ExtractConfig(**base, cache_root=url.format(tmp=tmp_path))))
-    local = ActivationCache.open(extract(ExtractConfig(**base, cache_root=str(tmp_path / "local"))))
+    remote = ActivationCache.open(extract.run(ExtractConfig(**base, cache_root=url.format(tmp=tmp_path))).folder)
+    local = ActivationCache.open(extract.run(ExtractConfig(**base, cache_root=str(tmp_path / "local"))).folder)
     assert remote.manifest["shards"] == local.manifest["shards"]  # same rows, same checksums
     for record in local.shards:
         np.testing.assert_array_equal(

@@ -12,16 +12,16 @@ from transformers import AutoModelForCausalLM
 
 from pipeline.cache.normalize import Normalizer
 from pipeline.cache.reader import ActivationCache
-from pipeline.evaluate.compare import find_runs
+from pipeline.evaluate import stage as evaluate
 from pipeline.evaluate.config import EvaluateConfig
-from pipeline.evaluate.stage import evaluate
-from pipeline.extract.stage import extract
+from pipeline.extract import stage as extract
+from pipeline.fit import stage as fit
 from pipeline.fit.config import FitConfig
-from pipeline.fit.stage import fit
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
 from pipeline.live.edit import EditSpec, Mode, Site
 from pipeline.live.routing import Routing
+from pipeline.live.runs import finished_runs
 from pipeline.live.splice import site_edits
 from pipeline.llm.hooks import replace_input
 from pipeline.llm.model import find_blocks
@@ -36,7 +36,7 @@ def make_cache(model_dir: Path, root: Path, normalize: str) -> str:
     cfg = tiny_extract_config(
         model_dir, root, layers="1,2", max_tokens=2400, batch_size=8, heldout=0.25, normalize=normalize, shard_mb=0.1
     )
-    return extract(cfg).url
+    return extract.run(cfg).folder.url
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def train(cache: str, root: Path, **kw: object) -> Folder:
         "device": "cpu",
         "precision": "float32",
     }
-    return fit(FitConfig(**{**base, **kw}))[0]  # type: ignore[arg-type]
+    return fit.run(FitConfig(**{**base, **kw})).runs[0]  # type: ignore[arg-type]
 
 
 def set_weights(run: Folder, w_enc: torch.Tensor, w_dec: torch.Tensor) -> None:
@@ -76,7 +76,7 @@ def identity(d: int) -> torch.Tensor:
 
 def run_eval(runs: list[Folder], root: Path, **kw: object) -> list[dict]:
     cfg = EvaluateConfig(runs=[r.url for r in runs], batch_size=4, device="cpu", cache_root=str(root), **kw)
-    return evaluate(cfg)  # type: ignore[arg-type]
+    return evaluate.run(cfg).metrics  # type: ignore[arg-type]
 
 
 def test_identity_sae_costs_nothing(caches: dict[str, str], tmp_path: Path) -> None:
@@ -195,7 +195,7 @@ def test_all_writes_table_and_plots(caches: dict[str, str], tmp_path: Path) -> N
 
     for k in (4, 8, 16):
         train(caches["standardize"], tmp_path / "saes", k=k)
-    runs = [Folder.at(r) for r in find_runs(str(tmp_path / "saes"))]
+    runs = [Folder.at(r) for r in finished_runs(str(tmp_path / "saes"))]
     assert len(runs) == 3
     results = run_eval(runs, tmp_path, metrics=["nmse", "kl"])
     written = write_comparison(results, Folder.at(tmp_path / "evaluate"))
@@ -293,7 +293,7 @@ def test_the_model_runs_in_the_precision_of_the_extraction_unless_told(
     import pipeline.evaluate.stage as evaluate_module
 
     cfg = tiny_extract_config(tiny_llama, tmp_path, layers="1", max_tokens=600, heldout=0.25, compute_dtype="bfloat16")
-    cache = extract(cfg).url
+    cache = extract.run(cfg).folder.url
     assert ActivationCache.open(cache).manifest["spec"]["compute_dtype"] == "bfloat16"
     run = train(cache, tmp_path / "saes", k=8, max_tokens=256)
     loaded = []
@@ -318,7 +318,9 @@ def test_train_dead_counts_a_latent_firing_only_on_the_last_training_row_as_aliv
     from tests.support.caches import synthetic_cache
 
     cache = synthetic_cache(tmp_path, [60, 50], layers=(12,), d=16)
-    (run,) = fit(FitConfig(cache=cache.url, layer=12, latents=32, k=4, max_tokens=64, batch_size=32, out=str(tmp_path)))
+    (run,) = fit.run(
+        FitConfig(cache=cache.url, layer=12, latents=32, k=4, max_tokens=64, batch_size=32, out=str(tmp_path))
+    ).runs
     sae, _ = load_sae(run)
     last = torch.from_numpy(Cache.open(cache.url).layer_rows(1, "train", 0)[-1])  # (D,)
     with torch.no_grad():
@@ -328,7 +330,9 @@ def test_train_dead_counts_a_latent_firing_only_on_the_last_training_row_as_aliv
         sae.W_enc[3] = last / last.norm()
         sae.b_enc[3] = -(last.norm() - 1e-3)  # above zero on rows nearly equal to the last one only
     save_weights(run, sae)
-    (result,) = evaluate(EvaluateConfig(runs=[run.url], metrics=["train_dead"], out=str(tmp_path / "ev")))
+    (result,) = evaluate.run(EvaluateConfig(runs=[run.url], metrics=["train_dead"], out=str(tmp_path / "ev"))).metrics
     assert result["train_dead_share"] == 1 - 4 / 32
-    (top3,) = evaluate(EvaluateConfig(runs=[run.url], metrics=["train_dead"], infer_k=3, out=str(tmp_path / "ev")))
+    (top3,) = evaluate.run(
+        EvaluateConfig(runs=[run.url], metrics=["train_dead"], infer_k=3, out=str(tmp_path / "ev"))
+    ).metrics
     assert top3["train_dead_share"] == 1 - 3 / 32  # encoded with --infer-k, as the other metrics are

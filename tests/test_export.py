@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.fit import stage as fit
 from pipeline.fit.config import FitConfig
-from pipeline.fit.stage import fit
 from pipeline.infra.errors import UserError
 from pipeline.interop.export import export_run
 from pipeline.interop.importing import read_checkpoint
@@ -31,7 +31,7 @@ def trained(tmp_path: Path, method: str, arch: str = "topk") -> str:
         device="cpu",
         precision="float32",
     )
-    return fit(cfg)[0].url
+    return fit.run(cfg).runs[0].url
 
 
 @pytest.mark.parametrize("fmt", ["saelens", "sparsify"])

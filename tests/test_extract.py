@@ -12,11 +12,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from pipeline.cache import writer
 from pipeline.cache.normalize import Normalizer
 from pipeline.cache.reader import ActivationCache
+from pipeline.extract import stage as extract
 from pipeline.extract import stage as extract_module
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.corpus import CorpusSpec, iter_documents
 from pipeline.extract.packing import PackSpec, pack, plan_shards, token_stream
-from pipeline.extract.stage import extract, prepare
+from pipeline.extract.stage import prepare
 from pipeline.infra.errors import UserError
 from tests.support.caches import tree_bytes
 
@@ -58,7 +59,7 @@ def reference_rows(cfg: ExtractConfig, shard: dict, layer: int) -> dict[str, np.
 @pytest.mark.parametrize("backend", ["zarr", "memmap"])
 def test_stored_rows_equal_hidden_states(tiny_llama: Path, tmp_path: Path, backend: str) -> None:
     cfg = config(tiny_llama, tmp_path, backend=backend)
-    cache = ActivationCache.open(extract(cfg))
+    cache = ActivationCache.open(extract.run(cfg).folder)
     assert cache.rows("train") + cache.rows("heldout") == 900
     assert len(cache.shards) > 2
     for record in (cache.shards[0], cache.shards[-1]):
@@ -73,7 +74,7 @@ def test_stored_rows_equal_hidden_states(tiny_llama: Path, tmp_path: Path, backe
 def test_int8_cache_round_trips_within_half_a_step(tiny_llama: Path, tmp_path: Path) -> None:
     """Every decoded value lies within half a quantization step (scale / 2) of the float32 hidden state."""
     cfg = config(tiny_llama, tmp_path, dtype="int8", backend="zarr", max_tokens=300)
-    cache = ActivationCache.open(extract(cfg))
+    cache = ActivationCache.open(extract.run(cfg).folder)
     assert cache.manifest["spec"]["dtype"] == "int8" and cache.manifest["format_version"] == 2
     record = cache.shards[0]
     for i, layer in enumerate(cache.layers):
@@ -88,14 +89,14 @@ def test_int8_cache_round_trips_within_half_a_step(tiny_llama: Path, tmp_path: P
 
 def test_gpt2_blocks_are_found(tiny_gpt2: Path, tmp_path: Path) -> None:
     cfg = config(tiny_gpt2, tmp_path, layers="0,2", normalize="none", dtype="float32")
-    cache = ActivationCache.open(extract(cfg))
+    cache = ActivationCache.open(extract.run(cfg).folder)
     record = cache.shards[0]
     expected = reference_rows(cfg, record, 2)["train"]
     np.testing.assert_allclose(cache.read(record["index"], "train/act", 1), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_metadata_matches_the_plan(tiny_llama: Path, tmp_path: Path) -> None:
-    cache = ActivationCache.open(extract(config(tiny_llama, tmp_path, heldout=0.25)))
+    cache = ActivationCache.open(extract.run(config(tiny_llama, tmp_path, heldout=0.25)).folder)
     record = next(r for r in cache.shards if r["rows"]["heldout"] > 0)
     seqs = cache.read(record["index"], "heldout/sequences")
     seq, pos, token = (cache.read(record["index"], f"heldout/{c}") for c in ("seq", "pos", "token"))
@@ -106,11 +107,11 @@ def test_metadata_matches_the_plan(tiny_llama: Path, tmp_path: Path) -> None:
 def test_repeat_is_a_cache_hit_without_loading_the_model(
     tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    first = extract(config(tiny_llama, tmp_path))
+    first = extract.run(config(tiny_llama, tmp_path)).folder
     outputs = tmp_path / "activations"  # the extract stage's DVC output
     before = {str(p.relative_to(outputs)): p.read_bytes() for p in sorted(outputs.rglob("*")) if p.is_file()}
     monkeypatch.setattr(extract_module, "load_model", lambda *a, **k: pytest.fail("model loaded on a hit"))
-    assert extract(config(tiny_llama, tmp_path)).url == first.url
+    assert extract.run(config(tiny_llama, tmp_path)).folder.url == first.url
     after = {str(p.relative_to(outputs)): p.read_bytes() for p in sorted(outputs.rglob("*")) if p.is_file()}
     assert after == before  # a hit changes no output byte
     assert [p.name for p in outputs.iterdir()] == [first.name]  # no lock files or strays beside the cache
@@ -151,7 +152,7 @@ def test_other_model_or_corpus_gives_a_new_key(
 def test_interrupted_run_resumes_to_identical_bytes(
     tiny_llama: Path, tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    whole = extract(config(tiny_llama, tmp_path / "a", backend=backend)).local()
+    whole = extract.run(config(tiny_llama, tmp_path / "a", backend=backend)).folder.local()
     real_commit = writer.commit_shard
     calls = {"n": 0}
 
@@ -163,32 +164,38 @@ def test_interrupted_run_resumes_to_identical_bytes(
 
     monkeypatch.setattr(writer, "commit_shard", failing_commit)
     with pytest.raises(KeyboardInterrupt):
-        extract(config(tiny_llama, tmp_path / "b", backend=backend))
+        extract.run(config(tiny_llama, tmp_path / "b", backend=backend))
     monkeypatch.setattr(writer, "commit_shard", real_commit)
     partial = tmp_path / "b" / "activations" / whole.name
     assert len(list((partial / "shards").glob("*.json"))) == 2
     with pytest.raises(UserError, match="incomplete"):
         ActivationCache.open(partial)
-    resumed = extract(config(tiny_llama, tmp_path / "b", backend=backend)).local()
+    resumed = extract.run(config(tiny_llama, tmp_path / "b", backend=backend)).folder.local()
     assert tree_bytes(resumed) == tree_bytes(whole)
 
 
 def test_layer_specs(tiny_llama: Path, tmp_path: Path) -> None:
     for spec, layers in [("all", [0, 1, 2, 3]), ("route", [1, 2, 3]), ("1:2", [1, 2]), ("0,3", [0, 3])]:
-        assert ActivationCache.open(extract(config(tiny_llama, tmp_path, layers=spec, max_tokens=64))).layers == layers
+        assert (
+            ActivationCache.open(extract.run(config(tiny_llama, tmp_path, layers=spec, max_tokens=64)).folder).layers
+            == layers
+        )
 
 
 def test_scale_normalization_gives_norm_sqrt_d(tiny_llama: Path, tmp_path: Path) -> None:
-    cache = ActivationCache.open(extract(config(tiny_llama, tmp_path, normalize="scale", dtype="float32")))
+    cache = ActivationCache.open(extract.run(config(tiny_llama, tmp_path, normalize="scale", dtype="float32")).folder)
     x = cache.read(next(r["index"] for r in cache.shards if r["rows"]["train"]), "train/act", 0)
     assert abs(np.linalg.norm(x, axis=1).mean() / 8.0 - 1) < 0.1  # sqrt(64) = 8
     assert set(cache.manifest["normalization"]["scales"]) == {"1", "3"}
 
 
 def test_local_jsonl_corpus_and_column_check(tiny_llama: Path, jsonl_corpus: Path, tmp_path: Path) -> None:
-    assert ActivationCache.open(extract(config(tiny_llama, tmp_path, dataset=str(jsonl_corpus)))).rows("train") > 0
+    assert (
+        ActivationCache.open(extract.run(config(tiny_llama, tmp_path, dataset=str(jsonl_corpus))).folder).rows("train")
+        > 0
+    )
     with pytest.raises(UserError, match="columns are text, id"):
-        extract(config(tiny_llama, tmp_path, dataset=str(jsonl_corpus), text_column="content"))
+        extract.run(config(tiny_llama, tmp_path, dataset=str(jsonl_corpus), text_column="content"))
 
 
 @pytest.mark.parametrize(
@@ -206,7 +213,7 @@ def test_local_jsonl_corpus_and_column_check(tiny_llama: Path, jsonl_corpus: Pat
 )
 def test_bad_inputs_are_user_errors(tiny_llama: Path, tmp_path: Path, change: dict, message: str) -> None:
     with pytest.raises(UserError, match=message):
-        extract(config(tiny_llama, tmp_path, **change))
+        extract.run(config(tiny_llama, tmp_path, **change))
     assert not (tmp_path / "activations").exists() or not any((tmp_path / "activations").glob("*/manifest.json"))
 
 
@@ -214,14 +221,14 @@ def test_corpus_too_small_for_one_row(tiny_llama: Path, tmp_path: Path) -> None:
     tiny = tmp_path / "tiny.txt"
     tiny.write_text("Only a few words.")
     with pytest.raises(UserError, match="yields no rows"):
-        extract(config(tiny_llama, tmp_path, dataset=str(tiny), ctx_len=64))
+        extract.run(config(tiny_llama, tmp_path, dataset=str(tiny), ctx_len=64))
     assert list((tmp_path / "activations").iterdir()) == []  # bad input leaves no empty cache folder behind
 
 
 def test_folder_with_another_spec_is_refused(tiny_llama: Path, tmp_path: Path) -> None:
-    folder = extract(config(tiny_llama, tmp_path))
+    folder = extract.run(config(tiny_llama, tmp_path)).folder
     manifest = folder.read_json("manifest.json")
     manifest["spec"]["ctx_len"] = 999
     folder.write_json(manifest, "manifest.json")
     with pytest.raises(UserError, match="different spec"):
-        extract(config(tiny_llama, tmp_path))
+        extract.run(config(tiny_llama, tmp_path))

@@ -13,15 +13,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from pipeline.evaluate import stage as evaluate
 from pipeline.evaluate.config import EvaluateConfig
-from pipeline.evaluate.stage import evaluate
-from pipeline.extract.stage import extract
+from pipeline.extract import stage as extract
 from pipeline.finetune.config import FinetuneConfig
 from pipeline.finetune.loss import batch_loss
 from pipeline.finetune.sequences import Specials, rebuilt, training_sequences
 from pipeline.finetune.stage import run
+from pipeline.fit import stage as fit
 from pipeline.fit.config import FitConfig
-from pipeline.fit.stage import fit
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
 from pipeline.live.subject import go_live, load_subject
@@ -32,12 +32,12 @@ from tests.support.caches import tiny_extract_config
 def cache(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     root = tmp_path_factory.mktemp("ft-cache")
     cfg = tiny_extract_config(tiny_llama, root, layers="1,2", max_tokens=2400, batch_size=8, heldout=0.25)
-    return extract(cfg).url
+    return extract.run(cfg).folder.url
 
 
 def train(cache: str, root: Path, **kw: object) -> Folder:
     base = {"cache": cache, "layer": 1, "latents": 128, "k": 8, "batch_size": 256, "max_tokens": 1024}
-    return fit(FitConfig(**{**base, "out": str(root), "device": "cpu", "precision": "float32", **kw}))[0]  # type: ignore[arg-type]
+    return fit.run(FitConfig(**{**base, "out": str(root), "device": "cpu", "precision": "float32", **kw})).runs[0]  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_finetuning_lowers_heldout_kl_into_a_new_run(parent: Folder, tmp_path: P
     assert record["finetune"]["parent"] == parent.name and record["finetune"]["loss"] == "kl"
     assert record["finetune"]["max_tokens"] == 1200 and result.tokens >= 1200
     cfg = EvaluateConfig(runs=[parent.url, result.folder.url], device="cpu", cache_root=str(tmp_path), metrics=["kl"])
-    old, new = evaluate(cfg)
+    old, new = evaluate.run(cfg).metrics
     assert new["kl_per_token"] < 0.9 * old["kl_per_token"]  # 0.0082 -> 0.0070 when written
 
 

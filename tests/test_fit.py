@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 
 from pipeline.cache.reader import ActivationCache
 from pipeline.cache.stream import ActivationStream, StreamSpec
+from pipeline.fit import stage as fit
 from pipeline.fit import stage as fit_module
 from pipeline.fit.config import FitConfig, Training
 from pipeline.fit.plan import expand_sweep, parse_sweep
-from pipeline.fit.stage import fit
 from pipeline.fit.train import make_member, train_step
 from pipeline.infra.errors import UserError
 from pipeline.sae.interface import SaeConfig
@@ -52,7 +52,7 @@ def weights(folder: object) -> dict[str, torch.Tensor]:
 
 
 def test_loss_falls_and_fvu_ends_low(cache: str, tmp_path: Path) -> None:
-    (run,) = fit(run_cfg(cache, tmp_path, epochs=4, lr=1e-2))
+    (run,) = fit.run(run_cfg(cache, tmp_path, epochs=4, lr=1e-2)).runs
     log = np.genfromtxt(f"{run.url}/log.csv", delimiter=",", names=True)
     assert log["nmse"][-1] < 0.3 * log["nmse"][0]
     assert log["fvu"][-1] < 0.1, log["fvu"][-1]  # 64 true atoms, 3 active per row, 128 latents with k=4
@@ -79,16 +79,16 @@ def test_decoder_rows_stay_unit_norm_every_step(cache: str, tmp_path: Path) -> N
 
 def test_route_fit_on_multilayer_cache(tmp_path: Path) -> None:
     folder = synthetic_cache(tmp_path, [1500, 1500], layers=(1, 2, 3), d=16)
-    (run,) = fit(run_cfg(folder.url, tmp_path, arch="route", layer=None, latents=64, max_tokens=2048))
+    (run,) = fit.run(run_cfg(folder.url, tmp_path, arch="route", layer=None, latents=64, max_tokens=2048)).runs
     cfg = run.read_json("cfg.json")
     assert cfg["sae"]["arch"] == "route" and cfg["sae"]["layers"] == [1, 2, 3]
     assert "router.weight" in weights(run)
 
 
 def test_sweep_member_equals_solo_run(cache: str, tmp_path: Path) -> None:
-    runs = fit(run_cfg(cache, tmp_path / "sweep", max_tokens=4096, sweep={"k": [4, 8], "seed": [0, 1]}))
+    runs = fit.run(run_cfg(cache, tmp_path / "sweep", max_tokens=4096, sweep={"k": [4, 8], "seed": [0, 1]})).runs
     assert len(runs) == 4 and len({r.name for r in runs}) == 4
-    (solo,) = fit(run_cfg(cache, tmp_path / "solo", max_tokens=4096, k=8, seed=1))
+    (solo,) = fit.run(run_cfg(cache, tmp_path / "solo", max_tokens=4096, k=8, seed=1)).runs
     member = next(
         r for r in runs if r.read_json("cfg.json")["sae"]["k"] == 8 and r.read_json("cfg.json")["training"]["seed"] == 1
     )
@@ -97,7 +97,7 @@ def test_sweep_member_equals_solo_run(cache: str, tmp_path: Path) -> None:
 
 
 def test_resume_equals_uninterrupted(cache: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (whole,) = fit(run_cfg(cache, tmp_path / "a", max_tokens=8192))
+    (whole,) = fit.run(run_cfg(cache, tmp_path / "a", max_tokens=8192)).runs
     real_step = fit_module.train_step
     calls = {"n": 0}
 
@@ -109,11 +109,11 @@ def test_resume_equals_uninterrupted(cache: str, tmp_path: Path, monkeypatch: py
 
     monkeypatch.setattr(fit_module, "train_step", dying_step)
     with pytest.raises(KeyboardInterrupt):
-        fit(run_cfg(cache, tmp_path / "b", max_tokens=8192))
+        fit.run(run_cfg(cache, tmp_path / "b", max_tokens=8192))
     monkeypatch.setattr(fit_module, "train_step", real_step)
     with pytest.raises(UserError, match="--resume"):
-        fit(run_cfg(cache, tmp_path / "b", max_tokens=8192))
-    (resumed,) = fit(run_cfg(cache, tmp_path / "b", max_tokens=8192, resume=True))
+        fit.run(run_cfg(cache, tmp_path / "b", max_tokens=8192))
+    (resumed,) = fit.run(run_cfg(cache, tmp_path / "b", max_tokens=8192, resume=True)).runs
     for name, tensor in weights(whole).items():
         torch.testing.assert_close(weights(resumed)[name], tensor, atol=0, rtol=0)
     steps = np.genfromtxt(f"{resumed.url}/log.csv", delimiter=",", names=True)["step"]
@@ -121,18 +121,18 @@ def test_resume_equals_uninterrupted(cache: str, tmp_path: Path, monkeypatch: py
 
 
 def test_finished_run_is_kept_not_overwritten(cache: str, tmp_path: Path) -> None:
-    (run,) = fit(run_cfg(cache, tmp_path, max_tokens=1024))
+    (run,) = fit.run(run_cfg(cache, tmp_path, max_tokens=1024)).runs
     before = (Path(run.url) / "sae.safetensors").read_bytes()
-    assert fit(run_cfg(cache, tmp_path, max_tokens=1024))[0].url == run.url
+    assert fit.run(run_cfg(cache, tmp_path, max_tokens=1024)).runs[0].url == run.url
     assert (Path(run.url) / "sae.safetensors").read_bytes() == before
 
 
 def test_resume_with_other_settings_is_refused(cache: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fit_module, "train_step", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
-        fit(run_cfg(cache, tmp_path, max_tokens=4096))
+        fit.run(run_cfg(cache, tmp_path, max_tokens=4096))
     with pytest.raises(UserError, match=r"lr: saved 0\.003, now 0\.001"):
-        fit(run_cfg(cache, tmp_path, max_tokens=4096, lr=1e-3, resume=True))
+        fit.run(run_cfg(cache, tmp_path, max_tokens=4096, lr=1e-3, resume=True))
 
 
 def test_sweeps_from_the_cli_and_from_params_are_typed() -> None:
@@ -159,14 +159,14 @@ def test_sweeps_from_the_cli_and_from_params_are_typed() -> None:
 )
 def test_bad_inputs(cache: str, tmp_path: Path, change: dict, message: str) -> None:
     with pytest.raises(UserError, match=message):
-        fit(run_cfg(cache, tmp_path, **change))
+        fit.run(run_cfg(cache, tmp_path, **change))
     assert not (tmp_path / "saes").exists() or not list((tmp_path / "saes").glob("*/sae.safetensors"))
 
 
 def test_route_on_single_layer_cache_is_refused(tmp_path: Path) -> None:
     folder = synthetic_cache(tmp_path, [500], layers=(3,))
     with pytest.raises(UserError, match="RouteSAE needs a multi-layer cache"):
-        fit(run_cfg(folder.url, tmp_path, arch="route", layer=None))
+        fit.run(run_cfg(folder.url, tmp_path, arch="route", layer=None))
 
 
 def test_corrupt_cache_is_refused(cache: str, tmp_path: Path) -> None:
@@ -175,9 +175,9 @@ def test_corrupt_cache_is_refused(cache: str, tmp_path: Path) -> None:
     data[200] ^= 0xFF  # inside layer 0 (layer-major layout, after the 128-byte .npy header)
     shard.write_bytes(bytes(data))
     with pytest.raises(UserError, match=r"shard 000001 train/act\[0\]: checksum mismatch"):
-        fit(run_cfg(cache, tmp_path))
+        fit.run(run_cfg(cache, tmp_path))
     assert shard.exists()
-    (run,) = fit(run_cfg(cache, tmp_path, layer=1, max_tokens=512))  # layer 1 is intact and still usable
+    (run,) = fit.run(run_cfg(cache, tmp_path, layer=1, max_tokens=512)).runs  # layer 1 is intact and still usable
     assert run.read_json("cfg.json")["status"] == "complete"
 
 
@@ -318,7 +318,7 @@ def test_a_budget_beyond_the_data_trains_the_epochs_asked_for_and_says_so(
     rows = ActivationCache.open(cache).rows("train")
 
     def steps_and_message(**kw: object) -> tuple[int, str]:
-        (run,) = fit(run_cfg(cache, tmp_path, checkpoint_every=0, **kw))
+        (run,) = fit.run(run_cfg(cache, tmp_path, checkpoint_every=0, **kw)).runs
         return run.read_json("cfg.json")["steps"], " ".join(capsys.readouterr().err.split())
 
     steps, said = steps_and_message(max_tokens=3 * rows)
@@ -346,7 +346,7 @@ def test_auxk_settings_reach_the_run_from_the_command_line(tmp_path: Path) -> No
 
 def test_route_log_records_shares_and_entropy(tmp_path: Path) -> None:
     folder = synthetic_cache(tmp_path, [1500, 1500], layers=(1, 2, 3), d=16)
-    (run,) = fit(run_cfg(folder.url, tmp_path, arch="route", layer=None, latents=64, max_tokens=2048))
+    (run,) = fit.run(run_cfg(folder.url, tmp_path, arch="route", layer=None, latents=64, max_tokens=2048)).runs
     log = np.genfromtxt(f"{run.url}/log.csv", delimiter=",", names=True)
     shares = np.stack([log["share_L1"], log["share_L2"], log["share_L3"]], axis=1)  # (rows, 3)
     np.testing.assert_allclose(shares.sum(1), 1.0, atol=1e-5)
@@ -357,8 +357,8 @@ def test_route_log_records_shares_and_entropy(tmp_path: Path) -> None:
 def test_too_few_routed_layers_are_refused(tmp_path: Path) -> None:
     folder = synthetic_cache(tmp_path, [500], layers=(0, 3, 7), d=16)  # an 8-layer model routes over 2..6
     with pytest.raises(UserError, match=r"routes over layers 2\.\.6 .* holds \[0, 3, 7\]"):
-        fit(run_cfg(folder.url, tmp_path, arch="route", layer=None))
-    (run,) = fit(run_cfg(folder.url, tmp_path, arch="route", layer=None, route_layers="0,7", max_tokens=512))
+        fit.run(run_cfg(folder.url, tmp_path, arch="route", layer=None))
+    (run,) = fit.run(run_cfg(folder.url, tmp_path, arch="route", layer=None, route_layers="0,7", max_tokens=512)).runs
     assert run.read_json("cfg.json")["sae"]["layers"] == [0, 7]
 
 

@@ -15,21 +15,21 @@ from safetensors.torch import load_file
 
 from pipeline.cache.normalize import Normalizer
 from pipeline.cache.reader import ActivationCache
+from pipeline.evaluate import stage as evaluate
 from pipeline.evaluate.config import EvaluateConfig
-from pipeline.evaluate.stage import evaluate
+from pipeline.extract import stage as extract
 from pipeline.extract.config import ExtractConfig
-from pipeline.extract.stage import extract
+from pipeline.fit import stage as fit
 from pipeline.fit.config import FitConfig
-from pipeline.fit.stage import fit
 from pipeline.infra.errors import UserError
 from pipeline.interop.export import export_run
 from pipeline.interop.foreign import whole
 from pipeline.interop.importing import import_checkpoint, same_model
+from pipeline.interpret import stage as interpret
 from pipeline.interpret.config import InterpretConfig
-from pipeline.interpret.stage import interpret
 from pipeline.sae.folder import load_sae
+from pipeline.steer import stage as steer
 from pipeline.steer.config import SteerConfig
-from pipeline.steer.stage import steer
 from tests.support.foreign import D, N, reference, their_tensors, write_saelens, write_sparsify
 
 SAELENS_CASES = [  # (id, architecture, config options, legacy flat config, hook, our layer)
@@ -172,9 +172,11 @@ def tiny_run(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     """A standardized cache of the tiny Llama (layer 1), a raw one, and a TopK run trained on the first."""
     tmp = tmp_path_factory.mktemp("imp")
     base = {"model": str(tiny_llama), "ctx_len": 32, "max_tokens": 1200, "cache_root": str(tmp), "device": "cpu"}
-    cache = extract(ExtractConfig(**base, layers="1"))
-    raw = extract(ExtractConfig(**base, layers="1", normalize="none"))
-    run = fit(FitConfig(cache=cache.url, latents=N, k=4, batch_size=256, out=str(tmp / "saes"), device="cpu"))[0]
+    cache = extract.run(ExtractConfig(**base, layers="1")).folder
+    raw = extract.run(ExtractConfig(**base, layers="1", normalize="none")).folder
+    run = fit.run(FitConfig(cache=cache.url, latents=N, k=4, batch_size=256, out=str(tmp / "saes"), device="cpu")).runs[
+        0
+    ]
     return {"cache": cache.url, "raw": raw.url, "run": run.url, "tmp": str(tmp)}
 
 
@@ -234,8 +236,8 @@ def test_imported_run_in_evaluate_steer_and_interpret(
     run = import_checkpoint(str(tmp_path / "sl"), cache_root=str(tmp_path / "c")).url
     common = {"runs": [run], "device": "cpu", "out": str(tmp_path / "eval"), "max_tokens": 0}
     with pytest.raises(UserError, match="has no activation cache of its own"):
-        evaluate(EvaluateConfig(**common))
-    (m,) = evaluate(EvaluateConfig(**common, cache=tiny_run["raw"]))
+        evaluate.run(EvaluateConfig(**common))
+    (m,) = evaluate.run(EvaluateConfig(**common, cache=tiny_run["raw"])).metrics
     # nmse from the raw cached rows, computed with the reference (normalization none: raw = normalized)
     x = torch.from_numpy(np.concatenate([r[:, 0] for _, r in ActivationCache.open(tiny_run["raw"]).heldout_rows([1])]))
     _, x_hat = reference("jumprelu", their_tensors("jumprelu"), x.float(), {})
@@ -244,7 +246,9 @@ def test_imported_run_in_evaluate_steer_and_interpret(
     assert m["kl_per_token"] > 0 and m["ce_spliced"] > 0 and m["cache_key"] == ActivationCache.open(tiny_run["raw"]).key
     write_saelens(tmp_path / "ln", "standard", str(tiny_llama), normalize_activations="layer_norm")
     layer_norm_run = import_checkpoint(str(tmp_path / "ln"), cache_root=str(tmp_path / "c")).url
-    (m_ln,) = evaluate(EvaluateConfig(**{**common, "runs": [layer_norm_run]}, cache=tiny_run["raw"], metrics=["nmse"]))
+    (m_ln,) = evaluate.run(
+        EvaluateConfig(**{**common, "runs": [layer_norm_run]}, cache=tiny_run["raw"], metrics=["nmse"])
+    ).metrics
     mu = x.float().mean(1, keepdim=True)
     x_n = (x.float() - mu) / (
         (x.float() - mu).std(1, keepdim=True) + 1e-5
@@ -252,14 +256,17 @@ def test_imported_run_in_evaluate_steer_and_interpret(
     _, x_hat_n = reference("standard", their_tensors("standard"), x_n, {})
     assert m_ln["nmse"] == pytest.approx(float((((x_n - x_hat_n) ** 2).sum(1) / (x_n**2).sum(1)).mean()), rel=1e-4)
     other = EvaluateConfig(**common, cache=tiny_run["cache"], metrics=["kl", "ce"])  # other normalization: tokens only
-    (m,) = evaluate(other)
+    (m,) = evaluate.run(other).metrics
     assert "nmse" not in m and m["kl_per_token"] > 0
     with pytest.raises(UserError, match="cannot read"):
-        evaluate(EvaluateConfig(**common, cache=tiny_run["cache"], metrics=["nmse"]))
-    (record,) = steer(SteerConfig(run=run, features=["3=scale:1"], prompts=["The cat"], max_new_tokens=3, device="cpu"))
+        evaluate.run(EvaluateConfig(**common, cache=tiny_run["cache"], metrics=["nmse"]))
+    steered = steer.run(
+        SteerConfig(run=run, features=["3=scale:1"], prompts=["The cat"], max_new_tokens=3, device="cpu")
+    )
+    (record,) = steered.records
     assert record["edited"] == record["unedited"]  # scale 1 in delta mode is the clean model, exactly
     tables = {"run": run, "cache": tiny_run["raw"], "explainer": "none", "device": "cpu", "max_tokens": 0}
-    summary = interpret(InterpretConfig(**tables, out=str(tmp_path / "interpret")))
+    summary = interpret.run(InterpretConfig(**tables, out=str(tmp_path / "interpret"))).summaries[0]
     assert summary["latents"] == N and summary["active_latents"] > 0
 
 
@@ -413,8 +420,10 @@ def test_a_centred_run_reads_a_raw_cache_and_the_registry_states_centring(
     repo = "jbloom/GPT2-Small-SAEs-Reformatted"
     run = import_checkpoint(repo, hookpoint="blocks.1.hook_resid_pre", cache_root=str(tmp_path / "c")).url
     base = {"model": str(tiny_gpt2), "ctx_len": 32, "max_tokens": 1200, "cache_root": str(tmp_path), "device": "cpu"}
-    raw = extract(ExtractConfig(**base, layers="1", normalize="none")).url
-    (m,) = evaluate(EvaluateConfig(runs=[run], cache=raw, metrics=["nmse"], device="cpu", out=str(tmp_path / "e")))
+    raw = extract.run(ExtractConfig(**base, layers="1", normalize="none")).folder.url
+    (m,) = evaluate.run(
+        EvaluateConfig(runs=[run], cache=raw, metrics=["nmse"], device="cpu", out=str(tmp_path / "e"))
+    ).metrics
     x = torch.from_numpy(np.concatenate([r[:, 0] for _, r in ActivationCache.open(raw).heldout_rows([1])])).float()
     _, x_hat = reference("topk", tensors, x, {"_center": True})
     x_c = x - x.mean(1, keepdim=True)  # nmse is measured in the space the SAE reads: the centred stream

@@ -14,9 +14,9 @@ import torch
 
 from pipeline.cache.reader import ActivationCache
 from pipeline.infra.errors import UserError
+from pipeline.interpret import stage as interpret
 from pipeline.interpret.explain import parse_answer
 from pipeline.interpret.splits import scoring_rows
-from pipeline.interpret.stage import interpret
 from pipeline.live.subject import load_llm
 from pipeline.llm.model import load_tokenizer, resolve_model
 from pipeline.sae.folder import load_sae
@@ -33,7 +33,7 @@ def run(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def test_tables_match_a_dense_brute_force(run: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    summary = interpret(icfg(run, tmp_path / "out", explainer="none"))
+    summary = interpret.run(icfg(run, tmp_path / "out", explainer="none")).summaries[0]
     features = pq.read_table(tmp_path / "out" / "features.parquet").to_pandas()
     examples = pq.read_table(tmp_path / "out" / "examples.parquet").to_pandas()
     sae, cfg = load_sae(run)
@@ -90,13 +90,13 @@ def test_explainer_with_retries_cache_and_malformed(
     ]
     script = Script(failures=[429, 500], answers=answers)
     with standin_env(script, monkeypatch, KEY):
-        first = interpret(icfg(run, tmp_path / "out"))
+        first = interpret.run(icfg(run, tmp_path / "out")).summaries[0]
         sent = script.requests
         # requests 3..8 got answers 2, 0, 1, 2, 0, 1: two malformed, asked again now as requests 9 and 10,
         # which get answers 2 and 0, both good
-        second = interpret(icfg(run, tmp_path / "out"))
+        second = interpret.run(icfg(run, tmp_path / "out")).summaries[0]
         resent = script.requests - sent
-        third = interpret(icfg(run, tmp_path / "out"))
+        third = interpret.run(icfg(run, tmp_path / "out")).summaries[0]
     assert sent == 6 + 2 and resent == 2 and script.requests == sent + resent  # the third run sent nothing
     assert first["explained"] == 4 and first["malformed"] == 2 and first["requests_sent"] == 6
     assert first["from_cache"] == 0 and first["failed"] == first["not_sent"] == 0
@@ -114,7 +114,7 @@ def test_failing_api_keeps_answers_and_reports_missing(
 ) -> None:
     script = Script(always_fail=503)
     with standin_env(script, monkeypatch, KEY):
-        summary = interpret(icfg(run, tmp_path / "out", concurrency=1, max_retries=1))
+        summary = interpret.run(icfg(run, tmp_path / "out", concurrency=1, max_retries=1)).summaries[0]
     assert summary["failed"] == 3 and summary["not_sent"] == 3  # stopped after 3 failed features
     assert script.requests == 3 * 2  # each failed feature: 1 try + 1 retry
     assert "explainer stopped" in capsys.readouterr().err
@@ -126,7 +126,7 @@ def test_bad_key_is_one_clear_line(
 ) -> None:
     script = Script(always_fail=401)
     with standin_env(script, monkeypatch, KEY):
-        summary = interpret(icfg(run, tmp_path / "out", concurrency=1))
+        summary = interpret.run(icfg(run, tmp_path / "out", concurrency=1)).summaries[0]
     assert summary["failed"] == 1 and summary["not_sent"] == 5 and script.requests == 1
     assert "refused the key" in capsys.readouterr().err
     _assert_key_nowhere(tmp_path, capsys)
@@ -137,7 +137,7 @@ def test_nothing_eligible_sends_nothing_and_says_so(
 ) -> None:
     script = Script(answers=['{"category": "high-level", "score": 5, "explanation": "Lists."}'])
     with standin_env(script, monkeypatch, KEY):
-        summary = interpret(icfg(run, tmp_path / "out", min_count=10**9))
+        summary = interpret.run(icfg(run, tmp_path / "out", min_count=10**9)).summaries[0]
     assert script.requests == 0 and summary["features_asked"] == 0 and "explanations" not in summary
     assert "nothing to explain" in capsys.readouterr().err
 
@@ -146,7 +146,7 @@ def test_without_key_tables_and_report_are_built(
     run: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    summary = interpret(icfg(run, tmp_path / "out"))
+    summary = interpret.run(icfg(run, tmp_path / "out")).summaries[0]
     assert summary["explanations"] == "skipped"
     assert "OPENAI_API_KEY is not set" in capsys.readouterr().err
     assert {p.name for p in (tmp_path / "out").iterdir()} >= {
@@ -159,7 +159,7 @@ def test_without_key_tables_and_report_are_built(
 
 def test_report_escapes_corpus_text_and_renders(run: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    interpret(icfg(run, tmp_path / "out", report_features=12, random_examples=20))
+    interpret.run(icfg(run, tmp_path / "out", report_features=12, random_examples=20))
     html = (tmp_path / "out" / "report.html").read_text()
     assert "<script" not in html and "&lt;script&gt;" in html
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -228,9 +228,9 @@ def test_parse_answer_is_strict_where_leniency_invents(answer: str, expected: tu
 
 def test_bad_inputs(run: str, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="not an SAE run folder"):
-        interpret(icfg(str(tmp_path), tmp_path / "out"))
+        interpret.run(icfg(str(tmp_path), tmp_path / "out"))
     with pytest.raises(UserError, match="unknown explainer"):
-        interpret(icfg(run, tmp_path / "out", explainer="claude"))
+        interpret.run(icfg(run, tmp_path / "out", explainer="claude"))
 
 
 def _assert_key_nowhere(root: Path, capsys: pytest.CaptureFixture) -> None:
@@ -279,12 +279,10 @@ def test_a_killed_run_leaves_the_previous_result_or_none(run: str, tmp_path: Pat
     import signal
     import sys
 
-    from pipeline.interpret.stage import interpret as run_interpret
-
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "SAE_PIPE_QUIET": "1"}
     env.pop("OPENAI_API_KEY", None)
-    old = run_interpret(icfg(run, tmp_path / "out", explainer="none", logit_effects=False))
+    old = interpret.run(icfg(run, tmp_path / "out", explainer="none", logit_effects=False)).summaries[0]
     before = {p.name: p.read_bytes() for p in Path(old["out"]).iterdir()}
     for out in ("out", "fresh"):
         argv = [run, "--out", str(tmp_path / out), "--cache-root", str(tmp_path), "--device", "cpu"]

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.fit import stage as fit
 from pipeline.fit import stage as fit_module
 from pipeline.fit.optim import make_optimizer
-from pipeline.fit.stage import fit
 from pipeline.sae.archs.topk import TopKSAE
 from pipeline.sae.interface import SaeConfig
 from tests.support.caches import synthetic_cache
@@ -57,7 +57,7 @@ def test_muon_fit_runs_and_resumes_to_the_same_weights(
 ) -> None:
     """A Muon run killed mid-way and resumed from its checkpoint ends with the uninterrupted run's weights
     (both optimizers' states saved and restored), and it trains: FVU falls."""
-    (whole,) = fit(run_cfg(cache, tmp_path / "a", max_tokens=8192, optimizer="muon", lr=LR))
+    (whole,) = fit.run(run_cfg(cache, tmp_path / "a", max_tokens=8192, optimizer="muon", lr=LR)).runs
     real_step, calls = fit_module.train_step, [0]
 
     def dying_step(*args: object, **kwargs: object) -> dict:
@@ -68,9 +68,9 @@ def test_muon_fit_runs_and_resumes_to_the_same_weights(
 
     monkeypatch.setattr(fit_module, "train_step", dying_step)
     with pytest.raises(KeyboardInterrupt):
-        fit(run_cfg(cache, tmp_path / "b", max_tokens=8192, optimizer="muon", lr=LR))
+        fit.run(run_cfg(cache, tmp_path / "b", max_tokens=8192, optimizer="muon", lr=LR))
     monkeypatch.setattr(fit_module, "train_step", real_step)
-    (resumed,) = fit(run_cfg(cache, tmp_path / "b", max_tokens=8192, optimizer="muon", lr=LR, resume=True))
+    (resumed,) = fit.run(run_cfg(cache, tmp_path / "b", max_tokens=8192, optimizer="muon", lr=LR, resume=True)).runs
     for name, tensor in weights(whole).items():
         torch.testing.assert_close(weights(resumed)[name], tensor, atol=0, rtol=0)
     assert whole.read_json("cfg.json")["training"]["optimizer"] == "muon"

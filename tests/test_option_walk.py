@@ -26,10 +26,10 @@ import pytest
 import typer.main
 
 from pipeline.cli import app, main
+from pipeline.extract import stage as extract
 from pipeline.extract.config import ExtractConfig
-from pipeline.extract.stage import extract
+from pipeline.fit import stage as fit
 from pipeline.fit.config import FitConfig
-from pipeline.fit.stage import fit
 from tests.support.foreign import write_saelens
 from tests.support.standin_openai import Script, rule_model, standin_server
 
@@ -175,9 +175,9 @@ def places(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     """The fixtures every case reads (never writes): a tiny model, a cache, a run, a checkpoint, a task."""
     world = tmp_path_factory.mktemp("walk-world")
     base = {"model": str(tiny_llama), "ctx_len": 32, "max_tokens": 1200, "device": "cpu"}
-    cache = extract(ExtractConfig(**base, layers="1", cache_root=str(world)))  # type: ignore[arg-type]
+    cache = extract.run(ExtractConfig(**base, layers="1", cache_root=str(world))).folder  # type: ignore[arg-type]
     cfg = FitConfig(cache=cache.url, latents=128, k=4, batch_size=256, out=str(world / "saes"), device="cpu")
-    run = fit(cfg)[0]
+    run = fit.run(cfg).runs[0]
     write_saelens(world / "sae", "topk", str(tiny_llama))
     pair = {"clean_prefix": "The pilot", "patch_prefix": "The pilots", "clean_answer": " is", "patch_answer": " are"}
     (world / "task.jsonl").write_text((json.dumps(pair) + "\n") * 12)

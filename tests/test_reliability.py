@@ -17,11 +17,11 @@ from safetensors.torch import load_file
 
 from pipeline.cache import backends as store
 from pipeline.cache.reader import ActivationCache
+from pipeline.extract import stage as extract
 from pipeline.extract import stage as extract_module
 from pipeline.extract.config import ExtractConfig
-from pipeline.extract.stage import extract
+from pipeline.fit import stage as fit
 from pipeline.fit.config import FitConfig
-from pipeline.fit.stage import fit
 from pipeline.infra.errors import UserError
 from tests.support.caches import synthetic_cache, tiny_extract_args, tiny_extract_config, tree_bytes
 
@@ -57,7 +57,10 @@ def reference(tiny_llama: Path, jsonl_corpus: Path, tmp_path_factory: pytest.Tem
     which the kill and concurrency tests below compare with)."""
     root = tmp_path_factory.mktemp("ref")
     corpus = str(jsonl_corpus)
-    return {b: extract(tiny_extract_config(tiny_llama, root / b, backend=b, dataset=corpus)).local() for b in BACKENDS}
+    return {
+        b: extract.run(tiny_extract_config(tiny_llama, root / b, backend=b, dataset=corpus)).folder.local()
+        for b in BACKENDS
+    }
 
 
 @pytest.mark.parametrize(
@@ -183,7 +186,7 @@ def test_not_enough_disk_is_refused_up_front(tiny_llama: Path, tmp_path: Path, m
     monkeypatch.setattr(extract_module.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10**6, 10**6, 1000))
     monkeypatch.setattr(extract_module, "load_model", lambda *a, **k: pytest.fail("model loaded before the check"))
     with pytest.raises(UserError, match="not enough disk space"):
-        extract(tiny_extract_config(tiny_llama, tmp_path, layers="1", max_tokens=100_000))
+        extract.run(tiny_extract_config(tiny_llama, tmp_path, layers="1", max_tokens=100_000))
 
 
 def test_disk_full_mid_write_leaves_a_resumable_cache(
@@ -201,9 +204,9 @@ def test_disk_full_mid_write_leaves_a_resumable_cache(
     monkeypatch.setattr(store.MemmapBackend, "write", full_disk)
     cfg = tiny_extract_config(tiny_llama, tmp_path, backend="memmap", dataset=str(jsonl_corpus))
     with pytest.raises(UserError, match="is full .* re-run the same command to resume"):
-        extract(cfg)
+        extract.run(cfg)
     monkeypatch.setattr(store.MemmapBackend, "write", real)
-    assert tree_bytes(extract(cfg).local()) == tree_bytes(reference["memmap"])
+    assert tree_bytes(extract.run(cfg).folder.local()) == tree_bytes(reference["memmap"])
 
 
 def test_newer_format_versions_are_refused(tmp_path: Path) -> None:
@@ -216,9 +219,9 @@ def test_newer_format_versions_are_refused(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="not a sae-pipe/activations file"):
         ActivationCache.open(folder)
     folder.write_json(manifest, "manifest.json")
-    (run_dir,) = fit(
+    (run_dir,) = fit.run(
         FitConfig(cache=folder.url, layer=0, latents=32, k=4, batch_size=64, out=str(tmp_path / "s"), device="cpu")
-    )
+    ).runs
     cfg = run_dir.read_json("cfg.json")
     run_dir.write_json({**cfg, "format_version": 2}, "cfg.json")
     from pipeline.sae.folder import load_sae

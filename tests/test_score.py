@@ -15,12 +15,11 @@ import pytest
 
 from pipeline.cache.reader import ActivationCache
 from pipeline.infra.errors import UserError
+from pipeline.interpret import stage as interpret
 from pipeline.interpret.checks import check_config
-from pipeline.interpret.compare import interpret_all
 from pipeline.interpret.explain import parse_answer
 from pipeline.interpret.score import parse_verdicts, probabilities
 from pipeline.interpret.splits import scoring_rows
-from pipeline.interpret.stage import interpret
 from pipeline.interpret.stats import auc, bootstrap_mean, feature_scores, summarize_scores
 from pipeline.sae.folder import load_sae
 from tests.support.interpret_run import icfg, token_run, train_run
@@ -43,7 +42,7 @@ def scored(
     out = tmp_path_factory.mktemp("scored") / "out"
     script = Script(rule=rule_model)
     with pytest.MonkeyPatch.context() as monkeypatch, standin_env(script, monkeypatch, KEY):
-        summary = interpret(icfg(tokens[0], out, control=True, **SCORING))
+        summary = interpret.run(icfg(tokens[0], out, control=True, **SCORING)).summaries[0]
     return out, summary, script
 
 
@@ -110,7 +109,7 @@ def test_no_test_example_shares_a_sequence_with_the_explainer(
     run = train_run(tiny_llama, tmp_path / "run")
     script = Script(rule=rule_model)
     with standin_env(script, monkeypatch, KEY):
-        interpret(icfg(run, tmp_path / "out", features=12, score=["detection"], concurrency=1))
+        interpret.run(icfg(run, tmp_path / "out", features=12, score=["detection"], concurrency=1))
     examples = pq.read_table(tmp_path / "out" / "examples.parquet").to_pandas()
     cache = ActivationCache.open(load_sae(run)[1]["cache"]["path"])
     sequence = np.concatenate(
@@ -140,7 +139,7 @@ def test_rerun_sends_nothing_and_the_key_stays_out(
     out, first, script = scored
     before = script.requests
     with standin_env(script, monkeypatch, KEY):
-        again = interpret(icfg(tokens[0], out, control=True, **SCORING))
+        again = interpret.run(icfg(tokens[0], out, control=True, **SCORING)).summaries[0]
     assert script.requests == before  # not one HTTP request
     assert again["scorer_from_cache"] == again["scorer_prompts"] == first["scorer_prompts"]
     assert again["scorer_requests_sent"] == 0 and again["scorer_cost_usd"] == 0
@@ -157,7 +156,9 @@ def test_429_then_200_is_retried(
 ) -> None:
     script = Script(failures=[429], rule=rule_model)
     with standin_env(script, monkeypatch, KEY):
-        summary = interpret(icfg(tokens[0], tmp_path / "out", concurrency=1, features=3, score=["detection"]))
+        summary = interpret.run(
+            icfg(tokens[0], tmp_path / "out", concurrency=1, features=3, score=["detection"])
+        ).summaries[0]
     assert summary["failed"] == summary["scorer_failed"] == summary["scorer_malformed"] == 0
     assert script.requests == 1 + summary["requests_sent"] + summary["scorer_requests_sent"]  # one retry
 
@@ -167,7 +168,7 @@ def test_max_cost_below_the_estimate_stops_before_any_request(
 ) -> None:
     script = Script(rule=rule_model)
     with standin_env(script, monkeypatch, KEY), pytest.raises(UserError, match="is above --max-cost"):
-        interpret(icfg(tokens[0], tmp_path / "out", max_cost=0.001, **SCORING))
+        interpret.run(icfg(tokens[0], tmp_path / "out", max_cost=0.001, **SCORING))
     assert script.requests == 0 and not (tmp_path / "out").exists()
     err = capsys.readouterr().err
     assert "cost estimate, explain:" in err and "cost estimate, score:" in err and "gpt-4o-mini" in err
@@ -177,7 +178,7 @@ def test_without_a_key_scoring_is_skipped(
     tokens: tuple[str, dict[int, str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    summary = interpret(icfg(tokens[0], tmp_path / "out", **SCORING))
+    summary = interpret.run(icfg(tokens[0], tmp_path / "out", **SCORING)).summaries[0]
     assert summary["scores"] == "skipped" and summary["explanations"] == "skipped"
     assert "skipped: OPENAI_API_KEY is not set" in capsys.readouterr().err
     assert "Scores</h2><p class='muted'>skipped" in (tmp_path / "out" / "report.html").read_text()
@@ -199,7 +200,7 @@ def test_report_and_comparison_show_the_scores(
     for row in shown.itertuples():
         assert f"detection {row.detection_balanced_accuracy:.2f}" in html
     with standin_env(script, monkeypatch, KEY):  # from the answer cache: the same numbers again
-        page = interpret_all(icfg(tokens[0], tmp_path / "cmp", control=True, **SCORING), [tokens[0]])
+        page = interpret.run(icfg(tokens[0], tmp_path / "cmp", control=True, **SCORING), [tokens[0]]).comparison
     table = (tmp_path / "cmp" / "comparison.csv").read_text().splitlines()
     assert len(table) == 2 and "detection_shuffled_balanced_accuracy_low" in table[0]
     assert f"{summary['scores']['fuzzing']['balanced_accuracy']}" in table[1]
@@ -327,7 +328,7 @@ def test_rerun_asks_malformed_scorer_answers_again_and_counts_this_run(
     with standin_env(script, monkeypatch, KEY):
         for _ in range(3):
             before = script.requests
-            runs.append(interpret(icfg(tokens[0], tmp_path / "out", **settings)))
+            runs.append(interpret.run(icfg(tokens[0], tmp_path / "out", **settings)).summaries[0])
             sent.append(script.requests - before)
     first, second, third = runs
     prompts, malformed = first["scorer_prompts"], tally["malformed"]
@@ -360,7 +361,9 @@ def test_a_scorer_that_never_says_active_has_undefined_precision(
         return json.dumps([0] * n), None
 
     with standin_env(Script(rule=never), monkeypatch, KEY):
-        summary = interpret(icfg(tokens[0], tmp_path / "out", features=4, score=["detection"], min_count=3))
+        summary = interpret.run(
+            icfg(tokens[0], tmp_path / "out", features=4, score=["detection"], min_count=3)
+        ).summaries[0]
     entry = summary["scores"]["detection"]
     assert entry["features"] == 4 and entry["precision"] is None and entry["precision_undefined"] == 4
     assert entry["recall"] == 0 and entry["balanced_accuracy"] == 0.5

@@ -10,7 +10,7 @@ import torch
 
 from pipeline.cache.reader import ActivationCache
 from pipeline.cache.stream import ActivationStream, StreamSpec
-from pipeline.extract.stage import extract
+from pipeline.extract import stage as extract
 from pipeline.infra.errors import UserError
 from pipeline.llm.hooks import run_to_sites
 from pipeline.llm.model import find_blocks
@@ -56,9 +56,9 @@ def test_mlp_sites_are_what_the_mlp_reads_and_returns(fixture: str, request: pyt
 def test_an_mlp_site_cache_streams_pairs_of_the_same_rows(tiny_llama: Path, tmp_path: Path) -> None:
     """A cache with --sites resid,mlp_in,mlp_out stores each site per layer under its own key, scaled so that
     E||x|| = sqrt(d), and streams (mlp_in, mlp_out) of one token side by side in every batch."""
-    plain = ActivationCache.open(extract(tiny_extract_config(tiny_llama, tmp_path / "a", max_tokens=300)))
+    plain = ActivationCache.open(extract.run(tiny_extract_config(tiny_llama, tmp_path / "a", max_tokens=300)).folder)
     cfg = tiny_extract_config(tiny_llama, tmp_path / "b", max_tokens=300, sites="resid,mlp_in,mlp_out")
-    cache = ActivationCache.open(extract(cfg))
+    cache = ActivationCache.open(extract.run(cfg).folder)
     assert cache.sites == ["resid", "mlp_in", "mlp_out"] and plain.sites == ["resid"]
     assert cache.key != plain.key and "sites" not in plain.manifest["spec"]
     assert cache.site_normalizer("mlp_out").method == "scale"
@@ -90,6 +90,6 @@ def test_bad_sites_are_refused() -> None:
 
 
 def test_a_stream_of_a_site_the_cache_lacks_is_refused(tiny_llama: Path, tmp_path: Path) -> None:
-    cache = ActivationCache.open(extract(tiny_extract_config(tiny_llama, tmp_path, max_tokens=200)))
+    cache = ActivationCache.open(extract.run(tiny_extract_config(tiny_llama, tmp_path, max_tokens=200)).folder)
     with pytest.raises(UserError, match="not mlp_in"):
         ActivationStream(cache, StreamSpec(cache.layers, 16, sites=("mlp_in",)))

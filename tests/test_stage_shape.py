@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 from pipeline.infra.files import Folder
 from pipeline.infra.layout import Layout
 from tests.support.imports import ROOT
@@ -78,3 +80,72 @@ def test_layout_paths(tmp_path: Path) -> None:
     assert str(layout.interpreted("r").features) == f"{root}/interpret/r/features.parquet"
     assert str(layout.interpreted("r").report) == f"{root}/interpret/r/report.html"
     assert layout.relative(Folder.at(tmp_path / "circuits" / "ioi-ab")) == "circuits/ioi-ab"
+
+
+STAGES = ("extract", "fit", "finetune", "evaluate", "interpret", "steer", "circuit")
+
+
+def stage_entry(stage: str) -> tuple[str, set[str]]:
+    """The class ``pipeline/<stage>/stage.py::run`` returns, and the names that module defines as dataclasses."""
+    tree = ast.parse((ROOT / "pipeline" / stage / "stage.py").read_text())
+    runs = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "run"]
+    assert len(runs) == 1, f"pipeline/{stage}/stage.py has no run(cfg)"
+    returns = ast.unparse(runs[0].returns) if runs[0].returns else ""
+    dataclasses = {
+        n.name
+        for n in tree.body
+        if isinstance(n, ast.ClassDef) and any(ast.unparse(d).split("(")[0] == "dataclass" for d in n.decorator_list)
+    }
+    return returns, dataclasses
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_each_stage_runs_through_run_returning_its_result(stage: str) -> None:
+    """pipeline/<stage>/stage.py::run(cfg) -> <Stage>Result, a dataclass naming what the stage wrote; the DVC
+    stage and the CLI command call that and no other function of the stage module."""
+    returns, dataclasses = stage_entry(stage)
+    assert returns == f"{stage.capitalize()}Result" and returns in dataclasses
+    for caller in (ROOT / "stages" / f"{stage}.py", ROOT / "pipeline" / "cli" / "stages.py"):
+        called = {
+            alias.name
+            for node in ast.walk(ast.parse(caller.read_text()))
+            if isinstance(node, ast.ImportFrom) and node.module == f"pipeline.{stage}.stage"
+            for alias in node.names
+        }
+        assert called == {"run"}, (caller.name, called)
+
+
+def test_each_stage_takes_its_runs_in_one_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fit receipt of every kind of run, and what each stage keeps of it, with the line each skip gets."""
+    from pipeline.live import runs as module
+    from pipeline.sae.folder import write_cfg
+
+    kinds = {  # name -> (arch, layers, routing)
+        "topk_l1": ("topk", [1], "hard"),
+        "jump_l1": ("jumprelu", [1], "hard"),  # a second run at layer 1
+        "route_hard": ("route", [0, 1, 2], "hard"),
+        "route_soft": ("route", [0, 1, 2], "soft"),
+        "tc_l2": ("transcoder", [2], "hard"),
+    }
+    paths = []
+    for name, (arch, layers, routing) in kinds.items():
+        write_cfg(Folder.at(tmp_path / name), {"sae": {"arch": arch, "layers": layers, "routing": routing}})
+        paths.append(str(tmp_path / name))
+    said: list[str] = []
+    monkeypatch.setattr(module, "say", said.append)
+    kept = {stage: [Path(p).name for p in module.taken(stage, paths)] for stage in module.TAKES}
+    assert kept["evaluate"] == kept["interpret"] == list(kinds)
+    assert kept["steer"] == ["topk_l1", "jump_l1", "route_hard", "tc_l2"]
+    assert kept["circuit"] == ["topk_l1"]  # a transcoder reads the (mlp_in, mlp_out) pair: multi_layer
+    assert kept["finetune"] == ["topk_l1", "jump_l1"]
+    p = {name: str(tmp_path / name) for name in kinds}
+    assert said == [
+        f"steer: skipping soft-routed run {p['route_soft']} (its code has no single layer to edit)",
+        f"circuit: skipping {p['jump_l1']}: layer 1 already has {p['topk_l1']}",
+        f"circuit: skipping route run {p['route_hard']} (circuits are found over single-layer runs)",
+        f"circuit: skipping route run {p['route_soft']} (circuits are found over single-layer runs)",
+        f"circuit: skipping transcoder run {p['tc_l2']} (circuits are found over single-layer runs)",
+        f"finetune: skipping {p['route_hard']} (finetune takes single-layer SAEs of the residual stream)",
+        f"finetune: skipping {p['route_soft']} (finetune takes single-layer SAEs of the residual stream)",
+        f"finetune: skipping {p['tc_l2']} (finetune takes single-layer SAEs of the residual stream)",
+    ]

@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 
 from pipeline.cache.normalize import Normalizer
 from pipeline.cli import app
-from pipeline.extract.stage import extract
+from pipeline.extract import stage as extract
+from pipeline.fit import stage as fit
 from pipeline.fit.config import FitConfig
-from pipeline.fit.stage import fit
 from pipeline.infra.errors import UserError
 from pipeline.live.edit import EditSpec, Mode, Site, edit_rows
 from pipeline.live.routing import route_choice
@@ -23,10 +23,10 @@ from pipeline.live.subject import load_llm, load_subject
 from pipeline.llm.hooks import replace_input, replacing
 from pipeline.sae.archs.topk import TopKSAE
 from pipeline.sae.interface import SaeConfig
+from pipeline.steer import stage as steer
 from pipeline.steer.config import SteerConfig
 from pipeline.steer.edits import Edit, Positions, parse_edit
 from pipeline.steer.intervene import Target, routed_logits, steering
-from pipeline.steer.stage import steer
 from tests.support.caches import tiny_extract_config
 from tests.support.steer_by_hand import add_by_hand
 
@@ -191,15 +191,15 @@ def test_cli_generates_side_by_side_and_is_reproducible(run: str) -> None:
 def test_prompt_longer_than_the_model_is_refused(run: str) -> None:
     cfg = SteerConfig(run=run, features=["3=scale:0"], prompts=["word " * 600], device="cpu", max_new_tokens=4)
     with pytest.raises(UserError, match="longer than the model's 512 positions"):
-        steer(cfg)
+        steer.run(cfg)
 
 
 @pytest.fixture(scope="module")
 def route(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple:
     root = tmp_path_factory.mktemp("steer-route")
-    cache = extract(tiny_extract_config(tiny_llama, root))
+    cache = extract.run(tiny_extract_config(tiny_llama, root)).folder
     cfg = FitConfig(cache=cache.url, arch="route", latents=128, k=8, batch_size=256, out=str(root / "s"), device="cpu")
-    subject = load_subject(fit(cfg)[0].url, CPU)
+    subject = load_subject(fit.run(cfg).runs[0].url, CPU)
     model, blocks = load_llm(subject.cache, CPU)
     return subject, model, blocks
 
@@ -272,8 +272,6 @@ def test_route_runs_steer_from_the_cli(route: tuple) -> None:
 
 
 def test_route_dose_response(route: tuple, tmp_path: Path) -> None:
-    from pipeline.steer.evaluation import evaluate_steering
-
     cfg = SteerConfig(
         run=route[0].folder.url,
         evaluate=True,
@@ -285,6 +283,6 @@ def test_route_dose_response(route: tuple, tmp_path: Path) -> None:
         out=str(tmp_path),
         device="cpu",
     )
-    zero, strong = csv.DictReader((evaluate_steering(cfg).local() / "steering.csv").open())
+    zero, strong = csv.DictReader((steer.run(cfg).folder.local() / "steering.csv").open())
     assert float(zero["kl"]) == 0 and float(zero["logprob_gain"]) == 0
     assert float(strong["kl"]) > 0 and float(strong["logprob_gain"]) > 0

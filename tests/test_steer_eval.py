@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.infra.errors import UserError
+from pipeline.infra.files import Folder
 from pipeline.live import logits as logits_module
 from pipeline.live.edit import Mode
 from pipeline.live.logits import logit_effects, output_scores
@@ -25,15 +26,22 @@ from pipeline.llm.hooks import replace_input
 from pipeline.llm.unembed import unembedding
 from pipeline.sae.archs.topk import TopKSAE
 from pipeline.sae.interface import Latents
+from pipeline.steer import stage as steer
 from pipeline.steer.config import SteerConfig
 from pipeline.steer.dose import Bench, Setting, held_out_cost
-from pipeline.steer.evaluation import evaluate_steering
 from pipeline.steer.judge import judge_messages
 from tests.support.standin_openai import Script, standin_env
 from tests.support.steer_by_hand import add_by_hand, greedy_by_hand
 
 CPU = torch.device("cpu")
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def evaluated(cfg: SteerConfig) -> Folder:
+    """The folder the steer stage's evaluation wrote (``cfg.evaluate`` is on)."""
+    folder = steer.run(cfg).folder
+    assert folder is not None
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +110,7 @@ def test_dose_response_grid(run: str, tmp_path: Path) -> None:
         out=str(tmp_path / "out"),
         device="cpu",
     )
-    out = evaluate_steering(cfg)
+    out = evaluated(cfg)
     rows = list(csv.DictReader((out.local() / "steering.csv").open()))
     assert [(int(r["feature"]), float(r["strength"])) for r in rows] == [(f, s) for f in (3, 40) for s in (0, 4, 16)]
     for feature in ("3", "40"):
@@ -164,9 +172,9 @@ def test_llm_judge_rates_cached_and_capped(run: str, tmp_path: Path, monkeypatch
     )
     script = Script(rule=judge_rule)
     with standin_env(script, monkeypatch, key):
-        out = evaluate_steering(cfg).local()
+        out = evaluated(cfg).local()
         sent = script.requests
-        evaluate_steering(cfg)  # every answer is cached now
+        evaluated(cfg)  # every answer is cached now
     assert sent == 4 and script.requests == 4  # 2 strengths x 2 prompts, then nothing more
     generations = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     concept = json.loads((out / "summary.json").read_text())["concepts"]["3"]
@@ -192,7 +200,7 @@ def test_without_key_the_judge_is_skipped(run: str, tmp_path: Path, monkeypatch:
         out=str(tmp_path),
         device="cpu",
     )
-    out = evaluate_steering(cfg).local()
+    out = evaluated(cfg).local()
     (row,) = csv.DictReader((out / "steering.csv").open())
     assert row["concept"] == "" and json.loads((out / "summary.json").read_text())["judge"].startswith("skipped")
 
@@ -251,7 +259,7 @@ def test_effect_column_is_the_hand_counted_activation(run: str, tmp_path: Path) 
         out=str(tmp_path / "o"),
         device="cpu",
     )
-    rows = list(csv.DictReader((evaluate_steering(cfg).local() / "steering.csv").open()))
+    rows = list(csv.DictReader((evaluated(cfg).local() / "steering.csv").open()))
     for row in rows:
         seq = greedy_by_hand(model, blocks[2], ids, 4, (latent, float(row["strength"]), subject.sae, 1e-6))
         code = code_by_hand(model, subject.sae, seq, ids.shape[1])
@@ -273,7 +281,7 @@ def test_features_are_selected_on_prompts_the_evaluation_never_generates_from(
 
     monkeypatch.setattr(logits_module, "output_scores", spy)
     cfg = SteerConfig(run=run, evaluate=True, n_features=1, strengths=[0.0], heldout_tokens=16, max_new_tokens=2)
-    out = evaluate_steering(dataclasses.replace(cfg, out=str(tmp_path), device="cpu")).local()
+    out = evaluated(dataclasses.replace(cfg, out=str(tmp_path), device="cpu")).local()
     tokenizer = load_cache_tokenizer(load_subject(run, CPU).cache)
     started = {json.loads(line)["prompt"] for line in (out / "generations.jsonl").read_text().splitlines()}
     assert selection and len(started) == 3
@@ -298,11 +306,11 @@ def test_unreadable_judge_answers_are_asked_again(run: str, tmp_path: Path, monk
     )
     garbled = Script(rule=lambda body: ("concept: high, fluency: fine", None))
     with standin_env(garbled, monkeypatch, "sk-judge"):
-        (row,) = csv.DictReader((evaluate_steering(cfg).local() / "steering.csv").open())
+        (row,) = csv.DictReader((evaluated(cfg).local() / "steering.csv").open())
     assert garbled.requests == 2 and row["concept"] == ""
     script = Script(rule=judge_rule)
     with standin_env(script, monkeypatch, "sk-judge"):
-        (row,) = csv.DictReader((evaluate_steering(cfg).local() / "steering.csv").open())
+        (row,) = csv.DictReader((evaluated(cfg).local() / "steering.csv").open())
     assert script.requests == 2 and row["concept"] != ""
 
 
@@ -327,7 +335,7 @@ def test_judge_cost_is_checked_before_any_request_and_the_grid_is_kept(
     script = Script(rule=judge_rule)
     with standin_env(script, monkeypatch, "sk-judge"):
         with pytest.raises(UserError, match=r"above --max-cost .* the judge's ratings is written to"):
-            evaluate_steering(cfg)
+            evaluated(cfg)
     assert script.requests == 0
     rows = list(csv.DictReader((tmp_path / "o" / "steering.csv").open()))
     assert [(r["feature"], float(r["strength"])) for r in rows] == [("3", 0.0), ("3", 8.0)]

@@ -178,11 +178,11 @@ def test_evaluate_writes_absorption_and_probing(tiny_llama: Path, tmp_path: Path
     import dataclasses
     import json
 
-    from pipeline.evaluate.stage import evaluate
+    from pipeline.evaluate import stage as evaluate
     from pipeline.evaluate.config import EvaluateConfig
-    from pipeline.extract.stage import extract
+    from pipeline.extract import stage as extract
     from pipeline.extract.corpus import builtin_documents
-    from pipeline.fit.stage import fit
+    from pipeline.fit import stage as fit
     from pipeline.fit.config import FitConfig
     from tests.support.caches import tiny_extract_config
 
@@ -190,14 +190,14 @@ def test_evaluate_writes_absorption_and_probing(tiny_llama: Path, tmp_path: Path
     docs = [(doc[:120], "long" if len(doc) > 600 else "short") for doc in builtin_documents()[300:380]]
     corpus.write_text("".join(json.dumps({"text": t, "size": label}) + "\n" for t, label in docs))
     extract_cfg = tiny_extract_config(tiny_llama, tmp_path, layers="1", dataset=str(corpus), max_tokens=2400)
-    cache = extract(dataclasses.replace(extract_cfg, heldout=0.25)).url
+    cache = extract.run(dataclasses.replace(extract_cfg, heldout=0.25)).folder.url
     fitted = FitConfig(cache=cache, layer=1, latents=32, k=4, batch_size=128, max_tokens=128, out=str(tmp_path / "s"))
-    run = fit(dataclasses.replace(fitted, device="cpu", precision="float32"))[0]
+    run = fit.run(dataclasses.replace(fitted, device="cpu", precision="float32")).runs[0]
     cfg = EvaluateConfig(
         runs=[run.url], device="cpu", cache_root=str(tmp_path), suite=["absorption", "probing"], metrics=["nmse"],
         probe_words=4, probe_label="size",
     )  # fmt: skip
-    evaluate(cfg)
+    evaluate.run(cfg)
     folder = tmp_path / "evaluate" / run.name / "saebench"
     absorption = json.loads((folder / "absorption_first_letter" / f"sae-pipe_{run.name}_eval_results.json").read_text())
     assert set(absorption["eval_result_metrics"]) == {"mean"}

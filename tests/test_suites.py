@@ -140,20 +140,20 @@ def test_missing_spliced_metrics_are_written_as_minus_one(tmp_path: pytest.TempP
 
 
 def test_evaluate_writes_each_suite_from_the_held_out_pass(tiny_llama: Path, tmp_path: Path) -> None:
+    from pipeline.evaluate import stage as evaluate
     from pipeline.evaluate.config import EvaluateConfig
-    from pipeline.evaluate.stage import evaluate
-    from pipeline.extract.stage import extract
+    from pipeline.extract import stage as extract
+    from pipeline.fit import stage as fit
     from pipeline.fit.config import FitConfig
-    from pipeline.fit.stage import fit
     from tests.support.caches import tiny_extract_config
 
-    cache = extract(tiny_extract_config(tiny_llama, tmp_path, layers="1", max_tokens=400, heldout=0.25)).url
+    cache = extract.run(tiny_extract_config(tiny_llama, tmp_path, layers="1", max_tokens=400, heldout=0.25)).folder.url
     fitted = FitConfig(cache=cache, layer=1, latents=32, k=4, batch_size=128, max_tokens=128, out=str(tmp_path / "s"))
-    run = fit(dataclasses.replace(fitted, device="cpu", precision="float32"))[0]
+    run = fit.run(dataclasses.replace(fitted, device="cpu", precision="float32")).runs[0]
     cfg = EvaluateConfig(
         runs=[run.url], device="cpu", cache_root=str(tmp_path), suite=["core", "geometry"], max_tokens=64
     )
-    (m,) = evaluate(cfg)
+    (m,) = evaluate.run(cfg).metrics
     folder = tmp_path / "evaluate" / run.name / "saebench"
     core = json.loads((folder / "core" / f"sae-pipe_{run.name}_eval_results.json").read_text())
     geo = json.loads((folder / "sae_pipe_geometry" / f"sae-pipe_{run.name}_eval_results.json").read_text())

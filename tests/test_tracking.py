@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.fit.stage import fit
+from pipeline.fit import stage as fit
 from pipeline.infra.errors import UserError
 from tests.support.caches import synthetic_cache
 from tests.test_fit import run_cfg
@@ -77,7 +77,9 @@ def offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_each_sweep_member_logs_its_cfg_and_log_rows_to_one_group(cache: str, tmp_path: Path, offline: Path) -> None:
-    runs = fit(run_cfg(cache, tmp_path, max_tokens=2048, log_every=2, sweep={"k": [4, 8]}, wandb="sae-pipe-test"))
+    runs = fit.run(
+        run_cfg(cache, tmp_path, max_tokens=2048, log_every=2, sweep={"k": [4, 8]}, wandb="sae-pipe-test")
+    ).runs
     import wandb
 
     wandb.teardown()  # run.finish() may return before wandb-core wrote the offline file (0.31: 7 bytes); this waits
@@ -101,7 +103,7 @@ def test_wandb_without_its_package_is_one_error_before_training(
 ) -> None:
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
     with pytest.raises(UserError, match=r"pip install 'sae-pipe\[wandb\]'"):
-        fit(run_cfg(cache, tmp_path, max_tokens=2048, wandb="p"))
+        fit.run(run_cfg(cache, tmp_path, max_tokens=2048, wandb="p"))
     assert not (tmp_path / "saes").exists()
 
 
@@ -115,5 +117,5 @@ def test_a_run_wandb_refuses_is_one_error_and_leaves_no_run_folder(
 
     monkeypatch.setattr(wandb, "init", refuse)
     with pytest.raises(UserError, match="W&B refused the run .No API key"):
-        fit(run_cfg(cache, tmp_path, max_tokens=2048, wandb="p"))
+        fit.run(run_cfg(cache, tmp_path, max_tokens=2048, wandb="p"))
     assert not list((tmp_path / "saes").glob("*/cfg.json"))

@@ -10,11 +10,11 @@ import torch
 
 from pipeline.cache.normalize import Normalizer
 from pipeline.cache.reader import ActivationCache
+from pipeline.evaluate import stage as evaluate
 from pipeline.evaluate.config import EvaluateConfig
-from pipeline.evaluate.stage import evaluate
-from pipeline.extract.stage import extract
+from pipeline.extract import stage as extract
+from pipeline.fit import stage as fit
 from pipeline.fit.config import FitConfig
-from pipeline.fit.stage import fit
 from pipeline.infra.errors import UserError
 from pipeline.interpret.features import collect
 from pipeline.live.edit import EditSpec, Mode, Site
@@ -31,7 +31,7 @@ from tests.support.caches import tiny_extract_config
 @pytest.fixture(scope="module")
 def site_cache(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     root = tmp_path_factory.mktemp("sites")
-    return extract(tiny_extract_config(tiny_llama, root, max_tokens=2000, sites="resid,mlp_in,mlp_out")).url
+    return extract.run(tiny_extract_config(tiny_llama, root, max_tokens=2000, sites="resid,mlp_in,mlp_out")).folder.url
 
 
 def test_forward_is_the_transcoder_formula_written_out() -> None:
@@ -57,7 +57,7 @@ def test_forward_is_the_transcoder_formula_written_out() -> None:
 def test_fit_trains_a_skip_transcoder_from_the_mlp_sites(site_cache: str, tmp_path: Path) -> None:
     base = {"cache": site_cache, "layer": 1, "latents": 128, "k": 8, "batch_size": 128, "epochs": 3}
     common = {**base, "out": str(tmp_path), "device": "cpu", "log_every": 2, "pool_mb": 1, "precision": "float32"}
-    (run,) = fit(FitConfig(arch="transcoder", skip=True, lr=3e-3, **common))  # type: ignore[arg-type]
+    (run,) = fit.run(FitConfig(arch="transcoder", skip=True, lr=3e-3, **common)).runs  # type: ignore[arg-type]
     cfg = run.read_json("cfg.json")
     assert "transcoder-skip" in run.name and cfg["sae"]["skip"] is True
     assert cfg["cache"]["site_normalization"]["mlp_out"]["method"] == "scale"  # how to map y_hat back
@@ -70,7 +70,7 @@ def test_fit_trains_a_skip_transcoder_from_the_mlp_sites(site_cache: str, tmp_pa
         y_hat = model(torch.from_numpy(np.stack([x_in, y], 1))).x_hat.numpy()  # (n, D)
     fvu = ((y - y_hat) ** 2).sum() / ((y - y.mean(0)) ** 2).sum()
     assert fvu < 0.9, fvu  # a random tiny MLP in 45 steps; predicting mlp_in instead scores above 1
-    (metrics,) = evaluate(EvaluateConfig(runs=[run.url], out=str(tmp_path / "eval"), device="cpu"))
+    (metrics,) = evaluate.run(EvaluateConfig(runs=[run.url], out=str(tmp_path / "eval"), device="cpu")).metrics
     assert metrics["fvu"] == pytest.approx(float(fvu), rel=1e-3)  # of the MLP's output, on the same pairs
     assert 0 < metrics["kl_per_token"] < metrics["kl_zero_per_token"]  # the baseline: the MLP ablated
     with torch.no_grad():  # interpret's tables encode the MLP's input rows, as evaluate does
@@ -79,11 +79,13 @@ def test_fit_trains_a_skip_transcoder_from_the_mlp_sites(site_cache: str, tmp_pa
 
 
 def test_a_cache_without_mlp_sites_is_refused(tiny_llama: Path, tmp_path: Path) -> None:
-    cache = extract(tiny_extract_config(tiny_llama, tmp_path, max_tokens=200)).url
+    cache = extract.run(tiny_extract_config(tiny_llama, tmp_path, max_tokens=200)).folder.url
     with pytest.raises(UserError, match="extract it with --sites resid,mlp_in,mlp_out"):
-        fit(FitConfig(cache=cache, arch="transcoder", layer=1, latents=64, k=4, out=str(tmp_path / "o"), device="cpu"))
+        fit.run(
+            FitConfig(cache=cache, arch="transcoder", layer=1, latents=64, k=4, out=str(tmp_path / "o"), device="cpu")
+        )
     with pytest.raises(UserError, match="--skip adds a skip path to a transcoder"):
-        fit(FitConfig(cache=cache, arch="topk", skip=True, layer=1, latents=64, k=4, out=str(tmp_path / "o")))
+        fit.run(FitConfig(cache=cache, arch="topk", skip=True, layer=1, latents=64, k=4, out=str(tmp_path / "o")))
 
 
 def _linear_mlp_model(folder: Path) -> tuple[torch.nn.Module, torch.nn.ModuleList, torch.Tensor]:

@@ -145,10 +145,10 @@ def described(f: Found, layers: list[int]) -> dict[str, Any]:
 def write_outputs(
     out: Folder, subjects: list[Subject], found: list[Found], reruns: list[Found], facts: dict[str, Any], root: str,
     clock: Stopwatch,
-) -> str:  # fmt: skip
+) -> dict[str, Any]:  # fmt: skip
     """Every output file, written whole into a temporary folder that replaces ``out`` at the end (a killed run
     leaves the previous result or none). ``reruns`` (the mask on further seeds) join the curve, the scores and
-    the list of circuits, never the choice of the circuit. Returns the verdict's message."""
+    the list of circuits, never the choice of the circuit. Returns circuit.json's document."""
     layers = [s.layers[0] for s in subjects]
     verdict = chosen(found, facts.pop("why"))
     rows = latent_rows(verdict.best, subjects, root) if verdict.best else []
@@ -179,7 +179,7 @@ def write_outputs(
         tmp.write_bytes(curve_png(every), "curve.png")
         tmp.write_bytes(page(verdict, rows, facts, out).encode(), "index.html")
         tmp.write_bytes((text + "\n").encode(), "circuit.json")
-    return verdict.message
+    return document
 
 
 def curve_png(found: list[Found]) -> bytes:

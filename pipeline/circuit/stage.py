@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from itertools import combinations
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -132,7 +132,15 @@ def unsolved(cfg: CircuitConfig, part: Split) -> str:
     return ""
 
 
-def circuit(cfg: CircuitConfig) -> Folder:
+@dataclass
+class CircuitResult:
+    """What one circuit search wrote."""
+
+    folder: Folder  # circuit.json, curve.csv, curve.png, scores.safetensors, index.html
+    summary: dict[str, Any]  # circuit.json's document: the verdict, the chosen circuit, the pairs, the seconds
+
+
+def run(cfg: CircuitConfig) -> CircuitResult:
     """Find circuits with every method of ``cfg``, choose one on the validation pairs, measure all on the test
     pairs, write the outputs."""
     check(cfg)
@@ -172,9 +180,9 @@ def circuit(cfg: CircuitConfig) -> Folder:
         "config": asdict(cfg),
     }
     out = out_folder(cfg, subjects)
-    verdict = write_outputs(out, subjects, found, reruns, {**facts, "why": why}, cfg.cache_root, clock)
-    say(f"circuit: {verdict}")
-    return out
+    document = write_outputs(out, subjects, found, reruns, {**facts, "why": why}, cfg.cache_root, clock)
+    say(f"circuit: {document['message']}")
+    return CircuitResult(out, document)
 
 
 def summary(part: Ends) -> dict[str, float]:

@@ -34,6 +34,15 @@ EvaluateAll = Annotated[
 InterpretAll = Annotated[
     str | None, typer.Option("--all", help="Interpret every finished run in this folder and write a comparison page.")
 ]
+
+
+def with_all(runs: list[str], all_in: str | None) -> list[str]:
+    """The runs given, then with --all DIR every finished run in DIR (the one place --all is decided)."""
+    from pipeline.live.runs import finished_runs
+
+    return runs + (finished_runs(all_in) if all_in else [])
+
+
 # steer's repeatable options are singular (one edit, prompt, latent or strength per use); their fields are lists.
 SINGULAR = {"features": "feature", "prompts": "prompt", "eval_features": "eval_feature", "strengths": "strength"}
 
@@ -41,27 +50,25 @@ SINGULAR = {"features": "feature", "prompts": "prompt", "eval_features": "eval_f
 @configured(Configured(ExtractConfig, "extract", shared=("model", "data")))
 def extract(given: Given[ExtractConfig]) -> None:
     """Run the LLM once and cache normalized hidden states; prints the cache folder last."""
-    from pipeline.extract.stage import extract as run_extract
+    from pipeline.extract.stage import run
     from pipeline.infra.distributed import Ranks
 
-    cfg = given.config()
     ranks = Ranks.from_env()
-    folder = run_extract(cfg, ranks)
+    result = run(given.config(), ranks)
     if ranks.is_main:  # under torchrun, one line from rank 0
-        typer.echo(folder.url)
+        typer.echo(result.folder.url)
 
 
 @configured(Configured(FitConfig, "fit", forms={"sweep": Form(list[str] | None, _sweep)}))
 def fit(given: Given[FitConfig]) -> None:
     """Train SAEs of any trainable architecture on a cache (a sweep from one read); prints one run folder per line."""
-    from pipeline.fit.stage import fit as run_fit
+    from pipeline.fit.stage import run
     from pipeline.infra.distributed import Ranks
 
-    cfg = given.config()
     ranks = Ranks.from_env()
-    folders = run_fit(cfg, ranks)
+    result = run(given.config(), ranks)
     if ranks.is_main:
-        for folder in folders:
+        for folder in result.runs:
             typer.echo(folder.url)
 
 
@@ -85,22 +92,17 @@ def finetune(given: Given[FinetuneConfig]) -> None:
 )
 def evaluate(given: Given[EvaluateConfig]) -> None:
     """Reconstruction metrics on held-out tokens, and KL / CE with the SAE spliced into the LLM."""
-    from pipeline.evaluate.compare import find_runs, one_line, write_comparison
-    from pipeline.evaluate.stage import evaluate as run_evaluate
-    from pipeline.infra.files import Folder
-    from pipeline.infra.layout import Layout
+    from pipeline.evaluate.compare import one_line
+    from pipeline.evaluate.stage import run
 
     all_in = given.extras["all_in"]
-    cfg = given.config(runs=(given.overrides["runs"] or []) + (find_runs(all_in) if all_in else []))
-    results = run_evaluate(cfg)
-    if all_in:
-        root = Folder.at(cfg.out) if cfg.out else Layout(cfg.cache_root).evaluate()
-        for path in write_comparison(results, root):
-            console.print(f"wrote {path}")
+    result = run(given.config(runs=with_all(given.overrides["runs"] or [], all_in)), compare=bool(all_in))
+    for path in result.comparison:
+        console.print(f"wrote {path}")
     if given.extras["as_json"]:
-        typer.echo(json.dumps(results[0] if len(results) == 1 else results))
+        typer.echo(json.dumps(result.metrics[0] if len(result.metrics) == 1 else result.metrics))
     else:
-        typer.echo("\n".join(map(one_line, results)))
+        typer.echo("\n".join(map(one_line, result.metrics)))
 
 
 @configured(
@@ -115,16 +117,13 @@ def evaluate(given: Given[EvaluateConfig]) -> None:
 def interpret(given: Given[InterpretConfig]) -> None:
     """Feature tables (parquet), GPT-4o explanations, their scores on held-out examples and an HTML report;
     prints the output folder (with --all, the comparison page)."""
-    from pipeline.evaluate.compare import find_runs
-    from pipeline.interpret.compare import interpret_all
-    from pipeline.interpret.stage import interpret as run_interpret
+    from pipeline.interpret.stage import run
 
-    cfg = given.config()
-    all_in, run = given.extras["all_in"], given.overrides["run"]
+    cfg, all_in, given_run = given.config(), given.extras["all_in"], given.overrides["run"]
     if all_in:
-        typer.echo(interpret_all(cfg, ([run] if run else []) + find_runs(all_in)))
+        typer.echo(run(cfg, with_all([given_run] if given_run else [], all_in)).comparison)
     else:
-        typer.echo(run_interpret(cfg)["out"])
+        typer.echo(run(cfg).folders[0].url)
 
 
 @configured(
@@ -141,15 +140,13 @@ def steer(given: Given[SteerConfig]) -> None:
     """Generate with and without latent edits, side by side (with --json: one object per prompt).
 
     With --evaluate: measure effect against cost for features x strengths; prints the output folder last."""
-    cfg = given.config()
-    if cfg.evaluate:
-        from pipeline.steer.evaluation import evaluate_steering
+    from pipeline.steer.stage import run
 
-        typer.echo(evaluate_steering(cfg).url)
+    result = run(given.config())
+    if result.folder is not None:  # --evaluate
+        typer.echo(result.folder.url)
         return
-    from pipeline.steer.stage import steer as run_steer
-
-    for record in run_steer(cfg):
+    for record in result.records:
         if given.extras["as_json"]:
             typer.echo(json.dumps(record))
         else:
@@ -167,6 +164,6 @@ def steer(given: Given[SteerConfig]) -> None:
 def circuit(given: Given[CircuitConfig]) -> None:
     """Find the SAE latents a task needs (learned masks, integrated gradients, attribution patching), choose a
     circuit on validation pairs and measure every circuit on held-out test pairs; prints the output folder last."""
-    from pipeline.circuit.stage import circuit as run_circuit
+    from pipeline.circuit.stage import run
 
-    typer.echo(run_circuit(given.config()).url)
+    typer.echo(run(given.config()).folder.url)

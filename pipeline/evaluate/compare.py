@@ -30,18 +30,6 @@ COLUMNS = [
 ]
 
 
-def find_runs(root: str) -> list[str]:
-    """Finished run folders directly under ``root`` (a folder of runs, e.g. cache/saes)."""
-    folder = Folder.at(root)
-    runs = []
-    for name in folder.list():
-        child = folder.child(name)
-        if child.exists("cfg.json") and child.exists("sae.safetensors"):
-            if child.read_json("cfg.json").get("status") == "complete":
-                runs.append(child.url)
-    return runs
-
-
 def write_comparison(results: list[dict[str, Any]], out: Folder) -> list[str]:
     """``comparison.csv``, ``comparison.md``, ``comparison.html`` (every plot and the suites' numbers),
     ``l0_vs_nmse.png`` and (with KL) ``l0_vs_kl.png``."""

@@ -9,10 +9,12 @@ batch (splice.Branches): N runs cost 1 forward below the layer and 2 + N above i
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from pipeline.evaluate.compare import write_comparison
 from pipeline.evaluate.config import METRICS, OPT_IN, SPLICES, EvaluateConfig
 from pipeline.evaluate.core import CoreTap
 from pipeline.evaluate.metrics import DEFINITIONS, ce_recovered
@@ -35,7 +37,24 @@ DENSE = 0.1  # a latent firing on more than this share of tokens counts as dense
 LIVE = 1e-4  # one firing on more than this share counts as a live feature (the RouteSAE count of features)
 
 
-def evaluate(cfg: EvaluateConfig) -> list[dict[str, Any]]:
+@dataclass
+class EvaluateResult:
+    """What one evaluation wrote."""
+
+    root: Folder  # <root>/<run>/metrics.json (and the suites' files) for each run
+    metrics: list[dict[str, Any]]  # one per run, as its metrics.json holds it
+    comparison: list[str] = field(default_factory=list)  # the comparison table and plots, when asked for
+
+
+def run(cfg: EvaluateConfig, compare: bool = False) -> EvaluateResult:
+    """Evaluate every run in ``cfg.runs`` into ``--out`` (default <cache_root>/evaluate); with ``compare``, write
+    a table and plots comparing them beside the runs' folders."""
+    root = Folder.at(cfg.out) if cfg.out else Layout(cfg.cache_root).evaluate()
+    metrics = evaluated(cfg, root)
+    return EvaluateResult(root, metrics, write_comparison(metrics, root) if compare else [])
+
+
+def evaluated(cfg: EvaluateConfig, root: Folder) -> list[dict[str, Any]]:
     """Evaluate every run in ``cfg.runs``; write and return one metrics dict per run."""
     unknown = sorted(set(cfg.metrics) - {*METRICS, *OPT_IN})
     if unknown or not cfg.runs:
@@ -66,7 +85,7 @@ def evaluate(cfg: EvaluateConfig) -> list[dict[str, Any]]:
             model, blocks = load_llm(same_cache[0].cache, device, cfg.compute_dtype)  # once per cache, not per layer
             for group in _group_by(same_cache, _forward_key):
                 spliced_metrics(group, cfg, model, blocks)
-    results = [write_metrics(s, cfg) for s in subjects]
+    results = [write_metrics(s, cfg, root) for s in subjects]
     for s in subjects:
         write_suites(s, cfg, taps[id(s)])
     return results
@@ -235,8 +254,8 @@ def _batch(
         sums[id(s)]["ce_spliced"] += next_token_ce_sum(spliced, tokens, mask)
 
 
-def write_metrics(s: Subject, cfg: EvaluateConfig) -> dict[str, Any]:
-    """metrics.json beside the run: ``<out or cache_root/evaluate>/<run>/metrics.json``."""
+def write_metrics(s: Subject, cfg: EvaluateConfig, root: Folder) -> dict[str, Any]:
+    """The run's metrics.json: ``<root>/<run>/metrics.json``."""
     metrics = {
         "format": "sae-pipe/metrics",
         "format_version": 1,
@@ -251,7 +270,6 @@ def write_metrics(s: Subject, cfg: EvaluateConfig) -> dict[str, Any]:
         **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in s.result.items()},
         "definitions": {k: v for k, v in DEFINITIONS.items() if k in s.result},
     }
-    root = Folder.at(cfg.out) if cfg.out else Layout(cfg.cache_root).evaluate()
     root.child(s.folder.name).write_json(metrics, "metrics.json")
     shown = {k: metrics[k] for k in ("nmse", "l0", "kl_per_token", "ce_recovered", "train_dead_share") if k in metrics}
     say(f"evaluated {s.folder.name}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))

@@ -123,7 +123,21 @@ def _check_config(cfg: ExtractConfig) -> None:
         raise UserError("the memmap backend needs a local --cache-root; use --backend zarr for URLs.")
 
 
-def extract(cfg: ExtractConfig, ranks: Ranks | None = None) -> Folder:
+@dataclass
+class ExtractResult:
+    """What extract left: a complete activation cache, extracted now, resumed or found."""
+
+    folder: Folder  # <cache_root>/activations/<key>: manifest.json and the shards
+    manifest: dict[str, Any]  # its manifest.json: key, rows per split, spec, normalization
+
+
+def run(cfg: ExtractConfig, ranks: Ranks | None = None) -> ExtractResult:
+    """A complete cache for ``cfg``, extracting (or resuming) it if needed."""
+    folder = extracted(cfg, ranks)
+    return ExtractResult(folder, read_manifest(folder))
+
+
+def extracted(cfg: ExtractConfig, ranks: Ranks | None = None) -> Folder:
     """Return the folder of a complete cache for ``cfg``, extracting (or resuming) it if needed."""
     ranks = ranks or Ranks.from_env()
     prep = prepare(cfg, ranks)

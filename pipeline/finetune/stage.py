@@ -26,6 +26,7 @@ from pipeline.infra.console import progress_bar, say
 from pipeline.infra.device import resolve_device
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder, sha256_file
+from pipeline.live.runs import takes
 from pipeline.live.splice import real_positions, replays_exactly
 from pipeline.live.subject import Live, Subject, go_live, load_subject
 from pipeline.sae.folder import save_weights, write_cfg
@@ -75,8 +76,8 @@ def run(cfg: FinetuneConfig) -> FinetuneResult:
 
 def refuse(subject: Subject) -> None:
     """One clear error for runs fine-tuning cannot splice or read sequences for."""
-    site = subject.site()
-    if subject.sae.multi_layer or not site.resid:
+    if not takes("finetune", subject.cfg["sae"]):
+        site = subject.site()
         kind = "routes over several layers" if subject.sae.multi_layer else f"reads {', '.join(site.sites)}"
         raise UserError(
             f"run {subject.folder.name} is a {subject.sae.cfg.arch} SAE that {kind}; finetune trains single-layer "

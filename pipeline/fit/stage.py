@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from contextlib import ExitStack
+from dataclasses import dataclass
 
 import torch
 
@@ -16,7 +17,16 @@ from pipeline.cache.reader import ActivationCache
 from pipeline.cache.stream import ActivationStream, StreamSpec
 from pipeline.fit.config import FitConfig, with_recipe
 from pipeline.fit.feed import device_batches
-from pipeline.fit.plan import RunPlan, check_shared, expand_sweep, needs_training, plan_run, run_tokens, spread
+from pipeline.fit.plan import (
+    RunPlan,
+    check_shared,
+    expand_sweep,
+    needs_training,
+    out_root,
+    plan_run,
+    run_tokens,
+    spread,
+)
 from pipeline.fit.state import drop_state
 from pipeline.fit.tracking import Tracker, tracker
 from pipeline.fit.train import (
@@ -42,8 +52,16 @@ from pipeline.sae.interface import REGISTRY
 from pipeline.sae.kernels import use_low_precision
 
 
-def fit(cfg: FitConfig, ranks: Ranks | None = None) -> list[Folder]:
-    """Train every run of ``cfg`` (one, or a sweep) from one pass over the cache; return run folders.
+@dataclass
+class FitResult:
+    """What one fit wrote."""
+
+    root: Folder  # --out, or <cache_root>/saes
+    runs: list[Folder]  # one run folder per sweep member: cfg.json, sae.safetensors, log.csv
+
+
+def run(cfg: FitConfig, ranks: Ranks | None = None) -> FitResult:
+    """Train every run of ``cfg`` (one, or a sweep) from one pass over the cache; return the run folders.
 
     Under torchrun, a sweep with at least as many members as ranks is spread: each rank trains whole
     members, alone, on the same shuffled stream a single process would read, so each member ends
@@ -66,7 +84,7 @@ def fit(cfg: FitConfig, ranks: Ranks | None = None) -> list[Folder]:
         elif todo:  # one SAE (or fewer members than ranks): DDP, every rank a share of each batch
             _train(todo, cache, cfg, ranks, track)
     ranks.barrier()  # under torchrun no rank returns before every run is written
-    return [p.folder for p in plans]
+    return FitResult(Folder.at(out_root(cfg)), [p.folder for p in plans])
 
 
 def _todo(plans: list[RunPlan], ranks: Ranks) -> list[RunPlan]:

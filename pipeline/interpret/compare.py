@@ -7,25 +7,15 @@ explainer's mean score, and per scorer the mean balanced accuracy over features 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 from html import escape
 from typing import Any
 
 from pipeline.infra.files import Folder
-from pipeline.infra.layout import Layout
 from pipeline.interpret.charts import interval
-from pipeline.interpret.config import InterpretConfig
 from pipeline.interpret.score import SCORERS
-from pipeline.interpret.stage import interpret
 
 HEAD = ["run", "active_latents", "explained", "mean_score", "interpretable", "cost_usd", "scorer_cost_usd"]
-
-
-def interpret_all(cfg: InterpretConfig, runs: list[str]) -> str:
-    """Interpret every run (cached answers are free), write the comparison; return the page's path."""
-    summaries = [interpret(dataclasses.replace(cfg, run=run, out="")) for run in runs]
-    return write_comparison(summaries, Folder.at(cfg.out) if cfg.out else Layout(cfg.cache_root).interpret())
 
 
 def score_columns(summaries: list[dict[str, Any]]) -> list[str]:

@@ -26,6 +26,8 @@ routing weight), and a / w is the coefficient of the feature in the reconstructi
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -40,6 +42,7 @@ from pipeline.infra.files import Folder
 from pipeline.infra.layout import Layout
 from pipeline.interpret.ask import Asker
 from pipeline.interpret.checks import check_config
+from pipeline.interpret.compare import write_comparison
 from pipeline.interpret.config import InterpretConfig
 from pipeline.interpret.effects import TYPES as EFFECTS
 from pipeline.interpret.effects import effect_columns
@@ -59,8 +62,29 @@ from pipeline.interpret.stats import METRICS
 from pipeline.live.subject import Subject, load_cache_tokenizer, load_subject
 
 
-def interpret(cfg: InterpretConfig) -> dict[str, Any]:
-    """Build tables, explanations, scores and the report for one run; return its summary."""
+@dataclass
+class InterpretResult:
+    """What interpret wrote: a folder and a summary per run, and the comparison page when runs were compared."""
+
+    folders: list[Folder]  # <cache_root>/interpret/<run> (or --out) of each run
+    summaries: list[dict[str, Any]]  # each run's summary.json, with "out" (its folder's URL)
+    comparison: str = ""  # comparison.html, when several runs were interpreted together
+
+
+def run(cfg: InterpretConfig, runs: list[str] | None = None) -> InterpretResult:
+    """Interpret ``cfg.run``; or every one of ``runs``, each into <cache_root>/interpret/<run>, with a page
+    comparing them in ``--out`` (default <cache_root>/interpret). Answers already paid for are free."""
+    if runs is None:
+        out, summary = interpreted(cfg)
+        return InterpretResult([out], [summary])
+    done = [interpreted(dataclasses.replace(cfg, run=path, out="")) for path in runs]
+    summaries = [summary for _, summary in done]
+    root = Folder.at(cfg.out) if cfg.out else Layout(cfg.cache_root).interpret()
+    return InterpretResult([out for out, _ in done], summaries, write_comparison(summaries, root))
+
+
+def interpreted(cfg: InterpretConfig) -> tuple[Folder, dict[str, Any]]:
+    """Build tables, explanations, scores and the report for one run; return its folder and summary."""
     check_config(cfg)
     clock = Stopwatch()
     subject = load_subject(cfg.run, resolve_device(cfg.device), cfg.cache or None)
@@ -93,7 +117,7 @@ def interpret(cfg: InterpretConfig) -> dict[str, Any]:
         tmp.write_bytes(html.encode(), "report.html")
     say(f"interpreted {subject.folder.name}: {summary['active_latents']:,} active latents")
     say(f"report: {out.path('report.html')}")
-    return {**summary, "out": out.url}
+    return out, {**summary, "out": out.url}
 
 
 def _explain_and_score(

@@ -8,7 +8,7 @@ feature's largest activation. See :mod:`pipeline.steer.dose` for what is measure
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -28,12 +28,19 @@ from pipeline.steer.dose import NEUTRAL_PROMPTS, Bench, Setting, generation_effe
 from pipeline.steer.generation import check_length
 from pipeline.steer.judge import plan_judge
 from pipeline.steer.report import write_outputs
-from pipeline.steer.stage import feature_table, max_activations, open_session, prompt_list
+from pipeline.steer.session import feature_table, max_activations, open_session, prompt_list
 
 PROMOTED = 10  # promoted tokens whose log-probability gain counts as effect
 
 
-def evaluate_steering(cfg: SteerConfig) -> Folder:
+class Grid(NamedTuple):
+    """The evaluation's folder and its rows (one per feature x strength, as steering.csv holds them)."""
+
+    folder: Folder
+    rows: list[dict[str, Any]]
+
+
+def evaluate_steering(cfg: SteerConfig) -> Grid:
     """Run the grid and write steering.csv, generations.jsonl, dose_response.png and steering.html.
 
     The judge's cost is estimated before any request; the grid is written before the judge is asked (or
@@ -75,7 +82,7 @@ def evaluate_steering(cfg: SteerConfig) -> Folder:
         add_ratings(rows, generations, plan.ask())
         write_outputs(out, {**summary, "judge": settings.model}, rows, generations)
     say(f"steering evaluation: {len(scores)} features x {len(strengths)} strengths in {clock.seconds:.0f} s")
-    return out
+    return Grid(out, rows)
 
 
 def check_evaluation(cfg: SteerConfig) -> None:

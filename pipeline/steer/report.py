@@ -86,6 +86,18 @@ def render(summary: dict[str, Any], rows: list[dict[str, Any]], generations: lis
     )
 
 
+def headline(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The numbers the DVC metrics list, from the values steering.csv holds: at the largest strength, the mean
+    effect, log-prob gain and KL over the features."""
+    written = [{k: _round(row[k]) for k in ("strength", "effect", "logprob_gain", "kl")} for row in rows]
+    strongest = max(float(r["strength"]) for r in written)
+    top = [r for r in written if float(r["strength"]) == strongest]
+    return {
+        "strength": strongest,
+        **{f"mean_{k}": sum(float(r[k]) for r in top) / len(top) for k in ("effect", "logprob_gain", "kl")},
+    }
+
+
 def _round(value: Any) -> Any:
     if value is None:  # the judge's columns without a judge
         return ""

@@ -1,56 +1,42 @@
-"""`sae-pipe steer`: generate from prompts with and without latent edits, side by side."""
+"""`sae-pipe steer`: generate from prompts with and without latent edits, side by side; with ``evaluate``, the
+dose-response grid of :mod:`pipeline.steer.evaluation`. :func:`run` is the stage's one entry."""
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from pipeline.infra.device import resolve_device
 from pipeline.infra.errors import UserError
-from pipeline.infra.layout import Layout
-from pipeline.live.edit import MODES
-from pipeline.live.subject import Live, Subject, go_live, load_subject
+from pipeline.infra.files import Folder
+from pipeline.live.subject import Live
 from pipeline.steer.config import SteerConfig
 from pipeline.steer.edits import Positions, parse_edit
+from pipeline.steer.evaluation import evaluate_steering
 from pipeline.steer.generation import check_length, generate
 from pipeline.steer.intervene import Tally, Target, routed_generate, steering
-
-MIN_TEMPERATURE = 0.01  # below it sampling is greedy decoding in all but name, and logits / t overflow
-
-
-def open_session(cfg: SteerConfig) -> Live:
-    """Load the run, the model its cache came from and the tokenizer."""
-    if cfg.mode not in MODES:
-        raise UserError(f"unknown --mode {cfg.mode!r}; use one of {', '.join(MODES)}.")
-    check_decoding(cfg)
-    subject = load_subject(cfg.run, resolve_device(cfg.device), cfg.cache or None)
-    if subject.soft_routed:
-        raise UserError(
-            f"run {subject.folder.name} uses soft routing: its code mixes layers, so an edit has no single "
-            "layer to land on; steer a hard-routed run (fit --routing hard, the default)."
-        )
-    return go_live(subject)
+from pipeline.steer.report import headline
+from pipeline.steer.session import feature_table, max_activations, open_session, prompt_list
 
 
-def check_decoding(cfg: SteerConfig) -> None:
-    """One clear error for decoding options no generation can honour."""
-    if cfg.max_new_tokens < 1:
-        raise UserError("--max-new-tokens must be at least 1.")
-    if cfg.sample and not (math.isfinite(cfg.temperature) and cfg.temperature >= MIN_TEMPERATURE):
-        raise UserError(
-            f"--temperature {cfg.temperature:g} cannot sample: give a finite temperature >= {MIN_TEMPERATURE:g} "
-            "with --sample (1 = the model's own distribution), or leave out --sample for greedy decoding."
-        )
-    if not 0 <= cfg.seed < 2**63:
-        raise UserError(f"--seed {cfg.seed} is out of range; give a seed between 0 and 2**63 - 1.")
+@dataclass
+class SteerResult:
+    """What one steer wrote or generated."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)  # side by side: one per prompt
+    folder: Folder | None = None  # with evaluate: steering.csv, generations.jsonl, summary.json, the plot and page
+    headline: dict[str, float] = field(default_factory=dict)  # with evaluate: the numbers at the largest strength
 
 
-def steer(cfg: SteerConfig) -> list[dict[str, Any]]:
+def run(cfg: SteerConfig) -> SteerResult:
+    """Side-by-side generations with and without the edits of ``cfg``, or with ``cfg.evaluate`` the grid."""
+    if cfg.evaluate:
+        grid = evaluate_steering(cfg)
+        return SteerResult(folder=grid.folder, headline=headline(grid.rows))
+    return SteerResult(records=side_by_side(cfg))
+
+
+def side_by_side(cfg: SteerConfig) -> list[dict[str, Any]]:
     """One record per prompt: the prompt, the unedited and the edited continuation, the edits."""
     positions = Positions.parse(cfg.positions)
     prompts = prompt_list(cfg)
@@ -102,49 +88,3 @@ def make_target(session: Live, cfg: SteerConfig) -> Target:
     edits = [parse_edit(text, session.subject.sae.cfg.n_latents) for text in cfg.features]
     a_max = max_activations(feature_table(session.subject, cfg))
     return Target(session.site, edits, session.special, a_max)
-
-
-def feature_table(subject: Subject, cfg: SteerConfig) -> pa.Table | None:
-    """The run's features.parquet (from `interpret`, or --feature-table), or None when there is none."""
-    default = Layout(cfg.cache_root).interpreted(subject.folder.name).features
-    table = Path(cfg.feature_table) if cfg.feature_table else default
-    if cfg.feature_table and not table.is_file():
-        raise UserError(f"--feature-table {cfg.feature_table} does not exist; `sae-pipe interpret RUN` writes one.")
-    if not table.is_file():
-        return None
-    try:
-        data = pq.read_table(table)
-    except (pa.ArrowException, OSError):
-        raise UserError(f"{table} is not a parquet file; `sae-pipe interpret RUN` writes features.parquet.") from None
-    missing = {"latent", "max_act"} - set(data.column_names)
-    if missing:
-        raise UserError(
-            f"{table} lacks the column(s) {', '.join(sorted(missing))}; `sae-pipe interpret RUN` writes one."
-        )
-    return data
-
-
-def max_activations(table: pa.Table | None) -> dict[int, float]:
-    """latent -> max_act of the features that fired (direction strengths are in these units)."""
-    if table is None:
-        return {}
-    data = table.select(["latent", "max_act"]).to_pydict()
-    return {int(latent): float(value) for latent, value in zip(data["latent"], data["max_act"]) if value and value > 0}
-
-
-def prompt_list(cfg: SteerConfig) -> list[str]:
-    """--prompt values, then the lines of --prompts-file; an empty prompt or file is one clear error."""
-    if any(not p.strip() for p in cfg.prompts):
-        raise UserError("--prompt is empty: give text to generate from, e.g. --prompt 'The weather today'.")
-    if not cfg.prompts_file:
-        return list(cfg.prompts)
-    file = Path(cfg.prompts_file)
-    if not file.is_file():
-        raise UserError(f"--prompts-file {cfg.prompts_file} does not exist.")
-    try:
-        lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except UnicodeDecodeError:
-        raise UserError(f"--prompts-file {cfg.prompts_file} is not UTF-8 text; save it as UTF-8.") from None
-    if not lines:
-        raise UserError(f"--prompts-file {cfg.prompts_file} holds no prompt; write one prompt per line.")
-    return list(cfg.prompts) + lines

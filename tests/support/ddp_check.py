@@ -12,9 +12,9 @@ import json
 import sys
 from pathlib import Path
 
+from pipeline.fit import stage as fit
 from pipeline.fit import stage as fit_module
 from pipeline.fit.config import FitConfig
-from pipeline.fit.stage import fit
 from pipeline.infra.distributed import Ranks
 
 real_loop = fit_module._loop
@@ -51,4 +51,4 @@ def sweep_config(cache: str, out: str, spread: bool) -> FitConfig:
 if __name__ == "__main__":
     fit_module._loop = recording_loop
     Path(sys.argv[2]).mkdir(parents=True, exist_ok=True)
-    fit(sweep_config(sys.argv[1], str(Path(sys.argv[2]) / "saes"), spread=sys.argv[3] == "spread"))
+    fit.run(sweep_config(sys.argv[1], str(Path(sys.argv[2]) / "saes"), spread=sys.argv[3] == "spread"))

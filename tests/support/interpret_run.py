@@ -9,11 +9,11 @@ import numpy as np
 import torch
 
 from pipeline.cache.reader import ActivationCache
+from pipeline.extract import stage as extract
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.corpus import builtin_documents
-from pipeline.extract.stage import extract
+from pipeline.fit import stage as fit
 from pipeline.fit.config import FitConfig
-from pipeline.fit.stage import fit
 from pipeline.infra.files import Folder
 from pipeline.interpret.config import InterpretConfig
 from pipeline.llm.model import load_tokenizer, resolve_model
@@ -28,7 +28,7 @@ def train_run(model: Path, root: Path, layer: int = 2, tokens: int = 6000) -> st
     docs = [{"text": d} for d in builtin_documents()[300 : 300 + tokens // 100]]
     docs.insert(3, {"text": "Watch out: <script>alert('owned')</script> is not markup here. " * 20})
     corpus.write_text("".join(json.dumps(d) + "\n" for d in docs))
-    cache = extract(
+    cache = extract.run(
         ExtractConfig(
             model=str(model),
             dataset=str(corpus),
@@ -39,7 +39,7 @@ def train_run(model: Path, root: Path, layer: int = 2, tokens: int = 6000) -> st
             cache_root=str(root),
             device="cpu",
         )
-    )
+    ).folder
     cfg = FitConfig(
         cache=cache.url,
         latents=128,
@@ -50,7 +50,7 @@ def train_run(model: Path, root: Path, layer: int = 2, tokens: int = 6000) -> st
         precision="float32",
         epochs=2,
     )
-    return fit(cfg)[0].url
+    return fit.run(cfg).runs[0].url
 
 
 def icfg(run: str, out: Path, **kw: object) -> InterpretConfig:

@@ -72,18 +72,20 @@ def _wait_ready(url: str, server: subprocess.Popen, log: Path) -> None:
 
 def small_run(work: Path, max_tokens: int) -> str:
     """Extract layer 6 of SmolLM2 over the built-in corpus and fit a 1024-latent TopK SAE (once)."""
+    from pipeline.extract import stage as extract
     from pipeline.extract.config import ExtractConfig
-    from pipeline.extract.stage import extract
+    from pipeline.fit import stage as fit
     from pipeline.fit.config import FitConfig
-    from pipeline.fit.stage import fit
 
     known = work / "run.txt"
     if known.exists() and Path(known.read_text().strip()).is_dir():
         return known.read_text().strip()
-    cache = extract(
+    cache = extract.run(
         ExtractConfig(layers="6", ctx_len=128, max_tokens=max_tokens, heldout=0.2, cache_root=str(work), device="cpu")
-    )
-    run = fit(FitConfig(cache=cache.url, latents=1024, k=16, batch_size=512, out=str(work / "saes"), device="cpu"))
+    ).folder
+    run = fit.run(
+        FitConfig(cache=cache.url, latents=1024, k=16, batch_size=512, out=str(work / "saes"), device="cpu")
+    ).runs
     known.write_text(run[0].url)
     return run[0].url
 
@@ -112,8 +114,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="server threads")
     parser.add_argument("--record", default="", help="write every raw answer to this JSON file")
     args = parser.parse_args()
+    from pipeline.interpret import stage as interpret
     from pipeline.interpret.config import InterpretConfig
-    from pipeline.interpret.stage import interpret
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -135,7 +137,7 @@ def main() -> None:
             logit_effects=False,
             device="cpu",
         )
-        summary = interpret(cfg)
+        summary = interpret.run(cfg).summaries[0]
     keys = [k for k in summary if k.endswith(("sent", "cache", "malformed", "failed", "not_sent", "explained"))]
     print(json.dumps({k: summary[k] for k in keys + ["scores", "seconds"]}, indent=1))
     if args.record:
