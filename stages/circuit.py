@@ -1,6 +1,6 @@
 """DVC stage `circuit`: params [circuit] + cache/fit.json -> cache/circuits/<task>-<hash>/ and the metrics
 cache/circuit.json. The single-layer runs of the fit receipt are the SAEs, of any architecture (the first run
-of each layer); routed (multi-layer) runs are skipped with a note (pipeline/live/runs.py decides). The metrics
+of each layer); routed runs (RouteSAE) are skipped with a note (pipeline/live/runs.py decides). The metrics
 name the output folder relative to the cache root, so `dvc metrics diff` compares results, not the checkouts (or
 `dvc exp` temp folders) they ran in."""
 

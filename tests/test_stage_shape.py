@@ -136,7 +136,7 @@ def test_each_stage_takes_its_runs_in_one_place(tmp_path: Path, monkeypatch: pyt
     kept = {stage: [Path(p).name for p in module.taken(stage, paths)] for stage in module.TAKES}
     assert kept["evaluate"] == kept["interpret"] == list(kinds)
     assert kept["steer"] == ["topk_l1", "jump_l1", "route_hard", "tc_l2"]
-    assert kept["circuit"] == ["topk_l1"]  # a transcoder reads the (mlp_in, mlp_out) pair: multi_layer
+    assert kept["circuit"] == ["topk_l1", "tc_l2"]  # a transcoder's latents sit at its one layer
     assert kept["finetune"] == ["topk_l1", "jump_l1"]
     p = {name: str(tmp_path / name) for name in kinds}
     assert said == [
@@ -144,7 +144,6 @@ def test_each_stage_takes_its_runs_in_one_place(tmp_path: Path, monkeypatch: pyt
         f"circuit: skipping {p['jump_l1']}: layer 1 already has {p['topk_l1']}",
         f"circuit: skipping route run {p['route_hard']} (circuits are found over single-layer runs)",
         f"circuit: skipping route run {p['route_soft']} (circuits are found over single-layer runs)",
-        f"circuit: skipping transcoder run {p['tc_l2']} (circuits are found over single-layer runs)",
         f"finetune: skipping {p['route_hard']} (finetune takes single-layer SAEs of the residual stream)",
         f"finetune: skipping {p['route_soft']} (finetune takes single-layer SAEs of the residual stream)",
         f"finetune: skipping {p['tc_l2']} (finetune takes single-layer SAEs of the residual stream)",

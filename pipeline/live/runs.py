@@ -2,7 +2,7 @@
 and for the runs of a folder (``--all DIR``).
 
 A stage that splices an SAE at one layer cannot take every architecture: steer edits one layer (a soft-routed
-RouteSAE's code mixes layers), circuit's nodes are latents at fixed layers (one single-layer run per layer),
+RouteSAE's code mixes layers), circuit's nodes are latents at fixed layers (one run per layer, no RouteSAE),
 finetune trains single-layer SAEs of the residual stream. The stage itself refuses such a run with a full
 error; a list of runs (a receipt, a folder) skips it with one line saying why.
 """
@@ -21,13 +21,14 @@ from pipeline.sae.interface import REGISTRY
 
 def soft_routed(sae: dict[str, Any]) -> bool:
     """A routed SAE whose code mixes layers: no single layer of the model can take it back."""
+    return routed(sae) and sae.get("routing") == "soft"
+
+
+def routed(sae: dict[str, Any]) -> bool:
+    """An SAE that routes each token to one of several layers (RouteSAE): its latents sit at no one layer (a
+    transcoder's pair of MLP sites is one layer's)."""
     arch = REGISTRY[sae["arch"]]
-    return arch.multi_layer and arch.sites == ("resid",) and sae.get("routing") == "soft"
-
-
-def multi_layer(sae: dict[str, Any]) -> bool:
-    """An SAE that reads several layers at once (RouteSAE): its latents sit at no one layer."""
-    return REGISTRY[sae["arch"]].multi_layer
+    return arch.multi_layer and arch.sites == ("resid",)
 
 
 def not_single_resid(sae: dict[str, Any]) -> bool:
@@ -49,9 +50,7 @@ TAKES = {
     "evaluate": Takes(),
     "interpret": Takes(),
     "steer": Takes(soft_routed, "steer: skipping soft-routed run {path} (its code has no single layer to edit)"),
-    "circuit": Takes(
-        multi_layer, "circuit: skipping {arch} run {path} (circuits are found over single-layer runs)", True
-    ),
+    "circuit": Takes(routed, "circuit: skipping {arch} run {path} (circuits are found over single-layer runs)", True),
     "finetune": Takes(
         not_single_resid, "finetune: skipping {path} (finetune takes single-layer SAEs of the residual stream)"
     ),
