@@ -61,6 +61,7 @@ SWEEPABLE = (
     "prefixes",
     "multi_topk",
     "skip",
+    "router_centre",
 )
 
 
@@ -87,6 +88,9 @@ class FitConfig:
     bandwidth: float = setting(0.0, "jumprelu: width of the straight-through estimator's kernel (0 = auto)")
     routing: str = setting("hard", "route: hard | soft")
     aggregate: str = setting("sum", "route: sum | mean of the routed layers as router input")
+    router_centre: bool = setting(
+        False, "route: the router reads the summed layers minus their running mean (not in the paper; off)"
+    )
     lr: float = setting(0.0, "peak learning rate (0 = auto: Adam, by latents, run length and batch; see fit/optim.py)")
     router_lr: float = setting(
         0.0, "route: the router's peak learning rate (0 = auto: 5e-4, the reference's; see sae/archs/route.py)"

@@ -81,7 +81,11 @@ def plan_run(cfg: FitConfig, cache: ActivationCache) -> RunPlan:
     prefixes = sae_class.plan_prefixes(cfg.prefixes, n_latents)
     if cfg.skip and cfg.arch != "transcoder":
         raise UserError(f"--skip adds a skip path to a transcoder; --arch {cfg.arch} has none (use --arch transcoder).")
-    sae = SaeConfig(cfg.arch, d_in, n_latents, cfg.k, layers, cfg.routing, cfg.aggregate, prefixes, cfg.skip)
+    if cfg.router_centre and not sae_class.default_router_lr:
+        raise UserError(f"--router-centre centres a router's input; --arch {cfg.arch} has none (use --arch route).")
+    sae = SaeConfig(
+        cfg.arch, d_in, n_latents, cfg.k, layers, cfg.routing, cfg.aggregate, prefixes, cfg.skip, cfg.router_centre
+    )
     if min(cfg.log_every, cfg.checkpoint_every) < 0:
         raise UserError("log_every and checkpoint_every must be >= 0.")
     spec = cache.manifest["spec"]

@@ -110,7 +110,9 @@ def coerce(value: Any, hint: Any, what: str) -> Any:
     target = options[0]
     origin = typing.get_origin(target) or target
     try:
-        if target is bool:
+        if target is bool:  # a --sweep value arrives as text: "true" / "false"
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                return value.lower() == "true"
             if not isinstance(value, bool):
                 raise ValueError
             return value

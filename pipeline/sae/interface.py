@@ -22,6 +22,10 @@ if TYPE_CHECKING:
     from pipeline.sae.kernels import Encoder
 
 
+# SaeConfig fields added after runs were first named: left out of cfg.json where unset (empty / False).
+LATER_FIELDS = ("prefixes", "skip", "router_centre")
+
+
 @dataclass
 class SaeConfig:
     """Architecture of one SAE (the ``sae`` block of cfg.json)."""
@@ -35,6 +39,7 @@ class SaeConfig:
     aggregate: str = "sum"  # route: router input is the sum | mean of the routed layers
     prefixes: list[int] = field(default_factory=list)  # matryoshka: nested dictionary sizes, the last = n_latents
     skip: bool = False  # transcoder: a linear skip path from the MLP's input adds to the output
+    router_centre: bool = False  # route: the router reads the summed layers minus their running mean
 
     def __post_init__(self) -> None:
         if self.arch not in REGISTRY:
@@ -46,14 +51,10 @@ class SaeConfig:
             raise UserError(f"routing must be hard|soft and aggregate sum|mean (got {self.routing}, {self.aggregate}).")
 
     def to_dict(self) -> dict[str, object]:
-        """cfg.json's sae block; prefixes and skip only where set, so runs named before they existed keep their
-        names."""
+        """cfg.json's sae block; prefixes, skip and router_centre only where set, so runs named before they
+        existed keep their names."""
         record = asdict(self)
-        if not self.prefixes:
-            del record["prefixes"]
-        if not self.skip:
-            del record["skip"]
-        return record
+        return {key: value for key, value in record.items() if value or key not in LATER_FIELDS}
 
 
 class Latents(NamedTuple):

@@ -3,6 +3,12 @@
 The router maps the sum (or mean) of the routed layers to one logit per layer; its softmax
 weights pick the input: ``hard`` routing feeds the top layer's activation times its weight,
 ``soft`` feeds the weighted sum of all routed layers. The SAE reconstructs that routed input.
+
+Centred router (``router_centre``, not in the paper; issue 29): the router reads the summed layers minus
+their running mean, the buffer ``router_mean`` (D,) of sae.safetensors. The sum of 16 standardized layers
+of SmolLM2 keeps ~60 % of its energy along its mean, a direction every token shares, so an uncentred
+router moves all tokens' logits together, towards one layer. Only the router's input is centred: the
+SAE still encodes the routed layer as it is.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ class RouteSAE(SAE):
     multi_layer = True
     loss_names = ("aux_loss",)
     default_router_lr = ROUTER_LR
+    router_mean: Tensor  # (D,) the running mean of the router's summed input (router_centre only)
 
     def __init__(
         self, cfg: SaeConfig, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
@@ -40,16 +47,27 @@ class RouteSAE(SAE):
         self.router = nn.Linear(cfg.d_in, len(cfg.layers), bias=False, device=device)
         with torch.no_grad():
             self.router.weight.copy_(router)
+        if cfg.router_centre:  # a buffer only where used, so uncentred runs' sae.safetensors keep their keys
+            self.register_buffer("router_mean", torch.zeros(cfg.d_in, device=device))
+        self.batch_mean: Tensor | None = None  # (D,) the last training batch's summed-input mean, for after_step
 
     def route(self, xs: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """(layer weights (B, L), routed input (B, D), chosen layer (B,) for hard routing) from xs (B, L, D)."""
-        summary = xs.sum(dim=1) if self.cfg.aggregate == "sum" else xs.mean(dim=1)  # (B, D)
+        summary = self.summary(xs)  # (B, D)
+        if self.cfg.router_centre:
+            if self.training:
+                self.batch_mean = summary.detach().mean(0)  # (D,)
+            summary = summary - self.router_mean  # (B, D)
         weights = torch.softmax(self.router(summary), dim=-1)  # (B, L)
         if self.cfg.routing == "soft":
             return weights, (weights[..., None] * xs).sum(dim=1), None
         choice = weights.argmax(dim=-1)  # (B,)
         rows = torch.arange(len(xs), device=xs.device)
         return weights, xs[rows, choice] * weights[rows, choice][:, None], choice
+
+    def summary(self, xs: Tensor) -> Tensor:
+        """The router's uncentred input (B, D): the sum or mean of the routed layers xs (B, L, D)."""
+        return xs.sum(dim=1) if self.cfg.aggregate == "sum" else xs.mean(dim=1)
 
     def encode(
         self, x: Tensor, k: int | None = None, theta: float | None = None, low_precision: bool = False
@@ -93,6 +111,13 @@ class RouteSAE(SAE):
     def prepare_training(self, knobs: Knobs) -> None:
         self.sae.prepare_training(knobs)
 
+    def start(self, x: Tensor, step: Step) -> None:
+        """A centred router starts from the first batch's mean, so its first step is already centred (the
+        shared SAE has no start of its own here: b_dec stays at zero)."""
+        if self.cfg.router_centre:
+            with torch.no_grad():
+                self.router_mean.copy_(step.average(self.summary(x).mean(0)))
+
     def loss_terms(self, out: SaeOutput, step: Step, knobs: Knobs) -> list[LossTerm]:
         terms = self.sae.loss_terms(out, step, knobs)
         if knobs.route_balance > 0 and out.layer_weights is not None:
@@ -101,6 +126,18 @@ class RouteSAE(SAE):
 
     def after_step(self, out: SaeOutput, step: Step, knobs: Knobs) -> None:
         self.sae.after_step(out, step, knobs)
+        if self.cfg.router_centre and self.batch_mean is not None:
+            self.track_mean(step)
+
+    @torch.no_grad()
+    def track_mean(self, step: Step) -> None:
+        """Fold the step's batch mean (averaged over ranks) into ``router_mean``: the plain mean of every batch
+        so far. Not a moving average as BatchTopK's threshold: the cached rows do not move with the weights,
+        so older batches are as good an estimate as new ones, and the plain mean only gets more exact."""
+        assert self.batch_mean is not None
+        batch = step.average(self.batch_mean)  # (D,)
+        self.router_mean.lerp_(batch.to(self.router_mean.dtype), 1 / (step.number + 1))
+        self.batch_mean = None
 
     def step_metrics(self, out: SaeOutput) -> dict[str, float]:
         """The batch's share of tokens per routed layer (hard) or mean weight (soft), and the entropy of the
