@@ -18,6 +18,7 @@ from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
 from pipeline.live.borrowed import Borrowed, ModelOnly
 from pipeline.live.edit import Site
+from pipeline.live.runs import soft_routed
 from pipeline.live.splice import special_ids
 from pipeline.llm.model import find_blocks, fingerprint_model, load_model, load_tokenizer, resolve_model
 from pipeline.sae.folder import load_sae
@@ -68,7 +69,7 @@ class Subject:
     @property
     def soft_routed(self) -> bool:
         """A routed SAE whose code mixes layers: no single layer of the model can take it back."""
-        return self.is_route and self.sae.cfg.routing == "soft"
+        return soft_routed(self.cfg["sae"])
 
     def site(self) -> Site:
         """The SAE at its place in the model (its first layer; a routed SAE's first routed layer); a transcoder
