@@ -1,5 +1,5 @@
 """`sae-pipe steer`: generate from prompts with and without latent edits, side by side; with ``evaluate``, the
-dose-response grid of :mod:`pipeline.steer.evaluation`. :func:`run` is the stage's one entry."""
+dose-response grid of :mod:`pipeline.steer.grid`. :func:`run` is the stage's one entry."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pipeline.infra.files import Folder
 from pipeline.live.subject import Live
 from pipeline.steer.config import SteerConfig
 from pipeline.steer.edits import Positions, parse_edit
-from pipeline.steer.evaluation import evaluate_steering
+from pipeline.steer.grid import evaluate_steering
 from pipeline.steer.generation import check_length, generate
 from pipeline.steer.intervene import Tally, Target, routed_generate, steering
 from pipeline.steer.report import headline
