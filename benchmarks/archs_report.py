@@ -67,13 +67,15 @@ def table(results: list[dict[str, Any]]) -> list[str]:
     """Markdown: one row per run, the Pareto-optimal ones (L0-vs-FVU, L0-vs-KL, over all runs) marked."""
     fvu_front = set(pareto([(r["l0"], r["fvu"]) for r in results]))
     kl_front = set(pareto([(r["l0"], r.get("kl_per_token", math.nan)) for r in results]))
-    head = "| contender | target / l1 | L0 | FVU | KL/token | CE rec. | dead | dense | tok/s | peak RSS MiB | load |"
-    lines = [head, "|" + "---|" * 11]
+    head = "| contender | target / l1 | tokens | L0 | FVU | KL/token | CE rec. | dead | dense | tok/s | peak RSS MiB "
+    head += "| load |"
+    lines = [head, "|" + "---|" * 12]
     for i, r in enumerate(results):
         setting = f"{r['target']:g}" if r["target"] is not None else f"l1 {r['setting']['coeff']:g}"
         marks = ("F" if i in fvu_front else "") + ("K" if i in kl_front else "")
         lines.append(
-            f"| {r['name']}{' (' + marks + ')' if marks else ''} | {setting} | {r['l0']:.1f} | {r['fvu']:.4f} | "
+            f"| {r['name']}{' (' + marks + ')' if marks else ''} | {setting} | {r['tokens']:,} | {r['l0']:.1f} | "
+            f"{r['fvu']:.4f} | "
             f"{_cell(r.get('kl_per_token'), '.4f')} | {_cell(r.get('ce_recovered'), '.4f')} | "
             f"{r['dead_share']:.2%} | {r['dense_latents']} | {r['tokens_per_s']:,.0f} | {r['peak_rss_mb']:,.0f} | "
             f"{r['load_after']} |"
@@ -133,7 +135,7 @@ def publish_all(results: list[dict[str, Any]], args: argparse.Namespace, cache_k
     write_csv(results, HERE / "archs.csv")
     picture(results, HERE / "archs.png")
     lines = [
-        f"Cache `{cache_key}`, {args.latents} latents, {args.tokens:,} training tokens each, batch 4096; scored on "
+        f"Cache `{cache_key}`, {args.latents} latents, batch 4096, the training tokens of each row; scored on "
         "every held-out row (FVU, L0, dead = fires on no held-out row, dense = fires on > 10 % of them); KL/CE: "
         f"`sae-pipe evaluate --metrics kl,ce --max-tokens {args.kl_tokens}`. (F)/(K): on the L0-vs-FVU / "
         "L0-vs-KL Pareto frontier. tok/s: training tokens / training seconds (ours: the whole fit call; "

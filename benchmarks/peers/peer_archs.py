@@ -89,6 +89,7 @@ def saelens_train(x: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
         train_batch_size_tokens=args.batch_size,
         device="cpu",
         logger=LoggingConfig(log_to_wandb=False),
+        **({"lr": args.lr} if args.lr > 0 else {}),
     )
     tcfg = run.to_sae_trainer_config()
     order = peer_steps._batches(len(x), args.batch_size, args.steps, args.seed)
@@ -167,6 +168,7 @@ def main() -> None:
     p.add_argument("--coeff", type=float, default=1.0, help="SAELens standard / gated: l1_coefficient")
     p.add_argument("--widths", default="", help="SAELens matryoshka: matryoshka_widths, comma-separated")
     p.add_argument("--num-latents", type=int, default=4096)
+    p.add_argument("--lr", type=float, default=0.0, help="SAELens: Adam's lr (0 = its runner's default)")
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--seed", type=int, default=0)

@@ -204,7 +204,8 @@ def _layers(cfg: FitConfig, cache: ActivationCache) -> list[int]:
     return [cfg.layer]
 
 
-def check_shared(plans: list[RunPlan]) -> None:
+def check_no_duplicates(plans: list[RunPlan]) -> None:
+    """Two sweep members with one run folder would train the same SAE twice: refuse the repeated value."""
     names = [p.folder.name for p in plans]
     if len(set(names)) != len(names):
         raise UserError("the sweep lists the same setting twice; remove the duplicate values.")
@@ -229,8 +230,9 @@ def _cost(plan: RunPlan) -> int:
     return plan.sae.n_latents * plan.sae.d_in * len(plan.sae.layers)  # one layer but for multi-layer SAEs
 
 
-def needs_training(plan: RunPlan) -> bool:
-    """False for a finished run (kept, unless --overwrite); errors for an unfinished one without --resume."""
+def prepare_run_folder(plan: RunPlan) -> bool:
+    """Whether the run is to be trained: False for a finished run (kept, unless --overwrite); an error for an
+    unfinished one without --resume. With --overwrite the old folder is removed here, before training."""
     folder, cfg = plan.folder, plan.cfg
     if not folder.exists("cfg.json"):
         if cfg.resume:

@@ -19,11 +19,11 @@ from pipeline.fit.config import FitConfig, with_recipe
 from pipeline.fit.feed import device_batches
 from pipeline.fit.plan import (
     RunPlan,
-    check_shared,
+    check_no_duplicates,
     expand_sweep,
-    needs_training,
     out_root,
     plan_run,
+    prepare_run_folder,
     run_tokens,
     spread,
 )
@@ -71,7 +71,7 @@ def run(cfg: FitConfig, ranks: Ranks | None = None) -> FitResult:
     cfg = with_recipe(cfg)
     cache = open_cache(cfg)
     plans = [plan_run(member, cache) for member in expand_sweep(cfg)]
-    check_shared(plans)
+    check_no_duplicates(plans)
     with ExitStack() as locks:  # a second process for the same run waits, then finds it trained
         for plan in sorted(plans, key=lambda p: p.folder.name):
             locks.enter_context(exclusive(plan.folder, "fit", enabled=ranks.world == 1))
@@ -93,7 +93,7 @@ def _todo(plans: list[RunPlan], ranks: Ranks) -> list[RunPlan]:
     error: str | None = None
     if ranks.is_main:
         try:
-            names = [p.folder.name for p in plans if needs_training(p)]
+            names = [p.folder.name for p in plans if prepare_run_folder(p)]
         except UserError as err:
             error = str(err)
     names, error = ranks.share((names, error))
