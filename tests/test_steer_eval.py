@@ -19,7 +19,7 @@ from pipeline.cli import app
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
 from pipeline.live import logits as logits_module
-from pipeline.live.edit import Mode
+from pipeline.live.edit import Mode, Site
 from pipeline.live.logits import logit_effects, output_scores
 from pipeline.live.subject import Live, load_cache_tokenizer, load_llm, load_subject
 from pipeline.llm.hooks import replace_input
@@ -85,7 +85,8 @@ def test_output_score_follows_the_published_formula(run: str) -> None:
     prompt = torch.tensor([5, 17, 33, 80])
     directions = subject.sae.W_dec[:2]
     promoted = logit_effects(directions, unembedding(model), k=3).top_ids  # (2, 3)
-    got = output_scores(model, blocks[2], prompt, directions, promoted, torch.zeros(2), subject.normalizer, 2)
+    site = Site(2, subject.sae, subject.normalizer, "t")
+    got = output_scores(model, blocks, prompt, directions, promoted, torch.zeros(2), site)
     with torch.no_grad():
         probs = model(input_ids=prompt[None]).logits[0, -1].softmax(-1)  # (V,)
     order = probs.argsort(descending=True).tolist()
@@ -94,7 +95,7 @@ def test_output_score_follows_the_published_formula(run: str) -> None:
         assert got[row].item() == pytest.approx(
             (1 - best / len(probs)) * max(probs[t].item() for t in tokens), rel=1e-5
         )
-    pushed = output_scores(model, blocks[2], prompt, directions, promoted, torch.full((2,), 1e4), subject.normalizer, 2)
+    pushed = output_scores(model, blocks, prompt, directions, promoted, torch.full((2,), 1e4), site)
     assert bool((pushed > got).all())  # a strong push toward the promoted tokens raises the score
 
 
@@ -275,9 +276,9 @@ def test_features_are_selected_on_prompts_the_evaluation_never_generates_from(
     selection: list[list[int]] = []
     real = logits_module.output_scores
 
-    def spy(model: torch.nn.Module, block: torch.nn.Module, prompt: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    def spy(model: torch.nn.Module, blocks: torch.nn.Module, prompt: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         selection.append(prompt.tolist())
-        return real(model, block, prompt, *args, **kwargs)
+        return real(model, blocks, prompt, *args, **kwargs)
 
     monkeypatch.setattr(logits_module, "output_scores", spy)
     cfg = SteerConfig(run=run, evaluate=True, n_features=1, strengths=[0.0], heldout_tokens=16, max_new_tokens=2)

@@ -18,10 +18,13 @@ from pipeline.fit.config import FitConfig
 from pipeline.infra.errors import UserError
 from pipeline.interpret.features import collect
 from pipeline.live.edit import EditSpec, Mode, Site
+from pipeline.live.logits import SCORE_PROMPT, SCORE_PUSH, SCORE_TOKENS, feature_output_scores
 from pipeline.live.splice import logits_with, site_edits, zero_edits
 from pipeline.llm.divergence import kl_sum, log_probs, reference
+from pipeline.llm.hooks import replace_input
 from pipeline.llm.model import find_blocks
 from pipeline.llm.sites import SITES
+from pipeline.llm.unembed import unembedding
 from pipeline.sae.archs.transcoder import Transcoder
 from pipeline.sae.folder import load_sae
 from pipeline.sae.interface import SaeConfig
@@ -137,3 +140,49 @@ def test_a_transcoder_equal_to_its_mlp_splices_in_with_kl_zero(tiny_llama: Path)
     ablated_in, clean_in = received  # block 2's input: block 1's residual + attention + its MLP's (ablated) output
     torch.testing.assert_close(ablated_in[~mask], clean_in[~mask])  # the special position kept its MLP output
     assert not torch.allclose(ablated_in[mask], clean_in[mask])
+
+
+def test_a_transcoder_latent_is_pushed_into_its_mlp_output_for_its_output_score(tiny_llama: Path) -> None:
+    """feature_output_scores pushes a transcoder latent i by SCORE_PUSH x a_max x W_dec[i] / c_out into block 1's
+    MLP output at the prompt's last token (scored by hand from a whole forward with a hook on the MLP); a push
+    into block 1's input on the residual's scale (what the old code did) gives other scores."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    blocks = find_blocks(model)
+    torch.manual_seed(0)
+    sae = Transcoder(SaeConfig("transcoder", 64, 16, 4, [1])).eval()
+    c_out = 0.25  # the mlp_out site's `scale` factor: the model's output is y_n / c_out
+    site = Site(1, sae, Normalizer("scale", scales={1: 2.0}), "t", Normalizer("scale", scales={1: c_out}))
+    latents, a_max = [2, 5, 11], {2: 1.5, 5: 3.0}  # latent 11 has no largest activation: pushed by SCORE_PUSH
+    w_u = unembedding(model)  # (V, D)
+    ids = torch.tensor(tokenizer(SCORE_PROMPT).input_ids)  # (T,)
+
+    def by_hand(latent: int, into_mlp: bool) -> float:
+        d = sae.W_dec[latent].detach()  # (D,)
+        step = SCORE_PUSH * a_max.get(latent, 1.0) * d  # (D,) in normalized units
+
+        def add(h: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+            h = h.clone()
+            h[0, -1] += step * scale
+            return h
+
+        if into_mlp:
+            handle = blocks[1].mlp.register_forward_hook(lambda m, args, out: add(out, 1 / c_out))
+            with torch.no_grad():
+                logits = model(input_ids=ids[None]).logits[0, -1]  # (V,)
+            handle.remove()
+        else:  # the residual stream standardized per token: the last token's std (Bessel) + eps
+            with torch.no_grad(), replace_input(blocks[1], lambda h: add(h, h[0, -1].std() + 1e-6)):
+                logits = model(input_ids=ids[None]).logits[0, -1]  # (V,)
+        probs = logits.softmax(-1)  # (V,)
+        chosen = probs[(d @ w_u.T).topk(SCORE_TOKENS).indices]  # (20,)
+        best = min(int((probs > p).sum()) for p in chosen)
+        return (1 - best / len(probs)) * float(chosen.max())
+
+    got = feature_output_scores(model, blocks, tokenizer, site, w_u, latents, a_max)
+    into_mlp = [by_hand(i, True) for i in latents]
+    into_block = [by_hand(i, False) for i in latents]
+    assert got.tolist() == pytest.approx(into_mlp, rel=1e-4)
+    assert into_block != pytest.approx(into_mlp, rel=0.1), (into_mlp, into_block)  # the tiny model's scores are ~1/V

@@ -42,7 +42,7 @@ def effect_columns(s: Subject, features: pa.Table) -> dict[str, dict[int, object
     live = sorted(a_max)
     if not live:  # nothing to score, explain or show
         raise UserError("no latent fires on the held-out tokens scanned; lower --theta or raise --max-tokens.")
-    scores = feature_output_scores(model, blocks, tokenizer, s.sae, s.layers[0], s.normalizer, w_u, live, a_max)
+    scores = feature_output_scores(model, blocks, tokenizer, s.site(), w_u, live, a_max)
     latents = range(len(effects.top_ids))
     return {
         "promotes": {i: [words[int(t)] for t in effects.top_ids[i]] for i in latents},

@@ -57,6 +57,13 @@ class Site(NamedTuple):
         return self.sites == ("mlp_in", "mlp_out")
 
     @property
+    def written_norm(self) -> Normalizer:
+        """The normalization of what the SAE writes, which maps its directions into the model: a transcoder's MLP
+        output's, an SAE's residual stream's (the one it reads)."""
+        assert self.target is not None or not self.transcodes, f"{self.name} transcodes: its Site needs the target"
+        return self.target if self.target is not None else self.normalizer
+
+    @property
     def routed(self) -> bool:
         """Whether the SAE reads several layers through a router (each token edited at its routed layer)."""
         return self.sae.multi_layer and self.resid

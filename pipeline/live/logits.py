@@ -2,9 +2,12 @@
 
 * Logit effects (the "logit lens" of a decoder direction): the tokens that ``d_i @ W_U`` promotes and
   suppresses most, W_U with the final norm's scale folded in (:func:`pipeline.llm.unembed.unembedding`).
+  d_i is in the normalized units of what the SAE writes (for every architecture, no site factor applied): a
+  transcoder's direction in the model is d_i / c_out, so its tokens are the same and its values c_out times
+  the model's.
 * Output score (Arad, Mueller & Belinkov 2025, "SAEs are good for steering - if you select the right
-  features"): push the feature at the last position of a neutral prompt and look where its top-20
-  promoted tokens land in the next-token distribution,
+  features"): push the feature at the last position of a neutral prompt, where it writes (a transcoder: into
+  its MLP's output), and look where its top-20 promoted tokens land in the next-token distribution,
 
       output_score = (1 - best_rank / |V|) * max_prob
 
@@ -22,11 +25,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from pipeline.cache.normalize import Normalizer
 from pipeline.live.edit import Site, moved
 from pipeline.live.routing import route_choice
-from pipeline.llm.hooks import replace_input
-from pipeline.sae.interface import SAE
+from pipeline.live.splice import Edits
+from pipeline.llm.hooks import MlpOut, replacing
 
 SCORE_TOKENS = 20  # promoted tokens an output score looks at (the published recipe's number)
 SCORE_PROMPT = "I think that"  # the neutral prompt a feature is pushed at
@@ -55,22 +57,38 @@ def logit_effects(w_dec: Tensor, w_u: Tensor, k: int = 10, chunk: int = 256) -> 
     return LogitEffects(*(torch.cat(column).cpu() for column in zip(*parts)))
 
 
+def pushed_at_last(site: Site, step: Tensor) -> Edits:
+    """The edit that adds ``step`` (b, D), in the normalized units the SAE writes, to the last token where the SAE
+    writes: block ``site.layer``'s input for an SAE of the residual stream, block ``site.layer``'s MLP output for a
+    transcoder, each scaled by its own site's normalization (:meth:`Site.written_norm`)."""
+    norm = site.written_norm
+
+    def add_at_last(h: Tensor) -> Tensor:  # (b, 1, D): the last token only
+        out = h.clone()
+        out[:, -1] = moved(h[:, -1], step, norm.normalize(h[:, -1], site.layer)[1][1])  # scale (b, 1) or ()
+        return out
+
+    if site.transcodes:
+        return {MlpOut(site.layer): lambda x_in, out: add_at_last(out)}
+    return {site.layer: add_at_last}
+
+
 @torch.no_grad()
 def output_scores(
     model: nn.Module,
-    block: nn.Module,
+    blocks: nn.ModuleList,
     prompt: Tensor,
     directions: Tensor,
     promoted: Tensor,
     push: Tensor,
-    normalizer: Normalizer,
-    layer: int,
+    site: Site,
     batch: int = 128,
 ) -> Tensor:
     """Output score (F,) of F directions (F, D) pushed by ``push`` (F,) at the last token of ``prompt`` (T,).
 
-    The push is in normalized units: the residual gets ``push * s * d`` with s the last token's own
-    normalization scale (its std for `standardize`), the same convention as a `direction` edit.
+    The push is in normalized units, where ``site`` writes (:func:`pushed_at_last`): the residual gets
+    ``push * s * d`` with s the last token's own normalization scale (its std for `standardize`), the same
+    convention as a `direction` edit; a transcoder's MLP output gets ``push * d / c_out``.
     ``promoted`` (F, n) holds each direction's promoted token ids. The prompt's prefix is run once and its
     KV cache shared: each batch only runs the pushed last token.
     """
@@ -84,18 +102,12 @@ def output_scores(
     for start in range(0, directions.shape[0], batch):
         rows = slice(start, start + batch)
         step = push[rows, None] * directions[rows].float()  # (b, D)
-
-        def add_at_last(h: Tensor, step: Tensor = step) -> Tensor:  # (b, 1, D): the last token only
-            out = h.clone()
-            out[:, -1] = moved(h[:, -1], step, normalizer.normalize(h[:, -1], layer)[1][1])  # scale (b, 1) or ()
-            return out
-
         cache = None
         if prefix is not None:
             cache = copy.deepcopy(prefix)
             cache.batch_repeat_interleave(step.shape[0])
         last = prompt[-1:].expand(step.shape[0], 1).to(directions.device)  # (b, 1)
-        with replace_input(block, add_at_last):
+        with replacing(blocks, pushed_at_last(site, step)):
             logits = model(input_ids=last, use_cache=cache is not None, **{cache_arg: cache}).logits[:, -1].float()
         probs = logits.softmax(-1)  # (b, V)
         chosen = probs.gather(1, promoted[rows].to(probs.device))  # (b, n)
@@ -110,23 +122,21 @@ def feature_output_scores(
     model: nn.Module,
     blocks: nn.ModuleList,
     tokenizer: Any,
-    sae: SAE,
-    layer: int,
-    normalizer: Normalizer,
+    site: Site,
     w_u: Tensor,
     latents: list[int],
     a_max: dict[int, float],
 ) -> Tensor:
     """Output scores (F,) of ``latents``, each pushed by SCORE_PUSH x its largest activation (1 when
-    unknown) at the last token of SCORE_PROMPT, at ``layer``; a routed SAE pushes at the layer that token is
-    routed to, divided by its routing weight (its code lives in w * x)."""
+    unknown) at the last token of SCORE_PROMPT where ``site`` writes (a transcoder: its MLP's output); a
+    routed SAE pushes at the layer that token is routed to, divided by its routing weight (its code lives
+    in w * x)."""
     ids = torch.tensor(tokenizer(SCORE_PROMPT).input_ids, device=w_u.device)  # (T,)
     gain = 1.0
-    site = Site(layer, sae, normalizer, "")
     if site.routed:
         choice, weight = route_choice(model, blocks, site, ids[None])  # (1, T), (1, T)
-        layer, gain = site.layers[int(choice[0, -1])], 1 / float(weight[0, -1])
-    directions = sae.directions(latents)  # (F, D)
+        site, gain = site._replace(layer=site.layers[int(choice[0, -1])]), 1 / float(weight[0, -1])
+    directions = site.sae.directions(latents)  # (F, D)
     promoted = logit_effects(directions, w_u, SCORE_TOKENS).top_ids.to(w_u.device)  # (F, 20)
     push = torch.tensor([gain * SCORE_PUSH * a_max.get(i, 1.0) for i in latents], device=w_u.device)  # (F,)
-    return output_scores(model, blocks[layer], ids, directions, promoted, push, normalizer, layer)
+    return output_scores(model, blocks, ids, directions, promoted, push, site)
