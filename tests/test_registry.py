@@ -17,6 +17,7 @@ from pipeline.fit.train import make_member, train_step
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
 from pipeline.live.edit import Change, EditSpec, Mode, Site
+from pipeline.live.logits import pushed_at_last
 from pipeline.live.routing import Routing
 from pipeline.live.splice import site_edits
 from pipeline.llm.hooks import MlpOut, replacing
@@ -254,3 +255,23 @@ def test_every_single_layer_arch_takes_a_circuit_mask(arch: str) -> None:
     torch.testing.assert_close(lens.ld(batch, [torch.zeros(N)]), ablated[:, 7] - ablated[:, 9], atol=1e-5, rtol=1e-4)
     (grad,) = torch.autograd.grad(ld.sum(), keep)
     assert bool(grad.abs().gt(0).any())
+
+
+@pytest.mark.parametrize("arch", sorted(REGISTRY))
+def test_every_arch_pushes_its_output_score_where_it_writes(arch: str) -> None:
+    """An output score's push (pipeline.live.logits) of step (b, D) lands on the last token only: block L's input
+    plus step x that token's std (+ eps) for an SAE of the residual stream, its MLP's output plus step / C_OUT for a
+    transcoder."""
+    site, _ = live_site(arch)
+    d = site.sae.directions([3])[0]  # (D,)
+    step = torch.stack([2.0 * d, -d])  # (2, D): two pushes in one batch
+    ((where, edit),) = pushed_at_last(site, step).items()
+    h = 3 * torch.randn(2, 4, D, generator=torch.Generator().manual_seed(5)) + 1  # (b, T, D)
+    if site.transcodes:
+        assert where == MlpOut(1)
+        got, expected = edit(torch.randn(2, 4, D), h), h[:, -1] + step / C_OUT
+    else:
+        assert where == site.layer
+        got, expected = edit(h), h[:, -1] + step * (h[:, -1].std(-1, keepdim=True) + 1e-6)
+    assert torch.equal(got[:, :-1], h[:, :-1])
+    torch.testing.assert_close(got[:, -1], expected, atol=1e-5, rtol=1e-5)
