@@ -12,8 +12,8 @@ from pipeline.infra.files import Folder
 from pipeline.live.subject import Live
 from pipeline.steer.config import SteerConfig
 from pipeline.steer.edits import Positions, parse_edit
-from pipeline.steer.grid import evaluate_steering
 from pipeline.steer.generation import check_length, generate
+from pipeline.steer.grid import evaluate_steering
 from pipeline.steer.intervene import Tally, Target, routed_generate, steering
 from pipeline.steer.report import headline
 from pipeline.steer.session import feature_table, max_activations, open_session, prompt_list
