@@ -123,6 +123,44 @@ def test_gated_loss_terms_by_hand() -> None:
     assert sae.W_enc.grad is not None and bool(sae.W_enc.grad.any())
 
 
+def test_gated_penalty_cannot_shrink_decoder_rows(tmp_path: Path) -> None:
+    """L_aux reads a frozen decoder, so with free rows nothing holds a row's norm up against the penalty
+    sum_i ReLU(pi_gate)_i ||W_dec_i||: rows shrink, the magnitude path makes up for it and the gate's
+    pre-activations must grow (on SmolLM2 the mean norm fell to 0.35 and FVU rose). Gated keeps unit rows,
+    and the penalty sends them no gradient."""
+    settings = knobs(arch="gated", lr=1e-2, schedule="constant", sparsity_coeff=2.0, sparsity_warmup=0.0)
+    member = make_member(Folder.at(tmp_path), SaeConfig("gated", 16, 64, 4, [0]), settings, False, [0], CPU)
+    data = sparse_rows(64 * 10)
+    member.model.start(data[:64], step_of(member, 10))
+    for batch in data.split(64):
+        train_step(member, batch, 10)
+    norms = member.model.W_dec.detach().norm(dim=1)  # (N,)
+    torch.testing.assert_close(norms, torch.ones(64), atol=1e-5, rtol=0)
+    sae = member.model
+    out = sae(data[:64])
+    (penalty,) = (t for t in sae.loss_terms(out, step(n=64), settings) if t.name == "sparsity_loss")
+    penalty.value.backward()
+    assert sae.W_dec.grad is None or not bool(sae.W_dec.grad.any())
+    assert sae.W_enc.grad is not None and bool(sae.W_enc.grad.any())  # the gate still pays for firing
+
+
+def test_gated_unit_rows_outside_training_keep_the_output() -> None:
+    """An imported SAELens gated SAE has free decoder rows; finetune's renormalization moves each row's norm
+    into the magnitude path (r_mag, b_mag), so the reconstruction is what it was."""
+    sae = GatedSAE(SaeConfig("gated", 16, 64, 4, [0]), torch.Generator().manual_seed(0)).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(64, 1, generator=gen) * 3 + 0.1)  # rows of norm 0.1 .. 3.1
+        sae.b_mag.copy_(torch.randn(64, generator=gen))
+        sae.r_mag.copy_(torch.randn(64, generator=gen) * 0.3)
+    x = sparse_rows(32)
+    before = (sae(x).x_hat, sae.W_dec.detach() @ torch.ones(16))  # (B, D), and rows' sums to see they moved
+    sae.normalize_decoder()
+    torch.testing.assert_close(sae.W_dec.detach().norm(dim=1), torch.ones(64))
+    torch.testing.assert_close(sae(x).x_hat, before[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(sae.W_dec.detach() @ torch.ones(16), before[1])
+
+
 def sparse_rows(n: int, d: int = 16, atoms: int = 48, active: int = 3, seed: int = 0) -> torch.Tensor:
     """Rows that are sums of ``active`` random unit atoms with random positive weights, scaled to
     ||x|| = sqrt(d) as the standardized caches are."""

@@ -107,6 +107,8 @@ class ReluSAE(TopKSAE):
         assert self.pre is not None, "loss_terms follows a training forward"
         x_sq = out.x.pow(2).sum(1).clamp_min(1e-12)  # (B,)
         norms = self.W_dec.norm(dim=1)  # (N,) in the graph: growing a row does not shrink the penalty
+        if self.unit_decoder:  # rows held at 1: a gradient along them would only be renormalized away
+            norms = norms.detach()
         penalized = self.penalized(out, self.pre)
         self.coeff_now = self.control.coeff(knobs, step)
         return [
