@@ -23,14 +23,15 @@ from pipeline.sae.quality import Reconstruction
 def batch_form(run: str, x: np.ndarray, k: int, batch: int) -> tuple[float, float]:
     """(FVU, L0) of ``run`` over the rows ``x`` (R, D), batch top-k per ``batch`` rows."""
     sae, _ = load_sae(run)
+    w = sae.state_dict()  # the TopK family's names: W_enc (N, D), b_enc (N,), W_dec (N, D), b_dec (D,)
     rec, active = Reconstruction(), 0
     with torch.no_grad():
         for i in range(0, len(x), batch):
             xb = torch.from_numpy(x[i : i + batch])  # (b, D)
-            pre = ((xb - sae.b_dec) @ sae.W_enc.t() + sae.b_enc).relu()  # (b, N)
+            pre = ((xb - w["b_dec"]) @ w["W_enc"].t() + w["b_enc"]).relu()  # (b, N)
             ids, real = batch_topk(pre, k * len(xb), k)  # (b, W) each
             z = torch.zeros_like(pre).scatter(1, ids, pre.gather(1, ids) * real)  # (b, N)
-            rec.add(xb.double(), (z @ sae.W_dec + sae.b_dec).double())
+            rec.add(xb.double(), (z @ w["W_dec"] + w["b_dec"]).double())
             active += int((z > 0).sum())
     return rec.fvu, active / len(x)
 

@@ -199,9 +199,9 @@ def test_all_writes_table_and_plots(caches: dict[str, str], tmp_path: Path) -> N
     assert len(runs) == 3
     results = run_eval(runs, tmp_path, metrics=["nmse", "kl"])
     written = write_comparison(results, Folder.at(tmp_path / "evaluate"))
-    for name in ("comparison.csv", "comparison.md", "l0_vs_nmse.png", "l0_vs_kl.png"):
+    for name in ("comparison.csv", "comparison.md", "comparison.html", "l0_vs_nmse.png", "l0_vs_kl.png"):
         assert (tmp_path / "evaluate" / name).stat().st_size > 0
-    assert len(written) == 4
+    assert len(written) == 5
     assert (tmp_path / "evaluate" / "comparison.csv").read_text().count("\n") == 4
 
 

@@ -67,8 +67,8 @@ def test_fit_through_the_staged_feed_equals_the_plain_feed(tmp_path: Path, monke
         "device": "cpu",
     }
     cfg |= {"precision": "float32", "pool_mb": 1, "log_every": 0, "checkpoint_every": 0}
-    (plain,) = fit_module.fit(FitConfig(**cfg, out=str(tmp_path / "plain")))
+    (plain,) = fit_module.run(FitConfig(**cfg, out=str(tmp_path / "plain"))).runs
     monkeypatch.setattr(fit_module, "device_batches", lambda b, d: feed.device_batches(b, d, Staging(d)))
-    (staged,) = fit_module.fit(FitConfig(**cfg, out=str(tmp_path / "staged")))
+    (staged,) = fit_module.run(FitConfig(**cfg, out=str(tmp_path / "staged"))).runs
     a, b = load_file(f"{plain.url}/sae.safetensors"), load_file(f"{staged.url}/sae.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
