@@ -88,6 +88,14 @@ CASES = [
     ("KL of a soft-routed run", "evaluate {soft}", 2, "uses soft routing: its reconstruction mixes layers"),
     ("unknown splice", "evaluate {run} --splice exact", 2, "unknown --splice 'exact'"),
     ("unknown model precision", "evaluate {run} --compute-dtype fp8", 2, "unknown --compute-dtype 'fp8'"),
+    ("probe words not positive", "evaluate {run} --probe-words=-3", 2, "--probe-words -3 must be at least 1"),
+    ("negative probe tokens", "evaluate {run} --probe-tokens=-1", 2, "--probe-tokens -1 must be 0 (all rows)"),
+    (
+        "probe label without a JSONL corpus",
+        "evaluate {run} --suite probing --probe-label topic",
+        2,
+        "--probe-label reads a JSONL corpus file",
+    ),
     ("bad batch size", "interpret {run} --batch-size 0", 2, "--batch-size 0 must be at least 1"),
     ("interpret: --score with no test share", "interpret {run} --score detection --test-share 0", 2, "keeps none"),
     ("interpret: test share out of range", "interpret {run} --test-share 1", 2, "--test-share 1.0 must be in [0, 1)"),
@@ -436,3 +444,16 @@ def test_readme_lists_every_error() -> None:
     for name, _, code, message in CASES:
         row = re.search(rf"\| {re.escape(name)} \|[^|]*\| {code} \|[^|]*{re.escape(message)}", table)
         assert row, f"README table lacks: {name} / exit {code} / {message}"
+
+
+def test_a_bad_probe_label_fails_before_any_run_is_evaluated(
+    places: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """The label column is checked up front: no metrics.json of a half-done evaluation is left behind."""
+    out = Path(places["tmp"]) / "probe-label-out"
+    argv = f"evaluate {places['run']} --metrics nmse --suite probing --probe-label topic --out {out}"
+    monkeypatch.setattr(sys, "argv", ["sae-pipe", *argv.split()])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2, capsys.readouterr().err
+    assert not out.exists()

@@ -51,3 +51,7 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         if self.theta is not None and not math.isfinite(self.theta):  # NaN fires nothing, inf nothing, -inf all
             raise UserError(f"--theta {self.theta} must be a finite number (a latent is active above it).")
+        if self.probe_words < 1:
+            raise UserError(f"--probe-words {self.probe_words} must be at least 1 (words per first letter).")
+        if self.probe_tokens < 0:
+            raise UserError(f"--probe-tokens {self.probe_tokens} must be 0 (all rows) or a positive row count.")

@@ -116,6 +116,12 @@ def _label_column(corpus: dict[str, Any], column: str, docs: np.ndarray) -> list
     return [values[d] if d < len(values) else None for d in docs]
 
 
+def check_label(s: Subject, cfg: EvaluateConfig) -> None:
+    """Refuse a --probe-label the run's corpus cannot serve before any run is evaluated (reads the JSONL once)."""
+    if cfg.probe_label:
+        _label_column(s.cache.manifest["spec"].get("corpus", {}), cfg.probe_label, np.empty(0, dtype=np.int64))
+
+
 def document_tasks(s: Subject, cfg: EvaluateConfig, pooled: Pooled) -> dict[str, dict[str, Tensor]]:
     """Task name -> class name -> each document's label (P,): 1 the class, 0 another, -1 unknown."""
     corpus = s.cache.manifest["spec"].get("corpus", {})

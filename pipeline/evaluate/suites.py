@@ -22,7 +22,7 @@ from pipeline.evaluate.absorption import absorption_suite
 from pipeline.evaluate.config import EvaluateConfig
 from pipeline.evaluate.core import CoreTap, core_result, eval_config, heldout_keys
 from pipeline.evaluate.geometry import Geometry, geometry_result, latent_geometry
-from pipeline.evaluate.probing import probing_suite
+from pipeline.evaluate.probing import check_label, probing_suite
 from pipeline.infra.console import say
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
@@ -65,7 +65,10 @@ def check_suites(names: list[str]) -> None:
 
 
 def suite_taps(s: Subject, cfg: EvaluateConfig) -> dict[str, CoreTap]:
-    """The taps of the asked suites for run ``s``, by suite name (fed by ``fast_metrics``)."""
+    """The taps of the asked suites for run ``s``, by suite name (fed by ``fast_metrics``); called for every run
+    before the first is evaluated, so a setting a suite cannot use fails before any work."""
+    if "probing" in cfg.suite:
+        check_label(s, cfg)
     taps = {name: SUITES[name].tap(s, cfg) for name in cfg.suite}
     return {name: tap for name, tap in taps.items() if tap is not None}
 
