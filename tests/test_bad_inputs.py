@@ -88,6 +88,7 @@ CASES = [
     ("KL of a soft-routed run", "evaluate {soft}", 2, "uses soft routing: its reconstruction mixes layers"),
     ("unknown splice", "evaluate {run} --splice exact", 2, "unknown --splice 'exact'"),
     ("unknown model precision", "evaluate {run} --compute-dtype fp8", 2, "unknown --compute-dtype 'fp8'"),
+    ("interpret: empty explainer model", "interpret {run} --explainer-model=", 2, "--explainer-model is empty"),
     ("probe words not positive", "evaluate {run} --probe-words=-3", 2, "--probe-words -3 must be at least 1"),
     ("negative probe tokens", "evaluate {run} --probe-tokens=-1", 2, "--probe-tokens -1 must be 0 (all rows)"),
     (

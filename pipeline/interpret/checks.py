@@ -65,6 +65,9 @@ def check_config(cfg: InterpretConfig) -> None:
         raise UserError(f"unknown scorer(s) {', '.join(unknown)}; --score takes a comma list of {', '.join(SCORERS)}.")
     if not cfg.run:
         raise UserError("no run given: pass a run folder printed by `sae-pipe fit`.")
+    for flag, model in (("--explainer-model", cfg.explainer_model), ("--scorer-model", cfg.scorer_model)):
+        if cfg.explainer == "openai" and not model.strip():
+            raise UserError(f"{flag} is empty; name a chat model of the API (e.g. gpt-4o), or pass --explainer none.")
     for name, (ok, wanted) in RULES.items():
         value = getattr(cfg, name)
         if value is None:  # optional settings (theta) left unset
