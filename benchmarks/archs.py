@@ -2,6 +2,7 @@
 
     python -m benchmarks.archs --write                         # the demo cache, target L0 16,32,64,128
     python -m benchmarks.archs --l0 32 --scratch /tmp/archs    # the issue's bar only, rows kept for reruns
+    python -m benchmarks.archs --results A/results.jsonl,B/results.jsonl --write   # runs made apart, one table
     (--peer-python PATH: the peers' venv, default .bench-venv/bin/python; --only NAME,...: a subset)
 
 Contenders, one after another, each in a process of its own (benchmarks.child: its wall time and VmHWM):
@@ -14,6 +15,9 @@ Contenders, one after another, each in a process of its own (benchmarks.child: i
   Standard and Gated have no L0 target there: they run once per ``--l1`` coefficient, and the bar compares
   at our L0 by interpolating their FVU over log L0 between the two runs around it.
 - sparsify 1.3.3: multi-TopK (peer_steps.py's replay of its Trainer, ``multi_topk=True``).
+
+The TopK family (topk, topk with --multi-topk, sparsify's multi-TopK) is also scored at 4k, the wider k
+multi-TopK trains for: one SAE used at several k is the point of multi-TopK.
 
 All see the cache's normalized training rows for the same number of tokens (the demo's: the training split
 twice). Every SAE ends as a sae-pipe run (peers through ``sae-pipe import``) and is scored on every held-out
@@ -48,12 +52,14 @@ from pipeline.fit import stage as fit
 from pipeline.fit.config import FitConfig
 from pipeline.infra.params import build_config, load_params
 from pipeline.interop.importing import import_checkpoint
+from pipeline.sae.archs.topk import MULTI_TOPK_FACTOR
 from pipeline.sae.folder import load_sae
 from pipeline.sae.quality import Reconstruction
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = (16, 32, 64, 128)
 HELD_BATCH = 4096
+AT_WIDE_K = ("topk", "topk+multi", "multi-topk")  # contenders' arch also scored at MULTI_TOPK_FACTOR x k
 
 
 class Contender(NamedTuple):
@@ -81,8 +87,9 @@ CONTENDERS = [
 ]
 
 
-def quality(x: np.ndarray, run: str) -> dict[str, float]:
-    """FVU, L0, dead share and dense latents of a run over every held-out row x (R, D), in its inference form.
+def quality(x: np.ndarray, run: str, k: int | None = None) -> dict[str, float]:
+    """FVU, L0, dead share and dense latents of a run over every held-out row x (R, D), in its inference form
+    (``k``: a top-k SAE's code at that k instead of its own).
 
     A latent fires where its code is > 0; dead: fires on no row; dense: on more than DENSE (10 %) of rows.
     """
@@ -92,7 +99,7 @@ def quality(x: np.ndarray, run: str) -> dict[str, float]:
     with torch.no_grad():
         for i in range(0, len(x), HELD_BATCH):
             xb = torch.from_numpy(x[i : i + HELD_BATCH])  # (b, D)
-            out = sae(xb)
+            out = sae(xb) if k is None else sae(xb, k=k)
             rec.add(xb.double(), out.x_hat.double())
             fired = out.latents.acts > 0  # (b, k) padding slots hold 0
             fires += torch.bincount(out.latents.indices[fired], minlength=len(fires))
@@ -187,6 +194,9 @@ def run_all(args: argparse.Namespace, paths: dict[str, Path], x: np.ndarray) -> 
             run = as_run(result, c, paths["scratch"])
             result |= {"name": c.name, "pair": c.pair, "target": setting if c.per_target else None, "run": run}
             result |= quality(x, run)
+            if c.arch in AT_WIDE_K:  # held-out quality only: evaluate's KL splices the run at its own k
+                wide_k = MULTI_TOPK_FACTOR * int(setting)
+                result["wide"] = {"k": wide_k} | quality(x, run, wide_k)
             if args.kl_tokens >= 0:
                 result |= spliced(run, args.cache, args.kl_tokens, paths["scratch"])
             result["tokens_per_s"] = result["tokens"] / result["train_s"]
@@ -194,6 +204,11 @@ def run_all(args: argparse.Namespace, paths: dict[str, Path], x: np.ndarray) -> 
             with log.open("a") as f:
                 f.write(json.dumps(result) + "\n")
     return results
+
+
+def load_results(files: list[str]) -> list[dict[str, Any]]:
+    """The rows of earlier runs' results.jsonl files, file after file."""
+    return [json.loads(line) for f in files for line in Path(f).read_text().splitlines() if line.strip()]
 
 
 def main() -> None:
@@ -208,6 +223,8 @@ def main() -> None:
     parser.add_argument("--latents", type=int, default=4096)
     parser.add_argument("--scratch", default="/tmp/archs", help="rows, runs, peers' folders and results.jsonl")
     parser.add_argument("--write", action="store_true", help="add the table and plot to benchmarks/RESULTS.md")
+    parser.add_argument("--results", type=lambda s: s.split(","), default=[], help="publish earlier runs instead: "
+                        "their results.jsonl files, comma-separated (e.g. contenders run apart)")  # fmt: skip
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one fit of ours
     parser.add_argument("--arch", default="", help=argparse.SUPPRESS)
     parser.add_argument("--k", type=int, default=32, help=argparse.SUPPRESS)
@@ -220,8 +237,11 @@ def main() -> None:
         demo = load_params(ROOT / "params.yaml")
         args.cache = extract.run(build_config(ExtractConfig, demo, "extract", {}, ("model", "data"))).folder.url
     store, scratch = ActivationCache.open(args.cache), Path(args.scratch)
-    paths = {"scratch": scratch, "runs": scratch / "runs", "peers": scratch / "peers", "held": scratch / "held.npy"}
     scratch.mkdir(parents=True, exist_ok=True)
+    if args.results:
+        publish_all(load_results(args.results), args, store.key)
+        return
+    paths = {"scratch": scratch, "runs": scratch / "runs", "peers": scratch / "peers", "held": scratch / "held.npy"}
     paths["train"] = scratch / "train.npy" if (scratch / "train.npy").exists() else training_rows(store, 12, scratch)
     if not paths["held"].exists():
         np.save(paths["held"], np.concatenate([r[:, 0] for _, r in store.heldout_rows([12])]).astype(np.float32))

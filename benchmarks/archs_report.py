@@ -83,6 +83,21 @@ def table(results: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def wide_table(results: list[dict[str, Any]]) -> list[str]:
+    """Markdown: each run scored at a wider k too (the TopK family at 4k), its held-out FVU and L0 at both;
+    a peer's own FVU (its library's encode and decode, before import) beside ours as a check of the import."""
+    lines = ["| contender | k | FVU at k | L0 at k | 4k | FVU at 4k | L0 at 4k | dead at 4k | peer's own FVU k / 4k |"]
+    lines.append("|" + "---|" * 9)
+    for r in [r for r in results if "wide" in r]:
+        own = f"{r['own_fvu']:.4f} / {r['own_fvu_wide']:.4f}" if "own_fvu_wide" in r else "-"
+        w = r["wide"]
+        lines.append(
+            f"| {r['name']} | {r['target']:g} | {r['fvu']:.4f} | {r['l0']:.1f} | {w['k']} | {w['fvu']:.4f} | "
+            f"{w['l0']:.1f} | {w['dead_share']:.2%} | {own} |"
+        )
+    return lines
+
+
 def verdicts(rows: list[dict[str, Any]]) -> list[str]:
     """One line per architecture: the bar's three parts with the numbers."""
     return [
@@ -132,15 +147,18 @@ def picture(results: list[dict[str, Any]], path: Path) -> None:
 
 def publish_all(results: list[dict[str, Any]], args: argparse.Namespace, cache_key: str) -> None:
     """Table, bar, CSV and picture; with --write into RESULTS.md (the picture and CSV next to it)."""
-    write_csv(results, HERE / "archs.csv")
-    picture(results, HERE / "archs.png")
+    folder = HERE if args.write else Path(args.scratch)  # a partial run (--only) leaves the published ones alone
+    where = "benchmarks" if args.write else args.scratch
+    write_csv(results, folder / "archs.csv")
+    picture(results, folder / "archs.png")
+    wide = wide_table(results)
     lines = [
         f"Cache `{cache_key}`, {args.latents} latents, batch 4096, the training tokens of each row; scored on "
         "every held-out row (FVU, L0, dead = fires on no held-out row, dense = fires on > 10 % of them); KL/CE: "
         f"`sae-pipe evaluate --metrics kl,ce --max-tokens {args.kl_tokens}`. (F)/(K): on the L0-vs-FVU / "
         "L0-vs-KL Pareto frontier. tok/s: training tokens / training seconds (ours: the whole fit call; "
         "SAELens: SAETrainer.fit(); sparsify: its steps). load: the 1-min load average after the run "
-        "(2 shared cores). Picture: benchmarks/archs.png; data: benchmarks/archs.csv.",
+        f"(2 shared cores). Picture: {where}/archs.png; data: {where}/archs.csv.",
         "",
         *table(results),
         "",
@@ -148,4 +166,6 @@ def publish_all(results: list[dict[str, Any]], args: argparse.Namespace, cache_k
         "",
         *verdicts(bar(results)),
     ]
+    if len(wide) > 2:
+        lines += ["", "The TopK family at k and at 4k (multi-TopK trains both codes):", "", *wide]
     publish(lines, "architectures at equal tokens (issue 30)", "benchmarks.archs", args.write)

@@ -1,13 +1,25 @@
-"""benchmarks/archs.py's bookkeeping on hand-made tables: Pareto frontier, log-L0 interpolation, the bar."""
+"""benchmarks/archs.py's bookkeeping on hand-made tables: Pareto frontier, log-L0 interpolation, the bar, the
+TopK family scored at a wider k, where a partial run's CSV and picture go."""
 
 from __future__ import annotations
 
+import argparse
 import math
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import torch
 
-from benchmarks.archs_report import at_l0, bar, pareto
+from benchmarks import archs_report
+from benchmarks.archs import load_results, quality
+from benchmarks.archs_report import at_l0, bar, pareto, wide_table
+from pipeline.infra.files import Folder
+from pipeline.sae.archs.topk import TopKSAE
+from pipeline.sae.folder import save_weights, write_cfg
+from pipeline.sae.interface import SaeConfig
 
 
 def test_pareto_frontier_of_a_hand_made_table() -> None:
@@ -49,3 +61,76 @@ def test_bar_against_interpolated_peer_runs() -> None:
     assert standard["peer_fvu"] == pytest.approx(0.3) and standard["fvu_ok"]
     assert standard["speedup"] == pytest.approx(3000 / 950) and standard["pass"]
     assert not gated["fvu_ok"] and not gated["pass"] and gated["speedup"] == pytest.approx(5.0)
+
+
+def _topk_run(folder: Path, w: np.ndarray, b_dec: np.ndarray, k: int) -> str:
+    """A complete TopK run folder with encoder W_enc = w (N, D), decoder rows w normalized, zero b_enc."""
+    sae = TopKSAE(SaeConfig("topk", w.shape[1], w.shape[0], k, [0]))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.from_numpy(w))
+        sae.W_dec.copy_(torch.from_numpy(w / np.linalg.norm(w, axis=1, keepdims=True)))
+        sae.b_enc.zero_()
+        sae.b_dec.copy_(torch.from_numpy(b_dec))
+    run = Folder.at(folder)
+    write_cfg(run, {"sae": asdict(sae.cfg), "status": "complete"})
+    save_weights(run, sae)
+    return run.url
+
+
+def _topk_numpy(x: np.ndarray, w: np.ndarray, b_dec: np.ndarray, k: int) -> tuple[float, float]:
+    """FVU (centered) and L0 of a TopK code at k, written out in numpy."""
+    pre = np.maximum((x - b_dec) @ w.T, 0)  # (R, N)
+    code = np.where(pre >= -np.sort(-pre, axis=1)[:, k - 1 : k], pre, 0)  # the k largest per row (no ties here)
+    x_hat = code @ (w / np.linalg.norm(w, axis=1, keepdims=True)) + b_dec
+    fvu = ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    return float(fvu), float((code > 0).sum(1).mean())
+
+
+def test_quality_scores_a_topk_run_at_another_k(tmp_path: Path) -> None:
+    """The held-out scoring at k=1 (the run's own) and at k=3 (what multi-TopK also trains) matches a numpy
+    TopK; the two differ, so the wider score is not the run's own code again (random weights: not better)."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(8, 5)).astype(np.float32)  # (N, D)
+    b_dec = rng.normal(size=5).astype(np.float32) * 0.1
+    x = rng.normal(size=(40, 5)).astype(np.float32)
+    run = _topk_run(tmp_path / "run", w, b_dec, k=1)
+    own, wide = quality(x, run), quality(x, run, k=3)
+    for scores, k in ((own, 1), (wide, 3)):
+        fvu, l0 = _topk_numpy(x, w, b_dec, k)
+        assert scores["fvu"] == pytest.approx(fvu, rel=1e-4) and scores["l0"] == pytest.approx(l0)
+    assert abs(wide["fvu"] - own["fvu"]) > 0.05 and wide["l0"] > own["l0"]
+
+
+def test_wide_table_lists_the_runs_scored_at_4k() -> None:
+    plain = _run("jumprelu", "", 32, 30.0, 0.2, 1.0, 0.0)
+    ours = _run("topk multi-topk", "", 32, 32.0, 0.12, 1.0, 0.0) | {"wide": {"k": 128, "fvu": 0.07, "l0": 127.5}}
+    ours["wide"]["dead_share"] = 0.0
+    peer = _run("sparsify multi-TopK", "", 32, 32.0, 0.13, 1.0, 0.0) | {"own_fvu": 0.131, "own_fvu_wide": 0.081}
+    peer["wide"] = {"k": 128, "fvu": 0.08, "l0": 128.0, "dead_share": 0.25}
+    head, _, *rows = wide_table([plain, ours, peer])
+    assert "4k" in head and len(rows) == 2
+    assert rows[0] == "| topk multi-topk | 32 | 0.1200 | 32.0 | 128 | 0.0700 | 127.5 | 0.00% | - |"
+    assert rows[1] == "| sparsify multi-TopK | 32 | 0.1300 | 32.0 | 128 | 0.0800 | 128.0 | 25.00% | 0.1310 / 0.0810 |"
+
+
+def test_a_run_without_write_keeps_csv_and_picture_in_its_scratch(tmp_path: Path, monkeypatch: Any) -> None:
+    """A partial run (--only) must not overwrite the published archs.csv / archs.png beside RESULTS.md."""
+    published = tmp_path / "published"
+    published.mkdir()
+    monkeypatch.setattr(archs_report, "HERE", published)
+    monkeypatch.setattr(archs_report, "picture", lambda results, path: path.write_bytes(b""))  # matplotlib: seconds
+    result = _run("topk", "", 32, 32.0, 0.12, 1000.0, 0.0) | {"library": "sae-pipe", "tokens": 4096}
+    result |= {"dense_latents": 0, "peak_rss_mb": 100.0, "load_after": "0.5", "kl_per_token": 0.1}
+    args = argparse.Namespace(write=False, scratch=str(tmp_path / "scratch"), latents=8, kl_tokens=0)
+    (tmp_path / "scratch").mkdir()
+    archs_report.publish_all([result], args, "cache-key")
+    assert sorted(p.name for p in (tmp_path / "scratch").iterdir()) == ["archs.csv", "archs.png"]
+    assert not list(published.iterdir())
+
+
+def test_results_of_runs_made_apart_are_published_together(tmp_path: Path) -> None:
+    """--results: the rows of two results.jsonl files (one with a blank last line), file after file."""
+    (tmp_path / "a.jsonl").write_text('{"name": "topk"}\n{"name": "topk multi-topk"}\n')
+    (tmp_path / "b.jsonl").write_text('{"name": "sparsify multi-TopK"}\n\n')
+    rows = load_results([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")])
+    assert [r["name"] for r in rows] == ["topk", "topk multi-topk", "sparsify multi-TopK"]

@@ -15,7 +15,8 @@ Runs in .bench-venv (sae-lens, eai-sparsify) and never imports sae-pipe:
   JumpReLU uses SAELens's target-L0 mode (``jumprelu_sparsity_loss_mode="quadratic"``, ``target_l0=k``);
   Standard and Gated have no L0 target in SAELens, so ``--coeff`` sets their ``l1_coefficient``.
 - sparsify 1.3.3: multi-TopK, through peer_steps.py's replay of its Trainer (TrainConfig defaults) with
-  ``SparseCoderConfig(multi_topk=True)``, saved with ``save_to_disk`` as ``layers.11`` (our layer 12).
+  ``SparseCoderConfig(multi_topk=True)``, saved with ``save_to_disk`` as ``layers.11`` (our layer 12). Its
+  own held-out FVU is reported at k (encode, decode) and at 4k (its forward's multi-TopK output).
 
 Both write the folder with the metadata sae-pipe's import reads (the model, and the rows' normalization:
 sae-pipe's per-token ``standardize``), print ``RESULT {json}`` with the training time and peak RSS, and
@@ -145,6 +146,7 @@ def sparsify_train(x: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
         parts = [sae.encode(held[i : i + 4096]) for i in range(0, len(held), 4096)]
         x_hat = torch.cat([sae.decode(p.top_acts, p.top_indices) for p in parts])
         code = torch.cat([p.top_acts for p in parts])
+        wide = torch.cat([sae(held[i : i + 4096]).sae_out for i in range(0, len(held), 4096)])  # its 4k output
     return {
         "library": "sparsify",
         "version": importlib.metadata.version("eai-sparsify"),
@@ -155,6 +157,7 @@ def sparsify_train(x: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
         "process_train_s": wall,
         "rss_before_steps_mb": res["rss_before_steps_mb"],
         **_fvu_l0(held, x_hat, code),
+        "own_fvu_wide": peer_steps._fvu(held, wide),
     }
 
 

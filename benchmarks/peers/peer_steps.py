@@ -138,7 +138,7 @@ def sparsify_steps(
     device: str = "cpu",
 ) -> dict[str, Any]:
     """Replay sparsify 1.3.3 ``Trainer.fit`` per-step work (loss_fn="fvu", defaults)."""
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))  # a run pinned to one core: 1
     import sparsify
     from schedulefree import ScheduleFreeWrapper
     from sparsify import SparseCoder, SparseCoderConfig

@@ -25,6 +25,7 @@ class TrainingState:
     optimizer: dict[str, Any]  # torch optimizer state_dict
     since_fired: torch.Tensor  # (N,) tokens since each latent last fired
     log_rows: int  # rows of log.csv written up to this step
+    sae: dict[str, float]  # the architecture's own training state (SAE.training_state), e.g. a controller's
 
 
 def save_state(folder: Folder, model: nn.Module, state: TrainingState) -> None:
@@ -36,7 +37,8 @@ def save_state(folder: Folder, model: nn.Module, state: TrainingState) -> None:
     tensors["since_fired"] = state.since_fired.cpu()
     tensors.update({f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
     save_file(tensors, str(tmp / "state.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"step": state.step, "log_rows": state.log_rows, "optimizer": meta}))
+    info = {"step": state.step, "log_rows": state.log_rows, "optimizer": meta, "sae": state.sae}
+    (tmp / "state.json").write_text(json.dumps(info))
     folder.remove(name)
     folder.rename(tmp.name, name)
     folder.write_json({"state": name, "step": state.step}, "state.json")
@@ -68,7 +70,8 @@ def load_state(folder: Folder, model: nn.Module, device: torch.device) -> Traini
         ) from None
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     optimizer = _unflatten_optimizer(tensors, meta["optimizer"])
-    return TrainingState(meta["step"], optimizer, tensors["since_fired"], meta["log_rows"])
+    # a state written before architectures saved their own has no "sae": they take up from their start
+    return TrainingState(meta["step"], optimizer, tensors["since_fired"], meta["log_rows"], meta.get("sae", {}))
 
 
 def _flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

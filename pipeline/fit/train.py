@@ -76,6 +76,7 @@ def make_member(
     state = load_state(folder, model, device)
     if state is not None:
         optimizer.load_state_dict(state.optimizer)
+        model.load_training_state(state.sae)
         member.since_fired, member.step, member.log_rows = state.since_fired.to(device), state.step, state.log_rows
         _truncate_log(folder, state.log_rows)
     return member
@@ -169,13 +170,12 @@ def _update_dead(member: Member, out: SaeOutput, tokens: int) -> None:
 
 
 def checkpoint(member: Member) -> None:
-    """Flush the log, then save weights, optimizer and counters as the member's resumable state."""
+    """Flush the log, then save weights, optimizer, counters and the architecture's own training state
+    (a sparsity controller's) as the member's resumable state."""
     flush_log(member)
-    save_state(
-        member.folder,
-        member.model,
-        TrainingState(member.step, member.optimizer.state_dict(), member.since_fired, member.log_rows),
-    )
+    optimizer, own = member.optimizer.state_dict(), member.model.training_state()
+    state = TrainingState(member.step, optimizer, member.since_fired, member.log_rows, own)
+    save_state(member.folder, member.model, state)
 
 
 def log_fields(model: SAE) -> list[str]:

@@ -235,6 +235,14 @@ class SAE(nn.Module, ABC):
         """The log.csv columns step_metrics adds, after the common ones."""
         return []
 
+    def training_state(self) -> dict[str, float]:
+        """Training state that is neither parameter nor buffer (a sparsity controller's), saved with a
+        resumable run so a resumed run goes on exactly as an uninterrupted one."""
+        return {}
+
+    def load_training_state(self, state: dict[str, float]) -> None:
+        """Take up what ``training_state`` saved (empty from a state written without any)."""
+
 
 REGISTRY: dict[str, type[SAE]] = {}  # arch -> class, filled by @register as each module is imported
 TRAINED: set[str] = set()  # the archs `fit` trains

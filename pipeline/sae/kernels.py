@@ -132,22 +132,33 @@ def topk_indices(pre: Tensor, k: int, cpu_tuned: bool | None = None) -> Tensor:
 def rowwise_dot(a: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
     """out[b, j] = <a[b], weight[idx[b, j]]>, shape (B, k), without a (B, k, D) gather."""
     rows, k = idx.shape
-    flat = idx.reshape(-1)
-    offsets = torch.arange(0, rows * k, k, device=idx.device)
-    bags = torch.arange(rows, device=idx.device).repeat_interleave(k)
+    return bag_dot(a, weight, idx.reshape(-1), *padded_bags(rows, k, idx.device)).view(rows, k)
+
+
+def padded_bags(rows: int, k: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """A padded (B, k) code's entries as a flat one's: each token's first entry (B,), each entry's token."""
+    return torch.arange(0, rows * k, k, device=device), torch.arange(rows, device=device).repeat_interleave(k)
+
+
+def bag_dot(a: Tensor, weight: Tensor, latents: Tensor, offsets: Tensor, tokens: Tensor) -> Tensor:
+    """out[e] = <a[tokens[e]], weight[latents[e]]> of a flat code, its entries (E,) token by token from
+    ``offsets`` (B,): torch's fused embedding-bag kernel, no (E, D) gather."""
     return torch.ops.aten._embedding_bag_per_sample_weights_backward(  # noqa: SLF001 - fused CPU/CUDA kernel
-        a.contiguous(), weight, flat, offsets, bags, 0, -1
-    ).view(rows, k)
+        a.contiguous(), weight, latents, offsets, tokens, 0, -1
+    )
 
 
-def sparse_t_matmul(idx: Tensor, values: Tensor, n_rows: int, dense: Tensor) -> Tensor:
-    """S^T @ dense, where S (B, n_rows) has ``values[b, j]`` at column ``idx[b, j]``: shape (n_rows, D)."""
-    flat = idx.reshape(-1)
+def sparse_t_matmul(
+    latents: Tensor, values: Tensor, n_rows: int, dense: Tensor, tokens: Tensor | None = None
+) -> Tensor:
+    """S^T @ dense, shape (n_rows, D), where S (B, n_rows) has ``values[b, j]`` at column ``latents[b, j]`` (a
+    padded code), or, given ``tokens``, ``values[e]`` at (tokens[e], latents[e]) (a flat one)."""
+    flat = latents.reshape(-1)
     order = torch.argsort(flat)
     counts = torch.bincount(flat, minlength=n_rows)
-    crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=idx.device)
+    crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=flat.device)
     crow[1:] = counts.cumsum(0)
-    cols = torch.div(order, idx.shape[1], rounding_mode="floor")  # the token (row of dense) of each entry
+    cols = torch.div(order, latents.shape[1], rounding_mode="floor") if tokens is None else tokens[order]  # tokens
     # The indices are built just above, so checking them would only cost time; saying so explicitly (the
     # context, not just the argument) also keeps torch from warning of segfaults in every fit's output.
     with torch.sparse.check_sparse_tensor_invariants(enable=False):
@@ -199,7 +210,8 @@ class TopKEncode(torch.autograd.Function):
 
 
 class SparseDecode(torch.autograd.Function):
-    """(vals, idx, W_dec) -> sum_j vals[b, j] * W_dec[idx[b, j]], shape (B, D).
+    """(vals, idx, W_dec) -> sum_j vals[b, j] * W_dec[idx[b, j]], shape (B, D); with ``tokens`` (E,) a flat
+    code: vals and idx (E,), token by token, token b's entries from ``offsets[b]`` on.
 
     With ``tangent``, the weight gradient of each decoder row loses its component along that
     (unit-norm) row, the projection that keeps rows on the unit sphere. The radial components come
@@ -207,23 +219,34 @@ class SparseDecode(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, vals: Tensor, idx: Tensor, w_dec: Tensor, tangent: bool = False) -> Tensor:  # noqa: ANN401
-        ctx.save_for_backward(vals, idx, w_dec)
+    def forward(
+        ctx: Any,  # noqa: ANN401
+        vals: Tensor,
+        idx: Tensor,
+        w_dec: Tensor,
+        tangent: bool = False,
+        offsets: Tensor | None = None,
+        tokens: Tensor | None = None,
+    ) -> Tensor:
+        if tokens is None:
+            offsets, tokens = padded_bags(idx.shape[0], idx.shape[1], idx.device)
+        ctx.save_for_backward(vals, idx, w_dec, offsets, tokens)
         ctx.tangent = tangent
-        return F.embedding_bag(idx, w_dec, per_sample_weights=vals, mode="sum")
+        return F.embedding_bag(idx.reshape(-1), w_dec, offsets, per_sample_weights=vals.reshape(-1), mode="sum")
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN401
-        vals, idx, w_dec = ctx.saved_tensors
-        grad_vals = rowwise_dot(grad_out, w_dec, idx)  # (B, k): <g_b, W_dec[idx_bj]>
+        vals, idx, w_dec, offsets, tokens = ctx.saved_tensors
+        latents = idx.reshape(-1)
+        grad_vals = bag_dot(grad_out, w_dec, latents, offsets, tokens).view(vals.shape)  # <g_b, W_dec[idx_bj]>
         grad_w = None
         if ctx.needs_input_grad[2]:
-            grad_w = sparse_t_matmul(idx, vals, w_dec.shape[0], grad_out)  # (N, D)
+            grad_w = sparse_t_matmul(latents, vals, w_dec.shape[0], grad_out, tokens)  # (N, D)
             if ctx.tangent:
                 radial = torch.zeros(w_dec.shape[0], dtype=grad_w.dtype, device=grad_w.device)
-                radial.index_add_(0, idx.reshape(-1), (vals * grad_vals).reshape(-1))  # (N,) = <grad_w[n], W_dec[n]>
+                radial.index_add_(0, latents, (vals * grad_vals).reshape(-1))  # (N,) = <grad_w[n], W_dec[n]>
                 grad_w.addcmul_(radial[:, None], w_dec, value=-1)
-        return (grad_vals if ctx.needs_input_grad[0] else None), None, grad_w, None
+        return (grad_vals if ctx.needs_input_grad[0] else None), None, grad_w, None, None, None
 
 
 DENSE_AUX = 6  # AuxK's float32 selection GEMM up to this x k_aux dead latents; past it a bf16 one (sparse kernels)
@@ -265,9 +288,7 @@ class AuxDecode(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN401
         x, w_enc, b_dec, w_dec, acts, latents, offsets, tokens = ctx.saved_tensors
-        grad_acts = torch.ops.aten._embedding_bag_per_sample_weights_backward(  # noqa: SLF001 - (E,) <g_b, W_dec[j]>
-            grad_out.contiguous(), w_dec, latents, offsets, tokens, 0, -1
-        )
+        grad_acts = bag_dot(grad_out, w_dec, latents, offsets, tokens)  # (E,) <g_b, W_dec[j]>
         code = torch.zeros(len(x), w_enc.shape[0], dtype=acts.dtype, device=acts.device)  # (B, n)
         grad_w_dec = code.index_put_((tokens, latents), acts).t() @ grad_out  # (n, D)
         along = acts * grad_acts  # (E,) each entry's share of <grad_w_dec[j], W_dec[j]>

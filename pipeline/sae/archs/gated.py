@@ -30,8 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.sae.archs.relu import ReluSAE
-from pipeline.sae.interface import Latents, LossTerm, SaeConfig, SaeOutput, pack, register
-from pipeline.sae.kernels import SparseDecode
+from pipeline.sae.interface import LossTerm, SaeConfig, SaeOutput, register
+from pipeline.sae.threshold import Code, Pattern, decode, per_entry
 
 
 @register("gated", trainable=True)
@@ -62,16 +62,16 @@ class GatedSAE(ReluSAE):
             self.r_mag.add_(norms.log())
             self.b_mag.mul_(norms)
 
-    def activate(self, pre: Tensor) -> Tensor:
-        magnitude = (self.r_mag.exp() * (pre - self.b_enc) + self.b_mag).relu()  # (B, N) pi_mag, ReLU'd
-        return (pre > 0) * magnitude
+    def activate(self, pre: Tensor, pattern: Pattern | None = None) -> Tensor:
+        """H(pi_gate) ReLU(pi_mag), from pi_gate = ``pre``: the magnitude path's W_enc x is pre - b_gate."""
+        scale, b_gate, b_mag = (per_entry(p, pattern) for p in (self.r_mag.exp(), self.b_enc, self.b_mag))
+        return (pre > 0) * (scale * (pre - b_gate) + b_mag).relu()  # shaped as pre
 
-    def penalized(self, out: SaeOutput, pre: Tensor) -> Latents:
-        """ReLU(pi_gate), packed: its support is the gate's, about L0 wide."""
-        return pack(pre.relu())
+    def penalized(self, code: Code) -> Tensor:
+        """ReLU(pi_gate): its support is the gate's, the code's."""
+        return code.pre.relu()
 
-    def extra_terms(self, out: SaeOutput, penalized: Latents, x_sq: Tensor) -> list[LossTerm]:
+    def extra_terms(self, out: SaeOutput, code: Code, x_sq: Tensor) -> list[LossTerm]:
         """The auxiliary reconstruction of ReLU(pi_gate) through the frozen decoder, over ||x||^2."""
-        acts, indices = penalized
-        frozen = SparseDecode.apply(acts, indices, self.W_dec.detach(), False) + self.b_dec.detach()  # (B, D)
+        frozen = decode(code.pre.relu(), code.pattern, self.W_dec.detach(), False) + self.b_dec.detach()  # (B, D)
         return [LossTerm("aux_recon_loss", 1.0, ((out.x - frozen).pow(2).sum(1) / x_sq).mean())]

@@ -31,8 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.sae.archs.relu import ReluSAE
-from pipeline.sae.archs.sparsity import dead_pre_act_loss
-from pipeline.sae.interface import Knobs, Latents, SaeConfig, SaeOutput, Step, pack, register
+from pipeline.sae.interface import Knobs, SaeConfig, register
+from pipeline.sae.threshold import Code, Pattern, per_entry, token_sums
 
 # Auto bandwidth: the paper's eps = 0.001 is set for inputs of unit mean squared norm; sae-pipe's
 # standardized rows have ||x|| ~ sqrt(d), so the same kernel, relative to the pre-activations' scale, is
@@ -42,7 +42,9 @@ THRESHOLD_FLOOR = 1e-3  # the smallest starting threshold: log(0) is not a param
 
 
 class JumpFn(torch.autograd.Function):
-    """z = pre * H(pre - exp(log_theta)), the threshold's gradient by the straight-through estimator."""
+    """z = pre * H(pre - exp(log_theta)), the threshold's gradient by the straight-through estimator.
+
+    Elementwise: ``log_theta`` is (N,) for a dense ``pre`` (B, N), or one per entry of a flat code (E,)."""
 
     @staticmethod
     def forward(ctx: Any, pre: Tensor, log_theta: Tensor, eps: float) -> Tensor:  # noqa: ANN401
@@ -55,7 +57,7 @@ class JumpFn(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:  # noqa: ANN401
         pre, theta = ctx.saved_tensors
         window = ((pre - theta).abs() < ctx.eps / 2).to(grad.dtype)  # (B, N) K((pre - theta) / eps)
-        d_theta = -(theta / ctx.eps) * (window * grad).sum(0)  # (N,)
+        d_theta = -(theta / ctx.eps) * (window * grad).sum_to_size(theta.shape)  # (N,)
         return grad * (pre > theta), (d_theta * theta).double(), None
 
 
@@ -73,7 +75,7 @@ class StepFn(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor, None]:  # noqa: ANN401
         pre, theta = ctx.saved_tensors
         window = ((pre - theta).abs() < ctx.eps / 2).to(grad.dtype)  # (B, N)
-        return None, (-(theta / ctx.eps) * (window * grad).sum(0)).double(), None  # (N,) d / d log_theta
+        return None, (-(theta / ctx.eps) * (window * grad).sum_to_size(theta.shape)).double(), None  # d / d log_theta
 
 
 @register("jumprelu", trainable=True)
@@ -97,27 +99,17 @@ class JumpReluSAE(ReluSAE):
         """Each latent's threshold (N,)."""
         return self.log_threshold.exp().to(self.W_enc.dtype)
 
-    def activate(self, pre: Tensor) -> Tensor:
+    def activate(self, pre: Tensor, pattern: Pattern | None = None) -> Tensor:
         if self.training:
-            return JumpFn.apply(pre, self.log_threshold, self.bandwidth)  # type: ignore[no-any-return]
+            return JumpFn.apply(pre, per_entry(self.log_threshold, pattern), self.bandwidth)  # type: ignore[no-any-return]
         return pre * (pre > self.threshold)
 
-    def forward(
-        self,
-        x: Tensor,
-        k: int | None = None,
-        theta: float | None = None,
-        low_precision: bool = False,
-        chosen: Tensor | None = None,
-    ) -> SaeOutput:
-        if not self.training or k is not None or theta is not None:
-            return super().forward(x, k, theta, low_precision, chosen)
-        self.pre = self.pre_acts(x)  # (B, N)
-        code = self.activate(self.pre)  # (B, N)
-        # decoded densely: the threshold's estimator needs d loss / d z of the latents just below their
-        # thresholds too (z = 0 there), which a sparse decode of the firing latents never computes
-        x_hat = torch.addmm(self.b_dec, code, self.W_dec)  # (B, D)
-        return SaeOutput(x, x_hat, pack(code.detach()), None, None)
+    def selection_floor(self) -> Tensor:
+        """The bottom of the straight-through window, theta - eps / 2: the estimator needs d loss / d z of the
+        latents just below their thresholds too (z = 0 there). 2^-16 (theta + eps) lower, so float32 rounding
+        of the window's test (pre - theta, ~2^-24 of it) cannot drop an entry at its edge."""
+        theta = self.log_threshold.detach().exp()  # (N,) float64
+        return (theta - self.bandwidth / 2 - 2.0**-16 * (theta + self.bandwidth)).to(self.W_enc.dtype)
 
     def prepare_training(self, knobs: Knobs) -> None:
         super().prepare_training(knobs)
@@ -126,14 +118,14 @@ class JumpReluSAE(ReluSAE):
     def set_firing_point(self, quantile: Tensor) -> None:
         self.log_threshold.copy_(quantile.double().clamp_min(THRESHOLD_FLOOR).log())
 
-    def penalty(self, code: Latents, norms: Tensor, x_sq: Tensor) -> Tensor:
+    def penalty(self, code: Code | None, norms: Tensor, x_sq: Tensor) -> Tensor:
         """Mean over tokens of L0 / ||x||^2, through the straight-through step."""
-        assert self.pre is not None
-        fired = StepFn.apply(self.pre, self.log_threshold, self.bandwidth)  # (B, N)
-        return (fired.sum(1) / x_sq).mean()  # type: ignore[no-any-return]
+        code = self.last_code() if code is None else code
+        fired = StepFn.apply(code.pre, per_entry(self.log_threshold, code.pattern), self.bandwidth)  # as pre
+        return (token_sums(fired, code.pattern) / x_sq).mean()
 
-    def dead_loss(self, pre: Tensor, norms: Tensor, step: Step, x_sq: Tensor) -> Tensor:
-        return dead_pre_act_loss(pre, self.threshold.detach(), norms, step, x_sq)
+    def dead_floor(self) -> Tensor:
+        return self.threshold.detach()
 
 
 def _threshold_out(module: nn.Module, state: dict[str, Tensor], prefix: str, local_metadata: Any) -> None:  # noqa: ANN401

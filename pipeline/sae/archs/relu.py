@@ -17,6 +17,7 @@ before training existed do); a trained one carries ``standard``. Both are this c
 
 from __future__ import annotations
 
+from functools import partial
 from typing import ClassVar
 
 import torch
@@ -25,6 +26,17 @@ from torch import Tensor
 from pipeline.sae.archs.sparsity import SparsityControl, check_target, dead_pre_act_loss, firing_quantile
 from pipeline.sae.archs.topk import TopKSAE
 from pipeline.sae.interface import Knobs, Latents, LossTerm, SaeConfig, SaeOutput, Step, pack, register
+from pipeline.sae.threshold import (
+    Code,
+    Pattern,
+    SparsePre,
+    candidates,
+    dead_columns,
+    decode,
+    padded,
+    per_entry,
+    token_sums,
+)
 
 
 @register("relu")
@@ -41,7 +53,7 @@ class ReluSAE(TopKSAE):
     def __init__(self, cfg: SaeConfig, generator: torch.Generator | None = None, device: torch.device | str = "cpu"):
         super().__init__(cfg, generator, device)
         self.control = SparsityControl(self.start_coeff, self.signed_penalty)
-        self.pre: Tensor | None = None  # (B, N) the last training forward's pre-activations, for the loss
+        self.pre: Code | Tensor | None = None  # the last training forward's code, for the loss (a Tensor: dense)
         self.coeff_now = 0.0  # the penalty's weight in the last step (log.csv)
 
     def pre_acts(self, x: Tensor) -> Tensor:
@@ -51,8 +63,8 @@ class ReluSAE(TopKSAE):
             return torch.addmm(torch.addmv(self.b_enc, self.W_enc, self.b_dec, alpha=-1), x, self.W_enc.t())
         return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc.t())
 
-    def activate(self, pre: Tensor) -> Tensor:
-        """The dense code z (B, N) from the pre-activations."""
+    def activate(self, pre: Tensor, pattern: Pattern | None = None) -> Tensor:
+        """The code z from the pre-activations: dense (B, N), or (E,) at the entries of ``pattern``."""
         return pre.relu()
 
     def encode(
@@ -72,11 +84,28 @@ class ReluSAE(TopKSAE):
         low_precision: bool = False,
         chosen: Tensor | None = None,
     ) -> SaeOutput:
-        pre = self.pre_acts(x)  # (B, N)
-        if self.training:
-            self.pre = pre
-        latents = pack(self.activate(pre), k, theta)  # as wide as the busiest token: decoding stays sparse
-        return SaeOutput(x, self.decode(latents), latents, None, None)
+        if not self.training or k is not None or theta is not None:
+            latents = pack(self.activate(self.pre_acts(x)), k, theta)  # as wide as the busiest token
+            return SaeOutput(x, self.decode(latents), latents, None, None)
+        self.pre = code = self.training_code(x, low_precision)
+        x_hat = decode(code.acts, code.pattern, self.W_dec, self.tangent_decoder_grad) + self.b_dec  # (B, D)
+        return SaeOutput(x, x_hat, padded(code.acts, code.pattern), None, None)
+
+    def training_code(self, x: Tensor, low_precision: bool) -> Code:
+        """The code of a training batch: its entries above the floor (pipeline.sae.threshold), or dense (B, N)
+        tensors where they are too many for the sparse kernels to pay."""
+        floor = self.selection_floor()  # (N,)
+        found = candidates(x, self.W_enc.detach(), self.b_enc.detach(), self.b_dec.detach(), floor, low_precision)
+        if found is None:
+            pre = self.pre_acts(x)  # (B, N)
+            return Code(pre, self.activate(pre), None)
+        pre, *entries = SparsePre.apply(x, self.W_enc, self.b_enc, self.b_dec, floor, found)  # (E,) each
+        pattern = Pattern(*entries)
+        return Code(pre, self.activate(pre, pattern), pattern)
+
+    def selection_floor(self) -> Tensor:
+        """Per latent (N,), the pre-activation above which an entry takes part in training: 0, the ReLU's."""
+        return self.b_enc.new_zeros(self.cfg.n_latents)
 
     def normalize_decoder(self) -> None:
         if self.unit_decoder:
@@ -104,32 +133,44 @@ class ReluSAE(TopKSAE):
         return None  # a threshold code selects its own latents
 
     def loss_terms(self, out: SaeOutput, step: Step, knobs: Knobs) -> list[LossTerm]:
-        assert self.pre is not None, "loss_terms follows a training forward"
+        code = self.last_code()
         x_sq = out.x.pow(2).sum(1).clamp_min(1e-12)  # (B,)
         norms = self.W_dec.norm(dim=1)  # (N,) in the graph: growing a row does not shrink the penalty
         if self.unit_decoder:  # rows held at 1: a gradient along them would only be renormalized away
             norms = norms.detach()
-        penalized = self.penalized(out, self.pre)
         self.coeff_now = self.control.coeff(knobs, step)
         return [
-            LossTerm("sparsity_loss", self.coeff_now, self.penalty(penalized, norms, x_sq)),
-            LossTerm("dead_loss", knobs.aux_alpha, self.dead_loss(self.pre, norms.detach(), step, x_sq)),
-            *self.extra_terms(out, penalized, x_sq),
+            LossTerm("sparsity_loss", self.coeff_now, self.penalty(code, norms, x_sq)),
+            LossTerm("dead_loss", knobs.aux_alpha, self.dead_loss(out.x, norms.detach(), step, x_sq)),
+            *self.extra_terms(out, code, x_sq),
         ]
 
-    def penalized(self, out: SaeOutput, pre: Tensor) -> Latents:
-        """The code the penalty weighs: z itself (gated: the gate's ReLU'd pre-activations)."""
-        return out.latents
+    def last_code(self) -> Code:
+        """The last training forward's code (a dense pre-activation tensor set by hand counts as that code)."""
+        assert self.pre is not None, "loss_terms follows a training forward"
+        return self.pre if isinstance(self.pre, Code) else Code(self.pre, self.activate(self.pre), None)
 
-    def penalty(self, code: Latents, norms: Tensor, x_sq: Tensor) -> Tensor:
-        """The sparsity penalty: mean over tokens of sum_i z_i ||W_dec_i|| / ||x||^2."""
-        return ((code.acts * norms[code.indices]).sum(1) / x_sq).mean()
+    def penalty(self, code: Code | None, norms: Tensor, x_sq: Tensor) -> Tensor:
+        """The sparsity penalty: mean over tokens of sum_i p_i ||W_dec_i|| / ||x||^2, p the penalized code
+        (z itself; gated: the gate's ReLU'd pre-activations)."""
+        code = self.last_code() if code is None else code
+        weighed = self.penalized(code) * per_entry(norms, code.pattern)
+        return (token_sums(weighed, code.pattern) / x_sq).mean()
 
-    def dead_loss(self, pre: Tensor, norms: Tensor, step: Step, x_sq: Tensor) -> Tensor:
-        """Dead latents' pre-activations pulled up to 0, where ReLU starts passing them."""
-        return dead_pre_act_loss(pre, 0.0, norms, step, x_sq)
+    def penalized(self, code: Code) -> Tensor:
+        """What the L1 penalty weighs, aligned with the code's entries: z itself."""
+        return code.acts
 
-    def extra_terms(self, out: SaeOutput, penalized: Latents, x_sq: Tensor) -> list[LossTerm]:
+    def dead_loss(self, x: Tensor, norms: Tensor, step: Step, x_sq: Tensor) -> Tensor:
+        """Dead latents' pre-activations pulled up to their floor (0: where ReLU starts passing them)."""
+        columns = partial(dead_columns, x, self.W_enc, self.b_enc, self.b_dec)  # a GEMM of their rows only
+        return dead_pre_act_loss(columns, self.dead_floor(), norms, step, x_sq)
+
+    def dead_floor(self) -> Tensor | float:
+        """Where a dead latent's pre-activation is pulled up to."""
+        return 0.0
+
+    def extra_terms(self, out: SaeOutput, code: Code, x_sq: Tensor) -> list[LossTerm]:
         """Terms an architecture adds besides its penalty and the dead latents' loss (gated's auxiliary one)."""
         return []
 
@@ -145,3 +186,9 @@ class ReluSAE(TopKSAE):
 
     def log_fields(self) -> list[str]:
         return ["sparsity_coeff"]
+
+    def training_state(self) -> dict[str, float]:
+        return self.control.state()
+
+    def load_training_state(self, state: dict[str, float]) -> None:
+        self.control.load(state)

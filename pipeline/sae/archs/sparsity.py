@@ -16,6 +16,7 @@ fitted at ``E||x||^2 = 1``: multiply it by d).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from torch import Tensor
 
@@ -28,6 +29,17 @@ from pipeline.sae.interface import Knobs, Step
 # weights need to follow it, so it does not oscillate; the proportional term answers at once.
 GAIN_I = 0.15
 GAIN_P = 1.0
+# Anti-windup by conditional integration (Astrom & Hagglund, "Advanced PID Control", 2006, on integrator
+# windup): the integral stands still while L0 is already on its way to the target. The plant saturates:
+# Adam moves each weight by about lr a step whatever the size of its gradient, so once the penalty rules the
+# thresholds' gradients a larger coefficient moves L0 no faster. The integral would go on growing all the
+# way (on the demo cache JumpReLU's coefficient reached -931 while L0 climbed from 18 to 25) and, at the
+# target, need as many steps to unwind as it took to wind, overshooting meanwhile. The usual remedies clamp
+# or back-calculate against the actuator's limit; this one has no known limit (it lies wherever the penalty
+# starts to dominate, which depends on data, width and lr), so the saturation is read off the plant instead:
+# an L0 approaching the target says the present coefficient suffices. Once L0 stalls short of the target,
+# integration resumes, so the steady state still has no offset.
+TREND_RATE = 0.1  # per step: the recent gap averages ~10 batches, so batch noise does not pass for progress
 
 
 class SparsityControl:
@@ -36,7 +48,8 @@ class SparsityControl:
     ``coeff > 0``: fixed, warmed up linearly from 0 over the first ``warmup`` share of the run (SAELens's
     ``l1_warm_up_steps``, as a share). ``coeff == 0`` (auto): adapted every step so the batch mean L0 meets
     ``target``; no warm-up, since the controller itself starts from ``start`` and a warm-up factor would
-    only make it wind up. Its state is a pair of floats, identical on every rank (fed the ranks' mean L0).
+    only make it wind up. Its state (``state()``, saved with a resumable run) is a few floats, identical on
+    every rank (fed the ranks' mean L0).
 
     ``signed``: the controller acts on u with c = start x sinh(u) instead of c = exp(u). For large u the two
     agree (a step of u scales c by e^step), but sinh crosses zero, so c can turn negative and reward firing.
@@ -44,13 +57,18 @@ class SparsityControl:
     the penalty at 1e-6, the L0 of a k = 32 target fell to 14 and stayed), so a target above that L0 is out of
     reach of any positive coefficient. Only a bounded penalty may be signed: JumpReLU's L0 is at most N, while
     a negative L1 (standard, gated) would reward unbounded activations.
+
+    ``anti_windup``: integrate only while L0 is not yet approaching the target (see TREND_RATE); off, the
+    plain PI controller.
     """
 
-    def __init__(self, start: float, signed: bool = False) -> None:
+    def __init__(self, start: float, signed: bool = False, anti_windup: bool = True) -> None:
         self.start = start  # the auto coefficient's first value (the published one at our scale)
         self.signed = signed
+        self.anti_windup = anti_windup
         self.integral = math.asinh(1.0) if signed else math.log(start)  # the controller's integral part, in u
         self.u = self.integral  # what the penalty's weight is a function of now
+        self.recent: float | None = None  # the recent batches' log(L0 / k), averaged at TREND_RATE
 
     def coeff(self, knobs: Knobs, step: Step) -> float:
         """The penalty's weight this step."""
@@ -61,9 +79,27 @@ class SparsityControl:
 
     def update(self, l0: float, target: int) -> None:
         """One controller step after a batch whose mean L0 (over all ranks) was ``l0``."""
-        error = max(-1.0, min(1.0, math.log(max(l0, 1e-3) / target)))
-        self.integral += GAIN_I * error
+        gap = math.log(max(l0, 1e-3) / target)  # > 0: too many latents fire
+        error = max(-1.0, min(1.0, gap))
+        if not (self.anti_windup and self.approaching(gap)):
+            self.integral += GAIN_I * error
         self.u = self.integral + GAIN_P * error
+        self.recent = gap if self.recent is None else self.recent + TREND_RATE * (gap - self.recent)
+
+    def approaching(self, gap: float) -> bool:
+        """Whether L0 is on its way to the target: this batch's ``gap`` is on the side of the recent ones but
+        nearer the target than their average. A batch across the target is not: the integral unwinds."""
+        return self.recent is not None and gap * self.recent > 0 and abs(gap) < abs(self.recent)
+
+    def state(self) -> dict[str, float]:
+        """What a resumed run needs to go on exactly as an uninterrupted one."""
+        return {"integral": self.integral, "u": self.u, **({} if self.recent is None else {"recent": self.recent})}
+
+    def load(self, state: dict[str, float]) -> None:
+        """Take up the controller where ``state()`` left it (a state saved without one leaves it as it is)."""
+        self.integral = state.get("integral", self.integral)
+        self.u = state.get("u", self.u)
+        self.recent = state.get("recent", self.recent)
 
 
 def check_target(k: int, knobs: Knobs) -> None:
@@ -84,9 +120,12 @@ def firing_quantile(pre: Tensor, k: int, step: Step) -> Tensor:
     return step.average(pre.kthvalue(rank, dim=0).values)  # (N,)
 
 
-def dead_pre_act_loss(pre: Tensor, floor: Tensor | float, scale: Tensor | float, step: Step, x_sq: Tensor) -> Tensor:
+def dead_pre_act_loss(
+    columns: Callable[[Tensor], Tensor], floor: Tensor | float, scale: Tensor | float, step: Step, x_sq: Tensor
+) -> Tensor:
     """Dead latents' pre-activation loss: per token, sum over dead latents i of ReLU(floor_i - pre_i) x
-    scale_i (the decoder row norm), over ||x||^2, mean over tokens.
+    scale_i (the decoder row norm), over ||x||^2, mean over tokens. ``columns`` gives the pre-activations
+    (B, n_dead) of the dead latents' ids (n_dead,): only theirs are computed.
 
     Anthropic's pre-activation loss (Circuits Updates, January 2025), which SAELens's JumpReLU trainer
     (``calculate_pre_act_loss``) applies to dead latents only, as here. A latent whose pre-activation never
@@ -96,8 +135,8 @@ def dead_pre_act_loss(pre: Tensor, floor: Tensor | float, scale: Tensor | float,
     """
     dead = step.dead.nonzero().squeeze(1)  # (n_dead,)
     if len(dead) == 0:
-        return pre.new_zeros(())
+        return x_sq.new_zeros(())
     floor = floor[dead] if isinstance(floor, Tensor) else floor
     scale = scale[dead] if isinstance(scale, Tensor) else scale
-    below = (floor - pre[:, dead]).relu() * scale  # (B, n_dead)
+    below = (floor - columns(dead)).relu() * scale  # (B, n_dead)
     return (below.sum(1) / x_sq).mean()
