@@ -1,8 +1,7 @@
 """DVC stage `finetune`: params [finetune] + cache/fit.json -> cache/finetune/<run>-ft<loss>-<hash>/ and the
 receipt cache/finetune.json. Off by default (``enabled: false``: the stage writes an empty folder and a receipt
-saying so); on, every run of the fit receipt that finetune takes (single-layer SAEs of the residual stream) is
-fine-tuned into its own folder; routed runs and transcoders are skipped with a note (pipeline/live/runs.py
-decides)."""
+saying so); on, every run of the fit receipt that finetune takes (single-layer SAEs and transcoders) is
+fine-tuned into its own folder; routed runs are skipped with a note (pipeline/live/runs.py decides)."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
@@ -104,3 +104,57 @@ def test_saelens_refuses_a_skip_transcoder_and_names_sparsify(tmp_path: Path) ->
     with pytest.raises(UserError, match="SAELens has no TopK skip transcoder.*--format sparsify"):
         export_run(run, "saelens", str(tmp_path / "export"))
     assert not (tmp_path / "export").exists()
+
+
+@pytest.mark.parametrize("arch", ["transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder"])
+def test_saelens_relu_and_jumprelu_transcoders_import_to_the_code_and_prediction_of_its_formulas(
+    tmp_path: Path, tiny_llama: Path, arch: str
+) -> None:
+    """A folder as SAELens 6.54.12's ``save_model`` writes it (its cfg.json fields), random weights; by its
+    formulas: ``pre = x W_enc + b_enc``, ``z = relu(pre)`` (JumpReLU: times ``pre > threshold``),
+    ``y = z W_dec + b_dec`` (skip: ``+ x W_skip^T``, W_skip (d_out, d_in))."""
+    rng = np.random.default_rng(3)
+    w = {"W_enc": rng.normal(0, 0.3, (D, N)), "b_enc": rng.normal(0, 0.3, N), "W_dec": rng.normal(0, 0.3, (N, D))}
+    w["b_dec"] = rng.normal(0, 0.3, D)
+    w |= {"threshold": rng.uniform(0, 2, N)} if "jumprelu" in arch else {}
+    w |= {"W_skip": rng.normal(0, 0.1, (D, D))} if "skip" in arch else {}
+    folder = tmp_path / arch
+    folder.mkdir()
+    save_file({k: torch.from_numpy(v).float() for k, v in w.items()}, str(folder / "sae_weights.safetensors"))
+    meta = {
+        "sae_lens_version": "6.54.12",
+        "model_name": str(tiny_llama),
+        "hook_name": f"blocks.{LAYER}.ln2.hook_normalized",
+    }
+    meta["hook_name_out"] = f"blocks.{LAYER}.hook_mlp_out"
+    cfg = {"d_in": D, "d_sae": N, "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": False}
+    cfg |= {"normalize_activations": "none", "reshape_activations": "none", "metadata": meta, "d_out": D}
+    (folder / "cfg.json").write_text(json.dumps({**cfg, "architecture": arch}))
+    x = rng.normal(0, 1, (64, D))  # the MLP's input rows
+    pre = x @ w["W_enc"] + w["b_enc"]  # (B, N)
+    code = np.maximum(pre, 0) * (pre > w["threshold"] if "jumprelu" in arch else 1)
+    y = code @ w["W_dec"] + w["b_dec"] + (x @ w["W_skip"].T if "skip" in arch else 0)  # (B, D)
+    assert 0.05 < float((code > 0).mean()) < 0.6  # some latents fire, some do not
+    run = import_checkpoint(str(folder), model=str(tiny_llama), cache_root=str(tmp_path / "cache"))
+    sae, record = load_sae(run.url)
+    assert record["sae"]["arch"] == ("jumprelu_transcoder" if "jumprelu" in arch else "relu_transcoder")
+    assert record["sae"].get("skip", False) == ("skip" in arch) and record["sae"]["layers"] == [LAYER]
+    rows = torch.from_numpy(x).float()
+    with torch.no_grad():
+        latents = sae.encode(rows)
+        ours_code = torch.zeros(len(x), N).scatter(1, latents.indices, latents.acts)  # (B, N)
+        pair = sae(torch.stack([rows, torch.zeros_like(rows)], 1))  # (B, 2, D): what a splice computes
+    np.testing.assert_allclose(ours_code.numpy(), code, atol=1e-5)
+    np.testing.assert_allclose(pair.x_hat.numpy(), y, atol=1e-4)
+    assert record["cache"]["site_normalization"] == {"mlp_in": {"method": "none"}, "mlp_out": {"method": "none"}}
+    if arch == "transcoder":  # and back: the same files (the ReLU code has no TopK form for sparsify)
+        with pytest.raises(UserError, match="sparsify holds TopK transcoders only"):
+            export_run(run.url, "sparsify", str(tmp_path / "to-sparsify"))
+    again = Path(export_run(run.url, "saelens", str(tmp_path / "export")).url)
+    exported = json.loads((again / "cfg.json").read_text())
+    assert {key: exported.get(key) for key in cfg} == {**cfg, "metadata": exported["metadata"]}
+    assert exported["architecture"] == arch and exported["metadata"]["hook_name_out"] == meta["hook_name_out"]
+    weights = {k: t.double().numpy() for k, t in load_file(str(again / "sae_weights.safetensors")).items()}
+    assert sorted(weights) == sorted(w)
+    for name, value in w.items():
+        np.testing.assert_allclose(weights[name], value, atol=1e-6, err_msg=name)

@@ -17,14 +17,15 @@ from pipeline.evaluate import stage as evaluate
 from pipeline.evaluate.config import EvaluateConfig
 from pipeline.extract import stage as extract
 from pipeline.finetune.config import FinetuneConfig
-from pipeline.finetune.loss import batch_loss
+from pipeline.finetune.loss import Terms, batch_loss
+from pipeline.finetune.plan import lr_factor
 from pipeline.finetune.sequences import Specials, rebuilt, training_sequences
 from pipeline.finetune.stage import run
 from pipeline.fit import stage as fit
 from pipeline.fit.config import FitConfig
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
-from pipeline.live.subject import go_live, load_subject
+from pipeline.live.subject import Live, go_live, load_subject
 from tests.support.caches import tiny_extract_config
 
 
@@ -49,14 +50,21 @@ def tree(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*")}
 
 
-def test_the_loss_of_one_batch_is_the_kl_written_out(parent: Folder, tiny_llama: Path) -> None:
-    live = go_live(load_subject(parent.url, torch.device("cpu")), "float32")
+def one_batch(run: Folder, mse_weight: float = 0.0) -> tuple[Live, torch.Tensor, torch.Tensor, Terms]:
+    """The run live in its model, the first three training sequences (3, T) and their real positions, and the
+    KL loss of that batch, backpropagated (into the SAE only)."""
+    live = go_live(load_subject(run.url, torch.device("cpu")), "float32")
     live.model.requires_grad_(False)
     seqs = training_sequences(live.subject.cache, Specials.of(live.tokenizer))
     tokens, mask = torch.from_numpy(seqs.tokens[:3]), torch.from_numpy(seqs.mask[:3])  # (3, T)
-    terms = batch_loss(live, tokens, mask, "kl", 0.0, replay=True)
+    terms = batch_loss(live, tokens, mask, "kl", mse_weight, replay=True)
     terms.total.backward()
     assert all(p.grad is None for p in live.model.parameters())
+    return live, tokens, mask, terms
+
+
+def test_the_loss_of_one_batch_is_the_kl_written_out(parent: Folder, tiny_llama: Path) -> None:
+    live, tokens, mask, terms = one_batch(parent)
     assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in live.subject.sae.parameters())
 
     # by hand: a plain forward, and one whose layer-1 input has its real rows standardized, reconstructed, undone
@@ -93,6 +101,16 @@ def test_finetuning_lowers_heldout_kl_into_a_new_run(parent: Folder, tmp_path: P
     cfg = EvaluateConfig(runs=[parent.url, result.folder.url], device="cpu", cache_root=str(tmp_path), metrics=["kl"])
     old, new = evaluate.run(cfg).metrics
     assert new["kl_per_token"] < 0.9 * old["kl_per_token"]  # 0.0082 -> 0.0070 when written
+    logged = np.loadtxt(Path(result.folder.url) / "log.csv", delimiter=",", skiprows=1, usecols=5, ndmin=1)
+    wanted = [3e-3 * lr_factor(i, len(logged), 0.1) for i in range(len(logged))]  # the schedule the stage used
+    assert np.allclose(logged, wanted)
+
+
+def test_learning_rate_rises_then_decays_to_zero() -> None:
+    """10 steps, warm-up 0.3: a rise over 3 steps (1/3, 2/3, 1), times the decay 1 - step / 10."""
+    factors = [lr_factor(i, 10, 0.3) for i in range(10)]
+    assert np.allclose(factors, [1 / 3, 2 / 3 * 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1])
+    assert np.allclose([lr_factor(i, 4, 0.0) for i in range(4)], [1.0, 0.75, 0.5, 0.25])  # no warm-up
 
 
 def test_training_sequences_come_back_as_packing_made_them() -> None:
@@ -122,5 +140,7 @@ def test_bad_inputs_give_one_clear_error(cache: str, parent: Folder, tmp_path: P
         run(FinetuneConfig(run=str(tmp_path), device="cpu", cache_root=str(tmp_path)))
     with pytest.raises(UserError, match="--max-tokens"):
         FinetuneConfig(run=parent.url, max_tokens=0)
+    with pytest.raises(UserError, match="--warmup"):
+        FinetuneConfig(run=parent.url, warmup=1.0)
     with pytest.raises(UserError, match="parent is never written"):
         run(FinetuneConfig(run=parent.url, out=parent.url, device="cpu"))

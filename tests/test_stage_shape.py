@@ -137,14 +137,13 @@ def test_each_stage_takes_its_runs_in_one_place(tmp_path: Path, monkeypatch: pyt
     assert kept["evaluate"] == kept["interpret"] == list(kinds)
     assert kept["steer"] == ["topk_l1", "jump_l1", "route_hard", "tc_l2"]
     assert kept["circuit"] == ["topk_l1", "tc_l2"]  # a transcoder's latents sit at its one layer
-    assert kept["finetune"] == ["topk_l1", "jump_l1"]
+    assert kept["finetune"] == ["topk_l1", "jump_l1", "tc_l2"]
     p = {name: str(tmp_path / name) for name in kinds}
     assert said == [
         f"steer: skipping soft-routed run {p['route_soft']} (its code has no single layer to edit)",
         f"circuit: skipping {p['jump_l1']}: layer 1 already has {p['topk_l1']}",
         f"circuit: skipping route run {p['route_hard']} (circuits are found over single-layer runs)",
         f"circuit: skipping route run {p['route_soft']} (circuits are found over single-layer runs)",
-        f"finetune: skipping {p['route_hard']} (finetune takes single-layer SAEs of the residual stream)",
-        f"finetune: skipping {p['route_soft']} (finetune takes single-layer SAEs of the residual stream)",
-        f"finetune: skipping {p['tc_l2']} (finetune takes single-layer SAEs of the residual stream)",
+        f"finetune: skipping route run {p['route_hard']} (finetune takes single-layer SAEs and transcoders)",
+        f"finetune: skipping route run {p['route_soft']} (finetune takes single-layer SAEs and transcoders)",
     ]

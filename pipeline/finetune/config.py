@@ -22,7 +22,8 @@ class FinetuneConfig:
     mse_weight: float = setting(0.0, "weight of the reconstruction's normalized MSE added to the loss (0 = none)")
     max_tokens: int = setting(65536, "training tokens (real positions of the cache's training sequences)")
     batch_size: int = setting(4, "sequences per step")
-    lr: float = setting(1e-4, "Adam learning rate, decayed linearly to 0 over the run")
+    lr: float = setting(1e-4, "Adam learning rate: warmed up linearly, then decayed linearly to 0 by the last step")
+    warmup: float = setting(0.1, "share of the steps over which the lr rises linearly to --lr (0: starts there)")
     seed: int = setting(0, "order of the training sequences")
     device: str = settings.device()
     compute_dtype: str = settings.compute_dtype()
@@ -37,6 +38,8 @@ class FinetuneConfig:
             raise UserError(f"--mse-weight {self.mse_weight} must be a finite number >= 0.")
         if not 0 < self.lr < math.inf:
             raise UserError(f"--lr {self.lr} must be a finite number above 0.")
+        if not 0 <= self.warmup < 1:
+            raise UserError(f"--warmup {self.warmup} must be a share of the steps: at least 0, below 1.")
         if self.max_tokens < 1 or self.batch_size < 1 or self.seed < 0:
             raise UserError(
                 f"--max-tokens ({self.max_tokens}) and --batch-size ({self.batch_size}) must be at least 1, "

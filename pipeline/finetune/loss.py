@@ -4,7 +4,8 @@ pipeline.live), scored by the model's own next-token distribution.
     kl   mean over real positions of KL(p_clean || p_spliced) = sum_v p_clean (log p_clean - log p_spliced)
          (the number evaluate reports as kl_per_token)
     ce   mean over real positions whose next token is real of -log p_spliced(next token)
-    + mse_weight x the reconstruction's normalized MSE at the layer (the loss `fit` trained on)
+    + mse_weight x the reconstruction's normalized MSE at the layer (the loss `fit` trained on; a transcoder's:
+      of its prediction of the MLP's output, both MLP sites scaled as the cache scaled them)
 
 The blocks below the layer run once, without a graph (llm/replay.py ``stem``); gradients reach only the
 parameters that require them, the SAE's.
@@ -21,10 +22,11 @@ from pipeline.live.edit import EditSpec, Mode, Site
 from pipeline.live.splice import Branches, site_edits
 from pipeline.live.subject import Live
 from pipeline.llm.divergence import kl_rows, log_probs, next_token_log_likelihoods, reference
-from pipeline.llm.hooks import run_to_layers
+from pipeline.llm.hooks import run_to_layers, run_to_sites
 from pipeline.sae.quality import Reconstruction
 
-SPLICE = EditSpec(Mode.REPLACE)  # the SAE's reconstruction in place of the residual stream, as evaluate splices
+# the reconstruction in place of the residual stream (a transcoder's: in place of its MLP's output)
+SPLICE = EditSpec(Mode.REPLACE)
 
 
 class Terms(NamedTuple):
@@ -51,7 +53,15 @@ def batch_loss(live: Live, tokens: Tensor, mask: Tensor, loss: str, mse_weight: 
 
 
 def reconstruction_loss(site: Site, branches: Branches, mask: Tensor) -> Tensor:
-    """Normalized MSE () of the SAE on the layer's rows at the real positions, normalized as the cache was."""
+    """Normalized MSE () of the SAE on the layer's rows at the real positions, normalized as the cache was; a
+    transcoder's of its MLP-output prediction from the MLP's input."""
+    if site.transcodes:
+        assert site.target is not None, f"{site.name} transcodes: its Site needs the MLP output's normalization"
+        with torch.no_grad():  # the MLP's own input and output, from a forward that stops after them
+            rows = run_to_sites(branches.model, branches.blocks, branches.tokens, [site.layer], site.sites)
+        x, _ = site.normalizer.normalize(rows["mlp_in", site.layer][mask].float(), site.layer)  # (n, D)
+        y, _ = site.target.normalize(rows["mlp_out", site.layer][mask].float(), site.layer)  # (n, D)
+        return Reconstruction().add(y, site.sae.output(x, site.sae.encode(x)))
     if branches.start is not None:
         h = branches.start.hidden  # (B, T, D)
     else:

@@ -16,7 +16,8 @@ from pipeline.live.subject import Subject
 
 MAX_PASSES = 100  # more passes over the training split than this is a typo in --max-tokens
 
-SETTINGS = ("loss", "mse_weight", "max_tokens", "batch_size", "lr", "seed")  # what makes one fine-tuning another
+# what makes one fine-tuning another
+SETTINGS = ("loss", "mse_weight", "max_tokens", "batch_size", "lr", "warmup", "seed")
 
 
 def settings(cfg: FinetuneConfig) -> dict[str, Any]:
@@ -44,6 +45,17 @@ def batches(real: np.ndarray, cfg: FinetuneConfig) -> list[np.ndarray]:
     steps = order[: len(order) // cfg.batch_size * cfg.batch_size].reshape(-1, cfg.batch_size)  # (n, B)
     covered = np.cumsum(real[steps].sum(1))  # (n,) tokens seen after each step
     return list(steps[: int(np.searchsorted(covered, cfg.max_tokens)) + 1])
+
+
+def lr_factor(step: int, steps: int, warmup: float) -> float:
+    """The learning rate of step ``step`` (0-based) of ``steps``, as a share of ``--lr``: a linear rise over the
+    first ``warmup`` share of the steps, then a linear decay that reaches 0 after the last step.
+
+    Why the rise: Adam's first updates are close to sign(gradient) x lr in every parameter at once; on the demo
+    SAE (MSE-trained at 6e-3) a first step at 3e-4 raised the next batch's KL by 5-12 % where 1e-4 lowered it.
+    """
+    rise = max(round(warmup * steps), 1)
+    return min((step + 1) / rise, 1.0) * (1 - step / steps)
 
 
 def target(cfg: FinetuneConfig, subject: Subject) -> Folder:

@@ -2,9 +2,10 @@
 the clean model (or next-token CE) plus an optional MSE term, over the cache's training sequences
 (:mod:`pipeline.finetune.sequences`), into a new run folder that records its parent. The parent is only read.
 
-Every single-layer SAE of the residual stream trains through the one SAE interface in inference mode (the code
-evaluate splices): TopK's gradient flows through its k values, a threshold architecture's through the latents
-above their thresholds, which stay as trained. RouteSAE (a router over layers) and transcoders are refused.
+Every single-layer SAE trains through the one SAE interface in inference mode (the code evaluate splices): TopK's
+gradient flows through its k values, a threshold architecture's through the latents above their thresholds,
+which stay as trained. A transcoder (or skip transcoder) is spliced as evaluate splices it, its prediction in
+place of its MLP's output. RouteSAE (a router over layers) is refused.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 from pipeline.finetune.config import FinetuneConfig
 from pipeline.finetune.loss import batch_loss
-from pipeline.finetune.plan import batches, settings, target
+from pipeline.finetune.plan import batches, lr_factor, settings, target
 from pipeline.finetune.sequences import Sequences, Specials, training_sequences
 from pipeline.infra.console import progress_bar, say
 from pipeline.infra.device import resolve_device
@@ -77,11 +78,9 @@ def run(cfg: FinetuneConfig) -> FinetuneResult:
 def refuse(subject: Subject) -> None:
     """One clear error for runs fine-tuning cannot splice or read sequences for."""
     if not takes("finetune", subject.cfg["sae"]):
-        site = subject.site()
-        kind = "routes over several layers" if subject.sae.multi_layer else f"reads {', '.join(site.sites)}"
         raise UserError(
-            f"run {subject.folder.name} is a {subject.sae.cfg.arch} SAE that {kind}; finetune trains single-layer "
-            "SAEs of the residual stream (not RouteSAE, not transcoders)."
+            f"run {subject.folder.name} is a {subject.sae.cfg.arch} SAE that routes over several layers; finetune "
+            "trains single-layer SAEs and transcoders (not RouteSAE)."
         )
     if subject.cfg.get("imported"):
         raise UserError(
@@ -91,11 +90,11 @@ def refuse(subject: Subject) -> None:
 
 
 def train(live: Live, sequences: Sequences, steps: list[np.ndarray], cfg: FinetuneConfig) -> list[dict[str, float]]:
-    """Adam on the SAE's parameters over ``steps`` (sequence ids each), lr decayed linearly to 0; the log rows."""
+    """Adam on the SAE's parameters over ``steps`` (sequence ids each), lr as ``plan.lr_factor``; the log rows."""
     sae, device = live.subject.sae, live.device
     sae.eval().requires_grad_(True)  # the inference code, as evaluate splices it
     optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
-    decay = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1 - i / len(steps))
+    decay = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i, len(steps), cfg.warmup))
     probe = torch.from_numpy(sequences.tokens[:1, :16]).to(device)  # (1, 16)
     replay = replays_exactly(live.model, live.blocks, probe, live.site.layer)
     log, seen = [], 0

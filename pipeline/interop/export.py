@@ -32,6 +32,7 @@ from pipeline.interop.saelens import WEIGHTS as SAELENS_WEIGHTS
 from pipeline.interop.sparsify import WEIGHTS as SPARSIFY_WEIGHTS
 from pipeline.interop.sparsify import sparsify_files
 from pipeline.sae.folder import load_sae
+from pipeline.sae.interface import REGISTRY
 
 FORMATS = ("saelens", "sparsify")
 
@@ -42,7 +43,7 @@ def export_run(run: str, fmt: str, out: str) -> Folder:
         raise UserError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}.")
     model, cfg = load_sae(run)
     arch = cfg["sae"]["arch"]
-    if arch == "transcoder":
+    if REGISTRY[arch].sites == ("mlp_in", "mlp_out"):
         return _transcoder(model, cfg, fmt, out)
     if model.multi_layer:
         raise UserError("RouteSAEs cannot be exported: neither SAELens nor sparsify represents the layer router.")
@@ -77,6 +78,10 @@ def _transcoder(model: nn.Module, cfg: dict[str, Any], fmt: str, out: str) -> Fo
         folder.write_json(config, "cfg.json")
         save_file(weights, str(folder.local() / SAELENS_WEIGHTS))
         return folder
+    if cfg["sae"]["arch"] != "transcoder":
+        raise UserError(
+            f"sparsify holds TopK transcoders only; export this {cfg['sae']['arch']} with --format saelens."
+        )
     config, weights = transcoding.sparsify_transcoder(tensors, cfg)
     hookpoint = transcoding.sparsify_hookpoint(layer)
     target = _empty(out).child(hookpoint)

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from pipeline.cache.normalize import Normalizer
 from pipeline.infra.errors import UserError
 from pipeline.sae.archs.topk import TopKSAE
-from pipeline.sae.interface import SaeConfig, build_sae
+from pipeline.sae.interface import REGISTRY, SaeConfig, build_sae
 
 PICKLES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
 
@@ -51,7 +51,7 @@ class Foreign:
     @property
     def transcodes(self) -> bool:
         """Whether it is a transcoder: it reads block ``layer``'s MLP input and predicts that MLP's output."""
-        return self.sae.arch == "transcoder"
+        return REGISTRY[self.sae.arch].sites == ("mlp_in", "mlp_out")
 
     def module(self) -> TopKSAE:
         """The SAE module with these weights (eval mode, CPU)."""

@@ -15,7 +15,9 @@ into the weights, so the files take and give the model's own activations:
   input alone, then ``z W_dec + b_dec``), saved with the transcoder's input hook ``blocks.L.ln2.hook_normalized``
   and output hook ``metadata.hook_name_out = blocks.L.hook_mlp_out``, as SAELens names a transcoder's two hooks.
   A skip transcoder has no SAELens form: refused, naming sparsify. Importing reads such topk files back (either
-  ``apply_b_dec_to_input``), and refuses SAELens's ReLU / JumpReLU transcoders (no class here computes them).
+  ``apply_b_dec_to_input``), and SAELens's ReLU / JumpReLU (skip) transcoders as our inference-only
+  ``relu_transcoder`` / ``jumprelu_transcoder`` (pipeline/sae/archs/transcoder.py): z = ReLU(x W_enc + b_enc),
+  for JumpReLU times H(pre - threshold), y = z W_dec + b_dec (+ x W_skip^T), W_skip (d_out, d_in) as ours.
 """
 
 from __future__ import annotations
@@ -39,7 +41,12 @@ from pipeline.interop.sparsify import WEIGHTS as SPARSIFY_WEIGHTS
 from pipeline.sae.interface import SaeConfig
 
 IN_HOOK, OUT_HOOK = "blocks.{}.ln2.hook_normalized", "blocks.{}.hook_mlp_out"  # SAELens / TransformerLens names
-SAELENS_TRANSCODERS = ("transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder")
+THRESHOLD = {  # SAELens's ReLU / JumpReLU transcoders -> our architecture, and whether it has a skip path
+    "transcoder": ("relu_transcoder", False),
+    "skip_transcoder": ("relu_transcoder", True),
+    "jumprelu_transcoder": ("jumprelu_transcoder", False),
+    "jumprelu_skip_transcoder": ("jumprelu_transcoder", True),
+}
 MLP_HOOK = re.compile(r"(?:[A-Za-z_][\w.]*\.)?(?:layers|h|blocks|layer)\.(\d+)\.(?:mlp|feed_forward|ffn)")
 
 
@@ -69,9 +76,11 @@ def folded(model: torch.nn.Module, cfg: dict[str, Any]) -> dict[str, torch.Tenso
 def saelens_transcoder(
     tensors: dict[str, torch.Tensor], cfg: dict[str, Any]
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """cfg.json and weights of a transcoder without a skip path as SAELens's topk SAE of the MLP's two hooks."""
+    """cfg.json and weights of a transcoder in SAELens's layout: a TopK one without a skip path as its topk SAE of
+    the MLP's two hooks; a ReLU / JumpReLU one (imported from SAELens) as its (jumprelu_)(skip_)transcoder."""
     sizes, layer, spec = cfg["sae"], cfg["sae"]["layers"][0], cfg["cache"]
-    if sizes.get("skip"):
+    skip = bool(sizes.get("skip"))
+    if sizes["arch"] == "transcoder" and skip:
         raise UserError(
             "SAELens has no TopK skip transcoder (its skip_transcoder encodes with a ReLU or a JumpReLU, which "
             "computes another code); export this skip transcoder with --format sparsify."
@@ -87,8 +96,14 @@ def saelens_transcoder(
         "sae_pipe_cache_key": spec["key"],
         "sae_pipe_normalization": {"method": "none"},
     }
-    config, weights = saelens_files("topk", tensors, sizes, "none", meta)
-    return {**config, "apply_b_dec_to_input": False}, weights
+    if sizes["arch"] == "transcoder":
+        config, weights = saelens_files("topk", tensors, sizes, "none", meta)
+        return {**config, "apply_b_dec_to_input": False}, weights
+    jump = sizes["arch"] == "jumprelu_transcoder"
+    config, weights = saelens_files("jumprelu" if jump else "standard", tensors, sizes, "none", meta)
+    theirs = next(name for name, ours in THRESHOLD.items() if ours == (sizes["arch"], skip))
+    config.update(architecture=theirs, apply_b_dec_to_input=False, d_out=sizes["d_in"])
+    return config, {**weights, **({"W_skip": tensors["W_skip"].contiguous()} if skip else {})}
 
 
 def sparsify_transcoder(
@@ -111,22 +126,23 @@ def is_transcoder(sae_dir: Path, fmt: str) -> bool:
     if fmt == "sparsify":
         return bool(raw.get("transcode"))
     meta = raw["metadata"] if isinstance(raw.get("metadata"), dict) else {}
-    return raw.get("architecture") in SAELENS_TRANSCODERS or bool(meta.get("hook_name_out") or raw.get("hook_name_out"))
+    return raw.get("architecture") in THRESHOLD or bool(meta.get("hook_name_out") or raw.get("hook_name_out"))
 
 
 def read_saelens_transcoder(folder: Path) -> Foreign:
-    """A SAELens topk SAE from an MLP's input to its output (the form of our exports) as our transcoder."""
+    """A SAELens transcoder as ours: a topk SAE from an MLP's input to its output (the form of our exports), or
+    one of its ReLU / JumpReLU (skip) transcoders."""
     raw = read_json(folder / SAELENS_CFG)
-    check_fields(raw, KNOWN, folder / SAELENS_CFG, "SAELens")
+    check_fields(raw, {*KNOWN, "d_out"}, folder / SAELENS_CFG, "SAELens")
     s = settings(raw)
-    arch = s.get("architecture")
-    if arch != "topk":
+    arch = str(s.get("architecture"))
+    if arch != "topk" and arch not in THRESHOLD:
         raise UserError(
-            f"checkpoint {folder} is SAELens's {arch} (a ReLU or JumpReLU code); sae-pipe's transcoders keep the "
-            "top k latents, so it imports SAELens topk files of an MLP's input and output only."
+            f"checkpoint {folder} is SAELens's {arch} with an output hook; sae-pipe imports its topk SAEs of an MLP's "
+            f"input and output and its {', '.join(THRESHOLD)} architectures."
         )
     d_in, d_sae = whole(s, "d_in", folder / SAELENS_CFG), whole(s, "d_sae", folder / SAELENS_CFG)
-    k = whole(s, "k", folder / SAELENS_CFG)
+    k = whole(s, "k", folder / SAELENS_CFG) if arch == "topk" else 0
     match = re.fullmatch(r"blocks\.(\d+)\.ln2\.hook_normalized", str(s.get("hook_name")))
     if not match or s.get("hook_name_out") != OUT_HOOK.format(match[1]) or s.get("d_out", d_in) != d_in:
         raise UserError(
@@ -135,18 +151,20 @@ def read_saelens_transcoder(folder: Path) -> Foreign:
         )
     if s.get("normalize_activations", "none") != "none":
         raise UserError(f"checkpoint {folder} normalizes its input ({s['normalize_activations']}); not mapped.")
-    refuse_unmapped({**s, "hook_name_out": None}, "topk", folder)
+    refuse_unmapped({**s, "hook_name_out": None}, "topk" if arch == "topk" else "relu", folder)
     tensors = load_tensors(folder, SAELENS_WEIGHTS)
     shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
-    check_tensors(folder, tensors, shapes)
-    notes = ["a SAELens topk SAE from the MLP's input to its output: our transcoder; W_enc transposed"]
+    ours_arch, skip = THRESHOLD.get(arch, ("transcoder", False))
+    extra = {"threshold": (d_sae,)} if ours_arch == "jumprelu_transcoder" else {}
+    check_tensors(folder, tensors, {**shapes, **extra, **({"W_skip": (d_in, d_in)} if skip else {})})
+    notes = [f"SAELens's {arch} from the MLP's input to its output: our {ours_arch}; W_enc transposed"]
     ours = ours_layout("topk", tensors, {**s, "apply_b_dec_to_input": True}, notes)
-    if s.get("apply_b_dec_to_input", True):  # its encoder subtracts the output's bias from the input; ours does not
+    if arch == "topk" and s.get("apply_b_dec_to_input", True):  # its encoder subtracts the output's bias first
         ours["b_enc"] = ours["b_enc"] - ours["W_enc"] @ ours["b_dec"]  # (N,)
         notes.append("apply_b_dec_to_input true: W_enc^T b_dec taken from the encoder bias")
     layer = int(match[1])
     return Foreign(
-        "saelens", folder, SaeConfig("transcoder", d_in, d_sae, k, [layer]), ours, Normalizer("none"),
+        "saelens", folder, SaeConfig(ours_arch, d_in, d_sae, k, [layer], skip=skip), ours, Normalizer("none"),
         str(s["hook_name"]), s.get("model_name"), s.get("context_size"), notes, False,
         str(s.get("dtype")) if s.get("dtype") is not None else None,
     )  # fmt: skip

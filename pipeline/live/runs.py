@@ -3,7 +3,7 @@ and for the runs of a folder (``--all DIR``).
 
 A stage that splices an SAE at one layer cannot take every architecture: steer edits one layer (a soft-routed
 RouteSAE's code mixes layers), circuit's nodes are latents at fixed layers (one run per layer, no RouteSAE),
-finetune trains single-layer SAEs of the residual stream. The stage itself refuses such a run with a full
+finetune trains single-layer SAEs and transcoders (no RouteSAE). The stage itself refuses such a run with a full
 error; a list of runs (a receipt, a folder) skips it with one line saying why.
 """
 
@@ -31,12 +31,6 @@ def routed(sae: dict[str, Any]) -> bool:
     return arch.multi_layer and arch.sites == ("resid",)
 
 
-def not_single_resid(sae: dict[str, Any]) -> bool:
-    """Anything but a single-layer SAE of the residual stream (a RouteSAE, a transcoder)."""
-    arch = REGISTRY[sae["arch"]]
-    return arch.multi_layer or arch.sites != ("resid",)
-
-
 @dataclass(frozen=True)
 class Takes:
     """A stage's rule on runs: which SAEs it refuses (cfg.json's sae block) and the line a skipped run gets."""
@@ -52,7 +46,7 @@ TAKES = {
     "steer": Takes(soft_routed, "steer: skipping soft-routed run {path} (its code has no single layer to edit)"),
     "circuit": Takes(routed, "circuit: skipping {arch} run {path} (circuits are found over single-layer runs)", True),
     "finetune": Takes(
-        not_single_resid, "finetune: skipping {path} (finetune takes single-layer SAEs of the residual stream)"
+        routed, "finetune: skipping {arch} run {path} (finetune takes single-layer SAEs and transcoders)"
     ),
 }
 

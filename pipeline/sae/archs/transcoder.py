@@ -7,6 +7,9 @@
 a pair of the same tokens. Decoder rows keep unit norm as in the TopK SAE, so a latent's write direction
 into the residual stream is its decoder row. The skip path (Paulo et al., 2025) starts at zero, as in
 sparsify. Training reuses the TopK SAE's kernels, AuxK and revive unchanged.
+
+SAELens's ReLU and JumpReLU transcoders (pipeline.interop.transcoding imports them) are the same map with the
+ReLU or JumpReLU code of relu.py / jumprelu.py in place of the TopK, without a pre-bias: inference only.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from pipeline.sae.archs.jumprelu import JumpReluSAE
+from pipeline.sae.archs.relu import ReluSAE
 from pipeline.sae.archs.topk import TopKSAE
 from pipeline.sae.interface import Latents, SaeConfig, SaeOutput, Step, register
 
@@ -59,3 +64,18 @@ class Transcoder(TopKSAE):
     def start(self, x: Tensor, step: Step) -> None:
         """b_dec starts at the mean MLP output of the first batch."""
         self.b_dec.copy_(step.average(x[:, 1].mean(dim=0)))
+
+
+@register("relu_transcoder")
+class ReluTranscoder(Transcoder, ReluSAE):
+    """SAELens's ``transcoder`` / ``skip_transcoder`` (imported; not trained here): z = ReLU(W_enc x_in + b_enc),
+    y_hat = W_dec^T z + b_dec (+ W_skip x_in)."""
+
+    def pre_acts(self, x: Tensor) -> Tensor:
+        return torch.addmm(self.b_enc, x, self.W_enc.t())  # (B, N): no pre-bias, as every transcoder here
+
+
+@register("jumprelu_transcoder")
+class JumpReluTranscoder(ReluTranscoder, JumpReluSAE):
+    """SAELens's ``jumprelu_transcoder`` / ``jumprelu_skip_transcoder`` (imported; not trained here): a latent
+    fires only above its own threshold, z_i = pre_i H(pre_i - threshold_i)."""
