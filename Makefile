@@ -51,7 +51,8 @@ check-peers: setup $(BENCH_VENV)/.installed
 	rm -rf $(PEERS_WORK)
 	$(BIN)/python -m benchmarks.check_peers --peer-python $(BENCH_VENV)/bin/python --work $(PEERS_WORK)
 	$(BIN)/sae-pipe evaluate --all $(PEERS_WORK)/saes --metrics nmse --suite core,geometry --cache-root $(PEERS_WORK) --device cpu
-	$(BENCH_VENV)/bin/python benchmarks/check_saebench.py $(PEERS_WORK)/evaluate
+	$(BIN)/python -m benchmarks.peers.suite_files $(PEERS_WORK)
+	$(BENCH_VENV)/bin/python benchmarks/check_saebench.py --every-family $(PEERS_WORK)/evaluate $(PEERS_WORK)/suites/evaluate
 
 $(BENCH_VENV)/.installed: benchmarks/peers/requirements.txt
 	$(PYTHON) -m venv $(BENCH_VENV)

@@ -9,13 +9,16 @@ output classes (run with the peers' python, where sae-bench 0.6.0 is installed; 
                      so their validators (flat metrics, categories of metrics, epoch millis) apply
 
 pydantic ignores fields a class does not declare, so each file's keys are also compared with the fields of
-the object it validated into: a misspelled or extra field fails too.
+the object it validated into: a misspelled or extra field fails too. With --every-family (`make check-peers`),
+each family must also have a file with details somewhere under the roots, the only place a detail's fields
+are checked: a suite that skipped every run, or wrote no detail, fails.
 
-    .bench-venv/bin/python benchmarks/check_saebench.py [ROOT ...]   (default: cache/evaluate)
+    .bench-venv/bin/python benchmarks/check_saebench.py [--every-family] [ROOT ...]   (default: cache/evaluate)
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import sys
@@ -121,8 +124,9 @@ def unknown_fields(doc: dict[str, Any], parsed: Any) -> list[str]:
     return bad
 
 
-def check(path: Path) -> str:
-    """One line: what ``path`` validated as, or why not."""
+def check(path: Path, detailed: set[str]) -> str:
+    """One line: what ``path`` validated as, or why not (adds its eval type to ``detailed`` when it has details,
+    the only place a detail's field names can be checked)."""
     doc = json.loads(path.read_text())
     schema = SCHEMAS.get(doc.get("eval_type_id"))
     if schema is None:
@@ -134,21 +138,30 @@ def check(path: Path) -> str:
     extra = unknown_fields(doc, parsed)
     if extra:
         return f"FAIL {path}: fields {schema.__name__} does not declare: {', '.join(extra)}"
+    if parsed.eval_result_details:
+        detailed.add(doc["eval_type_id"])
     return f"ok   {path}: {schema.__name__}, {len(parsed.eval_result_details or [])} details"
 
 
-def main(roots: list[str]) -> int:
+def main(roots: list[str], every_family: bool = False) -> int:
     files = sorted(f for root in roots for f in Path(root).glob("**/saebench/*/*_eval_results.json"))
     if not files:
         suites = "core,absorption,probing,geometry"
         print(f"no SAEBench result files under {', '.join(roots)}: run `sae-pipe evaluate --suite {suites}`")
         return 1
-    lines = [check(f) for f in files]
-    print("\n".join(lines))
+    detailed: set[str] = set()
+    lines = [check(f, detailed) for f in files]
     failed = sum(line.startswith("FAIL") for line in lines)
+    missing = [kind for kind in SCHEMAS if every_family and kind not in detailed]
+    lines += [f"FAIL no {kind} file with details under {', '.join(roots)}" for kind in missing]
+    print("\n".join(lines))
     print(f"{len(files) - failed} of {len(files)} SAEBench result files validate with sae-bench's classes")
-    return 1 if failed else 0
+    return 1 if failed or missing else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:] or ["cache/evaluate"]))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("roots", nargs="*", default=["cache/evaluate"])
+    parser.add_argument("--every-family", action="store_true", help="fail unless each family has a detailed file")
+    args = parser.parse_args()
+    sys.exit(main(args.roots, args.every_family))

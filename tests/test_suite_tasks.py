@@ -89,7 +89,7 @@ def planted_task() -> LetterTask:
     probes = [fit_probe(xt[~test], letter[~test] == i) for i in range(len(LETTERS))]
     scores = [f1(p.score(xt[test]) > 0, letter[test] == i) for i, p in enumerate(probes)]
     words = [f"a{i}" for i in range(11)] + ["apple"] + [f"b{i}" for i in range(12)]
-    return LetterTask(words, letter, xt, test, probes, scores, -6)
+    return LetterTask(words, letter, xt, test, probes, scores, -6, xt, 3)
 
 
 def test_planted_absorption_is_counted() -> None:
@@ -153,11 +153,12 @@ def test_words_read_after_a_shared_prefix_match_whole_prompts(monkeypatch: pytes
     model = LlamaForCausalLM(config).eval()
     blocks = find_blocks(model)
     prefix, suffix, words = [5, 6, 7, 8, 9], [11, 12], [20, 21, 22]
-    got = letters.word_activations(model, blocks, (prefix, suffix), words, 2)
+    got = letters.word_activations(model, blocks, (prefix, suffix), words, [1, 2])  # (M, L, D)
     whole = torch.tensor([[*prefix, w, *suffix] for w in words])
     with torch.no_grad():
-        expected = run_to_layers(model, blocks, whole, [2])[2][:, len(prefix)]
-    assert torch.allclose(got, expected, atol=1e-5)
+        expected = run_to_layers(model, blocks, whole, [1, 2])
+    for i, layer in enumerate((1, 2)):
+        assert torch.allclose(got[:, i], expected[layer][:, len(prefix)], atol=1e-5)
 
 
 # sae-bench 0.6.0's field names, written out from evals/absorption/eval_output.py and sparse_probing/eval_output.py
@@ -208,3 +209,25 @@ def test_evaluate_writes_absorption_and_probing(tiny_llama: Path, tmp_path: Path
     assert {k: set(v) for k, v in probing["eval_result_metrics"].items()} == PROBING
     assert "labelled.jsonl/size" in [d["dataset_name"] for d in probing["eval_result_details"]]
     assert probing["eval_result_unstructured"]["documents"] > 30
+
+
+def test_routesae_probes_the_layer_most_words_are_routed_to() -> None:
+    """A RouteSAE's letter probes read the layer its router sends most words to, and absorption reads the
+    routed input: the chosen layer's activation times its routing weight (a softmax written out in numpy)."""
+    from pipeline.evaluate.letters import probe_layer
+    from pipeline.sae.archs.route import RouteSAE
+    from pipeline.sae.interface import SaeConfig
+
+    sae = RouteSAE(SaeConfig("route", d_in=3, n_latents=4, k=2, layers=[5, 6, 7])).eval()
+    with torch.no_grad():
+        sae.router.weight.copy_(torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0]]))  # (L, D)
+    rng = np.random.default_rng(0)
+    xs = rng.normal(size=(5, 3, 3))  # (M, L, D)
+    xs[:, :, 0] = [[1, 1, 1], [2, 0, 1], [0.5, 0.5, 0.5], [-1, -1, -1], [-2, 0, 0]]  # summed: 3, 3, 1.5, -3, -2
+    at, inputs = probe_layer(sae, torch.tensor(xs, dtype=torch.float32))
+    logits = np.stack([np.zeros(5), np.zeros(5), xs[:, :, 0].sum(1)], axis=1)  # (M, L)
+    weights = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    choice = logits.argmax(1)  # layer 7 for the three positive words, the first of the tied two (5) otherwise
+    assert at == 2 and list(choice) == [2, 2, 2, 0, 0]
+    expected = xs[np.arange(5), choice] * weights[np.arange(5), choice][:, None]  # (M, D)
+    np.testing.assert_allclose(inputs.numpy(), expected, rtol=1e-5)

@@ -107,7 +107,7 @@ def letter_row(task: LetterTask, codes: Tensor, cos: Tensor, ranked: Tensor, i: 
     probe = task.probes[i]
     positive = task.test & y & (probe.score(task.x) > 0)  # (M,) the probe's true positives
     unit = probe.weight / probe.weight.norm().clamp_min(1e-12)  # (D,)
-    fraction, full = word_absorption(codes[positive], cos, task.x[positive] @ unit, main)
+    fraction, full = word_absorption(codes[positive], cos, task.inputs[positive] @ unit, main)
     n = int(positive.sum())
     return {
         "first_letter": LETTERS[i],
@@ -167,7 +167,7 @@ def eval_config(s: Subject, cfg: EvaluateConfig, task: LetterTask) -> dict[str, 
 @torch.no_grad()
 def absorption_rows(task: LetterTask, sae: SAE) -> list[dict[str, Any]]:
     """Every letter's result detail for ``sae``."""
-    codes = torch.cat([sae.dense_code(chunk.float().to(sae.device)).float().cpu() for chunk in task.x.split(1024)])
+    codes = torch.cat([sae.dense_code(chunk.float().to(sae.device)).float().cpu() for chunk in task.inputs.split(1024)])
     ranked = ranked_latents(codes[~task.test], task.letter[~task.test])  # (26, K)
     decoder = torch.nn.functional.normalize(sae.directions().detach().double().cpu(), dim=1)  # (N, D)
     rows = []
@@ -179,8 +179,8 @@ def absorption_rows(task: LetterTask, sae: SAE) -> list[dict[str, Any]]:
 
 def absorption_suite(s: Subject, cfg: EvaluateConfig) -> EvalResult | None:
     """The absorption suite of run ``s`` (None, said, for an SAE the task cannot be run on)."""
-    if s.cfg.get("imported") or s.sae.multi_layer or s.sae.sites != ("resid",):
-        say(f"absorption suite skipped for {s.folder.name}: it reads one layer's residual stream of its own cache")
+    if s.cfg.get("imported") or s.sae.sites != ("resid",):
+        say(f"absorption suite skipped for {s.folder.name}: it reads the residual stream of its own cache")
         return None
     task = letter_task(s, cfg)
     if task is None:
@@ -194,7 +194,9 @@ def absorption_suite(s: Subject, cfg: EvaluateConfig) -> EvalResult | None:
         "enough_letters": len(kept) >= MIN_LETTERS,
         "all_letters": rows,
         "words": len(task.words),
-        "space": "the SAE's input: the layer's activation normalized as the cache normalizes it",
+        "probe_layer": task.layer,
+        "space": "the SAE's input: the layer's activation normalized as the cache normalizes it (a RouteSAE's "
+        "routed input; its probes on the layer its router sends most words to)",
         "definitions": "pipeline/evaluate/absorption.py",
     }
     return EvalResult(EVAL_TYPE, eval_config(s, cfg, task), {"mean": metrics}, kept, notes)

@@ -90,10 +90,21 @@ def pool_documents(s: Subject, cfg: EvaluateConfig) -> Pooled:
             done += len(out.x)
     counts = torch.bincount(at, minlength=len(docs)).double()[:, None]  # (P, 1)
     assert raw is not None  # plan is never empty: the cache has rows
-    tokenizer = load_cache_tokenizer(s.cache)
+    tokenizer = cache_tokenizer(s)
     order = np.argsort(where, kind="stable")  # rows grouped by document, in reading order
     pieces = np.split(tokens[order], np.cumsum(np.bincount(where, minlength=len(docs)))[:-1])
     return Pooled(docs, raw / counts, code / counts, [tokenizer.decode(p.tolist()) for p in pieces])
+
+
+_TOKENIZERS: dict[str, Any] = {}  # the last cache's tokenizer, for the next SAE of the same sweep
+
+
+def cache_tokenizer(s: Subject) -> Any:
+    """The tokenizer of run ``s``'s cache, loaded once per cache (a GGUF file's takes seconds to build)."""
+    if s.cache.key not in _TOKENIZERS:
+        _TOKENIZERS.clear()
+        _TOKENIZERS[s.cache.key] = load_cache_tokenizer(s.cache)
+    return _TOKENIZERS[s.cache.key]
 
 
 def _label_column(corpus: dict[str, Any], column: str, docs: np.ndarray) -> list[str | None]:
