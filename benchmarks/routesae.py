@@ -8,12 +8,15 @@ layers 7..22 of SmolLM2, at equal latents, k and training tokens.
 
 Variants, each a sweep from one read of the cache, every one at each of --seeds (0 1): TopK at --topk-layers
 (7, 14, 22); RouteSAE at sae-pipe's recipe, one member per router rate (--router-lr, 0 = the default,
-pipeline.sae.archs.route.ROUTER_LR); RouteSAE with `--recipe reference` (the paper's training); optionally
+pipeline.sae.archs.route.ROUTER_LR); RouteSAE with the centred router input (`--router-centre`, not in the
+paper; --no-centre drops it); RouteSAE with `--recipe reference` (the paper's training); optionally
 the opt-in load-balancing loss (--balance). Per run: the top layer's share of the training batches over
 training (from log.csv), and over all held-out rows NMSE, FVU, dead share, live features, the top layer's
 share and how many routed layers get under 5 % of the rows; KL per token and CE recovered with the SAE
-spliced in over --kl-tokens held-out tokens (0 = skip). Every number, with each layer's held-out share,
-also goes to <--out>/routesae.json. Run folders stay in --out, so a second call with the same settings
+spliced in over --kl-tokens held-out tokens (0 = skip); with --suites (on by default) a second table
+of the evaluate suites absorption (--probe-words per letter) and probing, the offline stand-in for the
+paper's interpretability claim. Every number, with each layer's held-out share, also goes to
+<--out>/routesae.json. Run folders stay in --out, so a second call with the same settings
 only evaluates. Explanation scores need an API key and are not run here. Never run inside the tests.
 """
 
@@ -52,10 +55,17 @@ def runs(cache: str, args: argparse.Namespace) -> list[str]:
     configs = [
         FitConfig(**base, sweep={"layer": args.topk_layers, "seed": args.seeds}),  # type: ignore[arg-type]
         FitConfig(**route, sweep={"router_lr": args.router_lr, "seed": args.seeds}),  # type: ignore[arg-type]
+        *centred(route, args),
         FitConfig(**route, recipe="reference", sweep={"seed": args.seeds}),  # type: ignore[arg-type]
         *(FitConfig(**route, route_balance=w, sweep={"seed": args.seeds}) for w in args.balance),  # type: ignore[arg-type]
     ]
     return [folder.url for cfg in configs for folder in fit.run(cfg).runs]
+
+
+def centred(route: dict[str, Any], args: argparse.Namespace) -> list[FitConfig]:
+    """The centred-router variant (issue 29: the router reads the summed layers minus their running mean),
+    at the default rates, one member per seed; none with --no-centre."""
+    return [FitConfig(**route, router_centre=True, sweep={"seed": args.seeds})] if args.centre else []  # type: ignore[arg-type]
 
 
 def label(cfg: dict[str, Any]) -> str:
@@ -69,6 +79,7 @@ def label(cfg: dict[str, Any]) -> str:
         name = f"RouteSAE + balance loss {training['route_balance']:g}"
     else:
         name = f"RouteSAE, router lr {training['router_lr']:.2g} (SAE lr {training['lr']:.2g})"
+        name += ", `--router-centre`" if sae.get("router_centre") else ""
     return f"{name}, seed {training['seed']}"
 
 
@@ -101,6 +112,49 @@ def measure(run: str, args: argparse.Namespace) -> dict[str, Any]:
     return m
 
 
+SUITE_FILES = {"absorption": "absorption_first_letter", "probing": "sparse_probing"}
+
+
+def suite_numbers(run: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The absorption and probing suites of one run (`sae-pipe evaluate --suite absorption,probing`), read back
+    from their SAEBench files: a RouteSAE's letter probes sit on the layer its router sends most words to."""
+    out = args.out + "/evaluate-suites"
+    suites = {"suite": list(SUITE_FILES), "probe_words": args.probe_words, "probe_tokens": args.probe_tokens}
+    cfg = EvaluateConfig(runs=[run], metrics=["nmse"], out=out, **suites)
+    evaluate.run(cfg)
+    name = Path(run).name
+    docs = {
+        suite: json.loads(Path(out, name, "saebench", kind, f"sae-pipe_{name}_eval_results.json").read_text())
+        for suite, kind in SUITE_FILES.items()
+    }
+    absorption, probing = docs["absorption"], docs["probing"]
+    notes = absorption["eval_result_unstructured"]
+    found = {"absorption": absorption["eval_result_metrics"]["mean"], "probing": probing["eval_result_metrics"]}
+    found["probe_layer"], found["letters"] = notes["probe_layer"], notes["letters_evaluated"]
+    found["probe_f1"] = sum(notes["probe_f1"].values()) / len(notes["probe_f1"])
+    return found
+
+
+def suite_lines(results: list[dict[str, Any]]) -> list[str]:
+    """The suites' table: absorption (SAEBench's mean absorption fraction and full-absorption rate over the
+    letters whose probe reaches F1 0.6; split latents per letter) and k-sparse probing accuracies."""
+    rows = [
+        "| SAE | letter probes' layer | letters evaluated | mean probe F1 | absorption fraction | full absorption "
+        "| split latents | probing: SAE top-1 | SAE top-5 | SAE all latents | activations (dense) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in results:
+        a, sae, llm = m["absorption"], m["probing"]["sae"], m["probing"]["llm"]
+        rows.append(
+            f"| {m['name']} | L{m['probe_layer']} | {m['letters']} | {m['probe_f1']:.3f} "
+            f"| {a['mean_absorption_fraction_score']:.4f} | {a['mean_full_absorption_score']:.4f} "
+            f"| {a['mean_num_split_features']:.2f} | {sae['sae_top_1_test_accuracy']:.3f} "
+            f"| {sae['sae_top_5_test_accuracy']:.3f} | {sae['sae_test_accuracy']:.3f} "
+            f"| {llm['llm_test_accuracy']:.3f} |"
+        )
+    return rows
+
+
 def lines(results: list[dict[str, Any]]) -> list[str]:
     points = " / ".join(f"{p:.0%}" for p in POINTS)
     rows = [
@@ -130,6 +184,7 @@ def main() -> None:
     parser.add_argument("--router-lr", type=float, nargs="+", default=[0.0], help="router rates (0 = the default)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--topk-layers", type=int, nargs="+", default=[7, 14, 22])
+    parser.add_argument("--centre", action=argparse.BooleanOptionalAction, default=True, help="centred router runs")
     parser.add_argument("--balance", type=float, nargs="*", default=[], help="weights of balance-loss variants")
     parser.add_argument("--kl-tokens", type=int, default=8192, help="held-out tokens for KL / CE (0 = skip)")
     parser.add_argument("--extract-tokens", type=int, default=0, help="cache size (0 = the whole built-in corpus)")
@@ -138,14 +193,22 @@ def main() -> None:
     parser.add_argument("--out", default="cache/routesae-bench", help="run folders and their metrics")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--write", action="store_true", help="add the table to benchmarks/RESULTS.md")
+    parser.add_argument("--suites", action=argparse.BooleanOptionalAction, default=True, help="absorption, probing")
+    parser.add_argument("--probe-words", type=int, default=200, help="absorption: words per first letter")
+    parser.add_argument("--probe-tokens", type=int, default=0, help="probing: cache rows pooled (0 = all)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     spec = ExtractConfig(layers="7:22", max_tokens=args.extract_tokens, cache_root=args.cache_root)
     cache = ActivationCache.open(args.cache).folder if args.cache else extract.run(spec).folder
     args.rows = int(cache.read_json("manifest.json")["rows"]["train"])
-    results = [measure(run, args) for run in runs(cache.url, args)]
+    results = [
+        {**measure(run, args), **(suite_numbers(run, args) if args.suites else {})} for run in runs(cache.url, args)
+    ]
     Path(args.out, "routesae.json").write_text(json.dumps(results, indent=1, default=str))
     publish(lines(results), "RouteSAE against single-layer TopK", "benchmarks.routesae", args.write)
+    if args.suites:
+        title = "RouteSAE against single-layer TopK: absorption and k-sparse probing (evaluate --suite)"
+        publish(suite_lines(results), title, "benchmarks.routesae", args.write)
 
 
 if __name__ == "__main__":

@@ -1,22 +1,26 @@
 """RouteSAE training: the router's own learning rate and the paper's reference recipe, each checked
-against a step computed by hand."""
+against a step computed by hand, the reference's decoder renormalization period and its data order."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from pipeline.cache.reader import ActivationCache
+from pipeline.cache.stream import ActivationStream, StreamSpec
+from pipeline.fit import stage
 from pipeline.fit.config import FitConfig, Training, with_recipe
 from pipeline.fit.optim import lr_factor
 from pipeline.fit.plan import plan_run
 from pipeline.fit.train import make_member, train_step
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
-from pipeline.sae.interface import SaeConfig
+from pipeline.sae.interface import SaeConfig, Step
 from tests.support.caches import synthetic_cache
 
 CPU = torch.device("cpu")
@@ -130,3 +134,44 @@ def test_the_router_rate_is_resolved_for_routers_only(tmp_path: Path) -> None:
     topk = plan_run(FitConfig(layer=1, router_lr=1e-3, **common), cache)  # type: ignore[arg-type]
     assert (route.router_lr, chosen.router_lr, topk.training.router_lr) == (5e-4, 1e-3, 0.0)
     assert "router_lr" not in topk.record["training"]
+
+
+def test_the_reference_recipe_renormalizes_the_decoder_every_100_steps(tmp_path: Path) -> None:
+    cfg = with_recipe(FitConfig(arch="route", recipe="reference"))
+    model = member(tmp_path, cfg).model  # type: ignore[attr-defined]
+    out = model(torch.randn(4, 3, 8, generator=torch.Generator().manual_seed(0)))
+    unit = []
+    for number in (10, 50, 99, 100, 101, 199, 200):
+        with torch.no_grad():
+            model.sae.W_dec.mul_(2.0)  # rows of norm 2 (or 4, ...) unless this step renormalizes
+        model.after_step(out, Step(number, number / 300, torch.zeros(32, dtype=torch.bool), False, lambda t: t), cfg)
+        unit.append(bool(torch.allclose(model.sae.W_dec.norm(dim=1), torch.ones(32))))
+    assert unit == [False, False, False, True, False, False, True]
+
+
+def test_the_unshuffled_stream_serves_the_rows_as_stored(tmp_path: Path) -> None:
+    """The reference's data order: shards in index order, rows as stored, epoch after epoch. The pool (2,056
+    rows) holds less than the data, so it is served and compacted on the way; 2 x 2,100 rows make 32 full
+    batches of 128 and the last 104 rows are dropped."""
+    cache = ActivationCache.open(synthetic_cache(tmp_path, [700, 900, 500], layers=(0,), d=8))
+    stored = np.concatenate([cache.read(i, "train/act", 0) for i in sorted(s["index"] for s in cache.shards)])
+    stream = ActivationStream(cache, StreamSpec([0], 128, seed=3, pool_mb=0.01, shuffle=False))
+    served = np.concatenate([batch[0] for batch in stream.batches(2)])  # (4096, 8)
+    np.testing.assert_array_equal(served, np.concatenate([stored, stored])[: 32 * 128])
+
+
+@pytest.mark.parametrize(("recipe", "shuffle"), [("reference", False), ("sae-pipe", True)])
+def test_fit_reads_in_order_under_the_reference_recipe_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, recipe: str, shuffle: bool
+) -> None:
+    specs: list[StreamSpec] = []
+
+    def recording(cache: ActivationCache, spec: StreamSpec) -> ActivationStream:
+        specs.append(spec)
+        return ActivationStream(cache, spec)
+
+    monkeypatch.setattr(stage, "ActivationStream", recording)
+    cache = synthetic_cache(tmp_path, [8300], layers=(0, 1, 2), d=8)
+    cfg = FitConfig(cache=cache.url, out=str(tmp_path / "o"), arch="route", latents=32, k=2, batch_size=8192)
+    stage.run(dataclasses.replace(cfg, recipe=recipe, max_tokens=8192, device="cpu", pool_mb=1))
+    assert [spec.shuffle for spec in specs] == [shuffle]

@@ -2,9 +2,11 @@
 
 Each epoch visits the shards in a random order. Shards are read whole (large sequential reads)
 into a mixing pool of rows; the pool is shuffled and half of it is served as batches while the
-next shards refill it, so every batch mixes rows from several shards. Every row is served once per
-epoch, except the few short of a full batch at an epoch's end: they open the next epoch (and are
-dropped after the last). A background thread does all reading and shuffling ahead of the trainer.
+next shards refill it, so every batch mixes rows from several shards. Unshuffled (the RouteSAE
+reference's order), shards come in index order and rows as stored, each full batch served as the pool
+needs room. Every row is served once per epoch, except the few short of a full batch at an epoch's
+end: they open the next epoch (and are dropped after the last). A background thread does all reading
+and shuffling ahead of the trainer.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class StreamSpec:
     rank: int = 0  # this process reads shards rank, rank + world, ...
     world: int = 1
     sites: tuple[str, ...] = ("resid",)  # with MLP sites, axis 0 is site-major: (S * L, B, D), same rows
+    shuffle: bool = True  # False: shards in index order, rows as stored (the RouteSAE reference's order)
 
 
 class ActivationStream:
@@ -116,18 +119,21 @@ class ActivationStream:
         pool = self._pool  # (L, rows, D)
         filled = 0
         for _ in range(epochs):
-            for shard in rng.permutation(self.shards):
+            for shard in rng.permutation(self.shards) if self.spec.shuffle else self.shards:
                 while filled + self.shard_rows[int(shard)] > self.pool_rows:  # make room: serve half the pool
                     half = max(filled // 2 - (filled // 2) % size, size)
-                    filled = yield from self._serve(pool, filled, half, rng)
+                    # in order, every full batch goes: the rows kept (under a batch) then precede the next shard
+                    serve = half if self.spec.shuffle else filled - filled % size
+                    filled = yield from self._serve(pool, filled, serve, rng)
                 filled += self._read_into(pool, filled, int(shard))
             filled = yield from self._serve(pool, filled, filled - filled % size, rng)  # the epoch's end
 
     def _serve(
         self, pool: np.ndarray, filled: int, serve: int, rng: np.random.Generator
     ) -> Generator[np.ndarray, None, int]:
-        """Yield ``serve`` random rows of the pool as batches; move the rest to the front."""
-        perm = rng.permutation(filled)
+        """Yield ``serve`` random rows of the pool as batches (unshuffled: the first ``serve``); move the rest
+        to the front (unshuffled, fewer than ``serve`` and in order)."""
+        perm = rng.permutation(filled) if self.spec.shuffle else np.arange(filled)
         size = self.spec.batch_size
         scales = self._scales
         for start in range(0, serve, size):

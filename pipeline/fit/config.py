@@ -19,7 +19,8 @@ RECIPES = ("sae-pipe", "reference")
 # What `--recipe reference` fixes: the RouteSAE reference implementation's training (swei2001/RouteSAEs,
 # src/utils.py: Adam 5e-4 with betas 0.9/0.999 on every parameter, router included, its warm-up/decay
 # schedule, no auxiliary loss); 8192 tokens per step as its run scripts use. Its decoder renormalization
-# every 100 steps (instead of every step, with tangent gradients) is Training.recipe's job in fit.train.
+# every 100 steps (instead of every step, with tangent gradients) is Training.recipe's job in fit.train,
+# its unshuffled data (the cache's rows in stored order) fit.stage's.
 REFERENCE_RECIPE: dict[str, Any] = {
     "lr": 5e-4,
     "router_lr": 5e-4,
@@ -98,7 +99,7 @@ class FitConfig:
     recipe: str = setting(
         "sae-pipe",
         "sae-pipe | reference (route: the RouteSAE paper's training: lr 5e-4 for all, batch 8192, its schedule, "
-        "decoder renormalized every 100 steps, no AuxK)",
+        "decoder renormalized every 100 steps, no AuxK, the cache read in order)",
     )
     optimizer: str = setting("adam", "adam | signum | muon")
     betas: tuple[float, float] = setting((0.9, 0.999), "Adam betas (signum: betas[0] is the momentum)")

@@ -140,7 +140,8 @@ def _train(plans: list[RunPlan], cache: ActivationCache, cfg: FitConfig, ranks: 
     if cfg.verify:
         _verify(cache, layers, sites)
     spec = StreamSpec(layers, cfg.batch_size, cfg.data_seed, cfg.pool_mb, rank=ranks.rank, world=ranks.world)
-    stream = ActivationStream(cache, dataclasses.replace(spec, sites=sites))
+    shuffle = cfg.recipe != "reference"  # the reference reads its data in order
+    stream = ActivationStream(cache, dataclasses.replace(spec, sites=sites, shuffle=shuffle))
     epochs, steps = _total_steps(cfg, stream, ranks)
     device = ranks.device(cfg.device)
     if device.type == "cpu":
