@@ -21,7 +21,8 @@ from pipeline.sae.quality import Reconstruction
 
 REFERENCE_RENORM = 100  # the RouteSAE reference renormalizes decoder rows every 100 batches (its --steps)
 # multi-TopK (sparsify's multi_topk): the code at 4k also reconstructs, its loss weighted 1/8 as in sparsify's
-# trainer (loss = fvu + auxk_alpha * auxk_loss + multi_topk_fvu / 8), so one SAE serves k up to 4k
+# trainer (loss = fvu + auxk_alpha * auxk_loss + multi_topk_fvu / 8), so one SAE serves k up to 4k. Both codes
+# come from one selection of the top 4k, as in sparsify (TopKSAE.multi_code): one encoder GEMM a step
 MULTI_TOPK_FACTOR, MULTI_TOPK_WEIGHT = 4, 1 / 8
 
 
@@ -44,6 +45,7 @@ class TopKSAE(SAE):
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, device=device))
         self.tangent_decoder_grad = False  # training sets it: W_dec gradients stay tangent to unit rows
         self.multi_topk = False  # training sets it: also train the code at MULTI_TOPK_FACTOR x k
+        self.wide: tuple[Latents, Latents] | None = None  # multi-TopK: the last forward's k code and its 4k code
 
     def encode(
         self, x: Tensor, k: int | None = None, theta: float | None = None, low_precision: bool = False
@@ -96,8 +98,37 @@ class TopKSAE(SAE):
         low_precision: bool = False,
         chosen: Tensor | None = None,
     ) -> SaeOutput:
-        latents = self.encode(x, k, theta, low_precision) if chosen is None else self.encode_chosen(x, chosen)
+        """The code at ``k`` (default cfg.k; or above ``theta``, or the latents ``chosen``) and its reconstruction;
+        a multi-TopK training step's code at cfg.k comes from its selection at 4k (:meth:`multi_code`)."""
+        if self.trains_wide and k is None and theta is None:
+            latents = self.multi_code(x, low_precision, chosen)
+        else:
+            latents = self.encode(x, k, theta, low_precision) if chosen is None else self.encode_chosen(x, chosen)
         return SaeOutput(x, self.decode(latents), latents, None, None)
+
+    @property
+    def trains_wide(self) -> bool:
+        """Whether a training step selects the top MULTI_TOPK_FACTOR x k latents (multi-TopK), not the top k."""
+        return self.training and self.multi_topk
+
+    @property
+    def wide_k(self) -> int:
+        """The multi-TopK code's latents per token: MULTI_TOPK_FACTOR x k, at most every latent."""
+        return min(MULTI_TOPK_FACTOR * self.cfg.k, self.cfg.n_latents)
+
+    def multi_code(self, x: Tensor, low_precision: bool, chosen: Tensor | None) -> Latents:
+        """The top-k code of ``x`` taken from one selection of its top 4k (``chosen`` (B, 4k) by a sweep's shared
+        GEMM: shared_encoder asks for 4k), whose code loss_terms reconstructs too (kept in ``wide``).
+
+        The k largest of the top 4k are the top k (ties aside, which swap only equal values or zeros), so the
+        encoder GEMM runs once a step as in sparsify, not once per code; the k code's values are a gather of
+        the 4k code's, so TopKEncode's backward gets the gradients of both losses summed.
+        """
+        wide = self.encode(x, self.wide_k, None, low_precision) if chosen is None else self.encode_chosen(x, chosen)
+        top = wide.acts.topk(self.cfg.k, dim=1, sorted=False)  # (B, k) places in the 4k code
+        latents = Latents(top.values, wide.indices.gather(1, top.indices))  # (B, k) each
+        self.wide = (latents, wide)
+        return latents
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
@@ -119,16 +150,24 @@ class TopKSAE(SAE):
         self.b_dec.copy_(step.average(x.mean(dim=0)))
 
     def shared_encoder(self) -> Encoder | None:
-        return self.encoder()
+        """The encoder at k, or at 4k under multi-TopK, whose forward takes its k code from those 4k."""
+        return self.encoder()._replace(k=self.wide_k) if self.trains_wide else self.encoder()
 
     def loss_terms(self, out: SaeOutput, step: Step, knobs: Knobs) -> list[LossTerm]:
         aux = auxk_loss(self, out, step, knobs.k_aux) if knobs.aux_alpha > 0 and bool(step.dead.any()) else None
         terms = [LossTerm("aux_loss", knobs.aux_alpha, torch.zeros((), device=out.x.device) if aux is None else aux)]
         if self.multi_topk:  # the training code at 4k, by this architecture's own rule, and its normalized MSE
-            wide_k = min(MULTI_TOPK_FACTOR * self.cfg.k, self.cfg.n_latents)
-            wide = self(out.x, k=wide_k, low_precision=step.low_precision)
-            terms.append(LossTerm("multi_topk_loss", MULTI_TOPK_WEIGHT, Reconstruction().add(out.x, wide.x_hat)))
+            wide = self.decode(self.wide_code(out, step))  # (B, D)
+            terms.append(LossTerm("multi_topk_loss", MULTI_TOPK_WEIGHT, Reconstruction().add(out.x, wide)))
         return terms
+
+    def wide_code(self, out: SaeOutput, step: Step) -> Latents:
+        """The training code at 4k of the forward that gave ``out``: the one its selection kept (multi_code),
+        else (architectures selecting otherwise: BatchTopK's batch top-k, RouteSAE's inner SAE) a forward at 4k."""
+        kept, self.wide = self.wide, None  # consumed, so the step's graph is not held past it
+        if kept is not None and kept[0] is out.latents:
+            return kept[1]
+        return self(out.x, k=self.wide_k, low_precision=step.low_precision).latents
 
     def log_fields(self) -> list[str]:
         return ["multi_topk_loss"] if self.multi_topk else []  # a loss term, logged only where it is trained
