@@ -50,11 +50,16 @@ def tree(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*")}
 
 
-def one_batch(run: Folder, mse_weight: float = 0.0) -> tuple[Live, torch.Tensor, torch.Tensor, Terms]:
+def one_batch(
+    run: Folder, mse_weight: float = 0.0, b_dec_shift: float = 0.0
+) -> tuple[Live, torch.Tensor, torch.Tensor, Terms]:
     """The run live in its model, the first three training sequences (3, T) and their real positions, and the
-    KL loss of that batch, backpropagated (into the SAE only)."""
+    KL loss of that batch, backpropagated (into the SAE only). ``b_dec_shift`` moves the SAE's output bias
+    first, for a KL well above float32's noise where the tiny model hardly feels the SAE."""
     live = go_live(load_subject(run.url, torch.device("cpu")), "float32")
     live.model.requires_grad_(False)
+    with torch.no_grad():
+        live.subject.sae.b_dec += b_dec_shift
     seqs = training_sequences(live.subject.cache, Specials.of(live.tokenizer))
     tokens, mask = torch.from_numpy(seqs.tokens[:3]), torch.from_numpy(seqs.mask[:3])  # (3, T)
     terms = batch_loss(live, tokens, mask, "kl", mse_weight, replay=True)

@@ -27,7 +27,7 @@ from pipeline.llm.sites import SITES
 from pipeline.llm.unembed import unembedding
 from pipeline.sae.archs.transcoder import Transcoder
 from pipeline.sae.folder import load_sae
-from pipeline.sae.interface import SaeConfig
+from pipeline.sae.interface import SaeConfig, Step
 from tests.support.caches import tiny_extract_config
 
 
@@ -57,6 +57,31 @@ def test_forward_is_the_transcoder_formula_written_out() -> None:
     torch.testing.assert_close(out.encoded, x_in)
 
 
+def test_start_centres_the_code_and_points_decoder_rows_at_the_outputs() -> None:
+    """An MLP input with one large channel of the same sign on every token (a pre-MLP norm weight's outlier):
+    after ``start`` each latent's pre-activation has mean zero over the first batch, b_dec is the mean output,
+    the batch's top-k codes spread over the dictionary instead of the few latents the offset favours, and each
+    decoder row points along the centred outputs of the tokens its latent fires on."""
+    torch.manual_seed(0)
+    model = Transcoder(SaeConfig("transcoder", 16, 64, 4, [1]))
+    x_in = torch.randn(512, 16)
+    x_in[:, 0] += 40.0  # (B, D): the shared outlier channel
+    pair = torch.stack([x_in, torch.randn(512, 16) + 3.0], dim=1)  # (B, 2, D)
+    uncentred = model.encode(x_in).indices.unique().numel()
+    model.start(pair, Step(0, 0.0, torch.zeros(64, dtype=torch.bool), False, lambda t: t))
+    pre = x_in @ model.W_enc.detach().T + model.b_enc.detach()  # (B, N)
+    torch.testing.assert_close(pre.mean(dim=0), torch.zeros(64), atol=1e-4, rtol=0)
+    torch.testing.assert_close(model.b_dec.detach(), pair[:, 1].mean(dim=0))
+    code = model.encode(x_in)
+    centred = code.indices.unique().numel()
+    assert uncentred <= 40 and centred >= 60, (uncentred, centred)
+    # each firing latent's decoder row: the code-weighted sum of the centred outputs, at unit norm
+    dense = torch.zeros(512, 64).scatter(1, code.indices, code.acts)  # (B, N)
+    rows = dense.T @ (pair[:, 1] - pair[:, 1].mean(dim=0))  # (N, D)
+    fired = dense.sum(0) > 0  # (N,)
+    torch.testing.assert_close(model.W_dec.detach()[fired], rows[fired] / rows[fired].norm(dim=1, keepdim=True))
+
+
 def test_fit_trains_a_skip_transcoder_from_the_mlp_sites(site_cache: str, tmp_path: Path) -> None:
     base = {"cache": site_cache, "layer": 1, "latents": 128, "k": 8, "batch_size": 128, "epochs": 3}
     common = {**base, "out": str(tmp_path), "device": "cpu", "log_every": 2, "pool_mb": 1, "precision": "float32"}
@@ -65,7 +90,7 @@ def test_fit_trains_a_skip_transcoder_from_the_mlp_sites(site_cache: str, tmp_pa
     assert "transcoder-skip" in run.name and cfg["sae"]["skip"] is True
     assert cfg["cache"]["site_normalization"]["mlp_out"]["method"] == "scale"  # how to map y_hat back
     log = np.genfromtxt(f"{run.url}/log.csv", delimiter=",", names=True)
-    assert log["fvu"][-1] < 0.6 * log["fvu"][0], (log["fvu"][0], log["fvu"][-1])
+    assert log["fvu"][0] > 0.9 and log["fvu"][-1] < 0.7, (log["fvu"][0], log["fvu"][-1])  # 1: the mean output
     model, _ = load_sae(run)  # on held-out pairs read from the cache by site: it predicts mlp_out from mlp_in
     cache = ActivationCache.open(site_cache)
     x_in, y = (np.concatenate([r[:, 0] for _, r in cache.split_rows("heldout", [1], site=s)]) for s in SITES[1:])

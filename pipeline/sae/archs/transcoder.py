@@ -3,6 +3,9 @@
     z     = TopK_k( ReLU( W_enc x_in + b_enc ) )          no pre-bias: input and output are different spaces
     y_hat = W_dec^T z + b_dec  (+ W_skip x_in)              b_dec is the output's bias; W_skip: skip transcoder
 
+b_enc starts at -mean(x_in) W_enc^T, so the pre-activations start centred, as sparsify's trainer starts them;
+decoder rows start from the first batch's outputs (``start``).
+
 ``x_in`` is the cache's ``mlp_in`` site and the target ``y`` its ``mlp_out`` (pipeline.llm.sites), read as
 a pair of the same tokens. Decoder rows keep unit norm as in the TopK SAE, so a latent's write direction
 into the residual stream is its decoder row. The skip path (Paulo et al., 2025) starts at zero, as in
@@ -21,6 +24,7 @@ from pipeline.sae.archs.jumprelu import JumpReluSAE
 from pipeline.sae.archs.relu import ReluSAE
 from pipeline.sae.archs.topk import TopKSAE
 from pipeline.sae.interface import Latents, SaeConfig, SaeOutput, Step, register
+from pipeline.sae.kernels import sparse_t_matmul
 
 
 @register("transcoder", trainable=True)
@@ -62,8 +66,29 @@ class Transcoder(TopKSAE):
 
     @torch.no_grad()
     def start(self, x: Tensor, step: Step) -> None:
-        """b_dec starts at the mean MLP output of the first batch."""
-        self.b_dec.copy_(step.average(x[:, 1].mean(dim=0)))
+        """Data-dependent start from the first batch: b_dec at the mean MLP output, b_enc centring the
+        pre-activations, and each decoder row pointing where its latent's tokens' outputs lie.
+
+        Centring: without a pre-bias the encoder sees the MLP's input uncentred, and after the pre-MLP
+        norm's weight a few channels carry a large value of the same sign on every token, so each latent's
+        pre-activation is mostly a constant; b_enc = -mean(x_in) W_enc^T removes it.
+        Decoder rows: a transcoder's decoder writes into another space than its encoder reads, so a tied
+        start gives each chosen latent a random output direction, and on about half of its tokens the first
+        gradients push its activation down and out of the top k for good. sparsify starts the decoder at zero,
+        which unit rows exclude; here row i starts where the first gradient step from a zero decoder would
+        take it: the activation-weighted sum of the centred outputs of the batch's tokens where latent i
+        fires (rows of latents that do not fire keep their random start). SmolLM2 layer 12, 4096 latents, k
+        32, 188k tokens: dead share in training 77 % (centred alone) -> 20 %, FVU 0.490 -> 0.367.
+        """
+        x_in, target = x[:, 0], x[:, 1]  # (B, D) each
+        mean_out = step.average(target.mean(dim=0))  # (D,)
+        self.b_dec.copy_(mean_out)
+        self.b_enc.copy_(-step.average(x_in.mean(dim=0)) @ self.W_enc.t())  # (N,)
+        code = self.encode(x_in)
+        rows = step.average(sparse_t_matmul(code.indices, code.acts, self.cfg.n_latents, target - mean_out))  # (N, D)
+        norms = rows.norm(dim=1, keepdim=True)  # (N, 1)
+        fired = norms.squeeze(1) > 0  # (N,)
+        self.W_dec[fired] = rows[fired] / norms[fired]
 
 
 @register("relu_transcoder")
