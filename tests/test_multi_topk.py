@@ -124,3 +124,33 @@ def test_inference_and_other_k_take_the_plain_top_k() -> None:
     torch.testing.assert_close(dense(sae(x).latents), top(K), atol=1e-6, rtol=0)
     torch.testing.assert_close(dense(sae.encode(x)), top(K), atol=1e-6, rtol=0)
     assert sae.wide is None and sweep_encoder(sae).k == K
+
+
+def test_a_skip_transcoder_trains_multi_topk_on_its_output_with_its_skip_path() -> None:
+    """A skip transcoder's multi-TopK loss is the normalized MSE of its MLP-output prediction from the input's code
+    at 4k plus the skip path, one selection a step (was: a crash, the forward handed the output for a pair)."""
+    from pipeline.sae.archs.transcoder import Transcoder
+
+    model = Transcoder(SaeConfig("transcoder", D, N, K, [0], skip=True), torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+        model.normalize_decoder()
+    model.prepare_training(KNOBS)
+    model.train()
+    pair = torch.randn(B, 2, D, generator=gen)  # (B, 2, D): the MLP's input and output
+    x_in, y = pair[:, 0], pair[:, 1]
+    terms = train_grads(model, pair)
+    pre = (x_in @ model.W_enc.detach().T + model.b_enc.detach()).relu()  # (B, N)
+    assert model.W_skip is not None
+    skip = x_in @ model.W_skip.detach().T  # (B, D)
+
+    def predicted(k: int) -> torch.Tensor:
+        top = pre.topk(k, dim=1)
+        code = torch.zeros_like(pre).scatter(1, top.indices, top.values)  # (B, N)
+        return code @ model.W_dec.detach() + model.b_dec.detach() + skip
+
+    assert terms["nmse"] == pytest.approx(float(nmse(y, predicted(K))), rel=1e-5)
+    assert terms["multi_topk_loss"] == pytest.approx(float(nmse(y, predicted(4 * K))), rel=1e-5)
+    assert model.W_skip.grad is not None and bool(model.W_skip.grad.abs().sum() > 0)  # the skip path trains

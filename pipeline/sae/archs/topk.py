@@ -98,13 +98,18 @@ class TopKSAE(SAE):
         low_precision: bool = False,
         chosen: Tensor | None = None,
     ) -> SaeOutput:
-        """The code at ``k`` (default cfg.k; or above ``theta``, or the latents ``chosen``) and its reconstruction;
-        a multi-TopK training step's code at cfg.k comes from its selection at 4k (:meth:`multi_code`)."""
-        if self.trains_wide and k is None and theta is None:
-            latents = self.multi_code(x, low_precision, chosen)
-        else:
-            latents = self.encode(x, k, theta, low_precision) if chosen is None else self.encode_chosen(x, chosen)
+        """The code at ``k`` (:meth:`code`) and its reconstruction."""
+        latents = self.code(x, k, theta, low_precision, chosen)
         return SaeOutput(x, self.decode(latents), latents, None, None)
+
+    def code(
+        self, x: Tensor, k: int | None, theta: float | None, low_precision: bool, chosen: Tensor | None
+    ) -> Latents:
+        """The forward's code of ``x`` at ``k`` (default cfg.k; or above ``theta``, or the latents ``chosen``); a
+        multi-TopK training step's code at cfg.k comes from its selection at 4k (:meth:`multi_code`)."""
+        if self.trains_wide and k is None and theta is None:
+            return self.multi_code(x, low_precision, chosen)
+        return self.encode(x, k, theta, low_precision) if chosen is None else self.encode_chosen(x, chosen)
 
     @property
     def trains_wide(self) -> bool:
@@ -157,9 +162,14 @@ class TopKSAE(SAE):
         aux = auxk_loss(self, out, step, knobs.k_aux) if knobs.aux_alpha > 0 and bool(step.dead.any()) else None
         terms = [LossTerm("aux_loss", knobs.aux_alpha, torch.zeros((), device=out.x.device) if aux is None else aux)]
         if self.multi_topk:  # the training code at 4k, by this architecture's own rule, and its normalized MSE
-            wide = self.decode(self.wide_code(out, step))  # (B, D)
+            wide = self.reconstruct(out, self.wide_code(out, step))  # (B, D)
             terms.append(LossTerm("multi_topk_loss", MULTI_TOPK_WEIGHT, Reconstruction().add(out.x, wide)))
         return terms
+
+    def reconstruct(self, out: SaeOutput, latents: Latents) -> Tensor:
+        """What the code ``latents`` of the forward that gave ``out`` reconstructs (B, D) (a transcoder: with
+        its skip path)."""
+        return self.decode(latents)
 
     def wide_code(self, out: SaeOutput, step: Step) -> Latents:
         """The training code at 4k of the forward that gave ``out``: the one its selection kept (multi_code),

@@ -61,8 +61,11 @@ class Transcoder(TopKSAE):
     ) -> SaeOutput:
         """``x`` is the pair (B, 2, D): the MLP's input and the output to reconstruct."""
         x_in, target = x[:, 0], x[:, 1]  # (B, D) each
-        latents = self.encode(x_in, k, theta, low_precision) if chosen is None else self.encode_chosen(x_in, chosen)
+        latents = self.code(x_in, k, theta, low_precision, chosen)
         return SaeOutput(target, self.output(x_in, latents), latents, None, None, x_in)
+
+    def reconstruct(self, out: SaeOutput, latents: Latents) -> Tensor:
+        return self.output(out.encoded, latents)  # out.encoded: the MLP's input
 
     @torch.no_grad()
     def start(self, x: Tensor, step: Step) -> None:
