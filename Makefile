@@ -28,8 +28,10 @@ demo: setup
 	@echo "Feature reports: $$(ls cache/interpret/*/report.html 2>/dev/null | tr '\n' ' ')"
 	@echo "Steering pages: $$(ls cache/steer/*/steering.html 2>/dev/null | tr '\n' ' ')"
 
+# one pytest worker per core, each test file on one worker (its module fixtures built once)
+TEST_WORKERS ?= auto
 test: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -15,7 +15,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
-torch.set_num_threads(2)
+# `make test` runs one pytest worker per core (pytest-xdist): each takes one thread then, else two
+torch.set_num_threads(1 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1 else 2)
 
 VOCAB = 512
 CHECKOUT_CACHE = Path(__file__).resolve().parents[1] / "cache"
