@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from torch import Tensor
 
@@ -24,22 +25,56 @@ from pipeline.infra.errors import UserError
 from pipeline.sae.interface import Knobs, Step
 
 # The automatic coefficient: a PI controller driven by e = log(batch mean L0 / k), clipped to [-1, 1] so one
-# odd batch cannot throw it, acting on log(c). The integral gain makes c move by at most 15 % a step (a
-# doubling of the coefficient takes ~5 steps of L0 at e x k), slow beside the hundreds of steps the
-# weights need to follow it, so it does not oscillate; the proportional term answers at once.
-GAIN_I = 0.15
+# odd batch cannot throw it, acting on u = log(c) (signed: c = scale x start x sinh(u)). The proportional
+# term answers at once; the integral gain (Tuning.gain_i) bounds how far u moves in a step.
 GAIN_P = 1.0
 # Anti-windup by conditional integration (Astrom & Hagglund, "Advanced PID Control", 2006, on integrator
 # windup): the integral stands still while L0 is already on its way to the target. The plant saturates:
 # Adam moves each weight by about lr a step whatever the size of its gradient, so once the penalty rules the
-# thresholds' gradients a larger coefficient moves L0 no faster. The integral would go on growing all the
-# way (on the demo cache JumpReLU's coefficient reached -931 while L0 climbed from 18 to 25) and, at the
-# target, need as many steps to unwind as it took to wind, overshooting meanwhile. The usual remedies clamp
-# or back-calculate against the actuator's limit; this one has no known limit (it lies wherever the penalty
-# starts to dominate, which depends on data, width and lr), so the saturation is read off the plant instead:
-# an L0 approaching the target says the present coefficient suffices. Once L0 stalls short of the target,
+# gradients a larger coefficient moves L0 no faster. The integral would go on growing all the way (on the
+# demo cache JumpReLU's coefficient reached -931 while L0 climbed from 18 to 25) and, at the target, need as
+# many steps to unwind as it took to wind, overshooting meanwhile. The usual remedies clamp or back-calculate
+# against the actuator's limit; this one has no known limit (it lies wherever the penalty starts to
+# dominate, which depends on data, width and lr), so the saturation is read off the plant instead: an L0
+# approaching the target says the present coefficient suffices. Once L0 stalls short of the target,
 # integration resumes, so the steady state still has no offset.
 TREND_RATE = 0.1  # per step: the recent gap averages ~10 batches, so batch noise does not pass for progress
+HOLD_STEPS = 30  # the longest hold through the start (Tuning.hold); the leap it waits out lasts ~15 steps
+HOLD_BAND = 0.1  # |log(L0 / k)| beyond which L0 has left the target, for the hold
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """The controller's tuning to the plant it drives: how fast the penalty moves L0 and what disturbs it."""
+
+    gain_i: float  # integral gain: u moves by at most this a step
+    horizon: int  # the error is the gap this many steps ahead on the recent trend (0: the present gap)
+    scale: float  # signed: c = scale x start x sinh(u), linear (crossing zero fast) for |c| < scale x start
+    hold: bool  # only the proportional term acts until L0 first comes back from its leap away from the start
+
+
+# Standard and gated: the penalty reaches the encoder biases, and L0 follows the coefficient within a few
+# steps (k = 32, 92 steps on the cache below: held-out L0 29.5 and 31.0). JumpReLU's tuning made standard's
+# L0 swing between 13 and 38 to the end of the run (FVU 0.149 -> 0.182).
+BIASES = Tuning(gain_i=0.15, horizon=0, scale=1.0, hold=False)
+# JumpReLU: the penalty reaches only the thresholds, which Adam moves by a few lr a step (jumprelu.THRESHOLD_LR),
+# while the encoder, trained by the reconstruction alone, keeps lowering the pre-activations. L0 falls easily
+# and climbs back slowly, so the controller must not let it fall past the target. On a 100k-token SmolLM2-135M
+# layer-12 cache at k = 32, after 46 / 92 / 185 steps (2 / 4 / 8 epochs), held-out L0 and FVU were 21.7 / 18.1
+# / 21.2 and 0.176 / 0.143 / 0.113 with the BIASES tuning and the thresholds at the lr; they are 32.3 / 34.2 /
+# 33.8 and 0.160 / 0.119 / 0.100 with this tuning (and the thresholds at 3x). Three measures:
+# - hold: Adam's first steps move the encoder so far that L0 leaps from 32 to ~75 within 3 steps and falls
+#   back by step ~15, at any coefficient (identically at a fixed -30 and -300). Integrating the leap wound
+#   the coefficient to +3.4 (+90 with this tuning otherwise: 2 epochs ended at L0 24.8, not 32.3), and that
+#   coefficient then drove L0 down past the target.
+# - horizon 30 (a lead, about three times the lag of Adam's momentum): L0 falling fast towards the target
+#   reads as already past it, so the integral unwinds and the coefficient turns negative before L0 arrives
+#   instead of after; an approach too slow to arrive within the horizon still integrates. At 20 L0 climbed
+#   back past the target further (4 epochs: 35.0 and 35.4 on two seeds, against 34.2 and 34.4).
+# - scale 10, gain 0.3: from the +2..+10 of the start to the -30..-60 that holds L0 up is 5.5-8 units of u
+#   at scale 1, 2-3.5 at scale 10, and gain 0.3 covers them in half the steps (at scale 1 and gain 0.15 the
+#   coefficient took 34 steps just to cross zero, while L0 fell 11 below the target).
+THRESHOLDS = Tuning(gain_i=0.3, horizon=30, scale=10.0, hold=True)
 
 
 class SparsityControl:
@@ -51,40 +86,63 @@ class SparsityControl:
     only make it wind up. Its state (``state()``, saved with a resumable run) is a few floats, identical on
     every rank (fed the ranks' mean L0).
 
-    ``signed``: the controller acts on u with c = start x sinh(u) instead of c = exp(u). For large u the two
-    agree (a step of u scales c by e^step), but sinh crosses zero, so c can turn negative and reward firing.
-    JumpReLU needs that: its reconstruction alone already prefers a sparse code (on SmolLM2 at layer 12, with
-    the penalty at 1e-6, the L0 of a k = 32 target fell to 14 and stayed), so a target above that L0 is out of
-    reach of any positive coefficient. Only a bounded penalty may be signed: JumpReLU's L0 is at most N, while
-    a negative L1 (standard, gated) would reward unbounded activations.
+    ``signed``: the controller acts on u with c = scale x start x sinh(u) instead of c = exp(u). For large u
+    the two agree (a step of u scales c by e^step), but sinh crosses zero, so c can turn negative and reward
+    firing. JumpReLU needs that: its reconstruction alone already prefers a sparse code (on SmolLM2 at layer
+    12, with the penalty at 1e-6, the L0 of a k = 32 target fell to 14 and stayed), so a target above that
+    L0 is out of reach of any positive coefficient. Only a bounded penalty may be signed: JumpReLU's L0 is
+    at most N, while a negative L1 (standard, gated) would reward unbounded activations.
 
-    ``anti_windup``: integrate only while L0 is not yet approaching the target (see TREND_RATE); off, the
-    plain PI controller.
+    ``anti_windup``: integrate only while L0 is not yet approaching the target (see TREND_RATE), and hold
+    through the start where ``tuning`` says; off, the plain PI controller on the present gap.
     """
 
-    def __init__(self, start: float, signed: bool = False, anti_windup: bool = True) -> None:
+    def __init__(self, start: float, signed: bool = False, anti_windup: bool = True, tuning: Tuning = BIASES):
         self.start = start  # the auto coefficient's first value (the published one at our scale)
         self.signed = signed
         self.anti_windup = anti_windup
-        self.integral = math.asinh(1.0) if signed else math.log(start)  # the controller's integral part, in u
+        self.tuning = tuning
+        # the controller's integral part, in u
+        self.integral = math.asinh(1 / tuning.scale) if signed else math.log(start)
         self.u = self.integral  # what the penalty's weight is a function of now
         self.recent: float | None = None  # the recent batches' log(L0 / k), averaged at TREND_RATE
+        self.updates = 0  # controller steps taken
+        self.leap = 0.0  # the side (+1 above, -1 below) L0 first left the target to; 0 while it has not
+        self.held = float(anti_windup and tuning.hold)  # 1 while the hold through the start lasts
 
     def coeff(self, knobs: Knobs, step: Step) -> float:
         """The penalty's weight this step."""
         if knobs.sparsity_coeff > 0:
             ramp = min(1.0, step.progress / knobs.sparsity_warmup) if knobs.sparsity_warmup > 0 else 1.0
             return knobs.sparsity_coeff * ramp
-        return self.start * math.sinh(self.u) if self.signed else math.exp(self.u)
+        return self.tuning.scale * self.start * math.sinh(self.u) if self.signed else math.exp(self.u)
 
     def update(self, l0: float, target: int) -> None:
         """One controller step after a batch whose mean L0 (over all ranks) was ``l0``."""
         gap = math.log(max(l0, 1e-3) / target)  # > 0: too many latents fire
-        error = max(-1.0, min(1.0, gap))
-        if not (self.anti_windup and self.approaching(gap)):
-            self.integral += GAIN_I * error
+        if self.held:
+            self.release(gap)
+        # no lead while held: the trend is then the leap's, which the coefficient did not make
+        error = max(-1.0, min(1.0, self.ahead(gap) if self.anti_windup and not self.held else gap))
+        if not (self.held or (self.anti_windup and self.approaching(gap) and error * gap > 0)):
+            self.integral += self.tuning.gain_i * error
         self.u = self.integral + GAIN_P * error
         self.recent = gap if self.recent is None else self.recent + TREND_RATE * (gap - self.recent)
+        self.updates += 1
+
+    def ahead(self, gap: float) -> float:
+        """The gap ``tuning.horizon`` steps ahead on the recent trend (the recent average lags a steady trend
+        by 1 / TREND_RATE steps of it)."""
+        return gap if self.recent is None else gap + self.tuning.horizon * TREND_RATE * (gap - self.recent)
+
+    def release(self, gap: float) -> None:
+        """End the hold through the start once L0, having left the target, is back at it (or across it), or
+        after HOLD_STEPS updates; at once if it did not start at the target (there is no leap to wait out)."""
+        if not self.leap and abs(gap) > HOLD_BAND:
+            self.leap = math.copysign(1.0, gap)
+        back = self.leap and gap * self.leap <= 0
+        if back or self.updates >= HOLD_STEPS or (self.updates == 0 and self.leap):
+            self.held = 0.0
 
     def approaching(self, gap: float) -> bool:
         """Whether L0 is on its way to the target: this batch's ``gap`` is on the side of the recent ones but
@@ -93,13 +151,17 @@ class SparsityControl:
 
     def state(self) -> dict[str, float]:
         """What a resumed run needs to go on exactly as an uninterrupted one."""
-        return {"integral": self.integral, "u": self.u, **({} if self.recent is None else {"recent": self.recent})}
+        state = {"integral": self.integral, "u": self.u, "updates": float(self.updates), "leap": self.leap}
+        return {**state, "held": self.held, **({} if self.recent is None else {"recent": self.recent})}
 
     def load(self, state: dict[str, float]) -> None:
         """Take up the controller where ``state()`` left it (a state saved without one leaves it as it is)."""
         self.integral = state.get("integral", self.integral)
         self.u = state.get("u", self.u)
         self.recent = state.get("recent", self.recent)
+        self.updates = int(state.get("updates", self.updates))
+        self.leap = state.get("leap", self.leap)
+        self.held = state.get("held", self.held)
 
 
 def check_target(k: int, knobs: Knobs) -> None:
