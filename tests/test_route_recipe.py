@@ -17,7 +17,7 @@ from pipeline.fit import stage
 from pipeline.fit.config import FitConfig, Training, with_recipe
 from pipeline.fit.optim import lr_factor
 from pipeline.fit.plan import plan_run
-from pipeline.fit.train import init_pre_bias, make_member, train_step
+from pipeline.fit.train import make_member, train_step
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
 from pipeline.sae.interface import SaeConfig, Step
@@ -175,25 +175,3 @@ def test_fit_reads_in_order_under_the_reference_recipe_only(
     cfg = FitConfig(cache=cache.url, out=str(tmp_path / "o"), arch="route", latents=32, k=2, batch_size=8192)
     stage.run(dataclasses.replace(cfg, recipe=recipe, max_tokens=8192, device="cpu", pool_mb=1))
     assert [spec.shuffle for spec in specs] == [shuffle]
-
-
-def test_start_centres_the_routed_pre_activations_except_under_the_reference(tmp_path: Path) -> None:
-    """The first batch's routed input (with a mean shared by every token, as SmolLM2's layers have) gives every
-    latent a pre-activation of mean zero after ``start``; b_dec stays at zero; the reference starts b_enc at 0."""
-    gen = torch.Generator().manual_seed(3)
-    xs = torch.randn(256, 3, 8, generator=gen) + 4 * torch.randn(8, generator=gen)  # (B, L, D) a shared offset
-    for recipe in ("sae-pipe", "reference"):
-        m = member(tmp_path / recipe, with_recipe(FitConfig(arch="route", recipe=recipe)))
-        init_pre_bias(m, xs)
-        sae = m.model.sae
-        with torch.no_grad():
-            weights = torch.softmax(xs.sum(1) @ m.model.router.weight.T, dim=-1)  # (B, L) by hand
-            top = weights.argmax(1)  # (B,)
-            routed = xs[torch.arange(256), top] * weights.max(1).values[:, None]  # (B, D)
-            pre_mean = (routed @ sae.W_enc.T + sae.b_enc).mean(0)  # (N,)
-        assert torch.count_nonzero(sae.b_dec) == 0
-        if recipe == "reference":
-            assert torch.count_nonzero(sae.b_enc) == 0
-            assert pre_mean.abs().max() > 0.5  # the offset shows in the uncentred pre-activations
-        else:
-            torch.testing.assert_close(pre_mean, torch.zeros(32), atol=1e-5, rtol=0)

@@ -50,7 +50,6 @@ class RouteSAE(SAE):
         if cfg.router_centre:  # a buffer only where used, so uncentred runs' sae.safetensors keep their keys
             self.register_buffer("router_mean", torch.zeros(cfg.d_in, device=device))
         self.batch_mean: Tensor | None = None  # (D,) the last training batch's summed-input mean, for after_step
-        self.centre_codes = False  # training sets it: start centres the pre-activations (not the reference)
 
     def route(self, xs: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """(layer weights (B, L), routed input (B, D), chosen layer (B,) for hard routing) from xs (B, L, D)."""
@@ -111,20 +110,13 @@ class RouteSAE(SAE):
 
     def prepare_training(self, knobs: Knobs) -> None:
         self.sae.prepare_training(knobs)
-        self.centre_codes = knobs.recipe != "reference"  # the reference starts b_enc at zero
 
-    @torch.no_grad()
     def start(self, x: Tensor, step: Step) -> None:
-        """A centred router starts from the first batch's mean, so its first step is already centred. The
-        shared SAE keeps b_dec at zero; instead its encoder bias starts at -mean(routed input) W_enc^T, so
-        each latent's pre-activation starts with mean zero over the batch. Uncentred (the reference's start),
-        the routed input's mean direction, shared by every token, dominates the pre-activations: the same
-        latents win the top k on every token and the others never fire."""
+        """A centred router starts from the first batch's mean, so its first step is already centred (the
+        shared SAE has no start of its own here: b_dec stays at zero)."""
         if self.cfg.router_centre:
-            self.router_mean.copy_(step.average(self.summary(x).mean(0)))
-        if self.centre_codes:
-            _, routed, _ = self.route(x)  # (B, D)
-            self.sae.b_enc.copy_(-step.average(routed.mean(0)) @ self.sae.W_enc.t())  # (N,)
+            with torch.no_grad():
+                self.router_mean.copy_(step.average(self.summary(x).mean(0)))
 
     def loss_terms(self, out: SaeOutput, step: Step, knobs: Knobs) -> list[LossTerm]:
         terms = self.sae.loss_terms(out, step, knobs)
