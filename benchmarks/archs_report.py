@@ -132,6 +132,9 @@ def picture(results: list[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for ax, key, label in ((axes[0], "fvu", "held-out FVU"), (axes[1], "kl_per_token", "KL per token")):
         runs = [r for r in results if r.get(key) is not None]
+        if not runs:  # --kl-tokens -1: nothing to draw, and a log axis of no data cannot be laid out
+            ax.text(0.5, 0.5, f"{label}: not measured", ha="center", transform=ax.transAxes)
+            continue
         for name in dict.fromkeys(r["name"] for r in runs):
             mine = [r for r in runs if r["name"] == name]
             style = "o-" if mine[0]["library"] == "sae-pipe" else "s--"

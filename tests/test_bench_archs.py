@@ -134,3 +134,11 @@ def test_results_of_runs_made_apart_are_published_together(tmp_path: Path) -> No
     (tmp_path / "b.jsonl").write_text('{"name": "sparsify multi-TopK"}\n\n')
     rows = load_results([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")])
     assert [r["name"] for r in rows] == ["topk", "topk multi-topk", "sparsify multi-TopK"]
+
+
+def test_the_picture_is_drawn_when_kl_was_not_measured(tmp_path: Path) -> None:
+    """--kl-tokens -1 leaves every run without KL: the FVU panel is drawn and the KL panel says so (was: matplotlib
+    refused to lay out a log axis of no data, after the whole benchmark had run)."""
+    runs = [_run("topk", "topk", 32, 32.0, 0.15, 5000.0, 0.01), _run("peer", "topk", 32, 32.0, 0.16, 2500.0, 0.05)]
+    archs_report.picture([{**r, "library": "sae-pipe"} for r in runs], tmp_path / "archs.png")
+    assert (tmp_path / "archs.png").stat().st_size > 1000
