@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.sae.archs.relu import ReluSAE
-from pipeline.sae.archs.sparsity import THRESHOLDS, SparsityControl
+from pipeline.sae.archs.sparsity import THRESHOLDS, Tuning
 from pipeline.sae.interface import Knobs, SaeConfig, register
 from pipeline.sae.threshold import Code, Pattern, per_entry, token_sums
 
@@ -94,10 +94,10 @@ class JumpReluSAE(ReluSAE):
     start_coeff: ClassVar[float] = 1.0  # SAELens's l0_coefficient default
     unit_decoder: ClassVar[bool] = True
     signed_penalty: ClassVar[bool] = True  # L0 is bounded: a negative coefficient may pull L0 up to the target
+    control_tuning: ClassVar[Tuning] = THRESHOLDS  # the penalty moves only the thresholds: see THRESHOLDS
 
     def __init__(self, cfg: SaeConfig, generator: torch.Generator | None = None, device: torch.device | str = "cpu"):
         super().__init__(cfg, generator, device)
-        self.control = SparsityControl(self.start_coeff, self.signed_penalty, tuning=THRESHOLDS)  # see THRESHOLDS
         start = torch.full((cfg.n_latents,), math.log(THRESHOLD_FLOOR), dtype=torch.float64, device=device)
         self.log_threshold = nn.Parameter(start)  # (N,) float64: see the module's doc
         self.bandwidth = BANDWIDTH_PER_NORM * math.sqrt(cfg.d_in)

@@ -23,7 +23,14 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from pipeline.sae.archs.sparsity import SparsityControl, check_target, dead_pre_act_loss, firing_quantile
+from pipeline.sae.archs.sparsity import (
+    BIASES,
+    SparsityControl,
+    Tuning,
+    check_target,
+    dead_pre_act_loss,
+    firing_quantile,
+)
 from pipeline.sae.archs.topk import TopKSAE
 from pipeline.sae.interface import Knobs, Latents, LossTerm, SaeConfig, SaeOutput, Step, pack, register
 from pipeline.sae.threshold import (
@@ -49,10 +56,11 @@ class ReluSAE(TopKSAE):
     start_coeff: ClassVar[float] = 5.0  # the automatic coefficient's first value: Anthropic's / SAELens's L1
     unit_decoder: ClassVar[bool] = False  # decoder rows kept at unit norm while training
     signed_penalty: ClassVar[bool] = False  # the automatic coefficient may turn negative (sparsity.SparsityControl)
+    control_tuning: ClassVar[Tuning] = BIASES  # the automatic coefficient's tuning to how this penalty moves L0
 
     def __init__(self, cfg: SaeConfig, generator: torch.Generator | None = None, device: torch.device | str = "cpu"):
         super().__init__(cfg, generator, device)
-        self.control = SparsityControl(self.start_coeff, self.signed_penalty)
+        self.control = SparsityControl(self.start_coeff, self.signed_penalty, tuning=self.control_tuning)
         self.pre: Code | Tensor | None = None  # the last training forward's code, for the loss (a Tensor: dense)
         self.coeff_now = 0.0  # the penalty's weight in the last step (log.csv)
 
