@@ -28,10 +28,10 @@ demo: setup
 	@echo "Feature reports: $$(ls cache/interpret/*/report.html 2>/dev/null | tr '\n' ' ')"
 	@echo "Steering pages: $$(ls cache/steer/*/steering.html 2>/dev/null | tr '\n' ' ')"
 
-# one pytest worker per core, each test file on one worker (its module fixtures built once)
+# one pytest worker per core, each test file on one worker (its module fixtures built once), in conftest's order
 TEST_WORKERS ?= auto
 test: setup
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -19,7 +19,25 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 torch.set_num_threads(1 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1 else 2)
 
 VOCAB = 512
+
 CHECKOUT_CACHE = Path(__file__).resolve().parents[1] / "cache"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files by their share of slow tests (whole-pipeline files first), then by number of tests; each file keeps
+    its own order.
+
+    Under `make test` each file runs whole on one worker in this order (--no-loadscope-reorder): xdist's own
+    order (by number of tests) started the longest test, the DVC pipeline's (~170 s), last, while the other
+    worker sat idle."""
+    per_file: dict[Path, list[pytest.Item]] = {}
+    for item in items:
+        per_file.setdefault(item.path, []).append(item)
+
+    def heavy_first(tests: list[pytest.Item]) -> tuple[float, int]:
+        return -sum(t.get_closest_marker("slow") is not None for t in tests) / len(tests), -len(tests)
+
+    items[:] = [item for tests in sorted(per_file.values(), key=heavy_first) for item in tests]
 
 
 def _tree(folder: Path) -> dict[str, tuple[int, int]]:

@@ -32,6 +32,7 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.mark.slow
 def test_two_process_extraction_equals_one(tiny_llama: Path, tmp_path: Path) -> None:
     single = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", *tiny_extract_args(tiny_llama, tmp_path / "one")],

@@ -19,6 +19,7 @@ def test_gpu_benchmark_without_a_gpu_says_so_and_exits_0() -> None:
     assert proc.stdout.startswith("no GPU")
 
 
+@pytest.mark.slow
 def test_every_step_of_the_gpu_benchmark_runs_on_the_cpu(tiny_llama: Path, capsys: pytest.CaptureFixture) -> None:
     """The same code a GPU machine runs, on a tiny model: extract, fit steps, fit, evaluate, sweep."""
     from benchmarks import gpu

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -22,6 +24,7 @@ def test_ruff() -> None:
     assert fmt.returncode == 0, fmt.stdout
 
 
+@pytest.mark.slow
 def test_mypy() -> None:
     result = run(str(BIN / "mypy"), "--no-error-summary")
     assert result.returncode == 0, result.stdout

@@ -63,6 +63,7 @@ def reference(tiny_llama: Path, jsonl_corpus: Path, tmp_path_factory: pytest.Tem
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "point, count, backend",
     [("forward", 7, "zarr"), ("shard-write", 3, "memmap"), ("shard-write", 2, "zarr"), ("manifest", 2, "zarr")],
@@ -124,6 +125,7 @@ def _params(root: Path, every: int) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_corruption_is_named_by_verify_and_fit_and_repaired(
     tiny_llama: Path, jsonl_corpus: Path, tmp_path: Path
 ) -> None:
