@@ -3,11 +3,15 @@ written out here, one encoder GEMM a step, alone and in a sweep's shared selecti
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
 from pipeline.fit.config import FitConfig, Training
 from pipeline.sae import kernels
+from pipeline.sae.archs import batchtopk
+from pipeline.sae.archs.batchtopk import BatchTopKSAE
 from pipeline.sae.archs.topk import TopKSAE
 from pipeline.sae.interface import SaeConfig, Step
 from pipeline.sae.quality import Reconstruction
@@ -17,9 +21,10 @@ KNOBS = Training.of(FitConfig(multi_topk=True), lr=1e-3, k_aux=4, dead_tokens=1)
 NO_DEAD = Step(0, 0.0, torch.zeros(N, dtype=torch.bool), False, lambda t: t)  # no AuxK: nothing is dead
 
 
-def tiny(n: int = N, k: int = K, seed: int = 0) -> TopKSAE:
-    """A float32 TopK SAE prepared for multi-TopK training, its biases and decoder random (not the tied init)."""
-    sae = TopKSAE(SaeConfig("topk", D, n, k, [0]), torch.Generator().manual_seed(seed))
+def tiny(n: int = N, k: int = K, seed: int = 0, arch: type[TopKSAE] = TopKSAE) -> TopKSAE:
+    """A float32 TopK (or BatchTopK) SAE prepared for multi-TopK training, its biases and decoder random (not the
+    tied init)."""
+    sae = arch(SaeConfig("topk", D, n, k, [0]), torch.Generator().manual_seed(seed))
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         sae.b_enc.copy_(0.2 * torch.randn(n, generator=gen))
@@ -38,16 +43,29 @@ def nmse(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     return (((x - x_hat) ** 2).sum(1) / (x**2).sum(1)).mean()
 
 
-def reference(sae: TopKSAE, x: torch.Tensor) -> tuple[dict[str, float], list[torch.Tensor]]:
-    """sparsify's multi-TopK by hand: dense ReLU'd pre-activations, their top k and top 4k, two decodes, loss
+def token_top(pre: torch.Tensor, k: int) -> torch.Tensor:
+    """The dense code (B, N) keeping each row's k largest of ``pre``."""
+    top = pre.topk(k, dim=1)
+    return torch.zeros_like(pre).scatter(1, top.indices, top.values)
+
+
+def batch_top(pre: torch.Tensor, k: int) -> torch.Tensor:
+    """The dense code (B, N) keeping the k x B largest of ``pre`` over the whole batch."""
+    top = pre.flatten().topk(k * len(pre))
+    return torch.zeros_like(pre).flatten().scatter(0, top.indices, top.values).reshape(pre.shape)
+
+
+def reference(
+    sae: TopKSAE, x: torch.Tensor, top: Callable[[torch.Tensor, int], torch.Tensor] = token_top
+) -> tuple[dict[str, float], list[torch.Tensor]]:
+    """sparsify's multi-TopK by hand: dense ReLU'd pre-activations, their ``top`` k and top 4k, two decodes, loss
     nmse(k) + nmse(4k) / 8; the decoder's gradient made tangent to its unit rows, as training keeps them."""
     params = [p.detach().clone().requires_grad_() for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)]
     w_enc, b_enc, w_dec, b_dec = params
     pre = ((x - b_dec) @ w_enc.T + b_enc).relu()  # (B, N)
 
     def reconstruction(k: int) -> torch.Tensor:
-        top = pre.topk(k, dim=1)
-        return torch.zeros_like(pre).scatter(1, top.indices, top.values) @ w_dec + b_dec  # (B, D)
+        return top(pre, k) @ w_dec + b_dec  # (B, D)
 
     main, wide = nmse(x, reconstruction(sae.cfg.k)), nmse(x, reconstruction(4 * sae.cfg.k))
     g_enc, g_b_enc, g_dec, g_b_dec = torch.autograd.grad(main + wide / 8, params)
@@ -83,6 +101,7 @@ def gemms(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         return gemm(x, encoders, low_precision)
 
     monkeypatch.setattr(kernels, "encoder_preacts", counted)
+    monkeypatch.setattr(batchtopk, "encoder_preacts", counted)  # imported by name there
     return calls
 
 
@@ -99,6 +118,20 @@ def test_one_selection_trains_as_two_dense_top_ks_with_one_gemm(shared: bool, ge
     terms = train_grads(sae, x, chosen)
     assert gemms == ([N + 32] if shared else [N])  # one GEMM a step, no second one at 4k
     want_terms, want_grads = reference(sae, x)
+    assert terms == pytest.approx(want_terms, abs=1e-5)
+    for name, got, want in zip(("W_enc", "b_enc", "W_dec", "b_dec"), sae.parameters(), want_grads):
+        assert got.grad is not None
+        torch.testing.assert_close(got.grad, want, atol=1e-5, rtol=0, msg=f"{name}'s gradient")
+
+
+def test_batchtopk_trains_both_batch_top_ks_from_one_selection(gemms: list[int]) -> None:
+    """BatchTopK's multi-TopK step: the k x B and 4k x B largest over the batch, loss terms and gradients as two
+    dense batch top-ks give them, from one encoder GEMM (was: a second batch top-k at 4k)."""
+    sae, x = tiny(arch=BatchTopKSAE), batch()
+    terms = train_grads(sae, x)
+    assert gemms == [N]
+    assert sae.wide is None  # the kept 4k code was consumed by loss_terms
+    want_terms, want_grads = reference(sae, x, batch_top)
     assert terms == pytest.approx(want_terms, abs=1e-5)
     for name, got, want in zip(("W_enc", "b_enc", "W_dec", "b_dec"), sae.parameters(), want_grads):
         assert got.grad is not None

@@ -55,13 +55,19 @@ def batch_topk(pre: Tensor, total: int, per_row: int) -> tuple[Tensor, Tensor]:
         col_of = torch.cat([cand[part].flatten(), all_cols.repeat(len(full))])
         vals = torch.cat([cand_vals[part].flatten(), pre[full].flatten()])
     pick = vals.topk(total, sorted=False).indices  # (total,)
-    row_of, order = row_of[pick].sort(stable=True)  # (total,) the winners' rows, in row order
-    col_of = col_of[pick][order]  # (total,)
-    counts = torch.bincount(row_of, minlength=rows)  # (B,) winners per row
-    slot = torch.arange(total, device=pre.device) - (counts.cumsum(0) - counts)[row_of]  # (total,) place in row
-    padded = torch.zeros(rows, max(int(counts.max()), 1), dtype=torch.long, device=pre.device)  # (B, W)
+    return pad_rows(row_of[pick], col_of[pick], rows)
+
+
+def pad_rows(row_of: Tensor, col_of: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+    """The columns ``col_of`` (M,) of ``rows`` rows, entry j in row ``row_of[j]``, as a (B, W) table padded with 0
+    to the busiest row's W, and a mask (B, W) of the real entries."""
+    row_of, order = row_of.sort(stable=True)  # (M,) in row order
+    col_of = col_of[order]  # (M,)
+    counts = torch.bincount(row_of, minlength=rows)  # (B,) entries per row
+    slot = torch.arange(len(row_of), device=row_of.device) - (counts.cumsum(0) - counts)[row_of]  # (M,) place in row
+    padded = torch.zeros(rows, max(int(counts.max()), 1), dtype=torch.long, device=row_of.device)  # (B, W)
     padded[row_of, slot] = col_of
-    real = torch.arange(padded.shape[1], device=pre.device) < counts[:, None]  # (B, W)
+    real = torch.arange(padded.shape[1], device=row_of.device) < counts[:, None]  # (B, W)
     return padded, real
 
 
@@ -109,8 +115,24 @@ class BatchTopKSAE(TopKSAE):
         """In training, the batch top-k code at ``k`` (default cfg.k); in eval mode, :meth:`encode`'s."""
         if not self.training or theta is not None or chosen is not None:
             return super().forward(x, k, theta, low_precision, chosen)
-        latents = self.batch_code(x, k or self.cfg.k, low_precision)
+        if self.trains_wide and k is None:
+            latents = self.batch_multi_code(x, low_precision)
+        else:
+            latents = self.batch_code(x, k or self.cfg.k, low_precision)
         return SaeOutput(x, self.decode(latents), latents, None, None)
+
+    def batch_multi_code(self, x: Tensor, low_precision: bool) -> Latents:
+        """A multi-TopK step's training code of ``x`` (B, D), taken from one batch top-k at 4k (kept in ``wide``
+        for loss_terms): the k x B largest of the 4k x B are the batch top-k at k (ties aside), so the encoder
+        GEMM runs once a step, and the k code's values are a gather of the 4k code's (both losses' gradients
+        meet in TopKEncode's backward), as TopKSAE.multi_code does per token."""
+        wide = self.batch_code(x, self.wide_k, low_precision)  # (B, W) each
+        width = wide.acts.shape[1]
+        pick = wide.acts.flatten().topk(self.cfg.k * len(x), sorted=False).indices  # (k B,) in the (B, W) code
+        slots, real = pad_rows(pick // width, pick % width, len(x))  # (B, w) places in the 4k code's rows
+        latents = Latents(wide.acts.gather(1, slots) * real, wide.indices.gather(1, slots))  # (B, w) each
+        self.wide = (latents, wide)
+        return latents
 
     # --- training hooks (pipeline.sae.interface.SAE) ---
 

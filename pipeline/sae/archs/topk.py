@@ -172,8 +172,8 @@ class TopKSAE(SAE):
         return self.decode(latents)
 
     def wide_code(self, out: SaeOutput, step: Step) -> Latents:
-        """The training code at 4k of the forward that gave ``out``: the one its selection kept (multi_code),
-        else (architectures selecting otherwise: BatchTopK's batch top-k, RouteSAE's inner SAE) a forward at 4k."""
+        """The training code at 4k of the forward that gave ``out``: the one its selection kept (multi_code;
+        BatchTopK's batch_multi_code), else (RouteSAE's inner SAE, which selects otherwise) a forward at 4k."""
         kept, self.wide = self.wide, None  # consumed, so the step's graph is not held past it
         if kept is not None and kept[0] is out.latents:
             return kept[1]
