@@ -3,6 +3,7 @@
 
     python -m benchmarks.transcoders                              # 100k tokens of the built-in corpus, layer 12
     python -m benchmarks.transcoders --max-tokens 5000 --kl-tokens 256 --scratch /tmp/tc-tiny   # a machinery check
+    python -m benchmarks.transcoders --only "sae-pipe transcoder,sae-pipe skip transcoder"     # ours again, alone
 
 One cache of the built-in corpus with the residual stream and the MLP's input and output at --layer (reused when
 it exists: extract finds it by its key; 100k tokens take about 10 min on one core). From it, at equal latents,
@@ -19,8 +20,10 @@ output for the transcoders, in the cache's scaled units: FVU does not depend on 
 firing on no held-out row) and L0; with it spliced into the model over --kl-tokens held-out tokens (default:
 all of them; ``sae-pipe evaluate --metrics kl,ce``): KL per token, CE recovered and the baseline KL they are
 measured against (the SAE: the layer's input zeroed; a transcoder: the MLP's output zeroed). Tokens/s: median
-over training steps (ours: log.csv; sparsify: its timed steps). Writes SCRATCH/transcoders.md and .csv;
---write also adds the table to benchmarks/RESULTS.md. Never run inside the tests.
+over training steps (ours: log.csv; sparsify: its timed steps). ``--only`` names the contenders to train and
+score (comma-separated, as in benchmarks.archs); the others are left out of the table, so rerunning ours does not
+retrain sparsify's. Writes SCRATCH/transcoders.md and .csv; --write also adds the table to
+benchmarks/RESULTS.md. Never run inside the tests.
 """
 
 from __future__ import annotations
@@ -62,12 +65,13 @@ OURS = (
     ("sae-pipe skip transcoder", "transcoder", True),
 )
 PEERS = (("sparsify transcoder", False), ("sparsify skip transcoder", True))
+NAMES = [name for name, *_ in (*OURS, *PEERS)]
 
 
 def ours(cache: str, tokens: int, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The three contenders of ours, one fit each (a sweep cannot mix the skip setting with the SAE)."""
+    """The contenders of ours --only keeps, one fit each (a sweep cannot mix the skip setting with the SAE)."""
     results = []
-    for name, arch, skip in OURS:
+    for name, arch, skip in (c for c in OURS if c[0] in args.only):
         cfg = FitConfig(
             cache=cache, arch=arch, skip=skip, layer=args.layer, latents=args.latents, k=args.k,
             max_tokens=tokens, epochs=args.epochs, out=str(Path(args.scratch) / "runs"), device=args.device,
@@ -111,12 +115,16 @@ def write_rows(store: ActivationCache, layer: int, rows: Path) -> np.ndarray:
 
 
 def peers(store: ActivationCache, tokens: int, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """sparsify's transcoders on the same rows, each in its own process, imported back as sae-pipe runs."""
+    """sparsify's transcoders --only keeps, on the same rows, each in its own process, imported back as sae-pipe
+    runs (none: the rows are not written)."""
+    chosen = [(name, skip) for name, skip in PEERS if name in args.only]
+    if not chosen:
+        return []
     scratch = Path(args.scratch)
     target = write_rows(store, args.layer, scratch / "rows")
     scales = ",".join(str(store.site_normalizer(site).scales[args.layer]) for site in ("mlp_in", "mlp_out"))
     results = []
-    for name, skip in PEERS:
+    for name, skip in chosen:
         tag = name.replace(" ", "-")
         cmd = [args.peer_python, "benchmarks/peers/peer_transcoder_train.py", "--rows", str(scratch / "rows")]
         cmd += ["--steps", str(tokens // BATCH), "--batch-size", str(BATCH), "--layer", str(args.layer)]
@@ -180,7 +188,10 @@ def main() -> None:
     parser.add_argument("--peer-python", default=str(ROOT / ".bench-venv" / "bin" / "python"))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--write", action="store_true", help="add the table to benchmarks/RESULTS.md")
+    parser.add_argument("--only", type=lambda s: s.split(","), default=NAMES, help="contender names, comma-separated")
     args = parser.parse_args()
+    if unknown := sorted(set(args.only) - set(NAMES)):
+        parser.error(f"--only: no contender named {', '.join(unknown)}; the names are: {', '.join(NAMES)}.")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     spec = ExtractConfig(
         layers=str(args.layer), sites="resid,mlp_in,mlp_out", max_tokens=args.max_tokens,

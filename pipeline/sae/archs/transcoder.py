@@ -3,13 +3,14 @@
     z     = TopK_k( ReLU( W_enc x_in + b_enc ) )          no pre-bias: input and output are different spaces
     y_hat = W_dec^T z + b_dec  (+ W_skip x_in)              b_dec is the output's bias; W_skip: skip transcoder
 
-b_enc starts at -mean(x_in) W_enc^T, so the pre-activations start centred, as sparsify's trainer starts them;
-decoder rows start from the first batch's outputs (``start``).
+b_enc starts at -mean(x_in) W_enc^T, so the pre-activations start centred, and the decoder at zero, as
+sparsify's trainer starts them (``start``).
 
 ``x_in`` is the cache's ``mlp_in`` site and the target ``y`` its ``mlp_out`` (pipeline.llm.sites), read as
-a pair of the same tokens. Decoder rows keep unit norm as in the TopK SAE, so a latent's write direction
-into the residual stream is its decoder row. The skip path (Paulo et al., 2025) starts at zero, as in
-sparsify. Training reuses the TopK SAE's kernels, AuxK and revive unchanged.
+a pair of the same tokens. Decoder rows are free, as in sparsify's transcoders: neither renormalized nor
+given tangent gradients (see ``start`` for why), so a latent's write direction into the residual stream is
+its decoder row, norm included, as for the sparsify transcoders ``sae-pipe import`` reads. The skip path
+(Paulo et al., 2025) starts at zero, as in sparsify. Training reuses the TopK SAE's kernels, AuxK and revive.
 
 SAELens's ReLU and JumpReLU transcoders (pipeline.interop.transcoding imports them) are the same map with the
 ReLU or JumpReLU code of relu.py / jumprelu.py in place of the TopK, without a pre-bias: inference only.
@@ -23,8 +24,7 @@ from torch import Tensor, nn
 from pipeline.sae.archs.jumprelu import JumpReluSAE
 from pipeline.sae.archs.relu import ReluSAE
 from pipeline.sae.archs.topk import TopKSAE
-from pipeline.sae.interface import Latents, SaeConfig, SaeOutput, Step, register
-from pipeline.sae.kernels import sparse_t_matmul
+from pipeline.sae.interface import Knobs, Latents, SaeConfig, SaeOutput, Step, register
 
 
 @register("transcoder", trainable=True)
@@ -67,31 +67,35 @@ class Transcoder(TopKSAE):
     def reconstruct(self, out: SaeOutput, latents: Latents) -> Tensor:
         return self.output(out.encoded, latents)  # out.encoded: the MLP's input
 
+    def prepare_training(self, knobs: Knobs) -> None:
+        super().prepare_training(knobs)
+        self.tangent_decoder_grad = False  # free rows (see start): their whole gradient, as sparsify's
+
+    def normalize_decoder(self) -> None:
+        """Nothing: a transcoder's decoder rows are free (see ``start``), like the sparsify transcoders imported."""
+
     @torch.no_grad()
     def start(self, x: Tensor, step: Step) -> None:
         """Data-dependent start from the first batch: b_dec at the mean MLP output, b_enc centring the
-        pre-activations, and each decoder row pointing where its latent's tokens' outputs lie.
+        pre-activations, and the decoder at zero.
 
         Centring: without a pre-bias the encoder sees the MLP's input uncentred, and after the pre-MLP
-        norm's weight a few channels carry a large value of the same sign on every token, so each latent's
+        norm's weight a few channels carry a large value of the same sign on every token (SmolLM2 layer 12:
+        channel 247 at -12 in the cache's units, the mean's norm 14 against a spread of 19), so each latent's
         pre-activation is mostly a constant; b_enc = -mean(x_in) W_enc^T removes it.
-        Decoder rows: a transcoder's decoder writes into another space than its encoder reads, so a tied
-        start gives each chosen latent a random output direction, and on about half of its tokens the first
-        gradients push its activation down and out of the top k for good. sparsify starts the decoder at zero,
-        which unit rows exclude; here row i starts where the first gradient step from a zero decoder would
-        take it: the activation-weighted sum of the centred outputs of the batch's tokens where latent i
-        fires (rows of latents that do not fire keep their random start). SmolLM2 layer 12, 4096 latents, k
-        32, 188k tokens: dead share in training 77 % (centred alone) -> 20 %, FVU 0.490 -> 0.367.
+        Zero decoder: that mean is still in every token's input, so an Adam step on W_enc moves a latent's
+        pre-activation on all tokens at once, by up to lr |mean(x_in)|_1, far more than its bias step. With
+        unit decoder rows (any start: tied, or pointed at the first batch's outputs) the encoder takes the
+        full reconstruction error's gradient from the first step, and the latents it first pushes down
+        leave the top k for good within 2-3 steps: 20 % of latents were dead in training at SmolLM2 layer
+        12 (4096 latents, k 32, 188k tokens), with AuxK unable to raise them (its loss stayed at 1.00). From
+        zero, free rows first grow towards their latents' outputs while the encoder's gradient, which
+        scales with them, is small; dead share 20 % -> 3.4 % and training FVU 0.367 -> 0.357 there.
         """
         x_in, target = x[:, 0], x[:, 1]  # (B, D) each
-        mean_out = step.average(target.mean(dim=0))  # (D,)
-        self.b_dec.copy_(mean_out)
+        self.b_dec.copy_(step.average(target.mean(dim=0)))
         self.b_enc.copy_(-step.average(x_in.mean(dim=0)) @ self.W_enc.t())  # (N,)
-        code = self.encode(x_in)
-        rows = step.average(sparse_t_matmul(code.indices, code.acts, self.cfg.n_latents, target - mean_out))  # (N, D)
-        norms = rows.norm(dim=1, keepdim=True)  # (N, 1)
-        fired = norms.squeeze(1) > 0  # (N,)
-        self.W_dec[fired] = rows[fired] / norms[fired]
+        self.W_dec.zero_()
 
 
 @register("relu_transcoder")
