@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from pipeline.evaluate import stage as evaluate
@@ -111,6 +112,15 @@ def test_finetuning_lowers_heldout_kl_into_a_new_run(parent: Folder, tmp_path: P
     assert np.allclose(logged, wanted)
 
 
+def test_train_decoder_moves_the_decoder_and_leaves_the_encoder(parent: Folder, tmp_path: Path) -> None:
+    """--train decoder: W_dec and b_dec move; W_enc and b_enc stay the parent's, bit for bit."""
+    cfg = FinetuneConfig(run=parent.url, max_tokens=600, lr=3e-3, train="decoder", device="cpu", out=str(tmp_path))
+    result = run(cfg)
+    old, new = (load_file(Path(folder.url) / "sae.safetensors") for folder in (parent, result.folder))
+    assert sorted(name for name in old if torch.equal(old[name], new[name])) == ["W_enc", "b_enc"]
+    assert json.loads((tmp_path / "cfg.json").read_text())["finetune"]["train"] == "decoder"
+
+
 def test_learning_rate_rises_then_decays_to_zero() -> None:
     """10 steps, warm-up 0.3: a rise over 3 steps (1/3, 2/3, 1), times the decay 1 - step / 10."""
     factors = [lr_factor(i, 10, 0.3) for i in range(10)]
@@ -147,5 +157,7 @@ def test_bad_inputs_give_one_clear_error(cache: str, parent: Folder, tmp_path: P
         FinetuneConfig(run=parent.url, max_tokens=0)
     with pytest.raises(UserError, match="--warmup"):
         FinetuneConfig(run=parent.url, warmup=1.0)
+    with pytest.raises(UserError, match="--train 'encoder': use all or decoder"):
+        FinetuneConfig(run=parent.url, train="encoder")
     with pytest.raises(UserError, match="parent is never written"):
         run(FinetuneConfig(run=parent.url, out=parent.url, device="cpu"))

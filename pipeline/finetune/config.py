@@ -11,6 +11,7 @@ from pipeline.infra.errors import UserError
 from pipeline.infra.params import setting
 
 LOSSES = ("kl", "ce")
+TRAINS = ("all", "decoder")
 
 
 @dataclass
@@ -24,6 +25,7 @@ class FinetuneConfig:
     batch_size: int = setting(4, "sequences per step")
     lr: float = setting(1e-4, "Adam learning rate: warmed up linearly, then decayed linearly to 0 by the last step")
     warmup: float = setting(0.1, "share of the steps over which the lr rises linearly to --lr (0: starts there)")
+    train: str = setting("all", "parameters that train: all | decoder (W_dec, b_dec, a skip transcoder's W_skip)")
     seed: int = setting(0, "order of the training sequences")
     device: str = settings.device()
     compute_dtype: str = settings.compute_dtype()
@@ -34,6 +36,8 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise UserError(f"--loss {self.loss!r}: use kl or ce.")
+        if self.train not in TRAINS:
+            raise UserError(f"--train {self.train!r}: use all or decoder.")
         if not 0 <= self.mse_weight < math.inf:
             raise UserError(f"--mse-weight {self.mse_weight} must be a finite number >= 0.")
         if not 0 < self.lr < math.inf:

@@ -17,7 +17,7 @@ from pipeline.live.subject import Subject
 MAX_PASSES = 100  # more passes over the training split than this is a typo in --max-tokens
 
 # what makes one fine-tuning another
-SETTINGS = ("loss", "mse_weight", "max_tokens", "batch_size", "lr", "warmup", "seed")
+SETTINGS = ("loss", "mse_weight", "max_tokens", "batch_size", "lr", "warmup", "train", "seed")
 
 
 def settings(cfg: FinetuneConfig) -> dict[str, Any]:

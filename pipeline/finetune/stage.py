@@ -31,8 +31,11 @@ from pipeline.live.runs import takes
 from pipeline.live.splice import real_positions, replays_exactly
 from pipeline.live.subject import Live, Subject, go_live, load_subject
 from pipeline.sae.folder import save_weights, write_cfg
+from pipeline.sae.interface import SAE
 
 LOG_FIELDS = ("step", "tokens", "loss", "model_loss", "mse", "lr")
+# `--train decoder`: what maps a code to the output; every other parameter (the encoder, thresholds) stays frozen
+DECODER = ("W_dec", "b_dec", "W_skip")
 
 
 @dataclass
@@ -92,8 +95,8 @@ def refuse(subject: Subject) -> None:
 def train(live: Live, sequences: Sequences, steps: list[np.ndarray], cfg: FinetuneConfig) -> list[dict[str, float]]:
     """Adam on the SAE's parameters over ``steps`` (sequence ids each), lr as ``plan.lr_factor``; the log rows."""
     sae, device = live.subject.sae, live.device
-    sae.eval().requires_grad_(True)  # the inference code, as evaluate splices it
-    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
+    sae.eval()  # the inference code, as evaluate splices it
+    optimizer = torch.optim.Adam(trained(sae, cfg.train), lr=cfg.lr)
     decay = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i, len(steps), cfg.warmup))
     probe = torch.from_numpy(sequences.tokens[:1, :16]).to(device)  # (1, 16)
     replay = replays_exactly(live.model, live.blocks, probe, live.site.layer)
@@ -114,6 +117,13 @@ def train(live: Live, sequences: Sequences, steps: list[np.ndarray], cfg: Finetu
             log.append({"step": number + 1, "tokens": seen, **parts, "lr": lr})
             bar.advance(0, int(mask.sum()))
     return log
+
+
+def trained(sae: SAE, train: str) -> list[torch.nn.Parameter]:
+    """The parameters ``--train`` names, set to require gradients; the rest frozen (no gradient is computed)."""
+    for name, param in sae.named_parameters():
+        param.requires_grad_(train == "all" or name in DECODER)
+    return [param for param in sae.parameters() if param.requires_grad]
 
 
 def summary(result: FinetuneResult, seconds: float) -> dict[str, Any]:
