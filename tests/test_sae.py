@@ -190,6 +190,27 @@ def test_dense_auxk_equals_the_sparse_kernels(monkeypatch: pytest.MonkeyPatch) -
     assert (grad * w_dec).sum(1).abs().max() < 1e-5 * grad.norm(dim=1).max()  # no radial part in its gradient
 
 
+@pytest.mark.parametrize("dense_up_to", [0, 1000])  # 0: the sparse kernels; 1000: the dense form
+def test_auxk_of_free_decoder_rows_takes_their_whole_gradient(
+    monkeypatch: pytest.MonkeyPatch, dense_up_to: int
+) -> None:
+    """With ``tangent=False`` (a transcoder's free rows) AuxK's output and every gradient are those of a dense
+    top-k written out here, the decoder's radial part kept."""
+    torch.manual_seed(5)
+    x, target = torch.randn(50, 16), torch.randn(50, 16)
+    leaves = [torch.randn(30, 16), torch.randn(30) - 6, torch.randn(16) * 0.1, 0.5 * torch.randn(30, 16)]
+    monkeypatch.setattr(kernels, "DENSE_AUX", dense_up_to)
+    params = [p.clone().requires_grad_() for p in leaves]
+    (kernels.aux_decode(x, *params[:4], k=5, tangent=False) - target).pow(2).sum().backward()
+    want = [p.clone().requires_grad_() for p in leaves]
+    w_enc, b_enc, b_dec, w_dec = want
+    pre = ((x - b_dec) @ w_enc.T + b_enc).relu()  # (B, n)
+    top = pre.topk(5, dim=1)
+    ((torch.zeros_like(pre).scatter(1, top.indices, top.values) @ w_dec - target).pow(2).sum()).backward()
+    for name, got, ref in zip(("W_enc", "b_enc", "b_dec", "W_dec"), params, want):
+        torch.testing.assert_close(got.grad, ref.grad, rtol=1e-4, atol=1e-4, msg=f"{name}'s gradient")
+
+
 def test_sparse_kernels_do_not_warn_of_segfaults() -> None:
     """Without an explicit opt-out torch warns once per process that sparse invariant checks are
     'implicitly disabled' (on torch 2.11 with CUDA the per-call argument alone did not stop it: every fit's

@@ -27,6 +27,7 @@ from pipeline.llm.hooks import replace_input
 from pipeline.llm.model import find_blocks
 from pipeline.llm.sites import SITES
 from pipeline.llm.unembed import unembedding
+from pipeline.sae.archs.topk import auxk_loss
 from pipeline.sae.archs.transcoder import Transcoder
 from pipeline.sae.folder import load_sae
 from pipeline.sae.interface import SaeConfig, Step
@@ -94,6 +95,30 @@ def test_start_centres_the_code_and_zeroes_the_decoder() -> None:
     assert not model.W_dec.detach().any()
     model(pair).x_hat.pow(2).sum().backward()
     assert not model.W_enc.grad.any() and model.W_dec.grad.any()  # type: ignore[union-attr]
+
+
+def test_auxk_gives_a_transcoders_free_decoder_rows_their_whole_gradient() -> None:
+    """AuxK's gradient on the dead latents' decoder rows of a transcoder is the whole gradient of a dense top-k of
+    the dead latents written out here: its rows are free (was: made tangent, as if they were unit rows)."""
+    torch.manual_seed(1)
+    model = Transcoder(SaeConfig("transcoder", 8, 32, 2, [1]))
+    model.prepare_training(Training.of(FitConfig(arch="transcoder"), lr=1e-3, k_aux=4, dead_tokens=1))
+    with torch.no_grad():
+        model.W_dec.copy_(0.3 * torch.randn(32, 8))  # free rows, not unit
+    pair = torch.randn(64, 2, 8)  # (B, 2, D)
+    dead = torch.arange(32) >= 16  # (N,) the last 16 latents dead
+    out = model.train()(pair)
+    aux = auxk_loss(model, out, Step(5, 0.0, dead, False, lambda t: t), k_aux=4)
+    aux.backward()
+    w_enc, b_enc, w_dec = (p.detach()[dead] for p in (model.W_enc, model.b_enc, model.W_dec))
+    leaf = w_dec.clone().requires_grad_()
+    pre = (pair[:, 0] @ w_enc.T + b_enc).relu()  # (B, 16) the dead latents' code, no pre-bias
+    top = pre.topk(4, dim=1)
+    guess = torch.zeros_like(pre).scatter(1, top.indices, top.values) @ leaf  # (B, D)
+    residual = (out.x - out.x_hat).detach()
+    (((guess - residual) ** 2).sum() / (residual - residual.mean(0)).pow(2).sum()).backward()
+    assert model.W_dec.grad is not None
+    torch.testing.assert_close(model.W_dec.grad.to_dense()[dead], leaf.grad, atol=1e-6, rtol=1e-4)
 
 
 def test_latents_of_a_transcoder_read_from_an_outlier_input_stay_alive(tmp_path: Path) -> None:

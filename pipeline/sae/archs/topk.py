@@ -198,9 +198,9 @@ def auxk_loss(sae: TopKSAE, out: SaeOutput, step: Step, k_aux: int) -> Tensor:
     # the dead rows with a sparse gradient (their rows only), which autograd adds into the dense one of the
     # main loss in place: plain indexing would zero-fill and add a whole (N, D) gradient per matrix
     w_enc, w_dec = (F.embedding(dead_ids, w, sparse=True) for w in (sae.W_enc, sae.W_dec))  # (n_dead, D) each
-    guess = aux_decode(
-        out.encoded.detach(), w_enc, sae.b_enc[dead_ids], sae.pre_bias.detach(), w_dec, k_aux, step.low_precision
-    )
+    x, b_enc, pre_bias = out.encoded.detach(), sae.b_enc[dead_ids], sae.pre_bias.detach()
+    # the dead rows' gradient as the main loss's: tangent to unit rows, or whole for free rows (transcoders)
+    guess = aux_decode(x, w_enc, b_enc, pre_bias, w_dec, k_aux, step.low_precision, sae.tangent_decoder_grad)
     spread = (residual - residual.mean(0)).pow(2).sum()  # about the mean (torch.var over dim 0 is slower)
     return F.mse_loss(guess, residual, reduction="sum") / spread.clamp_min(1e-12)  # one fused pass
 
