@@ -35,6 +35,7 @@ def test_auxk_equals_a_dense_reference(k_aux: int, topk_decides: bool | None) ->
     reference, the decoder's AuxK gradient tangent to its unit rows; the gradients come out dense."""
     torch.manual_seed(0)
     sae = TopKSAE(SaeConfig("topk", 16, 64, 4, [0]), torch.Generator().manual_seed(1))
+    sae.tangent_decoder_grad = True  # unit decoder rows, as training keeps them (prepare_training)
     dead = torch.zeros(64, dtype=torch.bool)
     dead[torch.randperm(64)[:30]] = True
     with torch.no_grad():

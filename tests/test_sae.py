@@ -181,7 +181,7 @@ def test_dense_auxk_equals_the_sparse_kernels(monkeypatch: pytest.MonkeyPatch) -
     for dense_up_to in (0, 1000):  # 0: always the sparse kernels; 1000: always the dense form
         monkeypatch.setattr(kernels, "DENSE_AUX", dense_up_to)
         params = [p.clone().requires_grad_() for p in leaves]
-        guess = kernels.aux_decode(x, *params[:3], params[3], k=5)
+        guess = kernels.aux_decode(x, *params[:3], params[3], k=5, low_precision=False, tangent=True)
         (guess - target).pow(2).sum().backward()
         results.append([guess.detach(), *(p.grad for p in params)])
     for sparse, dense in zip(*results):
@@ -201,7 +201,7 @@ def test_auxk_of_free_decoder_rows_takes_their_whole_gradient(
     leaves = [torch.randn(30, 16), torch.randn(30) - 6, torch.randn(16) * 0.1, 0.5 * torch.randn(30, 16)]
     monkeypatch.setattr(kernels, "DENSE_AUX", dense_up_to)
     params = [p.clone().requires_grad_() for p in leaves]
-    (kernels.aux_decode(x, *params[:4], k=5, tangent=False) - target).pow(2).sum().backward()
+    (kernels.aux_decode(x, *params[:4], k=5, low_precision=False, tangent=False) - target).pow(2).sum().backward()
     want = [p.clone().requires_grad_() for p in leaves]
     w_enc, b_enc, b_dec, w_dec = want
     pre = ((x - b_dec) @ w_enc.T + b_enc).relu()  # (B, n)

@@ -306,14 +306,7 @@ class AuxDecode(torch.autograd.Function):
 
 
 def aux_decode(
-    x: Tensor,
-    w_enc: Tensor,
-    b_enc: Tensor,
-    b_dec: Tensor,
-    w_dec: Tensor,
-    k: int,
-    low_precision: bool = False,
-    tangent: bool = True,
+    x: Tensor, w_enc: Tensor, b_enc: Tensor, b_dec: Tensor, w_dec: Tensor, k: int, low_precision: bool, tangent: bool
 ) -> Tensor:
     """The top-``k`` reconstruction (B, D) of ``x`` by a subset of latents (AuxK's dead ones); with ``tangent``
     the decoder gradient is kept tangent to its unit rows as in :class:`SparseDecode` (free rows: not).
