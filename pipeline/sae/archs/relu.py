@@ -54,7 +54,7 @@ class ReluSAE(TopKSAE):
     top_k = False
     loss_names: ClassVar[tuple[str, ...]] = ("sparsity_loss", "dead_loss")  # type: ignore[assignment]  # TopK: tuple[str]
     start_coeff: ClassVar[float] = 5.0  # the automatic coefficient's first value: Anthropic's / SAELens's L1
-    unit_decoder: ClassVar[bool] = False  # decoder rows kept at unit norm while training
+    unit_decoder: ClassVar[bool] = False  # free decoder rows (Standard's L1 penalty reads their norms)
     signed_penalty: ClassVar[bool] = False  # the automatic coefficient may turn negative (sparsity.SparsityControl)
     control_tuning: ClassVar[Tuning] = BIASES  # the automatic coefficient's tuning to how this penalty moves L0
 
@@ -114,10 +114,6 @@ class ReluSAE(TopKSAE):
     def selection_floor(self) -> Tensor:
         """Per latent (N,), the pre-activation above which an entry takes part in training: 0, the ReLU's."""
         return self.b_enc.new_zeros(self.cfg.n_latents)
-
-    def normalize_decoder(self) -> None:
-        if self.unit_decoder:
-            super().normalize_decoder()
 
     # --- training hooks (pipeline.sae.interface.SAE) ---
 

@@ -10,6 +10,7 @@ Decoder rows (dictionary atoms, ``W_dec[i]``) have unit norm. Training uses the 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,7 @@ class TopKSAE(SAE):
     """Encoder, decoder and biases of one TopK SAE."""
 
     loss_names = ("aux_loss",)
+    unit_decoder: ClassVar[bool] = True  # decoder rows kept at unit norm while training (False: free rows)
 
     def __init__(
         self, cfg: SaeConfig, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
@@ -137,15 +139,16 @@ class TopKSAE(SAE):
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
-        """Rescale decoder rows to unit norm."""
-        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        """Rescale decoder rows to unit norm (nothing where they are free)."""
+        if self.unit_decoder:
+            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
     # --- training hooks (pipeline.sae.interface.SAE) ---
 
     def prepare_training(self, knobs: Knobs) -> None:
         # sae-pipe keeps decoder rows on the unit sphere every step (tangent gradients + renormalization);
         # the reference recipe lets them drift and renormalizes every REFERENCE_RENORM steps, as its code does
-        self.tangent_decoder_grad = knobs.recipe != "reference"
+        self.tangent_decoder_grad = self.unit_decoder and knobs.recipe != "reference"
         self.multi_topk = knobs.multi_topk
 
     @torch.no_grad()

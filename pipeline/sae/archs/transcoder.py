@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from pipeline.sae.archs.jumprelu import JumpReluSAE
 from pipeline.sae.archs.relu import ReluSAE
 from pipeline.sae.archs.topk import TopKSAE
-from pipeline.sae.interface import Knobs, Latents, SaeConfig, SaeOutput, Step, register
+from pipeline.sae.interface import Latents, SaeConfig, SaeOutput, Step, register
 
 
 @register("transcoder", trainable=True)
@@ -32,6 +32,7 @@ class Transcoder(TopKSAE):
     """A TopK transcoder from an MLP's input to its output, with an optional linear skip path."""
 
     multi_layer = True  # its input is the (B, 2, D) pair (mlp_in, mlp_out) of one layer
+    unit_decoder = False  # free rows (see start), as sparsify's and the imported transcoders'
     sites = ("mlp_in", "mlp_out")
 
     def __init__(
@@ -66,13 +67,6 @@ class Transcoder(TopKSAE):
 
     def reconstruct(self, out: SaeOutput, latents: Latents) -> Tensor:
         return self.output(out.encoded, latents)  # out.encoded: the MLP's input
-
-    def prepare_training(self, knobs: Knobs) -> None:
-        super().prepare_training(knobs)
-        self.tangent_decoder_grad = False  # free rows (see start): their whole gradient, as sparsify's
-
-    def normalize_decoder(self) -> None:
-        """Nothing: a transcoder's decoder rows are free (see ``start``), like the sparsify transcoders imported."""
 
     @torch.no_grad()
     def start(self, x: Tensor, step: Step) -> None:
