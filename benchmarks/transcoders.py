@@ -10,7 +10,7 @@ it exists: extract finds it by its key; 100k tokens take about 10 min on one cor
 k and training tokens (the training split --epochs times, in whole batches of 4,096):
 
 - ours: a TopK SAE of the residual stream, a TopK transcoder and a skip transcoder (``sae-pipe fit --arch topk
-  | transcoder [--skip]``, the fit defaults otherwise), in this process;
+  | transcoder [--skip]``, --optimizer and --lr passed on, the fit defaults otherwise), in this process;
 - sparsify 1.3.3: its transcoder and skip transcoder (benchmarks/peers/peer_transcoder_train.py, a replay of its
   Trainer with TrainConfig defaults in .bench-venv, each in its own process) on the same cached MLP rows,
   then read back with ``sae-pipe import`` for KL / CE.
@@ -75,6 +75,7 @@ def ours(cache: str, tokens: int, args: argparse.Namespace) -> list[dict[str, An
         cfg = FitConfig(
             cache=cache, arch=arch, skip=skip, layer=args.layer, latents=args.latents, k=args.k,
             max_tokens=tokens, epochs=args.epochs, out=str(Path(args.scratch) / "runs"), device=args.device,
+            optimizer=args.optimizer, lr=args.lr,
         )  # fmt: skip
         (run,) = fit.run(cfg).runs
         results.append({"contender": name, "run": run.url, "tokens_per_s": tokens_per_s(run)})
@@ -187,6 +188,8 @@ def main() -> None:
     parser.add_argument("--scratch", default="/tmp/sae-pipe-transcoders", help="cache, runs, rows, tables")
     parser.add_argument("--peer-python", default=str(ROOT / ".bench-venv" / "bin" / "python"))
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--optimizer", default="adam", help="ours: fit --optimizer (adam | signum | muon | signum-sf)")
+    parser.add_argument("--lr", type=float, default=0.0, help="ours: fit --lr (0: the optimizer's automatic one)")
     parser.add_argument("--write", action="store_true", help="add the table to benchmarks/RESULTS.md")
     parser.add_argument("--only", type=lambda s: s.split(","), default=NAMES, help="contender names, comma-separated")
     args = parser.parse_args()

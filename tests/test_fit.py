@@ -96,24 +96,31 @@ def test_sweep_member_equals_solo_run(cache: str, tmp_path: Path) -> None:
         torch.testing.assert_close(weights(member)[name], tensor, atol=1e-6, rtol=1e-5)
 
 
-def test_resume_equals_uninterrupted(cache: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (whole,) = fit.run(run_cfg(cache, tmp_path / "a", max_tokens=8192)).runs
-    real_step = fit_module.train_step
-    calls = {"n": 0}
+def interrupted(cfg: FitConfig, monkeypatch: pytest.MonkeyPatch, steps: int = 24) -> None:
+    """Run ``cfg`` and kill it after ``steps`` training steps (past the checkpoint at step 20 of run_cfg's)."""
+    real_step, calls = fit_module.train_step, [0]
 
     def dying_step(*args: object, **kwargs: object) -> dict:
-        calls["n"] += 1
-        if calls["n"] == 25:
+        calls[0] += 1
+        if calls[0] > steps:
             raise KeyboardInterrupt
         return real_step(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(fit_module, "train_step", dying_step)
     with pytest.raises(KeyboardInterrupt):
-        fit.run(run_cfg(cache, tmp_path / "b", max_tokens=8192))
+        fit.run(cfg)
     monkeypatch.setattr(fit_module, "train_step", real_step)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "signum-sf"])  # signum-sf: the schedule-free state, y included
+def test_resume_equals_uninterrupted(
+    cache: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, optimizer: str
+) -> None:
+    (whole,) = fit.run(run_cfg(cache, tmp_path / "a", max_tokens=8192, optimizer=optimizer)).runs
+    interrupted(run_cfg(cache, tmp_path / "b", max_tokens=8192, optimizer=optimizer), monkeypatch)
     with pytest.raises(UserError, match="--resume"):
-        fit.run(run_cfg(cache, tmp_path / "b", max_tokens=8192))
-    (resumed,) = fit.run(run_cfg(cache, tmp_path / "b", max_tokens=8192, resume=True)).runs
+        fit.run(run_cfg(cache, tmp_path / "b", max_tokens=8192, optimizer=optimizer))
+    (resumed,) = fit.run(run_cfg(cache, tmp_path / "b", max_tokens=8192, optimizer=optimizer, resume=True)).runs
     for name, tensor in weights(whole).items():
         torch.testing.assert_close(weights(resumed)[name], tensor, atol=0, rtol=0)
     steps = np.genfromtxt(f"{resumed.url}/log.csv", delimiter=",", names=True)["step"]

@@ -9,12 +9,11 @@ import pytest
 import torch
 
 from pipeline.fit import stage as fit
-from pipeline.fit import stage as fit_module
 from pipeline.fit.optim import make_optimizer
 from pipeline.sae.archs.topk import TopKSAE
 from pipeline.sae.interface import SaeConfig
 from tests.support.caches import synthetic_cache
-from tests.test_fit import run_cfg, weights
+from tests.test_fit import interrupted, run_cfg, weights
 
 LR = 0.01
 
@@ -58,18 +57,7 @@ def test_muon_fit_runs_and_resumes_to_the_same_weights(
     """A Muon run killed mid-way and resumed from its checkpoint ends with the uninterrupted run's weights
     (both optimizers' states saved and restored), and it trains: FVU falls."""
     (whole,) = fit.run(run_cfg(cache, tmp_path / "a", max_tokens=8192, optimizer="muon", lr=LR)).runs
-    real_step, calls = fit_module.train_step, [0]
-
-    def dying_step(*args: object, **kwargs: object) -> dict:
-        calls[0] += 1
-        if calls[0] == 25:  # after the checkpoint at step 20
-            raise KeyboardInterrupt
-        return real_step(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(fit_module, "train_step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        fit.run(run_cfg(cache, tmp_path / "b", max_tokens=8192, optimizer="muon", lr=LR))
-    monkeypatch.setattr(fit_module, "train_step", real_step)
+    interrupted(run_cfg(cache, tmp_path / "b", max_tokens=8192, optimizer="muon", lr=LR), monkeypatch)
     (resumed,) = fit.run(run_cfg(cache, tmp_path / "b", max_tokens=8192, optimizer="muon", lr=LR, resume=True)).runs
     for name, tensor in weights(whole).items():
         torch.testing.assert_close(weights(resumed)[name], tensor, atol=0, rtol=0)

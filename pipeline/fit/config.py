@@ -13,7 +13,7 @@ from pipeline.infra import settings
 from pipeline.infra.errors import UserError
 from pipeline.infra.params import setting
 
-OPTIMIZERS = ("adam", "signum", "muon")
+OPTIMIZERS = ("adam", "signum", "muon", "signum-sf")
 SCHEDULES = ("warmup-decay", "constant", "reference")
 RECIPES = ("sae-pipe", "reference")
 # What `--recipe reference` fixes: the RouteSAE reference implementation's training (swei2001/RouteSAEs,
@@ -101,7 +101,9 @@ class FitConfig:
         "sae-pipe | reference (route: the RouteSAE paper's training: lr 5e-4 for all, batch 8192, its schedule, "
         "decoder renormalized every 100 steps, no AuxK, the cache read in order)",
     )
-    optimizer: str = setting("adam", "adam | signum | muon")
+    optimizer: str = setting(
+        "adam", "adam | signum | muon | signum-sf (SignSGD in a schedule-free average at momentum 0.95, sparsify's)"
+    )
     betas: tuple[float, float] = setting((0.9, 0.999), "Adam betas (signum: betas[0] is the momentum)")
     schedule: str = setting(
         "warmup-decay", "warmup-decay (5 % warmup, decay over the last 20 %) | constant | reference (RouteSAE's)"
@@ -156,9 +158,9 @@ class Training:
     lr: float  # peak learning rate
     router_lr: float  # RouteSAE: the router's peak learning rate
     recipe: str  # sae-pipe | reference
-    optimizer: str  # adam | signum | muon
+    optimizer: str  # adam | signum | muon | signum-sf
     betas: tuple[float, float]  # Adam betas (signum: betas[0] is the momentum)
-    schedule: str  # warmup-decay | constant
+    schedule: str  # warmup-decay | constant | reference (signum-sf: constant)
     batch_size: int  # tokens per step
     max_tokens: int  # training tokens (0 = the whole split, `epochs` times)
     epochs: int  # passes over the training split
@@ -182,6 +184,11 @@ class Training:
             raise UserError(f"unknown lr schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}.")
         if self.recipe not in RECIPES:
             raise UserError(f"unknown recipe {self.recipe!r}; use one of {', '.join(RECIPES)}.")
+        if self.optimizer == "signum-sf" and self.schedule != "constant":
+            raise UserError(
+                f"--optimizer signum-sf averages the weights in place of an lr decay; --schedule {self.schedule} "
+                "decays: use constant or warmup-decay (both train it at a constant lr after the warmup)."
+            )
         numbers = (self.max_tokens, self.epochs, self.lr, self.router_lr, self.route_balance, self.revive)
         if min(numbers) < 0 or self.batch_size < 1:
             raise UserError(
@@ -193,7 +200,10 @@ class Training:
     def of(cls, cfg: FitConfig, **resolved: Any) -> Training:
         """The training block of ``cfg``, with ``resolved`` values (lr, k_aux) in place of the automatic ones."""
         names = [f.name for f in dataclasses.fields(cls)]
-        return cls(**{name: resolved.get(name, getattr(cfg, name)) for name in names})
+        values = {name: resolved.get(name, getattr(cfg, name)) for name in names}
+        if values["optimizer"] == "signum-sf" and values["schedule"] == "warmup-decay":
+            values["schedule"] = "constant"  # the average replaces the decay; the warmup stays, as in the paper
+        return cls(**values)
 
 
 def with_recipe(cfg: FitConfig) -> FitConfig:

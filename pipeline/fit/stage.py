@@ -17,6 +17,7 @@ from pipeline.cache.reader import ActivationCache
 from pipeline.cache.stream import ActivationStream, StreamSpec
 from pipeline.fit.config import FitConfig, with_recipe
 from pipeline.fit.feed import device_batches
+from pipeline.fit.optim import averaged
 from pipeline.fit.plan import (
     RunPlan,
     check_no_duplicates,
@@ -234,11 +235,13 @@ def _loop(
 
 
 def _finish(plan: RunPlan, member: Member, steps: int) -> None:
-    """Write final weights and a complete cfg.json; drop the resumable state."""
+    """Write final weights (a schedule-free optimizer's average) and a complete cfg.json; drop the resumable
+    state."""
     flush_log(member)
     if plan.training.recipe == "reference":  # the reference renormalizes once more before saving
         member.model.normalize_decoder()
-    save_weights(plan.folder, member.model)
+    with averaged(member.optimizer):
+        save_weights(plan.folder, member.model)
     last = _last_log(plan.folder)
     write_cfg(plan.folder, {"status": "complete", **plan.record, "steps": steps, "result": {**summary(member), **last}})
     drop_state(plan.folder)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.fit.config import Training
-from pipeline.fit.optim import lr_factor, make_optimizer
+from pipeline.fit.optim import averaged, lr_factor, make_optimizer
 from pipeline.fit.state import TrainingState, load_state, save_state
 from pipeline.infra.distributed import Ranks
 from pipeline.infra.errors import UserError
@@ -170,12 +170,13 @@ def _update_dead(member: Member, out: SaeOutput, tokens: int) -> None:
 
 
 def checkpoint(member: Member) -> None:
-    """Flush the log, then save weights, optimizer, counters and the architecture's own training state
-    (a sparsity controller's) as the member's resumable state."""
+    """Flush the log, then save weights (a schedule-free optimizer's average), optimizer, counters and the
+    architecture's own training state (a sparsity controller's) as the member's resumable state."""
     flush_log(member)
     optimizer, own = member.optimizer.state_dict(), member.model.training_state()
     state = TrainingState(member.step, optimizer, member.since_fired, member.log_rows, own)
-    save_state(member.folder, member.model, state)
+    with averaged(member.optimizer):
+        save_state(member.folder, member.model, state)
 
 
 def log_fields(model: SAE) -> list[str]:
