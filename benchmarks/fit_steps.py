@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -32,12 +33,12 @@ from pipeline.sae.kernels import use_low_precision
 def run(args: argparse.Namespace) -> dict[str, object]:
     device = torch.device(args.device)
     if device.type == "cpu":
-        torch.set_num_threads(2)
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))  # a run pinned to one core: 1
         keep_freed_memory()
     data = torch.from_numpy(np.load(args.data).astype(np.float32, copy=False)).to(device)  # (R, D)
     low = use_low_precision(device, args.precision)
     lr, k_aux = auto_lr("adam", args.num_latents, args.steps * args.batch_size, args.batch_size), data.shape[1] // 2
-    settings = Training.of(FitConfig(), lr=lr, k_aux=k_aux, dead_tokens=10**9)
+    settings = Training.of(FitConfig(multi_topk=args.multi_topk), lr=lr, k_aux=k_aux, dead_tokens=10**9)
     cfg = SaeConfig("topk", data.shape[1], args.num_latents, args.k, [0])
     member = make_member(Folder.at(args.scratch), cfg, settings, low, [0], device)
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).to(device)
@@ -83,6 +84,7 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
     parser.add_argument("--scratch", default="/tmp/sae-pipe-bench-run")
+    parser.add_argument("--multi-topk", action="store_true", help="also train the code at 4k (fit --multi-topk)")
     print("RESULT " + json.dumps(run(parser.parse_args())), flush=True)
 
 

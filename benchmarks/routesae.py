@@ -83,23 +83,27 @@ def label(cfg: dict[str, Any]) -> str:
     return f"{name}, seed {training['seed']}"
 
 
-def top_shares(run: Path) -> list[float]:
-    """The top layer's share of the training batches at each of POINTS: per layer, the mean share over the
-    logged steps of the tenth of training that ends there, then the largest layer's."""
+def over_training(run: Path) -> tuple[list[float], list[float]]:
+    """At each of POINTS, means over the logged steps of the tenth of training that ends there: the top
+    layer's share of the training batches (per layer, then the largest), and the dead share (idle for
+    dead_tokens tokens: when latents die tells a bad start from a slow loss)."""
     with open(run / "log.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     layers = [key for key in rows[0] if key.startswith("share_L")]
     last = int(rows[-1]["step"])
-    found = []
+    tops, dead = [], []
     for point in POINTS:
         window = [r for r in rows if point - 0.1 < int(r["step"]) / last <= point] or rows[:1]
-        found.append(max(sum(float(r[layer]) for r in window) / len(window) for layer in layers))
-    return found
+        tops.append(max(sum(float(r[layer]) for r in window) / len(window) for layer in layers))
+        dead.append(sum(float(r["dead_share"]) for r in window) / len(window))
+    return tops, dead
 
 
 def measure(run: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Held-out metrics of one run (NMSE and routing over all held-out rows; KL / CE over kl_tokens)."""
-    (m,) = evaluate.run(EvaluateConfig(runs=[run], metrics=["nmse"], max_tokens=0, out=args.out + "/evaluate")).metrics
+    """Held-out metrics of one run (NMSE and routing over all held-out rows; KL / CE over kl_tokens), and the
+    share of latents silent on every training row (dead, not just rare on the few held-out rows)."""
+    scored = EvaluateConfig(runs=[run], metrics=["nmse", "train_dead"], max_tokens=0, out=args.out + "/evaluate")
+    (m,) = evaluate.run(scored).metrics
     if args.kl_tokens:
         spliced = EvaluateConfig(runs=[run], max_tokens=args.kl_tokens, out=args.out + "/evaluate-kl")
         (kl,) = evaluate.run(spliced).metrics
@@ -108,7 +112,7 @@ def measure(run: str, args: argparse.Namespace) -> dict[str, Any]:
     cfg = json.loads((folder / "cfg.json").read_text())
     m["name"], m["tokens"] = label(cfg), cfg["steps"] * cfg["training"]["batch_size"]
     if cfg["sae"]["arch"] == "route":
-        m["train_top"] = top_shares(folder)
+        m["train_top"], m["train_dead"] = over_training(folder)
     return m
 
 
@@ -159,19 +163,20 @@ def lines(results: list[dict[str, Any]]) -> list[str]:
     points = " / ".join(f"{p:.0%}" for p in POINTS)
     rows = [
         f"| SAE | tokens | top layer share, training batches at {points} | top layer share, held-out | "
-        f"layers under {MINOR:.0%}, held-out | NMSE | FVU | dead share | features alive (> 1e-4 of tokens) | "
-        "KL / token | CE recovered |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"layers under {MINOR:.0%}, held-out | NMSE | FVU | dead share | silent on every training row | "
+        f"dead share, training batches at {points} | features alive (> 1e-4 of tokens) | KL / token | CE recovered |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in results:
         train = " / ".join(f"{s:.0%}" for s in m["train_top"]) if "train_top" in m else "-"
+        dying = " / ".join(f"{s:.1%}" for s in m["train_dead"]) if "train_dead" in m else "-"
         shares = m.get("routing_shares", {})
         top = f"{m['top_route_share']:.0%} (L{max(shares, key=shares.get)})" if shares else "-"
         minor = f"{sum(s < MINOR for s in shares.values())} of {len(shares)}" if shares else "-"
         kl = f"{m['kl_per_token']:.4f} | {m['ce_recovered']:.3f}" if "kl_per_token" in m else "- | -"
         rows.append(
             f"| {m['name']} | {m['tokens']:,} | {train} | {top} | {minor} | {m['nmse']:.4f} | {m['fvu']:.4f} "
-            f"| {m['dead_share']:.2%} | {m['live_latents']} | {kl} |"
+            f"| {m['dead_share']:.2%} | {m['train_dead_share']:.2%} | {dying} | {m['live_latents']} | {kl} |"
         )
     return rows
 

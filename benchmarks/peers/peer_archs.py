@@ -124,14 +124,11 @@ def sparsify_train(x: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
     """peer_steps.sparsify_steps with multi_topk on; the SparseCoder saved as a sparsify run folder."""
     import sparsify
 
-    plain = sparsify.SparseCoderConfig
-    sparsify.SparseCoderConfig = lambda **kw: plain(multi_topk=True, **kw)  # read by sparsify_steps at its call
-    try:
-        start = time.perf_counter()
-        res = peer_steps.sparsify_steps(x, x.shape[1], args.num_latents, args.k, args.batch_size, args.steps, 0)
-        wall = time.perf_counter() - start
-    finally:
-        sparsify.SparseCoderConfig = plain
+    start = time.perf_counter()
+    res = peer_steps.sparsify_steps(
+        x, x.shape[1], args.num_latents, args.k, args.batch_size, args.steps, 0, multi_topk=True
+    )
+    wall = time.perf_counter() - start
     coded = peer_steps._LAST_MODEL[0]  # its closure holds the trained SparseCoder (schedule-free: averaged weights)
     sae = next(c.cell_contents for c in coded.__closure__ if isinstance(c.cell_contents, sparsify.SparseCoder))
     assert sae.cfg.multi_topk

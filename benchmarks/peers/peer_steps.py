@@ -136,8 +136,10 @@ def sparsify_steps(
     warmup: int,
     seed: int = 0,
     device: str = "cpu",
+    multi_topk: bool = False,
 ) -> dict[str, Any]:
-    """Replay sparsify 1.3.3 ``Trainer.fit`` per-step work (loss_fn="fvu", defaults)."""
+    """Replay sparsify 1.3.3 ``Trainer.fit`` per-step work (loss_fn="fvu", defaults; ``multi_topk``: its
+    SparseCoderConfig's, the code at 4k trained too)."""
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))  # a run pinned to one core: 1
     import sparsify
     from schedulefree import ScheduleFreeWrapper
@@ -148,7 +150,7 @@ def sparsify_steps(
 
     assert x.ndim == 2 and x.shape[1] == d_in
     x = x.float().contiguous().to(device)
-    tcfg = TrainConfig(sae=SparseCoderConfig(num_latents=num_latents, k=k))  # library defaults
+    tcfg = TrainConfig(sae=SparseCoderConfig(num_latents=num_latents, k=k, multi_topk=multi_topk))  # its defaults
     acc_steps = tcfg.grad_acc_steps * tcfg.micro_acc_steps  # 1 * 1
     denom = acc_steps * tcfg.wandb_log_frequency
 
@@ -323,7 +325,7 @@ def _child(which: str, args: argparse.Namespace) -> None:
     start = time.perf_counter()
     if args.device != "cpu" and which != "sparsify":
         raise SystemExit(f"{which} is measured on the CPU only here (--device cpu)")
-    on = {"device": args.device} if which == "sparsify" else {}
+    on = {"device": args.device, "multi_topk": args.multi_topk} if which == "sparsify" else {}
     res = fn(x, x.shape[1], args.num_latents, args.k, args.batch_size, args.steps, args.warmup, **on)
     res["train_s"] = time.perf_counter() - start  # the library's import and setup included
     if args.heldout:
@@ -357,6 +359,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--device", default="cpu", help="cpu | cuda (sparsify only)")
     p.add_argument("--only", choices=["sparsify", "saelens"], default=None)
+    p.add_argument("--multi-topk", action="store_true", help="sparsify: also train the code at 4k (multi_topk)")
     p.add_argument(
         "--repeats",
         type=int,
