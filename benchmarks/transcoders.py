@@ -75,7 +75,7 @@ def ours(cache: str, tokens: int, args: argparse.Namespace) -> list[dict[str, An
         cfg = FitConfig(
             cache=cache, arch=arch, skip=skip, layer=args.layer, latents=args.latents, k=args.k,
             max_tokens=tokens, epochs=args.epochs, out=str(Path(args.scratch) / "runs"), device=args.device,
-            optimizer=args.optimizer, lr=args.lr,
+            optimizer=args.optimizer, lr=args.lr, seed=args.seed,
         )  # fmt: skip
         (run,) = fit.run(cfg).runs
         results.append({"contender": name, "run": run.url, "tokens_per_s": tokens_per_s(run)})
@@ -129,7 +129,7 @@ def peers(store: ActivationCache, tokens: int, args: argparse.Namespace) -> list
         tag = name.replace(" ", "-")
         cmd = [args.peer_python, "benchmarks/peers/peer_transcoder_train.py", "--rows", str(scratch / "rows")]
         cmd += ["--steps", str(tokens // BATCH), "--batch-size", str(BATCH), "--layer", str(args.layer)]
-        cmd += ["--num-latents", str(args.latents), "--k", str(args.k), "--scales", scales]
+        cmd += ["--num-latents", str(args.latents), "--k", str(args.k), "--scales", scales, "--seed", str(args.seed)]
         cmd += ["--codes", str(scratch / f"{tag}.npz"), "--out", str(scratch / "peers" / tag)]
         print(f"transcoders: training {name}", file=sys.stderr, flush=True)
         result = run_child([*cmd, *(["--skip"] if skip else [])], ROOT)
@@ -190,6 +190,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--optimizer", default="adam", help="ours: fit --optimizer (adam | signum | muon | signum-sf)")
     parser.add_argument("--lr", type=float, default=0.0, help="ours: fit --lr (0: the optimizer's automatic one)")
+    parser.add_argument("--seed", type=int, default=0, help="weight seed (ours: fit --seed; sparsify: init and order)")
     parser.add_argument("--write", action="store_true", help="add the table to benchmarks/RESULTS.md")
     parser.add_argument("--only", type=lambda s: s.split(","), default=NAMES, help="contender names, comma-separated")
     args = parser.parse_args()
