@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -336,3 +337,30 @@ def test_train_dead_counts_a_latent_firing_only_on_the_last_training_row_as_aliv
         EvaluateConfig(runs=[run.url], metrics=["train_dead"], infer_k=3, out=str(tmp_path / "ev"))
     ).metrics
     assert top3["train_dead_share"] == 1 - 3 / 32  # encoded with --infer-k, as the other metrics are
+
+
+def test_train_fvu_is_the_fvu_of_every_training_row_written_out(tmp_path: Path) -> None:
+    """--metrics train_fvu: sum ||x - x_hat||^2 / sum ||x - mean x||^2 over every training row of both shards
+    (not the held-out rows' fvu), from the same pass as train_dead; neither is written unless asked for."""
+    from pipeline.cache.reader import ActivationCache as Cache
+    from pipeline.sae.folder import load_sae
+    from tests.support.caches import synthetic_cache
+
+    cache = synthetic_cache(tmp_path, [60, 50], layers=(12,), d=16)
+    (run,) = fit.run(
+        FitConfig(cache=cache.url, layer=12, latents=32, k=4, max_tokens=64, batch_size=32, out=str(tmp_path))
+    ).runs
+    sae, _ = load_sae(run)
+    x = torch.from_numpy(np.concatenate([r[:, 0] for _, r in Cache.open(cache.url).split_rows("train", [12])]))
+    with torch.no_grad():
+        x_hat = sae(x).x_hat  # (R, D)
+    fvu = float(((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+    nmse = float((((x - x_hat) ** 2).sum(1) / (x**2).sum(1)).mean())
+    (result,) = evaluate.run(
+        EvaluateConfig(runs=[run.url], metrics=["nmse", "train_fvu"], out=str(tmp_path / "ev"))
+    ).metrics
+    assert len(x) == Cache.open(cache.url).rows("train")
+    assert result["train_fvu"] == pytest.approx(fvu, rel=1e-5) and result["train_fvu"] != result["fvu"]
+    assert result["train_nmse"] == pytest.approx(nmse, rel=1e-5) and "train_dead_share" not in result
+    (dead,) = evaluate.run(EvaluateConfig(runs=[run.url], metrics=["train_dead"], out=str(tmp_path / "ev2"))).metrics
+    assert "train_fvu" not in dead and "train_dead_share" in dead

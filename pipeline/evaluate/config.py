@@ -10,7 +10,7 @@ from pipeline.infra.errors import UserError
 from pipeline.infra.params import setting
 
 METRICS = ("nmse", "kl", "ce")  # the default set
-OPT_IN = ("train_dead",)  # slow: one pass over the cache's training split
+OPT_IN = ("train_dead", "train_fvu")  # slow: one pass over the cache's training split (shared by both)
 SPLICES = ("scaled", "paper")
 
 
@@ -22,7 +22,8 @@ class EvaluateConfig:
     max_tokens: int = setting(0, "held-out tokens to use (0 = all the held-out split has)")
     batch_size: int = setting(4, "sequences per LLM forward")
     metrics: list[str] = setting(
-        doc="comma list of nmse (cache only), kl, ce (need the LLM), train_dead (opt-in: reads the training split)",
+        doc="comma list of nmse (cache only), kl, ce (need the LLM), train_dead, train_fvu (opt-in: read the "
+        "training split)",
         factory=lambda: list(METRICS),
     )
     suite: list[str] = setting(

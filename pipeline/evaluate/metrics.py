@@ -7,6 +7,7 @@ Reconstruction (normalized space, over held-out tokens):
   l0           mean number of active (non-zero) latents per token
   dead_share   share of latents never active on the evaluated tokens
   train_dead_share  share never active on any of the cache's training rows (opt-in: dead, not rare)
+  train_fvu / train_nmse  fvu / nmse over the cache's training rows (opt-in: what to choose settings by)
   dense_latents  number of latents active on more than 10 % of the evaluated tokens
   live_latents   number of latents active on more than 0.01 % of them (features found)
 Spliced into the LLM (logits over held-out sequences):
@@ -28,6 +29,8 @@ DEFINITIONS = {
     "dead_share": "share of latents never active on the evaluated tokens",
     "dense_latents": "number of latents active on more than 10 % of the evaluated tokens",
     "train_dead_share": "share of latents active on none of the cache's training rows (--metrics train_dead)",
+    "train_fvu": "fvu over the cache's training rows (--metrics train_fvu)",
+    "train_nmse": "nmse over the cache's training rows (--metrics train_fvu)",
     "live_latents": "number of latents active on more than 0.01 % of the evaluated tokens",
     "top_route_share": "RouteSAE: the largest share of tokens routed to one layer (1 = collapsed onto one layer)",
     "kl_per_token": "mean over real positions of KL(p_clean || p_spliced), nats",

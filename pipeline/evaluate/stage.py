@@ -35,6 +35,7 @@ from pipeline.sae.quality import Reconstruction
 FAST_BATCH = 4096  # held-out rows per SAE forward
 DENSE = 0.1  # a latent firing on more than this share of tokens counts as dense
 LIVE = 1e-4  # one firing on more than this share counts as a live feature (the RouteSAE count of features)
+SHOWN = ("nmse", "l0", "kl_per_token", "ce_recovered", "train_dead_share", "train_fvu")  # printed per run
 
 
 @dataclass
@@ -78,8 +79,8 @@ def evaluated(cfg: EvaluateConfig, root: Folder) -> list[dict[str, Any]]:
         _check_spliceable(subject, cfg)
         if "nmse" in cfg.metrics or subject.has_activations:  # an imported run may have only tokens (kl, ce)
             subject.result = fast_metrics(subject, cfg, list(taps[id(subject)].values()))
-        if "train_dead" in cfg.metrics:
-            subject.result["train_dead_share"] = train_dead_share(subject, cfg)
+        if set(OPT_IN) & set(cfg.metrics):
+            subject.result.update(training_metrics(subject, cfg))
     if {"kl", "ce"} & set(cfg.metrics):
         for same_cache in _group_by(subjects, lambda s: (s.cache.key,)):
             model, blocks = load_llm(same_cache[0].cache, device, cfg.compute_dtype)  # once per cache, not per layer
@@ -163,18 +164,28 @@ def fast_metrics(s: Subject, cfg: EvaluateConfig, taps: Sequence[CoreTap] = ()) 
 
 
 @torch.no_grad()
-def train_dead_share(s: Subject, cfg: EvaluateConfig) -> float:
-    """Share of latents active on none of the cache's training rows: dead, as opposed to rare.
+def training_metrics(s: Subject, cfg: EvaluateConfig) -> dict[str, float]:
+    """The opt-in metrics of the cache's training rows, asked for in ``cfg.metrics``, from one pass.
 
-    A held-out split of 21k tokens counts a latent firing once in 10,000 tokens as dead about 1 time in 8;
-    over the training split (0.4M rows in the demo) only a latent the data never reaches stays silent.
+    train_dead: the share of latents active on none of them, dead as opposed to rare (a held-out split of
+    21k tokens counts a latent firing once in 10,000 tokens as dead about 1 time in 8; over the training
+    split, 0.4M rows in the demo, only a latent the data never reaches stays silent). train_fvu (and its
+    train_nmse): the reconstruction of the rows the SAE was trained on, what a sweep's settings may be
+    chosen by while the held-out split stays for reporting.
     """
     fired = torch.zeros(s.cfg["sae"]["n_latents"], dtype=torch.bool, device=next(s.sae.parameters()).device)
+    quality = Reconstruction()
     with progress_bar("training rows", s.cache.rows("train"), unit="tok") as bar:
         for out in _encoded(s, cfg, "train"):
             fired[out.latents.indices[out.latents.acts > 0]] = True
+            quality.add(out.x, out.x_hat)
             bar.advance(0, len(out.x))
-    return float(1 - fired.float().mean())
+    result = {}
+    if "train_dead" in cfg.metrics:
+        result["train_dead_share"] = float(1 - fired.float().mean())
+    if "train_fvu" in cfg.metrics:
+        result.update(train_fvu=quality.fvu, train_nmse=quality.nmse)
+    return result
 
 
 def _encoded(s: Subject, cfg: EvaluateConfig, split: str, max_rows: int = 0) -> Iterator[SaeOutput]:
@@ -271,6 +282,6 @@ def write_metrics(s: Subject, cfg: EvaluateConfig, root: Folder) -> dict[str, An
         "definitions": {k: v for k, v in DEFINITIONS.items() if k in s.result},
     }
     root.child(s.folder.name).write_json(metrics, "metrics.json")
-    shown = {k: metrics[k] for k in ("nmse", "l0", "kl_per_token", "ce_recovered", "train_dead_share") if k in metrics}
+    shown = {k: metrics[k] for k in SHOWN if k in metrics}
     say(f"evaluated {s.folder.name}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
     return metrics
