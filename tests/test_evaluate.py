@@ -341,7 +341,8 @@ def test_train_dead_counts_a_latent_firing_only_on_the_last_training_row_as_aliv
 
 def test_train_fvu_is_the_fvu_of_every_training_row_written_out(tmp_path: Path) -> None:
     """--metrics train_fvu: sum ||x - x_hat||^2 / sum ||x - mean x||^2 over every training row of both shards
-    (not the held-out rows' fvu), from the same pass as train_dead; neither is written unless asked for."""
+    (not the held-out rows' fvu), with their nmse and L0, from the same pass as train_dead; neither is
+    written unless asked for."""
     from pipeline.cache.reader import ActivationCache as Cache
     from pipeline.sae.folder import load_sae
     from tests.support.caches import synthetic_cache
@@ -353,7 +354,8 @@ def test_train_fvu_is_the_fvu_of_every_training_row_written_out(tmp_path: Path) 
     sae, _ = load_sae(run)
     x = torch.from_numpy(np.concatenate([r[:, 0] for _, r in Cache.open(cache.url).split_rows("train", [12])]))
     with torch.no_grad():
-        x_hat = sae(x).x_hat  # (R, D)
+        out = sae(x)
+    x_hat, l0 = out.x_hat, float((out.latents.acts > 0).sum()) / len(x)  # (R, D), a scalar
     fvu = float(((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
     nmse = float((((x - x_hat) ** 2).sum(1) / (x**2).sum(1)).mean())
     (result,) = evaluate.run(
@@ -362,5 +364,6 @@ def test_train_fvu_is_the_fvu_of_every_training_row_written_out(tmp_path: Path) 
     assert len(x) == Cache.open(cache.url).rows("train")
     assert result["train_fvu"] == pytest.approx(fvu, rel=1e-5) and result["train_fvu"] != result["fvu"]
     assert result["train_nmse"] == pytest.approx(nmse, rel=1e-5) and "train_dead_share" not in result
+    assert result["train_l0"] == pytest.approx(l0, rel=1e-5)
     (dead,) = evaluate.run(EvaluateConfig(runs=[run.url], metrics=["train_dead"], out=str(tmp_path / "ev2"))).metrics
     assert "train_fvu" not in dead and "train_dead_share" in dead

@@ -7,7 +7,8 @@ Reconstruction (normalized space, over held-out tokens):
   l0           mean number of active (non-zero) latents per token
   dead_share   share of latents never active on the evaluated tokens
   train_dead_share  share never active on any of the cache's training rows (opt-in: dead, not rare)
-  train_fvu / train_nmse  fvu / nmse over the cache's training rows (opt-in: what to choose settings by)
+  train_fvu / train_nmse / train_l0  fvu / nmse / l0 over the cache's training rows (opt-in: what to
+                  choose settings by)
   dense_latents  number of latents active on more than 10 % of the evaluated tokens
   live_latents   number of latents active on more than 0.01 % of them (features found)
 Spliced into the LLM (logits over held-out sequences):
@@ -31,6 +32,7 @@ DEFINITIONS = {
     "train_dead_share": "share of latents active on none of the cache's training rows (--metrics train_dead)",
     "train_fvu": "fvu over the cache's training rows (--metrics train_fvu)",
     "train_nmse": "nmse over the cache's training rows (--metrics train_fvu)",
+    "train_l0": "mean number of active latents per token over the cache's training rows (--metrics train_fvu)",
     "live_latents": "number of latents active on more than 0.01 % of the evaluated tokens",
     "top_route_share": "RouteSAE: the largest share of tokens routed to one layer (1 = collapsed onto one layer)",
     "kl_per_token": "mean over real positions of KL(p_clean || p_spliced), nats",

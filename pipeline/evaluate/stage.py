@@ -169,22 +169,25 @@ def training_metrics(s: Subject, cfg: EvaluateConfig) -> dict[str, float]:
 
     train_dead: the share of latents active on none of them, dead as opposed to rare (a held-out split of
     21k tokens counts a latent firing once in 10,000 tokens as dead about 1 time in 8; over the training
-    split, 0.4M rows in the demo, only a latent the data never reaches stays silent). train_fvu (and its
-    train_nmse): the reconstruction of the rows the SAE was trained on, what a sweep's settings may be
-    chosen by while the held-out split stays for reporting.
+    split, 0.4M rows in the demo, only a latent the data never reaches stays silent). train_fvu (with
+    train_nmse and train_l0): the reconstruction of the rows the SAE was trained on and its L0 there (a
+    threshold's L0 is not k), what a sweep's settings may be chosen by while the held-out split stays for
+    reporting.
     """
     fired = torch.zeros(s.cfg["sae"]["n_latents"], dtype=torch.bool, device=next(s.sae.parameters()).device)
-    quality = Reconstruction()
+    quality, active = Reconstruction(), 0
     with progress_bar("training rows", s.cache.rows("train"), unit="tok") as bar:
         for out in _encoded(s, cfg, "train"):
-            fired[out.latents.indices[out.latents.acts > 0]] = True
+            on = out.latents.acts > 0  # (b, k)
+            fired[out.latents.indices[on]] = True
             quality.add(out.x, out.x_hat)
+            active += int(on.sum())
             bar.advance(0, len(out.x))
     result = {}
     if "train_dead" in cfg.metrics:
         result["train_dead_share"] = float(1 - fired.float().mean())
     if "train_fvu" in cfg.metrics:
-        result.update(train_fvu=quality.fvu, train_nmse=quality.nmse)
+        result.update(train_fvu=quality.fvu, train_nmse=quality.nmse, train_l0=active / quality.rows)
     return result
 
 
