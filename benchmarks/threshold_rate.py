@@ -51,6 +51,8 @@ def main() -> None:
     parser.add_argument("--rates", type=lambda s: [float(v) for v in s.split(",")], default=[0.01, 0.02, 0.05, 0.1])
     parser.add_argument("--scratch", default="/tmp/sae-pipe-threshold-rate")
     args = parser.parse_args()
+    if not all(0 < rate <= 1 for rate in args.rates) or min(args.k) < 1:  # NaN fails the comparison too
+        parser.error(f"--rates {args.rates} must lie in (0, 1] and --k {args.k} be at least 1")
     rows = [measured(args.cache, rate, k, args) for k in args.k for rate in args.rates]
     print("| k | rate | training L0 | off k | training FVU | held-out L0 | held-out FVU |")
     print("|---|---|---|---|---|---|---|")
