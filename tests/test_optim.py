@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pipeline.fit import stage as fit
+from pipeline.fit.muon import Muon
 from pipeline.fit.optim import make_optimizer
 from pipeline.sae.archs.topk import TopKSAE
 from pipeline.sae.interface import SaeConfig
@@ -18,13 +19,18 @@ from tests.test_fit import interrupted, run_cfg, weights
 LR = 0.01
 
 
-def test_muon_steps_matrices_along_the_orthogonalized_gradient_and_biases_by_adam() -> None:
+@pytest.mark.parametrize(("low_precision", "off_diagonal"), [(False, 1e-5), (True, 0.03)])
+def test_muon_steps_matrices_along_the_orthogonalized_gradient_and_biases_by_adam(
+    low_precision: bool, off_diagonal: float
+) -> None:
     """One step from rest on a (6, 4) encoder: Nesterov momentum is a multiple of the gradient G, so the
     step is lr x 0.2 sqrt(6) x U S' V^T (G = U S V^T, dense SVD) after decay by lr x 0.1, where five
     Newton-Schulz iterations leave S' within [0.68, 1.14] of 1 (Keller Jordan's coefficients) and the
-    singular vectors those of G to bf16 precision. A bias takes Adam's first step, lr x sign(g)."""
+    singular vectors those of G to the orthogonalization's precision: float32's 1e-5, or bf16's 0.03 where
+    the hardware has bf16. A bias takes Adam's first step, lr x sign(g)."""
     sae = TopKSAE(SaeConfig("topk", 4, 6, 2, [0]), torch.Generator().manual_seed(0))
-    opt = make_optimizer("muon", [{"params": list(sae.parameters()), "lr": LR}], (0.9, 0.999), torch.device("cpu"))
+    params = [{"params": list(sae.parameters()), "lr": LR}]
+    opt = make_optimizer("muon", params, (0.9, 0.999), torch.device("cpu"), low_precision)
     before = {name: p.detach().clone() for name, p in sae.named_parameters()}
     grads = {
         name: torch.randn(p.shape, generator=torch.Generator().manual_seed(i))
@@ -40,10 +46,34 @@ def test_muon_steps_matrices_along_the_orthogonalized_gradient_and_biases_by_ada
     in_basis = u.T @ ortho.double() @ vh.T  # (4, 4) diagonal when U, V are the step's singular vectors
     diagonal = in_basis.diagonal()
     assert diagonal.min() > 0.6 and diagonal.max() < 1.2, diagonal
-    assert (in_basis - torch.diag(diagonal)).abs().max() < 0.03
+    assert (in_basis - torch.diag(diagonal)).abs().max() < off_diagonal
     torch.testing.assert_close(
         sae.b_enc.detach(), before["b_enc"] - LR * grads["b_enc"].sign(), atol=1e-6, rtol=0
     )  # Adam's first step: m / sqrt(v) = sign(g)
+
+
+def test_muon_in_bf16_steps_as_torchs_own_muon() -> None:
+    """Muon with bf16 orthogonalization is torch.optim.Muon (Moonshot's step size) bit for bit, over three
+    steps of changing gradients on a tall and a wide matrix: momentum, Nesterov, weight decay and the step
+    size are torch's; only the precision of the iterations is ours to choose."""
+    shapes = [(6, 4), (3, 7)]
+    ours = [
+        torch.nn.Parameter(torch.randn(shape, generator=torch.Generator().manual_seed(i)))
+        for i, shape in enumerate(shapes)
+    ]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opts = [
+        Muon([{"params": ours}], LR, torch.bfloat16),
+        torch.optim.Muon(theirs, lr=LR, adjust_lr_fn="match_rms_adamw"),
+    ]
+    for step in range(3):
+        for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+            a.grad = torch.randn(a.shape, generator=torch.Generator().manual_seed(10 * step + i))
+            b.grad = a.grad.clone()
+        for opt in opts:
+            opt.step()
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a.detach(), b.detach(), atol=0, rtol=0)
 
 
 @pytest.fixture()

@@ -122,7 +122,9 @@ class FitConfig:
     route_balance: float = setting(
         0.0, "route: weight of a load-balancing loss on the router (not in the paper; 0 = off)"
     )
-    precision: str = setting("auto", "encoder GEMM: auto (bf16 where the hardware has it) | float32 | bfloat16")
+    precision: str = setting(
+        "auto", "encoder GEMM and Muon's orthogonalization: auto (bf16 where the hardware has it) | float32 | bfloat16"
+    )
     device: str = settings.device()
     log_every: int = setting(10, "steps between log.csv rows (0 = the last step only)")
     checkpoint_every: int = setting(100, "steps between resumable states (0 = none)")

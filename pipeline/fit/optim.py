@@ -10,6 +10,8 @@ import torch
 from schedulefree import ScheduleFreeWrapper
 from torch import Tensor
 
+from pipeline.fit.muon import MuonAdam
+
 
 class Signum(torch.optim.Optimizer):
     """SignSGD with momentum: m = beta m + (1 - beta) g;  p -= lr sign(m). Momentum 0 is SignSGD, p -= lr sign(g),
@@ -81,11 +83,16 @@ def auto_lr(optimizer: str, n_latents: int, tokens: int, batch_size: int = REFER
 
 
 def make_optimizer(
-    name: str, groups: list[dict[str, Any]], betas: tuple[float, float], device: torch.device
+    name: str,
+    groups: list[dict[str, Any]],
+    betas: tuple[float, float],
+    device: torch.device,
+    low_precision: bool = False,
 ) -> torch.optim.Optimizer:
     """Adam (fused kernel on CPU and CUDA), Signum, SignSGD in a schedule-free average (ScheduleFree), or Muon
     with Adam (MuonAdam) over parameter ``groups`` (the architecture's, SAE.param_groups), each given its peak
-    rate as ``base_lr``, which the schedule scales."""
+    rate as ``base_lr``, which the schedule scales. ``low_precision``: Muon orthogonalizes in bf16 (the
+    hardware has it; kernels.use_low_precision), else in float32."""
     groups = [{**group, "base_lr": group["lr"]} for group in groups]
     if name == "signum":  # names are checked once, by fit.config.Training
         return Signum(groups, lr=groups[0]["lr"], momentum=betas[0])
@@ -93,76 +100,8 @@ def make_optimizer(
         return ScheduleFree(Signum(groups, lr=groups[0]["lr"], momentum=0.0), momentum=SF_MOMENTUM)
     fused = device.type in ("cpu", "cuda")
     if name == "muon":
-        return MuonAdam(groups, betas, fused)
+        return MuonAdam(groups, betas, fused, torch.bfloat16 if low_precision else torch.float32)
     return torch.optim.Adam(groups, lr=groups[0]["lr"], betas=betas, fused=fused)
-
-
-class MuonAdam(torch.optim.Optimizer):
-    """Muon (torch.optim.Muon) on the SAE's weight matrices, Adam on the rest, as one optimizer.
-
-    Muon is defined for matrices only: it steps along the orthogonalized Nesterov momentum U V^T (five
-    Newton-Schulz iterations, in bf16) of each matrix. The split is sparsify's (trainer.py: Muon for every
-    parameter with ndim >= 2, torch.optim.Adam for the rest at the same lr), and so is the step size: lr x
-    0.2 sqrt(max(rows, cols)) (its muon.py; torch's ``adjust_lr_fn="match_rms_adamw"``, Moonshot's rule
-    that gives the update the RMS of an AdamW step), with momentum 0.95 and decoupled weight decay 0.1
-    (the default of both). Only the first group (the SAE's own parameters) goes to Muon: a RouteSAE's
-    router maps to one logit per layer, a classifier head, which Muon's author leaves to AdamW
-    (kellerjordan.github.io/posts/muon), and its rate was measured for Adam.
-
-    ``param_groups`` lists Muon's groups, then Adam's (the router first), each with its ``base_lr`` so the
-    schedule scales all of them; ``state_dict`` numbers the parameters across both, so a checkpoint holds
-    one optimizer state.
-    """
-
-    def __init__(self, groups: list[dict[str, Any]], betas: tuple[float, float], fused: bool) -> None:
-        first, *others = groups
-        matrices = [p for p in first["params"] if p.ndim == 2]
-        rest = [p for p in first["params"] if p.ndim != 2]
-        self.parts: list[torch.optim.Optimizer] = [
-            torch.optim.Muon([{**first, "params": matrices}], lr=first["lr"], adjust_lr_fn="match_rms_adamw")
-        ]
-        adam_groups = [g for g in [*others, {**first, "params": rest}] if g["params"]]
-        if adam_groups:
-            self.parts.append(torch.optim.Adam(adam_groups, lr=first["lr"], betas=betas, fused=fused))
-        super().__init__([p for g in groups for p in g["params"]], {})
-        self.param_groups = [g for part in self.parts for g in part.param_groups]  # the parts' own dicts
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for part in self.parts:
-            part.step()
-        return loss
-
-    def state_dict(self) -> dict[str, Any]:
-        """The parts' states as one torch state_dict: parameter ids run on from one part to the next."""
-        state: dict[int, Any] = {}
-        groups: list[dict[str, Any]] = []
-        offset = 0
-        for part in self.parts:
-            own = part.state_dict()
-            state.update({offset + pid: slots for pid, slots in own["state"].items()})
-            groups += [{**g, "params": [offset + pid for pid in g["params"]]} for g in own["param_groups"]]
-            offset += sum(len(g["params"]) for g in own["param_groups"])
-        return {"state": state, "param_groups": groups}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Give each part its share of a state_dict written by ``state_dict``."""
-        first_group = offset = 0
-        for part in self.parts:
-            groups = state_dict["param_groups"][first_group : first_group + len(part.param_groups)]
-            count = sum(len(g["params"]) for g in groups)
-            part.load_state_dict(
-                {
-                    "state": {pid - offset: s for pid, s in state_dict["state"].items() if 0 <= pid - offset < count},
-                    "param_groups": [{**g, "params": [pid - offset for pid in g["params"]]} for g in groups],
-                }
-            )
-            first_group, offset = first_group + len(groups), offset + count
-        self.param_groups = [g for part in self.parts for g in part.param_groups]  # loading made new dicts
 
 
 # sparsify's (trainer.py); on the 100k-token layer-12 cache's transcoder (4096 latents, 188k tokens) it beat

@@ -62,7 +62,7 @@ def make_member(
     generator = torch.Generator().manual_seed(settings.seed)
     model = build_sae(sae_cfg, generator).to(device).train()
     model.prepare_training(settings)
-    optimizer = make_optimizer(settings.optimizer, model.param_groups(settings), settings.betas, device)
+    optimizer = make_optimizer(settings.optimizer, model.param_groups(settings), settings.betas, device, low_precision)
     member = Member(
         folder,
         sae_cfg,
