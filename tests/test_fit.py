@@ -377,3 +377,24 @@ def test_balance_loss_is_one_when_even_and_pulls_towards_even() -> None:
     weights = torch.tensor([[0.7, 0.2, 0.1]] * 5, requires_grad=True)
     balance_loss(weights).backward()
     assert weights.grad[0, 0] > weights.grad[0, 1] > weights.grad[0, 2]  # descent moves mass off the top layer
+
+
+def test_one_explicit_lr_across_dictionary_sizes_is_pointed_out(tmp_path: Path) -> None:
+    """A sweep over latents at one --lr gets a note naming each size's automatic rate (Adam: 2e-3 x
+    (16384 / latents) ** 0.65 x sqrt(256 / 4096) for batches of 256: 0.0117 at 128 latents, 0.00193 at
+    2048); none where lr is swept, automatic, or every member's automatic rate is the same (a k sweep)."""
+    from pipeline.fit.plan import fixed_lr_note, plan_run
+
+    cache = ActivationCache.open(synthetic_cache(tmp_path, [1500, 1500]).url)
+
+    def note(sweep: dict[str, object], **kw: object) -> str | None:
+        cfg = run_cfg(cache.folder.url, tmp_path, sweep=sweep, **kw)
+        return fixed_lr_note(cfg.sweep, [plan_run(m, cache) for m in expand_sweep(cfg)], cache.rows("train"))
+
+    message = note({"latents": [128, 2048]})
+    assert message is not None
+    assert "--lr 0.003 holds for every member" in message
+    assert "0.012 at 128 latents (adam)" in message and "0.0019 at 2048 latents (adam)" in message
+    assert note({"latents": [128, 2048], "lr": [1e-3, 3e-3]}) is None
+    assert note({"latents": [128, 2048]}, lr=0.0) is None
+    assert note({"k": [4, 8]}) is None

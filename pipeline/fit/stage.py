@@ -22,6 +22,7 @@ from pipeline.fit.plan import (
     RunPlan,
     check_no_duplicates,
     expand_sweep,
+    fixed_lr_note,
     out_root,
     plan_run,
     prepare_run_folder,
@@ -73,6 +74,8 @@ def run(cfg: FitConfig, ranks: Ranks | None = None) -> FitResult:
     cache = open_cache(cfg)
     plans = [plan_run(member, cache) for member in expand_sweep(cfg)]
     check_no_duplicates(plans)
+    if (note := fixed_lr_note(cfg.sweep, plans, cache.rows("train"))) and ranks.is_main:
+        say(note)
     with ExitStack() as locks:  # a second process for the same run waits, then finds it trained
         for plan in sorted(plans, key=lambda p: p.folder.name):
             locks.enter_context(exclusive(plan.folder, "fit", enabled=ranks.world == 1))
