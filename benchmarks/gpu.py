@@ -9,6 +9,8 @@
    the GPU while the current step runs);
 4. evaluate of 1 and 4 runs against a bare forward of the same batches (benchmarks/bench_evaluate);
 5. the 4-member sweep against four separate fits, 16384 latents, k 32 (benchmarks/bench_sweep);
+6. each trainable SAE architecture by `sae-pipe fit` end to end at that shape, scored on every held-out row
+   (benchmarks/archs.quality: FVU, L0, dead share);
 
 then prints one section, and with --write adds it to benchmarks/RESULTS.md. Without a GPU it says so
 and exits 0. Its first numbers (an H200, 2026-11-26) are in benchmarks/RESULTS.md.
@@ -30,8 +32,10 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
+from benchmarks.archs import quality
 from benchmarks.bench_evaluate import measure
 from benchmarks.bench_extract import timed_extract
 from benchmarks.bench_fit import Shape, bench_fit
@@ -43,7 +47,8 @@ from pipeline.extract.config import ExtractConfig
 from pipeline.fit import stage as fit
 from pipeline.fit.config import FitConfig
 
-TITLE = "GPU: extract, fit, evaluate, sweep (issue 19)"
+TITLE = "GPU: extract, fit, evaluate, sweep, architectures (issues 19, 30)"
+ARCHS = ("topk", "batchtopk", "jumprelu", "matryoshka", "standard", "gated")  # fit's trainable SAEs of one layer
 
 
 class Sizes(NamedTuple):
@@ -114,7 +119,25 @@ def measure_all(args: argparse.Namespace, sizes: Sizes, scratch: Path) -> list[s
     _step(lines, "", *measure(run, sizes.eval_tokens, 8, [1, 4], sizes.repeats, device))
     latents, k = sizes.shape.latents, sizes.shape.k
     _step(lines, "", *sweep_lines(folder.url, sizes.sweep_tokens, sizes.repeats, args.device, [0], latents, k))
+    _step(lines, "", *arch_lines(cache, args, sizes, scratch / "archs"))
     return lines
+
+
+def arch_lines(cache: ActivationCache, args: argparse.Namespace, sizes: Sizes, out: Path) -> list[str]:
+    """One fit per architecture of ``ARCHS`` (the shape and epochs of step 3); a table of speed and quality."""
+    held = np.concatenate([rows[:, 0] for _, rows in cache.heldout_rows([args.layer])]).astype(np.float32)  # (R, D)
+    table = [
+        f"Each architecture: `sae-pipe fit --arch A` end to end ({sizes.epochs} epoch(s), k = target L0 "
+        f"{sizes.shape.k}), scored on all {len(held):,} held-out rows.",
+        "",
+        "| arch | fit tok/s (setup included) | held-out FVU | L0 | dead share |",
+        "|---|---|---|---|---|",
+    ]
+    for arch in ARCHS:
+        run, rate = timed_fit(cache.folder.url, args, sizes, out, arch)
+        q = quality(held, run)
+        table.append(f"| {arch} | {rate:,.0f} | {q['fvu']:.4f} | {q['l0']:.1f} | {q['dead_share']:.2%} |")
+    return table
 
 
 def _step(lines: list[str], *new: str) -> None:
@@ -123,11 +146,12 @@ def _step(lines: list[str], *new: str) -> None:
     print("\n".join(new), file=sys.stderr, flush=True)
 
 
-def timed_fit(cache: str, args: argparse.Namespace, sizes: Sizes, out: Path) -> tuple[str, float]:
+def timed_fit(cache: str, args: argparse.Namespace, sizes: Sizes, out: Path, arch: str = "topk") -> tuple[str, float]:
     """One SAE of ``sizes.shape`` trained by `sae-pipe fit`; its run folder and tokens/s (setup included)."""
     shape = sizes.shape
     cfg = FitConfig(
         cache=cache,
+        arch=arch,
         layer=args.layer,
         latents=shape.latents,
         k=shape.k,

@@ -21,7 +21,7 @@ def test_gpu_benchmark_without_a_gpu_says_so_and_exits_0() -> None:
 
 @pytest.mark.slow
 def test_every_step_of_the_gpu_benchmark_runs_on_the_cpu(tiny_llama: Path, capsys: pytest.CaptureFixture) -> None:
-    """The same code a GPU machine runs, on a tiny model: extract, fit steps, fit, evaluate, sweep."""
+    """The same code a GPU machine runs, on a tiny model: extract, fit steps, fit, evaluate, sweep, architectures."""
     from benchmarks import gpu
 
     argv = ["--device", "cpu", "--smoke", "--model", str(tiny_llama), "--layer", "1", "--max-tokens", "6000"]
@@ -34,5 +34,6 @@ def test_every_step_of_the_gpu_benchmark_runs_on_the_cpu(tiny_llama: Path, capsy
         "- `sae-pipe fit` end to end: ",
         "| 4 | ",  # evaluate of 4 runs against a bare forward
         "| 4 members: seeds 0-3 | ",
+        *(f"| {arch} | " for arch in gpu.ARCHS),  # each architecture's fit, scored on the held-out rows
     ):
         assert piece in out, piece
