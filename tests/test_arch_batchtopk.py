@@ -14,6 +14,7 @@ from pipeline.fit.config import FitConfig, Training
 from pipeline.fit.train import make_member, train_step
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
+from pipeline.sae.archs.batchtopk import batch_topk
 from pipeline.sae.folder import load_sae
 from pipeline.sae.interface import SAE, SaeConfig, Step, build_sae
 from pipeline.sae.quality import Reconstruction
@@ -76,6 +77,21 @@ def test_batchtopk_keeps_exactly_k_times_b_activations_per_training_batch() -> N
     assert int(per_row.max()) > 4 > int(per_row.min())  # not k per row: the busy rows take more
     assert out.latents.acts.shape[1] == int(per_row.max())  # padded with zeros to the busiest row only
     np.testing.assert_allclose(dense(out.latents, 64), np_batch_code(np_pre(sae, x), 4 * 32), atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["overflow", "ties", "few_positive"])
+def test_batch_topk_picks_the_batch_largest_entries_in_each_corner(case: str) -> None:
+    """A row with more winners than its candidates, ties at the cut, and fewer positive entries than k x B."""
+    pre = torch.randn(24, 40, generator=torch.Generator().manual_seed(3), dtype=torch.float64)  # (B, N)
+    if case == "overflow":
+        pre[5] += 4.0  # row 5 holds all 40 of its entries among the 72 winners, 6 candidates each
+    elif case == "ties":
+        pre = (pre * 4).round() / 4  # values on a grid: many equal the cut
+    else:
+        pre -= 2.5  # about 14 positive entries for 72 places
+    ids, real = batch_topk(pre, 24 * 3, 6)  # (B, W) each
+    got = torch.zeros_like(pre).scatter_add(1, ids, real.double()).numpy()  # (B, N) 1 where picked
+    np.testing.assert_array_equal(got, np_batch_code(np.maximum(pre.numpy(), 0), 24 * 3) > 0)
 
 
 def sparse_rows(rng: np.random.Generator, b: int, dictionary: np.ndarray, active: int = 3) -> torch.Tensor:

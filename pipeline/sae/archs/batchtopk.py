@@ -35,34 +35,43 @@ def batch_topk(pre: Tensor, total: int, per_row: int) -> tuple[Tensor, Tensor]:
     """The ``total`` largest entries of ReLU(``pre``) (B, N) over all rows, as latent ids (B, W) padded to the
     busiest row's W, and a mask (B, W) of the real ones.
 
-    Exact without sorting all B x N entries: each row's ``per_row`` largest compete first. A row whose
-    smallest candidate still makes the cut (and is positive) may hold more winners, so it competes with
-    every entry; the cut can only rise then, so the other rows still hold all of theirs.
+    Exact (ties at the cut taken in row-major order) without sorting all B x N entries: the cut is found
+    among each row's ``per_row`` largest. A row whose smallest candidate still makes the cut (and is
+    positive) may hold more winners, so all its entries join the pool and the cut is found again; it can
+    only rise then, so the other rows still hold all of theirs. The winners are then read off ``pre`` with
+    one comparison, in row order, so no top-k or sort of the k x B winners is needed.
     """
     rows, width = pre.shape
     per_row, total = min(per_row, width), min(total, rows * width)
-    cand = topk_indices(pre, per_row)  # (B, c)
-    cand_vals = pre.gather(1, cand)  # (B, c)
-    cut = cand_vals.flatten().topk(total, sorted=False).values.min()  # () the cut among the candidates
-    row_min = cand_vals.min(dim=1).values  # (B,)
+    cand_vals = pre.gather(1, topk_indices(pre, per_row))  # (B, c)
+    cut = kth_largest(cand_vals.flatten(), total)  # () the cut among the candidates
+    row_min = cand_vals.amin(dim=1)  # (B,)
     whole = (row_min >= cut) & (row_min > 0)  # (B,) rows that may hold more than c winners
-    ids = torch.arange(rows, device=pre.device)  # (B,)
-    row_of, col_of, vals = ids.repeat_interleave(per_row), cand.flatten(), cand_vals.flatten()  # (B c,) each
     if bool(whole.any()):
-        part, full = (~whole).nonzero().squeeze(1), whole.nonzero().squeeze(1)  # (B - S,), (S,)
-        all_cols = torch.arange(width, device=pre.device)  # (N,)
-        row_of = torch.cat([part.repeat_interleave(per_row), full.repeat_interleave(width)])
-        col_of = torch.cat([cand[part].flatten(), all_cols.repeat(len(full))])
-        vals = torch.cat([cand_vals[part].flatten(), pre[full].flatten()])
-    pick = vals.topk(total, sorted=False).indices  # (total,)
-    return pad_rows(row_of[pick], col_of[pick], rows)
+        cut = kth_largest(torch.cat([cand_vals[~whole].flatten(), pre[whole].flatten()]), total)
+    won = pre > cut.clamp(min=0)  # (B, N) a non-positive entry is no activation: fewer than total then
+    short = total - int(won.sum())  # entries equal to a positive cut still to take
+    if short > 0 and bool(cut > 0):
+        tied = (pre == cut).flatten().nonzero().squeeze(1)[:short]  # (short,) first in row-major order
+        won.view(-1)[tied] = True
+    row_of, col_of = won.nonzero(as_tuple=True)  # (M,) each, in row order
+    return pad_sorted(row_of, col_of, rows)
+
+
+def kth_largest(values: Tensor, k: int) -> Tensor:
+    """The ``k``-th largest of ``values`` (M,), a selection rather than a sort."""
+    return values.kthvalue(len(values) - k + 1).values
 
 
 def pad_rows(row_of: Tensor, col_of: Tensor, rows: int) -> tuple[Tensor, Tensor]:
     """The columns ``col_of`` (M,) of ``rows`` rows, entry j in row ``row_of[j]``, as a (B, W) table padded with 0
     to the busiest row's W, and a mask (B, W) of the real entries."""
     row_of, order = row_of.sort(stable=True)  # (M,) in row order
-    col_of = col_of[order]  # (M,)
+    return pad_sorted(row_of, col_of[order], rows)
+
+
+def pad_sorted(row_of: Tensor, col_of: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+    """:func:`pad_rows` of entries already in row order."""
     counts = torch.bincount(row_of, minlength=rows)  # (B,) entries per row
     slot = torch.arange(len(row_of), device=row_of.device) - (counts.cumsum(0) - counts)[row_of]  # (M,) place in row
     padded = torch.zeros(rows, max(int(counts.max()), 1), dtype=torch.long, device=row_of.device)  # (B, W)
