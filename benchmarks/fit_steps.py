@@ -1,8 +1,9 @@
-"""sae-pipe's TopK training step timed like benchmarks/peers/peer_steps.py times the peers.
+"""sae-pipe's training step (TopK by default, any one-layer architecture with --arch) timed like
+benchmarks/peers/peer_steps.py times the peers.
 
 Runs in the project's venv, one process per measurement (its peak RSS is its own VmHWM, see benchmarks.child):
 
-    python -m benchmarks.fit_steps --data train.npy --precision bfloat16 [--device cuda]
+    python -m benchmarks.fit_steps --data train.npy --precision bfloat16 [--device cuda] [--arch batchtopk --k 128]
 
 Each step is exactly what `sae-pipe fit` does per batch (pipeline.fit.train.train_step: forward, NormMSE
 loss, backward with sparse kernels, Adam, decoder renormalization, dead-latent counters), with the
@@ -26,7 +27,7 @@ from pipeline.fit.optim import auto_lr
 from pipeline.fit.train import init_pre_bias, make_member, train_step
 from pipeline.infra.device import keep_freed_memory
 from pipeline.infra.files import Folder
-from pipeline.sae.interface import SaeConfig
+from pipeline.sae.interface import REGISTRY, SaeConfig
 from pipeline.sae.kernels import use_low_precision
 
 
@@ -38,8 +39,9 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     data = torch.from_numpy(np.load(args.data).astype(np.float32, copy=False)).to(device)  # (R, D)
     low = use_low_precision(device, args.precision)
     lr, k_aux = auto_lr("adam", args.num_latents, args.steps * args.batch_size, args.batch_size), data.shape[1] // 2
-    settings = Training.of(FitConfig(multi_topk=args.multi_topk), lr=lr, k_aux=k_aux, dead_tokens=10**9)
-    cfg = SaeConfig("topk", data.shape[1], args.num_latents, args.k, [0])
+    settings = Training.of(FitConfig(arch=args.arch, multi_topk=args.multi_topk), lr=lr, k_aux=k_aux, dead_tokens=10**9)
+    prefixes = REGISTRY[args.arch].plan_prefixes("", args.num_latents)  # matryoshka's default sizes, else []
+    cfg = SaeConfig(args.arch, data.shape[1], args.num_latents, args.k, [0], prefixes=prefixes)
     member = make_member(Folder.at(args.scratch), cfg, settings, low, [0], device)
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).to(device)
     times, cpu, curve = [], [], []
@@ -57,6 +59,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     timed = times[args.warmup :]
     return {
         "library": "sae-pipe",
+        "arch": member.model.cfg.arch,  # the architecture that trained, as built
         "precision": "bfloat16" if low else "float32",
         "tokens_per_s_median": args.batch_size / statistics.median(timed),
         "step_s_all": times,
@@ -76,6 +79,7 @@ def _synchronize(device: torch.device) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", required=True)
+    parser.add_argument("--arch", default="topk", help="a trainable one-layer architecture (fit --arch)")
     parser.add_argument("--num-latents", type=int, default=16384)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=4096)

@@ -142,3 +142,21 @@ def test_the_picture_is_drawn_when_kl_was_not_measured(tmp_path: Path) -> None:
     runs = [_run("topk", "topk", 32, 32.0, 0.15, 5000.0, 0.01), _run("peer", "topk", 32, 32.0, 0.16, 2500.0, 0.05)]
     archs_report.picture([{**r, "library": "sae-pipe"} for r in runs], tmp_path / "archs.png")
     assert (tmp_path / "archs.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka", "jumprelu", "gated"])
+def test_fit_steps_times_the_architecture_it_is_asked_for(arch: str, tmp_path: Path) -> None:
+    """benchmarks.fit_steps --arch builds and trains that architecture (its FVU falls over the timed steps)."""
+    from benchmarks import fit_steps
+
+    rng = np.random.default_rng(0)
+    atoms = rng.standard_normal((64, 32)).astype(np.float32)  # (atoms, D)
+    rows = rng.exponential(1.0, (4096, 64)).astype(np.float32) * (rng.random((4096, 64)) < 0.05) @ atoms  # (R, D)
+    np.save(tmp_path / "rows.npy", rows)
+    args = argparse.Namespace(
+        data=str(tmp_path / "rows.npy"), arch=arch, num_latents=128, k=4, batch_size=512, steps=12, warmup=1,
+        precision="float32", device="cpu", scratch=str(tmp_path / "run"), multi_topk=False,
+    )  # fmt: skip
+    result = fit_steps.run(args)
+    assert result["arch"] == arch
+    assert result["fvu_curve"][-1] < 0.9 * result["fvu_curve"][0]
