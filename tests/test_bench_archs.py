@@ -160,3 +160,26 @@ def test_fit_steps_times_the_architecture_it_is_asked_for(arch: str, tmp_path: P
     result = fit_steps.run(args)
     assert result["arch"] == arch
     assert result["fvu_curve"][-1] < 0.9 * result["fvu_curve"][0]
+
+
+def test_batch_form_scores_the_batch_top_k_code(tmp_path: Path) -> None:
+    """benchmarks.batch_form against a numpy batch top-k; latent 0 fires on most rows, so a padded slot
+    (latent id 0, value 0) must not wipe its activation."""
+    from benchmarks.batch_form import batch_form
+
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(8, 5)).astype(np.float32)  # (N, D)
+    w[0] = 3 * np.abs(w[0])
+    x = (np.abs(rng.normal(size=(40, 5))) * rng.uniform(0.2, 3.0, (40, 1))).astype(np.float32)  # unlike norms
+    run = _topk_run(tmp_path / "run", w, np.zeros(5, np.float32), k=2)
+    fvu, l0 = batch_form(run, x, 2, 20)
+    pre = np.maximum(x @ w.T, 0)  # (R, N)
+    code = np.zeros_like(pre)
+    for i in (0, 20):  # each batch of 20 rows keeps its 40 largest entries
+        flat = pre[i : i + 20].flatten()
+        top = np.argsort(-flat, kind="stable")[:40]
+        code[i : i + 20].flat[top] = flat[top]
+    x_hat = code @ (w / np.linalg.norm(w, axis=1, keepdims=True))
+    assert (code[:, 0] > 0).mean() > 0.5 and len(set((code > 0).sum(1))) > 1  # the case the test is about
+    assert fvu == pytest.approx(((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum(), rel=1e-4)
+    assert l0 == pytest.approx((code > 0).sum(1).mean())
