@@ -30,6 +30,8 @@ from pipeline.infra.files import Folder
 from pipeline.sae.interface import REGISTRY, SaeConfig
 from pipeline.sae.kernels import use_low_precision
 
+ONE_LAYER_ARCHS = ("topk", "batchtopk", "jumprelu", "matryoshka", "standard", "gated")  # fit's SAEs of one layer
+
 
 def run(args: argparse.Namespace) -> dict[str, object]:
     device = torch.device(args.device)
@@ -79,7 +81,7 @@ def _synchronize(device: torch.device) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", required=True)
-    parser.add_argument("--arch", default="topk", help="a trainable one-layer architecture (fit --arch)")
+    parser.add_argument("--arch", default="topk", choices=ONE_LAYER_ARCHS, help="the architecture (fit --arch)")
     parser.add_argument("--num-latents", type=int, default=16384)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=4096)

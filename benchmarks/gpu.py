@@ -40,6 +40,7 @@ from benchmarks.bench_evaluate import measure
 from benchmarks.bench_extract import timed_extract
 from benchmarks.bench_fit import Shape, bench_fit
 from benchmarks.bench_sweep import sweep_lines
+from benchmarks.fit_steps import ONE_LAYER_ARCHS as ARCHS
 from benchmarks.report import publish
 from benchmarks.run import training_rows
 from pipeline.cache.reader import ActivationCache
@@ -48,7 +49,6 @@ from pipeline.fit import stage as fit
 from pipeline.fit.config import FitConfig
 
 TITLE = "GPU: extract, fit, evaluate, sweep, architectures (issues 19, 30)"
-ARCHS = ("topk", "batchtopk", "jumprelu", "matryoshka", "standard", "gated")  # fit's trainable SAEs of one layer
 
 
 class Sizes(NamedTuple):
