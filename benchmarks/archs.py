@@ -112,6 +112,11 @@ def quality(x: np.ndarray, run: str, k: int | None = None) -> dict[str, float]:
     }
 
 
+def held_rows(cache: ActivationCache, layer: int) -> np.ndarray:
+    """Every held-out row (R, D) of ``layer`` as float32, in stored order."""
+    return np.concatenate([rows[:, 0] for _, rows in cache.heldout_rows([layer])]).astype(np.float32)
+
+
 def ours_child(args: argparse.Namespace) -> dict[str, Any]:
     """One fit of ours (params.yaml's fit section, the architecture's auto lr) into ``args.runs``."""
     arch, multi = args.arch.removesuffix("+multi"), args.arch.endswith("+multi")
@@ -244,7 +249,7 @@ def main() -> None:
     paths = {"scratch": scratch, "runs": scratch / "runs", "peers": scratch / "peers", "held": scratch / "held.npy"}
     paths["train"] = scratch / "train.npy" if (scratch / "train.npy").exists() else training_rows(store, 12, scratch)
     if not paths["held"].exists():
-        np.save(paths["held"], np.concatenate([r[:, 0] for _, r in store.heldout_rows([12])]).astype(np.float32))
+        np.save(paths["held"], held_rows(store, 12))
     args.tokens = args.tokens or 2 * store.rows("train") // 4096 * 4096  # the demo's budget in whole batches
     results = run_all(args, paths, np.load(paths["held"]))
     publish_all(results, args, store.key)

@@ -32,10 +32,9 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
 
-from benchmarks.archs import quality
+from benchmarks.archs import held_rows, quality
 from benchmarks.bench_evaluate import measure
 from benchmarks.bench_extract import timed_extract
 from benchmarks.bench_fit import Shape, bench_fit
@@ -125,7 +124,7 @@ def measure_all(args: argparse.Namespace, sizes: Sizes, scratch: Path) -> list[s
 
 def arch_lines(cache: ActivationCache, args: argparse.Namespace, sizes: Sizes, out: Path) -> list[str]:
     """One fit per architecture of ``ARCHS`` (the shape and epochs of step 3); a table of speed and quality."""
-    held = np.concatenate([rows[:, 0] for _, rows in cache.heldout_rows([args.layer])]).astype(np.float32)  # (R, D)
+    held = held_rows(cache, args.layer)  # (R, D)
     table = [
         f"Each architecture: `sae-pipe fit --arch A` end to end ({sizes.epochs} epoch(s), k = target L0 "
         f"{sizes.shape.k}), scored on all {len(held):,} held-out rows.",
