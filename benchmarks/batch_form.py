@@ -29,8 +29,8 @@ def batch_form(run: str, x: np.ndarray, k: int, batch: int) -> tuple[float, floa
         for i in range(0, len(x), batch):
             xb = torch.from_numpy(x[i : i + batch])  # (b, D)
             pre = ((xb - w["b_dec"]) @ w["W_enc"].t() + w["b_enc"]).relu()  # (b, N)
-            ids, real = batch_topk(pre, k * len(xb), k)  # (b, W) each
-            z = torch.zeros_like(pre).scatter_add(1, ids, pre.gather(1, ids) * real)  # (b, N) padding: + 0 to id 0
+            found = batch_topk(pre, k * len(xb), k)  # (M,) flat positions
+            z = torch.zeros_like(pre).view(-1).index_copy_(0, found, pre.view(-1)[found]).view(pre.shape)  # (b, N)
             rec.add(xb.double(), (z @ w["W_dec"] + w["b_dec"]).double())
             active += int((z > 0).sum())
     return rec.fvu, active / len(x)

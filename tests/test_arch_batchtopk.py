@@ -89,9 +89,10 @@ def test_batch_topk_picks_the_batch_largest_entries_in_each_corner(case: str) ->
         pre = (pre * 4).round() / 4  # values on a grid: many equal the cut
     else:
         pre -= 2.5  # about 14 positive entries for 72 places
-    ids, real = batch_topk(pre, 24 * 3, 6)  # (B, W) each
-    got = torch.zeros_like(pre).scatter_add(1, ids, real.double()).numpy()  # (B, N) 1 where picked
-    np.testing.assert_array_equal(got, np_batch_code(np.maximum(pre.numpy(), 0), 24 * 3) > 0)
+    found = batch_topk(pre, 24 * 3, 6)  # (M,) flat positions
+    assert bool(((found // 40).diff() >= 0).all())  # row by row, as SparsePre reads them
+    got = torch.zeros(24 * 40, dtype=torch.float64).index_add_(0, found, torch.ones(len(found), dtype=torch.float64))
+    np.testing.assert_array_equal(got.view(24, 40).numpy(), np_batch_code(np.maximum(pre.numpy(), 0), 24 * 3) > 0)
 
 
 def sparse_rows(rng: np.random.Generator, b: int, dictionary: np.ndarray, active: int = 3) -> torch.Tensor:
@@ -135,6 +136,33 @@ def test_matryoshka_loss_is_the_sum_of_its_prefixes_reconstructions() -> None:
     sae.eval()
     small = sae.truncate(6)
     np.testing.assert_allclose(dense(small.encode(x), 6), dense(sae.encode(x), 12)[:, :6], atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
+def test_a_training_step_has_the_gradients_of_a_dense_batch_top_k(arch: str) -> None:
+    """Every parameter's gradient of a step's loss (the NMSE; Matryoshka: plus its prefixes') equals autograd's
+    through a dense (B, N) batch top-k code: the flat code's kernels and the prefixes' cut codes lose nothing."""
+    prefixes = [3, 6, 12] if arch == "matryoshka" else []
+    sae, x = tiny(arch, 5, 12, 3, prefixes=prefixes), rows(6, 5, 2)
+    out = sae(x)
+    knobs = Training.of(FitConfig(arch=arch), lr=1e-3, k_aux=4, dead_tokens=1)
+    terms = sae.loss_terms(out, no_step(12), knobs)
+    (Reconstruction().add(out.x, out.x_hat) + sum(t.weight * t.value for t in terms)).backward()
+    params = [getattr(sae, n).detach().clone().requires_grad_() for n in ("W_enc", "b_enc", "W_dec", "b_dec")]
+    w_enc, b_enc, w_dec, b_dec = params
+    pre = ((x - b_dec) @ w_enc.T + b_enc).relu()  # (B, N)
+    kept = torch.zeros(pre.numel(), dtype=torch.bool)
+    kept[pre.detach().flatten().topk(3 * 6).indices] = True
+    code = pre * kept.view(pre.shape)  # (B, N) the batch top-k, differentiable
+    sizes = prefixes or [12]
+    want = sum(torch_nmse(x, code[:, :m] @ w_dec[:m] + b_dec) for m in sizes)
+    for name, ref in zip(("W_enc", "b_enc", "W_dec", "b_dec"), torch.autograd.grad(want, params)):
+        torch.testing.assert_close(getattr(sae, name).grad, ref, atol=1e-12, rtol=1e-10, msg=f"{name}'s gradient")
+
+
+def torch_nmse(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """The normalized MSE in torch, differentiable (np_nmse's formula)."""
+    return (((x - x_hat) ** 2).sum(1) / (x**2).sum(1)).mean()
 
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])

@@ -130,7 +130,7 @@ def test_batchtopk_trains_both_batch_top_ks_from_one_selection(gemms: list[int])
     sae, x = tiny(arch=BatchTopKSAE), batch()
     terms = train_grads(sae, x)
     assert gemms == [N]
-    assert sae.wide is None  # the kept 4k code was consumed by loss_terms
+    assert sae.kept is not None and sae.kept.wide is None  # the kept 4k code was consumed by loss_terms
     want_terms, want_grads = reference(sae, x, batch_top)
     assert terms == pytest.approx(want_terms, abs=1e-5)
     for name, got, want in zip(("W_enc", "b_enc", "W_dec", "b_dec"), sae.parameters(), want_grads):

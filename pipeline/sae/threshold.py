@@ -1,5 +1,5 @@
 """Sparse building blocks of the threshold SAEs' training (standard, jumprelu, gated), as TopK's are in
-:mod:`pipeline.sae.kernels`.
+:mod:`pipeline.sae.kernels`; BatchTopK's flat training code is built from them too.
 
 A threshold code keeps the latents whose pre-activation exceeds a per-latent floor (0; JumpReLU: its
 threshold, less the straight-through window below it). The dense work is one GEMM without autograd that
@@ -78,6 +78,14 @@ def padded(acts: Tensor, pattern: Pattern | None) -> Latents:
     values = acts.new_zeros(rows, width).index_put_((pattern.tokens, slot), acts)  # (B, width)
     indices = pattern.latents.new_zeros(rows, width).index_put_((pattern.tokens, slot), pattern.latents)
     return Latents(values, indices)
+
+
+def restrict(code: Code, keep: Tensor, rows: int) -> Code:
+    """The entries of a flat code (of ``rows`` tokens) where ``keep`` (E,) holds, still token by token; its
+    values stay in the graph."""
+    assert code.pattern is not None, "a flat code"
+    latents, tokens = code.pattern.latents[keep], code.pattern.tokens[keep]  # (E',) each
+    return Code(code.pre[keep], code.acts[keep], Pattern(latents, tokens, token_offsets(tokens, rows)))
 
 
 def token_offsets(tokens: Tensor, rows: int) -> Tensor:

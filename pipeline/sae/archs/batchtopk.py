@@ -4,8 +4,10 @@
     inference  z = ReLU(pre) * (pre > threshold)          one scalar threshold, estimated while training
     x_hat = W_dec^T z + b_dec
 
-A token gets as many latents as it earns against the rest of its batch, k on average: the sparse code is
-padded with zeros to the busiest row. Everything else is TopK's (:class:`TopKSAE`): parameters and their
+A token gets as many latents as it earns against the rest of its batch, k on average. The training code
+is held flat, token by token (:class:`pipeline.sae.threshold.Code`, the threshold SAEs' sparse kernels), not
+padded to the busiest token: the busiest holds ~2.2 k on the demo rows, so a padded code paid for twice
+its entries in every sparse product. Everything else is TopK's (:class:`TopKSAE`): parameters and their
 initialization, the pre-bias start, unit-norm decoder rows, AuxK and revive.
 
 The threshold is the paper's estimate, the smallest activation the batch top-k keeps, averaged over
@@ -20,43 +22,50 @@ statistic of k x B values, so twenty batches average away its noise. The thresho
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
 from pipeline.sae.archs.topk import TopKSAE
 from pipeline.sae.interface import Knobs, Latents, SaeConfig, SaeOutput, Step, register
-from pipeline.sae.kernels import Encoder, TopKEncode, encoder_preacts, topk_indices
+from pipeline.sae.kernels import Encoder, encoder_preacts, topk_indices
+from pipeline.sae.threshold import Code, Pattern, SparsePre, decode, padded, restrict
 
 THRESHOLD_RATE = 0.05  # weight of each batch's smallest kept activation in the threshold's moving average
 CANDIDATES = 2  # each row's top CANDIDATES x k compete for the batch's k x B; rows needing more are read whole
 
 
-def batch_topk(pre: Tensor, total: int, per_row: int) -> tuple[Tensor, Tensor]:
-    """The ``total`` largest entries of ReLU(``pre``) (B, N) over all rows, as latent ids (B, W) padded to the
-    busiest row's W, and a mask (B, W) of the real ones.
+def batch_topk(pre: Tensor, total: int, per_row: int) -> Tensor:
+    """The ``total`` largest entries of ReLU(``pre``) (B, N) over all rows, as flat positions b x N + n (M,),
+    row by row (the order :class:`SparsePre` reads).
 
     Exact (ties at the cut taken in row-major order) without sorting all B x N entries: the cut is found
-    among each row's ``per_row`` largest. A row whose smallest candidate still makes the cut (and is
-    positive) may hold more winners, so all its entries join the pool and the cut is found again; it can
-    only rise then, so the other rows still hold all of theirs. The winners are then read off ``pre`` with
-    one comparison, in row order, so no top-k or sort of the k x B winners is needed.
+    among each row's ``per_row`` largest (its candidates). A row whose smallest candidate still makes the cut
+    (and is positive) may hold more winners, so all its entries join the pool and the cut is found again;
+    it can only rise then, so the other rows still hold all of theirs, and no winner or tie lies outside
+    the pool: the winners are read off the pool with one comparison, no pass over the (B, N) matrix.
     """
     rows, width = pre.shape
     per_row, total = min(per_row, width), min(total, rows * width)
-    cand_vals = pre.gather(1, topk_indices(pre, per_row))  # (B, c)
+    cand = topk_indices(pre, per_row)  # (B, c)
+    cand_vals = pre.gather(1, cand)  # (B, c)
     cut = kth_largest(cand_vals.flatten(), total)  # () the cut among the candidates
     row_min = cand_vals.amin(dim=1)  # (B,)
     whole = (row_min >= cut) & (row_min > 0)  # (B,) rows that may hold more than c winners
-    if bool(whole.any()):
-        cut = kth_largest(torch.cat([cand_vals[~whole].flatten(), pre[whole].flatten()]), total)
-    won = pre > cut.clamp(min=0)  # (B, N) a non-positive entry is no activation: fewer than total then
-    short = total - int(won.count_nonzero())  # entries equal to a positive cut still to take (a bool sum
-    # would first copy the (B, N) mask to int64: 14x slower on a 4096 x 4096 mask here)
+    pos = (cand + torch.arange(rows, device=pre.device)[:, None] * width)[~whole].flatten()  # (P,) row by row
+    vals = cand_vals[~whole].flatten()  # (P,)
+    if bool(whole.any()):  # their every entry joins the pool, after the others: the rows sorted below
+        pos = torch.cat([pos, (whole.nonzero() * width + torch.arange(width, device=pre.device)).flatten()])
+        vals = torch.cat([vals, pre[whole].flatten()])
+        cut = kth_largest(vals, total)
+    won = vals > cut.clamp(min=0)  # (P,) a non-positive entry is no activation: fewer than total then
+    short = total - int(won.count_nonzero())  # entries equal to a positive cut still to take
     if short > 0 and bool(cut > 0):
-        tied = (pre == cut).flatten().nonzero().squeeze(1)[:short]  # (short,) first in row-major order
-        won.view(-1)[tied] = True
-    row_of, col_of = won.nonzero(as_tuple=True)  # (M,) each, in row order
-    return pad_sorted(row_of, col_of, rows)
+        tied = (vals == cut).nonzero().squeeze(1)  # (T,) places in the pool
+        won[tied[pos[tied].argsort()[:short]]] = True  # the first in row-major order
+    found = pos[won]  # (M,)
+    return found.sort().values if bool(whole.any()) else found
 
 
 def kth_largest(values: Tensor, k: int) -> Tensor:
@@ -64,21 +73,12 @@ def kth_largest(values: Tensor, k: int) -> Tensor:
     return values.kthvalue(len(values) - k + 1).values
 
 
-def pad_rows(row_of: Tensor, col_of: Tensor, rows: int) -> tuple[Tensor, Tensor]:
-    """The columns ``col_of`` (M,) of ``rows`` rows, entry j in row ``row_of[j]``, as a (B, W) table padded with 0
-    to the busiest row's W, and a mask (B, W) of the real entries."""
-    row_of, order = row_of.sort(stable=True)  # (M,) in row order
-    return pad_sorted(row_of, col_of[order], rows)
+class Kept(NamedTuple):
+    """A training forward's codes, kept for its loss terms."""
 
-
-def pad_sorted(row_of: Tensor, col_of: Tensor, rows: int) -> tuple[Tensor, Tensor]:
-    """:func:`pad_rows` of entries already in row order."""
-    counts = torch.bincount(row_of, minlength=rows)  # (B,) entries per row
-    slot = torch.arange(len(row_of), device=row_of.device) - (counts.cumsum(0) - counts)[row_of]  # (M,) place in row
-    padded = torch.zeros(rows, max(int(counts.max()), 1), dtype=torch.long, device=row_of.device)  # (B, W)
-    padded[row_of, slot] = col_of
-    real = torch.arange(padded.shape[1], device=row_of.device) < counts[:, None]  # (B, W)
-    return padded, real
+    latents: Latents  # (B, W) the padded code the forward returned (identifies the forward)
+    code: Code  # the same code, flat, in the graph
+    wide: Code | None  # multi-TopK: the code at 4k, until loss_terms consumes it
 
 
 @register("batchtopk", trainable=True)
@@ -92,6 +92,7 @@ class BatchTopKSAE(TopKSAE):
     ) -> None:
         super().__init__(cfg, generator, device)
         self.register_buffer("threshold", torch.zeros((), device=device))
+        self.kept: Kept | None = None  # the last training forward's codes, for its loss terms
 
     def encode(
         self, x: Tensor, k: int | None = None, theta: float | None = None, low_precision: bool = False
@@ -107,12 +108,17 @@ class BatchTopKSAE(TopKSAE):
         code = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc.t()).relu()  # (M, N)
         return code * (code > self.threshold)
 
-    def batch_code(self, x: Tensor, k: int, low_precision: bool = False) -> Latents:
-        """The training code of a batch ``x`` (B, D): its k x B largest activations, exact float32 values."""
+    def batch_code(self, x: Tensor, k: int, low_precision: bool = False) -> Code:
+        """The training code of a batch ``x`` (B, D): its k x B largest activations, flat, exact float32 values."""
         pre = encoder_preacts(x, [self.encoder()], low_precision)  # (B, N), bf16 when low_precision
-        ids, real = batch_topk(pre, k * len(x), CANDIDATES * k)  # (B, W) each
-        acts, ids = TopKEncode.apply(x, self.W_enc, self.b_enc, self.b_dec, ids.shape[1], False, ids)
-        return Latents(acts * real, ids)
+        found = batch_topk(pre, k * len(x), CANDIDATES * k)  # (M,) flat positions, row by row
+        zero = self.b_enc.new_zeros(self.cfg.n_latents)  # (N,) the ReLU's floor
+        acts, *entries = SparsePre.apply(x, self.W_enc, self.b_enc, self.b_dec, zero, found)  # (M,) each
+        return Code(acts, acts, Pattern(*entries))
+
+    def decode_code(self, code: Code) -> Tensor:
+        """Reconstruction (B, D) from a flat training code."""
+        return decode(code.acts, code.pattern, self.W_dec, self.tangent_decoder_grad) + self.b_dec
 
     def forward(
         self,
@@ -122,27 +128,41 @@ class BatchTopKSAE(TopKSAE):
         low_precision: bool = False,
         chosen: Tensor | None = None,
     ) -> SaeOutput:
-        """In training, the batch top-k code at ``k`` (default cfg.k); in eval mode, :meth:`encode`'s."""
+        """In training, the batch top-k code at ``k`` (default cfg.k); in eval mode, :meth:`encode`'s. The
+        training code's padded form (detached) is the step's bookkeeping; its flat form is kept for the loss."""
         if not self.training or theta is not None or chosen is not None:
             return super().forward(x, k, theta, low_precision, chosen)
         if self.trains_wide and k is None:
-            latents = self.batch_multi_code(x, low_precision)
+            code, wide = self.batch_multi_code(x, low_precision)
         else:
-            latents = self.batch_code(x, k or self.cfg.k, low_precision)
-        return SaeOutput(x, self.decode(latents), latents, None, None)
+            code, wide = self.batch_code(x, k or self.cfg.k, low_precision), None
+        latents = padded(code.acts, code.pattern)  # (B, W)
+        self.kept = Kept(latents, code, wide)
+        return SaeOutput(x, self.decode_code(code), latents, None, None)
 
-    def batch_multi_code(self, x: Tensor, low_precision: bool) -> Latents:
-        """A multi-TopK step's training code of ``x`` (B, D), taken from one batch top-k at 4k (kept in ``wide``
-        for loss_terms): the k x B largest of the 4k x B are the batch top-k at k (ties aside), so the encoder
-        GEMM runs once a step, and the k code's values are a gather of the 4k code's (both losses' gradients
-        meet in TopKEncode's backward), as TopKSAE.multi_code does per token."""
-        wide = self.batch_code(x, self.wide_k, low_precision)  # (B, W) each
-        width = wide.acts.shape[1]
-        pick = wide.acts.flatten().topk(self.cfg.k * len(x), sorted=False).indices  # (k B,) in the (B, W) code
-        slots, real = pad_rows(pick // width, pick % width, len(x))  # (B, w) places in the 4k code's rows
-        latents = Latents(wide.acts.gather(1, slots) * real, wide.indices.gather(1, slots))  # (B, w) each
-        self.wide = (latents, wide)
-        return latents
+    def batch_multi_code(self, x: Tensor, low_precision: bool) -> tuple[Code, Code]:
+        """A multi-TopK step's training codes of ``x`` (B, D) at k and at 4k, from one batch top-k at 4k: the
+        k x B largest of the 4k x B are the batch top-k at k (ties aside), so the encoder GEMM runs once a step,
+        and the k code's values are a gather of the 4k code's (both losses' gradients meet in SparsePre's
+        backward), as TopKSAE.multi_code does per token."""
+        wide = self.batch_code(x, self.wide_k, low_precision)  # (M,) flat
+        pick = wide.acts.detach().topk(min(self.cfg.k * len(x), len(wide.acts)), sorted=False).indices
+        keep = torch.zeros(len(wide.acts), dtype=torch.bool, device=x.device).index_fill_(0, pick, True)  # (M,)
+        return restrict(wide, keep, len(x)), wide
+
+    def training_code(self, out: SaeOutput) -> Code:
+        """The flat code of the training forward that gave ``out``."""
+        assert self.kept is not None and self.kept.latents is out.latents, "a training forward gave out"
+        return self.kept.code
+
+    def wide_reconstruction(self, out: SaeOutput, step: Step) -> Tensor:
+        """The 4k code's reconstruction: the flat one kept by the forward that gave ``out`` (consumed, so the
+        step's graph is not held past it), else TopK's (a forward at 4k)."""
+        kept = self.kept
+        if kept is None or kept.wide is None or kept.latents is not out.latents:
+            return super().wide_reconstruction(out, step)
+        self.kept = kept._replace(wide=None)
+        return self.decode_code(kept.wide)
 
     # --- training hooks (pipeline.sae.interface.SAE) ---
 
@@ -152,6 +172,7 @@ class BatchTopKSAE(TopKSAE):
     def after_step(self, out: SaeOutput, step: Step, knobs: Knobs) -> None:
         self.track_threshold(out.latents, step)
         super().after_step(out, step, knobs)
+        self.kept = None  # the step is done: its codes are not held to the next
 
     @torch.no_grad()
     def track_threshold(self, latents: Latents, step: Step) -> None:

@@ -25,8 +25,9 @@ import torch
 
 from pipeline.infra.errors import UserError
 from pipeline.sae.archs.batchtopk import BatchTopKSAE
-from pipeline.sae.interface import Knobs, Latents, LossTerm, SaeConfig, SaeOutput, Step, register
+from pipeline.sae.interface import Knobs, LossTerm, SaeConfig, SaeOutput, Step, register
 from pipeline.sae.quality import Reconstruction
+from pipeline.sae.threshold import restrict
 
 DIVISORS = (16, 8, 4, 2, 1)  # default prefixes: n/16, n/8, n/4, n/2, n
 
@@ -70,9 +71,11 @@ class MatryoshkaSAE(BatchTopKSAE):
         return check_prefixes(sizes, n_latents)
 
     def prefix_nmse(self, out: SaeOutput, size: int) -> torch.Tensor:
-        """() the NMSE of ``out.x`` reconstructed by the latents below ``size`` of ``out``'s code alone."""
-        acts, indices = out.latents
-        inner = self.decode(Latents(acts * (indices < size), indices))  # (B, D)
+        """() the NMSE of ``out.x`` reconstructed by the latents below ``size`` of ``out``'s training code alone
+        (its entries there only: the flat code is cut, not zero-weighted)."""
+        code = self.training_code(out)
+        assert code.pattern is not None
+        inner = self.decode_code(restrict(code, code.pattern.latents < size, len(out.x)))  # (B, D)
         return Reconstruction().add(out.x, inner)
 
     def truncate(self, size: int) -> BatchTopKSAE:

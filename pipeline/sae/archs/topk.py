@@ -165,7 +165,7 @@ class TopKSAE(SAE):
         aux = auxk_loss(self, out, step, knobs.k_aux) if knobs.aux_alpha > 0 and bool(step.dead.any()) else None
         terms = [LossTerm("aux_loss", knobs.aux_alpha, torch.zeros((), device=out.x.device) if aux is None else aux)]
         if self.multi_topk:  # the training code at 4k, by this architecture's own rule, and its normalized MSE
-            wide = self.reconstruct(out, self.wide_code(out, step))  # (B, D)
+            wide = self.wide_reconstruction(out, step)  # (B, D)
             terms.append(LossTerm("multi_topk_loss", MULTI_TOPK_WEIGHT, Reconstruction().add(out.x, wide)))
         return terms
 
@@ -174,9 +174,13 @@ class TopKSAE(SAE):
         its skip path)."""
         return self.decode(latents)
 
+    def wide_reconstruction(self, out: SaeOutput, step: Step) -> Tensor:
+        """What the training code at 4k of the forward that gave ``out`` reconstructs (B, D)."""
+        return self.reconstruct(out, self.wide_code(out, step))
+
     def wide_code(self, out: SaeOutput, step: Step) -> Latents:
-        """The training code at 4k of the forward that gave ``out``: the one its selection kept (multi_code;
-        BatchTopK's batch_multi_code), else (RouteSAE's inner SAE, which selects otherwise) a forward at 4k."""
+        """The training code at 4k of the forward that gave ``out``: the one its selection kept (multi_code),
+        else (RouteSAE's inner SAE, which selects otherwise) a forward at 4k."""
         kept, self.wide = self.wide, None  # consumed, so the step's graph is not held past it
         if kept is not None and kept[0] is out.latents:
             return kept[1]
