@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.sae import kernels
+from pipeline.sae import auxk_kernels
 from pipeline.sae.archs.topk import TopKSAE, auxk_loss
 from pipeline.sae.interface import SaeConfig, Step
 from pipeline.sae.quality import Reconstruction
@@ -45,7 +45,7 @@ def test_auxk_equals_a_dense_reference(k_aux: int, topk_decides: bool | None) ->
     out = sae(x)
     positive = ((x - sae.b_dec) @ sae.W_enc[dead].T + sae.b_enc[dead] > 0).sum(1).max()
     if topk_decides is not None:  # the case each parameter set is meant to reach
-        assert bool(positive > k_aux) == topk_decides and 30 <= kernels.DENSE_AUX * k_aux
+        assert bool(positive > k_aux) == topk_decides and 30 <= auxk_kernels.DENSE_AUX * k_aux
     main = Reconstruction().add(out.x, out.x_hat)
     fast = auxk_loss(sae, out, Step(0, 0.0, dead, False, lambda t: t), k_aux)
     expected = reference_auxk(sae, x, out.x_hat.detach(), dead, k_aux)

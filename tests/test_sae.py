@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.sae import kernels
+from pipeline.sae import auxk_kernels, kernels
 from pipeline.sae.archs.route import RouteSAE
 from pipeline.sae.archs.topk import TopKSAE
 from pipeline.sae.interface import SaeConfig
@@ -170,6 +170,20 @@ def test_cuda_topk_branch_equals_the_cpu_tuned_one() -> None:
     assert torch.equal(plain, pre.topk(32).indices.sort(dim=1).values)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cpu_tuned", [True, False])  # the CPU's sampled product; CUDA's embedding-bag kernel
+def test_bag_dot_gives_each_entry_its_dot_product(dtype: torch.dtype, cpu_tuned: bool) -> None:
+    """Both branches give every entry of a flat code <a[token], W[latent]> as the dense product does, with
+    tokens that hold no entry, a latent twice in one token, and entries not sorted by latent."""
+    gen = torch.Generator().manual_seed(6)
+    a, weight = torch.randn(5, 7, generator=gen, dtype=dtype), torch.randn(9, 7, generator=gen, dtype=dtype)
+    tokens = torch.tensor([0, 0, 0, 2, 2, 4, 4, 4, 4])  # tokens 1 and 3 hold nothing
+    latents = torch.tensor([8, 1, 1, 0, 5, 3, 2, 8, 7])
+    offsets = torch.tensor([0, 3, 3, 5, 5])
+    want = (a @ weight.T)[tokens, latents]  # (E,)
+    torch.testing.assert_close(kernels.bag_dot(a, weight, latents, offsets, tokens, cpu_tuned), want)
+
+
 def test_dense_auxk_equals_the_sparse_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     """AuxK's dense form (a few dead latents) gives the sparse kernels' output and gradients, the decoder's
     kept tangent to its unit rows."""
@@ -179,9 +193,9 @@ def test_dense_auxk_equals_the_sparse_kernels(monkeypatch: pytest.MonkeyPatch) -
     leaves = [torch.randn(30, 16), torch.randn(30) - 6, torch.randn(16) * 0.1, w_dec]  # some top-k below 0
     results = []
     for dense_up_to in (0, 1000):  # 0: always the sparse kernels; 1000: always the dense form
-        monkeypatch.setattr(kernels, "DENSE_AUX", dense_up_to)
+        monkeypatch.setattr(auxk_kernels, "DENSE_AUX", dense_up_to)
         params = [p.clone().requires_grad_() for p in leaves]
-        guess = kernels.aux_decode(x, *params[:3], params[3], k=5, low_precision=False, tangent=True)
+        guess = auxk_kernels.aux_decode(x, *params[:3], params[3], k=5, low_precision=False, tangent=True)
         (guess - target).pow(2).sum().backward()
         results.append([guess.detach(), *(p.grad for p in params)])
     for sparse, dense in zip(*results):
@@ -199,9 +213,9 @@ def test_auxk_of_free_decoder_rows_takes_their_whole_gradient(
     torch.manual_seed(5)
     x, target = torch.randn(50, 16), torch.randn(50, 16)
     leaves = [torch.randn(30, 16), torch.randn(30) - 6, torch.randn(16) * 0.1, 0.5 * torch.randn(30, 16)]
-    monkeypatch.setattr(kernels, "DENSE_AUX", dense_up_to)
+    monkeypatch.setattr(auxk_kernels, "DENSE_AUX", dense_up_to)
     params = [p.clone().requires_grad_() for p in leaves]
-    (kernels.aux_decode(x, *params[:4], k=5, low_precision=False, tangent=False) - target).pow(2).sum().backward()
+    (auxk_kernels.aux_decode(x, *params[:4], k=5, low_precision=False, tangent=False) - target).pow(2).sum().backward()
     want = [p.clone().requires_grad_() for p in leaves]
     w_enc, b_enc, b_dec, w_dec = want
     pre = ((x - b_dec) @ w_enc.T + b_enc).relu()  # (B, n)

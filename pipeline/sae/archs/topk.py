@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.sae.auxk_kernels import aux_decode
 from pipeline.sae.interface import SAE, Knobs, Latents, LossTerm, SaeConfig, SaeOutput, Step, pack, register
-from pipeline.sae.kernels import Encoder, SparseDecode, TopKEncode, aux_decode
+from pipeline.sae.kernels import Encoder, SparseDecode, TopKEncode
 from pipeline.sae.quality import Reconstruction
 
 REFERENCE_RENORM = 100  # the RouteSAE reference renormalizes decoder rows every 100 batches (its --steps)
