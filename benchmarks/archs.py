@@ -212,8 +212,13 @@ def run_all(args: argparse.Namespace, paths: dict[str, Path], x: np.ndarray) -> 
 
 
 def load_results(files: list[str]) -> list[dict[str, Any]]:
-    """The rows of earlier runs' results.jsonl files, file after file."""
-    return [json.loads(line) for f in files for line in Path(f).read_text().splitlines() if line.strip()]
+    """The rows of earlier runs' results.jsonl files, file after file; a later file's row of the same contender
+    at the same setting replaces the earlier one in its place (a rerun at newer code)."""
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for line in (line for f in files for line in Path(f).read_text().splitlines() if line.strip()):
+        row = json.loads(line)
+        rows[(row["name"], json.dumps(row.get("setting"), sort_keys=True))] = row
+    return list(rows.values())
 
 
 def main() -> None:

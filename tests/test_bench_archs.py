@@ -129,11 +129,20 @@ def test_a_run_without_write_keeps_csv_and_picture_in_its_scratch(tmp_path: Path
 
 
 def test_results_of_runs_made_apart_are_published_together(tmp_path: Path) -> None:
-    """--results: the rows of two results.jsonl files (one with a blank last line), file after file."""
-    (tmp_path / "a.jsonl").write_text('{"name": "topk"}\n{"name": "topk multi-topk"}\n')
-    (tmp_path / "b.jsonl").write_text('{"name": "sparsify multi-TopK"}\n\n')
+    """--results: the rows of two results.jsonl files (one with a blank last line), file after file; a later row
+    of one contender at one setting replaces the earlier in its place, other settings stay."""
+    a = ['{"name": "topk", "setting": {"k": 32}, "fvu": 0.2}', '{"name": "topk", "setting": {"k": 64}, "fvu": 0.15}']
+    (tmp_path / "a.jsonl").write_text("\n".join([*a, '{"name": "topk multi-topk"}']) + "\n")
+    (tmp_path / "b.jsonl").write_text(
+        '{"name": "sparsify multi-TopK"}\n{"name": "topk", "setting": {"k": 32}, "fvu": 0.1}\n\n'
+    )
     rows = load_results([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")])
-    assert [r["name"] for r in rows] == ["topk", "topk multi-topk", "sparsify multi-TopK"]
+    assert [(r["name"], r.get("fvu")) for r in rows] == [
+        ("topk", 0.1),
+        ("topk", 0.15),
+        ("topk multi-topk", None),
+        ("sparsify multi-TopK", None),
+    ]
 
 
 def test_the_picture_is_drawn_when_kl_was_not_measured(tmp_path: Path) -> None:
