@@ -156,11 +156,10 @@ class BatchTopKSAE(TopKSAE):
         return self.kept.code
 
     def wide_reconstruction(self, out: SaeOutput, step: Step) -> Tensor:
-        """The 4k code's reconstruction: the flat one kept by the forward that gave ``out`` (consumed, so the
-        step's graph is not held past it), else TopK's (a forward at 4k)."""
+        """The reconstruction of the 4k code that the forward that gave ``out`` kept (consumed, so the step's
+        graph is not held past it). There is no other: a forward's padded code is detached."""
         kept = self.kept
-        if kept is None or kept.wide is None or kept.latents is not out.latents:
-            return super().wide_reconstruction(out, step)
+        assert kept is not None and kept.wide is not None and kept.latents is out.latents, "a multi-TopK forward"
         self.kept = kept._replace(wide=None)
         return self.decode_code(kept.wide)
 
