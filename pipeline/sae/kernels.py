@@ -4,8 +4,9 @@ The dense work is one GEMM (``x @ W_enc.T``); everything after the top-k selecti
 ``k`` latents per token. Gradients never form a dense (tokens x latents) matrix:
 
 * encoder weight grad ``S^T @ x`` and decoder weight grad ``S_v^T @ g`` are CSR sparse matmuls;
-* per-latent dot products ``<a_b, W[idx_bj]>`` use torch's embedding-bag kernel for
-  per-sample-weight gradients, so no (tokens, k, D) gather is materialized;
+* per-entry dot products ``<a_b, W[idx_bj]>`` (:func:`bag_dot`) are a sampled dense-dense product on the
+  CPU and torch's embedding-bag kernel for per-sample-weight gradients on CUDA, so no (tokens, k, D) gather
+  is materialized;
 * the decoder is ``embedding_bag`` (a weighted sum of k decoder rows per token).
 """
 
@@ -147,7 +148,7 @@ def bag_dot(
     ``offsets`` (B,), no (E, D) gather.
 
     On the CPU torch's sampled dense-dense product on the code's CSR pattern (``torch.sparse.sampled_addmm``),
-    1.5-2x torch's fused embedding-bag kernel there (4096 x 4096 latents, d 576, 32 or 128 entries a token,
+    1.5-2x torch's fused embedding-bag kernel there (4096 tokens, 4096 latents, d 576, 32 or 128 entries a token,
     one core); elsewhere (CUDA) that embedding-bag kernel. ``cpu_tuned`` picks the first (default: on the CPU).
     """
     cpu_tuned = a.device.type == "cpu" if cpu_tuned is None else cpu_tuned
