@@ -138,6 +138,20 @@ def test_quality_sums_over_batches_equal_one_pass() -> None:
     assert sums.fvu == pytest.approx(float(err.sum() / ((x - x.mean(0)) ** 2).sum()), rel=1e-9)
 
 
+def test_training_loss_gradient_equals_the_written_out_nmse() -> None:
+    """Reconstruction.add's loss (its one-pass squared error) has torch's gradient of the NMSE written out, in
+    x_hat and in x (a RouteSAE's input depends on its router)."""
+    from pipeline.sae.quality import Reconstruction
+
+    gen = torch.Generator().manual_seed(0)
+    x, x_hat = (torch.randn(6, 5, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    weights = torch.rand(6, 5, generator=gen, dtype=torch.float64)  # a loss downstream that is not symmetric
+    ours = torch.autograd.grad(Reconstruction().add(x, x_hat * weights), (x, x_hat))
+    written = ((x - x_hat * weights).pow(2).sum(1) / x.pow(2).sum(1)).mean()
+    for got, want in zip(ours, torch.autograd.grad(written, (x, x_hat))):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_shared_selection_equals_each_sae_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     """One GEMM over several encoders (and split when over FUSE_COLUMNS) picks each SAE's own top k."""
     from pipeline.sae import kernels
@@ -159,7 +173,7 @@ def test_shared_selection_equals_each_sae_alone(monkeypatch: pytest.MonkeyPatch)
 
 def test_cuda_topk_branch_equals_the_cpu_tuned_one() -> None:
     """The plain torch.topk branch CUDA takes, run here on CPU, picks what the two-stage CPU path picks
-    (16384 latents, k 32: two levels of recursion)."""
+    (16384 latents, k 32: three levels of recursion)."""
     from pipeline.sae.kernels import topk_indices
 
     torch.manual_seed(0)

@@ -24,7 +24,7 @@ from torch import Tensor
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
-GROUP = 8  # two-stage top-k: group maxima over GROUP strided columns, then exact top-k inside
+GROUP = 4  # two-stage top-k: group maxima over GROUP strided columns, then exact top-k inside (4 beat 8, 16)
 
 
 def use_low_precision(device: torch.device, precision: str) -> bool:
@@ -113,8 +113,9 @@ def topk_indices(pre: Tensor, k: int, cpu_tuned: bool | None = None) -> Tensor:
 
     ``cpu_tuned`` (default: when ``pre`` is on the CPU) takes two stages, applied recursively: the max
     over ``GROUP`` strided columns (a vectorized elementwise max), the top-k of those group maxima,
-    then the top-k among the k*GROUP candidates. Every true top-k entry lies in one of the k best
-    groups, so the result equals ``pre.topk(k)``; on CPU it is about 1.5x faster for 16k latents.
+    then the top-k among the k*GROUP candidates' values (gathered in place: no index tensor of them). Every
+    true top-k entry lies in one of the k best groups, so the result equals ``pre.topk(k)``; on one CPU core
+    it is 1.7x faster at 4096-16384 latents and k 32-128 (GROUP 8: 1.3-1.6x).
     Elsewhere (CUDA) plain ``torch.topk``, whose radix select is already fast there.
     """
     rows, width = pre.shape
@@ -122,12 +123,11 @@ def topk_indices(pre: Tensor, k: int, cpu_tuned: bool | None = None) -> Tensor:
     if not cpu_tuned or width % GROUP or width < 4 * k * GROUP:
         return pre.topk(k, dim=-1, sorted=False).indices
     stride = width // GROUP
-    group_max = pre.view(rows, GROUP, stride).amax(dim=1)  # (B, N/G): group m = columns {m + g*stride}
-    best = topk_indices(group_max, k, cpu_tuned)  # (B, k) best groups
-    offsets = torch.arange(GROUP, device=pre.device) * stride  # (G,)
-    candidates = (best[..., None] + offsets).view(rows, k * GROUP)  # (B, k*G)
-    chosen = pre.gather(1, candidates).topk(k, dim=-1, sorted=False).indices  # (B, k)
-    return candidates.gather(1, chosen)
+    grouped = pre.view(rows, GROUP, stride)  # group m = columns {m + g*stride}
+    best = topk_indices(grouped.amax(dim=1), k, cpu_tuned)  # (B, k) the best groups
+    candidates = grouped.gather(2, best[:, None].expand(rows, GROUP, k)).view(rows, GROUP * k)  # (B, G*k) values
+    chosen = candidates.topk(k, dim=-1, sorted=False).indices  # (B, k) at g*k + j: group best[b, j], member g
+    return best.gather(1, chosen % k) + torch.div(chosen, k, rounding_mode="floor") * stride
 
 
 def rowwise_dot(a: Tensor, weight: Tensor, idx: Tensor) -> Tensor:

@@ -9,6 +9,7 @@ Both are kept as additive sums so that a metric over many batches equals the met
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -30,8 +31,8 @@ class Reconstruction:
 
     def add(self, x: Tensor, x_hat: Tensor) -> Tensor:
         """Add a batch (B, D); return its mean NMSE as a tensor that keeps its gradient (the training loss)."""
-        err = (x - x_hat).pow(2).sum(-1)  # (B,)
-        x_sq = x.pow(2).sum(-1)  # (B,)
+        err = SquaredError.apply(x, x_hat)  # (B,)
+        x_sq = torch.linalg.vector_norm(x, dim=-1).square()  # (B,) one pass (vecdot is a product, then a sum)
         nmse = err / x_sq.clamp_min(1e-12)  # (B,)
         with torch.no_grad():
             self.x_sum = self.x_sum + x.sum(0).double()
@@ -52,3 +53,23 @@ class Reconstruction:
             return float("nan")
         variance = float(self.x2_sum) - float(torch.as_tensor(self.x_sum).square().sum()) / self.rows
         return float(self.err_sum) / max(variance, 1e-12)
+
+
+class SquaredError(torch.autograd.Function):
+    """||x_hat - x||^2 of each row (B,) of two (B, D) tensors, in two passes over them forward and one back.
+
+    Written out by torch's ops (a difference, a square, a row sum, and a square's and a difference's gradient)
+    it takes six passes over (B, D) tensors, which at a training step's sizes live in memory, not in cache.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, x_hat: Tensor) -> Tensor:  # noqa: ANN401
+        diff = x_hat - x  # (B, D)
+        ctx.save_for_backward(diff)
+        return torch.linalg.vector_norm(diff, dim=-1).square()  # (B,)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:  # noqa: ANN401
+        (diff,) = ctx.saved_tensors
+        grad_x_hat = diff * (2 * grad)[:, None]  # (B, D)
+        return (-grad_x_hat if ctx.needs_input_grad[0] else None), grad_x_hat

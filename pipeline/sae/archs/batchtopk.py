@@ -78,7 +78,7 @@ class Kept(NamedTuple):
 
     latents: Latents  # (B, W) the padded code the forward returned (identifies the forward)
     code: Code  # the same code, flat, in the graph
-    wide: Code | None  # multi-TopK: the code at 4k, until loss_terms consumes it
+    wide: Code | None  # multi-TopK: the 4k code's entries outside the k code, until loss_terms consumes them
 
 
 @register("batchtopk", trainable=True)
@@ -141,14 +141,14 @@ class BatchTopKSAE(TopKSAE):
         return SaeOutput(x, self.decode_code(code), latents, None, None)
 
     def batch_multi_code(self, x: Tensor, low_precision: bool) -> tuple[Code, Code]:
-        """A multi-TopK step's training codes of ``x`` (B, D) at k and at 4k, from one batch top-k at 4k: the
-        k x B largest of the 4k x B are the batch top-k at k (ties aside), so the encoder GEMM runs once a step,
-        and the k code's values are a gather of the 4k code's (both losses' gradients meet in SparsePre's
-        backward), as TopKSAE.multi_code does per token."""
+        """A multi-TopK step's training code of ``x`` (B, D) at k and the rest of its code at 4k, from one batch
+        top-k at 4k: the k x B largest of the 4k x B are the batch top-k at k (ties aside), so the encoder GEMM
+        runs once a step, and both codes' values are gathers of the 4k code's (both losses' gradients meet in
+        SparsePre's backward), as TopKSAE.multi_code does per token."""
         wide = self.batch_code(x, self.wide_k, low_precision)  # (M,) flat
         pick = wide.acts.detach().topk(min(self.cfg.k * len(x), len(wide.acts)), sorted=False).indices
         keep = torch.zeros(len(wide.acts), dtype=torch.bool, device=x.device).index_fill_(0, pick, True)  # (M,)
-        return restrict(wide, keep, len(x)), wide
+        return restrict(wide, keep, len(x)), restrict(wide, ~keep, len(x))
 
     def training_code(self, out: SaeOutput) -> Code:
         """The flat code of the training forward that gave ``out``."""
@@ -156,12 +156,13 @@ class BatchTopKSAE(TopKSAE):
         return self.kept.code
 
     def wide_reconstruction(self, out: SaeOutput, step: Step) -> Tensor:
-        """The reconstruction of the 4k code that the forward that gave ``out`` kept (consumed, so the step's
-        graph is not held past it). There is no other: a forward's padded code is detached."""
+        """The reconstruction of the 4k code that the forward that gave ``out`` kept: the k code's plus the
+        decode of the other entries (consumed, so the step's graph is not held past it). There is no other: a
+        forward's padded code is detached."""
         kept = self.kept
         assert kept is not None and kept.wide is not None and kept.latents is out.latents, "a multi-TopK forward"
         self.kept = kept._replace(wide=None)
-        return self.decode_code(kept.wide)
+        return out.x_hat + decode(kept.wide.acts, kept.wide.pattern, self.W_dec, self.tangent_decoder_grad)
 
     # --- training hooks (pipeline.sae.interface.SAE) ---
 

@@ -48,7 +48,7 @@ class TopKSAE(SAE):
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, device=device))
         self.tangent_decoder_grad = False  # training sets it: W_dec gradients stay tangent to unit rows
         self.multi_topk = False  # training sets it: also train the code at MULTI_TOPK_FACTOR x k
-        self.wide: tuple[Latents, Latents] | None = None  # multi-TopK: the last forward's k code and its 4k code
+        self.wide: tuple[Latents, Latents] | None = None  # multi-TopK: the last forward's k code, its 4k code's others
 
     def encode(
         self, x: Tensor, k: int | None = None, theta: float | None = None, low_precision: bool = False
@@ -126,16 +126,18 @@ class TopKSAE(SAE):
 
     def multi_code(self, x: Tensor, low_precision: bool, chosen: Tensor | None) -> Latents:
         """The top-k code of ``x`` taken from one selection of its top 4k (``chosen`` (B, 4k) by a sweep's shared
-        GEMM: shared_encoder asks for 4k), whose code loss_terms reconstructs too (kept in ``wide``).
+        GEMM: shared_encoder asks for 4k); the other 3k entries are kept (in ``wide``) for loss_terms.
 
         The k largest of the top 4k are the top k (ties aside, which swap only equal values or zeros), so the
-        encoder GEMM runs once a step as in sparsify, not once per code; the k code's values are a gather of
-        the 4k code's, so TopKEncode's backward gets the gradients of both losses summed.
+        encoder GEMM runs once a step as in sparsify, not once per code; both codes' values are gathers of the
+        4k code's, so TopKEncode's backward gets the gradients of both losses summed.
         """
         wide = self.encode(x, self.wide_k, None, low_precision) if chosen is None else self.encode_chosen(x, chosen)
-        top = wide.acts.topk(self.cfg.k, dim=1, sorted=False)  # (B, k) places in the 4k code
-        latents = Latents(top.values, wide.indices.gather(1, top.indices))  # (B, k) each
-        self.wide = (latents, wide)
+        top = wide.acts.topk(self.cfg.k, dim=1, sorted=False).indices  # (B, k) places in the 4k code
+        outside = torch.ones_like(wide.indices, dtype=torch.bool).scatter_(1, top, False)  # (B, 4k)
+        rest = outside.nonzero()[:, 1].view(len(x), -1)  # (B, 3k) the other places, row by row
+        latents, others = (Latents(wide.acts.gather(1, at), wide.indices.gather(1, at)) for at in (top, rest))
+        self.wide = (latents, others)
         return latents
 
     @torch.no_grad()
@@ -176,16 +178,18 @@ class TopKSAE(SAE):
         return self.decode(latents)
 
     def wide_reconstruction(self, out: SaeOutput, step: Step) -> Tensor:
-        """What the training code at 4k of the forward that gave ``out`` reconstructs (B, D)."""
-        return self.reconstruct(out, self.wide_code(out, step))
+        """What the training code at 4k of the forward that gave ``out`` reconstructs (B, D).
 
-    def wide_code(self, out: SaeOutput, step: Step) -> Latents:
-        """The training code at 4k of the forward that gave ``out``: the one its selection kept (multi_code),
-        else (RouteSAE's inner SAE, which selects otherwise) a forward at 4k."""
+        From the forward's own selection (multi_code) it is the k code's reconstruction plus the decode of the
+        other 3k entries: the decoder's work and gradients cover 4k entries a token, not k + 4k, and autograd
+        sums both losses' gradients into the k code's decode. Else (RouteSAE's inner SAE, which selects
+        otherwise) a forward at 4k.
+        """
         kept, self.wide = self.wide, None  # consumed, so the step's graph is not held past it
         if kept is not None and kept[0] is out.latents:
-            return kept[1]
-        return self(out.x, k=self.wide_k, low_precision=step.low_precision).latents
+            others = kept[1]
+            return out.x_hat + SparseDecode.apply(others.acts, others.indices, self.W_dec, self.tangent_decoder_grad)
+        return self.reconstruct(out, self(out.x, k=self.wide_k, low_precision=step.low_precision).latents)
 
     def log_fields(self) -> list[str]:
         return ["multi_topk_loss"] if self.multi_topk else []  # a loss term, logged only where it is trained
