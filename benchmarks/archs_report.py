@@ -122,17 +122,28 @@ def write_csv(results: list[dict[str, Any]], path: Path) -> None:
             )  # fmt: skip
 
 
+def l0_window(results: list[dict[str, Any]]) -> tuple[float, float]:
+    """The picture's L0 axis: half the smallest target to twice the largest. A run far off every target (a
+    peer's penalty that all but silenced its SAE) would otherwise stretch the axis and squeeze the curves; it
+    stays in the table. Without targets (peers' runs only), the runs' own range."""
+    targets = [float(r["target"]) for r in results if r.get("target") is not None] or [r["l0"] for r in results]
+    return min(targets) / 2, max(targets) * 2
+
+
 def picture(results: list[dict[str, Any]], path: Path) -> None:
-    """L0 vs FVU and L0 vs KL per token, one marker series per contender, the overall frontiers as lines."""
+    """L0 vs FVU and L0 vs KL per token, one marker series per contender, the overall frontiers as lines, the
+    L0 axis over :func:`l0_window` (how many runs fall outside it is written on the picture)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    low, high = l0_window(results)
     for ax, key, label in ((axes[0], "fvu", "held-out FVU"), (axes[1], "kl_per_token", "KL per token")):
         runs = [r for r in results if r.get(key) is not None]
-        if not runs:  # --kl-tokens -1: nothing to draw, and a log axis of no data cannot be laid out
+        inside = [r for r in runs if low <= r["l0"] <= high]
+        if not inside:  # --kl-tokens -1: nothing to draw, and a log axis of no data cannot be laid out
             ax.text(0.5, 0.5, f"{label}: not measured", ha="center", transform=ax.transAxes)
             continue
         for name in dict.fromkeys(r["name"] for r in runs):
@@ -141,7 +152,11 @@ def picture(results: list[dict[str, Any]], path: Path) -> None:
             ax.plot(*zip(*sorted((r["l0"], r[key]) for r in mine)), style, label=name, alpha=0.8)
         front = [runs[i] for i in pareto([(r["l0"], r[key]) for r in runs])]
         ax.plot([r["l0"] for r in front], [r[key] for r in front], "k:", lw=2, label="Pareto frontier")
-        ax.set(xscale="log", yscale="log", xlabel="L0 (held-out)", ylabel=label)
+        values = [r[key] for r in inside]
+        ax.set(xscale="log", yscale="log", xlabel="L0 (held-out)", ylabel=label, xlim=(low, high))
+        ax.set_ylim(min(values) / 1.15, max(values) * 1.15)
+        if len(inside) < len(runs):
+            ax.set_title(f"{len(runs) - len(inside)} run(s) at L0 outside {low:g}-{high:g}: in the table", fontsize=8)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -153,6 +153,30 @@ def test_the_picture_is_drawn_when_kl_was_not_measured(tmp_path: Path) -> None:
     assert (tmp_path / "archs.png").stat().st_size > 1000
 
 
+def test_the_picture_keeps_its_l0_axis_near_the_targets(tmp_path: Path, monkeypatch: Any) -> None:
+    """A peer run at L0 0.3 (its penalty all but silenced it) does not stretch the axis over two decades: the L0
+    axis spans half the smallest target to twice the largest, the FVU axis the runs inside it, and the picture
+    says how many runs it leaves out."""
+    import matplotlib.axes
+
+    runs = [_run("topk", "topk", t, t * 1.02, 0.3 / t**0.5, 5000.0, 0.0) for t in (16, 128)]
+    runs.append(_run("peer", "standard", 32, 0.3, 2.1, 1000.0, 0.6))
+    titles: list[str] = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title", lambda ax, text, **_: titles.append(text))
+    limits: list[tuple[float, ...]] = []
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def savefig(fig: Any, *args: Any, **kwargs: Any) -> None:
+        limits.extend((*ax.get_xlim(), *ax.get_ylim()) for ax in fig.axes[:1])
+        real_savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    archs_report.picture([{**r, "library": "sae-pipe"} for r in runs], tmp_path / "archs.png")
+    assert limits[0][:2] == pytest.approx((8, 256))
+    assert limits[0][3] < 0.1  # the FVU axis ends near the runs inside (0.075), not at the peer's 2.1
+    assert titles == ["1 run(s) at L0 outside 8-256: in the table"]
+
+
 @pytest.mark.parametrize("arch", ["batchtopk", "matryoshka", "jumprelu", "gated"])
 def test_fit_steps_times_the_architecture_it_is_asked_for(arch: str, tmp_path: Path) -> None:
     """benchmarks.fit_steps --arch builds and trains that architecture (its FVU falls over the timed steps)."""
