@@ -184,6 +184,20 @@ def test_cuda_topk_branch_equals_the_cpu_tuned_one() -> None:
     assert torch.equal(plain, pre.topk(32).indices.sort(dim=1).values)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_ordered_bits_order_as_the_floats_do(dtype: torch.dtype) -> None:
+    """The integer keys the CPU top-k compares sort floats of both signs, zeros and infinities as the floats sort."""
+    from pipeline.sae.kernels import ordered_bits
+
+    gen = torch.Generator().manual_seed(4)
+    scales = 10.0 ** torch.randint(-3, 4, (500,), generator=gen)  # six decades, so exponents differ too
+    edges = torch.tensor([0.0, float("inf"), -float("inf"), 1e-30, -1e-30])
+    values = torch.cat([torch.randn(500, generator=gen) * scales, edges]).to(dtype).unique()  # (V,) distinct
+    keys = ordered_bits(values)
+    assert not keys.is_floating_point()
+    assert torch.equal(values[keys.argsort()], values.sort().values)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("cpu_tuned", [True, False])  # the CPU's sampled product; CUDA's embedding-bag kernel
 def test_bag_dot_gives_each_entry_its_dot_product(dtype: torch.dtype, cpu_tuned: bool) -> None:

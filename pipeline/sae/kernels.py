@@ -120,14 +120,26 @@ def topk_indices(pre: Tensor, k: int, cpu_tuned: bool | None = None) -> Tensor:
     """
     rows, width = pre.shape
     cpu_tuned = pre.device.type == "cpu" if cpu_tuned is None else cpu_tuned
-    if not cpu_tuned or width % GROUP or width < 4 * k * GROUP:
+    if not cpu_tuned:
         return pre.topk(k, dim=-1, sorted=False).indices
+    if width % GROUP or width < 4 * k * GROUP:
+        return ordered_bits(pre).topk(k, dim=-1, sorted=False).indices
     stride = width // GROUP
     grouped = pre.view(rows, GROUP, stride)  # group m = columns {m + g*stride}
     best = topk_indices(grouped.amax(dim=1), k, cpu_tuned)  # (B, k) the best groups
     candidates = grouped.gather(2, best[:, None].expand(rows, GROUP, k)).view(rows, GROUP * k)  # (B, G*k) values
-    chosen = candidates.topk(k, dim=-1, sorted=False).indices  # (B, k) at g*k + j: group best[b, j], member g
+    chosen = ordered_bits(candidates).topk(k, dim=-1, sorted=False).indices  # (B, k) at g*k + j: best[b, j], g
     return best.gather(1, chosen % k) + torch.div(chosen, k, rounding_mode="floor") * stride
+
+
+def ordered_bits(values: Tensor) -> Tensor:
+    """Integers ordered as the floats ``values`` are (not NaN; -0 just below +0): torch's CPU top-k compares
+    integers 1.5x faster than bf16 or float32. A float's bits read as a signed integer order the non-negative
+    floats; flipping every bit but the sign of the negative ones reverses their order, below zero."""
+    if not values.is_floating_point():
+        return values
+    bits = values.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[values.element_size()])
+    return bits ^ ((bits >> (8 * values.element_size() - 1)) & torch.iinfo(bits.dtype).max)
 
 
 def rowwise_dot(a: Tensor, weight: Tensor, idx: Tensor) -> Tensor:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from pipeline.sae.auxk_kernels import aux_decode
 from pipeline.sae.interface import SAE, Knobs, Latents, LossTerm, SaeConfig, SaeOutput, Step, pack, register
-from pipeline.sae.kernels import Encoder, SparseDecode, TopKEncode
+from pipeline.sae.kernels import Encoder, SparseDecode, TopKEncode, ordered_bits
 from pipeline.sae.quality import Reconstruction
 
 REFERENCE_RENORM = 100  # the RouteSAE reference renormalizes decoder rows every 100 batches (its --steps)
@@ -133,7 +133,7 @@ class TopKSAE(SAE):
         4k code's, so TopKEncode's backward gets the gradients of both losses summed.
         """
         wide = self.encode(x, self.wide_k, None, low_precision) if chosen is None else self.encode_chosen(x, chosen)
-        top = wide.acts.topk(self.cfg.k, dim=1, sorted=False).indices  # (B, k) places in the 4k code
+        top = ordered_bits(wide.acts.detach()).topk(self.cfg.k, dim=1, sorted=False).indices  # (B, k) in the 4k code
         outside = torch.ones_like(wide.indices, dtype=torch.bool).scatter_(1, top, False)  # (B, 4k)
         rest = outside.nonzero()[:, 1].view(len(x), -1)  # (B, 3k) the other places, row by row
         latents, others = (Latents(wide.acts.gather(1, at), wide.indices.gather(1, at)) for at in (top, rest))
