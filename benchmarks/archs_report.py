@@ -43,14 +43,17 @@ def at_l0(points: Sequence[tuple[float, float]], l0: float) -> float | None:
 
 def bar(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per architecture of ours run at target BAR_L0: its FVU against the paired peer's at our measured L0
-    (the peer's runs interpolated over log L0), tokens/s ratio, dead share, and whether each part holds."""
+    (the peer's runs interpolated over log L0), tokens/s ratio (against the peer's run at the same target, else
+    the mean of its runs), dead share, and whether each part holds."""
     rows = []
     for ours in [r for r in results if r["pair"] and r["target"] == BAR_L0]:
         peers = [r for r in results if r["name"] == ours["pair"]]
         if not peers:
             continue
         peer_fvu = at_l0(sorted((p["l0"], p["fvu"]) for p in peers), ours["l0"])
-        speed = ours["tokens_per_s"] / (sum(p["tokens_per_s"] for p in peers) / len(peers))
+        # at the same target where the peer ran one (its speed falls with k), else its runs' mean (one per l1)
+        timed = [p for p in peers if p.get("target") == ours["target"]] or peers
+        speed = ours["tokens_per_s"] / (sum(p["tokens_per_s"] for p in timed) / len(timed))
         row = {"arch": ours["name"], "peer": ours["pair"], "fvu": ours["fvu"], "peer_fvu": peer_fvu, "speedup": speed}
         row |= {"dead_share": ours["dead_share"], "l0": ours["l0"], "peer_l0s": sorted(p["l0"] for p in peers)}
         row["fvu_ok"] = peer_fvu is not None and ours["fvu"] <= peer_fvu

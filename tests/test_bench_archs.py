@@ -57,10 +57,13 @@ def test_bar_against_interpolated_peer_runs() -> None:
         _run("SAELens Gated", "", 32, 32.0, 0.30, 1000.0, 0.0),
         _run("standard", "SAELens Standard", 64, 64.0, 0.1, 1.0, 0.5),  # not at the bar's L0: ignored
     ]
-    standard, gated = bar(results)
+    results += [_run("multi", "sparsify", 32, 32.0, 0.2, 9000.0, 0.0)]  # a peer run per target: timed at 32
+    results += [_run("sparsify", "", t, t, 0.3, tps, 0.0) for t, tps in ((16, 9000.0), (32, 4500.0), (128, 1500.0))]
+    standard, gated, multi = bar(results)
     assert standard["peer_fvu"] == pytest.approx(0.3) and standard["fvu_ok"]
     assert standard["speedup"] == pytest.approx(3000 / 950) and standard["pass"]
     assert not gated["fvu_ok"] and not gated["pass"] and gated["speedup"] == pytest.approx(5.0)
+    assert multi["speedup"] == pytest.approx(2.0) and not multi["pass"]  # the mean of all three would say 1.8x
 
 
 def _topk_run(folder: Path, w: np.ndarray, b_dec: np.ndarray, k: int) -> str:
