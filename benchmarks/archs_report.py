@@ -146,8 +146,9 @@ def picture(results: list[dict[str, Any]], path: Path) -> None:
     for ax, key, label in ((axes[0], "fvu", "held-out FVU"), (axes[1], "kl_per_token", "KL per token")):
         runs = [r for r in results if r.get(key) is not None]
         inside = [r for r in runs if low <= r["l0"] <= high]
-        if not inside:  # --kl-tokens -1: nothing to draw, and a log axis of no data cannot be laid out
-            ax.text(0.5, 0.5, f"{label}: not measured", ha="center", transform=ax.transAxes)
+        if not inside:  # --kl-tokens -1, or every run off the window: a log axis of no data cannot be laid out
+            why = f"no run at L0 {low:g}-{high:g}" if runs else "not measured"
+            ax.text(0.5, 0.5, f"{label}: {why}", ha="center", transform=ax.transAxes)
             continue
         for name in dict.fromkeys(r["name"] for r in runs):
             mine = [r for r in runs if r["name"] == name]
