@@ -11,7 +11,9 @@ Contenders, one after another, each in a process of its own (benchmarks.child: i
   batch 4096; the lr each architecture's auto rule picks), topk also with ``--multi-topk``; for standard,
   gated and jumprelu ``k`` is the target L0 their automatic penalty steers to.
 - SAELens 6.54.12 (benchmarks/peers/peer_archs.py): BatchTopK, Matryoshka BatchTopK (our prefixes as its
-  widths), JumpReLU (its target-L0 mode) trained by its own ``SAETrainer.fit()`` with the runner's defaults.
+  widths), JumpReLU (its target-L0 mode) trained by its own ``SAETrainer.fit()`` with the runner's defaults
+  (``--peer-lr X``: at Adam lr X instead, rows "SAELens ... at lr X"; the bar reads each peer setting apart and
+  holds ours against the best of them).
   Standard and Gated have no L0 target there: they run once per ``--l1`` coefficient, and the bar compares
   at our L0 by interpolating their FVU over log L0 between the two runs around it.
 - sparsify 1.3.3: multi-TopK (peer_steps.py's replay of its Trainer, ``multi_topk=True``).
@@ -41,7 +43,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from benchmarks.archs_report import publish_all
+from benchmarks.archs_report import PEER_LR, publish_all
 from benchmarks.child import own_peak_rss_mb, own_rss_mb, run_child
 from benchmarks.run import training_rows
 from pipeline.cache.reader import ActivationCache
@@ -145,16 +147,22 @@ def ours_child(args: argparse.Namespace) -> dict[str, Any]:
 
 def command(c: Contender, setting: float, paths: dict[str, Path], args: argparse.Namespace) -> list[str]:
     """The contender's process at one setting (k / target L0, or SAELens's l1_coefficient)."""
-    tag = f"{c.side}-{c.arch}-{setting:g}"
+    tag = f"{c.side}-{c.arch}-{setting:g}" + (f"-lr{args.peer_lr:g}" if c.side == "saelens" and args.peer_lr else "")
     if c.side == "ours":
         cmd = [sys.executable, "-m", "benchmarks.archs", "--child", "--cache", args.cache, "--arch", c.arch]
         return [*cmd, "--k", str(int(setting)), "--tokens", str(args.tokens), "--runs", str(paths["runs"] / tag)]
     cmd = [args.peer_python, "benchmarks/peers/peer_archs.py", "--lib", c.side, "--arch", c.arch]
     cmd += ["--data", str(paths["train"]), "--heldout", str(paths["held"]), "--out", str(paths["peers"] / tag)]
     cmd += ["--steps", str(args.tokens // 4096), "--batch-size", "4096", "--num-latents", str(args.latents)]
+    cmd += ["--lr", f"{args.peer_lr:g}"] if c.side == "saelens" else []  # 0: its runner's default
     if c.per_target:
         return [*cmd, "--k", str(int(setting)), "--widths", ",".join(map(str, prefixes(args.latents)))]
     return [*cmd, "--coeff", f"{setting:g}"]
+
+
+def row_name(c: Contender, args: argparse.Namespace) -> str:
+    """The contender's table row; a SAELens trainer at ``--peer-lr`` gets a row (and a bar reading) of its own."""
+    return f"{c.name}{PEER_LR}{args.peer_lr:g}" if c.side == "saelens" and args.peer_lr > 0 else c.name
 
 
 def prefixes(n: int) -> list[int]:
@@ -197,7 +205,8 @@ def run_all(args: argparse.Namespace, paths: dict[str, Path], x: np.ndarray) -> 
             result = run_child(command(c, setting, paths, args), ROOT)
             result["load_after"] = Path("/proc/loadavg").read_text().split()[0]  # the machine may be shared
             run = as_run(result, c, paths["scratch"])
-            result |= {"name": c.name, "pair": c.pair, "target": setting if c.per_target else None, "run": run}
+            result |= {"name": row_name(c, args), "pair": c.pair, "run": run}
+            result["target"] = setting if c.per_target else None
             result |= quality(x, run)
             if c.arch in AT_WIDE_K:  # held-out quality only: evaluate's KL splices the run at its own k
                 wide_k = MULTI_TOPK_FACTOR * int(setting)
@@ -231,6 +240,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=0, help="training tokens each (0 = the demo's: the split twice)")
     parser.add_argument("--kl-tokens", type=int, default=8192, help="held-out tokens of evaluate's KL/CE (-1: skip)")
     parser.add_argument("--latents", type=int, default=4096)
+    parser.add_argument("--peer-lr", type=float, default=0.0, help="SAELens trainers' Adam lr (0 = their default)")
     parser.add_argument("--scratch", default="/tmp/archs", help="rows, runs, peers' folders and results.jsonl")
     parser.add_argument("--write", action="store_true", help="add the table and plot to benchmarks/RESULTS.md")
     parser.add_argument("--results", type=lambda s: s.split(","), default=[], help="publish earlier runs instead: "
