@@ -66,6 +66,29 @@ def test_bar_against_interpolated_peer_runs() -> None:
     assert multi["speedup"] == pytest.approx(2.0) and not multi["pass"]  # the mean of all three would say 1.8x
 
 
+def test_bar_reads_each_peer_learning_rate_apart_and_takes_the_best() -> None:
+    results = [
+        _run("batchtopk", "SAELens BatchTopK", 32, 32.0, 0.12, 9000.0, 0.0),
+        _run("SAELens BatchTopK", "", 32, 100.0, 2.0, 1800.0, 0.0),  # its default lr: never near L0 32
+        _run("SAELens BatchTopK at lr 0.005", "", 32, 31.0, 0.13, 1500.0, 0.0),
+        _run("SAELens BatchTopK at lr 0.005", "", 64, 64.0, 0.05, 1000.0, 0.0),
+        _run("SAELens BatchTopKish", "", 32, 32.0, 0.01, 1.0, 0.0),  # another contender's name: not this peer's
+        _run("gated", "SAELens Gated", 32, 32.0, 0.20, 6000.0, 0.0),
+        _run("SAELens Gated", "", None, 16.0, 0.40, 1000.0, 0.0),  # default lr: 0.3 at L0 32
+        _run("SAELens Gated", "", None, 64.0, 0.20, 1000.0, 0.0),
+        _run("SAELens Gated at lr 0.01", "", None, 16.0, 0.30, 2000.0, 0.0),  # lr 0.01: 0.25 at L0 32, the best
+        _run("SAELens Gated at lr 0.01", "", None, 64.0, 0.20, 2000.0, 0.0),
+    ]
+    batchtopk, gated = bar(results)
+    # L0 32 lies between the lr-0.005 runs at 31 and 64 only: a mix with the default's L0-100 run would say 0.4
+    assert batchtopk["peer"] == "SAELens BatchTopK at lr 0.005"
+    assert batchtopk["peer_fvu"] == pytest.approx(0.13 + (0.05 - 0.13) * math.log(32 / 31) / math.log(64 / 31))
+    assert batchtopk["speedup"] == pytest.approx(6.0) and batchtopk["pass"]
+    assert batchtopk["peer_l0s"] == [31.0, 64.0, 100.0]
+    assert gated["peer"] == "SAELens Gated at lr 0.01" and gated["peer_fvu"] == pytest.approx(0.25)
+    assert gated["speedup"] == pytest.approx(3.0) and gated["pass"]
+
+
 def _topk_run(folder: Path, w: np.ndarray, b_dec: np.ndarray, k: int) -> str:
     """A complete TopK run folder with encoder W_enc = w (N, D), decoder rows w normalized, zero b_enc."""
     sae = TopKSAE(SaeConfig("topk", w.shape[1], w.shape[0], k, [0]))
