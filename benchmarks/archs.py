@@ -182,7 +182,7 @@ def as_run(result: dict[str, Any], c: Contender, scratch: Path) -> str:
 def spliced(run: str, cache: str, tokens: int, scratch: Path) -> dict[str, Any]:
     """KL per token and CE recovered of the run spliced into the LLM (``sae-pipe evaluate``)."""
     out = scratch / "evaluate" / f"{Path(run).name}.json"
-    cmd = [str(ROOT / ".venv" / "bin" / "sae-pipe"), "evaluate", run, "--metrics", "kl,ce", "--cache", cache]
+    cmd = [sys.executable, "-m", "pipeline.cli", "evaluate", run, "--metrics", "kl,ce", "--cache", cache]  # this tree
     cmd += ["--max-tokens", str(tokens), "--out", str(out), "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
     if proc.returncode != 0:
