@@ -14,6 +14,7 @@ from benchmarks.report import publish
 HERE = Path(__file__).resolve().parent
 BAR_L0 = 32  # the issue's Done-when: at L0 32, FVU no worse than the peer's, >= 3x its tokens/s, < 1 % dead
 SPEEDUP, DEAD = 3.0, 0.01
+L0_TOLERANCE = 0.1  # |log(L0 / ours)|: a peer run at our target this near our L0 stands in where none bracket it
 PEER_LR = " at lr "  # a peer row trained at a learning rate other than its default: "SAELens BatchTopK at lr 0.005"
 
 
@@ -49,6 +50,16 @@ def peer_families(results: list[dict[str, Any]], pair: str) -> list[list[dict[st
     return [[r for r in results if r["name"] == name] for name in names]
 
 
+def peer_reading(runs: list[dict[str, Any]], ours: dict[str, Any]) -> float | None:
+    """One peer setting's FVU at our L0: interpolated between its runs around it, else its run at our target
+    if that lies within L0_TOLERANCE of our L0 (a peer trained at k 32 whose inference threshold lands at L0
+    31.3 has no run above ours to interpolate to), else None."""
+    fvu = at_l0(sorted((p["l0"], p["fvu"]) for p in runs), ours["l0"])
+    gap = {id(p): abs(math.log(p["l0"] / ours["l0"])) if p["l0"] > 0 else math.inf for p in runs}
+    near = [p for p in runs if p.get("target") == ours["target"] and gap[id(p)] <= L0_TOLERANCE]
+    return fvu if fvu is not None or not near else near[0]["fvu"]
+
+
 def bar(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per architecture of ours run at target BAR_L0: its FVU against the paired peer's at our measured L0
     (each of the peer's settings interpolated over log L0; the best of them, the peer's most favourable
@@ -59,7 +70,7 @@ def bar(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         families = peer_families(results, ours["pair"])
         if not families:
             continue
-        readings = [(at_l0(sorted((p["l0"], p["fvu"]) for p in runs), ours["l0"]), runs) for runs in families]
+        readings = [(peer_reading(runs, ours), runs) for runs in families]
         known = [(fvu, runs) for fvu, runs in readings if fvu is not None]
         peer_fvu, peers = min(known, key=lambda item: item[0]) if known else (None, families[0])
         # at the same target where the peer ran one (its speed falls with k), else its runs' mean (one per l1)

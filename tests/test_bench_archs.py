@@ -89,6 +89,19 @@ def test_bar_reads_each_peer_learning_rate_apart_and_takes_the_best() -> None:
     assert gated["speedup"] == pytest.approx(3.0) and gated["pass"]
 
 
+def test_a_peer_run_at_our_target_stands_in_only_near_our_l0() -> None:
+    ours = _run("matryoshka", "SAELens Matryoshka BatchTopK", 32, 32.0, 0.13, 9000.0, 0.0)
+    near = _run("SAELens Matryoshka BatchTopK", "", 32, 30.5, 0.14, 1000.0, 0.0)  # log(32 / 30.5) = 0.048
+    (row,) = bar([ours, near])
+    assert row["peer_fvu"] == pytest.approx(0.14) and row["pass"]
+    far = _run("SAELens Matryoshka BatchTopK", "", 32, 28.0, 0.14, 1000.0, 0.0)  # log(32 / 28) = 0.13
+    (row,) = bar([ours, far])
+    assert row["peer_fvu"] is None and not row["pass"]
+    elsewhere = _run("SAELens Matryoshka BatchTopK", "", 16, 31.0, 0.14, 1000.0, 0.0)  # trained for another L0
+    (row,) = bar([ours, elsewhere])
+    assert row["peer_fvu"] is None
+
+
 def _topk_run(folder: Path, w: np.ndarray, b_dec: np.ndarray, k: int) -> str:
     """A complete TopK run folder with encoder W_enc = w (N, D), decoder rows w normalized, zero b_enc."""
     sae = TopKSAE(SaeConfig("topk", w.shape[1], w.shape[0], k, [0]))
