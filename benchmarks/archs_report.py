@@ -7,7 +7,7 @@ import csv
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from benchmarks.report import publish
 
@@ -50,36 +50,52 @@ def peer_families(results: list[dict[str, Any]], pair: str) -> list[list[dict[st
     return [[r for r in results if r["name"] == name] for name in names]
 
 
-def peer_reading(runs: list[dict[str, Any]], ours: dict[str, Any]) -> float | None:
-    """One peer setting's FVU at our L0: interpolated between its runs around it, else its run at our target
-    if that lies within L0_TOLERANCE of our L0 (a peer trained at k 32 whose inference threshold lands at L0
-    31.3 has no run above ours to interpolate to), else None."""
+class Reading(NamedTuple):
+    """One peer setting's FVU at our L0, as far as its runs tell."""
+
+    name: str  # the peer setting's row name
+    how: str  # "at" (interpolated, or its run at our target near our L0) | "dominated" | "none"
+    fvu: float | None  # at: the reading; dominated: the highest FVU of its runs at L0 >= ours, a lower bound
+    runs: list[dict[str, Any]]
+
+
+def peer_reading(runs: list[dict[str, Any]], ours: dict[str, Any]) -> Reading:
+    """One peer setting's FVU at our L0: interpolated over log L0 between its runs around it; else its run at our
+    target if that lies within L0_TOLERANCE of our L0 (a peer trained at k 32 whose inference threshold lands at
+    L0 31.3 has no run above ours to interpolate to); else "dominated" if a run at an L0 at least ours has an FVU
+    at least ours (FVU falls as L0 grows, so the setting does no better at our L0); else nothing."""
+    name = runs[0]["name"]
     fvu = at_l0(sorted((p["l0"], p["fvu"]) for p in runs), ours["l0"])
     gap = {id(p): abs(math.log(p["l0"] / ours["l0"])) if p["l0"] > 0 else math.inf for p in runs}
     near = [p for p in runs if p.get("target") == ours["target"] and gap[id(p)] <= L0_TOLERANCE]
-    return fvu if fvu is not None or not near else near[0]["fvu"]
+    if fvu is not None or near:
+        return Reading(name, "at", near[0]["fvu"] if fvu is None else fvu, runs)
+    bound = max((p["fvu"] for p in runs if p["l0"] >= ours["l0"]), default=None)
+    if bound is not None and bound >= ours["fvu"]:
+        return Reading(name, "dominated", bound, runs)
+    return Reading(name, "none", None, runs)
 
 
 def bar(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per architecture of ours run at target BAR_L0: its FVU against the paired peer's at our measured L0
-    (each of the peer's settings interpolated over log L0; the best of them, the peer's most favourable
-    reading), tokens/s ratio (against that setting's run at the same target, else the mean of its runs), dead
-    share, and whether each part holds."""
+    """Per architecture of ours run at target BAR_L0: its FVU against each of the paired peer's settings at our
+    measured L0 (:func:`peer_reading`; ok when at least one setting can be compared and none reads lower), the
+    tokens/s ratio (against the best-reading setting's run at the same target, else the mean of its runs), the
+    dead share, and whether each part holds."""
     rows = []
     for ours in [r for r in results if r["pair"] and r["target"] == BAR_L0]:
-        families = peer_families(results, ours["pair"])
-        if not families:
+        readings = [peer_reading(runs, ours) for runs in peer_families(results, ours["pair"])]
+        if not readings:
             continue
-        readings = [(peer_reading(runs, ours), runs) for runs in families]
-        known = [(fvu, runs) for fvu, runs in readings if fvu is not None]
-        peer_fvu, peers = min(known, key=lambda item: item[0]) if known else (None, families[0])
+        measured = sorted((r for r in readings if r.how == "at"), key=lambda r: r.fvu or 0.0)
+        chosen = (measured or [r for r in readings if r.how == "dominated"] or readings)[0]
         # at the same target where the peer ran one (its speed falls with k), else its runs' mean (one per l1)
-        timed = [p for p in peers if p.get("target") == ours["target"]] or peers
+        timed = [p for p in chosen.runs if p.get("target") == ours["target"]] or chosen.runs
         speed = ours["tokens_per_s"] / (sum(p["tokens_per_s"] for p in timed) / len(timed))
-        row = {"arch": ours["name"], "peer": peers[0]["name"], "fvu": ours["fvu"], "peer_fvu": peer_fvu}
-        row |= {"speedup": speed, "dead_share": ours["dead_share"], "l0": ours["l0"]}
-        row["peer_l0s"] = sorted(p["l0"] for runs in families for p in runs)
-        row["fvu_ok"] = peer_fvu is not None and ours["fvu"] <= peer_fvu
+        row = {"arch": ours["name"], "peer": chosen.name, "fvu": ours["fvu"], "readings": readings}
+        row |= {"peer_fvu": measured[0].fvu if measured else None, "speedup": speed, "l0": ours["l0"]}
+        comparable = [r for r in readings if r.how != "none"]
+        row["fvu_ok"] = bool(comparable) and all(ours["fvu"] <= (r.fvu or 0.0) for r in comparable)
+        row["dead_share"] = ours["dead_share"]
         row["pass"] = row["fvu_ok"] and speed >= SPEEDUP and ours["dead_share"] < DEAD
         rows.append(row)
     return rows
@@ -124,11 +140,20 @@ def wide_table(results: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def describe(reading: Reading) -> str:
+    """A peer setting's reading, for the verdict line."""
+    if reading.how == "at":
+        return f"{reading.name} {reading.fvu:.4f}"
+    runs = ", ".join(f"L0 {p['l0']:.1f}: {p['fvu']:.4f}" for p in sorted(reading.runs, key=lambda p: p["l0"]))
+    return f"{reading.name} {'worse at a higher L0' if reading.how == 'dominated' else 'no run near'} ({runs})"
+
+
 def verdicts(rows: list[dict[str, Any]]) -> list[str]:
-    """One line per architecture: the bar's three parts with the numbers."""
+    """One line per architecture: the bar's three parts with the numbers, every peer setting's reading."""
     return [
-        f"- {r['arch']} vs {r['peer']}: FVU {r['fvu']:.4f} vs {_cell(r['peer_fvu'], '.4f')} at L0 {r['l0']:.1f} "
-        f"(peer L0s {', '.join(f'{v:.1f}' for v in r['peer_l0s'])}) {'ok' if r['fvu_ok'] else '**worse/unknown**'}; "
+        f"- {r['arch']} vs {r['peer']}: FVU {r['fvu']:.4f} at L0 {r['l0']:.1f} against "
+        f"{'; '.join(describe(reading) for reading in r['readings'])}: "
+        f"{'ok' if r['fvu_ok'] else '**worse/unknown**'}; "
         f"tokens/s {r['speedup']:.2f}x {'ok' if r['speedup'] >= SPEEDUP else '**< 3x**'}; dead "
         f"{r['dead_share']:.2%} {'ok' if r['dead_share'] < DEAD else '**>= 1 %**'}: "
         f"{'PASS' if r['pass'] else '**FAIL**'}"

@@ -84,7 +84,7 @@ def test_bar_reads_each_peer_learning_rate_apart_and_takes_the_best() -> None:
     assert batchtopk["peer"] == "SAELens BatchTopK at lr 0.005"
     assert batchtopk["peer_fvu"] == pytest.approx(0.13 + (0.05 - 0.13) * math.log(32 / 31) / math.log(64 / 31))
     assert batchtopk["speedup"] == pytest.approx(6.0) and batchtopk["pass"]
-    assert batchtopk["peer_l0s"] == [31.0, 64.0, 100.0]
+    assert [r.how for r in batchtopk["readings"]] == ["dominated", "at"]  # the default: L0 100, FVU 2.0
     assert gated["peer"] == "SAELens Gated at lr 0.01" and gated["peer_fvu"] == pytest.approx(0.25)
     assert gated["speedup"] == pytest.approx(3.0) and gated["pass"]
 
@@ -100,6 +100,26 @@ def test_a_peer_run_at_our_target_stands_in_only_near_our_l0() -> None:
     elsewhere = _run("SAELens Matryoshka BatchTopK", "", 16, 31.0, 0.14, 1000.0, 0.0)  # trained for another L0
     (row,) = bar([ours, elsewhere])
     assert row["peer_fvu"] is None
+
+
+def test_a_peer_setting_worse_at_a_higher_l0_is_dominated_and_one_never_near_is_unknown() -> None:
+    ours = _run("jumprelu", "SAELens JumpReLU", 32, 31.6, 0.117, 16000.0, 0.001)
+    dominated = _run("SAELens JumpReLU at lr 0.005", "", 32, 36.6, 0.188, 2000.0, 0.0)
+    never_near = _run("SAELens JumpReLU", "", 64, 3969.0, 0.025, 1600.0, 0.0)  # fires every latent
+    (row,) = bar([ours, dominated, never_near])
+    assert [(r.how, r.fvu) for r in row["readings"]] == [("dominated", 0.188), ("none", None)]
+    assert row["fvu_ok"] and row["pass"] and row["peer_fvu"] is None and row["speedup"] == pytest.approx(8.0)
+    (row,) = bar([ours, never_near])  # nothing to compare with
+    assert not row["fvu_ok"] and not row["pass"]
+    below = _run("SAELens JumpReLU at lr 0.005", "", 32, 25.0, 0.150, 2000.0, 0.0)  # worse, but at a lower L0
+    (row,) = bar([ours, below])
+    assert row["readings"][0].how == "none" and not row["fvu_ok"]
+    better = _run("SAELens JumpReLU at lr 0.005", "", 32, 36.6, 0.100, 2000.0, 0.0)  # lower FVU at a higher L0
+    (row,) = bar([ours, better])
+    assert row["readings"][0].how == "none" and not row["fvu_ok"]
+    measured = _run("SAELens JumpReLU at lr 0.01", "", 32, 31.0, 0.110, 2000.0, 0.0)  # near our L0, lower
+    (row,) = bar([ours, dominated, measured])
+    assert row["peer_fvu"] == pytest.approx(0.110) and not row["fvu_ok"]
 
 
 def _topk_run(folder: Path, w: np.ndarray, b_dec: np.ndarray, k: int) -> str:
