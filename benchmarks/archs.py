@@ -14,8 +14,10 @@ Contenders, one after another, each in a process of its own (benchmarks.child: i
   widths), JumpReLU (its target-L0 mode) trained by its own ``SAETrainer.fit()`` with the runner's defaults
   (``--peer-lr X``: at Adam lr X instead, rows "SAELens ... at lr X"; the bar reads each peer setting apart and
   holds ours against the best of them).
-  Standard and Gated have no L0 target there: they run once per ``--l1`` coefficient, and the bar compares
-  at our L0 by interpolating their FVU over log L0 between the two runs around it.
+  Standard and Gated have no L0 target there: they run once per ``--l1`` coefficient. The bar reads each peer
+  setting's FVU at our L0 by interpolating over log L0 between its runs around it, else from its run at our
+  target within 10 % of our L0, else counts it worse if a run at a higher L0 already reconstructs worse
+  (archs_report.peer_reading).
 - sparsify 1.3.3: multi-TopK (peer_steps.py's replay of its Trainer, ``multi_topk=True``).
 
 The TopK family (topk, topk with --multi-topk, sparsify's multi-TopK) is also scored at 4k, the wider k
