@@ -12,8 +12,9 @@ Contenders, one after another, each in a process of its own (benchmarks.child: i
   gated and jumprelu ``k`` is the target L0 their automatic penalty steers to.
 - SAELens 6.54.12 (benchmarks/peers/peer_archs.py): BatchTopK, Matryoshka BatchTopK (our prefixes as its
   widths), JumpReLU (its target-L0 mode) trained by its own ``SAETrainer.fit()`` with the runner's defaults
-  (``--peer-lr X``: at Adam lr X instead, rows "SAELens ... at lr X"; the bar reads each peer setting apart and
-  holds ours against the best of them).
+  (``--peer-lr X``: at Adam lr X instead, rows "SAELens ... at lr X"; ``--peer-dead-window S`` also counts a
+  latent silent for S steps as dead for its aux loss, 1000 by default, which a 196-step run never reaches; the bar
+  reads each peer setting apart).
   Standard and Gated have no L0 target there: they run once per ``--l1`` coefficient. The bar reads each peer
   setting's FVU at our L0 by interpolating over log L0 between its runs around it, else from its run at our
   target within 10 % of our L0, else counts it worse if a run at a higher L0 already reconstructs worse
@@ -149,22 +150,26 @@ def ours_child(args: argparse.Namespace) -> dict[str, Any]:
 
 def command(c: Contender, setting: float, paths: dict[str, Path], args: argparse.Namespace) -> list[str]:
     """The contender's process at one setting (k / target L0, or SAELens's l1_coefficient)."""
-    tag = f"{c.side}-{c.arch}-{setting:g}" + (f"-lr{args.peer_lr:g}" if c.side == "saelens" and args.peer_lr else "")
+    tag = f"{c.side}-{c.arch}-{setting:g}" + (f"-lr{args.peer_lr:g}-w{args.peer_dead_window}" * (c.side == "saelens"))
     if c.side == "ours":
         cmd = [sys.executable, "-m", "benchmarks.archs", "--child", "--cache", args.cache, "--arch", c.arch]
         return [*cmd, "--k", str(int(setting)), "--tokens", str(args.tokens), "--runs", str(paths["runs"] / tag)]
     cmd = [args.peer_python, "benchmarks/peers/peer_archs.py", "--lib", c.side, "--arch", c.arch]
     cmd += ["--data", str(paths["train"]), "--heldout", str(paths["held"]), "--out", str(paths["peers"] / tag)]
     cmd += ["--steps", str(args.tokens // 4096), "--batch-size", "4096", "--num-latents", str(args.latents)]
-    cmd += ["--lr", f"{args.peer_lr:g}"] if c.side == "saelens" else []  # 0: its runner's default
+    cmd += ["--lr", f"{args.peer_lr:g}", "--dead-window", str(args.peer_dead_window)] if c.side == "saelens" else []
     if c.per_target:
         return [*cmd, "--k", str(int(setting)), "--widths", ",".join(map(str, prefixes(args.latents)))]
     return [*cmd, "--coeff", f"{setting:g}"]
 
 
 def row_name(c: Contender, args: argparse.Namespace) -> str:
-    """The contender's table row; a SAELens trainer at ``--peer-lr`` gets a row (and a bar reading) of its own."""
-    return f"{c.name}{PEER_LR}{args.peer_lr:g}" if c.side == "saelens" and args.peer_lr > 0 else c.name
+    """The contender's table row; a SAELens trainer at ``--peer-lr`` (and ``--peer-dead-window``) gets a row and
+    a bar reading of its own."""
+    if c.side != "saelens" or args.peer_lr <= 0:
+        return c.name
+    window = f", dead window {args.peer_dead_window}" if args.peer_dead_window > 0 else ""
+    return f"{c.name}{PEER_LR}{args.peer_lr:g}{window}"
 
 
 def prefixes(n: int) -> list[int]:
@@ -243,6 +248,7 @@ def main() -> None:
     parser.add_argument("--kl-tokens", type=int, default=8192, help="held-out tokens of evaluate's KL/CE (-1: skip)")
     parser.add_argument("--latents", type=int, default=4096)
     parser.add_argument("--peer-lr", type=float, default=0.0, help="SAELens trainers' Adam lr (0 = their default)")
+    parser.add_argument("--peer-dead-window", type=int, default=0, help="with --peer-lr: SAELens's dead_feature_window")
     parser.add_argument("--scratch", default="/tmp/archs", help="rows, runs, peers' folders and results.jsonl")
     parser.add_argument("--write", action="store_true", help="add the table and plot to benchmarks/RESULTS.md")
     parser.add_argument("--results", type=lambda s: s.split(","), default=[], help="publish earlier runs instead: "

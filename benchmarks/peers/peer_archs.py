@@ -91,6 +91,7 @@ def saelens_train(x: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
         device="cpu",
         logger=LoggingConfig(log_to_wandb=False),
         **({"lr": args.lr} if args.lr > 0 else {}),
+        **({"dead_feature_window": args.dead_window} if args.dead_window > 0 else {}),
     )
     tcfg = run.to_sae_trainer_config()
     order = peer_steps._batches(len(x), args.batch_size, args.steps, args.seed)
@@ -111,7 +112,7 @@ def saelens_train(x: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
         "library": "SAELens",
         "version": sae_lens.__version__,
         "trainer": f"{type(sae).__name__} + SAETrainer.fit(), saved as {type(loaded).__name__}",
-        "optimizer": f"Adam {tcfg.lr:g} ({tcfg.lr_scheduler_name}), clip 1.0",
+        "optimizer": f"Adam {tcfg.lr:g} ({tcfg.lr_scheduler_name}), clip 1.0, dead window {tcfg.dead_feature_window}",
         "setting": {"coeff": args.coeff} if args.arch in ("standard", "gated") else {"k": args.k},
         "train_s": train_s,
         "rss_before_steps_mb": rss_before,
@@ -169,6 +170,10 @@ def main() -> None:
     p.add_argument("--widths", default="", help="SAELens matryoshka: matryoshka_widths, comma-separated")
     p.add_argument("--num-latents", type=int, default=4096)
     p.add_argument("--lr", type=float, default=0.0, help="SAELens: Adam's lr (0 = its runner's default)")
+    p.add_argument(
+        "--dead-window", type=int, default=0, help="SAELens: steps a latent must stay silent to count as dead for its "
+        "aux loss, dead_feature_window (0 = its default, 1000)"
+    )  # fmt: skip
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--seed", type=int, default=0)
