@@ -51,50 +51,57 @@ def peer_families(results: list[dict[str, Any]], pair: str) -> list[list[dict[st
 
 
 class Reading(NamedTuple):
-    """One peer setting's FVU at our L0, as far as its runs tell."""
+    """One peer setting's FVU against ours at one L0, as far as the runs tell."""
 
     name: str  # the peer setting's row name
-    how: str  # "at" (interpolated, or its run at our target near our L0) | "dominated" | "none"
-    fvu: float | None  # at: the reading; dominated: the highest FVU of its runs at L0 >= ours, a lower bound
+    how: str  # "at" our L0 | "dominated" | "at its L0" (ours interpolated there) | "none"
+    fvu: float | None  # the peer's FVU there (dominated: the highest of its runs at L0 >= ours, a lower bound)
+    ours: float | None  # ours there: our run's FVU, or ours interpolated at the peer run's L0
     runs: list[dict[str, Any]]
 
 
-def peer_reading(runs: list[dict[str, Any]], ours: dict[str, Any]) -> Reading:
-    """One peer setting's FVU at our L0: interpolated over log L0 between its runs around it; else its run at our
-    target if that lies within L0_TOLERANCE of our L0 (a peer trained at k 32 whose inference threshold lands at
-    L0 31.3 has no run above ours to interpolate to); else "dominated" if a run at an L0 at least ours has an FVU
-    at least ours (FVU falls as L0 grows, so the setting does no better at our L0); else nothing."""
-    name = runs[0]["name"]
-    fvu = at_l0(sorted((p["l0"], p["fvu"]) for p in runs), ours["l0"])
+def peer_reading(runs: list[dict[str, Any]], ours: dict[str, Any], mine: list[dict[str, Any]]) -> Reading:
+    """One peer setting against our run ``ours`` (and ``mine``: our architecture's runs at every target), first at
+    our L0: interpolated over log L0 between the peer's runs around it, else its run at our target if that lies
+    within L0_TOLERANCE of our L0 (a peer trained at k 32 whose inference threshold lands at L0 31.3 has no run
+    above ours), else "dominated" if a run at an L0 at least ours has an FVU at least ours (FVU falls as L0 grows,
+    so the setting does no better at our L0). Else at its run's L0, nearest ours first, with ours interpolated
+    there between our runs at other targets; else nothing."""
+    name, fvu = runs[0]["name"], at_l0(sorted((p["l0"], p["fvu"]) for p in runs), ours["l0"])
     gap = {id(p): abs(math.log(p["l0"] / ours["l0"])) if p["l0"] > 0 else math.inf for p in runs}
     near = [p for p in runs if p.get("target") == ours["target"] and gap[id(p)] <= L0_TOLERANCE]
     if fvu is not None or near:
-        return Reading(name, "at", near[0]["fvu"] if fvu is None else fvu, runs)
+        return Reading(name, "at", near[0]["fvu"] if fvu is None else fvu, ours["fvu"], runs)
     bound = max((p["fvu"] for p in runs if p["l0"] >= ours["l0"]), default=None)
     if bound is not None and bound >= ours["fvu"]:
-        return Reading(name, "dominated", bound, runs)
-    return Reading(name, "none", None, runs)
+        return Reading(name, "dominated", bound, ours["fvu"], runs)
+    curve = sorted((r["l0"], r["fvu"]) for r in mine)
+    for p in sorted(runs, key=lambda p: gap[id(p)]):
+        if (there := at_l0(curve, p["l0"])) is not None:
+            return Reading(name, "at its L0", p["fvu"], there, [p])
+    return Reading(name, "none", None, None, runs)
 
 
 def bar(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per architecture of ours run at target BAR_L0: its FVU against each of the paired peer's settings at our
-    measured L0 (:func:`peer_reading`; ok when at least one setting can be compared and none reads lower), the
-    tokens/s ratio (against the best-reading setting's run at the same target, else the mean of its runs), the
-    dead share, and whether each part holds."""
+    """Per architecture of ours run at target BAR_L0: its FVU against each of the paired peer's settings
+    (:func:`peer_reading`; ok when at least one setting can be compared and ours reads no higher against any),
+    the tokens/s ratio (against the best-reading setting's run at the same target, else the mean of its runs),
+    the dead share, and whether each part holds."""
     rows = []
     for ours in [r for r in results if r["pair"] and r["target"] == BAR_L0]:
-        readings = [peer_reading(runs, ours) for runs in peer_families(results, ours["pair"])]
+        mine = [r for r in results if r["name"] == ours["name"]]
+        readings = [peer_reading(runs, ours, mine) for runs in peer_families(results, ours["pair"])]
         if not readings:
             continue
         measured = sorted((r for r in readings if r.how == "at"), key=lambda r: r.fvu or 0.0)
-        chosen = (measured or [r for r in readings if r.how == "dominated"] or readings)[0]
+        chosen = (measured or [r for r in readings if r.how != "none"] or readings)[0]
         # at the same target where the peer ran one (its speed falls with k), else its runs' mean (one per l1)
         timed = [p for p in chosen.runs if p.get("target") == ours["target"]] or chosen.runs
         speed = ours["tokens_per_s"] / (sum(p["tokens_per_s"] for p in timed) / len(timed))
         row = {"arch": ours["name"], "peer": chosen.name, "fvu": ours["fvu"], "readings": readings}
         row |= {"peer_fvu": measured[0].fvu if measured else None, "speedup": speed, "l0": ours["l0"]}
         comparable = [r for r in readings if r.how != "none"]
-        row["fvu_ok"] = bool(comparable) and all(ours["fvu"] <= (r.fvu or 0.0) for r in comparable)
+        row["fvu_ok"] = bool(comparable) and all((r.ours or 0.0) <= (r.fvu or 0.0) for r in comparable)
         row["dead_share"] = ours["dead_share"]
         row["pass"] = row["fvu_ok"] and speed >= SPEEDUP and ours["dead_share"] < DEAD
         rows.append(row)
@@ -145,6 +152,8 @@ def describe(reading: Reading) -> str:
     if reading.how == "at":
         return f"{reading.name} {reading.fvu:.4f}"
     runs = ", ".join(f"L0 {p['l0']:.1f}: {p['fvu']:.4f}" for p in sorted(reading.runs, key=lambda p: p["l0"]))
+    if reading.how == "at its L0":
+        return f"{reading.name} at its L0 ({runs}; ours there {reading.ours:.4f})"
     return f"{reading.name} {'worse at a higher L0' if reading.how == 'dominated' else 'no run near'} ({runs})"
 
 

@@ -122,6 +122,18 @@ def test_a_peer_setting_worse_at_a_higher_l0_is_dominated_and_one_never_near_is_
     assert row["peer_fvu"] == pytest.approx(0.110) and not row["fvu_ok"]
 
 
+def test_a_peer_run_below_our_l0_is_read_against_ours_interpolated_at_its_l0() -> None:
+    ours = [_run("batchtopk", "SAELens BatchTopK", t, t, fvu, 9000.0, 0.0) for t, fvu in ((16, 0.14), (32, 0.12))]
+    peer = _run("SAELens BatchTopK at lr 0.005", "", 32, 25.2, 0.148, 1500.0, 0.0)  # its threshold lagged to 25.2
+    (row,) = bar([*ours, peer])
+    ((how, fvu, there),) = [(r.how, r.fvu, r.ours) for r in row["readings"]]
+    assert how == "at its L0" and fvu == 0.148
+    assert there == pytest.approx(0.14 - 0.02 * math.log(25.2 / 16) / math.log(2))  # 0.1269
+    assert row["fvu_ok"] and row["speedup"] == pytest.approx(6.0)
+    (row,) = bar([*ours, peer | {"fvu": 0.125}])  # the peer better than ours would be there
+    assert not row["fvu_ok"]
+
+
 def _topk_run(folder: Path, w: np.ndarray, b_dec: np.ndarray, k: int) -> str:
     """A complete TopK run folder with encoder W_enc = w (N, D), decoder rows w normalized, zero b_enc."""
     sae = TopKSAE(SaeConfig("topk", w.shape[1], w.shape[0], k, [0]))
@@ -217,6 +229,7 @@ def test_the_picture_keeps_its_l0_axis_near_the_targets(tmp_path: Path, monkeypa
     axis spans half the smallest target to twice the largest, the FVU axis the runs inside it, and the picture
     says how many runs it leaves out."""
     import matplotlib.axes
+    import matplotlib.figure
 
     runs = [_run("topk", "topk", t, t * 1.02, 0.3 / t**0.5, 5000.0, 0.0) for t in (16, 128)]
     runs.append(_run("peer", "standard", 32, 0.3, 2.1, 1000.0, 0.6))
