@@ -198,7 +198,9 @@ def picture(results: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    fig, axes = plt.subplots(1, 2, figsize=(16, 5))
+    names = list(dict.fromkeys(r["name"] for r in results))
+    colors = {name: plt.get_cmap("tab20")(i % 20) for i, name in enumerate(names)}  # one color per contender
     low, high = l0_window(results)
     for ax, key, label in ((axes[0], "fvu", "held-out FVU"), (axes[1], "kl_per_token", "KL per token")):
         runs = [r for r in results if r.get(key) is not None]
@@ -210,7 +212,7 @@ def picture(results: list[dict[str, Any]], path: Path) -> None:
         for name in dict.fromkeys(r["name"] for r in runs):
             mine = [r for r in runs if r["name"] == name]
             style = "o-" if mine[0]["library"] == "sae-pipe" else "s--"
-            ax.plot(*zip(*sorted((r["l0"], r[key]) for r in mine)), style, label=name, alpha=0.8)
+            ax.plot(*zip(*sorted((r["l0"], r[key]) for r in mine)), style, label=name, color=colors[name], alpha=0.8)
         front = [runs[i] for i in pareto([(r["l0"], r[key]) for r in runs])]
         ax.plot([r["l0"] for r in front], [r[key] for r in front], "k:", lw=2, label="Pareto frontier")
         values = [r[key] for r in inside]
@@ -218,8 +220,8 @@ def picture(results: list[dict[str, Any]], path: Path) -> None:
         ax.set_ylim(min(values) / 1.15, max(values) * 1.15)
         if len(inside) < len(runs):
             ax.set_title(f"{len(runs) - len(inside)} run(s) at L0 outside {low:g}-{high:g}: in the table", fontsize=8)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.78, 1))  # the legend in a column of its own, right of the panels
+    fig.legend(*axes[0].get_legend_handles_labels(), fontsize=7, loc="center right")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
