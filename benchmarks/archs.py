@@ -37,6 +37,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -172,6 +173,23 @@ def row_name(c: Contender, args: argparse.Namespace) -> str:
     return f"{c.name}{PEER_LR}{args.peer_lr:g}{window}"
 
 
+def learning_rate(text: str) -> float:
+    """--peer-lr: a finite lr > 0, or 0 for the peer's default."""
+    value = float(text)  # not a number: argparse's own "invalid learning_rate value"
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a learning rate: give a finite number > 0 (0: the default)")
+    return value
+
+
+def peer_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--peer-dead-window: steps >= 0, and only beside --peer-lr, whose rows it names (alone, its runs would be
+    read as the peer's defaults)."""
+    if args.peer_dead_window < 0:
+        parser.error(f"--peer-dead-window {args.peer_dead_window}: give a number of steps >= 0 (0 = SAELens's 1000)")
+    if args.peer_dead_window and not args.peer_lr:
+        parser.error("--peer-dead-window needs --peer-lr (the lr its rows are named by; SAELens's is 0.0003)")
+
+
 def prefixes(n: int) -> list[int]:
     """Our matryoshka default (n/16, n/8, n/4, n/2, n), given to SAELens as its widths."""
     return [n // 16, n // 8, n // 4, n // 2, n]
@@ -247,7 +265,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=0, help="training tokens each (0 = the demo's: the split twice)")
     parser.add_argument("--kl-tokens", type=int, default=8192, help="held-out tokens of evaluate's KL/CE (-1: skip)")
     parser.add_argument("--latents", type=int, default=4096)
-    parser.add_argument("--peer-lr", type=float, default=0.0, help="SAELens trainers' Adam lr (0 = their default)")
+    parser.add_argument("--peer-lr", type=learning_rate, default=0.0, help="SAELens's Adam lr (0 = its default)")
     parser.add_argument("--peer-dead-window", type=int, default=0, help="with --peer-lr: SAELens's dead_feature_window")
     parser.add_argument("--scratch", default="/tmp/archs", help="rows, runs, peers' folders and results.jsonl")
     parser.add_argument("--write", action="store_true", help="add the table and plot to benchmarks/RESULTS.md")
@@ -258,6 +276,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=32, help=argparse.SUPPRESS)
     parser.add_argument("--runs", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    peer_settings(parser, args)
     if args.child:
         print("RESULT " + json.dumps(ours_child(args)), flush=True)
         return

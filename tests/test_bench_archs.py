@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import archs_report
+from benchmarks import archs, archs_report
 from benchmarks.archs import load_results, quality
 from benchmarks.archs_report import at_l0, bar, pareto, wide_table
 from pipeline.infra.files import Folder
@@ -132,6 +132,27 @@ def test_a_peer_run_below_our_l0_is_read_against_ours_interpolated_at_its_l0() -
     assert row["fvu_ok"] and row["speedup"] == pytest.approx(6.0)
     (row,) = bar([*ours, peer | {"fvu": 0.125}])  # the peer better than ours would be there
     assert not row["fvu_ok"]
+
+
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        (["--peer-lr", "nan"], "'nan' is not a learning rate"),
+        (["--peer-lr", "-0.001"], "'-0.001' is not a learning rate"),
+        (["--peer-lr", "0.005", "--peer-dead-window", "-2"], "--peer-dead-window -2: give a number of steps >= 0"),
+        (["--peer-dead-window", "2"], "--peer-dead-window needs --peer-lr"),  # its rows would pass for the defaults
+    ],
+)
+def test_bad_peer_settings_stop_before_anything_runs(
+    options: list[str], says: str, tmp_path: Path, monkeypatch: Any, capsys: Any
+) -> None:
+    scratch, cache = tmp_path / "scratch", tmp_path / "no-cache"  # broken, it fails on the cache instead of exiting 2
+    monkeypatch.setattr("sys.argv", ["archs", *options, "--scratch", str(scratch), "--cache", str(cache)])
+    with pytest.raises(SystemExit) as stop:
+        archs.main()
+    assert stop.value.code == 2
+    assert says in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not scratch.exists()
 
 
 def _topk_run(folder: Path, w: np.ndarray, b_dec: np.ndarray, k: int) -> str:

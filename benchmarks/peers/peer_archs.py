@@ -181,6 +181,8 @@ def main() -> None:
     p.add_argument("--heldout", required=True, help="held-out rows, float32 .npy")
     p.add_argument("--out", required=True, help="folder to save the trained SAE in")
     args = p.parse_args()
+    if args.dead_window < 0:
+        p.error(f"--dead-window {args.dead_window}: give a number of steps >= 0 (0 = SAELens's 1000)")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     x = torch.from_numpy(np.load(args.data))  # float32 already: no conversion copy
     res = saelens_train(x, args) if args.lib == "saelens" else sparsify_train(x, args)
