@@ -13,12 +13,9 @@ Contenders, one after another, each in a process of its own (benchmarks.child: i
 - SAELens 6.54.12 (benchmarks/peers/peer_archs.py): BatchTopK, Matryoshka BatchTopK (our prefixes as its
   widths), JumpReLU (its target-L0 mode) trained by its own ``SAETrainer.fit()`` with the runner's defaults
   (``--peer-lr X``: at Adam lr X instead, rows "SAELens ... at lr X"; ``--peer-dead-window S`` also counts a
-  latent silent for S steps as dead for its aux loss, 1000 by default, which a 196-step run never reaches; the bar
-  reads each peer setting apart).
+  latent silent for S steps as dead for its aux loss, 1000 by default, which a 196-step run never reaches).
   Standard and Gated have no L0 target there: they run once per ``--l1`` coefficient. The bar reads each peer
-  setting's FVU at our L0 by interpolating over log L0 between its runs around it, else from its run at our
-  target within 10 % of our L0, else counts it worse if a run at a higher L0 already reconstructs worse
-  (archs_report.peer_reading).
+  setting apart, at our L0 where its runs allow (archs_report.peer_reading).
 - sparsify 1.3.3: multi-TopK (peer_steps.py's replay of its Trainer, ``multi_topk=True``).
 
 The TopK family (topk, topk with --multi-topk, sparsify's multi-TopK) is also scored at 4k, the wider k
@@ -151,7 +148,8 @@ def ours_child(args: argparse.Namespace) -> dict[str, Any]:
 
 def command(c: Contender, setting: float, paths: dict[str, Path], args: argparse.Namespace) -> list[str]:
     """The contender's process at one setting (k / target L0, or SAELens's l1_coefficient)."""
-    tag = f"{c.side}-{c.arch}-{setting:g}" + (f"-lr{args.peer_lr:g}-w{args.peer_dead_window}" * (c.side == "saelens"))
+    trained_at = f"-lr{args.peer_lr:g}-w{args.peer_dead_window}" if c.side == "saelens" else ""  # 0: the default
+    tag = f"{c.side}-{c.arch}-{setting:g}{trained_at}"
     if c.side == "ours":
         cmd = [sys.executable, "-m", "benchmarks.archs", "--child", "--cache", args.cache, "--arch", c.arch]
         return [*cmd, "--k", str(int(setting)), "--tokens", str(args.tokens), "--runs", str(paths["runs"] / tag)]
