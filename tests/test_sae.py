@@ -8,11 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import Tensor
 
+from pipeline.fit.config import FitConfig, Training
 from pipeline.sae import auxk_kernels, kernels
+from pipeline.sae.archs import batchtopk
 from pipeline.sae.archs.route import RouteSAE
 from pipeline.sae.archs.topk import TopKSAE
-from pipeline.sae.interface import SaeConfig
+from pipeline.sae.interface import REGISTRY, SaeConfig, Step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -212,6 +215,67 @@ def test_bag_dot_gives_each_entry_its_dot_product(dtype: torch.dtype, cpu_tuned:
     torch.testing.assert_close(kernels.bag_dot(a, weight, latents, offsets, tokens, cpu_tuned), want)
 
 
+@pytest.mark.parametrize("cpu_tuned", [True, False])  # the CPU's embedding-bag kernel; CUDA's CSR product
+def test_sparse_t_matmul_equals_the_dense_product(cpu_tuned: bool) -> None:
+    """Both branches give S^T @ dense for a padded code and a flat one (tokens holding nothing, latents holding
+    nothing, a latent in several tokens, entries not sorted by latent), as the dense matrix S gives it."""
+    gen = torch.Generator().manual_seed(7)
+    dense = torch.randn(5, 6, generator=gen)
+    padded = torch.tensor([[3, 0], [3, 7], [1, 3], [0, 7], [7, 1]])  # latents 2, 4, 5, 6 hold nothing
+    values = torch.randn(5, 2, generator=gen)
+    matrix = torch.zeros(5, 8).scatter_(1, padded, values)  # (B, N)
+    torch.testing.assert_close(kernels.sparse_t_matmul(padded, values, 8, dense, cpu_tuned=cpu_tuned), matrix.T @ dense)
+    tokens, latents = torch.tensor([0, 0, 0, 2, 4, 4]), torch.tensor([6, 1, 2, 6, 2, 0])  # tokens 1 and 3 hold nothing
+    flat_values = torch.randn(6, generator=gen)
+    matrix = torch.zeros(5, 8).index_put_((tokens, latents), flat_values)
+    got = kernels.sparse_t_matmul(latents, flat_values, 8, dense, tokens, cpu_tuned=cpu_tuned)
+    torch.testing.assert_close(got, matrix.T @ dense)
+
+
+def test_sparse_t_matmul_in_low_precision_rounds_its_operands_to_bf16() -> None:
+    """With ``low_precision`` the CPU product is that of the operands rounded to bf16, summed in float32 and
+    rounded once: within bf16's rounding of the dense product, and not the float32 one."""
+    gen = torch.Generator().manual_seed(8)
+    dense, latents = torch.randn(64, 32, generator=gen), torch.randint(0, 16, (64, 6), generator=gen)
+    values = torch.rand(64, 6, generator=gen)
+
+    def product(values: Tensor, dense: Tensor) -> Tensor:  # S^T @ dense in float64, repeated latents summed
+        return torch.zeros(64, 16, dtype=torch.float64).scatter_add_(1, latents, values.double()).T @ dense.double()
+
+    exact = product(values, dense).float()  # (N, D)
+    rounded = product(values.bfloat16(), dense.bfloat16()).bfloat16().float()
+    got = kernels.sparse_t_matmul(latents, values, 16, dense, low_precision=True, cpu_tuned=True)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, rounded, rtol=2**-7, atol=1e-5)  # the sums' order and the one rounding
+    assert 2**-12 < float((got - exact).norm() / exact.norm()) < 2**-7  # float32 sums would be ~2^-24 off
+
+
+@pytest.mark.parametrize("arch", ["topk", "transcoder", "batchtopk", "matryoshka"])
+def test_a_low_precision_step_takes_bf16_weight_gradients(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A training forward in low precision hands it to every sparse product of its weight gradients: W_enc's and
+    W_dec's are bf16's rounding away from the float32 step's (and the other gradients equal). The selection's
+    GEMM stays float32 here, so both steps pick the same latents."""
+    exact_gemm = kernels.encoder_preacts
+    for module in (kernels, batchtopk):
+        monkeypatch.setattr(module, "encoder_preacts", lambda x, encoders, _low: exact_gemm(x, encoders, False))
+    d_in = 16
+    cfg = SaeConfig(arch, d_in, 64, 4, [0], prefixes=[16, 64] if arch == "matryoshka" else [])
+    x = torch.randn(32, 2, d_in) if arch == "transcoder" else torch.randn(32, d_in)
+    grads = []
+    for low_precision in (False, True):
+        sae = REGISTRY[arch](cfg, torch.Generator().manual_seed(0)).train()
+        sae.multi_topk = arch in ("topk", "batchtopk")  # the 4k code's decode too
+        out = sae(x, low_precision=low_precision)
+        step = Step(0, 0.0, torch.zeros(64, dtype=torch.bool), low_precision, lambda t: t)
+        terms = sae.loss_terms(out, step, Training.of(FitConfig(arch=arch)))
+        sum((t.value for t in terms), (out.x - out.x_hat).pow(2).sum()).backward()
+        grads.append({n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None})
+    exact, low = grads
+    for name in exact:
+        gap = float((low[name] - exact[name]).norm() / exact[name].norm())
+        assert (2**-12 < gap < 2**-7) if name in ("W_enc", "W_dec") else gap < 1e-5, (name, gap)
+
+
 def test_dense_auxk_equals_the_sparse_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     """AuxK's dense form (a few dead latents) gives the sparse kernels' output and gradients, the decoder's
     kept tangent to its unit rows."""
@@ -258,8 +322,9 @@ def test_sparse_kernels_do_not_warn_of_segfaults() -> None:
     'implicitly disabled' (on torch 2.11 with CUDA the per-call argument alone did not stop it: every fit's
     output carried it). A fresh process, since the warning is shown only once."""
     code = (
-        "import torch; from pipeline.sae.kernels import sparse_t_matmul; "
-        "sparse_t_matmul(torch.tensor([[0, 2]]), torch.ones(1, 2), 3, torch.ones(1, 4))"
+        "import torch; from pipeline.sae.kernels import bag_dot, sparse_t_matmul; "
+        "sparse_t_matmul(torch.tensor([[0, 2]]), torch.ones(1, 2), 3, torch.ones(1, 4), cpu_tuned=False); "
+        "bag_dot(torch.ones(1, 4), torch.ones(3, 4), torch.tensor([0, 2]), torch.tensor([0]), torch.tensor([0, 0]))"
     )
     done = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr

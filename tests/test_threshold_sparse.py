@@ -98,9 +98,14 @@ def sparse_grads(sae: ReluSAE, x: Tensor, low_precision: bool = False) -> dict[s
     return {n: p.grad.to_dense() for n, p in sae.named_parameters() if p.grad is not None}
 
 
-def check(got: dict[str, Tensor], want: dict[str, Tensor]) -> None:
+def check(got: dict[str, Tensor], want: dict[str, Tensor], low_precision: bool = False) -> None:
+    """Every gradient as the reference's; in low precision the weight matrices' within bf16's rounding (their
+    sparse products take bf16 operands, kernels.sparse_t_matmul), the rest exact."""
     assert set(got) == set(want) and set(got) <= set(NAMES)
     for name in want:
+        if low_precision and name in ("W_enc", "W_dec"):
+            assert 2**-12 < float((got[name] - want[name]).norm() / want[name].norm()) < 2**-7, name  # bf16, not fp32
+            continue
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
@@ -121,7 +126,7 @@ def test_sparse_path_gradients_equal_the_dense_reference(
         (at,) = ((code.pattern.tokens == 1) & (code.pattern.latents == 2)).nonzero()[0]
         theta = math.exp(float(sae.log_threshold.detach()[2]))
         assert float(code.acts.detach()[at]) == 0 and float(code.pre.detach()[at]) > theta - EPS / 2
-    check(got, want)
+    check(got, want, low_precision)
 
 
 @pytest.mark.parametrize("arch", ["standard", "jumprelu", "gated"])

@@ -74,9 +74,10 @@ def aux_decode(
     the decoder gradient is kept tangent to its unit rows as in :class:`SparseDecode` (free rows: not).
 
     Up to DENSE_AUX x k latents the selection is one float32 GEMM (:class:`AuxDecode`); past it, where the
-    share picked is small, the sparse kernels' selection (a bf16 GEMM when ``low_precision``).
+    share picked is small, the sparse kernels (a bf16 GEMM and bf16 weight-gradient operands when
+    ``low_precision``).
     """
     if w_enc.shape[0] > DENSE_AUX * k:
         acts, idx = TopKEncode.apply(x, w_enc, b_enc, b_dec, k, low_precision)  # (B, k) twice
-        return SparseDecode.apply(acts, idx, w_dec, tangent)
+        return SparseDecode.apply(acts, idx, w_dec, tangent, None, None, low_precision)
     return AuxDecode.apply(x, w_enc, b_enc, b_dec, w_dec, k, tangent)

@@ -3,7 +3,8 @@
 The dense work is one GEMM (``x @ W_enc.T``); everything after the top-k selection touches only
 ``k`` latents per token. Gradients never form a dense (tokens x latents) matrix:
 
-* encoder weight grad ``S^T @ x`` and decoder weight grad ``S_v^T @ g`` are CSR sparse matmuls;
+* encoder weight grad ``S^T @ x`` and decoder weight grad ``S_v^T @ g`` are sparse products (:func:`sparse_t_matmul`:
+  torch's embedding-bag kernel over the entries sorted by latent on the CPU, a CSR product on CUDA);
 * per-entry dot products ``<a_b, W[idx_bj]>`` (:func:`bag_dot`) are a sampled dense-dense product on the
   CPU and torch's embedding-bag kernel for per-sample-weight gradients on CUDA, so no (tokens, k, D) gather
   is materialized;
@@ -108,6 +109,12 @@ def select_topk(x: Tensor, encoders: Sequence[Encoder], low_precision: bool) -> 
     return chosen
 
 
+def cpu_path(tensor: Tensor, cpu_tuned: bool | None) -> bool:
+    """Whether a kernel here takes its CPU-tuned form: as ``cpu_tuned`` says, else when ``tensor`` is on the CPU
+    (tests ask for either form on the CPU)."""
+    return tensor.device.type == "cpu" if cpu_tuned is None else cpu_tuned
+
+
 def topk_indices(pre: Tensor, k: int, cpu_tuned: bool | None = None) -> Tensor:
     """Indices (B, k) of the k largest entries per row, exact up to ties.
 
@@ -120,7 +127,7 @@ def topk_indices(pre: Tensor, k: int, cpu_tuned: bool | None = None) -> Tensor:
     Elsewhere (CUDA) plain ``torch.topk``, whose radix select is already fast there.
     """
     rows, width = pre.shape
-    cpu_tuned = pre.device.type == "cpu" if cpu_tuned is None else cpu_tuned
+    cpu_tuned = cpu_path(pre, cpu_tuned)
     if not cpu_tuned:
         return pre.topk(k, dim=-1, sorted=False).indices
     if width % GROUP or width < 4 * k * GROUP:
@@ -164,8 +171,7 @@ def bag_dot(
     1.5-2x torch's fused embedding-bag kernel there (4096 tokens, 4096 latents, d 576, 32 or 128 entries a token,
     one core); elsewhere (CUDA) that embedding-bag kernel. ``cpu_tuned`` picks the first (default: on the CPU).
     """
-    cpu_tuned = a.device.type == "cpu" if cpu_tuned is None else cpu_tuned
-    if cpu_tuned and a.dtype in (torch.float32, torch.float64):
+    if cpu_path(a, cpu_tuned) and a.dtype in (torch.float32, torch.float64):
         crow = torch.cat([offsets, offsets.new_full((1,), len(latents))])  # (B + 1,)
         with torch.sparse.check_sparse_tensor_invariants(enable=False):  # built by the caller, token by token
             pattern = torch.sparse_csr_tensor(crow, latents, a.new_zeros(len(latents)), (len(a), len(weight)))
@@ -176,24 +182,40 @@ def bag_dot(
 
 
 def sparse_t_matmul(
-    latents: Tensor, values: Tensor, n_rows: int, dense: Tensor, tokens: Tensor | None = None
+    latents: Tensor,
+    values: Tensor,
+    n_rows: int,
+    dense: Tensor,
+    tokens: Tensor | None = None,
+    low_precision: bool = False,
+    cpu_tuned: bool | None = None,
 ) -> Tensor:
-    """S^T @ dense, shape (n_rows, D), where S (B, n_rows) has ``values[b, j]`` at column ``latents[b, j]`` (a
-    padded code), or, given ``tokens``, ``values[e]`` at (tokens[e], latents[e]) (a flat one)."""
+    """S^T @ dense, shape (n_rows, D) in dense's dtype, where S (B, n_rows) has ``values[b, j]`` at column
+    ``latents[b, j]`` (a padded code), or, given ``tokens``, ``values[e]`` at (tokens[e], latents[e]) (a flat one).
+
+    The entries sorted by latent make one bag per output row. On the CPU the product is torch's embedding-bag
+    kernel over those bags (a weighted sum of dense rows per latent): 1.3-1.45x torch's CSR product at 4096
+    tokens, 4096 latents, d 576 and 32-128 entries a token, one or two cores. With ``low_precision`` its operands
+    are bf16 (its sums float32, rounded to bf16 once): 1.7x again, within 0.3 % of the float32 product. Elsewhere
+    (CUDA) the float32 CSR product. ``cpu_tuned`` picks the first (default: on the CPU).
+    """
     flat = latents.reshape(-1)
     # a stable sort of int32 keys is torch's radix sort on the CPU: 2x its argsort of int64 at 0.5M entries, and
     # it leaves each row's columns (tokens) in ascending order
     order = torch.sort(flat.int(), stable=True).indices
-    counts = torch.bincount(flat, minlength=n_rows)
-    crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=flat.device)
-    crow[1:] = counts.cumsum(0)
-    cols = torch.div(order, latents.shape[1], rounding_mode="floor") if tokens is None else tokens[order]  # tokens
+    # int32 positions (both kernels take them): 8 % faster than int64 in the embedding bag at 0.5M entries
+    crow = torch.zeros(n_rows + 1, dtype=torch.int32, device=flat.device)  # each latent's first sorted entry
+    crow[1:] = torch.bincount(flat, minlength=n_rows).cumsum(0)
+    cols = (torch.div(order, latents.shape[1], rounding_mode="floor") if tokens is None else tokens[order]).int()
+    weights = values.reshape(-1)[order].to(dense.dtype)
+    if cpu_path(dense, cpu_tuned):
+        rows_in, weights_in = (dense.bfloat16(), weights.bfloat16()) if low_precision else (dense, weights)
+        sums = F.embedding_bag(cols, rows_in, crow, mode="sum", per_sample_weights=weights_in, include_last_offset=True)
+        return sums.to(dense.dtype)
     # The indices are built just above, so checking them would only cost time; saying so explicitly (the
     # context, not just the argument) also keeps torch from warning of segfaults in every fit's output.
     with torch.sparse.check_sparse_tensor_invariants(enable=False):
-        matrix = torch.sparse_csr_tensor(
-            crow, cols, values.reshape(-1)[order].to(dense.dtype), (n_rows, dense.shape[0])
-        )
+        matrix = torch.sparse_csr_tensor(crow, cols, weights, (n_rows, dense.shape[0]))
     out = torch.empty(n_rows, dense.shape[1], dtype=dense.dtype, device=dense.device)
     return torch.addmm(out, matrix, dense, beta=0, out=out)  # `matrix @ dense` zero-fills, then copies
 
@@ -202,7 +224,8 @@ class TopKEncode(torch.autograd.Function):
     """(x, W_enc, b_enc, b_dec) -> ReLU'd top-k pre-activations and their latent indices.
 
     The selection may use a bf16 GEMM, or come in as ``idx`` (chosen by :func:`select_topk` for a whole
-    sweep); the returned values are recomputed exactly in float32.
+    sweep); the returned values are recomputed exactly in float32. ``low_precision`` also gives W_enc's
+    gradient from bf16 operands (:func:`sparse_t_matmul`).
     """
 
     @staticmethod
@@ -222,13 +245,14 @@ class TopKEncode(torch.autograd.Function):
         vals = (rowwise_dot(centered, w_enc, idx) + b_enc[idx]).relu_()  # (B, k) exact float32
         ctx.save_for_backward(centered, w_enc, idx, vals)
         ctx.mark_non_differentiable(idx)
+        ctx.low_precision = low_precision
         return vals, idx
 
     @staticmethod
     def backward(ctx: Any, grad_vals: Tensor, _grad_idx: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN401
         centered, w_enc, idx, vals = ctx.saved_tensors
         grad_pre = grad_vals * (vals > 0)  # (B, k) through the ReLU
-        grad_w = sparse_t_matmul(idx, grad_pre, w_enc.shape[0], centered)  # (N, D)
+        grad_w = sparse_t_matmul(idx, grad_pre, w_enc.shape[0], centered, None, ctx.low_precision)  # (N, D)
         grad_b_enc = torch.zeros(w_enc.shape[0], dtype=grad_pre.dtype, device=idx.device)
         grad_b_enc.index_add_(0, idx.reshape(-1), grad_pre.reshape(-1))  # (N,)
         grad_x = (
@@ -245,6 +269,7 @@ class SparseDecode(torch.autograd.Function):
     With ``tangent``, the weight gradient of each decoder row loses its component along that
     (unit-norm) row, the projection that keeps rows on the unit sphere. The radial components come
     from the per-entry dot products the value gradient computes anyway, so it costs no pass over W_dec.
+    ``low_precision``: the weight gradient from bf16 operands (:func:`sparse_t_matmul`).
     """
 
     @staticmethod
@@ -256,11 +281,12 @@ class SparseDecode(torch.autograd.Function):
         tangent: bool = False,
         offsets: Tensor | None = None,
         tokens: Tensor | None = None,
+        low_precision: bool = False,
     ) -> Tensor:
         if tokens is None:
             offsets, tokens = padded_bags(idx.shape[0], idx.shape[1], idx.device)
         ctx.save_for_backward(vals, idx, w_dec, offsets, tokens)
-        ctx.tangent = tangent
+        ctx.tangent, ctx.low_precision = tangent, low_precision
         return F.embedding_bag(idx.reshape(-1), w_dec, offsets, per_sample_weights=vals.reshape(-1), mode="sum")
 
     @staticmethod
@@ -270,9 +296,9 @@ class SparseDecode(torch.autograd.Function):
         grad_vals = bag_dot(grad_out, w_dec, latents, offsets, tokens).view(vals.shape)  # <g_b, W_dec[idx_bj]>
         grad_w = None
         if ctx.needs_input_grad[2]:
-            grad_w = sparse_t_matmul(latents, vals, w_dec.shape[0], grad_out, tokens)  # (N, D)
+            grad_w = sparse_t_matmul(latents, vals, w_dec.shape[0], grad_out, tokens, ctx.low_precision)  # (N, D)
             if ctx.tangent:
                 radial = torch.zeros(w_dec.shape[0], dtype=grad_w.dtype, device=grad_w.device)
                 radial.index_add_(0, latents, (vals * grad_vals).reshape(-1))  # (N,) = <grad_w[n], W_dec[n]>
                 grad_w.addcmul_(radial[:, None], w_dec, value=-1)
-        return (grad_vals if ctx.needs_input_grad[0] else None), None, grad_w, None, None, None
+        return (grad_vals if ctx.needs_input_grad[0] else None), None, grad_w, None, None, None, None

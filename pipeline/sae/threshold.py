@@ -60,11 +60,15 @@ def token_sums(values: Tensor, pattern: Pattern | None) -> Tensor:
     return values.new_zeros(len(pattern.offsets)).index_add_(0, pattern.tokens, values)
 
 
-def decode(values: Tensor, pattern: Pattern | None, w_dec: Tensor, tangent: bool) -> Tensor:
-    """sum_i values_i W_dec[i] per token (B, D); ``tangent``: W_dec's gradient kept tangent to its unit rows."""
+def decode(
+    values: Tensor, pattern: Pattern | None, w_dec: Tensor, tangent: bool, low_precision: bool = False
+) -> Tensor:
+    """sum_i values_i W_dec[i] per token (B, D); ``tangent``: W_dec's gradient kept tangent to its unit rows;
+    ``low_precision``: a flat code's W_dec gradient from bf16 operands (kernels.sparse_t_matmul)."""
     if pattern is None:
         return DenseDecode.apply(values, w_dec, tangent)  # type: ignore[no-any-return]
-    return SparseDecode.apply(values, pattern.latents, w_dec, tangent, pattern.offsets, pattern.tokens)  # type: ignore[no-any-return]
+    entries = (pattern.latents, w_dec, tangent, pattern.offsets, pattern.tokens, low_precision)
+    return SparseDecode.apply(values, *entries)  # type: ignore[no-any-return]
 
 
 def padded(acts: Tensor, pattern: Pattern | None) -> Latents:
@@ -134,7 +138,8 @@ def candidates(
 
 class SparsePre(torch.autograd.Function):
     """(x, W_enc, b_enc, b_dec) -> the exact float32 pre-activations (E,) of the ``found`` candidates
-    (:func:`candidates`) above ``floor``, with their Pattern; gradients formed only at those entries."""
+    (:func:`candidates`) above ``floor``, with their Pattern; gradients formed only at those entries, W_enc's
+    from bf16 operands with ``low_precision`` (kernels.sparse_t_matmul)."""
 
     @staticmethod
     def forward(
@@ -145,6 +150,7 @@ class SparsePre(torch.autograd.Function):
         b_dec: Tensor,
         floor: Tensor,
         found: Tensor,
+        low_precision: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         rows, n = len(x), len(w_enc)
         tokens = torch.div(found, n, rounding_mode="floor")  # (C,) sorted: nonzero lists row by row
@@ -156,18 +162,19 @@ class SparsePre(torch.autograd.Function):
         offsets = token_offsets(tokens, rows)
         ctx.save_for_backward(centered, w_enc, latents, tokens, offsets)
         ctx.mark_non_differentiable(latents, tokens, offsets)
+        ctx.low_precision = low_precision
         return pre, latents, tokens, offsets
 
     @staticmethod
     def backward(ctx: Any, grad_pre: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN401
         centered, w_enc, latents, tokens, offsets = ctx.saved_tensors
-        grad_w = sparse_t_matmul(latents, grad_pre, len(w_enc), centered, tokens)  # (N, D)
+        grad_w = sparse_t_matmul(latents, grad_pre, len(w_enc), centered, tokens, ctx.low_precision)  # (N, D)
         grad_b_enc = grad_pre.new_zeros(len(w_enc)).index_add_(0, latents, grad_pre)  # (N,)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = F.embedding_bag(latents, w_enc, offsets, per_sample_weights=grad_pre, mode="sum")  # (B, D)
         grad_b_dec = -(grad_b_enc @ w_enc) if ctx.needs_input_grad[3] else None  # x - b_dec feeds every entry
-        return grad_x, grad_w, grad_b_enc, grad_b_dec, None, None
+        return grad_x, grad_w, grad_b_enc, grad_b_dec, None, None, None
 
 
 class DenseDecode(torch.autograd.Function):

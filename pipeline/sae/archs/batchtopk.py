@@ -113,12 +113,12 @@ class BatchTopKSAE(TopKSAE):
         pre = encoder_preacts(x, [self.encoder()], low_precision)  # (B, N), bf16 when low_precision
         found = batch_topk(pre, k * len(x), CANDIDATES * k)  # (M,) flat positions, row by row
         zero = self.b_enc.new_zeros(self.cfg.n_latents)  # (N,) the ReLU's floor
-        acts, *entries = SparsePre.apply(x, self.W_enc, self.b_enc, self.b_dec, zero, found)  # (M,) each
+        acts, *entries = SparsePre.apply(x, self.W_enc, self.b_enc, self.b_dec, zero, found, low_precision)
         return Code(acts, acts, Pattern(*entries))
 
-    def decode_code(self, code: Code) -> Tensor:
-        """Reconstruction (B, D) from a flat training code."""
-        return decode(code.acts, code.pattern, self.W_dec, self.tangent_decoder_grad) + self.b_dec
+    def decode_code(self, code: Code, low_precision: bool = False) -> Tensor:
+        """Reconstruction (B, D) from a flat training code (``low_precision``: W_dec's gradient from bf16)."""
+        return decode(code.acts, code.pattern, self.W_dec, self.tangent_decoder_grad, low_precision) + self.b_dec
 
     def forward(
         self,
@@ -138,7 +138,7 @@ class BatchTopKSAE(TopKSAE):
             code, wide = self.batch_code(x, k or self.cfg.k, low_precision), None
         latents = padded(code.acts, code.pattern)  # (B, W)
         self.kept = Kept(latents, code, wide)
-        return SaeOutput(x, self.decode_code(code), latents, None, None)
+        return SaeOutput(x, self.decode_code(code, low_precision), latents, None, None)
 
     def batch_multi_code(self, x: Tensor, low_precision: bool) -> tuple[Code, Code]:
         """A multi-TopK step's training code of ``x`` (B, D) at k and the rest of its code at 4k, from one batch
@@ -162,7 +162,8 @@ class BatchTopKSAE(TopKSAE):
         kept = self.kept
         assert kept is not None and kept.wide is not None and kept.latents is out.latents, "a multi-TopK forward"
         self.kept = kept._replace(wide=None)
-        return out.x_hat + decode(kept.wide.acts, kept.wide.pattern, self.W_dec, self.tangent_decoder_grad)
+        wide = kept.wide
+        return out.x_hat + decode(wide.acts, wide.pattern, self.W_dec, self.tangent_decoder_grad, step.low_precision)
 
     # --- training hooks (pipeline.sae.interface.SAE) ---
 

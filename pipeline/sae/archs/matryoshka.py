@@ -70,12 +70,13 @@ class MatryoshkaSAE(BatchTopKSAE):
             raise UserError(f"--prefixes {text!r} must be whole numbers, e.g. 256,1024,4096.") from None
         return check_prefixes(sizes, n_latents)
 
-    def prefix_nmse(self, out: SaeOutput, size: int) -> torch.Tensor:
+    def prefix_nmse(self, out: SaeOutput, size: int, low_precision: bool = False) -> torch.Tensor:
         """() the NMSE of ``out.x`` reconstructed by the latents below ``size`` of ``out``'s training code alone
-        (its entries there only: the flat code is cut, not zero-weighted)."""
+        (its entries there only: the flat code is cut, not zero-weighted); ``low_precision``: W_dec's gradient
+        from bf16 operands."""
         code = self.training_code(out)
         assert code.pattern is not None
-        inner = self.decode_code(restrict(code, code.pattern.latents < size, len(out.x)))  # (B, D)
+        inner = self.decode_code(restrict(code, code.pattern.latents < size, len(out.x)), low_precision)  # (B, D)
         return Reconstruction().add(out.x, inner)
 
     def truncate(self, size: int) -> BatchTopKSAE:
@@ -94,7 +95,8 @@ class MatryoshkaSAE(BatchTopKSAE):
     # --- training hooks (pipeline.sae.interface.SAE) ---
 
     def loss_terms(self, out: SaeOutput, step: Step, knobs: Knobs) -> list[LossTerm]:
-        inner = [LossTerm(f"prefix_{m}_nmse", 1.0, self.prefix_nmse(out, m)) for m in self.prefixes[:-1]]
+        low = step.low_precision
+        inner = [LossTerm(f"prefix_{m}_nmse", 1.0, self.prefix_nmse(out, m, low)) for m in self.prefixes[:-1]]
         return [*super().loss_terms(out, step, knobs), *inner]
 
     def log_fields(self) -> list[str]:

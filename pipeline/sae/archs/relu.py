@@ -96,7 +96,7 @@ class ReluSAE(TopKSAE):
             latents = pack(self.activate(self.pre_acts(x)), k, theta)  # as wide as the busiest token
             return SaeOutput(x, self.decode(latents), latents, None, None)
         self.pre = code = self.training_code(x, low_precision)
-        x_hat = decode(code.acts, code.pattern, self.W_dec, self.tangent_decoder_grad) + self.b_dec  # (B, D)
+        x_hat = decode(code.acts, code.pattern, self.W_dec, self.tangent_decoder_grad, low_precision) + self.b_dec
         return SaeOutput(x, x_hat, padded(code.acts, code.pattern), None, None)
 
     def training_code(self, x: Tensor, low_precision: bool) -> Code:
@@ -107,7 +107,7 @@ class ReluSAE(TopKSAE):
         if found is None:
             pre = self.pre_acts(x)  # (B, N)
             return Code(pre, self.activate(pre), None)
-        pre, *entries = SparsePre.apply(x, self.W_enc, self.b_enc, self.b_dec, floor, found)  # (E,) each
+        pre, *entries = SparsePre.apply(x, self.W_enc, self.b_enc, self.b_dec, floor, found, low_precision)
         pattern = Pattern(*entries)
         return Code(pre, self.activate(pre, pattern), pattern)
 

@@ -83,7 +83,7 @@ class RouteSAE(SAE):
     ) -> SaeOutput:
         weights, x, choice = self.route(xs)
         latents = self.sae.encode(x, k, theta, low_precision)
-        return SaeOutput(x, self.sae.decode(latents), latents, weights, choice)
+        return SaeOutput(x, self.sae.decode(latents, low_precision), latents, weights, choice)
 
     def dense_code(self, x: Tensor) -> Tensor:
         """The dense code of an already routed input (M, D)."""

@@ -59,10 +59,11 @@ class TopKSAE(SAE):
         acts, indices = TopKEncode.apply(x, self.W_enc, self.b_enc, self.pre_bias, k or self.cfg.k, low_precision)
         return Latents(acts, indices)
 
-    def encode_chosen(self, x: Tensor, chosen: Tensor) -> Latents:
+    def encode_chosen(self, x: Tensor, chosen: Tensor, low_precision: bool = False) -> Latents:
         """The latents ``chosen`` (B, k) for ``x`` by a top-k selection shared with other SAEs
-        (kernels.select_topk), with their exact activations."""
-        acts, indices = TopKEncode.apply(x, self.W_enc, self.b_enc, self.pre_bias, chosen.shape[1], False, chosen)
+        (kernels.select_topk), with their exact activations (``low_precision``: W_enc's gradient from bf16)."""
+        k = chosen.shape[1]
+        acts, indices = TopKEncode.apply(x, self.W_enc, self.b_enc, self.pre_bias, k, low_precision, chosen)
         return Latents(acts, indices)
 
     def dense_code(self, x: Tensor) -> Tensor:
@@ -89,9 +90,14 @@ class TopKSAE(SAE):
         """What a shared top-k selection needs of this SAE."""
         return Encoder(self.W_enc.detach(), self.b_enc.detach(), self.pre_bias.detach(), self.cfg.k)
 
-    def decode(self, latents: Latents) -> Tensor:
-        """Reconstruction (B, D) from a sparse code."""
-        return SparseDecode.apply(latents.acts, latents.indices, self.W_dec, self.tangent_decoder_grad) + self.b_dec
+    def decode(self, latents: Latents, low_precision: bool = False) -> Tensor:
+        """Reconstruction (B, D) from a sparse code (``low_precision``: W_dec's gradient from bf16 operands)."""
+        return self.decode_rows(latents, low_precision) + self.b_dec
+
+    def decode_rows(self, latents: Latents, low_precision: bool) -> Tensor:
+        """The code's weighted sum of decoder rows (B, D), without b_dec."""
+        entries = (latents.indices, self.W_dec, self.tangent_decoder_grad, None, None, low_precision)
+        return SparseDecode.apply(latents.acts, *entries)  # type: ignore[no-any-return]
 
     def forward(
         self,
@@ -103,7 +109,7 @@ class TopKSAE(SAE):
     ) -> SaeOutput:
         """The code at ``k`` (:meth:`code`) and its reconstruction."""
         latents = self.code(x, k, theta, low_precision, chosen)
-        return SaeOutput(x, self.decode(latents), latents, None, None)
+        return SaeOutput(x, self.decode(latents, low_precision), latents, None, None)
 
     def code(
         self, x: Tensor, k: int | None, theta: float | None, low_precision: bool, chosen: Tensor | None
@@ -112,7 +118,9 @@ class TopKSAE(SAE):
         multi-TopK training step's code at cfg.k comes from its selection at 4k (:meth:`multi_code`)."""
         if self.trains_wide and k is None and theta is None:
             return self.multi_code(x, low_precision, chosen)
-        return self.encode(x, k, theta, low_precision) if chosen is None else self.encode_chosen(x, chosen)
+        if chosen is None:
+            return self.encode(x, k, theta, low_precision)
+        return self.encode_chosen(x, chosen, low_precision)
 
     @property
     def trains_wide(self) -> bool:
@@ -132,7 +140,7 @@ class TopKSAE(SAE):
         encoder GEMM runs once a step as in sparsify, not once per code; both codes' values are gathers of the
         4k code's, so TopKEncode's backward gets the gradients of both losses summed.
         """
-        wide = self.encode(x, self.wide_k, None, low_precision) if chosen is None else self.encode_chosen(x, chosen)
+        wide = self.code(x, self.wide_k, None, low_precision, chosen)
         top = ordered_bits(wide.acts.detach()).topk(self.cfg.k, dim=1, sorted=False).indices  # (B, k) in the 4k code
         outside = torch.ones_like(wide.indices, dtype=torch.bool).scatter_(1, top, False)  # (B, 4k)
         rest = outside.nonzero()[:, 1].view(len(x), -1)  # (B, 3k) the other places, row by row
@@ -188,7 +196,7 @@ class TopKSAE(SAE):
         kept, self.wide = self.wide, None  # consumed, so the step's graph is not held past it
         if kept is not None and kept[0] is out.latents:
             others = kept[1]
-            return out.x_hat + SparseDecode.apply(others.acts, others.indices, self.W_dec, self.tangent_decoder_grad)
+            return out.x_hat + self.decode_rows(others, step.low_precision)
         return self.reconstruct(out, self(out.x, k=self.wide_k, low_precision=step.low_precision).latents)
 
     def log_fields(self) -> list[str]:

@@ -47,9 +47,10 @@ class Transcoder(TopKSAE):
     def pre_bias(self) -> Tensor:
         return self.no_pre_bias
 
-    def output(self, x: Tensor, latents: Latents) -> Tensor:
-        """The decoder's output (B, D) plus the skip path of the input ``x`` (B, D), where there is one."""
-        y_hat = self.decode(latents)
+    def output(self, x: Tensor, latents: Latents, low_precision: bool = False) -> Tensor:
+        """The decoder's output (B, D) plus the skip path of the input ``x`` (B, D), where there is one
+        (``low_precision``: W_dec's gradient from bf16 operands)."""
+        y_hat = self.decode(latents, low_precision)
         return y_hat if self.W_skip is None else y_hat + x @ self.W_skip.t()
 
     def forward(
@@ -63,7 +64,7 @@ class Transcoder(TopKSAE):
         """``x`` is the pair (B, 2, D): the MLP's input and the output to reconstruct."""
         x_in, target = x[:, 0], x[:, 1]  # (B, D) each
         latents = self.code(x_in, k, theta, low_precision, chosen)
-        return SaeOutput(target, self.output(x_in, latents), latents, None, None, x_in)
+        return SaeOutput(target, self.output(x_in, latents, low_precision), latents, None, None, x_in)
 
     def reconstruct(self, out: SaeOutput, latents: Latents) -> Tensor:
         return self.output(out.encoded, latents)  # out.encoded: the MLP's input
