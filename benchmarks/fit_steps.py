@@ -28,7 +28,7 @@ from pipeline.fit.train import init_pre_bias, make_member, train_step
 from pipeline.infra.device import keep_freed_memory
 from pipeline.infra.files import Folder
 from pipeline.sae.interface import REGISTRY, SaeConfig
-from pipeline.sae.kernels import use_low_precision
+from pipeline.sae.selection import use_low_precision
 
 ONE_LAYER_ARCHS = ("topk", "batchtopk", "jumprelu", "matryoshka", "standard", "gated")  # fit's SAEs of one layer
 

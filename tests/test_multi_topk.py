@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.fit.config import FitConfig, Training
-from pipeline.sae import kernels
+from pipeline.sae import selection
 from pipeline.sae.archs import batchtopk
 from pipeline.sae.archs.batchtopk import BatchTopKSAE
 from pipeline.sae.archs.topk import TopKSAE
@@ -83,7 +83,7 @@ def train_grads(sae: TopKSAE, x: torch.Tensor, chosen: torch.Tensor | None = Non
     return {"nmse": float(main.detach()), **{t.name: float(t.value.detach()) for t in terms[1:]}}
 
 
-def sweep_encoder(sae: TopKSAE) -> kernels.Encoder:
+def sweep_encoder(sae: TopKSAE) -> selection.Encoder:
     """What the sae gives a sweep's shared selection (fit's shared_selection)."""
     encoder = sae.shared_encoder()
     assert encoder is not None
@@ -92,15 +92,15 @@ def sweep_encoder(sae: TopKSAE) -> kernels.Encoder:
 
 @pytest.fixture
 def gemms(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Rows of latents of every encoder GEMM run (kernels.encoder_preacts, what select_topk calls), one entry each."""
+    """Rows of latents of every encoder GEMM run (selection.encoder_preacts, what select_topk calls), one entry each."""
     calls: list[int] = []
-    gemm = kernels.encoder_preacts
+    gemm = selection.encoder_preacts
 
-    def counted(x: torch.Tensor, encoders: list[kernels.Encoder], low_precision: bool) -> torch.Tensor:
+    def counted(x: torch.Tensor, encoders: list[selection.Encoder], low_precision: bool) -> torch.Tensor:
         calls.append(sum(e.w_enc.shape[0] for e in encoders))
         return gemm(x, encoders, low_precision)
 
-    monkeypatch.setattr(kernels, "encoder_preacts", counted)
+    monkeypatch.setattr(selection, "encoder_preacts", counted)
     monkeypatch.setattr(batchtopk, "encoder_preacts", counted)  # imported by name there
     return calls
 
@@ -113,8 +113,8 @@ def test_one_selection_trains_as_two_dense_top_ks_with_one_gemm(shared: bool, ge
     other.prepare_training(Training.of(FitConfig(), lr=1e-3, k_aux=4, dead_tokens=1))  # a plain TopK member
     chosen = None
     if shared:  # what fit's shared_selection does for two members reading one layer
-        chosen, plain = kernels.select_topk(x, [sweep_encoder(sae), sweep_encoder(other)], False)
-        assert (chosen.shape, plain.shape) == ((B, 4 * K), (B, 2))
+        chosen, plain = selection.select_topk(x, [sweep_encoder(sae), sweep_encoder(other)], False)
+        assert (chosen.indices.shape, plain.indices.shape) == ((B, 4 * K), (B, 2))
     terms = train_grads(sae, x, chosen)
     assert gemms == ([N + 32] if shared else [N])  # one GEMM a step, no second one at 4k
     want_terms, want_grads = reference(sae, x)

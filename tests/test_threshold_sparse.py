@@ -99,12 +99,14 @@ def sparse_grads(sae: ReluSAE, x: Tensor, low_precision: bool = False) -> dict[s
 
 
 def check(got: dict[str, Tensor], want: dict[str, Tensor], low_precision: bool = False) -> None:
-    """Every gradient as the reference's; in low precision the weight matrices' within bf16's rounding (their
-    sparse products take bf16 operands, kernels.sparse_t_matmul), the rest exact."""
+    """Every gradient as the reference's. In low precision the weight matrices' are bf16's rounding away (their
+    sparse products take bf16 operands, kernels.sparse_t_matmul), and the others see the decode's bf16 rounding
+    (kernels.SparseDecode) through the residual: near, not exact."""
     assert set(got) == set(want) and set(got) <= set(NAMES)
     for name in want:
-        if low_precision and name in ("W_enc", "W_dec"):
-            assert 2**-12 < float((got[name] - want[name]).norm() / want[name].norm()) < 2**-7, name  # bf16, not fp32
+        if low_precision:
+            gap = float((got[name] - want[name]).detach().norm() / want[name].detach().norm())
+            assert (2**-12 < gap < 2**-7) if name in ("W_enc", "W_dec") else gap < 2**-7, (name, gap)
             continue
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 

@@ -124,8 +124,8 @@ class FitConfig:
     )
     precision: str = setting(
         "auto",
-        "encoder GEMM, weight gradients' sparse products and Muon's orthogonalization: auto (bf16 where the "
-        "hardware has it) | float32 | bfloat16",
+        "encoder GEMM (TopK keeps its values), decodes, weight gradients' sparse products and Muon's "
+        "orthogonalization: auto (bf16 where the hardware has it) | float32 | bfloat16",
     )
     device: str = settings.device()
     log_every: int = setting(10, "steps between log.csv rows (0 = the last step only)")
@@ -175,7 +175,7 @@ class Training:
     aux_alpha: float  # AuxK loss weight
     revive: float  # per-step rise of a dead latent's encoder bias, in mean k-th activations
     route_balance: float  # weight of the router's load-balancing loss
-    precision: str  # encoder GEMM, weight-gradient products and Muon precision
+    precision: str  # encoder GEMM, decode, weight-gradient products and Muon precision
     multi_topk: bool  # also train the code at 4k
     sparsity_coeff: float  # L1 (standard, gated) or L0 (jumprelu) weight; 0 = adjusted to meet k
     sparsity_warmup: float  # share of the run over which the sparsity penalty rises

@@ -94,7 +94,7 @@ def make_optimizer(
     """Adam (fused kernel on CPU and CUDA), Signum, SignSGD in a schedule-free average (ScheduleFree), or Muon
     with Adam (MuonAdam) over parameter ``groups`` (the architecture's, SAE.param_groups), each given its peak
     rate as ``base_lr``, which the schedule scales. ``low_precision``: Muon orthogonalizes in bf16 (the
-    hardware has it; kernels.use_low_precision), else in float32."""
+    hardware has it; selection.use_low_precision), else in float32."""
     groups = [{**group, "base_lr": group["lr"]} for group in groups]
     if name == "signum":  # names are checked once, by fit.config.Training
         return Signum(groups, lr=groups[0]["lr"], momentum=betas[0])

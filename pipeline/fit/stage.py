@@ -51,7 +51,7 @@ from pipeline.infra.locks import exclusive
 from pipeline.llm.sites import SITES
 from pipeline.sae.folder import save_weights, write_cfg
 from pipeline.sae.interface import REGISTRY
-from pipeline.sae.kernels import use_low_precision
+from pipeline.sae.selection import use_low_precision
 
 
 @dataclass

@@ -23,8 +23,8 @@ from pipeline.infra.distributed import Ranks
 from pipeline.infra.errors import UserError
 from pipeline.infra.files import Folder
 from pipeline.sae.interface import SAE, SaeConfig, SaeOutput, Step, build_sae
-from pipeline.sae.kernels import Encoder, select_topk
 from pipeline.sae.quality import Reconstruction
+from pipeline.sae.selection import Encoder, Selection, select_topk
 
 # log.csv: these, the architecture's loss terms, LOG_TAIL, then the architecture's own step metrics
 LOG_HEAD = ["step", "tokens", "nmse", "fvu", "l0", "dead_share"]
@@ -105,9 +105,10 @@ def init_pre_bias(member: Member, x: Tensor) -> None:
     member.model.start(x, step_of(member, 1))
 
 
-def shared_selection(members: list[Member], batch: Tensor) -> list[Tensor | None]:
-    """Top-k indices of the members whose architecture shares its selection (TopK), chosen by encoder GEMMs
-    shared by the members reading the same layer (kernels.select_topk); None for the others.
+def shared_selection(members: list[Member], batch: Tensor) -> list[Selection | None]:
+    """Top-k latents (with their pre-activations) of the members whose architecture shares its selection (TopK),
+    chosen by encoder GEMMs shared by the members reading the same layer (selection.select_topk); None for the
+    others.
 
     Each member's slice of the shared GEMM is the GEMM it would run alone, and it is selected before any
     member steps, so every member trains exactly as it would alone.
@@ -117,15 +118,15 @@ def shared_selection(members: list[Member], batch: Tensor) -> list[Tensor | None
         encoder = member.model.shared_encoder()
         if encoder is not None:
             groups.setdefault((member.layer_pos[0], member.low_precision), []).append((i, encoder))
-    chosen: list[Tensor | None] = [None] * len(members)
+    chosen: list[Selection | None] = [None] * len(members)
     for (pos, low_precision), group in groups.items():
-        for (i, _), indices in zip(group, select_topk(batch[pos], [e for _, e in group], low_precision)):
-            chosen[i] = indices
+        for (i, _), selection in zip(group, select_topk(batch[pos], [e for _, e in group], low_precision)):
+            chosen[i] = selection
     return chosen
 
 
-def train_step(member: Member, x: Tensor, total_steps: int, chosen: Tensor | None = None) -> dict[str, float]:
-    """One optimizer step on batch ``x`` (with the top-k indices ``chosen`` by a shared selection); returns
+def train_step(member: Member, x: Tensor, total_steps: int, chosen: Selection | None = None) -> dict[str, float]:
+    """One optimizer step on batch ``x`` (with the top-k latents ``chosen`` by a shared selection); returns
     its metrics."""
     s, step = member.settings, step_of(member, total_steps)
     net = member.net or member.model

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from pipeline.infra.errors import UserError
 
 if TYPE_CHECKING:
-    from pipeline.sae.kernels import Encoder
+    from pipeline.sae.selection import Encoder
 
 
 # SaeConfig fields added after runs were first named: left out of cfg.json where unset (empty / False).

@@ -1,7 +1,7 @@
 """Sparse building blocks of TopK training, as autograd functions.
 
-The dense work is one GEMM (``x @ W_enc.T``); everything after the top-k selection touches only
-``k`` latents per token. Gradients never form a dense (tokens x latents) matrix:
+The dense work is one GEMM (``x @ W_enc.T``, :mod:`pipeline.sae.selection`); everything after the top-k
+selection touches only ``k`` latents per token. Gradients never form a dense (tokens x latents) matrix:
 
 * encoder weight grad ``S^T @ x`` and decoder weight grad ``S_v^T @ g`` are sparse products (:func:`sparse_t_matmul`:
   torch's embedding-bag kernel over the entries sorted by latent on the CPU, a CSR product on CUDA);
@@ -9,151 +9,23 @@ The dense work is one GEMM (``x @ W_enc.T``); everything after the top-k selecti
   CPU and torch's embedding-bag kernel for per-sample-weight gradients on CUDA, so no (tokens, k, D) gather
   is materialized;
 * the decoder is ``embedding_bag`` (a weighted sum of k decoder rows per token).
+
+With ``low_precision`` the decode and the weight gradients take bf16 operands (float32 sums), as autocast's
+products on a GPU do; the per-entry dot products stay float32.
 """
 
 from __future__ import annotations
 
-import itertools
-import math
 import warnings
-from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipeline.sae.selection import Encoder, Selection, cpu_path, select_topk
+
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-
-GROUP = 4  # two-stage top-k: group maxima over GROUP strided columns, then exact top-k inside (4 beat 8, 16)
-
-
-def use_low_precision(device: torch.device, precision: str) -> bool:
-    """Whether the encoder GEMM runs in bf16: CUDA with bf16, or a CPU with AMX / AVX512-BF16."""
-    if precision == "float32":
-        return False
-    if precision == "bfloat16":
-        return True
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # torch.cpu's capability queries
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
-
-
-_WORKSPACE: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
-
-
-def workspace(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A reusable scratch tensor: large temporaries allocated fresh every step cost page faults on CPU.
-
-    One buffer per name, grown to the largest shape asked for, so changing shapes (AuxK over a varying
-    number of dead latents, short last batches) reuse it instead of piling up buffers.
-    """
-    size = math.prod(shape)
-    key = (name, dtype, device)
-    if key not in _WORKSPACE or _WORKSPACE[key].numel() < size:
-        _WORKSPACE[key] = torch.empty(size, dtype=dtype, device=device)
-    return _WORKSPACE[key][:size].view(shape)
-
-
-class Encoder(NamedTuple):
-    """What selecting one SAE's top k needs: its encoder, biases and k."""
-
-    w_enc: Tensor  # (N, D)
-    b_enc: Tensor  # (N,)
-    b_dec: Tensor  # (D,) pre-bias, subtracted from the input
-    k: int
-
-
-FUSE_COLUMNS = 65536  # latents per shared GEMM: caps the (B, sum N) pre-activation buffer of a large sweep
-
-
-def encoder_preacts(x: Tensor, encoders: Sequence[Encoder], low_precision: bool) -> Tensor:
-    """b_enc + (x - b_dec) @ W_enc^T of every encoder, side by side: (B, sum of N); bf16 when ``low_precision``.
-
-    One GEMM serves several SAEs reading the same ``x`` (the members of a sweep), so the input is not
-    centered per SAE: W (x - b_dec) + b_enc = W x + (b_enc - W b_dec), the last term a bias per latent.
-    Biases ride inside the GEMM as an extra input column of ones (adding them afterwards is one more pass
-    over the B x N matrix), and every operand lives in a reused buffer.
-    """
-    rows, d = x.shape
-    dtype = torch.bfloat16 if low_precision else x.dtype
-    weight = workspace("w_aug", (sum(e.w_enc.shape[0] for e in encoders), d + 1), dtype, x.device)  # [W | b]
-    start = 0
-    with torch.no_grad():
-        for enc in encoders:
-            block = weight[start : start + enc.w_enc.shape[0]]  # (N, D + 1)
-            block[:, :d].copy_(enc.w_enc)
-            block[:, d].copy_(torch.addmv(enc.b_enc, enc.w_enc, enc.b_dec, alpha=-1))
-            start += enc.w_enc.shape[0]
-        inputs = workspace("x_aug", (rows, d + 1), dtype, x.device)  # [x | 1]
-        inputs[:, :d].copy_(x)
-        inputs[:, d] = 1
-        return torch.mm(inputs, weight.t(), out=workspace("pre", (rows, start), dtype, x.device))
-
-
-def select_topk(x: Tensor, encoders: Sequence[Encoder], low_precision: bool) -> list[Tensor]:
-    """Each encoder's top-k latent indices (B, k) on ``x`` (B, D), from GEMMs shared by up to FUSE_COLUMNS
-    latents; each SAE's selection is taken on its own slice, so it is the one it would make alone."""
-    chosen: list[Tensor] = []
-    batch: list[Encoder] = []
-    for enc in [*encoders, None]:
-        width = sum(e.w_enc.shape[0] for e in batch)
-        if batch and (enc is None or width + enc.w_enc.shape[0] > FUSE_COLUMNS):
-            pre = encoder_preacts(x, batch, low_precision)  # (B, width), a reused buffer
-            offsets = itertools.accumulate((e.w_enc.shape[0] for e in batch), initial=0)
-            chosen += [topk_indices(pre[:, a : a + e.w_enc.shape[0]], e.k) for a, e in zip(offsets, batch)]
-            batch = []
-        if enc is not None:
-            batch.append(enc)
-    return chosen
-
-
-def cpu_path(tensor: Tensor, cpu_tuned: bool | None) -> bool:
-    """Whether a kernel here takes its CPU-tuned form: as ``cpu_tuned`` says, else when ``tensor`` is on the CPU
-    (tests ask for either form on the CPU)."""
-    return tensor.device.type == "cpu" if cpu_tuned is None else cpu_tuned
-
-
-def topk_indices(pre: Tensor, k: int, cpu_tuned: bool | None = None) -> Tensor:
-    """Indices (B, k) of the k largest entries per row, exact up to ties.
-
-    ``cpu_tuned`` (default: when ``pre`` is on the CPU) takes two stages, applied recursively: the max
-    over ``GROUP`` strided columns (a vectorized elementwise max), the top-k of those group maxima,
-    then the top-k among the k*GROUP candidates' values (gathered in place: no index tensor of them). Every
-    true top-k entry lies in one of the k best groups, so the result equals ``pre.topk(k)``. The top-ks compare
-    :func:`ordered_bits`. On one CPU core 1.7-2.3x faster than ``pre.topk`` at 4096-16384 latents and k 32-128
-    (1.3-1.7x with groups of 8 comparing floats).
-    Elsewhere (CUDA) plain ``torch.topk``, whose radix select is already fast there.
-    """
-    rows, width = pre.shape
-    cpu_tuned = cpu_path(pre, cpu_tuned)
-    if not cpu_tuned:
-        return pre.topk(k, dim=-1, sorted=False).indices
-    if width % GROUP or width < 4 * k * GROUP:
-        return ordered_bits(pre).topk(k, dim=-1, sorted=False).indices
-    stride = width // GROUP
-    grouped = pre.view(rows, GROUP, stride)  # group m = columns {m + g*stride}
-    best = topk_indices(grouped.amax(dim=1), k, cpu_tuned)  # (B, k) the best groups
-    candidates = grouped.gather(2, best[:, None].expand(rows, GROUP, k)).view(rows, GROUP * k)  # (B, G*k) values
-    chosen = ordered_bits(candidates).topk(k, dim=-1, sorted=False).indices  # (B, k) at g*k + j: best[b, j], g
-    return best.gather(1, chosen % k) + torch.div(chosen, k, rounding_mode="floor") * stride
-
-
-def ordered_bits(values: Tensor) -> Tensor:
-    """Integers ordered as the floats ``values`` are (not NaN; -0 just below +0): torch's CPU top-k compares
-    integers 1.5x faster than bf16 or float32. A float's bits read as a signed integer order the non-negative
-    floats; flipping every bit but the sign of the negative ones reverses their order, below zero."""
-    if not values.is_floating_point():
-        return values
-    bits = values.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[values.element_size()])
-    return bits ^ ((bits >> (8 * values.element_size() - 1)) & torch.iinfo(bits.dtype).max)
-
-
-def rowwise_dot(a: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
-    """out[b, j] = <a[b], weight[idx[b, j]]>, shape (B, k), without a (B, k, D) gather."""
-    rows, k = idx.shape
-    return bag_dot(a, weight, idx.reshape(-1), *padded_bags(rows, k, idx.device)).view(rows, k)
 
 
 def padded_bags(rows: int, k: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -223,9 +95,12 @@ def sparse_t_matmul(
 class TopKEncode(torch.autograd.Function):
     """(x, W_enc, b_enc, b_dec) -> ReLU'd top-k pre-activations and their latent indices.
 
-    The selection may use a bf16 GEMM, or come in as ``idx`` (chosen by :func:`select_topk` for a whole
-    sweep); the returned values are recomputed exactly in float32. ``low_precision`` also gives W_enc's
-    gradient from bf16 operands (:func:`sparse_t_matmul`).
+    The selection (:func:`select_topk`, or ``chosen`` by one shared with a whole sweep) gives the values too:
+    the GEMM's own pre-activations, float32 in float32 (exact up to the order of its sums), and with
+    ``low_precision`` bf16 operands and output, as autocast gives them on a GPU (0.4 % median relative error
+    on the demo's top 128 of 4096). Recomputing them exactly in float32 was a sampled product over every entry,
+    the step's third largest cost. ``low_precision`` also gives W_enc's gradient from bf16 operands
+    (:func:`sparse_t_matmul`).
     """
 
     @staticmethod
@@ -237,13 +112,13 @@ class TopKEncode(torch.autograd.Function):
         b_dec: Tensor,
         k: int,  # noqa: ANN401
         low_precision: bool,
-        idx: Tensor | None = None,
+        chosen: Selection | None = None,
     ) -> tuple[Tensor, Tensor]:
-        centered = x - b_dec  # (B, D)
-        if idx is None:  # not chosen already by a GEMM shared with other SAEs (select_topk)
-            (idx,) = select_topk(x, [Encoder(w_enc, b_enc, b_dec, k)], low_precision)  # (B, k)
-        vals = (rowwise_dot(centered, w_enc, idx) + b_enc[idx]).relu_()  # (B, k) exact float32
-        ctx.save_for_backward(centered, w_enc, idx, vals)
+        if chosen is None:  # not chosen already by a GEMM shared with other SAEs (select_topk)
+            (chosen,) = select_topk(x, [Encoder(w_enc, b_enc, b_dec, k)], low_precision)
+        idx = chosen.indices  # (B, k)
+        vals = chosen.pre.relu().to(w_enc.dtype)  # (B, k) a new tensor: the selection's stays as it was
+        ctx.save_for_backward(x - b_dec, w_enc, idx, vals)
         ctx.mark_non_differentiable(idx)
         ctx.low_precision = low_precision
         return vals, idx
@@ -269,7 +144,8 @@ class SparseDecode(torch.autograd.Function):
     With ``tangent``, the weight gradient of each decoder row loses its component along that
     (unit-norm) row, the projection that keeps rows on the unit sphere. The radial components come
     from the per-entry dot products the value gradient computes anyway, so it costs no pass over W_dec.
-    ``low_precision``: the weight gradient from bf16 operands (:func:`sparse_t_matmul`).
+    ``low_precision``: the decode and the weight gradient from bf16 operands (float32 sums, then one rounding
+    to bf16, as autocast's); the value gradient stays float32 (torch's sampled product has no bf16 form).
     """
 
     @staticmethod
@@ -287,7 +163,11 @@ class SparseDecode(torch.autograd.Function):
             offsets, tokens = padded_bags(idx.shape[0], idx.shape[1], idx.device)
         ctx.save_for_backward(vals, idx, w_dec, offsets, tokens)
         ctx.tangent, ctx.low_precision = tangent, low_precision
-        return F.embedding_bag(idx.reshape(-1), w_dec, offsets, per_sample_weights=vals.reshape(-1), mode="sum")
+        dtype = w_dec.dtype
+        if low_precision:  # bf16 rows and weights, summed in float32: half the bytes gathered, 1.7x on a CPU core
+            w_dec, vals = w_dec.bfloat16(), vals.bfloat16()
+        rows = F.embedding_bag(idx.reshape(-1), w_dec, offsets, per_sample_weights=vals.reshape(-1), mode="sum")
+        return rows.to(dtype)  # (B, D)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN401

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.sae.interface import Latents, pack
-from pipeline.sae.kernels import SparseDecode, bag_dot, sparse_t_matmul, workspace
+from pipeline.sae.kernels import SparseDecode, bag_dot, sparse_t_matmul
+from pipeline.sae.selection import bias_columns, workspace
 
 # A batch trains densely when its candidate entries exceed this share of B x N. The flat kernels cost in
 # proportion to the entries (a few gathers of a D-wide row each), the dense path two more full GEMMs and a
@@ -129,8 +130,7 @@ def candidates(
     bar = bar - margin - 4 * 2.0**-24 * (bar.abs() + floor.abs())  # float32 rounding of the two sides
     weight = workspace("thr_w", (len(w_enc), d + 2), dtype, x.device)  # [W | -bar_hi | -bar_lo]
     weight[:, :d].copy_(w_enc)
-    weight[:, d].copy_(-bar)
-    weight[:, d + 1].copy_(weight[:, d].float() + bar).neg_()  # what bf16 lost of -bar (0 in float32)
+    bias_columns(weight[:, d:], -bar)
     y = torch.mm(inputs, weight.t(), out=workspace("thr_pre", (rows, len(w_enc)), dtype, x.device))  # (B, N)
     found = torch.gt(y, 0, out=workspace("thr_mask", y.shape, torch.bool, x.device)).view(-1).nonzero()
     return None if len(found) > DENSE_SHARE * y.numel() else found.squeeze(1)

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from pipeline.sae.archs.topk import TopKSAE
 from pipeline.sae.interface import Knobs, Latents, SaeConfig, SaeOutput, Step, register
-from pipeline.sae.kernels import Encoder, encoder_preacts, topk_indices
+from pipeline.sae.selection import Encoder, Selection, encoder_preacts, topk_indices
 from pipeline.sae.threshold import Code, Pattern, SparsePre, decode, padded, restrict
 
 THRESHOLD_RATE = 0.05  # weight of each batch's smallest kept activation in the threshold's moving average
@@ -126,7 +126,7 @@ class BatchTopKSAE(TopKSAE):
         k: int | None = None,
         theta: float | None = None,
         low_precision: bool = False,
-        chosen: Tensor | None = None,
+        chosen: Selection | None = None,
     ) -> SaeOutput:
         """In training, the batch top-k code at ``k`` (default cfg.k); in eval mode, :meth:`encode`'s. The
         training code's padded form (detached) is the step's bookkeeping; its flat form is kept for the loss."""

@@ -33,6 +33,7 @@ from pipeline.sae.archs.sparsity import (
 )
 from pipeline.sae.archs.topk import TopKSAE
 from pipeline.sae.interface import Knobs, Latents, LossTerm, SaeConfig, SaeOutput, Step, pack, register
+from pipeline.sae.selection import Selection
 from pipeline.sae.threshold import (
     Code,
     Pattern,
@@ -90,7 +91,7 @@ class ReluSAE(TopKSAE):
         k: int | None = None,
         theta: float | None = None,
         low_precision: bool = False,
-        chosen: Tensor | None = None,
+        chosen: Selection | None = None,
     ) -> SaeOutput:
         if not self.training or k is not None or theta is not None:
             latents = pack(self.activate(self.pre_acts(x)), k, theta)  # as wide as the busiest token

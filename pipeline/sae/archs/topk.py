@@ -18,8 +18,9 @@ from torch import Tensor, nn
 
 from pipeline.sae.auxk_kernels import aux_decode
 from pipeline.sae.interface import SAE, Knobs, Latents, LossTerm, SaeConfig, SaeOutput, Step, pack, register
-from pipeline.sae.kernels import Encoder, SparseDecode, TopKEncode, ordered_bits
+from pipeline.sae.kernels import SparseDecode, TopKEncode
 from pipeline.sae.quality import Reconstruction
+from pipeline.sae.selection import Encoder, Selection, ordered_bits
 
 REFERENCE_RENORM = 100  # the RouteSAE reference renormalizes decoder rows every 100 batches (its --steps)
 # multi-TopK (sparsify's multi_topk): the code at 4k also reconstructs, its loss weighted 1/8 as in sparsify's
@@ -59,10 +60,10 @@ class TopKSAE(SAE):
         acts, indices = TopKEncode.apply(x, self.W_enc, self.b_enc, self.pre_bias, k or self.cfg.k, low_precision)
         return Latents(acts, indices)
 
-    def encode_chosen(self, x: Tensor, chosen: Tensor, low_precision: bool = False) -> Latents:
-        """The latents ``chosen`` (B, k) for ``x`` by a top-k selection shared with other SAEs
-        (kernels.select_topk), with their exact activations (``low_precision``: W_enc's gradient from bf16)."""
-        k = chosen.shape[1]
+    def encode_chosen(self, x: Tensor, chosen: Selection, low_precision: bool = False) -> Latents:
+        """The latents ``chosen`` for ``x`` by a top-k selection shared with other SAEs (selection.select_topk),
+        with the activations it found (``low_precision``: W_enc's gradient from bf16)."""
+        k = chosen.indices.shape[1]
         acts, indices = TopKEncode.apply(x, self.W_enc, self.b_enc, self.pre_bias, k, low_precision, chosen)
         return Latents(acts, indices)
 
@@ -105,14 +106,14 @@ class TopKSAE(SAE):
         k: int | None = None,
         theta: float | None = None,
         low_precision: bool = False,
-        chosen: Tensor | None = None,
+        chosen: Selection | None = None,
     ) -> SaeOutput:
         """The code at ``k`` (:meth:`code`) and its reconstruction."""
         latents = self.code(x, k, theta, low_precision, chosen)
         return SaeOutput(x, self.decode(latents, low_precision), latents, None, None)
 
     def code(
-        self, x: Tensor, k: int | None, theta: float | None, low_precision: bool, chosen: Tensor | None
+        self, x: Tensor, k: int | None, theta: float | None, low_precision: bool, chosen: Selection | None
     ) -> Latents:
         """The forward's code of ``x`` at ``k`` (default cfg.k; or above ``theta``, or the latents ``chosen``); a
         multi-TopK training step's code at cfg.k comes from its selection at 4k (:meth:`multi_code`)."""
@@ -132,8 +133,8 @@ class TopKSAE(SAE):
         """The multi-TopK code's latents per token: MULTI_TOPK_FACTOR x k, at most every latent."""
         return min(MULTI_TOPK_FACTOR * self.cfg.k, self.cfg.n_latents)
 
-    def multi_code(self, x: Tensor, low_precision: bool, chosen: Tensor | None) -> Latents:
-        """The top-k code of ``x`` taken from one selection of its top 4k (``chosen`` (B, 4k) by a sweep's shared
+    def multi_code(self, x: Tensor, low_precision: bool, chosen: Selection | None) -> Latents:
+        """The top-k code of ``x`` taken from one selection of its top 4k (``chosen`` at 4k by a sweep's shared
         GEMM: shared_encoder asks for 4k); the other 3k entries are kept (in ``wide``) for loss_terms.
 
         The k largest of the top 4k are the top k (ties aside, which swap only equal values or zeros), so the

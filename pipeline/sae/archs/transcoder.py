@@ -25,6 +25,7 @@ from pipeline.sae.archs.jumprelu import JumpReluSAE
 from pipeline.sae.archs.relu import ReluSAE
 from pipeline.sae.archs.topk import TopKSAE
 from pipeline.sae.interface import Latents, SaeConfig, SaeOutput, Step, register
+from pipeline.sae.selection import Selection
 
 
 @register("transcoder", trainable=True)
@@ -59,7 +60,7 @@ class Transcoder(TopKSAE):
         k: int | None = None,
         theta: float | None = None,
         low_precision: bool = False,
-        chosen: Tensor | None = None,
+        chosen: Selection | None = None,
     ) -> SaeOutput:
         """``x`` is the pair (B, 2, D): the MLP's input and the output to reconstruct."""
         x_in, target = x[:, 0], x[:, 1]  # (B, D) each
