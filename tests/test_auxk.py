@@ -57,3 +57,25 @@ def test_auxk_equals_a_dense_reference(k_aux: int, topk_decides: bool | None) ->
     aux_grads[2] -= (aux_grads[2] * rows).sum(1, keepdim=True) * rows  # AuxK keeps decoder rows on the sphere
     for g, m, a in zip(got, main_grads, aux_grads):
         torch.testing.assert_close(g, m + a, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dense_up_to", [0, 1000])  # 0: the sparse kernels; 1000: the dense GEMMs
+def test_low_precision_auxk_rounds_its_products_to_bf16(dense_up_to: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In low precision AuxK's decode and weight gradients come from bf16 operands, either form: within bf16's
+    rounding of the float32 ones, and not equal to them. Every pre-activation is positive and k = n, so nothing
+    is chosen: rounding that tipped a near-tie (or a near-zero) would swap whole terms, not round them."""
+    monkeypatch.setattr(auxk_kernels, "DENSE_AUX", dense_up_to)
+    gen = torch.Generator().manual_seed(5)
+    x, target = torch.randn(64, 32, generator=gen), torch.randn(64, 32, generator=gen)
+    w_dec = torch.nn.functional.normalize(torch.randn(40, 32, generator=gen), dim=1)
+    leaves = [torch.randn(40, 32, generator=gen) / 6, torch.full((40,), 5.0), w_dec]
+    results = []
+    for low_precision in (False, True):
+        w_enc, b_enc, w_dec = (p.clone().requires_grad_() for p in leaves)
+        guess = auxk_kernels.aux_decode(x, w_enc, b_enc, torch.zeros(32), w_dec, 40, low_precision, tangent=True)
+        (guess - target).pow(2).sum().backward()
+        results.append([guess.detach(), w_enc.grad, w_dec.grad])
+        assert float((x @ leaves[0].T).min()) > -5  # every pre-activation positive
+    for name, exact, low in zip(("decode", "W_enc", "W_dec"), *results):
+        gap = float((low - exact).norm() / exact.norm())
+        assert 2**-12 < gap < 2**-6, (name, gap)

@@ -222,7 +222,9 @@ def auxk_loss(sae: TopKSAE, out: SaeOutput, step: Step, k_aux: int) -> Tensor:
     x, b_enc, pre_bias = out.encoded.detach(), sae.b_enc[dead_ids], sae.pre_bias.detach()
     # the dead rows' gradient as the main loss's: tangent to unit rows, or whole for free rows (transcoders)
     guess = aux_decode(x, w_enc, b_enc, pre_bias, w_dec, k_aux, step.low_precision, sae.tangent_decoder_grad)
-    spread = (residual - residual.mean(0)).pow(2).sum()  # about the mean (torch.var over dim 0 is slower)
+    # the spread about the mean, sum ||r||^2 - ||sum r||^2 / B: two reads of the residual, no centered copy (its
+    # mean is small next to its spread, so the difference loses little)
+    spread = torch.linalg.vector_norm(residual).square() - residual.sum(0).square().sum() / len(residual)
     return F.mse_loss(guess, residual, reduction="sum") / spread.clamp_min(1e-12)  # one fused pass
 
 
