@@ -10,7 +10,7 @@ from torch import Tensor
 
 from pipeline.sae.kernels import SparseDecode, TopKEncode
 
-DENSE_AUX = 5  # dense GEMMs up to this x k_aux dead latents, the sparse kernels past it (they break even near 5.2x)
+DENSE_AUX = 5  # dense GEMMs up to this x k_aux dead latents, the sparse kernels past it (even near 5.2x in bf16)
 
 
 class AuxDecode(torch.autograd.Function):
@@ -18,8 +18,9 @@ class AuxDecode(torch.autograd.Function):
 
     AuxK's latents are few and their code is dense: early in training k_aux exceeds their number and a third
     of their pre-activations are positive on the demo, so every product is a GEMM over the (B, n) code (five
-    of B x n x D), in bf16 with ``low_precision`` (float32 sums, as the sparse kernels' products), where the
-    sparse form (an embedding bag per positive entry, a sampled product, index puts) spent twice as long. The
+    of B x n x D), with bf16 operands under ``low_precision`` (float32 sums, as the sparse kernels' products).
+    On one core that is 2.0-2.3x the float32 positive-entry form it replaced (embedding bags, a sampled
+    product, index puts) at 100-600 dead latents, and even with it in float32 (benchmarks/auxk_forms.py). The
     top-k is skipped when no token has more than k positive. With ``tangent`` the decoder gradient stays
     tangent to its unit rows as in :class:`SparseDecode`.
     """
