@@ -1,8 +1,8 @@
 """Which latents a TopK code keeps: the encoder GEMM (shared by a sweep's SAEs reading one layer) and a top-k over
 its rows tuned for the CPU, with the scratch buffers and precision choice they run in.
 
-:mod:`pipeline.sae.kernels` trains on what is selected here; BatchTopK's and AuxK's selections start from the
-same GEMM.
+:mod:`pipeline.sae.kernels` trains on what is selected here; BatchTopK's selection and AuxK's sparse form start
+from the same GEMM.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ GROUP = 4  # two-stage top-k: group maxima over GROUP strided columns, then exac
 
 
 def use_low_precision(device: torch.device, precision: str) -> bool:
-    """Whether the encoder GEMM runs in bf16: CUDA with bf16, or a CPU with AMX / AVX512-BF16."""
+    """Whether training's GEMMs and sparse products take bf16 operands: CUDA with bf16, or a CPU with AMX /
+    AVX512-BF16 (``precision`` auto; float32 | bfloat16 decide)."""
     if precision == "float32":
         return False
     if precision == "bfloat16":
