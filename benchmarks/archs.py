@@ -3,13 +3,16 @@
     python -m benchmarks.archs --write                         # the demo cache, target L0 16,32,64,128
     python -m benchmarks.archs --l0 32 --scratch /tmp/archs    # the issue's bar only, rows kept for reruns
     python -m benchmarks.archs --results A/results.jsonl,B/results.jsonl --write   # runs made apart, one table
+    python -m benchmarks.archs --l0 32 --only batchtopk,matryoshka --seed 1    # ours again at another seed
     (--peer-python PATH: the peers' venv, default .bench-venv/bin/python; --only NAME,...: a subset)
 
 Contenders, one after another, each in a process of its own (benchmarks.child: its wall time and VmHWM):
 
 - ours: ``sae-pipe fit --arch A --k L0 --lr 0`` (the demo's params.yaml fit section otherwise: 4096 latents,
   batch 4096; the lr each architecture's auto rule picks), topk also with ``--multi-topk``; for standard,
-  gated and jumprelu ``k`` is the target L0 their automatic penalty steers to.
+  gated and jumprelu ``k`` is the target L0 their automatic penalty steers to. ``--seed S`` (not 0) sets fit's
+  seed and data_seed, rows "NAME, seed S": how far a row moves with the seed alone, the yardstick for a change's
+  effect on FVU.
 - SAELens 6.54.12 (benchmarks/peers/peer_archs.py): BatchTopK, Matryoshka BatchTopK (our prefixes as its
   widths), JumpReLU (its target-L0 mode) trained by its own ``SAETrainer.fit()`` with the runner's defaults
   (``--peer-lr X``: at Adam lr X instead, rows "SAELens ... at lr X"; ``--peer-dead-window S`` also counts a
@@ -124,7 +127,7 @@ def ours_child(args: argparse.Namespace) -> dict[str, Any]:
     """One fit of ours (params.yaml's fit section, the architecture's auto lr) into ``args.runs``."""
     arch, multi = args.arch.removesuffix("+multi"), args.arch.endswith("+multi")
     overrides = {"cache": args.cache, "out": args.runs, "arch": arch, "k": args.k, "lr": 0.0, "multi_topk": multi}
-    overrides |= {"max_tokens": args.tokens, "sweep": {}}
+    overrides |= {"max_tokens": args.tokens, "sweep": {}, "seed": args.seed, "data_seed": args.seed}
     cfg = build_config(FitConfig, load_params(ROOT / "params.yaml"), "fit", overrides)
     rss_before = own_rss_mb()
     start = time.perf_counter()
@@ -152,7 +155,9 @@ def command(c: Contender, setting: float, paths: dict[str, Path], args: argparse
     tag = f"{c.side}-{c.arch}-{setting:g}{trained_at}"
     if c.side == "ours":
         cmd = [sys.executable, "-m", "benchmarks.archs", "--child", "--cache", args.cache, "--arch", c.arch]
-        return [*cmd, "--k", str(int(setting)), "--tokens", str(args.tokens), "--runs", str(paths["runs"] / tag)]
+        runs = paths["runs"] / (tag + (f"-seed{args.seed}" if args.seed else ""))  # a seed's runs apart
+        cmd += ["--seed", str(args.seed), "--runs", str(runs)]
+        return [*cmd, "--k", str(int(setting)), "--tokens", str(args.tokens)]
     cmd = [args.peer_python, "benchmarks/peers/peer_archs.py", "--lib", c.side, "--arch", c.arch]
     cmd += ["--data", str(paths["train"]), "--heldout", str(paths["held"]), "--out", str(paths["peers"] / tag)]
     cmd += ["--steps", str(args.tokens // 4096), "--batch-size", "4096", "--num-latents", str(args.latents)]
@@ -163,9 +168,11 @@ def command(c: Contender, setting: float, paths: dict[str, Path], args: argparse
 
 
 def row_name(c: Contender, args: argparse.Namespace) -> str:
-    """The contender's table row; a SAELens trainer at ``--peer-lr`` (and ``--peer-dead-window``) gets a row and
-    a bar reading of its own."""
-    if c.side != "saelens" or args.peer_lr <= 0:
+    """The contender's table row; ours at ``--seed``, and a SAELens trainer at ``--peer-lr`` (and
+    ``--peer-dead-window``), get a row and a bar reading of their own."""
+    if c.side == "ours":
+        return f"{c.name}, seed {args.seed}" if args.seed else c.name
+    if args.peer_lr <= 0:
         return c.name
     window = f", dead window {args.peer_dead_window}" if args.peer_dead_window > 0 else ""
     return f"{c.name}{PEER_LR}{args.peer_lr:g}{window}"
@@ -181,11 +188,18 @@ def learning_rate(text: str) -> float:
 
 def peer_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """--peer-dead-window: steps >= 0, and only beside --peer-lr, whose rows it names (alone, its runs would be
-    read as the peer's defaults)."""
+    read as the peer's defaults); --seed: >= 0, and for ours only."""
     if args.peer_dead_window < 0:
         parser.error(f"--peer-dead-window {args.peer_dead_window}: give a number of steps >= 0 (0 = SAELens's 1000)")
     if args.peer_dead_window and not args.peer_lr:
         parser.error("--peer-dead-window needs --peer-lr (the lr its rows are named by; SAELens's is 0.0003)")
+    if args.seed < 0:
+        parser.error(f"--seed {args.seed}: give a seed >= 0 (0 = the runs' usual one)")
+    peers = [c.name for c in CONTENDERS if c.side != "ours" and (not args.only or c.name in args.only)]
+    if args.seed and peers and not (args.results or args.child):
+        parser.error(
+            f"--seed sets our fits' seeds only; pass --only with ours alone (peers chosen: {', '.join(peers)})"
+        )
 
 
 def prefixes(n: int) -> list[int]:
@@ -265,6 +279,9 @@ def main() -> None:
     parser.add_argument("--latents", type=int, default=4096)
     parser.add_argument("--peer-lr", type=learning_rate, default=0.0, help="SAELens's Adam lr (0 = its default)")
     parser.add_argument("--peer-dead-window", type=int, default=0, help="with --peer-lr: SAELens's dead_feature_window")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="our fits' seed and data_seed (rows 'NAME, seed S'; ours only)"
+    )
     parser.add_argument("--scratch", default="/tmp/archs", help="rows, runs, peers' folders and results.jsonl")
     parser.add_argument("--write", action="store_true", help="add the table and plot to benchmarks/RESULTS.md")
     parser.add_argument("--results", type=lambda s: s.split(","), default=[], help="publish earlier runs instead: "

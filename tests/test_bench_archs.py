@@ -141,6 +141,9 @@ def test_a_peer_run_below_our_l0_is_read_against_ours_interpolated_at_its_l0() -
         (["--peer-lr", "-0.001"], "'-0.001' is not a learning rate"),
         (["--peer-lr", "0.005", "--peer-dead-window", "-2"], "--peer-dead-window -2: give a number of steps >= 0"),
         (["--peer-dead-window", "2"], "--peer-dead-window needs --peer-lr"),  # its rows would pass for the defaults
+        (["--seed", "-1", "--only", "topk"], "--seed -1: give a seed >= 0"),
+        (["--seed", "2"], "--seed sets our fits' seeds only"),  # every contender, peers included
+        (["--seed", "2", "--only", "topk,SAELens BatchTopK"], "(peers chosen: SAELens BatchTopK)"),
     ],
 )
 def test_bad_peer_settings_stop_before_anything_runs(
@@ -153,6 +156,18 @@ def test_bad_peer_settings_stop_before_anything_runs(
     assert stop.value.code == 2
     assert says in capsys.readouterr().err.strip().splitlines()[-1]
     assert not scratch.exists()
+
+
+def test_ours_at_another_seed_run_apart_under_rows_of_their_own(tmp_path: Path) -> None:
+    """--seed S hands fit's seeds to our child and names its rows and run folders apart from seed 0's."""
+    paths = {"runs": tmp_path / "runs"}
+    batchtopk = next(c for c in archs.CONTENDERS if c.name == "batchtopk")
+    for seed in (0, 3):
+        args = argparse.Namespace(cache="C", tokens=8192, seed=seed, peer_lr=0.0, peer_dead_window=0)
+        cmd = archs.command(batchtopk, 32, paths, args)  # type: ignore[arg-type]
+        assert cmd[cmd.index("--seed") + 1] == str(seed)
+        assert cmd[cmd.index("--runs") + 1].endswith("ours-batchtopk-32" + ("-seed3" if seed else ""))
+        assert archs.row_name(batchtopk, args) == ("batchtopk, seed 3" if seed else "batchtopk")
 
 
 def _topk_run(folder: Path, w: np.ndarray, b_dec: np.ndarray, k: int) -> str:
