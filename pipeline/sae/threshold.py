@@ -65,7 +65,7 @@ def decode(
     values: Tensor, pattern: Pattern | None, w_dec: Tensor, tangent: bool, low_precision: bool = False
 ) -> Tensor:
     """sum_i values_i W_dec[i] per token (B, D); ``tangent``: W_dec's gradient kept tangent to its unit rows;
-    ``low_precision``: a flat code's W_dec gradient from bf16 operands (kernels.sparse_t_matmul)."""
+    ``low_precision``: a flat code's decode and W_dec gradient from bf16 operands (kernels.SparseDecode)."""
     if pattern is None:
         return DenseDecode.apply(values, w_dec, tangent)  # type: ignore[no-any-return]
     entries = (pattern.latents, w_dec, tangent, pattern.offsets, pattern.tokens, low_precision)

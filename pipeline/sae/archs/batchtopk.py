@@ -117,7 +117,7 @@ class BatchTopKSAE(TopKSAE):
         return Code(acts, acts, Pattern(*entries))
 
     def decode_code(self, code: Code, low_precision: bool = False) -> Tensor:
-        """Reconstruction (B, D) from a flat training code (``low_precision``: W_dec's gradient from bf16)."""
+        """Reconstruction (B, D) from a flat training code (``low_precision``: it and W_dec's gradient in bf16)."""
         return decode(code.acts, code.pattern, self.W_dec, self.tangent_decoder_grad, low_precision) + self.b_dec
 
     def forward(

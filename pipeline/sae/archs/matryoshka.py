@@ -72,8 +72,8 @@ class MatryoshkaSAE(BatchTopKSAE):
 
     def prefix_nmse(self, out: SaeOutput, size: int, low_precision: bool = False) -> torch.Tensor:
         """() the NMSE of ``out.x`` reconstructed by the latents below ``size`` of ``out``'s training code alone
-        (its entries there only: the flat code is cut, not zero-weighted); ``low_precision``: W_dec's gradient
-        from bf16 operands."""
+        (its entries there only: the flat code is cut, not zero-weighted); ``low_precision``: its decode and
+        W_dec's gradient from bf16 operands."""
         code = self.training_code(out)
         assert code.pattern is not None
         inner = self.decode_code(restrict(code, code.pattern.latents < size, len(out.x)), low_precision)  # (B, D)

@@ -92,7 +92,7 @@ class TopKSAE(SAE):
         return Encoder(self.W_enc.detach(), self.b_enc.detach(), self.pre_bias.detach(), self.cfg.k)
 
     def decode(self, latents: Latents, low_precision: bool = False) -> Tensor:
-        """Reconstruction (B, D) from a sparse code (``low_precision``: W_dec's gradient from bf16 operands)."""
+        """Reconstruction (B, D) from a sparse code (``low_precision``: it and W_dec's gradient from bf16)."""
         return self.decode_rows(latents, low_precision) + self.b_dec
 
     def decode_rows(self, latents: Latents, low_precision: bool) -> Tensor:

@@ -50,7 +50,7 @@ class Transcoder(TopKSAE):
 
     def output(self, x: Tensor, latents: Latents, low_precision: bool = False) -> Tensor:
         """The decoder's output (B, D) plus the skip path of the input ``x`` (B, D), where there is one
-        (``low_precision``: W_dec's gradient from bf16 operands)."""
+        (``low_precision``: the decode and W_dec's gradient from bf16 operands)."""
         y_hat = self.decode(latents, low_precision)
         return y_hat if self.W_skip is None else y_hat + x @ self.W_skip.t()
 
