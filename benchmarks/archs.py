@@ -146,6 +146,7 @@ def ours_child(args: argparse.Namespace) -> dict[str, Any]:
         "rss_before_steps_mb": rss_before,
         "folder": run.url,
         "peak_rss_mb": own_peak_rss_mb(),
+        "threads": torch.get_num_threads(),  # as the peers' children report theirs: tok/s means little without it
     }
 
 

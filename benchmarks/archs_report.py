@@ -116,9 +116,9 @@ def table(results: list[dict[str, Any]]) -> list[str]:
     """Markdown: one row per run, the Pareto-optimal ones (L0-vs-FVU, L0-vs-KL, over all runs) marked."""
     fvu_front = set(pareto([(r["l0"], r["fvu"]) for r in results]))
     kl_front = set(pareto([(r["l0"], r.get("kl_per_token", math.nan)) for r in results]))
-    head = "| contender | target / l1 | tokens | L0 | FVU | KL/token | CE rec. | dead | dense | tok/s | peak RSS MiB "
-    head += "| load |"
-    lines = [head, "|" + "---|" * 12]
+    head = "| contender | target / l1 | tokens | L0 | FVU | KL/token | CE rec. | dead | dense | tok/s | threads "
+    head += "| peak RSS MiB | load |"
+    lines = [head, "|" + "---|" * 13]
     for i, r in enumerate(results):
         setting = f"{r['target']:g}" if r["target"] is not None else f"l1 {r['setting']['coeff']:g}"
         marks = ("F" if i in fvu_front else "") + ("K" if i in kl_front else "")
@@ -126,7 +126,8 @@ def table(results: list[dict[str, Any]]) -> list[str]:
             f"| {r['name']}{' (' + marks + ')' if marks else ''} | {setting} | {r['tokens']:,} | {r['l0']:.1f} | "
             f"{r['fvu']:.4f} | "
             f"{_cell(r.get('kl_per_token'), '.4f')} | {_cell(r.get('ce_recovered'), '.4f')} | "
-            f"{r['dead_share']:.2%} | {r['dense_latents']} | {r['tokens_per_s']:,.0f} | {r['peak_rss_mb']:,.0f} | "
+            f"{r['dead_share']:.2%} | {r['dense_latents']} | {r['tokens_per_s']:,.0f} | "
+            f"{_cell(r.get('threads'), 'd')} | {r['peak_rss_mb']:,.0f} | "
             f"{r['load_after']} |"
         )
     return lines
@@ -174,11 +175,12 @@ def write_csv(results: list[dict[str, Any]], path: Path) -> None:
     """The runs as a DVC scatter-plot CSV (x l0, y fvu or kl_per_token, one series per contender)."""
     with path.open("w", newline="") as f:
         out = csv.writer(f)
-        out.writerow(["contender", "target", "l0", "fvu", "kl_per_token", "ce_recovered", "dead_share", "tokens_per_s"])
+        head = ["contender", "target", "l0", "fvu", "kl_per_token", "ce_recovered", "dead_share", "tokens_per_s"]
+        out.writerow([*head, "threads"])
         for r in results:
             out.writerow(
                 [r["name"], r["target"], f"{r['l0']:.3f}", f"{r['fvu']:.5f}", r.get("kl_per_token", ""),
-                 r.get("ce_recovered", ""), f"{r['dead_share']:.5f}", f"{r['tokens_per_s']:.0f}"]
+                 r.get("ce_recovered", ""), f"{r['dead_share']:.5f}", f"{r['tokens_per_s']:.0f}", r.get("threads", "")]
             )  # fmt: skip
 
 
@@ -238,7 +240,8 @@ def publish_all(results: list[dict[str, Any]], args: argparse.Namespace, cache_k
         "every held-out row (FVU, L0, dead = fires on no held-out row, dense = fires on > 10 % of them); KL/CE: "
         f"`sae-pipe evaluate --metrics kl,ce --max-tokens {args.kl_tokens}`. (F)/(K): on the L0-vs-FVU / "
         "L0-vs-KL Pareto frontier. tok/s: training tokens / training seconds (ours: the whole fit call; "
-        "SAELens: SAETrainer.fit(); sparsify: its steps). load: the 1-min load average after the run "
+        "SAELens: SAETrainer.fit(); sparsify: its steps). threads: the contender's torch threads (- where its run did "
+        "not record them; the header's count is the publishing process's). load: the 1-min load average after the run "
         f"(2 shared cores). Picture: {where}/archs.png; data: {where}/archs.csv.",
         "",
         *table(results),

@@ -324,3 +324,12 @@ def test_batch_form_scores_the_batch_top_k_code(tmp_path: Path) -> None:
     assert (code[:, 0] > 0).mean() > 0.5 and len(set((code > 0).sum(1))) > 1  # the case the test is about
     assert fvu == pytest.approx(((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum(), rel=1e-4)
     assert l0 == pytest.approx((code > 0).sum(1).mean())
+
+
+def test_the_table_shows_each_rows_own_thread_count() -> None:
+    """A row's speed is read with the threads its contender ran on (a run that did not record them: -)."""
+    ran = _run("topk", "", 32, 32.0, 0.12, 1000.0, 0.0) | {"tokens": 4096, "dense_latents": 0, "peak_rss_mb": 100.0}
+    rows = [ran | {"load_after": "0.5", "threads": 1}, ran | {"load_after": "0.5"}]
+    head, _, *lines = archs_report.table(rows)
+    column = [c.strip() for c in head.split("|")].index("threads")
+    assert [[c.strip() for c in line.split("|")][column] for line in lines] == ["1", "-"]
