@@ -4,6 +4,7 @@ measured runs, and its state across a resumed fit."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from pathlib import Path
@@ -71,6 +72,32 @@ def test_anti_windup_settles_where_plain_pi_overshoots(signed: bool, natural: fl
             assert last_off < settle_by and overshoot < 0.05, (last_off, overshoot)
         else:  # wound up on the way: past the target by a third, still swinging at the end
             assert last_off > 280 and overshoot > 0.3, (last_off, overshoot)
+
+
+def test_biases_tuning_integrates_through_a_creep_but_not_through_a_fast_approach() -> None:
+    """Standard at target 128 on the demo cache: L0 fell past the target fast, then crept back up from 100 over
+    the rest of the run, and the integral waited the creep out (ending at 118). An approach slower than a tenth
+    of the fastest seen now integrates (the coefficient falls, letting L0 up); the fast fall towards the target
+    still holds it, as does every approach without the stall rule."""
+    k = 128
+    fall = [300 * (100 / 300) ** (t / 20) for t in range(21)]  # ~0.055 a step in log L0, across the target
+    creep = [100 * 1.1 ** (t / 100) for t in range(1, 101)]  # ~0.001 a step, back towards it
+    moved = {}
+    for stall in (0.0, BIASES.stall):
+        control = SparsityControl(5.0, tuning=dataclasses.replace(BIASES, stall=stall))
+        control.update(fall[0], k)
+        start = control.integral
+        for l0 in fall[1:]:
+            control.update(l0, k)
+            if l0 > k:  # above the target and on the way down: held
+                assert control.integral == start, (stall, l0, control.integral - start)
+        for l0 in creep[:50]:  # past the target: both integrate until the recent average has caught up
+            control.update(l0, k)
+        before = control.integral
+        for l0 in creep[50:]:
+            control.update(l0, k)
+        moved[stall] = control.integral - before
+    assert moved[0.0] == 0 and moved[BIASES.stall] < -1, moved
 
 
 def jumprelu_like(tuning: Tuning, steps: int, rate: float, k: int = 32) -> np.ndarray:

@@ -37,7 +37,10 @@ GAIN_P = 1.0
 # against the actuator's limit; this one has no known limit (it lies wherever the penalty starts to
 # dominate, which depends on data, width and lr), so the saturation is read off the plant instead: an L0
 # approaching the target says the present coefficient suffices. Once L0 stalls short of the target,
-# integration resumes, so the steady state still has no offset.
+# integration resumes, so the steady state still has no offset. A creep counts as a stall (Tuning.stall): an
+# approach far slower than the fastest one seen is the plant near its balance, not saturated, and waiting it out
+# costs the run's end (standard at target 128 on the demo cache crept from L0 100 to 118 over its last 150 steps,
+# integrating on a quarter of them).
 TREND_RATE = 0.1  # per step: the recent gap averages ~10 batches, so batch noise does not pass for progress
 HOLD_STEPS = 30  # the longest hold through the start (Tuning.hold); the leap it waits out lasts ~15 steps
 HOLD_BAND = 0.1  # |log(L0 / k)| beyond which L0 has left the target, for the hold
@@ -51,12 +54,15 @@ class Tuning:
     horizon: int  # the error is the gap this many steps ahead on the recent trend (0: the present gap)
     scale: float  # signed: c = scale x start x sinh(u), linear (crossing zero fast) for |c| < scale x start
     hold: bool  # only the proportional term acts until L0 first comes back from its leap away from the start
+    stall: float = 0.0  # an approach slower than this share of the fastest one seen integrates, as a stall does
 
 
 # Standard and gated: the penalty reaches the encoder biases, and L0 follows the coefficient within a few
 # steps (k = 32, 92 steps on the cache below: held-out L0 29.5 and 31.0). JumpReLU's tuning made standard's
-# L0 swing between 13 and 38 to the end of the run (FVU 0.149 -> 0.182).
-BIASES = Tuning(gain_i=0.15, horizon=0, scale=1.0, hold=False)
+# L0 swing between 13 and 38 to the end of the run (FVU 0.149 -> 0.182). stall 0.1, on the demo cache (802,816
+# tokens, 4096 latents), standard's held-out L0 at targets 16 / 32 / 64 / 128: 15.4 / 31.4 / 63.0 / 118.0
+# without, 15.4 / 31.6 / 63.5 / 127.5 with (FVU at 128: 0.0877 -> 0.0856; at 32: 0.1373 -> 0.1370).
+BIASES = Tuning(gain_i=0.15, horizon=0, scale=1.0, hold=False, stall=0.1)
 # JumpReLU: the penalty reaches only the thresholds, which Adam moves by a few lr a step (jumprelu.THRESHOLD_LR),
 # while the encoder, trained by the reconstruction alone, keeps lowering the pre-activations. L0 falls easily
 # and climbs back slowly, so the controller must not let it fall past the target. On a 100k-token SmolLM2-135M
@@ -93,8 +99,9 @@ class SparsityControl:
     L0 is out of reach of any positive coefficient. Only a bounded penalty may be signed: JumpReLU's L0 is
     at most N, while a negative L1 (standard, gated) would reward unbounded activations.
 
-    ``anti_windup``: integrate only while L0 is not yet approaching the target (see TREND_RATE), and hold
-    through the start where ``tuning`` says; off, the plain PI controller on the present gap.
+    ``anti_windup``: integrate only while L0 is not yet approaching the target (see TREND_RATE) or creeps
+    towards it (Tuning.stall), and hold through the start where ``tuning`` says; off, the plain PI controller
+    on the present gap.
     """
 
     def __init__(self, start: float, signed: bool = False, anti_windup: bool = True, tuning: Tuning = BIASES):
@@ -109,6 +116,7 @@ class SparsityControl:
         self.updates = 0  # controller steps taken
         self.leap = 0.0  # the side (+1 above, -1 below) L0 first left the target to; 0 while it has not
         self.held = float(anti_windup and tuning.hold)  # 1 while the hold through the start lasts
+        self.fastest = 0.0  # the fastest approach to the target seen, in log L0 a step
 
     def coeff(self, knobs: Knobs, step: Step) -> float:
         """The penalty's weight this step."""
@@ -122,6 +130,7 @@ class SparsityControl:
         gap = math.log(max(l0, 1e-3) / target)  # > 0: too many latents fire
         if self.held:
             self.release(gap)
+        self.fastest = max(self.fastest, self.speed(gap))
         # no lead while held: the trend is then the leap's, which the coefficient did not make
         error = max(-1.0, min(1.0, self.ahead(gap) if self.anti_windup and not self.held else gap))
         if not (self.held or (self.anti_windup and self.approaching(gap) and error * gap > 0)):
@@ -146,12 +155,21 @@ class SparsityControl:
 
     def approaching(self, gap: float) -> bool:
         """Whether L0 is on its way to the target: this batch's ``gap`` is on the side of the recent ones but
-        nearer the target than their average. A batch across the target is not: the integral unwinds."""
-        return self.recent is not None and gap * self.recent > 0 and abs(gap) < abs(self.recent)
+        nearer the target than their average, and not by less than ``tuning.stall`` of the fastest approach seen.
+        A batch across the target is not: the integral unwinds."""
+        return self.speed(gap) > self.tuning.stall * self.fastest
+
+    def speed(self, gap: float) -> float:
+        """How fast L0 approaches the target, in log L0 a step (0 while it does not: a batch across the target,
+        or not nearer it than the recent ones' average, which lags a steady trend by 1 / TREND_RATE steps)."""
+        if self.recent is None or gap * self.recent <= 0:
+            return 0.0
+        return max(0.0, TREND_RATE * (abs(self.recent) - abs(gap)))
 
     def state(self) -> dict[str, float]:
         """What a resumed run needs to go on exactly as an uninterrupted one."""
         state = {"integral": self.integral, "u": self.u, "updates": float(self.updates), "leap": self.leap}
+        state["fastest"] = self.fastest
         return {**state, "held": self.held, **({} if self.recent is None else {"recent": self.recent})}
 
     def load(self, state: dict[str, float]) -> None:
@@ -162,6 +180,7 @@ class SparsityControl:
         self.updates = int(state.get("updates", self.updates))
         self.leap = state.get("leap", self.leap)
         self.held = state.get("held", self.held)
+        self.fastest = state.get("fastest", self.fastest)
 
 
 def check_target(k: int, knobs: Knobs) -> None:
