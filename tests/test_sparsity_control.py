@@ -76,9 +76,9 @@ def test_anti_windup_settles_where_plain_pi_overshoots(signed: bool, natural: fl
 
 def test_biases_tuning_integrates_through_a_creep_but_not_through_a_fast_approach() -> None:
     """Standard at target 128 on the demo cache: L0 fell past the target fast, then crept back up from 100 over
-    the rest of the run, and the integral waited the creep out (ending at 118). An approach slower than a tenth
-    of the fastest seen now integrates (the coefficient falls, letting L0 up); the fast fall towards the target
-    still holds it, as does every approach without the stall rule."""
+    the rest of the run, and the integral waited the creep out (its last batches at L0 118). An approach slower
+    than a tenth of the fastest seen now integrates (the coefficient falls, letting L0 up); the fast fall towards
+    the target still holds it, as does every approach without the stall rule."""
     k = 128
     fall = [300 * (100 / 300) ** (t / 20) for t in range(21)]  # ~0.055 a step in log L0, across the target
     creep = [100 * 1.1 ** (t / 100) for t in range(1, 101)]  # ~0.001 a step, back towards it

@@ -60,8 +60,8 @@ class Tuning:
 # Standard and gated: the penalty reaches the encoder biases, and L0 follows the coefficient within a few
 # steps (k = 32, 92 steps on the cache below: held-out L0 29.5 and 31.0). JumpReLU's tuning made standard's
 # L0 swing between 13 and 38 to the end of the run (FVU 0.149 -> 0.182). stall 0.1, on the demo cache (802,816
-# tokens, 4096 latents), standard's held-out L0 at targets 16 / 32 / 64 / 128: 15.4 / 31.4 / 63.0 / 118.0
-# without, 15.4 / 31.6 / 63.5 / 127.5 with (FVU at 128: 0.0877 -> 0.0856; at 32: 0.1373 -> 0.1370).
+# tokens, 4096 latents), standard's held-out L0 at targets 16 / 32 / 64 / 128: 15.4 / 31.3 / 63.0 / 119.4
+# without, 15.5 / 31.6 / 63.7 / 127.8 with (FVU at 128: 0.0892 -> 0.0874; benchmarks/RESULTS.md, 2026-12-05).
 BIASES = Tuning(gain_i=0.15, horizon=0, scale=1.0, hold=False, stall=0.1)
 # JumpReLU: the penalty reaches only the thresholds, which Adam moves by a few lr a step (jumprelu.THRESHOLD_LR),
 # while the encoder, trained by the reconstruction alone, keeps lowering the pre-activations. L0 falls easily
