@@ -100,6 +100,23 @@ def test_biases_tuning_integrates_through_a_creep_but_not_through_a_fast_approac
     assert moved[0.0] == 0 and moved[BIASES.stall] < -1, moved
 
 
+def test_a_state_loaded_mid_creep_goes_on_as_the_controller_it_was_saved_from() -> None:
+    """state() / load() carry everything an update reads, the stall rule's fastest approach too: a controller
+    loaded from a state saved in the middle of standard's creep (past its fast fall) takes the same steps as
+    the one it was saved from."""
+    k = 128
+    path = [300 * (100 / 300) ** (t / 20) for t in range(21)] + [100 * 1.1 ** (t / 100) for t in range(1, 101)]
+    whole = SparsityControl(5.0, tuning=BIASES)
+    for l0 in path[:60]:
+        whole.update(l0, k)
+    resumed = SparsityControl(5.0, tuning=BIASES)
+    resumed.load(whole.state())
+    for l0 in path[60:]:
+        whole.update(l0, k)
+        resumed.update(l0, k)
+        assert resumed.u == whole.u, (l0, resumed.u, whole.u)
+
+
 def jumprelu_like(tuning: Tuning, steps: int, rate: float, k: int = 32) -> np.ndarray:
     """L0 of a fake JumpReLU run shaped as measured on SmolLM2-135M at layer 12 (k = 32): it starts at the
     target, leaps to ~75 and back within ~15 steps whatever the coefficient, the reconstruction alone would
