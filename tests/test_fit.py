@@ -398,3 +398,17 @@ def test_one_explicit_lr_across_dictionary_sizes_is_pointed_out(tmp_path: Path) 
     assert note({"latents": [128, 2048], "lr": [1e-3, 3e-3]}) is None
     assert note({"latents": [128, 2048]}, lr=0.0) is None
     assert note({"k": [4, 8]}) is None
+
+
+def test_fit_names_its_closing_numbers_as_the_last_training_batchs(
+    cache: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The line a fit ends with shows log.csv's last row (cfg.json's result repeats it) and says so: read as
+    held-out quality, a training batch's FVU flatters the run."""
+    (run,) = fit.run(run_cfg(cache, tmp_path, max_tokens=2560)).runs
+    said = " ".join(capsys.readouterr().err.split())
+    last = run.read_json("cfg.json")["result"]
+    rows = (run.local() / "log.csv").read_text().splitlines()
+    logged = dict(zip(rows[0].split(","), rows[-1].split(",")))
+    assert f"last training batch: nmse {last['nmse']}, fvu {last['fvu']}, l0 {last['l0']}" in said
+    assert float(logged["step"]) == 10 and last["fvu"] == float(logged["fvu"])  # 2560 tokens: the 10th, last step

@@ -248,7 +248,9 @@ def _finish(plan: RunPlan, member: Member, steps: int) -> None:
     last = _last_log(plan.folder)
     write_cfg(plan.folder, {"status": "complete", **plan.record, "steps": steps, "result": {**summary(member), **last}})
     drop_state(plan.folder)
-    say(f"trained {plan.folder.name}: " + ", ".join(f"{k} {v}" for k, v in last.items() if k in ("nmse", "fvu", "l0")))
+    # log.csv's last row: the final training batch's numbers, which a held-out figure (evaluate) is not
+    shown = ", ".join(f"{k} {v}" for k, v in last.items() if k in ("nmse", "fvu", "l0"))
+    say(f"trained {plan.folder.name}; last training batch: {shown} (held-out: sae-pipe evaluate)")
 
 
 def _last_log(folder: Folder) -> dict[str, float]:
