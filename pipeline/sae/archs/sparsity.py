@@ -130,10 +130,12 @@ class SparsityControl:
         gap = math.log(max(l0, 1e-3) / target)  # > 0: too many latents fire
         if self.held:
             self.release(gap)
-        self.fastest = max(self.fastest, self.speed(gap))
+        speed = self.speed(gap)
+        self.fastest = max(self.fastest, speed)
+        approaching = speed > self.tuning.stall * self.fastest  # a creep slower than that integrates as a stall
         # no lead while held: the trend is then the leap's, which the coefficient did not make
         error = max(-1.0, min(1.0, self.ahead(gap) if self.anti_windup and not self.held else gap))
-        if not (self.held or (self.anti_windup and self.approaching(gap) and error * gap > 0)):
+        if not (self.held or (self.anti_windup and approaching and error * gap > 0)):
             self.integral += self.tuning.gain_i * error
         self.u = self.integral + GAIN_P * error
         self.recent = gap if self.recent is None else self.recent + TREND_RATE * (gap - self.recent)
@@ -153,15 +155,10 @@ class SparsityControl:
         if back or self.updates >= HOLD_STEPS or (self.updates == 0 and self.leap):
             self.held = 0.0
 
-    def approaching(self, gap: float) -> bool:
-        """Whether L0 is on its way to the target: this batch's ``gap`` is on the side of the recent ones but
-        nearer the target than their average, and not by less than ``tuning.stall`` of the fastest approach seen.
-        A batch across the target is not: the integral unwinds."""
-        return self.speed(gap) > self.tuning.stall * self.fastest
-
     def speed(self, gap: float) -> float:
-        """How fast L0 approaches the target, in log L0 a step (0 while it does not: a batch across the target,
-        or not nearer it than the recent ones' average, which lags a steady trend by 1 / TREND_RATE steps)."""
+        """How fast L0 approaches the target, in log L0 a step: this batch's ``gap`` on the side of the recent
+        ones, nearer the target than their average (which lags a steady trend by 1 / TREND_RATE steps). 0 while
+        it does not approach: a batch across the target is not on its way, and the integral unwinds."""
         if self.recent is None or gap * self.recent <= 0:
             return 0.0
         return max(0.0, TREND_RATE * (abs(self.recent) - abs(gap)))
@@ -169,8 +166,8 @@ class SparsityControl:
     def state(self) -> dict[str, float]:
         """What a resumed run needs to go on exactly as an uninterrupted one."""
         state = {"integral": self.integral, "u": self.u, "updates": float(self.updates), "leap": self.leap}
-        state["fastest"] = self.fastest
-        return {**state, "held": self.held, **({} if self.recent is None else {"recent": self.recent})}
+        state |= {"held": self.held, "fastest": self.fastest}
+        return state | ({} if self.recent is None else {"recent": self.recent})
 
     def load(self, state: dict[str, float]) -> None:
         """Take up the controller where ``state()`` left it (a state saved without one leaves it as it is)."""
