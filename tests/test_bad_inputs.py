@@ -67,7 +67,7 @@ CASES = [
     ("not a cache", "cache info {tmp}", 2, "is not an activation cache (no manifest.json)"),
     ("corrupt cache", "cache verify {corrupt}", 4, "fails its checksums"),
     ("fit without cache", "fit", 2, "no cache given: pass --cache"),
-    ("activations in another dtype", "fit --cache {mixed} --latents 128 --k 4", 4, "but its manifest says float16"),
+    ("activations in another dtype", "fit --cache {mixed} --k 4 --batch-size 128", 4, "manifest says float16"),
     ("incomplete cache", "fit --cache {incomplete}", 3, "is incomplete"),
     ("layer not cached", "fit --cache {cache} --layer 2", 2, "is not in cache"),
     ("route on one layer", "fit --cache {cache} --arch route", 2, "RouteSAE needs a multi-layer cache"),

@@ -103,3 +103,42 @@ def test_activations_in_another_dtype_than_the_manifest_are_refused(tmp_path: Pa
         list(ActivationStream(cache, StreamSpec([0], 100)).batches(1))
     with pytest.raises(CorruptError, match="stores train/act as int8"):
         cache.verify()
+
+
+def flip_byte(folder: Path, shard: int, array: str, offset: int) -> None:
+    """Corrupt one byte of a memmap shard's array ``offset`` bytes past its 128-byte .npy header."""
+    path = folder / "shards" / f"{shard:06d}" / "train" / f"{array}.npy"
+    data = bytearray(path.read_bytes())
+    data[128 + offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_verifying_stream_refuses_a_bad_array_and_never_serves_its_rows(tmp_path: Path) -> None:
+    folder = synthetic_cache(tmp_path, [300] * 6, layers=(0, 1), d=8)
+    flip_byte(folder.local(), 5, "act", 300 * 8 * 2 + 10)  # inside layer 1 of the last shard (layer-major float16)
+    cache = ActivationCache.open(folder)
+    bad = {tuple(r) for r in cache.read(5, "train/act", 1)}  # its layer-1 rows, as now stored
+    assert len(list(ActivationStream(cache, StreamSpec([0], 100, verify=True)).batches(2))) == 36  # layer 0 intact
+    unchecked = [r for b in ActivationStream(cache, StreamSpec([1], 100)).batches(1) for r in map(tuple, b[0])]
+    assert len(unchecked) == 1800 and bad <= set(unchecked)  # without verify the bad rows train
+    served = []
+    in_order = StreamSpec([1], 100, pool_mb=0.0001, shuffle=False, verify=True)  # shard 5 is read last
+    with pytest.raises(CorruptError, match=r"shard 000005 train/act\[1\]: checksum mismatch(.|\n)*cache repair"):
+        for batch in ActivationStream(cache, in_order).batches(1):
+            served += map(tuple, batch[0])
+    assert len(served) >= 1000 and not bad & set(served)  # the other shards' rows came first, none of shard 5's
+
+
+def test_a_verifying_stream_checks_each_array_once_and_an_int8_caches_scales(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = synthetic_cache(tmp_path, [700, 900, 500], layers=(0, 1), d=8, dtype="int8")
+    checked: Counter[tuple[int, str]] = Counter()
+    real_check = ActivationCache.check
+    monkeypatch.setattr(ActivationCache, "check", lambda c, s, k, d: (checked.update([(s, k)]), real_check(c, s, k, d)))
+    cache = ActivationCache.open(folder)
+    assert len(list(ActivationStream(cache, StreamSpec([1], 100, verify=True)).batches(3))) == 63
+    assert checked == {(s, key): 1 for s in (0, 1, 2) for key in ("train/act[1]", "train/scale")}  # not per epoch
+    flip_byte(folder.local(), 2, "scale", 500 * 4 + 2)  # the scales of layer 1
+    with pytest.raises(CorruptError, match=r"shard 000002 train/scale: checksum mismatch"):
+        list(ActivationStream(cache, StreamSpec([0], 100, verify=True)).batches(1))  # one checksum for all layers

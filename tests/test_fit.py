@@ -184,8 +184,25 @@ def test_corrupt_cache_is_refused(cache: str, tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"shard 000001 train/act\[0\]: checksum mismatch"):
         fit.run(run_cfg(cache, tmp_path))
     assert shard.exists()
+    (stopped,) = (tmp_path / "saes").iterdir()  # checked as streamed: the run stopped before its bad rows trained
+    assert json.loads((stopped / "cfg.json").read_text())["status"] == "training"
+    assert not (stopped / "sae.safetensors").exists()
     (run,) = fit.run(run_cfg(cache, tmp_path, layer=1, max_tokens=512)).runs  # layer 1 is intact and still usable
     assert run.read_json("cfg.json")["status"] == "complete"
+
+
+def test_fit_checks_each_array_it_trains_on_once_and_makes_no_pass_of_its_own(
+    cache: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checked: list[tuple[int, str]] = []
+    real_check = ActivationCache.check
+    monkeypatch.setattr(ActivationCache, "check", lambda c, s, k, d: (checked.append((s, k)), real_check(c, s, k, d)))
+    monkeypatch.setattr(ActivationCache, "verify", lambda *a: pytest.fail("a separate pass over the cache"))
+    fit.run(run_cfg(cache, tmp_path, layer=1, epochs=2))
+    assert sorted(checked) == [(s, "train/act[1]") for s in (0, 1, 2)]
+    checked.clear()
+    fit.run(run_cfg(cache, tmp_path, layer=0, verify=False))
+    assert checked == []
 
 
 def test_lr_schedule_warms_up_holds_and_decays() -> None:

@@ -142,7 +142,8 @@ def test_corruption_is_named_by_verify_and_fit_and_repaired(
     assert (
         "shard 000001 train/act[0]: checksum mismatch" in message and "shard 000002 train/token: unreadable" in message
     )
-    refused = run("fit", "--cache", str(folder), "--layer", "1", "--out", str(tmp_path / "saes"), check=False)
+    out = ("--out", str(tmp_path / "saes"), "--batch-size", "128")  # fit checks what it reads, as it reads it
+    refused = run("fit", "--cache", str(folder), "--layer", "1", *out, check=False)
     assert refused.returncode == 4 and "shard 000001 train/act[0]: checksum mismatch" in " ".join(
         refused.stderr.split()
     )

@@ -29,6 +29,11 @@ class Problem(NamedTuple):
         return f"shard {shard_name(self.shard)} {self.array}: {self.what}"
 
 
+def _sha256(data: np.ndarray) -> str:
+    """The hex sha256 of an array's raw C-order bytes, as the writer records it (backends.array_checksums)."""
+    return hashlib.sha256(np.ascontiguousarray(data).data).hexdigest()
+
+
 def _parse_checksum_key(key: str) -> tuple[str, Any]:
     """``train/act[1]`` -> (``train/act``, 1); ``train/token`` -> (``train/token``, all)."""
     if key.endswith("]"):
@@ -45,6 +50,7 @@ class ActivationCache:
         self.manifest = manifest
         self.backend = get_backend(manifest["spec"]["backend"])
         self._dtype_checked: set[tuple[int, str]] = set()
+        self._checksums: dict[int, dict[str, str]] | None = None  # shard -> checksum key -> sha256, for check()
 
     @classmethod
     def open(cls, where: str | Folder) -> ActivationCache:
@@ -180,7 +186,7 @@ class ActivationCache:
                     continue
                 name, index = _parse_checksum_key(key)
                 try:
-                    data = np.ascontiguousarray(self.read(record["index"], name, index))
+                    data = self.read(record["index"], name, index)
                 except CorruptError:
                     raise  # a shard in another dtype: one clear error about the folder, not a list of checksums
                 except Exception as err:  # noqa: BLE001 - any other read failure is a finding, not a crash
@@ -188,17 +194,28 @@ class ActivationCache:
                         Problem(record["index"], key, f"unreadable ({type(err).__name__}: {str(err)[:120]})")
                     )
                     continue
-                if hashlib.sha256(data.data).hexdigest() != expected:
+                if _sha256(data) != expected:
                     problems.append(Problem(record["index"], key, "checksum mismatch"))
         return problems
+
+    def check(self, shard: int, key: str, data: np.ndarray) -> None:
+        """Raise :class:`CorruptError` unless ``data``, the array behind checksum ``key`` of ``shard`` as it was
+        read, matches the manifest's checksum (the stream checks what it serves this way, as it reads it)."""
+        if self._checksums is None:
+            self._checksums = {int(r["index"]): r["checksums"] for r in self.shards}
+        if _sha256(data) != self._checksums[shard][key]:
+            raise self._corrupt([Problem(shard, key, "checksum mismatch")])
 
     def require_valid(self, only: list[str] | None = None) -> None:
         """Raise :class:`CorruptError` naming every bad array, deleting nothing."""
         problems = self.verify(only)
         if problems:
-            raise CorruptError(
-                f"cache {self.folder.url} fails its checksums:\n  "
-                + "\n  ".join(map(str, problems))
-                + f"\nNothing was deleted. `sae-pipe cache repair {self.folder.url}` drops the bad "
-                "shards; re-running the same extract command then rewrites just those."
-            )
+            raise self._corrupt(problems)
+
+    def _corrupt(self, problems: list[Problem]) -> CorruptError:
+        return CorruptError(
+            f"cache {self.folder.url} fails its checksums:\n  "
+            + "\n  ".join(map(str, problems))
+            + f"\nNothing was deleted. `sae-pipe cache repair {self.folder.url}` drops the bad "
+            "shards; re-running the same extract command then rewrites just those."
+        )

@@ -39,6 +39,7 @@ class StreamSpec:
     world: int = 1
     sites: tuple[str, ...] = ("resid",)  # with MLP sites, axis 0 is site-major: (S * L, B, D), same rows
     shuffle: bool = True  # False: shards in index order, rows as stored (the RouteSAE reference's order)
+    verify: bool = False  # check each array against its checksum when first read: a bad one is never served
 
 
 class ActivationStream:
@@ -72,6 +73,7 @@ class ActivationStream:
         self.pool_rows = min(wanted, self.rows + spec.batch_size)  # never more than the data needs
         self._pool: np.ndarray | None = None  # allocated once: first-touch page faults cost as much as reading
         self._scales: np.ndarray | None = None  # (L, rows) per-token scales of an int8 cache
+        self._verified: set[tuple[int, str]] = set()  # (shard, checksum key) read and found intact
 
     def batches(self, epochs: int, skip: int = 0) -> Iterator[np.ndarray]:
         """Batches of ``epochs`` passes; the first ``skip`` batches are dropped (to resume)."""
@@ -153,10 +155,26 @@ class ActivationStream:
         return keep
 
     def _read_into(self, pool: np.ndarray, start: int, shard: int) -> int:
-        """Read one shard's training rows of the requested blocks straight into the pool; return their count."""
+        """Read one shard's training rows of the requested blocks straight into the pool; return their count.
+
+        With ``verify`` each array is checked against the manifest's checksum on its first read, here in the
+        background thread, as the pool gets it: a fit checks exactly the bytes it trains on, with no pass over
+        the cache of its own (the whole training data, per fit and layer, at OpenWebText scale)."""
         rows = self.shard_rows[shard]
         for i, (act, scale, pos) in enumerate(self.blocks):
-            self.cache.read_into(shard, f"train/{act}", pos, pool[i, start : start + rows])  # (n, D), contiguous
+            block = pool[i, start : start + rows]  # (n, D), contiguous
+            self.cache.read_into(shard, f"train/{act}", pos, block)
+            if self._unchecked(shard, f"train/{act}[{pos}]"):
+                self.cache.check(shard, f"train/{act}[{pos}]", block)
             if self._scales is not None:
                 self.cache.read_into(shard, f"train/{scale}", pos, self._scales[i, start : start + rows])  # (n,)
+                if self._unchecked(shard, f"train/{scale}"):  # one checksum for every layer's scales (L, n):
+                    self.cache.check(shard, f"train/{scale}", self.cache.read(shard, f"train/{scale}"))  # small
         return rows
+
+    def _unchecked(self, shard: int, key: str) -> bool:
+        """Whether ``verify`` wants array ``key`` of ``shard`` checked now: on its first read only."""
+        if not self.spec.verify or (shard, key) in self._verified:
+            return False
+        self._verified.add((shard, key))  # a failed check ends the stream
+        return True

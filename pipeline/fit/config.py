@@ -131,7 +131,7 @@ class FitConfig:
     log_every: int = setting(10, "steps between log.csv rows (0 = the last step only)")
     checkpoint_every: int = setting(100, "steps between resumable states (0 = none)")
     pool_mb: float = setting(1024.0, "shuffle pool size")
-    verify: bool = setting(True, "check the cache's checksums for the data read before training")
+    verify: bool = setting(True, "check the data read against the cache's checksums as it is read, before it trains")
     sweep: dict[str, list[Any]] = setting(
         doc="key=v1,v2 (repeatable; in params.yaml a mapping): train every combination from one read", factory=dict
     )

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.cache.manifest import site_arrays
 from pipeline.cache.reader import ActivationCache
 from pipeline.cache.stream import ActivationStream, StreamSpec
 from pipeline.fit.config import FitConfig, with_recipe
@@ -141,11 +140,9 @@ def _train(plans: list[RunPlan], cache: ActivationCache, cfg: FitConfig, ranks: 
     layers = sorted({layer for p in plans for layer in p.sae.layers})
     wanted = {site for p in plans for site in REGISTRY[p.sae.arch].sites}
     sites = tuple(site for site in SITES if site in wanted)  # transcoders read mlp_in and mlp_out
-    if cfg.verify:
-        _verify(cache, layers, sites)
     spec = StreamSpec(layers, cfg.batch_size, cfg.data_seed, cfg.pool_mb, rank=ranks.rank, world=ranks.world)
     shuffle = cfg.recipe != "reference"  # the reference reads its data in order
-    stream = ActivationStream(cache, dataclasses.replace(spec, sites=sites, shuffle=shuffle))
+    stream = ActivationStream(cache, dataclasses.replace(spec, sites=sites, shuffle=shuffle, verify=cfg.verify))
     epochs, steps = _total_steps(cfg, stream, ranks)
     device = ranks.device(cfg.device)
     if device.type == "cpu":
@@ -182,14 +179,6 @@ def _member(plan: RunPlan, blocks: list[int], device: torch.device, ranks: Ranks
     if member.step:
         say(f"resuming {plan.folder.name} at step {member.step:,}")
     return member
-
-
-def _verify(cache: ActivationCache, layers: list[int], sites: tuple[str, ...]) -> None:
-    """Refuse a cache whose training data fails its checksums (the same message as `cache verify`)."""
-    arrays = [site_arrays(site) for site in sites]
-    wanted = [f"train/{act}[{cache.layer_index(layer)}]" for act, _ in arrays for layer in layers]
-    wanted += [f"train/{scale}" for _, scale in arrays] * cache.compact
-    cache.require_valid(only=wanted)
 
 
 def _loop(
