@@ -66,6 +66,7 @@ CASES = [
     ("typo in params", "extract --params {badparams}", 2, "has unknown key(s) layer"),
     ("not a cache", "cache info {tmp}", 2, "is not an activation cache (no manifest.json)"),
     ("corrupt cache", "cache verify {corrupt}", 4, "fails its checksums"),
+    ("fit on a corrupt cache", "fit --cache {flipped} --k 4 --batch-size 128 --out {tmp}/f", 4, "its checksums"),
     ("fit without cache", "fit", 2, "no cache given: pass --cache"),
     ("activations in another dtype", "fit --cache {mixed} --k 4 --batch-size 128", 4, "manifest says float16"),
     ("incomplete cache", "fit --cache {incomplete}", 3, "is incomplete"),
@@ -365,6 +366,11 @@ def places(tiny_llama: Path, jsonl_corpus: Path, tmp_path_factory: pytest.TempPa
     shutil.copytree(cache.local(), corrupt)
     act = corrupt / "shards" / "000000" / "train" / "act.npy"
     act.write_bytes(act.read_bytes()[:-16])
+    flipped = tmp / "flipped"
+    shutil.copytree(cache.local(), flipped)
+    values = np.load(flipped / "shards" / "000000" / "train" / "act.npy", mmap_mode="r+")  # (L, n, D)
+    values[:, 0, 0] += 1  # every layer's first row: whole size, wrong bytes
+    values.flush()
     mixed = tmp / "mixed"
     shutil.copytree(cache.local(), mixed)
     mixed_act = mixed / "shards" / "000000" / "train" / "act.npy"
@@ -404,6 +410,7 @@ def places(tiny_llama: Path, jsonl_corpus: Path, tmp_path_factory: pytest.TempPa
         "tmp": str(tmp),
         "cache": cache.url,
         "corrupt": str(corrupt),
+        "flipped": str(flipped),
         "incomplete": str(incomplete),
         "mixed": str(mixed),
         "run": run.url,
