@@ -1,7 +1,9 @@
 """reader, sweep and disk: the shuffled stream vs raw reads, one read for four SAEs, bytes per token;
-and the stream from a local cache vs the same cache through fsspec (run alone, issue 19 part 6):
+the stream from a local cache vs the same cache through fsspec (run alone, issue 19 part 6); and a fresh
+stream's first epoch without and with fit's checksum check:
 
     python -m benchmarks.bench_io --fsspec CACHE [--repeats 3] [--write]
+    python -m benchmarks.bench_io --checksums CACHE [--repeats 3] [--write]
 """
 
 from __future__ import annotations
@@ -155,32 +157,63 @@ def bench_fsspec(path: str, repeats: int) -> dict[str, dict[str, float]]:
     return {name: _stats(values) for name, values in rates.items()}
 
 
-def fsspec_table(rates: dict[str, dict[str, float]], cache: ActivationCache) -> list[str]:
+def bench_checksums(path: str, repeats: int) -> dict[str, dict[str, float]]:
+    """Rows/s of a fresh stream's first epoch over a one-layer cache, the pass in which fit checks every array
+    against its checksum, without and with that check (``verify``), interleaved; the files are in the page
+    cache (a warm-up pass), so the stream and the hashing are measured, not the disk."""
+    cache = ActivationCache.open(path)
+    _warm_stream(cache)
+    rates: dict[str, list[float]] = {"unchecked": [], "checked as read": []}
+    for _ in range(repeats):
+        for name, verify in zip(rates, (False, True)):
+            rates[name].append(_stream_rate(ActivationStream(cache, StreamSpec(cache.layers, 4096, verify=verify)), 1))
+            print(f"  {name}: {rates[name][-1]:,.0f} rows/s", file=sys.stderr)
+    return {name: _stats(values) for name, values in rates.items()}
+
+
+def rate_table(rates: dict[str, dict[str, float]], cache: ActivationCache, what: str, column: str) -> list[str]:
+    """Rows/s of each stream in ``rates`` (the first is the baseline) as a table under ``what``."""
     mb = cache.d_model * np.dtype(cache.dtype).itemsize / 2**20  # MiB per row of the one layer
-    local = rates["local path"]["rows_per_s"]
+    base, first = next(iter(rates.items()))
     lines = [
         f"Shuffled stream, batch 4096, {cache.rows('train'):,} training rows of d = {cache.d_model} ({cache.dtype}); "
-        "steady state after a warm-up pass, medians with min-max.",
+        f"{what}, medians with min-max.",
         "",
-        "| read through | rows/s (min-max) | MiB/s | vs local path |",
+        f"| {column} | rows/s (min-max) | MiB/s | vs {base} |",
         "|---|---|---|---|",
     ]
     lines += [
         f"| {name} | {r['rows_per_s']:,.0f} ({r['min']:,.0f}-{r['max']:,.0f}) | {r['rows_per_s'] * mb:,.0f} | "
-        f"{r['rows_per_s'] / local:.2f}x |"
+        f"{r['rows_per_s'] / first['rows_per_s']:.2f}x |"
         for name, r in rates.items()
     ]
     return lines
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="the shuffled stream from a local cache vs through fsspec")
-    parser.add_argument("--fsspec", required=True, metavar="CACHE", help="a one-layer cache folder on local disk")
+    parser = argparse.ArgumentParser(description="the shuffled stream: through fsspec, or with fit's checksum check")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--fsspec", metavar="CACHE", help="a one-layer cache folder on local disk: local vs fsspec")
+    which.add_argument("--checksums", metavar="CACHE", help="a one-layer cache: first epoch unchecked vs checked")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--write", action="store_true", help="add the table to benchmarks/RESULTS.md")
     args = parser.parse_args()
-    lines = fsspec_table(bench_fsspec(args.fsspec, args.repeats), ActivationCache.open(args.fsspec))
-    publish(lines, "cache reader through fsspec (issue 19)", "benchmarks.bench_io", args.write)
+    if args.fsspec:
+        rates, what, column = (
+            bench_fsspec(args.fsspec, args.repeats),
+            "steady state after a warm-up pass",
+            "read through",
+        )
+        title = "cache reader through fsspec (issue 19)"
+    else:
+        rates, what, column = bench_checksums(args.checksums, args.repeats), "a fresh stream's first epoch", "stream"
+        title = "the stream's first epoch with fit's checksum check"
+    publish(
+        rate_table(rates, ActivationCache.open(args.fsspec or args.checksums), what, column),
+        title,
+        "benchmarks.bench_io",
+        args.write,
+    )
 
 
 if __name__ == "__main__":

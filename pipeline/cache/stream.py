@@ -14,6 +14,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Generator, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +25,9 @@ from pipeline.cache.reader import ActivationCache
 from pipeline.infra.errors import UserError
 
 MOVE_BYTES = 16 * 2**20  # rows moved per copy when the pool is compacted
+# threads hashing what the reader put in the pool (sha256 releases the GIL): one core's ~1.8 GB/s halved the
+# stream's rate in the reader thread (1.8M -> 0.84M demo rows/s, one core), enough workers keep up with the reads
+CHECK_THREADS = 2
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,9 @@ class ActivationStream:
         self.pool_rows = min(wanted, self.rows + spec.batch_size)  # never more than the data needs
         self._pool: np.ndarray | None = None  # allocated once: first-touch page faults cost as much as reading
         self._scales: np.ndarray | None = None  # (L, rows) per-token scales of an int8 cache
-        self._verified: set[tuple[int, str]] = set()  # (shard, checksum key) read and found intact
+        self._verified: set[tuple[int, str]] = set()  # (shard, checksum key) read and checked (or being checked)
+        self._checks: list[Future] = []  # checks of pool rows not served yet
+        self._checker: ThreadPoolExecutor | None = None  # runs them, while the stream produces
 
     def batches(self, epochs: int, skip: int = 0) -> Iterator[np.ndarray]:
         """Batches of ``epochs`` passes; the first ``skip`` batches are dropped (to resume)."""
@@ -120,21 +126,25 @@ class ActivationStream:
                 self._scales = np.empty((len(self.blocks), self.pool_rows), dtype=SCALE_DTYPE)
         pool = self._pool  # (L, rows, D)
         filled = 0
-        for _ in range(epochs):
-            for shard in rng.permutation(self.shards) if self.spec.shuffle else self.shards:
-                while filled + self.shard_rows[int(shard)] > self.pool_rows:  # make room: serve half the pool
-                    half = max(filled // 2 - (filled // 2) % size, size)
-                    # in order, every full batch goes: the rows kept (under a batch) then precede the next shard
-                    serve = half if self.spec.shuffle else filled - filled % size
-                    filled = yield from self._serve(pool, filled, serve, rng)
-                filled += self._read_into(pool, filled, int(shard))
-            filled = yield from self._serve(pool, filled, filled - filled % size, rng)  # the epoch's end
+        with ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="checksum") as self._checker:
+            for _ in range(epochs):
+                for shard in rng.permutation(self.shards) if self.spec.shuffle else self.shards:
+                    while filled + self.shard_rows[int(shard)] > self.pool_rows:  # make room: serve half the pool
+                        half = max(filled // 2 - (filled // 2) % size, size)
+                        # in order, every full batch goes: the rows kept (under a batch) then precede the next shard
+                        serve = half if self.spec.shuffle else filled - filled % size
+                        filled = yield from self._serve(pool, filled, serve, rng)
+                    filled += self._read_into(pool, filled, int(shard))
+                filled = yield from self._serve(pool, filled, filled - filled % size, rng)  # the epoch's end
 
     def _serve(
         self, pool: np.ndarray, filled: int, serve: int, rng: np.random.Generator
     ) -> Generator[np.ndarray, None, int]:
         """Yield ``serve`` random rows of the pool as batches (unshuffled: the first ``serve``); move the rest
         to the front (unshuffled, fewer than ``serve`` and in order)."""
+        for check in self._checks:  # every row in the pool passed its checksum before any is served or moved
+            check.result()
+        self._checks.clear()
         perm = rng.permutation(filled) if self.spec.shuffle else np.arange(filled)
         size = self.spec.batch_size
         scales = self._scales
@@ -157,15 +167,17 @@ class ActivationStream:
     def _read_into(self, pool: np.ndarray, start: int, shard: int) -> int:
         """Read one shard's training rows of the requested blocks straight into the pool; return their count.
 
-        With ``verify`` each array is checked against the manifest's checksum on its first read, here in the
-        background thread, as the pool gets it: a fit checks exactly the bytes it trains on, with no pass over
-        the cache of its own (the whole training data, per fit and layer, at OpenWebText scale)."""
+        With ``verify`` each array is checked against the manifest's checksum on its first read, by the checker
+        threads while the next shard is read, and before any row of the pool is served (:meth:`_serve`): a fit
+        checks exactly the bytes it trains on, with no pass over the cache of its own (the whole training data,
+        per fit and layer, at OpenWebText scale)."""
         rows = self.shard_rows[shard]
         for i, (act, scale, pos) in enumerate(self.blocks):
             block = pool[i, start : start + rows]  # (n, D), contiguous
             self.cache.read_into(shard, f"train/{act}", pos, block)
             if self._unchecked(shard, f"train/{act}[{pos}]"):
-                self.cache.check(shard, f"train/{act}[{pos}]", block)
+                assert self._checker is not None, "reads happen inside _batches"
+                self._checks.append(self._checker.submit(self.cache.check, shard, f"train/{act}[{pos}]", block))
             if self._scales is not None:
                 self.cache.read_into(shard, f"train/{scale}", pos, self._scales[i, start : start + rows])  # (n,)
                 if self._unchecked(shard, f"train/{scale}"):  # one checksum for every layer's scales (L, n):
