@@ -139,6 +139,9 @@ def test_a_verifying_stream_checks_each_array_once_and_an_int8_caches_scales(
     cache = ActivationCache.open(folder)
     assert len(list(ActivationStream(cache, StreamSpec([1], 100, verify=True)).batches(3))) == 63
     assert checked == {(s, key): 1 for s in (0, 1, 2) for key in ("train/act[1]", "train/scale")}  # not per epoch
+    unrecorded = ActivationCache.open(folder)
+    del unrecorded.manifest["shards"][1]["checksums"]["train/act[0]"]  # as verify() does, nothing to compare with
+    assert len(list(ActivationStream(unrecorded, StreamSpec([0], 100, verify=True)).batches(1))) == 21
     flip_byte(folder.local(), 2, "scale", 500 * 4 + 2)  # the scales of layer 1
     with pytest.raises(CorruptError, match=r"shard 000002 train/scale: checksum mismatch"):
         list(ActivationStream(cache, StreamSpec([0], 100, verify=True)).batches(1))  # one checksum for all layers
