@@ -192,6 +192,29 @@ def test_low_precision_selection_values_are_rounded_from_the_centered_input() ->
     assert float(((found.pre.double() - want).abs() / want.abs()).median()) < 2**-7
 
 
+@pytest.mark.parametrize("low_precision", [False, True])
+def test_cuda_gemm_pads_its_inner_size_with_zeros_whatever_the_buffers_held(
+    low_precision: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CUDA form of the selection GEMM (run here on CPU) pads d + 2 = 22 to 24 columns of zeros and gives the
+    CPU form's pre-activations, though its reused buffers held NaN from before (two encoders: sizes of a sweep)."""
+    torch.manual_seed(1)
+    x = torch.randn(40, 20) + 2
+    encoders = [TopKSAE(SaeConfig("topk", 20, n, 4, [0])).encoder() for n in (96, 32)]
+    dtype = torch.bfloat16 if low_precision else torch.float32
+    monkeypatch.setattr(selection, "_WORKSPACE", {})
+    for name in ("w_aug", "x_aug"):  # stale contents where the padding goes
+        selection._WORKSPACE[(name, dtype, x.device)] = torch.full((200 * 24,), float("nan"), dtype=dtype)
+    inner = []
+    real_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda a, b, **kw: (inner.append(a.shape[1]), real_mm(a, b, **kw))[1])
+    padded = selection.encoder_preacts(x, encoders, low_precision, cpu_tuned=False).clone()  # (B, 128)
+    plain = selection.encoder_preacts(x, encoders, low_precision, cpu_tuned=True)
+    assert inner == [24, 22]
+    tolerance = 2e-2 if low_precision else 1e-5
+    torch.testing.assert_close(padded.float(), plain.float(), rtol=tolerance, atol=tolerance)
+
+
 def test_cuda_topk_branch_equals_the_cpu_tuned_one() -> None:
     """The plain torch.topk branch CUDA takes, run here on CPU, picks what the two-stage CPU path picks
     (16384 latents, k 32: three levels of recursion)."""

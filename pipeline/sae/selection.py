@@ -57,6 +57,11 @@ class Encoder(NamedTuple):
 
 
 FUSE_COLUMNS = 65536  # latents per shared GEMM: caps the (B, sum N) pre-activation buffer of a large sweep
+# CUDA: the selection GEMM's inner size (d + 2 bias columns) padded with zeros to a multiple of this. On the H200
+# K = 578 (d = 576: rows not 16-byte aligned) ran cuBLAS's sm75 fallback, cutlass_75_tensorop_bf16_s1688gemm, at
+# ~110 TFLOP/s (benchmarks/RESULTS.md, 2026-12-04 17:40; the padded GEMM is not measured there yet). On a CPU core
+# padding gained nothing (K 578 / 584: 97.5 / 98.2 ms, 4096 x 4096 x K bf16), so the CPU keeps d + 2.
+GEMM_ALIGN = 8
 
 
 class Selection(NamedTuple):
@@ -66,7 +71,9 @@ class Selection(NamedTuple):
     pre: Tensor  # (B, k) W_enc (x - b_dec) + b_enc there, in the GEMM's dtype (bf16 when low precision)
 
 
-def encoder_preacts(x: Tensor, encoders: Sequence[Encoder], low_precision: bool) -> Tensor:
+def encoder_preacts(
+    x: Tensor, encoders: Sequence[Encoder], low_precision: bool, cpu_tuned: bool | None = None
+) -> Tensor:
     """b_enc + (x - b_dec) @ W_enc^T of every encoder, side by side: (B, sum of N); bf16 when ``low_precision``.
 
     One GEMM serves several SAEs reading the same ``x`` (the members of a sweep). The input is centered once,
@@ -75,23 +82,26 @@ def encoder_preacts(x: Tensor, encoders: Sequence[Encoder], low_precision: bool)
     that rounding relative to x - b_dec rather than to x (whose mean is about as large as its spread on LLM
     hidden states), exactly so for the first encoder and nearly for the others (every b_dec starts at the
     data mean). Biases ride inside the GEMM as two extra input columns of ones, the bias's bf16 rounding and
-    what it lost (adding it afterwards is one more pass over the B x N matrix); every operand lives in a
-    reused buffer.
+    what it lost (adding it afterwards is one more pass over the B x N matrix); on CUDA (``cpu_tuned`` False)
+    zero columns follow, up to GEMM_ALIGN. Every operand lives in a reused buffer.
     """
     rows, d = x.shape
     dtype = torch.bfloat16 if low_precision else x.dtype
     anchor = encoders[0].b_dec  # (D,)
-    weight = workspace("w_aug", (sum(e.w_enc.shape[0] for e in encoders), d + 2), dtype, x.device)  # [W | b | b']
+    width = d + 2 if cpu_path(x, cpu_tuned) else -(-(d + 2) // GEMM_ALIGN) * GEMM_ALIGN
+    weight = workspace("w_aug", (sum(e.w_enc.shape[0] for e in encoders), width), dtype, x.device)  # [W | b | b' | 0]
     start = 0
     with torch.no_grad():
         for enc in encoders:
-            block = weight[start : start + enc.w_enc.shape[0]]  # (N, D + 2)
+            block = weight[start : start + enc.w_enc.shape[0]]  # (N, width)
             block[:, :d].copy_(enc.w_enc)
-            bias_columns(block[:, d:], torch.addmv(enc.b_enc, enc.w_enc, enc.b_dec - anchor, alpha=-1))
+            bias_columns(block[:, d : d + 2], torch.addmv(enc.b_enc, enc.w_enc, enc.b_dec - anchor, alpha=-1))
+            block[:, d + 2 :] = 0  # the buffer is reused: the padding must be zeros now, whatever it held
             start += enc.w_enc.shape[0]
-        inputs = workspace("x_aug", (rows, d + 2), dtype, x.device)  # [x - c | 1 | 1]
+        inputs = workspace("x_aug", (rows, width), dtype, x.device)  # [x - c | 1 | 1 | 0]
         torch.sub(x, anchor, out=inputs[:, :d])
-        inputs[:, d:] = 1
+        inputs[:, d : d + 2] = 1
+        inputs[:, d + 2 :] = 0
         return torch.mm(inputs, weight.t(), out=workspace("pre", (rows, start), dtype, x.device))
 
 
