@@ -5,6 +5,7 @@
 2. fit steps side by side, one process each: sae-pipe bf16 and fp32 (benchmarks/fit_steps.py) and
    sparsify 1.3.3 (benchmarks/peers/peer_steps.py, when `make bench` has built .bench-venv), 16384
    latents, k 32, batch 4096, on that cache's training rows (benchmarks/bench_fit.bench_fit);
+   then the selection GEMM with its inner size padded (CUDA's form) and not (benchmarks/gemm_pad.py);
 3. `sae-pipe fit` end to end: one such SAE from the cache (the stream, with the next batch copied to
    the GPU while the current step runs);
 4. evaluate of 1 and 4 runs against a bare forward of the same batches (benchmarks/bench_evaluate);
@@ -40,6 +41,7 @@ from benchmarks.bench_extract import timed_extract
 from benchmarks.bench_fit import Shape, bench_fit
 from benchmarks.bench_sweep import sweep_lines
 from benchmarks.fit_steps import ONE_LAYER_ARCHS as ARCHS
+from benchmarks.gemm_pad import gemm_lines
 from benchmarks.report import publish
 from benchmarks.run import training_rows
 from pipeline.cache.reader import ActivationCache
@@ -59,10 +61,13 @@ class Sizes(NamedTuple):
     eval_tokens: int  # held-out tokens per evaluate measurement
     sweep_tokens: int  # training tokens per sweep member
     repeats: int
+    gemm_repeats: int  # timed selection GEMMs per form
 
 
-REAL = Sizes(Shape(16384, 32, 4096), fit_steps=50, epochs=4, eval_tokens=16384, sweep_tokens=400_000, repeats=3)
-SMOKE = Sizes(Shape(64, 4, 4096), fit_steps=3, epochs=1, eval_tokens=64, sweep_tokens=4096, repeats=1)
+REAL = Sizes(
+    Shape(16384, 32, 4096), fit_steps=50, epochs=4, eval_tokens=16384, sweep_tokens=400_000, repeats=3, gemm_repeats=20
+)
+SMOKE = Sizes(Shape(64, 4, 4096), fit_steps=3, epochs=1, eval_tokens=64, sweep_tokens=4096, repeats=1, gemm_repeats=2)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,6 +118,8 @@ def measure_all(args: argparse.Namespace, sizes: Sizes, scratch: Path) -> list[s
     else:
         table += ["", "- sparsify: not measured, no .bench-venv here (`make bench` builds it; it needs a CUDA torch)"]
     _step(lines, *table)
+    shape = sizes.shape
+    _step(lines, "", *gemm_lines(cache.d_model, shape.latents, shape.batch_size, device, sizes.gemm_repeats))
     run, fit_rate = timed_fit(folder.url, args, sizes, scratch / "saes")
     _step(lines, "", f"- `sae-pipe fit` end to end: {fit_rate:,.0f} tok/s over {sizes.epochs} epoch(s), setup included")
     _step(lines, "", *measure(run, sizes.eval_tokens, 8, [1, 4], sizes.repeats, device))

@@ -31,6 +31,8 @@ def test_every_step_of_the_gpu_benchmark_runs_on_the_cpu(tiny_llama: Path, capsy
         "- extract: ",
         "| sae-pipe bf16 | ",
         "| sae-pipe fp32 | ",
+        "| padded | ",  # the selection GEMM in CUDA's form and the CPU's
+        "| unpadded | ",
         "- `sae-pipe fit` end to end: ",
         "| 4 | ",  # evaluate of 4 runs against a bare forward
         "| 4 members: seeds 0-3 | ",
