@@ -51,10 +51,10 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         batch = data[order[(torch.arange(args.batch_size, device=device) + step * args.batch_size) % len(data)]]
         if step == 0:
             init_pre_bias(member, batch)
-        _synchronize(device)
+        synchronize(device)
         t0, c0 = time.perf_counter(), time.process_time()
         metrics = train_step(member, batch, args.steps)
-        _synchronize(device)  # the step's kernels finished, not just queued
+        synchronize(device)  # the step's kernels finished, not just queued
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
         curve.append(metrics["fvu"])
@@ -73,7 +73,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued kernels (CUDA; nothing on the CPU), so a timer measures them finished."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 

@@ -15,7 +15,8 @@ import time
 
 import torch
 
-from pipeline.sae.selection import GEMM_ALIGN, Encoder, encoder_preacts, use_low_precision
+from benchmarks.fit_steps import synchronize
+from pipeline.sae.selection import Encoder, encoder_preacts, gemm_width, use_low_precision
 
 
 def time_forms(d: int, latents: int, batch: int, device: torch.device, repeats: int) -> dict[str, float]:
@@ -28,23 +29,18 @@ def time_forms(d: int, latents: int, batch: int, device: torch.device, repeats: 
     times: dict[str, list[float]] = {"padded": [], "unpadded": []}
     for _ in range(repeats + 2):  # the first two rounds warm up (allocation, kernel choice)
         for form, cpu_tuned in (("padded", False), ("unpadded", True)):  # alternating: drift falls on both
-            _sync(device)
+            synchronize(device)
             start = time.perf_counter()
             encoder_preacts(x, encoders, low_precision, cpu_tuned=cpu_tuned)
-            _sync(device)
+            synchronize(device)
             times[form].append(time.perf_counter() - start)
     return {form: 1e3 * statistics.median(values[2:]) for form, values in times.items()}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def gemm_lines(d: int, latents: int, batch: int, device: torch.device, repeats: int) -> list[str]:
     """A table of both forms' times and throughput."""
     ms = time_forms(d, latents, batch, device, repeats)
-    widths = {"padded": -(-(d + 2) // GEMM_ALIGN) * GEMM_ALIGN, "unpadded": d + 2}
+    widths = {form: gemm_width(d, padded=form == "padded") for form in ms}
     lines = [
         f"Selection GEMM, ({batch} x K) @ (K x {latents}), d = {d}, "
         f"{'bf16' if use_low_precision(device, 'auto') else 'float32'}, median of {repeats}:",

@@ -175,9 +175,10 @@ class ActivationStream:
         for i, (act, scale, pos) in enumerate(self.blocks):
             block = pool[i, start : start + rows]  # (n, D), contiguous
             self.cache.read_into(shard, f"train/{act}", pos, block)
-            if self._unchecked(shard, f"train/{act}[{pos}]"):
+            key = f"train/{act}[{pos}]"  # its checksum's key: one per layer
+            if self._unchecked(shard, key):
                 assert self._checker is not None, "reads happen inside _batches"
-                self._checks.append(self._checker.submit(self.cache.check, shard, f"train/{act}[{pos}]", block))
+                self._checks.append(self._checker.submit(self.cache.check, shard, key, block))
             if self._scales is not None:
                 self.cache.read_into(shard, f"train/{scale}", pos, self._scales[i, start : start + rows])  # (n,)
                 if self._unchecked(shard, f"train/{scale}"):  # one checksum for every layer's scales (L, n):

@@ -71,6 +71,12 @@ class Selection(NamedTuple):
     pre: Tensor  # (B, k) W_enc (x - b_dec) + b_enc there, in the GEMM's dtype (bf16 when low precision)
 
 
+def gemm_width(d: int, padded: bool) -> int:
+    """The selection GEMM's inner size for inputs of width ``d``: d and the two bias columns, then (``padded``,
+    CUDA's form) zero columns up to a multiple of GEMM_ALIGN."""
+    return -(-(d + 2) // GEMM_ALIGN) * GEMM_ALIGN if padded else d + 2
+
+
 def encoder_preacts(
     x: Tensor, encoders: Sequence[Encoder], low_precision: bool, cpu_tuned: bool | None = None
 ) -> Tensor:
@@ -88,7 +94,7 @@ def encoder_preacts(
     rows, d = x.shape
     dtype = torch.bfloat16 if low_precision else x.dtype
     anchor = encoders[0].b_dec  # (D,)
-    width = d + 2 if cpu_path(x, cpu_tuned) else -(-(d + 2) // GEMM_ALIGN) * GEMM_ALIGN
+    width = gemm_width(d, padded=not cpu_path(x, cpu_tuned))
     weight = workspace("w_aug", (sum(e.w_enc.shape[0] for e in encoders), width), dtype, x.device)  # [W | b | b' | 0]
     start = 0
     with torch.no_grad():
