@@ -215,17 +215,37 @@ def test_cuda_gemm_pads_its_inner_size_with_zeros_whatever_the_buffers_held(
     torch.testing.assert_close(padded.float(), plain.float(), rtol=tolerance, atol=tolerance)
 
 
-def test_cuda_topk_branch_equals_the_cpu_tuned_one() -> None:
-    """The plain torch.topk branch CUDA takes, run here on CPU, picks what the two-stage CPU path picks
-    (16384 latents, k 32: three levels of recursion)."""
-    from pipeline.sae.selection import topk_indices
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("width", [16384, 300])  # three levels of recursion at k 32; one plain top-k
+def test_cuda_topk_branch_equals_the_cpu_tuned_one(dtype: torch.dtype, width: int) -> None:
+    """The plain torch.topk branch CUDA takes, run here on CPU, picks what the two-stage CPU path picks, and
+    both give each pick's own value (the CPU path reads them back from its integer keys), negatives included."""
+    from pipeline.sae.selection import top_k
 
     torch.manual_seed(0)
-    pre = torch.randn(64, 16384) * torch.rand(64, 1) + torch.randn(16384) * 0.3  # (B, N), rows of varying spread
-    tuned = topk_indices(pre, 32, cpu_tuned=True).sort(dim=1).values
-    plain = topk_indices(pre, 32, cpu_tuned=False).sort(dim=1).values
-    assert torch.equal(tuned, plain)
-    assert torch.equal(plain, pre.topk(32).indices.sort(dim=1).values)
+    pre = torch.randn(64, width) * torch.rand(64, 1) + torch.randn(width) * 0.3  # (B, N), rows of varying spread
+    pre[:8] = -pre[:8].abs() - 1  # rows whose top k are all negative: their keys are mirrored
+    pre = pre.to(dtype)
+    want = pre.topk(32)
+    for cpu_tuned in (True, False):
+        values, indices = top_k(pre, 32, cpu_tuned=cpu_tuned)
+        assert values.dtype == dtype and torch.equal(values, pre.gather(1, indices))
+        assert torch.equal(values.sort(dim=1).values, want.values.sort(dim=1).values)
+        if dtype == torch.float32:  # no ties: the same latents too (bf16 ties may swap equal values)
+            assert torch.equal(indices.sort(dim=1).values, want.indices.sort(dim=1).values)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_from_ordered_bits_undoes_ordered_bits(dtype: torch.dtype) -> None:
+    """Every float's key turns back into the same bits: signs, zeros of both signs, infinities, tiny values."""
+    from pipeline.sae.selection import from_ordered_bits, ordered_bits
+
+    gen = torch.Generator().manual_seed(5)
+    edges = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-30, -1e-30, -1.0, 3.5])
+    values = torch.cat([torch.randn(200, generator=gen) * 1e3, edges]).to(dtype)
+    back = from_ordered_bits(ordered_bits(values), dtype)
+    assert torch.equal(back.view(ordered_bits(values).dtype), values.view(ordered_bits(values).dtype))
+    assert torch.signbit(back[-7]) and not torch.signbit(back[-8])  # -0 stays -0, +0 stays +0
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
@@ -271,6 +291,19 @@ def test_sparse_t_matmul_equals_the_dense_product(cpu_tuned: bool) -> None:
     matrix = torch.zeros(5, 8).index_put_((tokens, latents), flat_values)
     got = kernels.sparse_t_matmul(latents, flat_values, 8, dense, tokens, cpu_tuned=cpu_tuned)
     torch.testing.assert_close(got, matrix.T @ dense)
+
+
+@pytest.mark.parametrize("cpu_tuned", [True, False])
+@pytest.mark.parametrize("n_rows", [kernels.SHORT_KEYS, kernels.SHORT_KEYS + 3])
+def test_sparse_t_matmul_sorts_latent_ids_whatever_their_size(cpu_tuned: bool, n_rows: int) -> None:
+    """The latent ids are sorted as int16 up to SHORT_KEYS latents and int32 past it: a dictionary's last ids
+    (32767 in int16's range, 32768 and up past it) land on their own rows beside the first ones."""
+    gen = torch.Generator().manual_seed(9)
+    top = n_rows - 1
+    latents = torch.tensor([[top, 0], [5, top], [top - 1, 32767], [0, 5]])  # (B, 2), ids at both ends
+    values, dense = torch.randn(4, 2, generator=gen), torch.randn(4, 3, generator=gen)
+    want = torch.zeros(4, n_rows).scatter_add_(1, latents, values).T @ dense  # (N, D)
+    torch.testing.assert_close(kernels.sparse_t_matmul(latents, values, n_rows, dense, cpu_tuned=cpu_tuned), want)
 
 
 def test_sparse_t_matmul_in_low_precision_rounds_its_operands_to_bf16() -> None:

@@ -27,6 +27,8 @@ from pipeline.sae.selection import Encoder, Selection, cpu_path, select_topk
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
+SHORT_KEYS = 2**15  # sparse_t_matmul sorts latent ids as int16 up to this many latents, int32 past it
+
 
 def padded_bags(rows: int, k: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """A padded (B, k) code's entries as a flat one's: each token's first entry (B,), each entry's token."""
@@ -72,14 +74,18 @@ def sparse_t_matmul(
     (CUDA) the float32 CSR product. ``cpu_tuned`` picks the first (default: on the CPU).
     """
     flat = latents.reshape(-1)
-    # a stable sort of int32 keys is torch's radix sort on the CPU: 2x its argsort of int64 at 0.5M entries, and
-    # it leaves each row's columns (tokens) in ascending order
-    order = torch.sort(flat.int(), stable=True).indices
+    # a stable sort of small integer keys is torch's radix sort on the CPU, one pass per key byte: int16 keys (up to
+    # 32768 rows) take 2.5 ms at 0.5M entries on one core, int32 7.5, int64 7.9; it leaves each row's columns
+    # (tokens) in ascending order
+    order = torch.argsort(flat.to(torch.int16 if n_rows <= SHORT_KEYS else torch.int32), stable=True)
     # int32 positions (both kernels take them): 8 % faster than int64 in the embedding bag at 0.5M entries
     crow = torch.zeros(n_rows + 1, dtype=torch.int32, device=flat.device)  # each latent's first sorted entry
     crow[1:] = torch.bincount(flat, minlength=n_rows).cumsum(0)
-    cols = (torch.div(order, latents.shape[1], rounding_mode="floor") if tokens is None else tokens[order]).int()
-    weights = values.reshape(-1)[order].to(dense.dtype)
+    if tokens is None:  # a padded code: entry e is token e // k's
+        cols = torch.div(order, latents.shape[1], rounding_mode="floor").int()
+    else:  # index_select, not indexing, here and below: 3.5x faster at 0.5M entries on one core
+        cols = tokens.index_select(0, order).int()
+    weights = values.reshape(-1).index_select(0, order).to(dense.dtype)
     if cpu_path(dense, cpu_tuned):
         rows_in, weights_in = (dense.bfloat16(), weights.bfloat16()) if low_precision else (dense, weights)
         sums = F.embedding_bag(cols, rows_in, crow, mode="sum", per_sample_weights=weights_in, include_last_offset=True)

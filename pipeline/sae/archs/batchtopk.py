@@ -29,7 +29,7 @@ from torch import Tensor
 
 from pipeline.sae.archs.topk import TopKSAE
 from pipeline.sae.interface import Knobs, Latents, SaeConfig, SaeOutput, Step, register
-from pipeline.sae.selection import Encoder, Selection, encoder_preacts, topk_indices
+from pipeline.sae.selection import Encoder, Selection, encoder_preacts, top_k
 from pipeline.sae.threshold import Code, Pattern, SparsePre, decode, padded, restrict
 
 THRESHOLD_RATE = 0.05  # weight of each batch's smallest kept activation in the threshold's moving average
@@ -48,8 +48,7 @@ def batch_topk(pre: Tensor, total: int, per_row: int) -> Tensor:
     """
     rows, width = pre.shape
     per_row, total = min(per_row, width), min(total, rows * width)
-    cand = topk_indices(pre, per_row)  # (B, c)
-    cand_vals = pre.gather(1, cand)  # (B, c)
+    cand_vals, cand = top_k(pre, per_row)  # (B, c) each
     cut = kth_largest(cand_vals.flatten(), total)  # () the cut among the candidates
     row_min = cand_vals.amin(dim=1)  # (B,)
     whole = (row_min >= cut) & (row_min > 0)  # (B,) rows that may hold more than c winners
