@@ -27,6 +27,7 @@ from typing import NamedTuple, cast
 import torch
 from torch import nn
 
+from benchmarks.fit_steps import synchronize
 from benchmarks.report import publish
 from pipeline.evaluate import stage as evaluate
 from pipeline.evaluate.config import EvaluateConfig
@@ -70,8 +71,7 @@ def bare_seconds(run: str, tokens: int, batch_size: int, device: torch.device) -
 
 def _since(start: float, device: torch.device) -> float:
     """Seconds since ``start``, once the device has finished (CUDA kernels are only queued at return)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     return time.perf_counter() - start
 
 
