@@ -241,6 +241,11 @@ def get_backend(name: str) -> Backend:
     raise UserError(f"unknown backend {name!r}; use one of {', '.join(BACKENDS)}.")
 
 
+def array_sha256(data: np.ndarray) -> str:
+    """The hex sha256 of an array's raw C-order bytes: what the writer records, what readers check against."""
+    return hashlib.sha256(np.ascontiguousarray(data).data).hexdigest()
+
+
 def array_checksums(arrays: dict[str, np.ndarray]) -> dict[str, str]:
     """sha256 of raw C-order bytes, per layer for ``act`` arrays (``train/act[0]``...), so a reader can
     check exactly the layers it reads. The values do not depend on the backend."""
@@ -248,5 +253,5 @@ def array_checksums(arrays: dict[str, np.ndarray]) -> dict[str, str]:
     for name, array in arrays.items():
         parts = [(f"{name}[{i}]", array[i]) for i in range(len(array))] if array.ndim == 3 else [(name, array)]
         for key, part in parts:
-            sums[key] = hashlib.sha256(np.ascontiguousarray(part).data).hexdigest()
+            sums[key] = array_sha256(part)
     return sums

@@ -4,14 +4,13 @@ over :mod:`pipeline.cache.backends`."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from pipeline.cache import compact
-from pipeline.cache.backends import STORE_DTYPES, get_backend
+from pipeline.cache.backends import STORE_DTYPES, array_sha256, get_backend
 from pipeline.cache.manifest import read_manifest, shard_name, site_arrays
 from pipeline.cache.normalize import Normalizer
 from pipeline.infra.errors import CorruptError, UserError
@@ -27,11 +26,6 @@ class Problem(NamedTuple):
 
     def __str__(self) -> str:
         return f"shard {shard_name(self.shard)} {self.array}: {self.what}"
-
-
-def _sha256(data: np.ndarray) -> str:
-    """The hex sha256 of an array's raw C-order bytes, as the writer records it (backends.array_checksums)."""
-    return hashlib.sha256(np.ascontiguousarray(data).data).hexdigest()
 
 
 def _parse_checksum_key(key: str) -> tuple[str, Any]:
@@ -194,7 +188,7 @@ class ActivationCache:
                         Problem(record["index"], key, f"unreadable ({type(err).__name__}: {str(err)[:120]})")
                     )
                     continue
-                if _sha256(data) != expected:
+                if array_sha256(data) != expected:
                     problems.append(Problem(record["index"], key, "checksum mismatch"))
         return problems
 
@@ -205,7 +199,7 @@ class ActivationCache:
         if self._checksums is None:
             self._checksums = {int(r["index"]): r["checksums"] for r in self.shards}
         expected = self._checksums[shard].get(key)
-        if expected is not None and _sha256(data) != expected:
+        if expected is not None and array_sha256(data) != expected:
             raise self._corrupt([Problem(shard, key, "checksum mismatch")])
 
     def require_valid(self, only: list[str] | None = None) -> None:
