@@ -141,6 +141,8 @@ def ours_child(args: argparse.Namespace) -> dict[str, Any]:
         "optimizer": f"{training['optimizer']} lr {training['lr']:.3g}, {training['schedule']}",
         "setting": {"k": args.k},
         "train_s": train_s,  # the whole fit call: cache opening and streaming included
+        "loop_s": record["result"]["train_s"],  # of which the training loop (fit's cfg.json)
+        "data_wait_s": record["result"]["data_wait_s"],  # of which the loop waited for batches
         "tokens": record["steps"] * cfg.batch_size,
         "steps": record["steps"],
         "rss_before_steps_mb": rss_before,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from safetensors.torch import load_file
 from pipeline.fit import feed
 from pipeline.fit import stage as fit_module
 from pipeline.fit.config import FitConfig
-from pipeline.fit.feed import Staging, device_batches, to_device
+from pipeline.fit.feed import Staging, Waited, device_batches, to_device
 from tests.support.caches import synthetic_cache
 
 CPU = torch.device("cpu")
@@ -54,8 +55,23 @@ def test_staging_reuses_two_host_buffers() -> None:
     assert len(seen) == 2
 
 
-def test_fit_through_the_staged_feed_equals_the_plain_feed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The fit loop gets the same batches, in the same order, through the staged feed as through the plain one."""
+def test_waited_counts_the_time_blocked_on_the_next_batch_not_the_consumers() -> None:
+    def slow(n: int) -> Any:  # noqa: ANN401
+        for i in range(n):
+            time.sleep(0.05)  # reading a batch
+            yield torch.full((2,), float(i))
+
+    feed_ = Waited(slow(3))
+    got = []
+    for x in feed_:
+        time.sleep(0.2)  # training on it: not waiting for data
+        got.append(float(x[0]))
+    assert got == [0.0, 1.0, 2.0]
+    assert 0.15 <= feed_.seconds < 0.5  # three reads (and the end), none of the 0.6 s spent training
+
+
+def tiny_fit(tmp_path: Path) -> dict[str, Any]:
+    """A seven-step fit's settings on a two-shard synthetic cache."""
     cache = synthetic_cache(tmp_path, [700, 600], layers=(0,)).url
     cfg: dict[str, Any] = {
         "cache": cache,
@@ -66,9 +82,33 @@ def test_fit_through_the_staged_feed_equals_the_plain_feed(tmp_path: Path, monke
         "max_tokens": 896,
         "device": "cpu",
     }
-    cfg |= {"precision": "float32", "pool_mb": 1, "log_every": 0, "checkpoint_every": 0}
+    return cfg | {"precision": "float32", "pool_mb": 1, "log_every": 0, "checkpoint_every": 0}
+
+
+def test_fit_through_the_staged_feed_equals_the_plain_feed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fit loop gets the same batches, in the same order, through the staged feed as through the plain one."""
+    cfg = tiny_fit(tmp_path)
     (plain,) = fit_module.run(FitConfig(**cfg, out=str(tmp_path / "plain"))).runs
     monkeypatch.setattr(fit_module, "device_batches", lambda b, d: feed.device_batches(b, d, Staging(d)))
     (staged,) = fit_module.run(FitConfig(**cfg, out=str(tmp_path / "staged"))).runs
     a, b = load_file(f"{plain.url}/sae.safetensors"), load_file(f"{staged.url}/sae.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fit_records_its_time_waiting_for_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """cfg.json's result and the closing line give the loop's seconds and those spent waiting for batches: a
+    feed slowed by 0.1 s a batch shows as 0.7 s of waiting over seven steps, inside the loop's time."""
+
+    def slowed(batches: Any, device: torch.device) -> Any:  # noqa: ANN401
+        for x in feed.device_batches(batches, device):
+            time.sleep(0.1)
+            yield x
+
+    monkeypatch.setattr(fit_module, "device_batches", slowed)
+    (run,) = fit_module.run(FitConfig(**tiny_fit(tmp_path), out=str(tmp_path / "runs"))).runs
+    result = run.read_json("cfg.json")["result"]
+    assert result["steps"] == 7 and 0.7 <= result["data_wait_s"] <= result["train_s"]
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"in {result['train_s']:.1f} s, {result['data_wait_s']:.1f} s of it waiting for data" in said

@@ -3,10 +3,12 @@
 On CUDA a batch crosses the bus as float16 (half float32's bytes) from a pinned host buffer, on a
 side stream, one batch ahead of the step that uses it; the step's stream waits for that copy alone.
 On the CPU there is nothing to overlap: each batch is converted when the step asks for it.
+:class:`Waited` adds up how long training sat waiting for its next batch.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
@@ -97,3 +99,22 @@ def device_batches(
         following = staging.stage(after) if after is not None else None  # queued before this step runs
         yield staging.ready(staged)
         staged = following
+
+
+class Waited:
+    """Batches as ``batches`` yields them, with the seconds the consumer spent blocked asking for the next one:
+    a fit's time waiting for data (reading, checking, shuffling, copying), not training on it."""
+
+    def __init__(self, batches: Iterable[Tensor]) -> None:
+        self.batches = batches
+        self.seconds = 0.0
+
+    def __iter__(self) -> Iterator[Tensor]:
+        source = iter(self.batches)
+        while True:
+            start = time.perf_counter()
+            batch = next(source, None)
+            self.seconds += time.perf_counter() - start
+            if batch is None:
+                return
+            yield batch

@@ -9,13 +9,14 @@ from __future__ import annotations
 import dataclasses
 from contextlib import ExitStack
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from pipeline.cache.reader import ActivationCache
 from pipeline.cache.stream import ActivationStream, StreamSpec
 from pipeline.fit.config import FitConfig, with_recipe
-from pipeline.fit.feed import device_batches
+from pipeline.fit.feed import Waited, device_batches
 from pipeline.fit.optim import averaged
 from pipeline.fit.plan import (
     RunPlan,
@@ -59,6 +60,13 @@ class FitResult:
 
     root: Folder  # --out, or <cache_root>/saes
     runs: list[Folder]  # one run folder per sweep member: cfg.json, sae.safetensors, log.csv
+
+
+class LoopTime(NamedTuple):
+    """Where a fit's training loop spent its wall-clock time, in this process (shared by a sweep's members)."""
+
+    train_s: float  # the loop, first batch to last step (since the resume point, when resumed)
+    data_wait_s: float  # of which blocked waiting for the next batch: a share near 1 means the feed limits training
 
 
 def run(cfg: FitConfig, ranks: Ranks | None = None) -> FitResult:
@@ -157,10 +165,10 @@ def _train(plans: list[RunPlan], cache: ActivationCache, cfg: FitConfig, ranks: 
         if ranks.is_main and not plan.folder.exists("cfg.json"):
             write_cfg(plan.folder, start)
         members.append(_member(plan, _blocks(plan, layers, sites), device, ranks))
-    _loop(members, stream, epochs, steps, cfg, ranks, track)
+    spent = _loop(members, stream, epochs, steps, cfg, ranks, track)
     if ranks.is_main:
         for plan, member in zip(plans, members):
-            _finish(plan, member, steps)
+            _finish(plan, member, steps, spent)
             track.finish(plan.folder)
 
 
@@ -189,14 +197,15 @@ def _loop(
     cfg: FitConfig,
     ranks: Ranks,
     track: Tracker,
-) -> None:
+) -> LoopTime:
     """Feed every batch to every member that has not seen it yet; log and checkpoint as configured."""
     start = min(m.step for m in members)
     device = next(members[0].model.parameters()).device
     clock, window = Stopwatch(), (start, 0.0)
+    feed = Waited(device_batches(stream.batches(epochs, skip=start), device))
     with progress_bar("fit", steps * cfg.batch_size) as bar:
         bar.advance(0, start * cfg.batch_size)
-        for step, x in enumerate(device_batches(stream.batches(epochs, skip=start), device), start=start):
+        for step, x in enumerate(feed, start=start):
             if step >= steps:
                 break
             # x: (L, B, D) float32 on the device; on CUDA the next batch is already on its way
@@ -224,22 +233,26 @@ def _loop(
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps and ranks.is_main:
                 for member in members:
                     checkpoint(member)
+    return LoopTime(clock.seconds, feed.seconds)
 
 
-def _finish(plan: RunPlan, member: Member, steps: int) -> None:
-    """Write final weights (a schedule-free optimizer's average) and a complete cfg.json; drop the resumable
-    state."""
+def _finish(plan: RunPlan, member: Member, steps: int, spent: LoopTime) -> None:
+    """Write final weights (a schedule-free optimizer's average) and a complete cfg.json (its result: the last
+    training batch's numbers and the loop's time); drop the resumable state."""
     flush_log(member)
     if plan.training.recipe == "reference":  # the reference renormalizes once more before saving
         member.model.normalize_decoder()
     with averaged(member.optimizer):
         save_weights(plan.folder, member.model)
     last = _last_log(plan.folder)
-    write_cfg(plan.folder, {"status": "complete", **plan.record, "steps": steps, "result": {**summary(member), **last}})
+    timing = {name: round(seconds, 3) for name, seconds in spent._asdict().items()}
+    result = {**summary(member), **last, **timing}
+    write_cfg(plan.folder, {"status": "complete", **plan.record, "steps": steps, "result": result})
     drop_state(plan.folder)
     # log.csv's last row: the final training batch's numbers, which a held-out figure (evaluate) is not
     shown = ", ".join(f"{k} {v}" for k, v in last.items() if k in ("nmse", "fvu", "l0"))
-    say(f"trained {plan.folder.name}; last training batch: {shown} (held-out: sae-pipe evaluate)")
+    waited = f"{spent.train_s:.1f} s, {spent.data_wait_s:.1f} s of it waiting for data"
+    say(f"trained {plan.folder.name} in {waited}; last training batch: {shown} (held-out: sae-pipe evaluate)")
 
 
 def _last_log(folder: Folder) -> dict[str, float]:
