@@ -72,12 +72,12 @@ def test_fit_saves_the_average_not_the_training_point(
     the gradients were taken at, which the parameters hold while training."""
     real_finish, points = fit_module._finish, {}
 
-    def finish(plan: object, member: Member, steps: int) -> None:
+    def finish(plan: object, member: Member, steps: int, spent: object) -> None:
         state = member.optimizer.state
         points.update(
             {name: (p.detach().clone(), state[p]["z"].clone()) for name, p in member.model.named_parameters()}
         )
-        real_finish(plan, member, steps)  # type: ignore[arg-type]
+        real_finish(plan, member, steps, spent)  # type: ignore[arg-type]
 
     monkeypatch.setattr(fit_module, "_finish", finish)
     (run,) = fit_module.run(run_cfg(cache, tmp_path, max_tokens=4096, optimizer="signum-sf", lr=1e-2)).runs

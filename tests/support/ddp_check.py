@@ -20,8 +20,8 @@ from pipeline.infra.distributed import Ranks
 real_loop = fit_module._loop
 
 
-def recording_loop(members: list, *args: object, **kwargs: object) -> None:
-    real_loop(members, *args, **kwargs)
+def recording_loop(members: list, *args: object, **kwargs: object) -> fit_module.LoopTime:
+    spent = real_loop(members, *args, **kwargs)
     ranks = Ranks.from_env()
     digests = {
         m.folder.name: hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in m.model.parameters())).hexdigest()
@@ -30,6 +30,7 @@ def recording_loop(members: list, *args: object, **kwargs: object) -> None:
     (Path(sys.argv[2]) / f"rank{ranks.rank}.json").write_text(
         json.dumps({"steps": [m.step for m in members], "weights": digests})
     )
+    return spent
 
 
 def sweep_config(cache: str, out: str, spread: bool) -> FitConfig:
