@@ -128,6 +128,7 @@ def ours_child(args: argparse.Namespace) -> dict[str, Any]:
     arch, multi = args.arch.removesuffix("+multi"), args.arch.endswith("+multi")
     overrides = {"cache": args.cache, "out": args.runs, "arch": arch, "k": args.k, "lr": 0.0, "multi_topk": multi}
     overrides |= {"max_tokens": args.tokens, "sweep": {}, "seed": args.seed, "data_seed": args.seed}
+    overrides["overwrite"] = True  # a run left by an earlier benchmark would be kept, and its time read as ~0 s
     cfg = build_config(FitConfig, load_params(ROOT / "params.yaml"), "fit", overrides)
     rss_before = own_rss_mb()
     start = time.perf_counter()

@@ -20,6 +20,7 @@ from pipeline.infra.files import Folder
 from pipeline.sae.archs.topk import TopKSAE
 from pipeline.sae.folder import save_weights, write_cfg
 from pipeline.sae.interface import SaeConfig
+from tests.support.caches import synthetic_cache
 
 
 def test_pareto_frontier_of_a_hand_made_table() -> None:
@@ -168,6 +169,22 @@ def test_ours_at_another_seed_run_apart_under_rows_of_their_own(tmp_path: Path) 
         assert cmd[cmd.index("--seed") + 1] == str(seed)
         assert cmd[cmd.index("--runs") + 1].endswith("ours-batchtopk-32" + ("-seed3" if seed else ""))
         assert archs.row_name(batchtopk, args) == ("batchtopk, seed 3" if seed else "batchtopk")
+
+
+def test_our_child_trains_again_where_an_earlier_benchmark_left_its_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A second benchmark into the same scratch times a new fit, not the finished run it finds there (which fit
+    keeps: its "training time" would be the cache's opening)."""
+    cache = synthetic_cache(tmp_path / "cache", [4300], layers=(12,), d=16).url  # params.yaml's layer 12
+    args = argparse.Namespace(cache=cache, runs=str(tmp_path / "runs"), arch="topk", k=4, seed=0, tokens=4096)
+    first = archs.ours_child(args)
+    capsys.readouterr()
+    second = archs.ours_child(args)
+    said = " ".join(capsys.readouterr().err.split())
+    assert "already trained" not in said and f"trained {Path(first['folder']).name} in" in said
+    assert second["folder"] == first["folder"] and second["steps"] == 1
+    assert 0 < second["loop_s"] <= second["train_s"]  # this call's loop, inside this call's time
 
 
 def _topk_run(folder: Path, w: np.ndarray, b_dec: np.ndarray, k: int) -> str:
